@@ -1,0 +1,76 @@
+"""Command-line entry point: parses arguments and dispatches to the library. No work happens here.
+
+Each subcommand lives in its own module of this package, which exposes ``register(subparsers)``; the module
+adds its parser (every option documented with its default) and sets ``func`` to a function taking the parsed
+``argparse.Namespace`` and returning an exit code. Heavy imports (torch, transformers) happen inside those
+functions so that ``hierloc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gazetteer.errors import InputError
+
+# Order = order in `hierloc --help`.
+COMMAND_MODULES = ("gazetteer", "demo_data", "train", "predict")
+
+EXIT_INPUT_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default and keeps hand-written line breaks in descriptions."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hierloc",
+        description="Hierarchical visual geolocation: country -> region -> subregion -> city on the Poincare ball.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"hierloc.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name != f"hierloc.cli.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        if args.debug:
+            raise
+        print(f"hierloc: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("hierloc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
+        if args.debug:
+            raise
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"hierloc: internal error: {type(exc).__name__}: {first_line} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
