@@ -1,0 +1,242 @@
+"""Every hyper-parameter of a run, in one dataclass tree, with its default and the reason for it.
+
+A config is read from TOML (``.toml``) or YAML (``.yaml``/``.yml``), then ``section.key=value`` overrides from the
+command line are applied (``loss.tau=0.2``, ``train.epochs=3``, ``model.backbone=/path/to/vit``), then it is
+validated. The resolved config is saved with every run as ``config.json`` next to the weights, so a model can be
+rebuilt from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hierloc.errors import InputError
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    # Image backbone: "tiny-vit" (a small ViT trained from scratch: the offline default), a local directory with a
+    # transformers config (+ weights), or a hub id already in the local cache (downloads are never silent).
+    backbone: str = "tiny-vit"
+    pretrained: bool = False          # load the backbone's weights (False: random init, train from scratch)
+    freeze_backbone: bool = False     # frozen -> features are extracted once into an on-disk cache
+    image_size: int = 64              # input resolution of the default tiny ViT (demo patches are 64 px)
+    embed_dim: int = 64               # D, dimension of the Poincare ball (paper: 128; 64 is enough for <50k entities)
+    head_hidden: int = 512            # hidden width of the image head MLP (Linear-GELU-Dropout-Linear)
+    dropout: float = 0.1
+    geometry: str = "poincare"        # "poincare" (the method) or "euclidean" (ablation)
+    curvature: float = 1.0            # ball of curvature -c
+    # Learnable scale applied to tangent vectors before expmap0, stored as a log and clamped: starting small keeps
+    # every point near the origin at initialisation (MERU's recipe); 0.0 means "use D**-0.5".
+    init_log_scale: float = 0.0
+    max_tangent_norm: float = 5.0     # clamp on |v| before expmap0: float32 points stay inside the ball (|x| < 1-4e-3)
+    # Entity branch: H_i = expmap0(logmap0(A_i) + alpha * MLP([mean image feature, coordinate encoding])).
+    entity_fusion: bool = True
+    entity_alpha_init: float = 1.0
+    anchor_init_std: float = 0.01     # anchors start near the origin, spread by this tangent std
+    coord_scales: int = 8             # SphereM+-style frequencies for the coordinate encoding (8 features each)
+    coord_min_radius_km: float = 10.0
+    coord_max_radius_km: float = 20000.0
+    hierarchical_init: bool = True    # tangent anchor of a child starts at its parent's (the tree shapes the init)
+
+
+@dataclass
+class LossConfig:
+    tau: float = 0.1                  # temperature of -d^2/tau (learnable, clamped)
+    lam: float = 1.0                  # lambda of w = 1 + lambda exp(-g/sigma); 0 = plain hyperbolic InfoNCE
+    sigma_km: float = 300.0           # distance scale of the hard-negative weights
+    betas: list = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # per-level weights country..city
+    learn_tau: bool = True
+    learn_weights: bool = True        # lambda and sigma learnable (bounded)
+    kernel: str = "laplace"           # "laplace" (paper), "gaussian", "inverse"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 1e-3                  # AdamW, Euclidean parameters (head, fusion MLPs, backbone)
+    backbone_lr: float = 5e-4         # AdamW, backbone when it is trained
+    entity_lr: float = 1e-2           # RiemannianAdam, entity anchors (weight decay 0: L2 would flatten the tree)
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05         # linear warm-up over this fraction of the steps, then cosine to 0
+    grad_clip: float = 1.0
+    num_workers: int = 2
+    seed: int = 0
+    checkpoint_every: int = 0         # steps between checkpoints (0: once per epoch and at the end)
+    log_every: int = 20
+    amp: bool = True                  # bf16 autocast around the encoder on CUDA only; hyperbolic maths stays fp32
+    max_steps: int = 0                # stop after this many steps (0: run all epochs); smoke tests use it
+    augment: bool = True
+
+
+@dataclass
+class InferenceConfig:
+    beam: int = 10
+    top_k: int = 5
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    format_version: int = CONFIG_FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self, source: str = "config") -> "Config":
+        checks = [
+            (self.model.geometry in ("poincare", "euclidean"), "model.geometry", "'poincare' or 'euclidean'"),
+            (self.model.embed_dim >= 2, "model.embed_dim", "an integer >= 2"),
+            (self.model.curvature > 0, "model.curvature", "a positive number"),
+            (self.loss.kernel in ("laplace", "gaussian", "inverse"), "loss.kernel", "laplace, gaussian or inverse"),
+            (self.loss.tau > 0, "loss.tau", "a positive number"),
+            (self.loss.lam >= 0, "loss.lam", "a number >= 0"),
+            (self.loss.sigma_km > 0, "loss.sigma_km", "a positive number of km"),
+            (len(self.loss.betas) == 4 and all(b >= 0 for b in self.loss.betas), "loss.betas",
+             "4 non-negative weights (country, region, subregion, city)"),
+            (self.train.epochs >= 1, "train.epochs", "an integer >= 1"),
+            (self.train.batch_size >= 1, "train.batch_size", "an integer >= 1"),
+            (0 <= self.train.warmup_frac < 1, "train.warmup_frac", "a fraction in [0, 1)"),
+            (self.inference.beam >= 1, "inference.beam", "an integer >= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise InputError(f"{source}: field {name!r} must be {expected}")
+        if self.format_version > CONFIG_FORMAT_VERSION:
+            raise InputError(f"{source}: format_version {self.format_version} is newer than this hierloc supports "
+                             f"({CONFIG_FORMAT_VERSION}); upgrade hierloc")
+        return self
+
+
+_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "inference": InferenceConfig}
+
+
+def _coerce(value: Any, target_type: Any, where: str) -> Any:
+    """Convert a parsed value (or a command-line string) to the dataclass field's type."""
+    origin = typing.get_origin(target_type) or target_type
+    if isinstance(value, str) and origin is not str:
+        text = value.strip()
+        if origin is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise InputError(f"{where}: expected true/false, got {value!r}")
+        if origin is list:
+            try:
+                return [float(item) for item in text.strip("[]").split(",") if item.strip()]
+            except ValueError:
+                raise InputError(f"{where}: expected a comma-separated list of numbers, got {value!r}") from None
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if origin is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if origin is float:
+            return float(value)
+        if origin is str:
+            return str(value)
+        if origin is list:
+            return [float(item) for item in value]
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {value!r}") from None
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts; unknown sections or keys are errors that name the closest valid key."""
+    import difflib
+
+    cfg = Config()
+    for section, values in data.items():
+        if section == "format_version":
+            cfg.format_version = _coerce(values, int, f"{source}: format_version")
+            continue
+        if section not in _SECTIONS:
+            close = difflib.get_close_matches(section, list(_SECTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputError(f"{source}: unknown section {section!r}{hint}; expected one of {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise InputError(f"{source}: section {section!r} must be a table of key = value")
+        target = getattr(cfg, section)
+        types = _field_types(type(target))
+        for key, value in values.items():
+            if key not in types:
+                close = difflib.get_close_matches(key, list(types), n=1)
+                hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+                raise InputError(f"{source}: unknown key {section}.{key}{hint}")
+            setattr(target, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+    return cfg.validate(source)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML/YAML config file (or the defaults when path is None) and apply ``section.key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        text = path.read_bytes()
+        try:
+            if path.suffix.lower() == ".toml":
+                data = tomllib.loads(text.decode("utf-8"))
+            elif path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text.decode("utf-8")) or {}
+            elif path.suffix.lower() == ".json":
+                data = json.loads(text.decode("utf-8"))
+            else:
+                raise InputError(f"{path}: unknown config format; expected .toml, .yaml, .yml or .json")
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any parser error becomes one line naming the file
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"{path}: cannot parse config: {message}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: a config must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise InputError(f"override {item!r}: expected section.key=value, e.g. loss.tau=0.2")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise InputError(f"override {item!r}: {section!r} is not a section")
+        data[section][key] = value
+    return from_dict(data, source=str(path) if path else "config")
+
+
+def config_from_json(text: str, source: str) -> Config:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and int(data.get("format_version", 1)) > CONFIG_FORMAT_VERSION:
+        raise InputError(f"{source}: format_version {data['format_version']} is newer than this hierloc supports "
+                         f"({CONFIG_FORMAT_VERSION}); upgrade hierloc")
+    return from_dict(data, source=source)

@@ -1,0 +1,82 @@
+"""Device, precision and process-group handling: the one place that knows about CUDA and torch.distributed.
+
+Everything else asks this module for the device, the autocast context and the rank; nothing else calls
+``torch.cuda`` or ``torch.distributed.init_process_group``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hierloc.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process computes: device, and its place in a (possibly single-process) group."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when available, else cpu; 'cuda' without a GPU is a clear error."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available on this machine; use --device cpu")
+        return torch.device("cuda", local_rank if name == "cuda" else int(name.split(":")[1]))
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"--device {name!r}: expected auto, cpu or cuda")
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Set up this process. Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group(backend=backend)
+        log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
+    return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def encoder_autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast for the image encoder on CUDA; a no-op elsewhere. Hyperbolic maths never runs under it."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

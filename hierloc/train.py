@@ -1,0 +1,439 @@
+"""`hierloc train`: fit a HierLoc model on geotagged images (one CPU, one GPU, or many GPUs under torchrun).
+
+Flow: read the CSV -> gazetteer (given, or built from the CSV's points) -> labels per level via `locate` ->
+encoder (trained, or frozen with an on-disk feature cache) -> HierLocModel + GWH-InfoNCE ->
+RiemannianAdam (entity anchors) + AdamW (the rest), warm-up + cosine, gradient clipping -> checkpoints,
+TensorBoard logs, and the final model directory (see `hierloc.checkpoint` for its layout).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hierloc import checkpoint as ckpt
+from hierloc.config import Config
+from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, shutdown
+from hierloc.errors import InputError
+
+log = logging.getLogger(__name__)
+
+N_LEVELS = 4
+
+
+@dataclass
+class TrainInputs:
+    """What the user points `hierloc train` at."""
+
+    train_csv: str
+    out_dir: str
+    image_root: str | None = None
+    gazetteer_dir: str | None = None
+    val_csv: str | None = None
+    image_col: str | None = None
+    lat_col: str | None = None
+    lon_col: str | None = None
+    min_images: int = 1
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+    allow_download: bool = False
+
+
+@dataclass
+class TrainSummary:
+    out_dir: str
+    steps: int
+    epochs: int
+    seconds: float
+    images_per_second: float
+    n_train: int
+    n_skipped: int
+    n_entities: list = field(default_factory=list)
+    final_loss: float = float("nan")
+    validation: dict = field(default_factory=dict)
+
+
+class TrainModule(nn.Module):
+    """Model + loss in one module so that DDP sees every trainable parameter in one forward."""
+
+    def __init__(self, model, loss):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, inputs: torch.Tensor, lat_deg: torch.Tensor, lon_deg: torch.Tensor, targets: torch.Tensor,
+                inputs_are_features: bool, amp: bool = True) -> dict:
+        """inputs: (B, 3, H, W) pixels or (B, F) cached features; targets (B, 4) global entity ids or -1."""
+        from hierloc.geodesy import pairwise_haversine_km
+
+        model = self.model
+        if inputs_are_features:
+            features = inputs.float()
+        else:
+            with encoder_autocast(inputs.device, amp):
+                features = model.encode_images(inputs)
+            features = features.float()
+        points = model.embed_features(features)
+        sqdists = model.level_sqdists(points)
+        geo_km = []
+        local_targets = torch.full_like(targets, -1)
+        with torch.no_grad():
+            for level in range(N_LEVELS):
+                sl = model.level_slice(level)
+                geo_km.append(pairwise_haversine_km(lat_deg.float(), lon_deg.float(),
+                                                    model.entity_lat_deg[sl], model.entity_lon_deg[sl]))
+                local_targets[:, level] = torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
+        out = self.loss(sqdists, local_targets, geo_km)
+        out["features"] = features.detach()
+        return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, total_steps: int, warmup_frac: float) -> float:
+    """Linear warm-up over warmup_frac of the steps, then cosine decay to 0."""
+    warmup = max(1, int(round(total_steps * warmup_frac))) if warmup_frac > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizers(module: TrainModule, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    """RiemannianAdam (weight decay 0) for the entity anchors; AdamW for everything else.
+
+    Weight decay is never applied to anchors (coupled L2 pulls points to the origin and flattens the hierarchy),
+    nor to the loss's temperature/weight parameters, nor to scales and biases.
+    """
+    import geoopt
+
+    model = module.model
+    anchor_params = [model.anchors]
+    backbone, decay, no_decay = [], [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad or param is model.anchors:
+            continue
+        if name.startswith("model.encoder."):
+            backbone.append(param)
+        elif name.startswith("loss.") or param.ndim < 2:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.train.lr}]
+    if backbone:
+        groups.append({"params": backbone, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.backbone_lr})
+    euclid = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    riemann = geoopt.optim.RiemannianAdam(anchor_params, lr=cfg.train.entity_lr, weight_decay=0.0, stabilize=100)
+    return {"euclidean": euclid, "riemannian": riemann}
+
+
+@torch.no_grad()
+def entity_feature_means(features: np.ndarray | torch.Tensor, targets: np.ndarray, n_entities: int) -> torch.Tensor:
+    """Mean feature of each entity's images at every level. features (N, F), targets (N, 4) global ids -> (E, F)."""
+    feats = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    sums = torch.zeros(n_entities, feats.shape[1], dtype=torch.float64)
+    counts = torch.zeros(n_entities, dtype=torch.float64)
+    valid_rows = torch.isfinite(feats).all(dim=1)
+    for level in range(N_LEVELS):
+        ids = torch.as_tensor(targets[:, level])
+        keep = (ids >= 0) & valid_rows
+        sums.index_add_(0, ids[keep], feats[keep])
+        counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    return (sums / counts.clamp_min(1).unsqueeze(1)).to(torch.float32)
+
+
+@torch.no_grad()
+def update_entity_features(model, features: torch.Tensor, targets: torch.Tensor, momentum: float) -> None:
+    """Running mean of each entity's image features while the encoder trains (features (B, F), targets (B, 4)).
+
+    An entity seen for the first time takes its batch mean; afterwards an exponential moving average. Called with
+    the batch gathered across ranks so that every rank applies the same update.
+    """
+    buf = model.entity_features
+    seen = model.entity_seen
+    for level in range(N_LEVELS):
+        ids = targets[:, level]
+        keep = ids >= 0
+        if not keep.any():
+            continue
+        ids, feats = ids[keep], features[keep].to(buf.dtype)
+        sums = torch.zeros(buf.shape[0], buf.shape[1], device=buf.device).index_add_(0, ids, feats)
+        counts = torch.zeros(buf.shape[0], device=buf.device).index_add_(0, ids, torch.ones_like(ids, dtype=buf.dtype))
+        touched = counts > 0
+        means = sums[touched] / counts[touched].unsqueeze(1)
+        rate = torch.where(seen[touched], torch.full_like(counts[touched], momentum), torch.ones_like(counts[touched]))
+        buf[touched] += rate.unsqueeze(1) * (means - buf[touched])
+        seen[touched] = True
+
+
+def _gather(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    if not runtime.distributed:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(runtime.world_size)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def _labels(gaz, table) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) global entity ids per image and the mask of images that reach at least a country."""
+    targets = gaz.locate(table.lat_deg, table.lon_deg).astype(np.int64)
+    return targets, targets[:, 0] >= 0
+
+
+def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime):
+    from gazetteer import Gazetteer
+
+    if inputs.gazetteer_dir:
+        return Gazetteer.load(inputs.gazetteer_dir)
+    log.info("no --gazetteer given: building one from the %d training points", len(table.lat_deg))
+    return Gazetteer.build_from_points(table.lat_deg, table.lon_deg, min_images=inputs.min_images,
+                                       progress=inputs.progress and runtime.is_main)
+
+
+def build_encoder(cfg: Config, allow_download: bool):
+    """-> ImageEncoder for cfg.model.backbone ('tiny-vit' = the small from-scratch default)."""
+    from hierloc import encoders
+
+    return encoders.build_image_encoder(cfg.model.backbone, pretrained=cfg.model.pretrained,
+                                        freeze=cfg.model.freeze_backbone, image_size=cfg.model.image_size,
+                                        allow_download=allow_download)
+
+
+def train(cfg: Config, inputs: TrainInputs) -> TrainSummary:
+    """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers)."""
+    runtime = init_runtime(inputs.device)
+    try:
+        return _train(cfg, inputs, runtime)
+    finally:
+        shutdown(runtime)
+
+
+def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> Path:
+    out = Path(inputs.out_dir)
+    if runtime.is_main:
+        if out.exists() and any(out.iterdir()) and not (inputs.resume or inputs.overwrite):
+            raise InputError(f"{out}: output directory exists and is not empty; pass --resume to continue its "
+                             "training or --overwrite to replace it")
+        if out.exists() and inputs.overwrite and not inputs.resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(runtime)
+    return out
+
+
+def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hierloc import data, features as feature_cache
+    from hierloc.losses import GWHInfoNCE
+    from hierloc.model import EntityTable, HierLocModel
+
+    out = _prepare_out_dir(inputs, runtime)
+    seed_everything(cfg.train.seed)
+    table = data.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
+                                  lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad="skip")
+    gaz = prepare_gazetteer(inputs, table, runtime)
+    targets, reached = _labels(gaz, table)
+    n_unreached = int((~reached).sum())
+    if n_unreached:
+        log.warning("%d training images fall outside the gazetteer and are skipped", n_unreached)
+    table = table.subset(np.flatnonzero(reached))
+    targets = targets[reached]
+    if len(targets) == 0:
+        raise InputError(f"{inputs.train_csv}: no training image falls inside the gazetteer")
+    encoder = build_encoder(cfg, inputs.allow_download)
+    frozen = cfg.model.freeze_backbone
+    entity_table = EntityTable.from_gazetteer(gaz)
+    if frozen:
+        cache_dir = Path(inputs.cache_dir) if inputs.cache_dir else out / "feature_cache"
+        image_ds = data.ImageDataset(table, encoder.preprocessor, train=False)
+        cache = feature_cache.extract_features(encoder, image_ds, cache_dir, batch_size=cfg.train.batch_size,
+                                               num_workers=cfg.train.num_workers, rank=runtime.rank,
+                                               world_size=runtime.world_size, progress=inputs.progress)
+        all_feats = cache[np.arange(len(cache))]
+        ent_feats = entity_feature_means(all_feats, targets, entity_table.n_entities)
+        dataset = feature_cache.CachedFeatureDataset(cache, targets=targets, lat_deg=table.lat_deg,
+                                                     lon_deg=table.lon_deg)
+    else:
+        ent_feats = None
+        dataset = data.ImageDataset(table, encoder.preprocessor, targets=targets, train=cfg.train.augment,
+                                    seed=cfg.train.seed)
+    model = HierLocModel(cfg.model, entity_table, encoder.feature_dim, encoder=None if frozen else encoder,
+                         entity_features=ent_feats, seed=cfg.train.seed)
+    model.register_buffer("entity_seen", torch.zeros(entity_table.n_entities, dtype=torch.bool), persistent=False)
+    if ent_feats is not None:
+        model.entity_seen.fill_(True)
+    loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
+                         betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
+                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
+    module = TrainModule(model, loss_fn).to(runtime.device)
+    optimizers = build_optimizers(module, cfg)
+    steps_per_epoch = data.steps_per_epoch(len(dataset), cfg.train.batch_size, runtime.world_size)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    step, start_epoch = 0, 0
+    if inputs.resume:
+        latest = ckpt.latest_checkpoint(out)
+        if latest is None:
+            log.warning("--resume: %s has no checkpoint yet; starting from scratch", out)
+        else:
+            model_state, opt_states, trainer_state = ckpt.load_training_checkpoint(latest)
+            module.load_state_dict(model_state)
+            for name, opt in optimizers.items():
+                opt.load_state_dict(opt_states[name])
+            step, start_epoch = int(trainer_state["step"]), int(trainer_state["epoch"])
+            _restore_rng(trainer_state.get("rng"))
+            log.info("resumed from %s (step %d, epoch %d)", latest, step, start_epoch)
+    wrapped = module
+    if runtime.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(
+            module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            broadcast_buffers=False)
+    writer = SummaryWriter(str(out / "tensorboard")) if runtime.is_main else None
+    if runtime.is_main:
+        ckpt.atomic_write_text(out / "run_config.json", cfg.to_json())
+        gaz.save(out / "gazetteer", overwrite=True)
+    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
+    t_start = time.perf_counter()
+    images_seen = 0
+    last_loss = float("nan")
+    validation: dict = {}
+    checkpoint_every = cfg.train.checkpoint_every or steps_per_epoch
+    progress = None
+    if inputs.progress and runtime.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    epoch = start_epoch
+    done = step >= total_steps
+    while not done and epoch < cfg.train.epochs:
+        skip_batches = step - epoch * steps_per_epoch
+        loader = data.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                                  num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=epoch,
+                                  rank=runtime.rank, world_size=runtime.world_size, drop_last=True,
+                                  skip_batches=max(0, skip_batches))
+        module.train()
+        for batch in loader:
+            if step >= total_steps:
+                break
+            factor = lr_factor(step, total_steps, cfg.train.warmup_frac)
+            for name, opt in optimizers.items():
+                for group, base in zip(opt.param_groups, base_lrs[name]):
+                    group["lr"] = base * factor
+            inputs_t = (batch["features"] if frozen else batch["pixel_values"]).to(runtime.device)
+            lat = batch["lat_deg"].to(runtime.device)
+            lon = batch["lon_deg"].to(runtime.device)
+            tgt = batch["targets"].to(runtime.device)
+            result = wrapped(inputs_t, lat, lon, tgt, inputs_are_features=frozen, amp=cfg.train.amp)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            result["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+            for opt in optimizers.values():
+                opt.step()
+            if not frozen and cfg.model.entity_fusion:
+                update_entity_features(model, _gather(runtime, result["features"]), _gather(runtime, tgt), 0.1)
+            step += 1
+            images_seen += int(tgt.shape[0]) * runtime.world_size
+            last_loss = float(result["loss"].detach())
+            if writer is not None and (step % cfg.train.log_every == 0 or step == 1):
+                _log_scalars(writer, step, result, optimizers, grad_norm)
+            if progress is not None:
+                rate = images_seen / max(1e-9, time.perf_counter() - t_start)
+                progress.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
+                progress.update(1)
+            if step % checkpoint_every == 0 or step == total_steps:
+                _save_checkpoint(out, module, optimizers, step, epoch + (1 if step % steps_per_epoch == 0 else 0),
+                                 runtime)
+        epoch += 1
+        done = step >= total_steps
+        if inputs.val_csv and runtime.is_main:
+            validation = _validate(module.model, loss_fn, encoder, gaz, inputs, cfg, runtime)
+            if writer is not None:
+                for key, value in validation.items():
+                    writer.add_scalar(f"val/{key}", value, step)
+            log.info("epoch %d validation: %s", epoch, _format_metrics(validation))
+    if progress is not None:
+        progress.close()
+    seconds = time.perf_counter() - t_start
+    if runtime.is_main:
+        from hierloc.api import save_model_dir
+
+        save_model_dir(out, cfg, module.model, loss_fn, encoder, gaz)
+        if writer is not None:
+            writer.close()
+    barrier(runtime)
+    counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
+    summary = TrainSummary(out_dir=str(out), steps=step, epochs=epoch, seconds=seconds,
+                           images_per_second=images_seen / max(seconds, 1e-9), n_train=len(targets),
+                           n_skipped=int(table.n_skipped) + n_unreached, n_entities=counts, final_loss=last_loss,
+                           validation=validation)
+    if runtime.is_main:
+        ckpt.atomic_write_text(out / "train_summary.json", json.dumps(summary.__dict__, indent=2))
+    return summary
+
+
+def _format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
+def _log_scalars(writer, step: int, result: dict, optimizers: dict, grad_norm) -> None:
+    from gazetteer import LEVELS
+
+    writer.add_scalar("loss/total", float(result["loss"]), step)
+    for level, value in zip(LEVELS, result["level_losses"].tolist()):
+        writer.add_scalar(f"loss/{level}", value, step)
+    for key in ("tau", "lam", "sigma_km"):
+        writer.add_scalar(f"loss_params/{key}", float(result[key]), step)
+    writer.add_scalar("train/grad_norm", float(grad_norm), step)
+    for name, opt in optimizers.items():
+        writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], step)
+
+
+def _rng_state() -> dict:
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
+            "torch": torch.get_rng_state().tolist()}
+
+
+def _restore_rng(state: dict | None) -> None:
+    if not state:
+        return
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _save_checkpoint(out: Path, module: TrainModule, optimizers: dict, step: int, epoch: int,
+                     runtime: Runtime) -> None:
+    if not runtime.is_main:
+        return
+    state = {k: v for k, v in module.state_dict().items()}
+    ckpt.save_training_checkpoint(out, step, state, {n: o.state_dict() for n, o in optimizers.items()},
+                                  {"step": step, "epoch": epoch, "rng": _rng_state()})
+
+
+def _validate(model, loss_fn, encoder, gaz, inputs: TrainInputs, cfg: Config, runtime: Runtime) -> dict:
+    from hierloc.api import HierLoc
+
+    predictor = HierLoc(cfg, model, loss_fn, encoder, gaz, device=runtime.device)
+    return predictor.evaluate_csv(inputs.val_csv, image_root=None, beam=cfg.inference.beam, progress=False)
