@@ -201,17 +201,17 @@ class HierLoc:
     def _to_pixels(self, images: Sequence) -> tuple[torch.Tensor, list[str]]:
         from PIL import Image
 
-        from hierloc.images import load_image
+        from hierloc.images import to_rgb
 
         pil, names = [], []
         for item in images:
             if isinstance(item, torch.Tensor):
                 return (item if item.ndim == 4 else item.unsqueeze(0)), [f"<tensor {i}>" for i in range(len(item))]
             if isinstance(item, Image.Image):
-                pil.append(item.convert("RGB"))
+                pil.append(to_rgb(item))
                 names.append("<PIL image>")
             else:
-                pil.append(load_image(item))
+                pil.append(self.encoder.preprocessor.load(item, train=False))
                 names.append(str(item))
         return self.encoder.preprocessor(pil, train=False), names
 

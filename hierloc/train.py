@@ -268,8 +268,11 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         cache = feature_cache.extract_features(encoder, image_ds, cache_dir, batch_size=cfg.train.batch_size,
                                                num_workers=cfg.train.num_workers, rank=runtime.rank,
                                                world_size=runtime.world_size, progress=inputs.progress)
+        if cache is None:
+            raise RuntimeError("feature extraction did not complete on every rank")
         all_feats = cache[np.arange(len(cache))]
-        ent_feats = entity_feature_means(all_feats, targets, entity_table.n_entities)
+        valid = np.asarray(cache.valid_mask, dtype=bool)  # rows of unreadable images are NaN: leave them out
+        ent_feats = entity_feature_means(all_feats[valid], targets[valid], entity_table.n_entities)
         dataset = feature_cache.CachedFeatureDataset(cache, targets=targets, lat_deg=table.lat_deg,
                                                      lon_deg=table.lon_deg)
     else:
@@ -287,6 +290,10 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     module = TrainModule(model, loss_fn).to(runtime.device)
     optimizers = build_optimizers(module, cfg)
     steps_per_epoch = data.steps_per_epoch(len(dataset), cfg.train.batch_size, runtime.world_size)
+    if steps_per_epoch == 0:
+        raise InputError(f"{inputs.train_csv}: {len(dataset)} usable images is fewer than one batch "
+                         f"(train.batch_size={cfg.train.batch_size} x {runtime.world_size} processes); lower "
+                         "train.batch_size")
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
