@@ -64,6 +64,7 @@ class TrainSummary:
     n_entities: list = field(default_factory=list)
     final_loss: float = float("nan")
     validation: dict = field(default_factory=dict)
+    rank_param_divergence: float = 0.0   # max |difference| of any parameter between ranks (0 = in sync)
 
 
 class TrainModule(nn.Module):
@@ -192,6 +193,21 @@ def _gather(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def _rank_divergence(module: nn.Module, runtime: Runtime) -> float:
+    """Largest difference of any parameter between processes (DDP must keep them identical)."""
+    if not runtime.distributed:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+    high, low = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    divergence = float((high - low).abs().max())
+    if divergence > 0:
+        log.warning("parameters differ between ranks by up to %.3g", divergence)
+    return divergence
+
+
 def _labels(gaz, table) -> tuple[np.ndarray, np.ndarray]:
     """(N, 4) global entity ids per image and the mask of images that reach at least a country."""
     targets = gaz.locate(table.lat_deg, table.lon_deg).astype(np.int64)
@@ -281,7 +297,6 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
                                     seed=cfg.train.seed)
     model = HierLocModel(cfg.model, entity_table, encoder.feature_dim, encoder=None if frozen else encoder,
                          entity_features=ent_feats, seed=cfg.train.seed)
-    model.register_buffer("entity_seen", torch.zeros(entity_table.n_entities, dtype=torch.bool), persistent=False)
     if ent_feats is not None:
         model.entity_seen.fill_(True)
     loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
@@ -382,6 +397,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     if progress is not None:
         progress.close()
     seconds = time.perf_counter() - t_start
+    rank_divergence = _rank_divergence(module, runtime)
     if runtime.is_main:
         from hierloc.api import save_model_dir
 
@@ -393,7 +409,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     summary = TrainSummary(out_dir=str(out), steps=step, epochs=epoch, seconds=seconds,
                            images_per_second=images_seen / max(seconds, 1e-9), n_train=len(targets),
                            n_skipped=int(table.n_skipped) + n_unreached, n_entities=counts, final_loss=last_loss,
-                           validation=validation)
+                           validation=validation, rank_param_divergence=rank_divergence)
     if runtime.is_main:
         ckpt.atomic_write_text(out / "train_summary.json", json.dumps(summary.__dict__, indent=2))
     return summary
@@ -406,7 +422,7 @@ def _format_metrics(metrics: dict) -> str:
 def _log_scalars(writer, step: int, result: dict, optimizers: dict, grad_norm) -> None:
     from gazetteer import LEVELS
 
-    writer.add_scalar("loss/total", float(result["loss"]), step)
+    writer.add_scalar("loss/total", float(result["loss"].detach()), step)
     for level, value in zip(LEVELS, result["level_losses"].tolist()):
         writer.add_scalar(f"loss/{level}", value, step)
     for key in ("tau", "lam", "sigma_km"):

@@ -46,3 +46,41 @@ def sphere_points(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def random_sphere_points():
     """Factory fixture: random_sphere_points(n, seed=0) -> (lat_deg, lon_deg) uniform on the sphere."""
     return sphere_points
+
+
+# ------------------------------------------------------------------------------------- tiny demo world and model
+TINY_OVERRIDES = [
+    "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
+    "model.coord_scales=4", "train.batch_size=16", "train.epochs=1", "train.num_workers=0", "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_dir(tmp_path_factory) -> Path:
+    """A small demo dataset (Blue Marble patches, 32 px): 240 train, 40 per test split."""
+    from hierloc.demodata import make_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_dataset(out, n_train=240, n_test=40, patch_px=32, seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory) -> Path:
+    """A tiny ViT config (no weights) saved to disk: the path users take with their own local backbones."""
+    from hierloc.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+
+    config = tiny_vit_config(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
+    return write_backbone_config(tmp_path_factory.mktemp("backbone") / "tiny", config, tiny_vit_preprocessor(32))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_demo_dir, tiny_backbone_dir, tmp_path_factory) -> Path:
+    """A model trained for a few steps through the CLI (treat as read-only)."""
+    from hierloc.cli import main
+
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    code = main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(out), "--no-progress",
+                 f"model.backbone={tiny_backbone_dir}", "train.max_steps=6", *TINY_OVERRIDES])
+    assert code == 0
+    return out

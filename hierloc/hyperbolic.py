@@ -1,0 +1,575 @@
+r"""Poincare-ball maths as pure functions (ball of curvature -c, radius 1/sqrt(c)).
+
+Every function takes the curvature as the keyword ``c`` (a positive Python float; the curvature is fixed, not
+learnable) and works on the last dimension of its inputs. Shapes: ``(..., D)`` for points and tangent vectors,
+``(B, D)`` images and ``(N, D)`` entities for the pairwise functions, which return ``(B, N)``.
+
+Formulas (||.|| the Euclidean norm, lambda_x = 2 / (1 - c||x||^2) the conformal factor):
+
+    expmap0(v)   = tanh(sqrt(c) ||v||) v / (sqrt(c) ||v||)
+    logmap0(x)   = artanh(sqrt(c) ||x||) x / (sqrt(c) ||x||)
+    dist0(x)     = (2 / sqrt(c)) artanh(sqrt(c) ||x||)
+    dist(x, y)   = arcosh(1 + m) / sqrt(c),   m = 2c ||x - y||^2 / ((1 - c||x||^2)(1 - c||y||^2))
+                 = (2 / sqrt(c)) arsinh(sqrt(m / 2))
+
+Numerical policy (the constants are geoopt's, see geoopt/manifolds/stereographic/math.py):
+
+- ``project`` keeps points ``BALL_EPS[dtype]`` inside the boundary: 4e-3 in float32, 1e-5 in float64
+  (geoopt's ``_project``). At the float32 margin 1 - c||x||^2 ~ 8e-3, so dist0 <= ~6.2 / sqrt(c) (float64: ~12.2).
+- Norms used as divisors are floored at 1e-15 (geoopt's floor): the ratio tanh(r)/r or artanh(r)/r is then
+  evaluated at r = 1e-15, where it equals 1 (its limit), and the gradient there is the identity.
+- artanh arguments are clamped to 1 - 1e-7 (geoopt's clamp), so a point on or beyond the boundary maps to a
+  finite tangent vector instead of inf/NaN.
+- Squared lengths under a square root (||x||^2 in dist0, ||x - y||^2 in dist) are floored at the smallest normal
+  float64 (~2e-308): sqrt then has a finite derivative at 0 (the gradient there is 0, the distance's
+  subgradient), and the floor cannot change any representable distance; a where() returns exactly 0.
+- The conformal denominators 1 - c||x||^2 use squared norms accumulated in float64 (O(B D) work): in float32 the
+  rounding of ||x||^2 (~1e-7 absolute) would be amplified by 1 / (1 - c||x||^2) ~ 125 at the float32 margin.
+  They are floored at ``_DENOM_FLOOR`` so a point on or outside the boundary yields a huge finite distance, not
+  NaN (call ``project`` first for meaningful values).
+
+The pairwise distances use one matrix product (no (B, N, D) tensor) plus an exact float64 recomputation of the
+few pairs whose matrix-product value is inaccurate; see ``pairwise_sqdist``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import geoopt
+
+logger = logging.getLogger(__name__)
+
+# geoopt's boundary margins (geoopt.manifolds.stereographic.math._project): 4e-3 in float32, 1e-5 in float64.
+BALL_EPS = {torch.float32: 4e-3, torch.float64: 1e-5}
+_NORM_FLOOR = 1e-15  # geoopt's floor for norms used as divisors
+_ARTANH_MAX = 1.0 - 1e-7  # geoopt's artanh clamp
+_DENOM_FLOOR = 1e-15  # floor of 1 - c||x||^2 (points on/outside the boundary stay finite)
+_SQ_FLOOR = torch.finfo(torch.float64).tiny  # floor of squared lengths under sqrt: finite gradient at 0
+
+# Accuracy guards of the matrix-product path (see pairwise_sqdist). Calibrated on clustered near-boundary points,
+# D = 64..512 (MKL sgemm): the relative error of the float32 matrix-product d^2 was <= ~6 eps32 / r for
+# r = ||x - y||^2 / (||x||^2 + ||y||^2) and <= ~0.7 eps32 / m from representing 1 + m, so pairs with
+# r >= 0.03 and m >= 1e-2 have relative error <= ~2.5e-5 in d^2 (~1.3e-5 in d); every other pair is
+# recomputed exactly. float64 thresholds target ~1e-10.
+_CANCEL_REL = {torch.float32: 0.03, torch.float64: 1e-5}  # kappa: recompute where ||x-y||^2 < kappa (|x|^2+|y|^2)
+_SMALL_M = {torch.float32: 1e-2, torch.float64: 1e-6}  # recompute where m < this (d < ~0.1/sqrt(c) in float32)
+_EXACT_CHUNK = 1 << 16  # pairs per chunk of the exact recomputation (bounds its float64 temporaries)
+_PIPELINE_ELEMENTS = 1 << 19  # elements per block of the elementwise passes (2 MB in float32: stays in cache)
+
+
+def _curvature(c) -> float:
+    """Curvature magnitude as a positive float (the ball has curvature -c). Raises ValueError otherwise."""
+    if isinstance(c, torch.Tensor):
+        if c.requires_grad:
+            raise ValueError("curvature c must be a fixed number here; learnable curvature is not supported")
+        c = c.item()
+    c = float(c)
+    if not math.isfinite(c) or c <= 0:
+        raise ValueError(f"curvature c must be a positive finite number (ball of curvature -c), got {c}")
+    return c
+
+
+def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Common floating dtype of the inputs, at least float32 (half precisions are upcast: hyperbolic maths stays
+    out of fp16/bf16)."""
+    dtype = torch.float32
+    for t in tensors:
+        if not t.is_floating_point():
+            raise ValueError(f"expected a floating-point tensor, got {t.dtype}")
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _ball(c: float) -> "geoopt.PoincareBall":
+    import geoopt  # imported on use: the maths below needs torch only
+
+    return geoopt.PoincareBall(c=c)
+
+
+def poincare_ball(c: float = 1.0) -> "geoopt.PoincareBall":
+    """The shared ``geoopt.PoincareBall`` of curvature -c: one object per curvature value (cached), so every
+    ``ManifoldParameter`` and component of a model refers to the same manifold."""
+    return _ball(_curvature(c))
+
+
+def ball_eps(dtype: torch.dtype) -> float:
+    """Boundary margin of ``project`` for a dtype: geoopt's 1e-5 for float64, 4e-3 otherwise (geoopt uses 4e-3
+    for float32; lower precisions get the same, larger margin)."""
+    return BALL_EPS[torch.float64] if dtype == torch.float64 else BALL_EPS[torch.float32]
+
+
+def _sqnorm64(x: torch.Tensor) -> torch.Tensor:
+    """||x||^2 over the last dim, accumulated in float64: (..., D) -> (..., 1)."""
+    return x.double().square().sum(dim=-1, keepdim=True)
+
+
+def _conformal_denominator(sqnorm64: torch.Tensor, c: float) -> torch.Tensor:
+    """1 - c||x||^2 in float64, floored at _DENOM_FLOOR (points on or beyond the boundary).
+
+    With ||x||^2 accumulated in float64 this is accurate to ~1e-16 absolute, i.e. ~1e-14 relative at the float32
+    margin. (The factorised form (1 - sqrt(c)||x||)(1 + sqrt(c)||x||) only helps when ||x|| is known more exactly
+    than ||x||^2; here it is not, and its sqrt would have an infinite derivative at x = 0.)
+    """
+    return (1.0 - c * sqnorm64).clamp_min(_DENOM_FLOOR)
+
+
+def expmap0(v: torch.Tensor, *, c: float = 1.0, project: bool = True) -> torch.Tensor:
+    r"""Exponential map at the origin: tangent vectors (..., D) -> points (..., D).
+
+    expmap0(v) = tanh(sqrt(c)||v||) v / (sqrt(c)||v||). ||v|| is floored at 1e-15 (the ratio is then its limit 1).
+    tanh saturates to 1 for sqrt(c)||v|| >~ 9 (float32), i.e. onto the boundary, so the result is projected
+    inside (``project=True``, as geoopt's ``PoincareBall.expmap0``).
+    """
+    c = _curvature(c)
+    dtype = _work_dtype(v)
+    v = v.to(dtype)
+    scaled_norm = math.sqrt(c) * v.norm(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR)
+    x = v * (torch.tanh(scaled_norm) / scaled_norm)
+    return _project(x, c, None) if project else x
+
+
+def logmap0(x: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
+    r"""Logarithmic map at the origin: points (..., D) -> tangent vectors (..., D).
+
+    logmap0(x) = artanh(sqrt(c)||x||) x / (sqrt(c)||x||), computed with ||x|| in float64; sqrt(c)||x|| is
+    clamped to 1 - 1e-7 (geoopt's artanh clamp) so boundary points give finite vectors, and floored at 1e-15.
+    """
+    c = _curvature(c)
+    dtype = _work_dtype(x)
+    # the square is floored (not the norm) so that sqrt's derivative stays finite at x = 0
+    scaled_norm = (c * _sqnorm64(x).clamp_min(_NORM_FLOOR**2)).sqrt().clamp_max(_ARTANH_MAX)
+    return x.to(dtype) * (torch.atanh(scaled_norm) / scaled_norm).to(dtype)
+
+
+def project(x: torch.Tensor, *, c: float = 1.0, eps: float | None = None) -> torch.Tensor:
+    r"""Keep points strictly inside the ball: (..., D) -> (..., D).
+
+    Points with ||x|| > (1 - eps)/sqrt(c) are rescaled onto that radius, others are returned unchanged (geoopt's
+    ``_project``). eps defaults to ``ball_eps(dtype)``: 4e-3 in float32, 1e-5 in float64.
+    """
+    return _project(x, _curvature(c), eps)
+
+
+def _project(x: torch.Tensor, c: float, eps: float | None) -> torch.Tensor:
+    dtype = _work_dtype(x)
+    x = x.to(dtype)
+    max_norm = (1.0 - (ball_eps(dtype) if eps is None else eps)) / math.sqrt(c)
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR)
+    return torch.where(norm > max_norm, x / norm * max_norm, x)
+
+
+def dist0(x: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
+    r"""Distance to the origin: (..., D) -> (...).
+
+    dist0(x) = (2/sqrt(c)) artanh(sqrt(c)||x||), with ||x|| in float64 and the artanh argument clamped to
+    1 - 1e-7 (geoopt's clamp). The gradient at x = 0 is 0 (the distance is not differentiable there).
+    """
+    c = _curvature(c)
+    dtype = _work_dtype(x)
+    sqnorm = _sqnorm64(x)
+    # the floored square keeps sqrt's gradient finite at x = 0; the where() makes dist0(0) exactly 0
+    scaled_norm = (c * sqnorm.clamp_min(_SQ_FLOOR)).sqrt().clamp_max(_ARTANH_MAX)
+    d = 2.0 / math.sqrt(c) * torch.atanh(scaled_norm)
+    return torch.where(sqnorm > 0, d, torch.zeros_like(d)).squeeze(-1).to(dtype)
+
+
+def dist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
+    r"""Elementwise geodesic distance, broadcasting: x (..., D), y (..., D) -> (...).
+
+    d = (2/sqrt(c)) arsinh( sqrt(c)||x - y|| / sqrt((1 - c||x||^2)(1 - c||y||^2)) )   [= arcosh(1 + m)/sqrt(c)]
+
+    The arsinh form needs no cancellation-prone "1 + ..." and is exact for coincident points (d(x, x) = 0). It is
+    evaluated in float64 (the elementwise difference x - y has no cancellation problem, unlike the matrix form).
+    ||x - y||^2 is floored at the smallest normal float64 under the square root, so the gradient at x == y is 0
+    instead of NaN.
+    For many pairs use ``pairwise_dist`` (one matrix product).
+    """
+    c = _curvature(c)
+    dtype = _work_dtype(x, y)
+    x64, y64 = x.double(), y.double()
+    diff_sq = (x64 - y64).square().sum(dim=-1, keepdim=True)
+    denom = _conformal_denominator(_sqnorm64(x64), c) * _conformal_denominator(_sqnorm64(y64), c)
+    z = (c * diff_sq.clamp_min(_SQ_FLOOR) / denom).sqrt()
+    d = 2.0 / math.sqrt(c) * torch.asinh(z)
+    return torch.where(diff_sq > 0, d, torch.zeros_like(d)).squeeze(-1).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairwise distances: one matrix product + exact recomputation of the ill-conditioned pairs.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    if torch.get_float32_matmul_precision() != "highest" and not _warned_precision:
+        _warn_precision()
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected x (B, D) and y (N, D) with the same D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"x and y are on different devices ({x.device}, {y.device})")
+    return _work_dtype(x, y)
+
+
+_warned_precision = False
+
+
+def _warn_precision() -> None:
+    global _warned_precision
+    _warned_precision = True
+    logger.warning("float32 matmul precision is %r, not 'highest': pairwise hyperbolic distances may lose the "
+                   "accuracy they are designed for", torch.get_float32_matmul_precision())
+
+
+def _needs_grad(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+
+
+def _nonzero_rows_cols(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of a (R, N) bool mask whose row stride is padded to a multiple of 8.
+
+    ``torch.nonzero`` on a bool tensor is slow on CPU (~20 ms for 5M entries); viewing 8 bools as one int64
+    word and scanning the words first is ~8x faster when the mask is sparse.
+    """
+    rows, width = mask.shape[0], mask.stride(0)
+    words = mask.as_strided((rows, width), (width, 1)).view(torch.int64)  # (R, width / 8)
+    hits = (words != 0).nonzero()  # (h, 2): row, word
+    if hits.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long, device=mask.device)
+        return empty, empty
+    bytes_ = mask.as_strided((rows, width), (width, 1)).view(rows, width // 8, 8)[hits[:, 0], hits[:, 1]]
+    hit_index, bit = bytes_.nonzero().unbind(1)  # within-word positions
+    return hits[hit_index, 0], hits[hit_index, 1] * 8 + bit
+
+
+def _flagged_pairs(out, row_terms, col_terms, offset, floor, row_bound) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (i, j) where out_ij < offset + max(row_terms_i . col_terms_j, floor): (K,), (K,) long tensors.
+
+    out (B, N); row_terms (B, 2) and col_terms (2, N) (the rank-2 threshold kappa * scale * (|x|^2 + |y|^2));
+    row_bound (B,) an upper bound of each row's threshold, used to skip rows (one cheap min-reduction) that
+    cannot contain a flagged pair.
+    """
+    suspicious = (out.amin(dim=1) < offset + row_bound.clamp_min(floor)).nonzero().squeeze(1)
+    if suspicious.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long, device=out.device)
+        return empty, empty
+    all_rows = suspicious.numel() == out.shape[0]
+    out_rows = out if all_rows else out.index_select(0, suspicious)
+    threshold = torch.addmm(out.new_full((1,), offset), row_terms[suspicious], col_terms)
+    threshold.clamp_min_(offset + floor)
+    n_cols = out.shape[1]
+    padded = torch.zeros(out_rows.shape[0], (n_cols + 7) // 8 * 8, dtype=torch.bool, device=out.device)
+    mask = padded[:, :n_cols]
+    torch.lt(out_rows, threshold, out=mask)
+    rows, cols = _nonzero_rows_cols(mask)
+    return (rows if all_rows else suspicious[rows]), cols
+
+
+def _sqnorm_rows64(t: torch.Tensor) -> torch.Tensor:
+    """||t_i||^2 accumulated in float64: (n, D) -> (n, 1)."""
+    return torch.linalg.vector_norm(t, dim=1, keepdim=True, dtype=torch.float64).square()
+
+
+def _augmented(t: torch.Tensor, scale64: torch.Tensor, extra64: list[torch.Tensor], dtype) -> torch.Tensor:
+    """[scale_i t_i, extra columns] in ``dtype``: (n, D), (n, 1), k x (n, 1) -> (n, D + k), one pass over t."""
+    n, dim = t.shape
+    out = torch.empty(n, dim + len(extra64), dtype=dtype, device=t.device)
+    torch.mul(t.to(dtype), scale64.to(dtype), out=out[:, :dim])
+    out[:, dim:] = torch.cat(extra64, dim=1).to(dtype)
+    return out
+
+
+def _no_pairs(device) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return empty, empty
+
+
+def _chunks(ii: torch.Tensor, jj: torch.Tensor):
+    """(i, j) index chunks of at most _EXACT_CHUNK pairs (bounds the (K, D) float64 temporaries)."""
+    for start in range(0, ii.numel(), _EXACT_CHUNK):
+        yield ii[start : start + _EXACT_CHUNK], jj[start : start + _EXACT_CHUNK]
+
+
+def _exact_pairs(x64, y, a, b, i, j, c):
+    """float64 values for pairs (x_i, y_j): t = arcosh(1 + m) = 2 arsinh(sqrt(m/2)) (no cancellation),
+    m = 2c||x_i - y_j||^2 / (a_i b_j), and x_i - y_j: (K,), (K,), (K, D)."""
+    diff = x64[i] - y[j].double()
+    m = 2.0 * c * diff.square().sum(dim=1) / (a[i, 0] * b[j, 0])
+    return 2.0 * torch.asinh((0.5 * m).sqrt()), m, diff
+
+
+def _arcosh_rows(w: torch.Tensor, out: torch.Tensor, squared: bool, c: float) -> None:
+    """out = arcosh(w)^2 / c (squared) or arcosh(w) / sqrt(c), arcosh(w) = log(w + sqrt(w^2 - 1)): (B, N).
+
+    Processed in blocks of rows through a small scratch buffer that stays in cache; ``out`` may be ``w`` itself.
+    """
+    n_rows, n_cols = w.shape
+    rows = max(1, min(n_rows, _PIPELINE_ELEMENTS // max(1, n_cols)))
+    scratch = w.new_empty(rows, n_cols)
+    neg_one = w.new_full((), -1.0)
+    scale = (1.0 / c) if squared else (1.0 / math.sqrt(c))
+    for start in range(0, n_rows, rows):
+        w_rows, o_rows = w[start : start + rows], out[start : start + rows]
+        s_rows = scratch[: w_rows.shape[0]]
+        torch.addcmul(neg_one, w_rows, w_rows, out=s_rows)  # w^2 - 1
+        s_rows.sqrt_().add_(w_rows)  # w + sqrt(w^2 - 1) = exp(t)
+        torch.log(s_rows, out=o_rows)  # t (w_rows is no longer needed: out may alias w)
+        if squared:
+            o_rows.square_()
+        if c != 1.0:
+            o_rows.mul_(scale)
+
+
+def _dfdm_rows(w: torch.Tensor, out: torch.Tensor | None, grad: torch.Tensor, h: torch.Tensor, c: float) -> None:
+    """h = grad * t / sinh(t) (``out`` = t^2/c given: the squared distance) or grad / sinh(t) (``out`` None),
+    with t = arcosh(w), sinh(t) = sqrt(w^2 - 1); in cache-sized blocks of rows like ``_arcosh_rows``: (B, N)."""
+    n_rows, n_cols = w.shape
+    rows = max(1, min(n_rows, _PIPELINE_ELEMENTS // max(1, n_cols)))
+    scratch = w.new_empty(rows, n_cols)
+    neg_one = w.new_full((), -1.0)
+    grad = grad.expand_as(w)
+    for start in range(0, n_rows, rows):
+        stop = start + rows
+        w_rows, h_rows, s_rows = w[start:stop], h[start:stop], scratch[: min(rows, n_rows - start)]
+        torch.addcmul(neg_one, w_rows, w_rows, out=s_rows)
+        s_rows.sqrt_()  # sinh(t)
+        if out is None:
+            torch.div(grad[start:stop], s_rows, out=h_rows)
+        else:
+            torch.sqrt(out[start:stop], out=h_rows)  # t / sqrt(c)
+            if c != 1.0:
+                h_rows.mul_(math.sqrt(c))
+            h_rows.div_(s_rows).mul_(grad[start:stop])
+
+
+class _PairwisePoincare(torch.autograd.Function):
+    """d^2 (squared=True) or d (squared=False) between every x_i (B, D) and y_j (N, D); see pairwise_sqdist."""
+
+    @staticmethod
+    def forward(ctx, x, y, c: float, squared: bool, dtype: torch.dtype, keep_for_backward: bool):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            nx, ny = _sqnorm_rows64(x), _sqnorm_rows64(y)  # (B, 1), (N, 1) float64
+            a, b = _conformal_denominator(nx, c), _conformal_denominator(ny, c)
+            alpha, beta = 2.0 * c / a, 1.0 / b
+            # w_ij = 1 + alpha_i beta_j (|x_i|^2 + |y_j|^2 - 2 x_i.y_j) = 1 + m_ij, in ONE matrix product
+            left = _augmented(x, alpha, [alpha * nx, alpha, torch.ones_like(nx)], dtype)  # (B, D + 3)
+            right = _augmented(y, -2.0 * beta, [beta, beta * ny, torch.ones_like(ny)], dtype)  # (N, D + 3)
+            w = left @ right.T  # (B, N)
+
+            ii, jj = _no_pairs(x.device)
+            if w.numel():
+                kappa = _CANCEL_REL[dtype]
+                row_terms = torch.cat([kappa * alpha * nx, kappa * alpha], dim=1).to(dtype)  # (B, 2)
+                col_terms = torch.cat([beta, beta * ny], dim=1).T.to(dtype)  # (2, N)
+                row_bound = (kappa * alpha * (nx * beta.max() + (beta * ny).max())).squeeze(1).to(dtype)
+                ii, jj = _flagged_pairs(w, row_terms, col_terms, 1.0, _SMALL_M[dtype], row_bound)
+
+            # t = arcosh(w) = log(w + sqrt(w^2 - 1)); every pair kept here has w >= 1 + m_min, so w^2 - 1 has
+            # no cancellation. Flagged pairs get a harmless placeholder (their w may be < 1: sqrt would make NaN,
+            # which is also slow on some CPUs) and are overwritten just below. Without autograd the result
+            # overwrites w (no second (B, N) buffer).
+            if ii.numel():
+                w[ii, jj] = 2.0
+            out = torch.empty_like(w) if keep_for_backward else w
+            _arcosh_rows(w, out, squared, c)
+            if ii.numel():
+                logger.debug("pairwise distance: %d of %d pairs recomputed exactly", ii.numel(), w.numel())
+                x64 = x.detach().double()
+                for i, j in _chunks(ii, jj):
+                    t = _exact_pairs(x64, y, a, b, i, j, c)[0]
+                    out[i, j] = (t.square() / c if squared else t / math.sqrt(c)).to(dtype)
+        if keep_for_backward:
+            ctx.c, ctx.squared = c, squared
+            ctx.save_for_backward(x, y, left, right, w, out if squared else w.new_empty(0), nx, ny, ii, jj)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, y, left, right, w, out, nx, ny, ii, jj = ctx.saved_tensors
+        c, squared = ctx.c, ctx.squared
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_x or need_y):
+            return None, None, None, None, None, None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dim, dtype = x.shape[1], w.dtype
+            a, b = _conformal_denominator(nx, c), _conformal_denominator(ny, c)
+            # F = f(m) with dF/dm = k_s H_ij / G_ij:  squared: (2/c) t / sinh(t);  distance: (1/sqrt(c)) / sinh(t),
+            # t = arcosh(1 + m), sinh(t) = sqrt(w^2 - 1) > 0 for every kept pair.
+            h = torch.empty_like(w)
+            _dfdm_rows(w, out if squared else None, grad_out, h, c)  # H_ij = G_ij t / sinh(t) or G_ij / sinh(t)
+            k_s = 2.0 / c if squared else 1.0 / math.sqrt(c)
+            if ii.numel():
+                h[ii, jj] = 0.0  # recomputed pairs: exact gradients below
+            # With m_ij = 2c ||x_i - y_j||^2 / (a_i b_j):
+            #   dm_ij/dx_i = (4c / (a_i b_j)) (x_i - y_j) + m_ij (2c / a_i) x_i   (and symmetrically for y_j).
+            # The sums over j (over i) are matrix products of H with the columns of `right` (`left`), which
+            # already carry the factors 1/b_j (2c/a_i); only O((B + N) D) work remains.
+            grad_x = grad_y = None
+            if need_x:
+                # v = [-2 sum_j H y_j / b_j, sum_j H / b_j, sum_j H |y_j|^2 / b_j]
+                v = (h @ right[:, : dim + 2]).double()
+                vy, v1, vn = -0.5 * v[:, :dim], v[:, dim : dim + 1], v[:, dim + 1 :]
+                x64 = x.detach().double()
+                s = nx * v1 + vn - 2.0 * (x64 * vy).sum(dim=1, keepdim=True)  # sum_j H ||x_i - y_j||^2 / b_j
+                grad_x = k_s * (4.0 * c / a * (x64 * v1 - vy) + 4.0 * c * c / a.square() * x64 * s)
+                grad_x = grad_x.to(x.dtype)
+            if need_y:
+                # u = [sum_i H alpha_i x_i, sum_i H alpha_i |x_i|^2, sum_i H alpha_i], alpha_i = 2c / a_i; then
+                # grad_y_j = k_s (4c (y_j U1_j - Ux_j) + (4c^2 / b_j) y_j T_j) with U = beta_j u / 2c and
+                # T_j = sum_i H ||x_i - y_j||^2 / (a_i b_j): (N, D) work in the working dtype, two passes.
+                u = h.T @ left[:, : dim + 2]
+                u_x = u[:, :dim]
+                u_n, u_1 = u[:, dim : dim + 1].double(), u[:, dim + 1 :].double()
+                y_dot_u = torch.linalg.vecdot(y.to(dtype), u_x).unsqueeze(1).double()
+                t_ = (u_n + ny * u_1 - 2.0 * y_dot_u) / (2.0 * c * b)  # T_j
+                coef = k_s * (2.0 * u_1 / b + 4.0 * c * c * t_ / b)  # multiplies y_j
+                grad_y = torch.addcmul(u_x * (-2.0 * k_s / b).to(dtype), y.to(dtype), coef.to(dtype))
+                grad_y = grad_y.to(y.dtype)
+            if ii.numel():
+                x64 = x.detach().double()
+                for i, j in _chunks(ii, jj):
+                    t, m, diff = _exact_pairs(x64, y, a, b, i, j, c)
+                    sinh_t = (m * (m + 2.0)).sqrt()
+                    positive = sinh_t > 0
+                    safe = torch.where(positive, sinh_t, torch.ones_like(sinh_t))
+                    if squared:  # t / sinh(t) -> 1 as t -> 0
+                        ratio = torch.where(positive, t / safe, torch.ones_like(t))
+                    else:  # zero subgradient at x == y, where the distance is not differentiable
+                        ratio = torch.where(positive, 1.0 / safe, torch.zeros_like(t))
+                    hij = k_s * grad_out.expand_as(w)[i, j].double() * ratio
+                    ai, bj = a[i, 0], b[j, 0]
+                    common = (4.0 * c * hij / (ai * bj)).unsqueeze(1) * diff  # (K, D)
+                    if need_x:
+                        pair_x = common + (hij * m * 2.0 * c / ai).unsqueeze(1) * x64[i]
+                        grad_x.index_add_(0, i, pair_x.to(grad_x.dtype))
+                    if need_y:
+                        pair_y = -common + (hij * m * 2.0 * c / bj).unsqueeze(1) * y[j].double()
+                        grad_y.index_add_(0, j, pair_y.to(grad_y.dtype))
+        return grad_x, grad_y, None, None, None, None
+
+
+class _PairwiseEuclidean(torch.autograd.Function):
+    """||x_i - y_j||^2 for x (B, D), y (N, D); see euclidean_pairwise_sqdist."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            nx, ny = _sqnorm_rows64(x), _sqnorm_rows64(y)
+            one_x, one_y = torch.ones_like(nx), torch.ones_like(ny)
+            left = _augmented(x, one_x, [one_x, nx], dtype)  # [x, 1, |x|^2]
+            right = _augmented(y, -2.0 * one_y, [ny, one_y], dtype)  # [-2y, |y|^2, 1]
+            out = left @ right.T  # |x|^2 + |y|^2 - 2 x.y
+            ii, jj = _no_pairs(x.device)
+            if out.numel():
+                kappa = _CANCEL_REL[dtype]
+                row_terms = torch.cat([kappa * nx, kappa * one_x], dim=1).to(dtype)
+                col_terms = torch.cat([one_y, ny], dim=1).T.to(dtype)
+                row_bound = (kappa * (nx + ny.max())).squeeze(1).to(dtype)
+                ii, jj = _flagged_pairs(out, row_terms, col_terms, 0.0, 0.0, row_bound)
+            if ii.numel():
+                x64 = x.detach().double()
+                for i, j in _chunks(ii, jj):
+                    out[i, j] = (x64[i] - y[j].double()).square().sum(dim=1).to(dtype)
+        ctx.save_for_backward(x, y, left, ii, jj)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, y, left, ii, jj = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_x or need_y):
+            return None, None, None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dim, dtype = x.shape[1], left.dtype
+            g = grad_out.to(dtype).expand(x.shape[0], y.shape[0])
+            if ii.numel():
+                g = g.clone()
+                g[ii, jj] = 0.0  # recomputed pairs: exact gradients below
+            grad_x = grad_y = None
+            if need_x:  # 2 (x_i sum_j G_ij - sum_j G_ij y_j), the sums from one product with [y, 1]
+                yy = torch.cat([y.to(dtype), torch.ones_like(y[:, :1], dtype=dtype)], dim=1)
+                v = g @ yy
+                grad_x = (2.0 * (x.to(dtype) * v[:, dim:] - v[:, :dim])).to(x.dtype)
+            if need_y:  # [x, 1] are the first columns of `left`
+                u = g.T @ left[:, : dim + 1]
+                grad_y = (2.0 * (y.to(dtype) * u[:, dim:] - u[:, :dim])).to(y.dtype)
+            if ii.numel():
+                x64 = x.detach().double()
+                for i, j in _chunks(ii, jj):
+                    pair_grad = 2.0 * grad_out.expand_as(g)[i, j].double().unsqueeze(1) * (x64[i] - y[j].double())
+                    if need_x:
+                        grad_x.index_add_(0, i, pair_grad.to(grad_x.dtype))
+                    if need_y:
+                        grad_y.index_add_(0, j, -pair_grad.to(grad_y.dtype))
+        return grad_x, grad_y, None
+
+
+def pairwise_sqdist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
+    r"""Squared geodesic distances between all pairs: x (B, D), y (N, D) -> (B, N).
+
+    d_ij^2 = arcosh(1 + m_ij)^2 / c,   m_ij = 2c ||x_i - y_j||^2 / ((1 - c||x_i||^2)(1 - c||y_j||^2)).
+
+    Method (in the inputs' common dtype, at least float32; autocast is disabled inside):
+
+    1. ONE matrix product of augmented rows gives w = 1 + m directly:
+       [a_i x_i, a_i|x_i|^2, a_i, 1] . [-2 b_j y_j, b_j, b_j|y_j|^2, 1] with a_i = 2c/(1 - c|x_i|^2),
+       b_j = 1/(1 - c|y_j|^2) (norms and factors in float64); never a (B, N, D) tensor.
+    2. d^2 = log(w + sqrt(w^2 - 1))^2 / c: five elementwise passes over cache-sized blocks of rows (in place
+       when no gradient is needed).
+    3. The matrix form is inaccurate where ||x - y||^2 is small compared with |x|^2 + |y|^2 (cancellation: an
+       absolute error of ~6 eps (|x|^2 + |y|^2), amplified by 1/(1 - c|x|^2) near the boundary) and where m is
+       so small that 1 + m drops its digits. Pairs with ||x - y||^2 < kappa (|x|^2 + |y|^2) or m < m_min
+       (kappa = 0.03, m_min = 1e-2 in float32; 1e-5, 1e-6 in float64) are found by a rank-2 threshold test
+       (rows screened first by one min-reduction) and recomputed in float64 from the differences x_i - y_j with
+       d = (2/sqrt(c)) arsinh(sqrt(m/2)), which has no cancellation at all.
+
+    Accuracy contract: |d - d_ref| <= rtol max(d_ref, floor) for every pair, d_ref the exact distance of the
+    (float32) inputs, rtol = 1e-4. A floor is natural for float32 inputs - one ulp of a coordinate near the float32
+    margin is 2 * 2^-24 / (1 - (1 - 4e-3)^2) ~ 1.5e-5 of hyperbolic length, so smaller distances are not
+    resolved by the inputs themselves - but this implementation does not need it: measured relative error
+    <= ~2e-6 on d^2 in float32 (design bound 2.5e-5) for every pair including near-boundary and coincident points
+    (d(x, x) = 0 exactly), ~1e-12 in float64. The cost of step 3 grows with the number of close pairs (none for
+    spread-out points; a few per image when images sit next to their entities).
+
+    Clamps: 1 - c|x|^2 is floored at 1e-15 (points on/outside the boundary give huge finite distances - project
+    first); no clamp is needed under sqrt or log because every pair that reaches them has w >= 1 + m_min.
+
+    Gradients are analytic (a custom autograd Function, first order only): two matrix products plus blocked
+    elementwise passes, and exact float64 gradients for the recomputed pairs; finite everywhere inside the ball
+    (dd^2/dm -> 2/c at x == y, where the gradient itself is 0). The curvature is fixed (no gradient w.r.t. c).
+    The matrix product is assumed to be an IEEE float32 one (``torch.get_float32_matmul_precision() ==
+    "highest"``, the default; TF32/bf16 products would void the accuracy analysis).
+    """
+    c = _curvature(c)
+    dtype = _check_pair(x, y)
+    return _PairwisePoincare.apply(x, y, c, True, dtype, _needs_grad(x, y))
+
+
+def pairwise_dist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
+    r"""Geodesic distances between all pairs: x (B, D), y (N, D) -> (B, N); d_ij = arcosh(1 + m_ij)/sqrt(c).
+
+    Same method and accuracy as ``pairwise_sqdist`` (without the final square). At x_i == y_j the distance is
+    not differentiable; its gradient there is the zero subgradient.
+    """
+    c = _curvature(c)
+    dtype = _check_pair(x, y)
+    return _PairwisePoincare.apply(x, y, c, False, dtype, _needs_grad(x, y))
+
+
+def euclidean_pairwise_sqdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""Squared Euclidean distances ||x_i - y_j||^2: x (B, D), y (N, D) -> (B, N) (the Euclidean ablation).
+
+    One matrix product of [x, |x|^2, 1] . [-2y, 1, |y|^2]; pairs with ||x - y||^2 < kappa (|x|^2 + |y|^2)
+    (cancellation) are recomputed exactly, so the result is >= 0, exactly 0 for x_i == y_j, and has relative
+    error <= ~2.5e-5 in float32. Analytic gradients as in ``pairwise_sqdist``.
+    """
+    dtype = _check_pair(x, y)
+    return _PairwiseEuclidean.apply(x, y, dtype)

@@ -1,0 +1,104 @@
+"""Training through the CLI with a tiny ViT from a saved local config; checkpoints; resume; optimiser geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hierloc.cli import main
+from tests.conftest import TINY_OVERRIDES
+
+
+def test_cli_training_writes_a_complete_model_directory(tiny_model_dir: Path):
+    for name in ("config.json", "model.safetensors", "backbone/config.json", "backbone/model.safetensors",
+                 "gazetteer/metadata.json", "run_config.json", "train_summary.json", "checkpoints/latest"):
+        assert (tiny_model_dir / name).exists(), name
+    assert list((tiny_model_dir / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((tiny_model_dir / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and np.isfinite(summary["final_loss"])
+    run_cfg = json.loads((tiny_model_dir / "run_config.json").read_text())
+    assert run_cfg["model"]["embed_dim"] == 16          # overrides are saved with the run
+
+
+def test_training_moves_the_parameters(tiny_model_dir: Path, tiny_backbone_dir: Path):
+    from safetensors.torch import load_file
+
+    from hierloc.config import config_from_json
+    from hierloc.model import EntityTable, HierLocModel
+    from gazetteer import Gazetteer
+
+    meta = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg = config_from_json(json.dumps(meta["config"]), "config.json")
+    fresh = HierLocModel(cfg.model, EntityTable.from_gazetteer(Gazetteer.load(tiny_model_dir / "gazetteer")),
+                         meta["feature_dim"], seed=cfg.train.seed)
+    trained = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert not torch.allclose(fresh.image_head[0].weight, trained["image_head.0.weight"])
+    assert not torch.allclose(fresh.anchors.data, trained["anchors"])
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tiny_model_dir: Path, tiny_demo_dir: Path, tmp_path):
+    from hierloc.api import HierLoc
+
+    images = sorted((tiny_demo_dir / "images" / "test_unseen").glob("*.jpg"))[:5]
+    first = HierLoc.from_pretrained(tiny_model_dir, device="cpu")
+    before = [p.to_dict() for p in first.predict(images, top_k=3)]
+    first.save_pretrained(tmp_path / "copy")
+    again = HierLoc.from_pretrained(tmp_path / "copy", device="cpu")
+    after = [p.to_dict() for p in again.predict(images, top_k=3)]
+    assert before == after
+    assert all(len(p["levels"]) == 4 for p in before)
+
+
+def test_points_stay_inside_the_ball_after_many_large_steps():
+    import geoopt
+
+    from hierloc import hyperbolic
+
+    ball = hyperbolic.poincare_ball(1.0)
+    points = geoopt.ManifoldParameter(hyperbolic.expmap0(torch.randn(64, 8) * 3, c=1.0), manifold=ball)
+    opt = geoopt.optim.RiemannianAdam([points], lr=0.5, weight_decay=0.0)
+    target = hyperbolic.expmap0(torch.randn(64, 8) * 10, c=1.0)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = -hyperbolic.dist(points, -target, c=1.0).sum()   # pushes every point towards the boundary
+        loss.backward()
+        opt.step()
+    norms = points.detach().norm(dim=-1)
+    assert torch.isfinite(points).all()
+    assert float(norms.max()) < 1.0
+
+
+def test_resume_continues_to_the_same_parameters(tiny_demo_dir: Path, tiny_backbone_dir: Path, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--no-progress",
+              f"model.backbone={tiny_backbone_dir}", "train.checkpoint_every=2", *TINY_OVERRIDES]
+    assert main(common + ["--out", str(tmp_path / "full"), "train.max_steps=4"]) == 0
+    assert main(common + ["--out", str(tmp_path / "part"), "train.max_steps=2"]) == 0
+    assert main(common + ["--out", str(tmp_path / "part"), "train.max_steps=4", "--resume"]) == 0
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    part = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert full.keys() == part.keys()
+    for key in full:
+        torch.testing.assert_close(part[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_non_empty_output_directory_is_refused(tiny_demo_dir: Path, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code = main(["train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(tmp_path / "out"),
+                 "--no-progress", *TINY_OVERRIDES])
+    assert code == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_override_is_a_one_line_error(tiny_demo_dir: Path, tmp_path, capsys):
+    code = main(["train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(tmp_path / "o"),
+                 "loss.tua=0.3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "did you mean loss.tau" in err and err.count("\n") == 1
