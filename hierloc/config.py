@@ -41,7 +41,7 @@ class ModelConfig:
     # Entity branch: H_i = expmap0(logmap0(A_i) + alpha * MLP([mean image feature, coordinate encoding])).
     entity_fusion: bool = True
     entity_alpha_init: float = 1.0
-    entity_hidden: int = 256          # hidden width of the entity fusion MLP (runs over all E entities every step)
+    entity_hidden: int = 128          # hidden width of the entity fusion MLP (runs over all E entities every step)
     anchor_init_std: float = 0.01     # anchors start near the origin, spread by this tangent std
     coord_scales: int = 8             # SphereM+-style frequencies for the coordinate encoding (8 features each)
     coord_min_radius_km: float = 10.0

@@ -154,11 +154,18 @@ class HierLocModel(nn.Module):
         c = self.cfg.curvature
         base = hyperbolic.logmap0(self.anchors, c=c) if self.is_hyperbolic else self.anchors
         if self.entity_mlp is not None:
-            coords = sphere_encoding(self.entity_lat_deg, self.entity_lon_deg, self.cfg.coord_scales,
-                                     self.cfg.coord_min_radius_km, self.cfg.coord_max_radius_km)
-            fused = torch.cat([self.entity_features, coords.to(self.entity_features.device)], dim=-1)
+            fused = torch.cat([self.entity_features, self._coord_features()], dim=-1)
             base = base + self.entity_alpha * self.entity_mlp(fused)
         return _clamp_norm(base, self.cfg.max_tangent_norm)
+
+    def _coord_features(self) -> torch.Tensor:
+        """(E, 8 * coord_scales) coordinate encodings; fixed, so computed once per device and cached."""
+        cached = getattr(self, "_coord_cache", None)
+        if cached is None or cached.device != self.entity_lat_deg.device:
+            cached = sphere_encoding(self.entity_lat_deg, self.entity_lon_deg, self.cfg.coord_scales,
+                                     self.cfg.coord_min_radius_km, self.cfg.coord_max_radius_km)
+            self._coord_cache = cached.to(self.entity_lat_deg.device)
+        return self._coord_cache
 
     def entity_points(self) -> torch.Tensor:
         """(E, D) entity points on the ball (or in R^D)."""

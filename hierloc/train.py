@@ -78,8 +78,6 @@ class TrainModule(nn.Module):
     def forward(self, inputs: torch.Tensor, lat_deg: torch.Tensor, lon_deg: torch.Tensor, targets: torch.Tensor,
                 inputs_are_features: bool, amp: bool = True) -> dict:
         """inputs: (B, 3, H, W) pixels or (B, F) cached features; targets (B, 4) global entity ids or -1."""
-        from hierloc.geodesy import pairwise_haversine_km
-
         model = self.model
         if inputs_are_features:
             features = inputs.float()
@@ -92,14 +90,39 @@ class TrainModule(nn.Module):
         geo_km = []
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():
+            image_units = _unit_vectors(lat_deg, lon_deg)
             for level in range(N_LEVELS):
                 sl = model.level_slice(level)
-                geo_km.append(pairwise_haversine_km(lat_deg.float(), lon_deg.float(),
-                                                    model.entity_lat_deg[sl], model.entity_lon_deg[sl]))
+                geo_km.append(_great_circle_km(image_units, self._entity_units(level)))
                 local_targets[:, level] = torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
         out = self.loss(sqdists, local_targets, geo_km)
         out["features"] = features.detach()
         return out
+
+    def _entity_units(self, level: int) -> torch.Tensor:
+        """(N_l, 3) float32 unit vectors of the level's entity coordinates (fixed: cached per device)."""
+        cache = self.__dict__.setdefault("_unit_cache", {})
+        device = self.model.entity_lat_deg.device
+        if (level, device) not in cache:
+            sl = self.model.level_slice(level)
+            cache[(level, device)] = _unit_vectors(self.model.entity_lat_deg[sl], self.model.entity_lon_deg[sl])
+        return cache[(level, device)]
+
+
+def _unit_vectors(lat_deg: torch.Tensor, lon_deg: torch.Tensor) -> torch.Tensor:
+    """(N,) degrees -> (N, 3) float32 unit vectors."""
+    lat, lon = torch.deg2rad(lat_deg.double()), torch.deg2rad(lon_deg.double())
+    return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1).float()
+
+
+def _great_circle_km(units_a: torch.Tensor, units_b: torch.Tensor) -> torch.Tensor:
+    """(B, 3), (N, 3) unit vectors -> (B, N) great-circle km, 2 R asin(|u - v| / 2), in float32.
+
+    Only the hard-negative weights exp(-g / sigma) use it (sigma >= 10 km), so float32's few-km error at very
+    short range is immaterial here; evaluation uses the exact float64 haversine (hierloc.metrics).
+    """
+    half_chord_sq = ((1.0 - units_a @ units_b.T) * 0.5).clamp_(0.0, 1.0)
+    return half_chord_sq.sqrt_().asin_().mul_(2.0 * 6371.0)
 
 
 def seed_everything(seed: int) -> None:
