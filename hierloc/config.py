@@ -41,6 +41,10 @@ class ModelConfig:
     # Entity branch: H_i = expmap0(logmap0(A_i) + alpha * MLP([mean image feature, coordinate encoding])).
     entity_fusion: bool = True
     entity_alpha_init: float = 1.0
+    # Mean image feature of each entity in the fusion: "auto" uses exact means when the backbone is frozen (from
+    # the feature cache, as the paper does) and none while it trains from scratch (running means of a changing
+    # encoder are stale and were measured to destabilise the fine levels); "ema" forces running means; "none".
+    entity_image_features: str = "auto"
     entity_hidden: int = 128          # hidden width of the entity fusion MLP (runs over all E entities every step)
     anchor_init_std: float = 0.01     # anchors start near the origin, spread by this tangent std
     coord_scales: int = 8             # SphereM+-style frequencies for the coordinate encoding (8 features each)
@@ -103,6 +107,8 @@ class Config:
         checks = [
             (self.model.geometry in ("poincare", "euclidean"), "model.geometry", "'poincare' or 'euclidean'"),
             (self.model.embed_dim >= 2, "model.embed_dim", "an integer >= 2"),
+            (self.model.entity_image_features in ("auto", "ema", "none"), "model.entity_image_features",
+             "auto, ema or none"),
             (self.model.curvature > 0, "model.curvature", "a positive number"),
             (self.loss.kernel in ("laplace", "gaussian", "inverse"), "loss.kernel", "laplace, gaussian or inverse"),
             (self.loss.tau > 0, "loss.tau", "a positive number"),

@@ -312,6 +312,8 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         all_feats = cache[np.arange(len(cache))]
         valid = np.asarray(cache.valid_mask, dtype=bool)  # rows of unreadable images are NaN: leave them out
         ent_feats = entity_feature_means(all_feats[valid], targets[valid], entity_table.n_entities)
+        if cfg.model.entity_image_features == "none":
+            ent_feats = torch.zeros_like(ent_feats)
         dataset = feature_cache.CachedFeatureDataset(cache, targets=targets, lat_deg=table.lat_deg,
                                                      lon_deg=table.lon_deg)
     else:
@@ -395,7 +397,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
             for opt in optimizers.values():
                 opt.step()
-            if not frozen and cfg.model.entity_fusion:
+            if not frozen and cfg.model.entity_fusion and cfg.model.entity_image_features == "ema":
                 update_entity_features(model, _gather(runtime, result["features"]), _gather(runtime, tgt), 0.1)
             step += 1
             images_seen += int(tgt.shape[0]) * runtime.world_size
