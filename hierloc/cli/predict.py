@@ -1,54 +1,121 @@
-"""`hierloc predict`: answer where images were taken, as hierarchies."""
+"""`hierloc predict`: answer where images were taken, as hierarchies (streamed: memory stays flat)."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import os
 import sys
+import time
+
+EPILOG = """\
+inputs: image files, directories (searched recursively), glob patterns ('photos/**/*.jpg', quoted), CSV files
+(their image column: image, IMG_FILE, path, ... or OSV5M's id -> images/<id>.jpg; --image-col to choose) and
+.txt/.lst lists (one path per line). Relative paths in CSV/list files are relative to the file's directory
+(or --image-root).
+
+answers: the best path of the beam search (or the flat nearest-city scan), cut by --max-level and --min-prob (the
+country is always answered); the point is the deepest answered entity's coordinate. --exif compare reports the
+GPS stored in a file next to the answer with the distance between them; --exif use answers files that carry GPS
+from the GPS itself (source=exif, probability 1, no model); --exif ignore does not read EXIF. Input files are
+never modified.
+
+unreadable images are reported on stderr (file and reason), written as status=error records, counted in the
+summary line, and the run goes on. exit status: 0 when at least one image was predicted, 1 when none could be,
+2 for bad arguments or inputs.
+"""
 
 
 def register(subparsers) -> None:
     from hierloc.cli import HelpFormatter
 
     p = subparsers.add_parser("predict", formatter_class=HelpFormatter, help="predict where images were taken",
-                              description="Predict country -> region -> subregion -> city for images.")
-    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+                              description="Predict country -> region -> subregion -> city for images.",
+                              epilog=EPILOG)
+    p.add_argument("images", nargs="+", help="image files, directories, glob patterns, CSV or .txt list files")
     p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes)")
-    p.add_argument("--top-k", type=int, default=3, help="number of alternative paths")
+    p.add_argument("--top-k", type=int, default=3, help="paths kept per image: the answer + top-k - 1 alternatives")
     p.add_argument("--beam", type=int, default=10, help="beam width per level")
-    p.add_argument("--flat", action="store_true", help="nearest city over all cities instead of beam search")
+    p.add_argument("--flat", action="store_true", help="nearest city over all cities instead of beam search "
+                                                       "(ablation)")
     p.add_argument("--min-prob", type=float, default=None,
-                   help="stop the answer at the deepest level whose probability reaches this value")
+                   help="stop the answer before the first level whose probability is below this value")
     p.add_argument("--max-level", default="city", choices=["country", "region", "subregion", "city"],
-                   help="deepest level to answer")
+                   help="deepest level to answer (caps precision on purpose)")
+    p.add_argument("--exif", default="compare", choices=["compare", "use", "ignore"],
+                   help="GPS stored in the image: report it next to the answer, answer from it, or ignore it")
+    p.add_argument("--format", default="text", choices=["text", "json", "jsonl", "csv", "geojson"],
+                   help="output format (GeoJSON coordinates are [lon, lat])")
+    p.add_argument("--out", default=None, help="write to this file (atomically) instead of stdout")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: in this process)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--format", default="text", choices=["text", "json", "jsonl", "geojson"], help="output format")
+    p.add_argument("--image-root", default=None,
+                   help="directory that relative paths in CSV/list inputs are relative to (default: the file's)")
+    p.add_argument("--image-col", default=None, help="image column of CSV inputs (default: detected)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def format_text(pred) -> str:
-    lines = [f"{pred.source}  ->  {pred.lat_deg:.4f}, {pred.lon_deg:.4f} (lat, lon deg)"]
-    for depth, lv in enumerate(pred.levels):
-        lines.append(f"{'  ' * (depth + 1)}{lv.level:<9} {lv.name}  p={lv.probability:.3f}")
-    return "\n".join(lines)
+def _check_output_is_not_an_input(out: str, inputs: list[str], paths: list[str]) -> None:
+    from hierloc.errors import InputError
+
+    if not os.path.exists(out):
+        return
+    target = os.stat(out)
+    for candidate in list(inputs) + list(paths):
+        try:
+            info = os.stat(candidate)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+            raise InputError(f"--out {out} is one of the inputs ({candidate}); inputs are never modified")
 
 
 def run(args: argparse.Namespace) -> int:
-    from hierloc.api import HierLoc, iter_image_paths
+    from gazetteer.atomic import atomic_open
+    from hierloc.api import HierLoc, check_options, expand_inputs
+    from hierloc.errors import InputError
+    from hierloc.outputs import make_writer, summary_line
 
+    for name in ("top_k", "beam", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: expected an integer >= 0")
+    check_options(args.min_prob, args.max_level, args.exif, args.beam, args.top_k)
+    paths = expand_inputs(args.images, image_root=args.image_root, image_col=args.image_col)
+    if args.out:
+        _check_output_is_not_an_input(args.out, args.images, paths)
     model = HierLoc.from_pretrained(args.model, device=args.device)
-    paths = iter_image_paths(args.images)
-    preds = model.predict(paths, top_k=args.top_k, beam=args.beam, flat=args.flat, min_prob=args.min_prob,
-                          max_level=args.max_level, batch_size=args.batch_size)
-    if args.format == "text":
-        print(f"# model: {args.model}", file=sys.stdout)
-        print("\n".join(format_text(p) for p in preds))
-    elif args.format == "json":
-        print(json.dumps([p.to_dict() for p in preds], indent=2))
-    elif args.format == "jsonl":
-        for p in preds:
-            print(json.dumps(p.to_dict()))
-    else:
-        print(json.dumps({"type": "FeatureCollection", "features": [p.to_geojson() for p in preds]}, indent=2))
-    return 0
+    description = model.describe()
+    description["search"] = {"mode": "flat" if args.flat else "beam", "beam": args.beam, "top_k": args.top_k,
+                             "min_prob": args.min_prob, "max_level": args.max_level, "exif": args.exif}
+    counts = {"n_images": 0, "n_predicted": 0, "n_from_exif": 0, "n_failed": 0}
+    start = time.perf_counter()
+    output = atomic_open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout)
+    try:
+        with output as stream:
+            writer = make_writer(args.format, stream, description)
+            for record in model.iter_predict(paths, top_k=args.top_k, beam=args.beam, flat=args.flat,
+                                             min_prob=args.min_prob, max_level=args.max_level, exif=args.exif,
+                                             batch_size=args.batch_size, num_workers=args.workers,
+                                             progress=not args.no_progress):
+                writer.write(record)
+                counts["n_images"] += 1
+                if record.ok:
+                    counts["n_predicted"] += 1
+                    counts["n_from_exif"] += record.source == "exif"
+                else:
+                    counts["n_failed"] += 1
+            seconds = time.perf_counter() - start
+            summary = dict(counts, seconds=seconds, images_per_second=counts["n_images"] / max(seconds, 1e-9))
+            writer.close(summary)
+    except BrokenPipeError:  # `hierloc predict ... | head`: the reader is gone, nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if not args.quiet:
+        print(f"hierloc predict: {summary_line(summary)}" + (f"; wrote {args.out}" if args.out else ""),
+              file=sys.stderr)
+    return 0 if counts["n_predicted"] else 1
