@@ -325,11 +325,15 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would break one-line CLI output
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------------------------

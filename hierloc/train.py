@@ -64,6 +64,7 @@ class TrainSummary:
     n_entities: list = field(default_factory=list)
     final_loss: float = float("nan")
     validation: dict = field(default_factory=dict)
+    train_csv: str = ""
     rank_param_divergence: float = 0.0   # max |difference| of any parameter between ranks (0 = in sync)
 
 
@@ -431,7 +432,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             writer.close()
     barrier(runtime)
     counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
-    summary = TrainSummary(out_dir=str(out), steps=step, epochs=epoch, seconds=seconds,
+    summary = TrainSummary(out_dir=str(out), train_csv=str(Path(inputs.train_csv).resolve()), steps=step, epochs=epoch, seconds=seconds,
                            images_per_second=images_seen / max(seconds, 1e-9), n_train=len(targets),
                            n_skipped=int(table.n_skipped) + n_unreached, n_entities=counts, final_loss=last_loss,
                            validation=validation, rank_param_divergence=rank_divergence)

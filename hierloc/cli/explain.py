@@ -1,0 +1,125 @@
+"""`hierloc explain` (the hierarchy and the concepts behind it) and `hierloc plot-embeddings` (the Poincare disk)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from hierloc.cli import HelpFormatter
+
+    p = subparsers.add_parser(
+        "explain", formatter_class=HelpFormatter, help="explain where images were taken, level by level",
+        description="Print the predicted hierarchy as a tree: each level's entity and probability, its runner-ups, "
+                    "and the concepts seen in the image that set the chosen entity apart from the runner-up "
+                    "(contribution = p(concept in image) x (profile of chosen - profile of runner-up)).")
+    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes)")
+    p.add_argument("--top-k", type=int, default=5, help="top paths to search (alternatives on the map and in JSON)")
+    p.add_argument("--beam", type=int, default=None, help="beam width per level (default: the model's)")
+    p.add_argument("--runners-up", type=int, default=2, help="runner-ups shown per level")
+    p.add_argument("--reasons", type=int, default=3, help="supporting concepts shown per level")
+    p.add_argument("--candidates", default="siblings", choices=["siblings", "paths"],
+                   help="runner-ups: children of the chosen parent, or entities of the top-k paths")
+    p.add_argument("--format", default="text", choices=["text", "json"], help="output format")
+    p.add_argument("--map", default=None, metavar="OUT",
+                   help="also draw a map (.png or .html); several images write OUT-<n>-<image name>.png")
+    p.add_argument("--basemap", default="relief", choices=["relief", "bluemarble"], help="map background")
+    p.add_argument("--truth", default=None, metavar="LAT,LON", help="true location to mark on the map (one image)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=run_explain)
+
+    q = subparsers.add_parser(
+        "plot-embeddings", formatter_class=HelpFormatter, help="draw the learned entity hierarchy in the Poincare disk",
+        description="Project every entity to the Poincare disk (logmap0 -> 2-D principal directions -> expmap0, "
+                    "keeping each entity's hyperbolic distance to the origin) and draw parent -> child edges.")
+    q.add_argument("--model", required=True, help="trained model directory")
+    q.add_argument("--out", required=True, help="output PNG")
+    q.add_argument("--max-level", default="city", choices=["country", "region", "subregion", "city"],
+                   help="deepest level drawn")
+    q.add_argument("--labels", type=int, default=40, help="label this many countries (most images first)")
+    q.add_argument("--size", type=int, default=1000, help="picture width in pixels")
+    q.set_defaults(func=run_plot_embeddings)
+
+
+def _parse_truth(text: str | None):
+    if text is None:
+        return None
+    from hierloc.errors import InputError
+
+    try:
+        lat, lon = (float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--truth {text!r}: expected LAT,LON in degrees, e.g. 48.85,2.35") from None
+    if not (abs(lat) <= 90 and abs(lon) <= 180):
+        raise InputError(f"--truth {text!r}: latitude must be in [-90, 90] and longitude in [-180, 180]")
+    return lat, lon
+
+
+def _map_path(out: str, index: int, n_images: int, source: str) -> Path:
+    path = Path(out)
+    if n_images == 1:
+        return path
+    return path.with_name(f"{path.stem}-{index + 1}-{Path(source).stem}{path.suffix}")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from hierloc import explain, maps
+    from hierloc.api import HierLoc, iter_image_paths
+    from hierloc.errors import InputError
+
+    truth = _parse_truth(args.truth)
+    paths = iter_image_paths(args.images)
+    if truth is not None and len(paths) != 1:
+        raise InputError("--truth: give exactly one image with it")
+    if args.map is not None:
+        maps._output(args.map, (".png", ".html", ".htm"))
+    model = HierLoc.from_pretrained(args.model, device=args.device)
+    results = explain.explain_images(model, paths, model_dir=args.model, top_k=args.top_k, beam=args.beam,
+                                     n_reasons=args.reasons, n_runners_up=args.runners_up,
+                                     candidates=args.candidates)
+    if args.format == "json":
+        print(explain.to_json(results))
+    else:
+        print(f"# {explain.provenance_line(results[0].model if results else explain.model_provenance(args.model))}")
+        print("# p = probability among the level's candidates; [+x] = concept contribution (see docs/concepts.md)")
+        print("\n".join(explain.format_text(r) for r in results))
+    if args.map is not None:
+        for index, result in enumerate(results):
+            out = _map_path(args.map, index, len(results), result.source)
+            maps.render_prediction_map(result, out, basemap=args.basemap, truth=truth)
+            print(f"map written to {out}", file=sys.stderr)
+    return 0
+
+
+def run_plot_embeddings(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from hierloc import maps
+    from hierloc.api import HierLoc
+    from hierloc.explain import model_provenance, provenance_line
+
+    model = HierLoc.from_pretrained(args.model, device="cpu")
+    gaz = model.gazetteer
+    depth = ("country", "region", "subregion", "city").index(args.max_level)
+    keep = int(gaz.level_offsets[depth + 1])
+    if not model.model.is_hyperbolic:
+        _euclidean_error(args.model)
+    points = model.entity_points().cpu().double().numpy()[:keep]
+    disk = maps.project_to_disk(points, c=model.cfg.model.curvature)
+    names = [str(name) for name in gaz.names[:keep]]
+    maps.render_poincare_disk(disk, np.asarray(gaz.levels[:keep]), np.asarray(gaz.parents[:keep]), names,
+                              args.out, c=model.cfg.model.curvature, size=args.size, label_countries=args.labels,
+                              counts=np.asarray(gaz.counts[:keep]),
+                              subtitle=provenance_line(model_provenance(args.model)))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _euclidean_error(model_dir: str):
+    from hierloc.errors import InputError
+
+    raise InputError(f"{model_dir}: this model is Euclidean (model.geometry=euclidean); there is no Poincare disk "
+                     "to draw")
