@@ -70,6 +70,42 @@ def _clamp_norm(v: torch.Tensor, max_norm: float) -> torch.Tensor:
     return v * (max_norm / norm).clamp(max=1.0)
 
 
+class LevelCrossAttention(nn.Module):
+    """The paper's per-level cross-attention, in the tangent space at the origin.
+
+    For each level l: z~_l = Attn_l(query z, keys/values = that level's entity tangents h_j), multi-head;
+    z* = z + MLP_fuse([z~_country | z~_region | z~_subregion | z~_city]). Only the image side is updated: the
+    entity tangents enter detached. Keys/values are projected once per call as (N_l, D) matrices, so the cost
+    is two (B x N_l x D) products per level - never a (B, N_l, D) tensor.
+    """
+
+    def __init__(self, dim: int, heads: int, n_levels: int = N_LEVELS):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"cross-attention: embed_dim {dim} must be divisible by attn_heads {heads}")
+        self.heads = heads
+        self.q = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_levels))
+        self.k = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_levels))
+        self.v = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_levels))
+        self.fuse = _mlp(n_levels * dim, 2 * dim, dim, 0.0)
+        nn.init.zeros_(self.fuse[-1].weight)  # starts as the identity: z* = z
+        nn.init.zeros_(self.fuse[-1].bias)
+
+    def forward(self, z: torch.Tensor, level_tangents: list[torch.Tensor]) -> torch.Tensor:
+        """z (B, D), level_tangents: per level (N_l, D) -> z* (B, D)."""
+        batch, dim = z.shape
+        head_dim = dim // self.heads
+        attended = []
+        for level, h in enumerate(level_tangents):
+            h = h.detach()
+            q = self.q[level](z).view(batch, self.heads, head_dim).transpose(0, 1)          # (H, B, d)
+            k = self.k[level](h).view(-1, self.heads, head_dim).transpose(0, 1)         # (H, N, d)
+            v = self.v[level](h).view(-1, self.heads, head_dim).transpose(0, 1)         # (H, N, d)
+            weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(head_dim), dim=-1)  # (H, B, N)
+            attended.append((weights @ v).transpose(0, 1).reshape(batch, dim))
+        return z + self.fuse(torch.cat(attended, dim=-1))
+
+
 class HierLocModel(nn.Module):
     """Image head + entity table. `encoder` may be None when training on cached frozen features.
 
@@ -112,6 +148,7 @@ class HierLocModel(nn.Module):
             self.entity_alpha = nn.Parameter(torch.tensor(float(cfg.entity_alpha_init) * dim ** -0.5))
         else:
             self.entity_mlp = None
+        self.cross_attention = LevelCrossAttention(dim, cfg.attn_heads) if cfg.cross_attention else None
 
     @property
     def is_hyperbolic(self) -> bool:
@@ -137,9 +174,18 @@ class HierLocModel(nn.Module):
         scale = self.log_scale.clamp(max=math.log(10.0)).exp()
         return _clamp_norm(v * scale, self.cfg.max_tangent_norm)
 
-    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, F) -> points (B, D) on the ball (or in R^D for the Euclidean ablation)."""
+    def embed_features(self, features: torch.Tensor, entity_tangent: torch.Tensor | None = None) -> torch.Tensor:
+        """features (B, F) -> points (B, D) on the ball (or in R^D for the Euclidean ablation).
+
+        With cross-attention on, the image tangent attends to every level's entity tangents (entity_tangent:
+        (E, D), computed here when not given).
+        """
         v = self.image_tangent(features)
+        if self.cross_attention is not None:
+            if entity_tangent is None:
+                entity_tangent = self.entity_tangent()
+            levels = [entity_tangent[self.level_slice(level)] for level in range(N_LEVELS)]
+            v = _clamp_norm(self.cross_attention(v, levels), self.cfg.max_tangent_norm)
         return hyperbolic.expmap0(v, c=self.cfg.curvature) if self.is_hyperbolic else v
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -167,9 +213,9 @@ class HierLocModel(nn.Module):
             self._coord_cache = cached.to(self.entity_lat_deg.device)
         return self._coord_cache
 
-    def entity_points(self) -> torch.Tensor:
-        """(E, D) entity points on the ball (or in R^D)."""
-        v = self.entity_tangent()
+    def entity_points(self, entity_tangent: torch.Tensor | None = None) -> torch.Tensor:
+        """(E, D) entity points on the ball (or in R^D); entity_tangent (E, D) when already computed."""
+        v = self.entity_tangent() if entity_tangent is None else entity_tangent
         return hyperbolic.expmap0(v, c=self.cfg.curvature) if self.is_hyperbolic else v
 
     def level_slice(self, level: int) -> slice:

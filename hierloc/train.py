@@ -86,8 +86,9 @@ class TrainModule(nn.Module):
             with encoder_autocast(inputs.device, amp):
                 features = model.encode_images(inputs)
             features = features.float()
-        points = model.embed_features(features)
-        sqdists = model.level_sqdists(points)
+        entity_tangent = model.entity_tangent()  # once per step: shared by cross-attention and the distances
+        points = model.embed_features(features, entity_tangent)
+        sqdists = model.level_sqdists(points, model.entity_points(entity_tangent))
         geo_km = []
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():

@@ -102,3 +102,44 @@ def test_unknown_override_is_a_one_line_error(tiny_demo_dir: Path, tmp_path, cap
                  "loss.tua=0.3"])
     err = capsys.readouterr().err
     assert code == 2 and "did you mean loss.tau" in err and err.count("\n") == 1
+
+
+def test_cross_attention_starts_as_identity_and_leaves_entities_alone():
+    from hierloc.config import ModelConfig
+    from hierloc.model import EntityTable, HierLocModel
+
+    entities = EntityTable(np.array([0, 2, 4, 6, 8]), np.array([-1, -1, 0, 1, 2, 3, 4, 5]),
+                           np.linspace(-40, 40, 8), np.linspace(-100, 100, 8))
+    torch.manual_seed(0)
+    plain = HierLocModel(ModelConfig(embed_dim=16, head_hidden=32, entity_hidden=16), entities, feature_dim=12)
+    torch.manual_seed(0)
+    attn = HierLocModel(ModelConfig(embed_dim=16, head_hidden=32, entity_hidden=16, cross_attention=True,
+                                    attn_heads=4), entities, feature_dim=12)
+    attn.load_state_dict(plain.state_dict(), strict=False)
+    feats = torch.randn(5, 12)
+    plain.eval(), attn.eval()
+    torch.testing.assert_close(attn.embed_features(feats), plain.embed_features(feats))   # zero-initialised fuse
+    # after a training step the image side changes, and no gradient reaches the entities through attention
+    attn.train()
+    with torch.no_grad():
+        attn.cross_attention.fuse[-1].weight.normal_()
+    tangent = attn.entity_tangent()
+    out = attn.embed_features(feats, tangent)
+    grad = torch.autograd.grad(out.sum(), tangent, allow_unused=True)[0]
+    assert grad is None or float(grad.abs().max()) == 0.0
+    assert not torch.allclose(out, plain.embed_features(feats))
+
+
+@pytest.mark.parametrize("switches", [
+    ["model.cross_attention=true", "model.attn_heads=4"],
+    ["model.geometry=euclidean", "loss.lam=0", "loss.learn_weights=false"],
+])
+def test_ablation_switches_train_and_predict(switches, tiny_demo_dir: Path, tiny_backbone_dir: Path, tmp_path):
+    from hierloc.api import HierLoc
+
+    out = tmp_path / "m"
+    assert main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(out), "--no-progress",
+                 f"model.backbone={tiny_backbone_dir}", "train.max_steps=2", *TINY_OVERRIDES, *switches]) == 0
+    preds = HierLoc.from_pretrained(out, device="cpu").predict(
+        sorted((tiny_demo_dir / "images" / "test_nearby").glob("*.jpg"))[:3], top_k=2)
+    assert len(preds) == 3 and all(p.levels and np.isfinite(p.lat_deg) for p in preds)
