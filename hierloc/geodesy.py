@@ -54,7 +54,8 @@ def haversine_km(lat1_deg, lon1_deg, lat2_deg, lon2_deg) -> torch.Tensor:
     """
     tensors = [_as_tensor(v) for v in (lat1_deg, lon1_deg, lat2_deg, lon2_deg)]
     lat1, lon1, lat2, lon2 = (torch.deg2rad(t.double()) for t in tensors)
-    a = torch.sin((lat2 - lat1) / 2.0).square() + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lon2 - lon1) / 2.0).square()
+    a = torch.sin((lat2 - lat1) / 2.0).square()
+    a = a + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lon2 - lon1) / 2.0).square()
     return (2.0 * EARTH_RADIUS_KM * torch.asin(a.clamp(0.0, 1.0).sqrt())).to(_out_dtype(*tensors))
 
 

@@ -25,8 +25,8 @@ Numerical policy (the constants are geoopt's, see geoopt/manifolds/stereographic
   subgradient), and the floor cannot change any representable distance; a where() returns exactly 0.
 - The conformal denominators 1 - c||x||^2 use squared norms accumulated in float64 (O(B D) work): in float32 the
   rounding of ||x||^2 (~1e-7 absolute) would be amplified by 1 / (1 - c||x||^2) ~ 125 at the float32 margin.
-  They are floored at ``_DENOM_FLOOR`` so a point on or outside the boundary yields a huge finite distance, not
-  NaN (call ``project`` first for meaningful values).
+  They are floored at ``_DENOM_FLOOR`` so a point on or outside the boundary yields a huge (in float32 possibly
+  infinite) distance rather than NaN; call ``project`` first for meaningful values.
 
 The pairwise distances use one matrix product (no (B, N, D) tensor) plus an exact float64 recomputation of the
 few pairs whose matrix-product value is inaccurate; see ``pairwise_sqdist``.
@@ -59,9 +59,10 @@ _SQ_FLOOR = torch.finfo(torch.float64).tiny  # floor of squared lengths under sq
 # r >= 0.03 and m >= 1e-2 have relative error <= ~2.5e-5 in d^2 (~1.3e-5 in d); every other pair is
 # recomputed exactly. float64 thresholds target ~1e-10.
 _CANCEL_REL = {torch.float32: 0.03, torch.float64: 1e-5}  # kappa: recompute where ||x-y||^2 < kappa (|x|^2+|y|^2)
-_SMALL_M = {torch.float32: 1e-2, torch.float64: 1e-6}  # recompute where m < this (d < ~0.1/sqrt(c) in float32)
+_SMALL_M = {torch.float32: 1e-2, torch.float64: 1e-6}  # recompute where m < this (d < ~0.14/sqrt(c) in float32)
 _EXACT_CHUNK = 1 << 16  # pairs per chunk of the exact recomputation (bounds its float64 temporaries)
 _PIPELINE_ELEMENTS = 1 << 19  # elements per block of the elementwise passes (2 MB in float32: stays in cache)
+_RUN = 64  # run length of the min-reduction that locates the few pairs to recompute
 
 
 def _curvature(c) -> float:
@@ -231,44 +232,40 @@ def _needs_grad(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
 
 
-def _nonzero_rows_cols(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries of a (R, N) bool mask whose row stride is padded to a multiple of 8.
+def _no_pairs(device) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return empty, empty
 
-    ``torch.nonzero`` on a bool tensor is slow on CPU (~20 ms for 5M entries); viewing 8 bools as one int64
-    word and scanning the words first is ~8x faster when the mask is sparse.
+
+def _block_rows(n_rows: int, n_cols: int) -> int:
+    """Rows per block so that a block holds ~_PIPELINE_ELEMENTS elements (at least one row)."""
+    return max(1, min(n_rows, _PIPELINE_ELEMENTS // max(1, n_cols)))
+
+
+def _below(v: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Positions (row, col) of the entries of v (R, N) below their row's limit (R, 1), or None if there are none.
+
+    Comparisons that write a bool per entry, and torch.nonzero over them, are slow on CPU (several ms for 5M
+    entries). Instead: a min over each row (one read pass) finds the rows to search; a min over runs of _RUN
+    columns of those rows (one more read pass) finds the runs, which alone are compared entry by entry.
     """
-    rows, width = mask.shape[0], mask.stride(0)
-    words = mask.as_strided((rows, width), (width, 1)).view(torch.int64)  # (R, width / 8)
-    hits = (words != 0).nonzero()  # (h, 2): row, word
-    if hits.numel() == 0:
-        empty = torch.empty(0, dtype=torch.long, device=mask.device)
-        return empty, empty
-    bytes_ = mask.as_strided((rows, width), (width, 1)).view(rows, width // 8, 8)[hits[:, 0], hits[:, 1]]
-    hit_index, bit = bytes_.nonzero().unbind(1)  # within-word positions
-    return hits[hit_index, 0], hits[hit_index, 1] * 8 + bit
-
-
-def _flagged_pairs(out, row_terms, col_terms, offset, floor, row_bound) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (i, j) where out_ij < offset + max(row_terms_i . col_terms_j, floor): (K,), (K,) long tensors.
-
-    out (B, N); row_terms (B, 2) and col_terms (2, N) (the rank-2 threshold kappa * scale * (|x|^2 + |y|^2));
-    row_bound (B,) an upper bound of each row's threshold, used to skip rows (one cheap min-reduction) that
-    cannot contain a flagged pair.
-    """
-    suspicious = (out.amin(dim=1) < offset + row_bound.clamp_min(floor)).nonzero().squeeze(1)
-    if suspicious.numel() == 0:
-        empty = torch.empty(0, dtype=torch.long, device=out.device)
-        return empty, empty
-    all_rows = suspicious.numel() == out.shape[0]
-    out_rows = out if all_rows else out.index_select(0, suspicious)
-    threshold = torch.addmm(out.new_full((1,), offset), row_terms[suspicious], col_terms)
-    threshold.clamp_min_(offset + floor)
-    n_cols = out.shape[1]
-    padded = torch.zeros(out_rows.shape[0], (n_cols + 7) // 8 * 8, dtype=torch.bool, device=out.device)
-    mask = padded[:, :n_cols]
-    torch.lt(out_rows, threshold, out=mask)
-    rows, cols = _nonzero_rows_cols(mask)
-    return (rows if all_rows else suspicious[rows]), cols
+    rows = (v.amin(dim=1, keepdim=True) < limit).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return None
+    sub, sub_limit = (v, limit) if rows.numel() == v.shape[0] else (v[rows], limit[rows])
+    n_sub, n_cols = sub.shape
+    whole = n_cols // _RUN * _RUN
+    run_min = sub[:, :whole].reshape(n_sub, whole // _RUN, _RUN).amin(dim=2)  # (R', N // _RUN)
+    hit_row, hit_run = (run_min < sub_limit).nonzero().unbind(1)
+    row_ = hit_row.repeat_interleave(_RUN)
+    col = (hit_run.unsqueeze(1) * _RUN + torch.arange(_RUN, device=v.device)).view(-1)
+    if whole < n_cols:  # the last n_cols % _RUN columns of every searched row
+        tail_row, tail_col = (sub[:, whole:] < sub_limit).nonzero().unbind(1)
+        row_, col = torch.cat([row_, tail_row]), torch.cat([col, whole + tail_col])
+    keep = sub[row_, col] < sub_limit[row_, 0]
+    if not bool(keep.any()):
+        return None
+    return rows[row_[keep]], col[keep]
 
 
 def _sqnorm_rows64(t: torch.Tensor) -> torch.Tensor:
@@ -285,11 +282,6 @@ def _augmented(t: torch.Tensor, scale64: torch.Tensor, extra64: list[torch.Tenso
     return out
 
 
-def _no_pairs(device) -> tuple[torch.Tensor, torch.Tensor]:
-    empty = torch.empty(0, dtype=torch.long, device=device)
-    return empty, empty
-
-
 def _chunks(ii: torch.Tensor, jj: torch.Tensor):
     """(i, j) index chunks of at most _EXACT_CHUNK pairs (bounds the (K, D) float64 temporaries)."""
     for start in range(0, ii.numel(), _EXACT_CHUNK):
@@ -304,33 +296,25 @@ def _exact_pairs(x64, y, a, b, i, j, c):
     return 2.0 * torch.asinh((0.5 * m).sqrt()), m, diff
 
 
-def _arcosh_rows(w: torch.Tensor, out: torch.Tensor, squared: bool, c: float) -> None:
-    """out = arcosh(w)^2 / c (squared) or arcosh(w) / sqrt(c), arcosh(w) = log(w + sqrt(w^2 - 1)): (B, N).
-
-    Processed in blocks of rows through a small scratch buffer that stays in cache; ``out`` may be ``w`` itself.
-    """
-    n_rows, n_cols = w.shape
-    rows = max(1, min(n_rows, _PIPELINE_ELEMENTS // max(1, n_cols)))
-    scratch = w.new_empty(rows, n_cols)
-    neg_one = w.new_full((), -1.0)
-    scale = (1.0 / c) if squared else (1.0 / math.sqrt(c))
-    for start in range(0, n_rows, rows):
-        w_rows, o_rows = w[start : start + rows], out[start : start + rows]
-        s_rows = scratch[: w_rows.shape[0]]
-        torch.addcmul(neg_one, w_rows, w_rows, out=s_rows)  # w^2 - 1
-        s_rows.sqrt_().add_(w_rows)  # w + sqrt(w^2 - 1) = exp(t)
-        torch.log(s_rows, out=o_rows)  # t (w_rows is no longer needed: out may alias w)
-        if squared:
-            o_rows.square_()
-        if c != 1.0:
-            o_rows.mul_(scale)
+def _arcosh_block(w: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, squared: bool, c: float,
+                  neg_one: torch.Tensor) -> None:
+    """out = arcosh(w)^2 / c (squared) or arcosh(w) / sqrt(c), arcosh(w) = log(w + sqrt(w^2 - 1)), for a block
+    of rows (R, N) that fits in cache; ``out`` may be ``w`` itself, ``scratch`` is (R, N) workspace,
+    ``neg_one`` a 0-dim -1."""
+    torch.addcmul(neg_one, w, w, out=scratch)  # w^2 - 1
+    scratch.sqrt_().add_(w)  # w + sqrt(w^2 - 1) = exp(t)
+    torch.log(scratch, out=out)  # t = sqrt(c) d (w is no longer needed: out may alias it)
+    if squared:
+        out.square_()
+    if c != 1.0:
+        out.mul_((1.0 / c) if squared else (1.0 / math.sqrt(c)))
 
 
 def _dfdm_rows(w: torch.Tensor, out: torch.Tensor | None, grad: torch.Tensor, h: torch.Tensor, c: float) -> None:
     """h = grad * t / sinh(t) (``out`` = t^2/c given: the squared distance) or grad / sinh(t) (``out`` None),
-    with t = arcosh(w), sinh(t) = sqrt(w^2 - 1); in cache-sized blocks of rows like ``_arcosh_rows``: (B, N)."""
+    with t = arcosh(w), sinh(t) = sqrt(w^2 - 1) > 0; in cache-sized blocks of rows: (B, N)."""
     n_rows, n_cols = w.shape
-    rows = max(1, min(n_rows, _PIPELINE_ELEMENTS // max(1, n_cols)))
+    rows = _block_rows(n_rows, n_cols)
     scratch = w.new_empty(rows, n_cols)
     neg_one = w.new_full((), -1.0)
     grad = grad.expand_as(w)
@@ -361,23 +345,11 @@ class _PairwisePoincare(torch.autograd.Function):
             left = _augmented(x, alpha, [alpha * nx, alpha, torch.ones_like(nx)], dtype)  # (B, D + 3)
             right = _augmented(y, -2.0 * beta, [beta, beta * ny, torch.ones_like(ny)], dtype)  # (N, D + 3)
             w = left @ right.T  # (B, N)
-
+            # Without autograd the result overwrites w (no second (B, N) buffer).
+            out = torch.empty_like(w) if keep_for_backward else w
             ii, jj = _no_pairs(x.device)
             if w.numel():
-                kappa = _CANCEL_REL[dtype]
-                row_terms = torch.cat([kappa * alpha * nx, kappa * alpha], dim=1).to(dtype)  # (B, 2)
-                col_terms = torch.cat([beta, beta * ny], dim=1).T.to(dtype)  # (2, N)
-                row_bound = (kappa * alpha * (nx * beta.max() + (beta * ny).max())).squeeze(1).to(dtype)
-                ii, jj = _flagged_pairs(w, row_terms, col_terms, 1.0, _SMALL_M[dtype], row_bound)
-
-            # t = arcosh(w) = log(w + sqrt(w^2 - 1)); every pair kept here has w >= 1 + m_min, so w^2 - 1 has
-            # no cancellation. Flagged pairs get a harmless placeholder (their w may be < 1: sqrt would make NaN,
-            # which is also slow on some CPUs) and are overwritten just below. Without autograd the result
-            # overwrites w (no second (B, N) buffer).
-            if ii.numel():
-                w[ii, jj] = 2.0
-            out = torch.empty_like(w) if keep_for_backward else w
-            _arcosh_rows(w, out, squared, c)
+                ii, jj = _poincare_blocks(w, out, nx, ny, alpha, beta, squared, c)
             if ii.numel():
                 logger.debug("pairwise distance: %d of %d pairs recomputed exactly", ii.numel(), w.numel())
                 x64 = x.detach().double()
@@ -401,7 +373,7 @@ class _PairwisePoincare(torch.autograd.Function):
             dim, dtype = x.shape[1], w.dtype
             a, b = _conformal_denominator(nx, c), _conformal_denominator(ny, c)
             # F = f(m) with dF/dm = k_s H_ij / G_ij:  squared: (2/c) t / sinh(t);  distance: (1/sqrt(c)) / sinh(t),
-            # t = arcosh(1 + m), sinh(t) = sqrt(w^2 - 1) > 0 for every kept pair.
+            # t = arcosh(1 + m), sinh(t) = sqrt(w^2 - 1) > 0 for every kept pair (recomputed ones hold w = 2).
             h = torch.empty_like(w)
             _dfdm_rows(w, out if squared else None, grad_out, h, c)  # H_ij = G_ij t / sinh(t) or G_ij / sinh(t)
             k_s = 2.0 / c if squared else 1.0 / math.sqrt(c)
@@ -455,6 +427,36 @@ class _PairwisePoincare(torch.autograd.Function):
         return grad_x, grad_y, None, None, None, None
 
 
+def _poincare_blocks(w, out, nx, ny, alpha, beta, squared: bool, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill ``out`` (B, N) from w = 1 + m block by block and return the pairs (i, j) to recompute exactly.
+
+    A pair is recomputed when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2), m_min) (see pairwise_sqdist).
+    Candidates are the entries below the row bound 1 + max(kappa alpha_i (|x_i|^2 + max|y|^2) max(beta), m_min),
+    found by ``_below``; the exact threshold confirms each of them in float64. Recomputed pairs get the
+    placeholder w = 2 (their w may be < 1, where sqrt would give NaN, which is also slow on some CPUs) and their
+    exact value afterwards.
+    """
+    dtype = w.dtype
+    kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
+    row_limit = (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)  # (B, 1)
+    candidates = _below(w, row_limit)
+    i, j = _no_pairs(w.device)
+    if candidates is not None:
+        i, j = candidates
+        threshold = kappa * alpha[i, 0] * beta[j, 0] * (nx[i, 0] + ny[j, 0])
+        keep = w[i, j].double() - 1.0 < threshold.clamp_min(small_m)
+        i, j = i[keep], j[keep]
+        w[i, j] = 2.0
+    n_rows, n_cols = w.shape
+    rows = _block_rows(n_rows, n_cols)
+    scratch = w.new_empty(rows, n_cols)
+    neg_one = w.new_full((), -1.0)
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        _arcosh_block(w[start:stop], out[start:stop], scratch[: stop - start], squared, c, neg_one)
+    return i, j
+
+
 class _PairwiseEuclidean(torch.autograd.Function):
     """||x_i - y_j||^2 for x (B, D), y (N, D); see euclidean_pairwise_sqdist."""
 
@@ -468,11 +470,7 @@ class _PairwiseEuclidean(torch.autograd.Function):
             out = left @ right.T  # |x|^2 + |y|^2 - 2 x.y
             ii, jj = _no_pairs(x.device)
             if out.numel():
-                kappa = _CANCEL_REL[dtype]
-                row_terms = torch.cat([kappa * nx, kappa * one_x], dim=1).to(dtype)
-                col_terms = torch.cat([one_y, ny], dim=1).T.to(dtype)
-                row_bound = (kappa * (nx + ny.max())).squeeze(1).to(dtype)
-                ii, jj = _flagged_pairs(out, row_terms, col_terms, 0.0, 0.0, row_bound)
+                ii, jj = _euclidean_flags(out, nx, ny)
             if ii.numel():
                 x64 = x.detach().double()
                 for i, j in _chunks(ii, jj):
@@ -495,8 +493,7 @@ class _PairwiseEuclidean(torch.autograd.Function):
                 g[ii, jj] = 0.0  # recomputed pairs: exact gradients below
             grad_x = grad_y = None
             if need_x:  # 2 (x_i sum_j G_ij - sum_j G_ij y_j), the sums from one product with [y, 1]
-                yy = torch.cat([y.to(dtype), torch.ones_like(y[:, :1], dtype=dtype)], dim=1)
-                v = g @ yy
+                v = g @ torch.cat([y.to(dtype), torch.ones_like(y[:, :1], dtype=dtype)], dim=1)
                 grad_x = (2.0 * (x.to(dtype) * v[:, dim:] - v[:, :dim])).to(x.dtype)
             if need_y:  # [x, 1] are the first columns of `left`
                 u = g.T @ left[:, : dim + 1]
@@ -510,6 +507,18 @@ class _PairwiseEuclidean(torch.autograd.Function):
                     if need_y:
                         grad_y.index_add_(0, j, -pair_grad.to(grad_y.dtype))
         return grad_x, grad_y, None
+
+
+def _euclidean_flags(out: torch.Tensor, nx: torch.Tensor, ny: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs with ||x_i - y_j||^2 < kappa (|x_i|^2 + |y_j|^2): candidates below the row bound
+    kappa (|x_i|^2 + max|y|^2), confirmed in float64."""
+    kappa = _CANCEL_REL[out.dtype]
+    candidates = _below(out, (kappa * (nx + ny.max())).to(out.dtype))
+    if candidates is None:
+        return _no_pairs(out.device)
+    i, j = candidates
+    keep = out[i, j].double() < kappa * (nx[i, 0] + ny[j, 0])
+    return i[keep], j[keep]
 
 
 def pairwise_sqdist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
@@ -527,8 +536,9 @@ def pairwise_sqdist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torc
     3. The matrix form is inaccurate where ||x - y||^2 is small compared with |x|^2 + |y|^2 (cancellation: an
        absolute error of ~6 eps (|x|^2 + |y|^2), amplified by 1/(1 - c|x|^2) near the boundary) and where m is
        so small that 1 + m drops its digits. Pairs with ||x - y||^2 < kappa (|x|^2 + |y|^2) or m < m_min
-       (kappa = 0.03, m_min = 1e-2 in float32; 1e-5, 1e-6 in float64) are found by a rank-2 threshold test
-       (rows screened first by one min-reduction) and recomputed in float64 from the differences x_i - y_j with
+       (kappa = 0.03, m_min = 1e-2 in float32; 1e-5, 1e-6 in float64) are located with min-reductions against
+       a per-row bound (one read pass over w when no row can contain such a pair, two otherwise), confirmed
+       with the exact per-pair threshold, and recomputed in float64 from the differences x_i - y_j with
        d = (2/sqrt(c)) arsinh(sqrt(m/2)), which has no cancellation at all.
 
     Accuracy contract: |d - d_ref| <= rtol max(d_ref, floor) for every pair, d_ref the exact distance of the
@@ -539,8 +549,9 @@ def pairwise_sqdist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torc
     (d(x, x) = 0 exactly), ~1e-12 in float64. The cost of step 3 grows with the number of close pairs (none for
     spread-out points; a few per image when images sit next to their entities).
 
-    Clamps: 1 - c|x|^2 is floored at 1e-15 (points on/outside the boundary give huge finite distances - project
-    first); no clamp is needed under sqrt or log because every pair that reaches them has w >= 1 + m_min.
+    Clamps: 1 - c|x|^2 is floored at 1e-15 (points on/outside the boundary give huge, in float32 possibly
+    infinite, distances - project first); no clamp is needed under sqrt or log because every pair that reaches
+    them has w >= 1 + m_min (the others get a placeholder and their exact value).
 
     Gradients are analytic (a custom autograd Function, first order only): two matrix products plus blocked
     elementwise passes, and exact float64 gradients for the recomputed pairs; finite everywhere inside the ball

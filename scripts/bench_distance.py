@@ -18,12 +18,14 @@ Timings are the minimum and median over interleaved repetitions: the machine is 
 best estimate of the uncontended cost and the median shows the noise.
 
 Usage: python scripts/bench_distance.py [--batch 256] [--entities 20000] [--dim 64] [--repeats 15]
+       [--threads N] [--clock wall|thread]   (thread: single-threaded CPU time, robust on a shared machine)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -93,18 +95,21 @@ def make_points(kind: str, batch: int, entities: int, dim: int, c: float, seed: 
     return x, y
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, backward: bool, x, y):
-    """Seconds for fn(x, y) (+ backward of a weighted sum)."""
+    """Seconds for fn(x, y) (+ backward with a gradient of ones), on CLOCK."""
     if backward:
         xg, yg = x.detach().requires_grad_(), y.detach().requires_grad_()
-        start = time.perf_counter()
+        start = CLOCK()
         out = fn(xg, yg)
         out.backward(torch.ones_like(out))
-        return time.perf_counter() - start
+        return CLOCK() - start
     with torch.no_grad():
-        start = time.perf_counter()
+        start = CLOCK()
         fn(x, y)
-        return time.perf_counter() - start
+        return CLOCK() - start
 
 
 def main() -> None:
@@ -116,7 +121,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--curvature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="wall: elapsed time; thread: CPU time of this thread, with 1 torch thread (robust to "
+                             "other processes sharing the machine)")
     args = parser.parse_args()
+    global CLOCK
+    if args.clock == "thread":
+        CLOCK = time.thread_time
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     c, n_small = args.curvature, args.geoopt_entities
@@ -132,8 +144,9 @@ def main() -> None:
             args.entities / n_small,
         ),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={args.batch}, N={args.entities}, "
-          f"D={args.dim}, c={c}, float32; {args.repeats} interleaved repeats")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; B={args.batch}, "
+          f"N={args.entities}, D={args.dim}, c={c}, float32; {args.repeats} interleaved repeats; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     errors = {}
     for kind in ("random", "near-boundary"):

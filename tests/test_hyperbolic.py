@@ -263,15 +263,28 @@ def test_elementwise_dist_is_accurate_near_the_boundary(dtype, c, seed, k_index)
 
 
 def test_distance_to_itself_is_exactly_zero(dtype, c, seed):
-    x = torch.cat([ball_points(10, 12, dtype, c), boundary_points(10, 12, dtype, c, 2), torch.zeros(1, 12, dtype=dtype)])
+    x = torch.cat([ball_points(10, 12, dtype, c), boundary_points(10, 12, dtype, c, 2),
+                   torch.zeros(1, 12, dtype=dtype)])
     assert (hyperbolic.dist(x, x, c=c) == 0).all()
     assert (hyperbolic.pairwise_sqdist(x, x, c=c).diagonal() == 0).all()
     assert (hyperbolic.pairwise_dist(x, x, c=c).diagonal() == 0).all()
     assert (hyperbolic.euclidean_pairwise_sqdist(x, x).diagonal() == 0).all()
 
 
+def test_values_do_not_depend_on_autograd_mode(dtype, c):
+    # without autograd the result is computed in place of the matrix product; with it, in a separate buffer
+    x = boundary_points(12, 16, dtype, c, 2)
+    y = with_close_pairs(x, ball_points(40, 16, dtype, c))
+    with torch.no_grad():
+        plain = [hyperbolic.pairwise_sqdist(x, y, c=c), hyperbolic.pairwise_dist(x, y, c=c)]
+    tracked = [hyperbolic.pairwise_sqdist(x.requires_grad_(), y, c=c), hyperbolic.pairwise_dist(x, y, c=c)]
+    for a, b in zip(plain, tracked):
+        assert torch.equal(a, b.detach())
+
+
 def test_pairwise_distance_is_symmetric(dtype, c, seed):
-    x, y = ball_points(15, 10, dtype, c), with_close_pairs(boundary_points(5, 10, dtype, c, 2), ball_points(30, 10, dtype, c))
+    x = ball_points(15, 10, dtype, c)
+    y = with_close_pairs(boundary_points(5, 10, dtype, c, 2), ball_points(30, 10, dtype, c))
     assert_rel_close(hyperbolic.pairwise_sqdist(x, y, c=c), hyperbolic.pairwise_sqdist(y, x, c=c).T, rtol=RTOL[dtype])
 
 
@@ -288,6 +301,18 @@ def test_euclidean_pairwise_sqdist_is_exact_for_close_pairs(dtype, seed):
     out = hyperbolic.euclidean_pairwise_sqdist(x, y)
     assert out.shape == (20, y.shape[0]) and out.dtype == dtype
     assert_rel_close(out, expected, rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("n_cols", [1, 50, 64, 130, 1000])
+def test_the_search_for_pairs_to_recompute_finds_exactly_the_entries_below_their_row_limit(n_cols):
+    # private helper, but the accuracy of every pairwise distance rests on it (runs of 64 straddle rows)
+    torch.manual_seed(n_cols)
+    values = torch.rand(9, n_cols) + 1.0
+    limits = torch.tensor([1.0, 1.002, 1.5, 0.0, 2.5, 1.01, 1.3, 1.0, 1.05]).unsqueeze(1)
+    found = hyperbolic._below(values, limits)
+    expected = (values < limits).nonzero()
+    got = torch.stack(found, 1) if found is not None else torch.empty(0, 2, dtype=torch.long)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
 
 
 # ------------------------------------------------------------------------------------------------- gradients
@@ -307,7 +332,8 @@ def test_pairwise_gradients_pass_gradcheck_in_float64():
         assert torch.autograd.gradcheck(lambda a, b: hyperbolic.pairwise_sqdist(a, b, c=c), (x, y))
         assert torch.autograd.gradcheck(lambda a, b: hyperbolic.euclidean_pairwise_sqdist(a, b), (x, y))
     # d itself is not differentiable at x == y: check it without the duplicate
-    assert torch.autograd.gradcheck(lambda a, b: hyperbolic.pairwise_dist(a, b, c=1.3), (x, y[:-1].detach().requires_grad_()))
+    y_apart = y[:-1].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: hyperbolic.pairwise_dist(a, b, c=1.3), (x, y_apart))
 
 
 def test_elementwise_gradients_pass_gradcheck_in_float64():

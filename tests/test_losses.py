@@ -48,14 +48,19 @@ def test_hand_computed_value_on_a_tiny_case():
 
 @pytest.mark.parametrize(
     "kernel, k_of_ratio",
-    [("laplace", lambda r: math.exp(-r)), ("gaussian", lambda r: math.exp(-0.5 * r * r)), ("inverse", lambda r: 1 / (1 + r))],
+    [
+        ("laplace", lambda r: math.exp(-r)),
+        ("gaussian", lambda r: math.exp(-0.5 * r * r)),
+        ("inverse", lambda r: 1 / (1 + r)),
+    ],
 )
 def test_hand_computed_value_for_each_kernel_with_the_positive_in_the_middle(kernel, k_of_ratio):
     d = torch.tensor([[1.5, 0.2, 0.9, 3.0]])
     g = torch.tensor([[50.0, 7.0, 400.0, 1200.0]])
     tau, lam, sigma = 0.3, 2.5, 150.0
     z = [-v / tau for v in d[0].tolist()]
-    denominator = math.exp(z[1]) + sum((1 + lam * k_of_ratio(g[0, k].item() / sigma)) * math.exp(z[k]) for k in (0, 2, 3))
+    weights = {k: 1 + lam * k_of_ratio(g[0, k].item() / sigma) for k in (0, 2, 3)}
+    denominator = math.exp(z[1]) + sum(weights[k] * math.exp(z[k]) for k in (0, 2, 3))
     expected = -(z[1] - math.log(denominator))
     out = make_loss(tau=tau, lam=lam, sigma_km=sigma, kernel=kernel)([d], torch.tensor([[1]]), [g])
     assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
@@ -301,10 +306,11 @@ def test_pairwise_haversine_in_float32_is_within_a_few_metres():
     lat_a, lon_a = sphere(30, 5)
     lat_b, lon_b = sphere(200, 6)
     lat_b, lon_b = np.concatenate([lat_b, lat_a + 0.001]), np.concatenate([lon_b, lon_a])
-    t = [torch.tensor(v, dtype=torch.float32) for v in (lat_a, lon_a, lat_b, lon_b)]
-    expected = numpy_haversine_km(*(np.asarray(v, dtype=np.float64)[idx] for v, idx in
-                                    zip(t, ((slice(None), None), (slice(None), None), (None, slice(None)), (None, slice(None))))))
-    out = geodesy.pairwise_haversine_km(*t)
+    lat_a, lon_a, lat_b, lon_b = (torch.tensor(v, dtype=torch.float32) for v in (lat_a, lon_a, lat_b, lon_b))
+    # reference on the float32-rounded coordinates, in float64
+    expected = numpy_haversine_km(lat_a.double().numpy()[:, None], lon_a.double().numpy()[:, None],
+                                  lat_b.double().numpy()[None], lon_b.double().numpy()[None])
+    out = geodesy.pairwise_haversine_km(lat_a, lon_a, lat_b, lon_b)
     assert out.dtype == torch.float32
     assert np.abs(out.double().numpy() - expected).max() < 5e-3  # float32 rounding of the result (<= 1.2 m)
 
@@ -314,8 +320,8 @@ def test_pairwise_haversine_works_in_row_chunks(monkeypatch):
     lat_a, lon_a = sphere(7, 7)
     lat_b, lon_b = sphere(50, 8)
     out = geodesy.pairwise_haversine_km(*(torch.tensor(v) for v in (lat_a, lon_a, lat_b, lon_b)))
-    np.testing.assert_allclose(out.numpy(), numpy_haversine_km(lat_a[:, None], lon_a[:, None], lat_b[None], lon_b[None]),
-                               atol=1e-6)
+    expected = numpy_haversine_km(lat_a[:, None], lon_a[:, None], lat_b[None], lon_b[None])
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
 
 
 def test_pairwise_haversine_rejects_mismatched_shapes():
