@@ -383,8 +383,6 @@ class HierLoc:
 
     def __init__(self, cfg: Config, model, loss_fn, encoder, gaz, device: torch.device | str = "cpu",
                  source: str = "<in memory>"):
-        from hierloc.search import local_parents
-
         self.cfg = cfg
         self.model = model
         self.loss_fn = loss_fn
@@ -392,8 +390,8 @@ class HierLoc:
         self.gazetteer = gaz
         self.device = torch.device(device)
         self.source = source
-        self._parents_local = local_parents(model.entity_parents.cpu(), model.level_offsets)
         self._entity_points: torch.Tensor | None = None
+        self._search_index: tuple | None = None   # (EntityDistances, ChildIndex), built on first beam search
         self._train_summary: dict | None = None
 
     # ---------------------------------------------------------------------------------------------- loading
@@ -514,16 +512,33 @@ class HierLoc:
             feats = self.model.encode_images(pixel_values.to(self.device))
         return self.model.embed_features(feats.float())
 
+    def search_index(self):
+        """(hierloc.search.EntityDistances, hierloc.search.ChildIndex) of this model, built once (with the cached
+        entity points) and reused by every beam search: the geometry (Poincare of curvature model.curvature, or
+        Euclidean), the entities' conformal denominators and the CSR children index, on the model's device."""
+        from hierloc.search import EntityDistances, child_index
+
+        points = self.entity_points()
+        if self._search_index is None or self._search_index[0].entity_points is not points:
+            c = float(self.cfg.model.curvature) if self.model.is_hyperbolic else None
+            children = child_index(self.model.entity_parents.cpu(), self.model.level_offsets).to(points.device)
+            self._search_index = (EntityDistances(points, c=c), children)
+        return self._search_index
+
     @torch.no_grad()
     def search_points(self, points: torch.Tensor, beam: int | None = None, top_k: int = 5, flat: bool = False):
-        """(B, D) image points -> hierloc.search.SearchResult (paths (B, K, 4) global ids, level_probs, scores)."""
+        """(B, D) image points -> hierloc.search.SearchResult (paths (B, K, 4) global ids, level_probs, scores).
+
+        Beam: `hierloc.search.beam_search`, distances measured for the candidates only. Flat: all cities (and
+        every level, for the ancestors' probabilities) in matrix form."""
         from hierloc.search import beam_search, flat_search
 
-        sq = self.model.level_sqdists(points, self.entity_points())
         if flat:
+            sq = self.model.level_sqdists(points, self.entity_points())
             return flat_search(sq, self.model.entity_parents, self.model.level_offsets, self.tau, top_k=top_k)
-        return beam_search(sq, self._parents_local, self.model.level_offsets, self.tau,
-                           beam=beam or self.cfg.inference.beam, top_k=top_k)
+        distances, children = self.search_index()
+        return beam_search(points, distances, children, self.tau, beam=beam or self.cfg.inference.beam,
+                           top_k=top_k)
 
     def predict(self, images, top_k: int = 5, beam: int | None = None, flat: bool = False,
                 min_prob: float | None = None, max_level: str = "city", exif: str = "compare",

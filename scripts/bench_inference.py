@@ -7,12 +7,15 @@ Parts (each prints a Markdown table; docs/inference.md holds the numbers measure
 1. Index search, image encoder excluded. The GLOBAL gazetteer (`Gazetteer.build_global()`, ~165k entities) with a
    randomly initialised `HierLocModel` (D = --dim) over it; entity points computed once and cached (as
    `HierLoc.entity_points` does). Queries = image points from random features through the model's image head.
-   Timed: beam search (`HierLoc.search_points`, beam 10, top-5 paths), the flat scan over all cities
-   (`flat=True`), and brute-force nearest-neighbour retrieval over a gallery of --gallery random image embeddings
-   of the same dimension (squared Euclidean distance in matrix-product form |g|^2 - 2 q.g, in chunks of
-   --chunk rows, keeping the running best), the paradigm HierLoc replaces. Timings are the best and the median
-   of --repeats runs over --queries queries in batches of --batch (the machine may be shared: the best run is
-   the uncontended estimate). Index memory: the tensors each method needs at query time.
+   Timed: beam search (`HierLoc.search_points`, beam 10, top-5 paths: `hierloc.search.beam_search`, distances
+   for the candidates only), the dense reference beam search (`hierloc.search.beam_search_dense` on full
+   distance matrices from `HierLocModel.level_sqdists`: the implementation before the candidate-only one; its
+   top-5 paths are compared with the fast one's), the flat scan over all cities (`flat=True`), and brute-force
+   nearest-neighbour retrieval over a gallery of --gallery random image embeddings of the same dimension
+   (squared Euclidean distance in matrix-product form |g|^2 - 2 q.g, in chunks of --chunk rows, keeping the
+   running best), the paradigm HierLoc replaces. Timings are the best and the median of --repeats runs over
+   --queries queries in batches of --batch (the machine may be shared: the best run is the uncontended
+   estimate). Index memory: the tensors each method needs at query time.
 2. End-to-end images/s (--model): `HierLoc.iter_predict` over --e2e-images images of --csv (decode + preprocess in
    DataLoader workers, encoder, search, answer objects), with the model's own encoder.
 3. Accuracy (--model --csv): images embedded once, then searched with beam widths --beams and with the flat scan;
@@ -87,85 +90,9 @@ def retrieval_top1(queries: torch.Tensor, gallery: torch.Tensor, gallery_sqnorm:
     return best_index
 
 
-def child_ranges(gaz) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per parent level l = 0..2: (first child's global id, number of children), each (N_l,) int64 (children of
-    an entity are contiguous in the gazetteer)."""
-    offsets, parents = np.asarray(gaz.level_offsets), np.asarray(gaz.parents)
-    out = []
-    for level in range(3):
-        lo, hi = offsets[level + 1], offsets[level + 2]
-        counts = np.bincount(parents[lo:hi] - offsets[level], minlength=offsets[level + 1] - offsets[level])
-        starts = lo + np.concatenate([[0], np.cumsum(counts)[:-1]])
-        out.append((torch.as_tensor(starts, dtype=torch.int64), torch.as_tensor(counts, dtype=torch.int64)))
-    return out
-
-
-@torch.no_grad()
-def sparse_beam_search(points: torch.Tensor, entity_points: torch.Tensor, ranges, level_offsets, tau: float,
-                       c: float = 1.0, beam: int = 10, top_k: int = 5, chunk: int = 256):
-    """PROTOTYPE (benchmark only, not used by `hierloc predict`): the same beam search as
-    `hierloc.search.beam_search` (same candidates, per-level softmax over the children of the surviving beam,
-    carried childless entries, path score = sum of log-probabilities), but distances are computed only for the
-    candidates: all countries, then the children of the beam. Returns (paths (B, k, 4) global ids, scores (B, k)).
-
-    Candidate distances: d^2 = (2/sqrt(c) arsinh(sqrt(m/2)))^2, m = 2c|x-y|^2 / ((1-c|x|^2)(1-c|y|^2)), from
-    direct differences (no cancellation)."""
-    from hierloc import hyperbolic
-
-    entity_sqnorm = entity_points.square().sum(1)
-    all_paths, all_scores = [], []
-    for x in points.split(chunk):
-        b = x.shape[0]
-        x_sqnorm = x.square().sum(1, keepdim=True)
-
-        def sqdist(candidates, valid):  # (b, T) global ids, mask -> (b, T) squared distances (inf where invalid)
-            row, col = valid.nonzero(as_tuple=True)  # only the real candidates: P pairs, no padding
-            ids = candidates[row, col]
-            diff = (x[row] - entity_points[ids]).square().sum(-1)
-            m = 2 * c * diff / ((1 - c * x_sqnorm[row, 0]) * (1 - c * entity_sqnorm[ids])).clamp_min(1e-15)
-            out = torch.full(candidates.shape, float("inf"))
-            out[row, col] = (2 / c ** 0.5 * torch.asinh((m / 2).sqrt())).square()
-            return out
-
-        n0 = level_offsets[1]
-        logp0 = torch.log_softmax(-hyperbolic.pairwise_sqdist(x, entity_points[:n0], c=c) / tau, dim=1)
-        cum, idx = logp0.topk(min(beam, n0), dim=1)
-        paths = torch.full((b, idx.shape[1], 4), -1, dtype=torch.int64)
-        paths[:, :, 0] = idx
-        rows = torch.arange(b).unsqueeze(1)
-        for level in range(1, 4):
-            starts, counts = ranges[level - 1]
-            prev = paths[:, :, level - 1]
-            width_prev = prev.shape[1]
-            alive = (prev >= 0) & torch.isfinite(cum)
-            local = (prev - level_offsets[level - 1]).clamp_min(0)
-            count = torch.where(alive, counts[local], 0)
-            cum_count = count.cumsum(1)
-            total = cum_count[:, -1]
-            n_cand = max(1, int(total.max()))
-            t = torch.arange(n_cand).expand(b, n_cand)
-            slot = torch.searchsorted(cum_count, t.contiguous(), right=True).clamp_max(width_prev - 1)
-            valid = t < total.unsqueeze(1)
-            first = (cum_count - count).gather(1, slot)
-            candidates = torch.where(valid, starts[local].gather(1, slot) + t - first, 0)
-            logits = torch.where(valid, -sqdist(candidates, valid) / tau, float("-inf"))
-            logp = torch.where(valid, torch.log_softmax(logits, dim=1), float("-inf"))
-            cand_score = cum.gather(1, slot) + logp
-            carry_score = torch.where(count > 0, float("-inf"), cum)
-            scores = torch.cat([cand_score, carry_score], dim=1)
-            cum, sel = scores.topk(min(beam, scores.shape[1]), dim=1)
-            is_new = sel < n_cand
-            picked = sel.clamp_max(n_cand - 1)
-            src = torch.where(is_new, slot.gather(1, picked), sel - n_cand).clamp(0, width_prev - 1)
-            paths = paths[rows, src].clone()
-            paths[:, :, level] = torch.where(is_new, candidates.gather(1, picked), -1)
-        k = min(top_k, paths.shape[1])
-        all_paths.append(torch.where(torch.isfinite(cum[:, :k]).unsqueeze(-1), paths[:, :k], -1))
-        all_scores.append(cum[:, :k])
-    return torch.cat(all_paths), torch.cat(all_scores)
-
-
 def bench_index(args) -> None:
+    from hierloc.search import beam_search_dense, local_parents
+
     print(f"\n## 1. Index search (encoder excluded): global gazetteer, D={args.dim}, {args.queries} queries in "
           f"batches of {args.batch}, torch threads {torch.get_num_threads()}\n")
     hierloc, build_s, points_s = build_global_hierloc(args.dim, args.seed)
@@ -183,8 +110,18 @@ def bench_index(args) -> None:
         for batch in batches:
             hierloc.search_points(batch, top_k=5, **kwargs)
 
-    rows = []
+    model = hierloc.model
+    distances, children = hierloc.search_index()
+    parents_local = local_parents(model.entity_parents, model.level_offsets)
+    print(f"children contiguous in the gazetteer: {children.contiguous} (the CSR index works either way)")
+
+    @torch.no_grad()
+    def run_dense():
+        return [beam_search_dense(model.level_sqdists(batch, hierloc.entity_points()), parents_local,
+                                  model.level_offsets, hierloc.tau, beam=10, top_k=5) for batch in batches]
+
     beam_best, beam_median = timed(lambda: run_search(beam=10), args.repeats)
+    dense_best, dense_median = timed(run_dense, args.repeats)
     flat_best, flat_median = timed(lambda: run_search(flat=True), args.repeats)
 
     gallery = torch.randn(args.gallery, args.dim, generator=generator)
@@ -199,45 +136,39 @@ def bench_index(args) -> None:
 
     retrieval_best, retrieval_median = timed(run_retrieval, max(1, args.repeats // 2))
 
-    ranges = child_ranges(gaz)
-    offsets = [int(o) for o in gaz.level_offsets]
-    entity_points = hierloc.entity_points()
-
-    def run_sparse():
-        return [sparse_beam_search(batch, entity_points, ranges, offsets, hierloc.tau, hierloc.cfg.model.curvature)
-                for batch in batches]
-
-    sparse_best, sparse_median = timed(run_sparse, args.repeats)
-    dense = [hierloc.search_points(batch, beam=10, top_k=5) for batch in batches]
-    sparse = run_sparse()
-    same_best = float(np.mean(np.concatenate([(d.paths[:, 0] == s_paths[:, 0]).all(1).numpy()
-                                              for d, (s_paths, _) in zip(dense, sparse)])))
-    score_gap = max(float((d.scores - s_scores).abs().max()) for d, (_, s_scores) in zip(dense, sparse))
+    fast = [hierloc.search_points(batch, beam=10, top_k=5) for batch in batches]
+    dense = run_dense()
+    same_best = float(np.mean(np.concatenate([(f.paths[:, 0] == d.paths[:, 0]).all(1).numpy()
+                                              for f, d in zip(fast, dense)])))
+    same_top5 = float(np.mean(np.concatenate([(f.paths == d.paths).all(2).all(1).numpy()
+                                              for f, d in zip(fast, dense)])))
+    score_gap = max(float((f.scores - d.scores).abs().max()) for f, d in zip(fast, dense))
     entity_bytes = hierloc.entity_points().numel() * hierloc.entity_points().element_size()
-    tree_bytes = (hierloc.model.entity_parents.numel() * 8 + sum(t.numel() * 8 for t in hierloc._parents_local)
-                  + gaz.lat_deg.nbytes + gaz.lon_deg.nbytes)
+    tree_bytes = model.entity_parents.numel() * 8 + gaz.lat_deg.nbytes + gaz.lon_deg.nbytes
+    beam_bytes = entity_bytes + tree_bytes + children.nbytes + distances.nbytes
+    dense_bytes = entity_bytes + tree_bytes + sum(t.numel() * 8 for t in parents_local)
     gallery_bytes = gallery.numel() * 4 + gallery_sqnorm.numel() * 4 + gallery_coords.numel() * 4
     n = args.queries
+    rows = []
     for name, best, median, size, detail in [
-        ("HierLoc beam search (beam 10, top-5)", beam_best, beam_median, entity_bytes + tree_bytes,
+        ("HierLoc beam search (beam 10, top-5)", beam_best, beam_median, beam_bytes,
+         f"{gaz.n_entities:,} entity points + tree + children index"),
+        ("dense reference beam search (before)", dense_best, dense_median, dense_bytes,
          f"{gaz.n_entities:,} entity points + tree"),
-        ("HierLoc flat scan (all cities)", flat_best, flat_median, entity_bytes + tree_bytes, "same index"),
-        ("prototype: beam search computing candidate distances only", sparse_best, sparse_median,
-         entity_bytes + tree_bytes, "same index"),
+        ("HierLoc flat scan (all cities)", flat_best, flat_median, entity_bytes + tree_bytes, "entity points + tree"),
         (f"image retrieval, brute force ({args.gallery:,} images)", retrieval_best, retrieval_median,
          gallery_bytes, f"{args.gallery:,} embeddings + norms + coordinates"),
     ]:
         rows.append([name, f"{n / best:,.0f}", f"{n / median:,.0f}", f"{1000 * best / n:.3f}", mib(size), detail])
     print(table(["method", "queries/s (best)", "queries/s (median)", "ms/query (best)", "index memory", "index"],
                 rows))
-    index_bytes = entity_bytes + tree_bytes
     print(f"\nbeam vs retrieval: {retrieval_best / beam_best:.1f}x the queries/s (best runs), "
-          f"{retrieval_median / beam_median:.1f}x (medians); retrieval needs {gallery_bytes / index_bytes:.1f}x "
+          f"{retrieval_median / beam_median:.1f}x (medians); retrieval needs {gallery_bytes / beam_bytes:.1f}x "
           f"the index memory ({gallery_bytes / entity_bytes:.1f}x the entity points alone).")
+    print(f"beam vs the dense reference: {dense_best / beam_best:.1f}x the queries/s (best runs), "
+          f"{dense_median / beam_median:.1f}x (medians); same best path on {100 * same_best:.1f}% of the queries, "
+          f"identical top-5 paths on {100 * same_top5:.1f}%, largest path-score difference {score_gap:.2e}.")
     print(f"flat vs beam: {beam_best / flat_best:.2f}x the queries/s of beam search.")
-    print(f"prototype candidate-only beam: {beam_best / sparse_best:.1f}x the queries/s of the product's beam search, "
-          f"{retrieval_best / sparse_best:.1f}x retrieval's; same best path on {100 * same_best:.1f}% of the queries, "
-          f"largest path-score difference {score_gap:.2e}.")
 
 
 # ---------------------------------------------------------------------------------------- part 2: end to end
@@ -307,8 +238,12 @@ def main() -> None:
     parser.add_argument("--beams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3, 10, 30],
                         help="beam widths of part 3")
     parser.add_argument("--skip-index", action="store_true", help="skip part 1 (the global gazetteer build)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); 1 is steadier on a busy machine")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     import logging
 
