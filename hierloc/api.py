@@ -365,9 +365,13 @@ def save_model_dir(out_dir: str | Path, cfg: Config, model, loss_fn, encoder, ga
     encoder.save_pretrained(out / "backbone")
     if not (out / "gazetteer").is_dir():
         gaz.save(out / "gazetteer", overwrite=True)
+    n_concepts = int(model.concept_head.n_concepts) if getattr(model, "concept_head", None) is not None else 0
+    vocabulary = getattr(model, "concept_vocabulary", None)
+    if n_concepts and vocabulary is not None:
+        vocabulary.save(out)  # concepts.json: the names/groups/descriptions of the head's outputs
     meta = {"format_version": ckpt.MODEL_FORMAT_VERSION, "hierloc_version": _version(), "config": cfg.to_dict(),
-            "feature_dim": int(model.feature_dim), "gazetteer_hash": gaz.content_hash, "backbone_dir": "backbone",
-            "gazetteer_dir": "gazetteer"}
+            "feature_dim": int(model.feature_dim), "n_concepts": n_concepts, "gazetteer_hash": gaz.content_hash,
+            "backbone_dir": "backbone", "gazetteer_dir": "gazetteer"}
     ckpt.atomic_write_text(out / ckpt.CONFIG_NAME, json.dumps(meta, indent=2))
 
 
@@ -422,7 +426,8 @@ class HierLoc:
                              f"{root / 'gazetteer'} has content hash {gaz.content_hash}")
         state = ckpt.load_tensors(root / ckpt.WEIGHTS_NAME)
         encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"))
-        model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None)
+        model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None,
+                             n_concepts=int(meta.get("n_concepts", 0)))
         loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
                              betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
                              learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
@@ -435,6 +440,12 @@ class HierLoc:
             raise InputError(f"{root / ckpt.WEIGHTS_NAME}: weights do not match config.json "
                              f"({str(exc).splitlines()[0]})") from None
         model.encoder = encoder
+        if model.concept_head is not None:
+            from hierloc.concepts import VOCABULARY_FILE, ConceptVocabulary
+
+            if not (root / VOCABULARY_FILE).is_file():
+                raise InputError(f"{root}: the model has a concept head but {VOCABULARY_FILE} is missing")
+            model.concept_vocabulary = ConceptVocabulary.load(root / VOCABULARY_FILE)
         model.to(dev).eval()
         loss_fn.to(dev).eval()
         return cls(cfg, model, loss_fn, encoder, gaz, device=dev, source=str(root))

@@ -55,7 +55,14 @@ class ModelConfig:
     # only). Off by default: it adds two (B x E x D) products per step on top of the distances, and whether it
     # pays on this CPU is not measured yet.
     cross_attention: bool = False
-    attn_heads: int = 8    # tangent anchor of a child starts at its parent's (the tree shapes the init)
+    attn_heads: int = 8
+    # Concept bottleneck (hierloc.concepts): image features -> concept probabilities (trained with BCE on labels
+    # from real data: CSV columns + location-derived concepts) -> a learned map into the tangent space that is
+    # added to the image's tangent vector. Concepts with fewer than concept_min_labels positive or negative
+    # training labels are dropped.
+    concepts: bool = True
+    concept_hidden: int = 256
+    concept_min_labels: int = 20    # tangent anchor of a child starts at its parent's (the tree shapes the init)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class LossConfig:
     # InfoNCE. Fixed values keep the hard-negative weighting the method is about.
     learn_weights: bool = False
     kernel: str = "laplace"           # "laplace" (paper), "gaussian", "inverse"
+    concept_weight: float = 0.5       # weight of the concept BCE next to the geolocation loss
 
 
 @dataclass

@@ -113,7 +113,7 @@ class HierLocModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, entities: EntityTable, feature_dim: int, encoder: nn.Module | None = None,
-                 entity_features: torch.Tensor | None = None, seed: int = 0):
+                 entity_features: torch.Tensor | None = None, seed: int = 0, n_concepts: int = 0):
         super().__init__()
         self.cfg = cfg
         self.feature_dim = feature_dim
@@ -149,6 +149,14 @@ class HierLocModel(nn.Module):
         else:
             self.entity_mlp = None
         self.cross_attention = LevelCrossAttention(dim, cfg.attn_heads) if cfg.cross_attention else None
+        self.concept_head = None
+        if n_concepts > 0:
+            from hierloc.concepts import ConceptHead
+
+            self.concept_head = ConceptHead(feature_dim, n_concepts, dim, hidden=cfg.concept_hidden,
+                                            dropout=cfg.dropout)
+            # (E, K) mean concept label of each entity's training images (what `explain` compares)
+            self.register_buffer("concept_profiles", torch.zeros(self.n_entities, n_concepts))
 
     @property
     def is_hyperbolic(self) -> bool:
@@ -172,7 +180,10 @@ class HierLocModel(nn.Module):
         """features (B, F) -> tangent vectors (B, D) at the origin, in float32."""
         v = self.image_head(features.to(torch.float32))
         scale = self.log_scale.clamp(max=math.log(10.0)).exp()
-        return _clamp_norm(v * scale, self.cfg.max_tangent_norm)
+        v = v * scale
+        if self.concept_head is not None:  # the concept bottleneck's share of the image point
+            v = v + self.concept_head(features)[1]
+        return _clamp_norm(v, self.cfg.max_tangent_norm)
 
     def embed_features(self, features: torch.Tensor, entity_tangent: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, F) -> points (B, D) on the ball (or in R^D for the Euclidean ablation).

@@ -77,8 +77,10 @@ class TrainModule(nn.Module):
         self.loss = loss
 
     def forward(self, inputs: torch.Tensor, lat_deg: torch.Tensor, lon_deg: torch.Tensor, targets: torch.Tensor,
-                inputs_are_features: bool, amp: bool = True) -> dict:
-        """inputs: (B, 3, H, W) pixels or (B, F) cached features; targets (B, 4) global entity ids or -1."""
+                inputs_are_features: bool, amp: bool = True, concepts: torch.Tensor | None = None,
+                concept_weight: float = 0.0) -> dict:
+        """inputs: (B, 3, H, W) pixels or (B, F) cached features; targets (B, 4) global entity ids or -1;
+        concepts (B, K) concept labels (NaN = unknown) when the model has a concept head."""
         model = self.model
         if inputs_are_features:
             features = inputs.float()
@@ -98,6 +100,11 @@ class TrainModule(nn.Module):
                 geo_km.append(_great_circle_km(image_units, self._entity_units(level)))
                 local_targets[:, level] = torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
         out = self.loss(sqdists, local_targets, geo_km)
+        if model.concept_head is not None and concepts is not None:
+            from hierloc.concepts import concept_loss
+
+            out["concept_loss"] = concept_loss(model.concept_head(features)[0], concepts)
+            out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
         out["features"] = features.detach()
         return out
 
@@ -239,6 +246,33 @@ def _labels(gaz, table) -> tuple[np.ndarray, np.ndarray]:
     return targets, targets[:, 0] >= 0
 
 
+def prepare_concepts(cfg: Config, csv_path: str, table, targets: np.ndarray, n_entities: int, progress: bool):
+    """-> (vocabulary, labels (N, K) float32 with NaN = unknown, profiles (E, K)), or (None, None, None).
+
+    Labels come from real data only: the CSV's concept columns (OSV5M's land_cover, climate, ...) and concepts
+    derived from each image's location with offline data (hierloc.concepts / gazetteer.concepts).
+    """
+    if not cfg.model.concepts:
+        return None, None, None
+    from hierloc import concepts as concept_lib
+
+    columns = concept_lib.read_concept_columns(csv_path, table.rows)
+    vocab = concept_lib.ConceptVocabulary.load().fit_csv_columns(columns)
+    labels = concept_lib.concept_labels(table.lat_deg, table.lon_deg, columns, vocabulary=vocab, progress=progress)
+    positives, negatives = np.nansum(labels, axis=0), np.nansum(1.0 - labels, axis=0)
+    keep = [i for i in range(len(vocab))
+            if positives[i] >= cfg.model.concept_min_labels and negatives[i] >= cfg.model.concept_min_labels]
+    if not keep:
+        log.warning("no concept has %d positive and negative training labels: training without the concept head",
+                    cfg.model.concept_min_labels)
+        return None, None, None
+    vocab = vocab.select([vocab.names[i] for i in keep])
+    labels = np.ascontiguousarray(labels[:, keep], dtype=np.float32)
+    profiles = concept_lib.entity_concept_profiles(labels, targets, n_entities, prior_strength=1.0)
+    log.info("concepts: %d kept of %d (%s)", len(keep), len(positives), ", ".join(vocab.names[:8]) + " ...")
+    return vocab, labels, profiles
+
+
 def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime):
     from gazetteer import Gazetteer
 
@@ -303,6 +337,10 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     encoder = build_encoder(cfg, inputs.allow_download)
     frozen = cfg.model.freeze_backbone
     entity_table = EntityTable.from_gazetteer(gaz)
+    vocab, concept_labels, concept_profiles = prepare_concepts(cfg, inputs.train_csv, table, targets,
+                                                               entity_table.n_entities,
+                                                               inputs.progress and runtime.is_main)
+    extras = {"concepts": concept_labels} if concept_labels is not None else None
     if frozen:
         cache_dir = Path(inputs.cache_dir) if inputs.cache_dir else out / "feature_cache"
         image_ds = data.ImageDataset(table, encoder.preprocessor, train=False)
@@ -317,13 +355,17 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         if cfg.model.entity_image_features == "none":
             ent_feats = torch.zeros_like(ent_feats)
         dataset = feature_cache.CachedFeatureDataset(cache, targets=targets, lat_deg=table.lat_deg,
-                                                     lon_deg=table.lon_deg)
+                                                     lon_deg=table.lon_deg, extras=extras)
     else:
         ent_feats = None
         dataset = data.ImageDataset(table, encoder.preprocessor, targets=targets, train=cfg.train.augment,
-                                    seed=cfg.train.seed)
+                                    seed=cfg.train.seed, extras=extras)
     model = HierLocModel(cfg.model, entity_table, encoder.feature_dim, encoder=None if frozen else encoder,
-                         entity_features=ent_feats, seed=cfg.train.seed)
+                         entity_features=ent_feats, seed=cfg.train.seed,
+                         n_concepts=len(vocab) if vocab is not None else 0)
+    if vocab is not None:
+        model.concept_profiles.copy_(torch.as_tensor(np.nan_to_num(concept_profiles, nan=0.5)))
+        model.concept_vocabulary = vocab  # saved as concepts.json with the model
     if ent_feats is not None:
         model.entity_seen.fill_(True)
     loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
@@ -392,7 +434,9 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             lat = batch["lat_deg"].to(runtime.device)
             lon = batch["lon_deg"].to(runtime.device)
             tgt = batch["targets"].to(runtime.device)
-            result = wrapped(inputs_t, lat, lon, tgt, inputs_are_features=frozen, amp=cfg.train.amp)
+            batch_concepts = batch["concepts"].to(runtime.device) if "concepts" in batch else None
+            result = wrapped(inputs_t, lat, lon, tgt, inputs_are_features=frozen, amp=cfg.train.amp,
+                             concepts=batch_concepts, concept_weight=cfg.loss.concept_weight)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             result["loss"].backward()
@@ -455,6 +499,8 @@ def _log_scalars(writer, step: int, result: dict, optimizers: dict, grad_norm) -
     for key in ("tau", "lam", "sigma_km"):
         writer.add_scalar(f"loss_params/{key}", float(result[key]), step)
     writer.add_scalar("train/grad_norm", float(grad_norm), step)
+    if "concept_loss" in result:
+        writer.add_scalar("loss/concepts", float(result["concept_loss"].detach()), step)
     for name, opt in optimizers.items():
         writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], step)
 

@@ -63,8 +63,15 @@ def test_a_single_path_gives_a_list_of_one(hierloc, images):
 
 
 def test_batch_size_does_not_change_answers(hierloc, images):
-    assert ([p.to_dict() for p in hierloc.predict(images, batch_size=5)]
-            == [p.to_dict() for p in hierloc.predict(images, batch_size=64)])
+    # same paths; numbers equal up to float32 rounding (a GEMM's blocking depends on the batch size)
+    small = [p.to_dict() for p in hierloc.predict(images, batch_size=5)]
+    large = [p.to_dict() for p in hierloc.predict(images, batch_size=64)]
+    assert [[lv["entity_id"] for lv in p["levels"]] for p in small] == \
+        [[lv["entity_id"] for lv in p["levels"]] for p in large]
+    for a, b in zip(small, large):
+        assert a["score_logprob"] == pytest.approx(b["score_logprob"], rel=1e-5, abs=1e-6)
+        for la, lb in zip(a["levels"], b["levels"]):
+            assert la["probability"] == pytest.approx(lb["probability"], rel=1e-5, abs=1e-7)
 
 
 # ---------------------------------------------------------------------------------------- answer contract
