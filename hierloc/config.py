@@ -84,9 +84,13 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 6
     batch_size: int = 128
-    lr: float = 1e-3                  # AdamW, Euclidean parameters (head, fusion MLPs, backbone)
-    backbone_lr: float = 5e-4         # AdamW, backbone when it is trained
-    entity_lr: float = 1e-2           # RiemannianAdam, entity anchors (weight decay 0: L2 would flatten the tree)
+    # AdamW learning rates. Measured on the demo world (2 epochs, one seed): lr 2e-3 / backbone 1e-3 beat 1e-3 / 5e-4
+    # on every metric (nearby country 43.0 vs 39.2 %, region 18.6 vs 17.2 %, median 1,204 vs 1,483 km).
+    lr: float = 2e-3                  # head, fusion MLPs, concept head, loss parameters
+    backbone_lr: float = 1e-3         # the backbone when it is trained
+    # RiemannianAdam, entity anchors (weight decay 0: L2 would flatten the tree); 1e-3 was measured worse (nearby
+    # country 37.0 vs 39.2 %, median 1,654 vs 1,483 km)
+    entity_lr: float = 1e-2
     weight_decay: float = 0.05
     warmup_frac: float = 0.05         # linear warm-up over this fraction of the steps, then cosine to 0
     grad_clip: float = 1.0
