@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from hierloc import hyperbolic
+from gazetteer.geo import EARTH_RADIUS_KM
 from hierloc.config import ModelConfig
 
 N_LEVELS = 4
-EARTH_RADIUS_KM = 6371.0
 
 
 @dataclass
@@ -176,22 +176,29 @@ class HierLocModel(nn.Module):
         return tangent
 
     # ----------------------------------------------------------------------------------------------- image side
-    def image_tangent(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, F) -> tangent vectors (B, D) at the origin, in float32."""
+    def image_tangent(self, features: torch.Tensor, concept_output: tuple | None = None) -> torch.Tensor:
+        """features (B, F) -> tangent vectors (B, D) at the origin, in float32.
+
+        concept_output: the concept head's (logits, tangent_delta) for these features when the caller already
+        ran it (training needs the logits for its loss); computed here otherwise.
+        """
         v = self.image_head(features.to(torch.float32))
         scale = self.log_scale.clamp(max=math.log(10.0)).exp()
         v = v * scale
         if self.concept_head is not None:  # the concept bottleneck's share of the image point
-            v = v + self.concept_head(features)[1]
+            if concept_output is None:
+                concept_output = self.concept_head(features)
+            v = v + concept_output[1]
         return _clamp_norm(v, self.cfg.max_tangent_norm)
 
-    def embed_features(self, features: torch.Tensor, entity_tangent: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_features(self, features: torch.Tensor, entity_tangent: torch.Tensor | None = None,
+                       concept_output: tuple | None = None) -> torch.Tensor:
         """features (B, F) -> points (B, D) on the ball (or in R^D for the Euclidean ablation).
 
         With cross-attention on, the image tangent attends to every level's entity tangents (entity_tangent:
-        (E, D), computed here when not given).
+        (E, D), computed here when not given). concept_output: see `image_tangent`.
         """
-        v = self.image_tangent(features)
+        v = self.image_tangent(features, concept_output)
         if self.cross_attention is not None:
             if entity_tangent is None:
                 entity_tangent = self.entity_tangent()

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gazetteer.geo import EARTH_RADIUS_KM
 from hierloc import checkpoint as ckpt
+from hierloc.geodesy import latlon_to_unit
 from hierloc.config import Config
 from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, shutdown
 from hierloc.errors import InputError
@@ -89,12 +91,14 @@ class TrainModule(nn.Module):
                 features = model.encode_images(inputs)
             features = features.float()
         entity_tangent = model.entity_tangent()  # once per step: shared by cross-attention and the distances
-        points = model.embed_features(features, entity_tangent)
+        # the concept head runs once: its tangent share enters the image point, its logits the concept loss
+        concept_output = model.concept_head(features) if model.concept_head is not None else None
+        points = model.embed_features(features, entity_tangent, concept_output)
         sqdists = model.level_sqdists(points, model.entity_points(entity_tangent))
         geo_km = []
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():
-            image_units = _unit_vectors(lat_deg, lon_deg)
+            image_units = latlon_to_unit(lat_deg, lon_deg).float()
             for level in range(N_LEVELS):
                 sl = model.level_slice(level)
                 geo_km.append(_great_circle_km(image_units, self._entity_units(level)))
@@ -103,7 +107,7 @@ class TrainModule(nn.Module):
         if model.concept_head is not None and concepts is not None:
             from hierloc.concepts import concept_loss
 
-            out["concept_loss"] = concept_loss(model.concept_head(features)[0], concepts)
+            out["concept_loss"] = concept_loss(concept_output[0], concepts)
             out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
         out["features"] = features.detach()
         return out
@@ -114,14 +118,9 @@ class TrainModule(nn.Module):
         device = self.model.entity_lat_deg.device
         if (level, device) not in cache:
             sl = self.model.level_slice(level)
-            cache[(level, device)] = _unit_vectors(self.model.entity_lat_deg[sl], self.model.entity_lon_deg[sl])
+            cache[(level, device)] = latlon_to_unit(self.model.entity_lat_deg[sl],
+                                                    self.model.entity_lon_deg[sl]).float()
         return cache[(level, device)]
-
-
-def _unit_vectors(lat_deg: torch.Tensor, lon_deg: torch.Tensor) -> torch.Tensor:
-    """(N,) degrees -> (N, 3) float32 unit vectors."""
-    lat, lon = torch.deg2rad(lat_deg.double()), torch.deg2rad(lon_deg.double())
-    return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1).float()
 
 
 def _great_circle_km(units_a: torch.Tensor, units_b: torch.Tensor) -> torch.Tensor:
@@ -131,7 +130,7 @@ def _great_circle_km(units_a: torch.Tensor, units_b: torch.Tensor) -> torch.Tens
     short range is immaterial here; evaluation uses the exact float64 haversine (hierloc.metrics).
     """
     half_chord_sq = ((1.0 - units_a @ units_b.T) * 0.5).clamp_(0.0, 1.0)
-    return half_chord_sq.sqrt_().asin_().mul_(2.0 * 6371.0)
+    return half_chord_sq.sqrt_().asin_().mul_(2.0 * EARTH_RADIUS_KM)
 
 
 def seed_everything(seed: int) -> None:
