@@ -45,7 +45,7 @@ from hierloc.errors import InputError
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("country", "region", "subregion", "city")
+from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
 N_LEVELS = 4
 EXIF_MODES = ("compare", "use", "ignore")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")

@@ -35,7 +35,7 @@ from hierloc.errors import InputError
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("country", "region", "subregion", "city")
+from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
 N_LEVELS = 4
 ACTIVE_PROB = 0.5
 

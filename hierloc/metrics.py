@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 GEOSCORE_MAX = 5000.0
 GEOSCORE_SCALE_KM = 1492.7  # GeoGuessr's decay length, used by OSV5M
 RADII_KM = (1, 25, 200, 750, 2500)
-LEVELS = ("country", "region", "subregion", "city")
+from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
 MISSING_KEY = ""
 MISSING_MODES = ("skip", "official")
 

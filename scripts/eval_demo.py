@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-LEVELS = ("country", "region", "subregion", "city")
+from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
 
 
 def path_metrics(pred_paths: np.ndarray, truth: np.ndarray, pred_lat, pred_lon, true_lat, true_lon) -> dict:
