@@ -7,6 +7,13 @@ skipped (they keep their numbers, so later rows still match their lines).
 
 Files are read as UTF-8 (a leading byte-order mark is ignored), in the dialect of Python's `csv` module
 (comma-separated, double-quote quoting). Reading streams line by line, so memory stays flat for huge files.
+
+Duplicate rows (a record identical, field for field, to an earlier one) are kept, counted while the file streams
+and reported once per file in a warning naming the first one (`row 9 repeats row 1`): a repeated row counts twice
+in whatever reads it (training, metrics, gazetteer counts), which the user should know about but may intend.
+Counting keeps a 64-bit hash per row (8 bytes; 16 at the final sort): pure streaming readers (`locate`) count
+among the first `DUPLICATE_CHECK_ROWS` rows so that their memory stays bounded; readers that keep every row
+anyway (`read_coordinates`, the image tables of hierloc.data) count them all (`duplicate_rows=None`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ LAT_CANDIDATES = ("lat", "latitude", "LAT", "true_lat", "lat_deg", "gps_lat")
 LON_CANDIDATES = ("lon", "longitude", "LON", "true_lon", "lon_deg", "lng", "long", "gps_lon")
 
 _BOM = "\ufeff"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# Streaming readers count duplicate rows among the first this many data rows (8 MB of hashes; module docstring).
+DUPLICATE_CHECK_ROWS = 1_000_000
+_reported_duplicates: set = set()  # (file identity) already warned about in this process
 
 
 def _open_binary(path):
@@ -46,17 +57,33 @@ def _open_binary(path):
         raise InputError(f"{path}: cannot open: {exc.strerror}") from None
 
 
+class _NotUtf8(Exception):
+    """A line that does not decode (raised inside csv.reader's iteration; `_records` adds the row number)."""
+
+    def __init__(self, line: int, byte: int, position: int, utf16: bool):
+        super().__init__(line, byte, position, utf16)
+        self.line, self.byte, self.position, self.utf16 = line, byte, position, utf16
+
+
 def _decoded_lines(handle, path) -> Iterator[tuple[int, str]]:
-    """Yield (physical line number, decoded text) of a binary file; InputError naming the non-UTF-8 line."""
+    """Yield (physical line number, decoded text) of a binary file; `_NotUtf8` for a line that is not UTF-8."""
     for line_number, raw in enumerate(handle, start=1):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InputError(f"{path}: line {line_number} is not valid UTF-8 (byte {raw[exc.start]:#04x} at "
-                             f"column {exc.start + 1}); save the file as UTF-8") from None
+            utf16 = line_number == 1 and raw.startswith(_UTF16_BOMS)
+            raise _NotUtf8(line_number, raw[exc.start], exc.start + 1, utf16) from None
         if line_number == 1 and text.startswith(_BOM):
             text = text[1:]
         yield line_number, text
+
+
+def _not_utf8_message(path, error: _NotUtf8, record_start: int) -> str:
+    """One line naming the line, the data row (the record it belongs to) and the offending byte."""
+    where = "the header" if record_start <= 1 else f"row {record_start - 1}"
+    hint = "; the file looks like UTF-16" if error.utf16 else ""
+    return (f"{path}: line {error.line} is not valid UTF-8 ({where}: byte {error.byte:#04x} at position "
+            f"{error.position} of the line){hint}; save the file as UTF-8")
 
 
 class _LineTracker:
@@ -87,6 +114,8 @@ def _records(path) -> Iterator[tuple[int, list[str]]]:
                 return
             except csv.Error as exc:
                 raise InputError(f"{path}: line {tracker.line}: malformed CSV ({exc})") from None
+            except _NotUtf8 as exc:
+                raise InputError(_not_utf8_message(path, exc, start)) from None
             if not fields or (len(fields) == 1 and fields[0] == ""):
                 continue  # blank line
             yield start, fields
@@ -116,21 +145,58 @@ def read_header(path) -> list[str]:
     return names
 
 
+def _coordinate_family(name: str) -> str | None:
+    """'lat' for latitude-like names, 'lon' for longitude-like ones, None for anything else."""
+    lower = name.lower()
+    is_lat, is_lon = "lat" in lower, "lon" in lower or "lng" in lower
+    return "lat" if is_lat and not is_lon else "lon" if is_lon and not is_lat else None
+
+
+def _likeness(name: str, column: str) -> float:
+    """How much `column` looks like a misspelt `name`: difflib's ratio (case-insensitive) plus up to 0.25 for a
+    shared beginning (misspellings keep the start: 'true_lattitude' is closer to 'true_lat' than 'pred_lat')."""
+    a, b = name.lower(), column.lower()
+    prefix = len(os.path.commonprefix([a, b]))
+    return difflib.SequenceMatcher(None, a, b).ratio() + 0.25 * prefix / max(1, len(a), len(b))
+
+
+def _closest(wanted: Sequence[str], header: Sequence[str], cutoff: float = 0.8) -> tuple[str, str] | None:
+    """The (wanted name, header column) pair most alike (`_likeness` >= cutoff; the first on ties), or None.
+
+    A latitude-like name is never paired with a longitude-like column or the reverse: 'true_lat' is not a
+    misspelt 'true_lon', and suggesting the other coordinate would swap the columns."""
+    best, best_score = None, cutoff
+    for name in wanted:
+        for column in header:
+            families = {_coordinate_family(name), _coordinate_family(column)} - {None}
+            if len(families) > 1:
+                continue
+            score = _likeness(name, column)
+            if score > best_score or (best is None and score == best_score):
+                best, best_score = (name, column), score
+    return best
+
+
 def find_column(header: Sequence[str], explicit: str | None, candidates: Sequence[str], path, role: str) -> str:
     """Pick the column for `role` ("latitude", "longitude", ...).
 
     explicit: the user's choice (must be in `header` exactly); else the first of `candidates` present exactly,
-    else case-insensitively. InputError when missing, listing the available columns and the closest name.
+    else case-insensitively. InputError when missing, listing the available columns and the closest name: for
+    an explicit name, the header column it most resembles (`did you mean 'latitude'?`); when detecting, the
+    expected name a header column looks like a misspelling of (`did you mean 'latitude'? column 'lattitude' is
+    close`).
     """
     available = ", ".join(header)
     if explicit is not None:
         if explicit in header:
             return explicit
-        close = difflib.get_close_matches(explicit, list(header), n=1, cutoff=0.5)
-        if not close:
-            folded = {name.lower(): name for name in header}
-            close = [folded[explicit.lower()]] if explicit.lower() in folded else []
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        folded = {name.lower(): name for name in header}
+        if explicit.lower() in folded:
+            close = folded[explicit.lower()]
+        else:
+            pair = _closest([explicit], header)
+            close = pair[1] if pair else None
+        hint = f"; did you mean {close!r}?" if close else ""
         raise InputError(f"{path}: no {role} column {explicit!r}{hint} (available columns: {available})")
     for candidate in candidates:
         if candidate in header:
@@ -139,25 +205,27 @@ def find_column(header: Sequence[str], explicit: str | None, candidates: Sequenc
     for candidate in candidates:
         if candidate.lower() in folded:
             return folded[candidate.lower()]
-    close = []
-    for candidate in candidates:
-        close += difflib.get_close_matches(candidate, list(header), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    pair = _closest(candidates, header)
+    hint = (f"; did you mean {pair[0]!r}? column {pair[1]!r} is close: rename it, or name it explicitly"
+            if pair else "; name it explicitly")
     raise InputError(f"{path}: no {role} column found (looked for {', '.join(candidates)}){hint} "
-                     f"(available columns: {available}); name it explicitly")
+                     f"(available columns: {available})")
 
 
-def iter_rows(path, chunk_rows: int = 100_000) -> Iterator[tuple[list[list[str]], np.ndarray]]:
+def iter_rows(path, chunk_rows: int = 100_000, duplicate_rows: int | None = DUPLICATE_CHECK_ROWS
+              ) -> Iterator[tuple[list[list[str]], np.ndarray]]:
     """Stream the data records of a CSV: yields (rows, row_numbers) per chunk of at most `chunk_rows`.
 
     rows: list of field lists (every record has exactly as many fields as the header, else InputError naming
     the row); row_numbers: int64 (n,), 1-based data row numbers (row r = line r + 1). The header is checked
-    with `read_header` semantics and not yielded.
+    with `read_header` semantics and not yielded. duplicate_rows: count duplicate records among the first this
+    many rows (None: all, 0: none) and warn once about them when the stream ends (module docstring).
     """
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be >= 1")
     header = read_header(path)
     records = _records(path)
+    duplicates = _DuplicateCounter(duplicate_rows)
     try:
         next(records)  # header
         rows: list[list[str]] = []
@@ -169,25 +237,91 @@ def iter_rows(path, chunk_rows: int = 100_000) -> Iterator[tuple[list[list[str]]
             rows.append(fields)
             numbers.append(line - 1)
             if len(rows) >= chunk_rows:
+                duplicates.add(rows, numbers)
                 yield rows, np.asarray(numbers, dtype=np.int64)
                 rows, numbers = [], []
         if rows:
+            duplicates.add(rows, numbers)
             yield rows, np.asarray(numbers, dtype=np.int64)
     finally:
         records.close()
+    duplicates.report(path)
 
 
-def iter_chunks(path, columns: list[str] | None, chunk_rows: int = 100_000
+class _DuplicateCounter:
+    """Counts records identical to an earlier record while a file streams (module docstring).
+
+    Keeps a 64-bit hash of each row (Python's hash of the tuple of fields) per chunk, with the chunk's first row
+    number (or its row numbers when blank lines make them non-contiguous). Two different rows share a hash with
+    probability ~2^-64. limit: count among the first `limit` rows (None: all)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.chunks: list[tuple[np.ndarray, int | np.ndarray]] = []  # (hashes (k,) int64, first row | rows (k,))
+        self.n = 0
+        self.truncated = False
+
+    def add(self, rows: list[list[str]], numbers: list[int]) -> None:
+        take = len(rows) if self.limit is None else max(0, min(len(rows), self.limit - self.n))
+        self.truncated |= take < len(rows)
+        if take == 0:
+            return
+        hashes = np.fromiter((hash(tuple(row)) for row in rows[:take]), dtype=np.int64, count=take)
+        contiguous = numbers[take - 1] - numbers[0] == take - 1
+        self.chunks.append((hashes, int(numbers[0]) if contiguous else np.asarray(numbers[:take], dtype=np.int64)))
+        self.n += take
+
+    def count(self) -> tuple[int, int, int]:
+        """(number of duplicate rows, the first duplicate's row number, the row it repeats); zeros if none."""
+        if not self.chunks:
+            return 0, 0, 0
+        ordered = np.sort(np.concatenate([hashes for hashes, _ in self.chunks]))
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]   # one entry per row that repeats an earlier one
+        del ordered
+        if repeated.size == 0:
+            return 0, 0, 0
+        values = np.unique(repeated)
+        seen: dict[int, int] = {}
+        for hashes, where in self.chunks:                     # in file order: the first repeat wins
+            for i in np.flatnonzero(np.isin(hashes, values)).tolist():
+                row = where + i if isinstance(where, int) else int(where[i])
+                key = int(hashes[i])
+                if key in seen:
+                    return int(repeated.size), row, seen[key]
+                seen[key] = row
+        return int(repeated.size), 0, 0  # not reached: every repeated value occurs twice in the chunks
+
+    def report(self, path) -> None:
+        """Warn once per file (and process) when it has duplicate rows."""
+        n_duplicates, row, original = self.count()
+        if not n_duplicates:
+            return
+        try:
+            info = os.stat(path)
+            identity = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
+        except OSError:
+            identity = (str(path),)
+        if identity in _reported_duplicates:
+            return
+        _reported_duplicates.add(identity)
+        checked = f" among the first {self.n:,}" if self.truncated else ""
+        plural = "s" if n_duplicates > 1 else ""
+        logger.warning("%s: %s duplicate row%s%s (identical to an earlier row; first: row %d repeats row %d); "
+                       "kept: each counts as a row", path, f"{n_duplicates:,}", plural, checked, row, original)
+
+
+def iter_chunks(path, columns: list[str] | None, chunk_rows: int = 100_000,
+                duplicate_rows: int | None = DUPLICATE_CHECK_ROWS
                 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
     """Stream selected columns: yields ({column: np.ndarray of str, shape (n,)}, row_numbers int64 (n,)).
 
     columns: names from the header (InputError for a missing one, with the closest name); None = all.
-    Memory is bounded by `chunk_rows` whatever the file size.
+    Memory is bounded by `chunk_rows` whatever the file size. duplicate_rows: see `iter_rows`.
     """
     header = read_header(path)
     wanted = list(header) if columns is None else list(columns)
     positions = [header.index(find_column(header, name, (), path, "requested")) for name in wanted]
-    for rows, numbers in iter_rows(path, chunk_rows):
+    for rows, numbers in iter_rows(path, chunk_rows, duplicate_rows):
         chunk = {name: np.array([row[pos] for row in rows], dtype=str) for name, pos in zip(wanted, positions)}
         yield chunk, numbers
 
@@ -250,7 +384,7 @@ def _bad_value_message(path, row: int, lat_col: str, lon_col: str, lat_text: str
     if value != value or value in (float("inf"), float("-inf")):
         return f"{where}, column {column!r}: {text!r} is not a finite number (expected degrees)"
     message = f"{where}, column {column!r}: {value:g} is outside [-{limit:g}, {limit:g}]"
-    if not lat_ok:
+    if not lat_ok and abs(value) <= 180.0:  # a valid longitude in the latitude column
         try:
             other = float(lon_text)
         except ValueError:
@@ -259,6 +393,13 @@ def _bad_value_message(path, row: int, lat_col: str, lon_col: str, lat_text: str
             message += f" (lat/lon look swapped: {lon_col!r} = {other:g} would be a valid latitude; " \
                        "check --lat-col/--lon-col)"
     return message
+
+
+def bad_row_message(path, row: int, lat_col: str, lon_col: str, lat_text: str, lon_text: str) -> str:
+    """The one line `parse_coordinates(on_bad="error")` raises for this row (for reporting skipped rows)."""
+    lat, ok = _parse_floats(np.asarray([lat_text], dtype=str))
+    lat_ok = bool(ok[0] and np.isfinite(lat[0]) and abs(lat[0]) <= 90.0)
+    return _bad_value_message(path, row, lat_col, lon_col, lat_text, lon_text, lat_ok)
 
 
 def resolve_coordinate_columns(path, lat_col: str | None = None, lon_col: str | None = None) -> tuple[str, str]:
@@ -281,7 +422,7 @@ def read_coordinates(path, lat_col: str | None = None, lon_col: str | None = Non
     lat_name, lon_name = resolve_coordinate_columns(path, lat_col, lon_col)
     lats, lons, numbers = [], [], []
     n_rows = n_skipped = 0
-    for chunk, rows in iter_chunks(path, [lat_name, lon_name], chunk_rows):
+    for chunk, rows in iter_chunks(path, [lat_name, lon_name], chunk_rows, duplicate_rows=None):
         lat, lon, keep, skipped = parse_coordinates(chunk[lat_name], chunk[lon_name], rows, path,
                                                     lat_name, lon_name, on_bad)
         n_rows += len(rows)

@@ -271,7 +271,7 @@ def _paths_from_csv(path: Path, image_root, image_col: str | None) -> list[str]:
     root = Path(os.path.abspath(image_root if image_root is not None else path.parent))
     osv5m = column.strip().lower() == data.OSV5M_ID_COLUMN
     out: list[str] = []
-    for chunk, rows in csvio.iter_chunks(path, [column]):
+    for chunk, rows in csvio.iter_chunks(path, [column], duplicate_rows=None):
         for name, row in zip(chunk[column].tolist(), rows.tolist()):
             name = name.strip()
             if not name:
@@ -375,6 +375,32 @@ def save_model_dir(out_dir: str | Path, cfg: Config, model, loss_fn, encoder, ga
     ckpt.atomic_write_text(out / ckpt.CONFIG_NAME, json.dumps(meta, indent=2))
 
 
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _not_a_model_dir_message(path: Path) -> str:
+    """For a file given where a model directory is expected (a .pt/.pkl checkpoint, a single weights file)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    pickled = magic[:1] == b"\x80" or magic == b"PK"
+    what = ("; it looks like a pickle/torch.save file, which hierloc never unpickles" if pickled else "")
+    return (f"{path}: expected a model directory (config.json + model.safetensors + backbone/ + gazetteer/, "
+            f"what `hierloc train` writes), got a file{what}")
+
+
+def _refuse_pickled_backbone(directory: Path) -> None:
+    """A saved backbone must hold safetensors weights: transformers would otherwise read pytorch_model.bin with
+    torch.load (a restricted unpickler, but an unpickler); hierloc never unpickles."""
+    if not directory.is_dir() or any((directory / name).is_file() for name in SAFE_WEIGHT_FILES):
+        return
+    for name in PICKLE_WEIGHT_FILES:
+        if (directory / name).is_file():
+            raise InputError(f"{directory / name}: backbone weights in pickle format, which hierloc never "
+                             "unpickles; expected model.safetensors (save the backbone with "
+                             "save_pretrained(..., safe_serialization=True))")
+
+
 def _version() -> str:
     from hierloc import __version__
 
@@ -409,10 +435,15 @@ class HierLoc:
         from hierloc.model import EntityTable, HierLocModel
 
         root = Path(model_dir)
+        if root.is_file():
+            raise InputError(_not_a_model_dir_message(root))
         if not root.is_dir():
             raise InputError(f"{root}: model directory not found (train one with `hierloc train`)")
         meta = ckpt.read_json(root / ckpt.CONFIG_NAME, "model config")
-        version = int(meta.get("format_version", 0))
+        version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InputError(f"{root / ckpt.CONFIG_NAME}: expected a JSON object with an integer format_version "
+                             "(the model config `hierloc train` writes)")
         if version > ckpt.MODEL_FORMAT_VERSION:
             raise InputError(f"{root / ckpt.CONFIG_NAME}: format_version {version} is newer than this hierloc "
                              f"supports ({ckpt.MODEL_FORMAT_VERSION}); upgrade hierloc")
@@ -422,10 +453,15 @@ class HierLoc:
         dev = resolve_device(device)
         gaz = Gazetteer.load(root / meta.get("gazetteer_dir", "gazetteer"))
         if gaz.content_hash != meta.get("gazetteer_hash"):
-            raise InputError(f"{root}: the model was trained on gazetteer {meta.get('gazetteer_hash')} but "
-                             f"{root / 'gazetteer'} has content hash {gaz.content_hash}")
+            trained_on = str(meta.get("gazetteer_hash"))[:16]
+            raise InputError(f"{root}: the model was trained on the gazetteer with content hash {trained_on}, but "
+                             f"{root / meta.get('gazetteer_dir', 'gazetteer')} has content hash "
+                             f"{gaz.content_hash[:16]}: its entities would be the wrong places; put back the "
+                             "gazetteer the model was trained on")
         state = ckpt.load_tensors(root / ckpt.WEIGHTS_NAME)
-        encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"))
+        backbone_dir = root / meta.get("backbone_dir", "backbone")
+        _refuse_pickled_backbone(backbone_dir)
+        encoder = load_image_encoder(backbone_dir)
         model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None,
                              n_concepts=int(meta.get("n_concepts", 0)))
         loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,

@@ -8,14 +8,26 @@ Layout of a trained model directory (what ``hierloc train`` writes, what ``HierL
     checkpoints/step-N/    resumable training state (model + optimiser + trainer state), `checkpoints/latest`
                            names the newest complete one.
 Every file is written atomically (temp file + fsync + rename), so a crash never leaves a half-written checkpoint
-and the `latest` pointer only ever names a complete one.
+and the `latest` pointer only ever names a complete one. A write that fails (disk full, permission denied,
+read-only file system) is a one-line InputError naming the path and the reason; the temporary is removed and
+the previous checkpoint and `latest` are left as they were (`writing`, `save_training_checkpoint`).
+
+Each safetensors file written here carries, in its header metadata (`hierloc_sha256`), a SHA-256 of its tensors
+(`tensors_digest`: name, dtype, shape and bytes of each, in name order). Reading checks it, so bytes changed
+after writing (a bad disk, a botched copy) are refused instead of silently giving other weights; files without
+the key (written by older versions) are read without the check. safetensors itself checks the header and the
+file size (truncation), and never runs code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,32 +42,63 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
+CHECKSUM_KEY = "hierloc_sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of named tensors, independent of the file layout: for each name in sorted order, the line
+    'name|dtype|shape' then the tensor's bytes (C order, native little-endian)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a dict of tensors as safetensors, atomically."""
+    """Write a dict of tensors as safetensors, atomically, with their `tensors_digest` in the header metadata."""
     from safetensors.torch import save
 
     clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    metadata = dict(metadata or {}, **{CHECKSUM_KEY: tensors_digest(clean)})
     atomic_write_bytes(Path(path), save(clean, metadata=metadata))
 
 
+def _header_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's JSON header ({} if absent); the file has already parsed."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing, truncated or corrupt file is a one-line InputError. Never unpickles."""
+    """Read a safetensors file; a missing, pickled, truncated or corrupt file (including tensors that no longer
+    match the stored checksum) is a one-line InputError. Never unpickles."""
     from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found (a model directory needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+        needs = (f"a training checkpoint needs {WEIGHTS_NAME}, optimizer.safetensors, optimizer.json and "
+                 "trainer_state.json" if path.parent.name.startswith("step-") else
+                 f"a model directory needs {WEIGHTS_NAME} and {CONFIG_NAME}")
+        raise InputError(f"{path}: file not found ({needs})")
     data = path.read_bytes()
-    if data[:2] == b"\x80\x02" or data[:1] == b"\x80" or data[:2] == b"PK":
+    if data[:1] == b"\x80" or data[:2] == b"PK":  # pickle protocol >= 2; torch.save's zip archive
         raise InputError(f"{path}: this looks like a pickle/torch.save file; hierloc only reads safetensors and "
                          "never unpickles (convert it with safetensors.torch.save_file)")
     try:
-        return load(data)
+        tensors = load(data)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt or truncated file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: not a valid safetensors file (truncated or corrupt: {reason})") from None
+    expected = _header_metadata(data).get(CHECKSUM_KEY)
+    if expected is not None:
+        actual = tensors_digest(tensors)
+        if actual != expected:
+            raise InputError(f"{path}: corrupt: its tensors no longer match the checksum written with them "
+                             f"(sha256 {actual[:12]}..., expected {expected[:12]}...); restore the file from a "
+                             "good copy")
+    return tensors
 
 
 def read_json(path: str | Path, what: str) -> dict:
@@ -66,6 +109,40 @@ def read_json(path: str | Path, what: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------ write errors
+_WRITE_REASONS = {
+    errno.ENOSPC: "disk full (no space left on device)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied (operation not permitted)",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large for this file system",
+}
+
+
+def describe_write_error(exc: OSError) -> str:
+    """'disk full (no space left on device)', 'permission denied', ... or the system's own words."""
+    if exc.errno in _WRITE_REASONS:
+        return _WRITE_REASONS[exc.errno]
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str = "", hint: str = "") -> Iterator[None]:
+    """Turn an OSError raised while writing `path` into a one-line InputError:
+    'cannot write <what> <path>: <reason>[; <hint>]'. InputErrors (already one line) pass through."""
+    try:
+        yield
+    except InputError as exc:
+        if not hint:
+            raise
+        raise InputError(f"{exc}; {hint}") from None
+    except OSError as exc:
+        label = f"{what} {path}" if what else str(path)
+        raise InputError(f"cannot write {label}: {describe_write_error(exc)}" + (f"; {hint}" if hint else "")
+                         ) from None
 
 
 # --------------------------------------------------------------------------------------------- optimiser state
@@ -95,28 +172,68 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, pref
     return {"state": state, "param_groups": groups}
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping the per-parameter Python scalars as saved.
+
+    torch turns a restored non-tensor "step" into a float32 tensor; geoopt's RiemannianAdam keeps it as a Python
+    int and computes its bias corrections 1 - beta**step from it, so a float32 step would change those in the
+    last bits and a resumed run would drift from an uninterrupted one. The saved int is put back.
+    """
+    optimizer.load_state_dict(state)
+    ids = [pid for group in state["param_groups"] for pid in group["params"]]
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for pid, param in zip(ids, params):
+        for name, value in state["state"].get(pid, {}).items():
+            if not torch.is_tensor(value):
+                optimizer.state[param][name] = value
+
+
 # ------------------------------------------------------------------------------------------ training checkpoints
 def save_training_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                              optimizers: dict[str, dict], trainer_state: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-<step>/ atomically, then point `latest` at it; keep the newest `keep` ones."""
+    """Write checkpoints/step-<step>/ atomically, then point `latest` at it; keep the newest `keep` ones.
+
+    If a write fails (disk full, no permission, ...): InputError naming the path and the reason; the partial
+    temporary directory is removed, and the previous checkpoint and `latest` pointer are untouched (older
+    checkpoints are only pruned after a complete write).
+    """
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
-    with atomic_directory(final, overwrite=True) as tmp:
-        save_tensors(Path(tmp) / WEIGHTS_NAME, model_state)
-        all_tensors, metas = {}, {}
-        for name, opt_state in optimizers.items():
-            tensors, meta = flatten_optimizer_state(opt_state, name)
-            all_tensors.update(tensors)
-            metas[name] = meta
-        save_tensors(Path(tmp) / "optimizer.safetensors", all_tensors)
-        atomic_write_text(Path(tmp) / "optimizer.json", json.dumps(metas))
-        atomic_write_text(Path(tmp) / "trainer_state.json", json.dumps(trainer_state))
-    atomic_write_text(root / LATEST_NAME, final.name + "\n")
+    pointer = root / LATEST_NAME
+    previous = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    hint = (f"{pointer} still names the previous complete checkpoint {previous} (--resume continues from it)"
+            if previous else "no earlier checkpoint")
+    with writing(final, "checkpoint", hint):
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftover_temporaries(root)
+        with atomic_directory(final, overwrite=True) as tmp:
+            save_tensors(Path(tmp) / WEIGHTS_NAME, model_state)
+            all_tensors, metas = {}, {}
+            for name, opt_state in optimizers.items():
+                tensors, meta = flatten_optimizer_state(opt_state, name)
+                all_tensors.update(tensors)
+                metas[name] = meta
+            save_tensors(Path(tmp) / "optimizer.safetensors", all_tensors)
+            atomic_write_text(Path(tmp) / "optimizer.json", json.dumps(metas))
+            atomic_write_text(Path(tmp) / "trainer_state.json", json.dumps(trainer_state))
+    with writing(pointer, "checkpoint pointer", hint):
+        atomic_write_text(pointer, final.name + "\n")
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != final.name)
     for stale in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _remove_leftover_temporaries(root: Path) -> None:
+    """Delete the temporaries of writes that a killed process (SIGKILL, power loss) could not clean up:
+    `.step-*.tmp-*` / `.step-*.old-*` directories and `.latest.*.tmp` files. Only the trainer writes here."""
+    for leftover in root.glob(".*"):
+        if leftover.name.startswith((".step-", f".{LATEST_NAME}.")) and (".tmp" in leftover.name
+                                                                         or ".old-" in leftover.name):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -132,9 +132,11 @@ def read_image_table(
     parts_lat: list[np.ndarray] = []
     parts_lon: list[np.ndarray] = []
     parts_rows: list[np.ndarray] = []
-    n_skipped = 0
-    for columns, rows in csvio.iter_chunks(path, [image_col, lat_col, lon_col], chunk_rows):
+    n_skipped = n_rows = 0
+    first_bad: str | None = None  # why the first skipped row was skipped (on_bad="skip")
+    for columns, rows in csvio.iter_chunks(path, [image_col, lat_col, lon_col], chunk_rows, duplicate_rows=None):
         rows = np.asarray(rows, dtype=np.int64)
+        n_rows += len(rows)
         lat, lon, keep, n_bad = csvio.parse_coordinates(columns[lat_col], columns[lon_col], rows, path, lat_col,
                                                         lon_col, on_bad)
         keep = np.asarray(keep, dtype=bool)
@@ -145,7 +147,12 @@ def read_image_table(
                 first = int(rows[np.flatnonzero(empty)[0]])
                 raise InputError(f"{path}: row {first}: column {image_col!r} is empty, expected an image path")
             n_bad += int((empty & keep).sum())
-            keep = keep & ~empty
+        if first_bad is None and not (keep & ~empty).all():
+            i = int(np.flatnonzero(~(keep & ~empty))[0])
+            first_bad = (csvio.bad_row_message(path, int(rows[i]), lat_col, lon_col, str(columns[lat_col][i]),
+                                               str(columns[lon_col][i])) if not keep[i] else
+                         f"{path}: row {int(rows[i])}: column {image_col!r} is empty, expected an image path")
+        keep = keep & ~empty
         n_skipped += int(n_bad)
         lat = np.asarray(lat, dtype=np.float64)[keep]
         lon = np.asarray(lon, dtype=np.float64)[keep]
@@ -154,14 +161,24 @@ def read_image_table(
         parts_lat.append(lat)
         parts_lon.append(lon)
         parts_rows.append(rows[keep])
-    if not parts_paths or sum(len(p) for p in parts_paths) == 0:
-        raise InputError(f"{path}: no usable rows (need an image path and valid {lat_col}/{lon_col} per row; "
-                         f"{n_skipped} rows skipped)")
+    if n_rows == 0:
+        raise InputError(f"{path}: no usable rows: the file has no data rows (only a header)")
+    if sum(len(p) for p in parts_paths) == 0:
+        raise InputError(f"{path}: no usable rows: all {n_rows} rows skipped (need an image path and valid "
+                         f"{lat_col}/{lon_col} per row; first: {_without_path(first_bad, path)})")
     if n_skipped:
-        logger.warning("%s: skipped %d bad rows", path, n_skipped)
+        logger.warning("%s: skipped %d of %d rows (first: %s)", path, n_skipped, n_rows,
+                       _without_path(first_bad, path))
     return ImageTable(paths=np.concatenate(parts_paths), lat_deg=np.concatenate(parts_lat),
                       lon_deg=np.concatenate(parts_lon), rows=np.concatenate(parts_rows), n_skipped=n_skipped,
                       source=str(path))
+
+
+def _without_path(message: str | None, path: Path) -> str:
+    """A csvio message without its leading '<path>: ' (the caller names the file once)."""
+    message = message or "?"
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def _resolve_paths(names: np.ndarray, root: Path, osv5m_layout: bool) -> np.ndarray:

@@ -113,11 +113,17 @@ def gps_from_exif(exif: Any, where: str = "image") -> ExifGPS | None:
 def read_gps(path: str | os.PathLike) -> ExifGPS | None:
     """The EXIF GPS position of an image file, or None (no EXIF, no GPS, unusable GPS, or not a readable image:
     the pixel loader reports unreadable files). The file is only opened for reading and never written."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as image:  # lazy: reads the headers, not the pixels
-            return gps_from_exif(image.getexif(), where=os.fspath(path))
+        # Pillow only *warns* about images between 1x and 2x its pixel limit: as the pixel loader does, treat it
+        # as an error (here: no GPS), so that no Python warning reaches the user's terminal.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # lazy: reads the headers, not the pixels
+                return gps_from_exif(image.getexif(), where=os.fspath(path))
     except Exception as error:  # noqa: BLE001 - reading metadata must never fail a prediction
         logger.debug("%s: no EXIF read (%s)", os.fspath(path), error)
         return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
                     _draft_jpeg(image, min_side)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InputError(f"{path_str}: image too large (decompression bomb guard: {_one_line(error)})") from None
+        raise InputError(f"{path_str}: {_too_large(error)}") from None
     except UnidentifiedImageError:
         raise InputError(f"{path_str}: not a recognised image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -131,6 +132,18 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
         return to_rgb(image)
     except ValueError as error:
         raise InputError(f"{path_str}: unsupported colour mode {image.mode!r} ({_one_line(error)})") from None
+
+
+def _too_large(error: BaseException) -> str:
+    """Pillow's decompression-bomb error/warning -> 'image too large: N pixels, more than the limit of M ...'.
+
+    Pillow raises it from the header, before any pixel is decoded; its text carries the pixel count."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1)):,} pixels" if found else _one_line(error)
+    limit = Image.MAX_IMAGE_PIXELS
+    limit_text = f"{limit:,} pixels" if limit else "Pillow's limit"
+    return (f"image too large: {size}, more than the limit of {limit_text} (decompression bomb guard: not "
+            "decoded); expected a photo of a reasonable size")
 
 
 def _one_line(error: BaseException) -> str:

@@ -4,6 +4,13 @@ Flow: read the CSV -> gazetteer (given, or built from the CSV's points) -> label
 encoder (trained, or frozen with an on-disk feature cache) -> HierLocModel + GWH-InfoNCE ->
 RiemannianAdam (entity anchors) + AdamW (the rest), warm-up + cosine, gradient clipping -> checkpoints,
 TensorBoard logs, and the final model directory (see `hierloc.checkpoint` for its layout).
+
+Crash safety: checkpoints are atomic with a `latest` pointer; `--resume` restores the model, both optimisers,
+the step (the learning rate is a function of the step: `lr_factor`), the RNG state and the data order (epoch-seeded
+sampler + skipped batches; augmentation is seeded per (seed, epoch, image index)), so an interrupted run ends with
+the same parameters as an uninterrupted one. The first SIGINT/SIGTERM finishes the current step, writes a
+checkpoint and ends with `TrainingInterrupted` (exit status 130 / 143) naming the command that resumes
+(`hierloc.interrupt`); under torchrun every rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -11,8 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +37,7 @@ from hierloc.geodesy import latlon_to_unit
 from hierloc.config import Config
 from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, shutdown
 from hierloc.errors import InputError
+from hierloc.interrupt import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,19 @@ class TrainInputs:
     cache_dir: str | None = None
     progress: bool = True
     allow_download: bool = False
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped by SIGINT/SIGTERM after a checkpoint was written. A SystemExit whose code is 128 + the
+    signal number (130 SIGINT, 143 SIGTERM), so the process ends with the shell's status for the signal;
+    `message` is the one-line notice (also logged) that says how to resume."""
+
+    def __init__(self, code: int, message: str, checkpoint: Path | None, step: int):
+        super().__init__(code)
+        self.message, self.checkpoint, self.step = message, checkpoint, step
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -308,7 +332,10 @@ def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> Path:
                              "training or --overwrite to replace it")
         if out.exists() and inputs.overwrite and not inputs.resume:
             shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        with ckpt.writing(out, "output directory"):
+            out.mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(out))
     barrier(runtime)
     return out
 
@@ -372,6 +399,9 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
                          learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
     module = TrainModule(model, loss_fn).to(runtime.device)
     optimizers = build_optimizers(module, cfg)
+    # the schedule multiplies these base rates (from the config) by lr_factor(step); read them before a resumed
+    # optimiser state overwrites the groups' "lr" with the last scheduled value
+    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
     steps_per_epoch = data.steps_per_epoch(len(dataset), cfg.train.batch_size, runtime.world_size)
     if steps_per_epoch == 0:
         raise InputError(f"{inputs.train_csv}: {len(dataset)} usable images is fewer than one batch "
@@ -389,7 +419,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             model_state, opt_states, trainer_state = ckpt.load_training_checkpoint(latest)
             module.load_state_dict(model_state)
             for name, opt in optimizers.items():
-                opt.load_state_dict(opt_states[name])
+                ckpt.load_optimizer_state(opt, opt_states[name])
             step, start_epoch = int(trainer_state["step"]), int(trainer_state["epoch"])
             _restore_rng(trainer_state.get("rng"))
             log.info("resumed from %s (step %d, epoch %d)", latest, step, start_epoch)
@@ -398,16 +428,20 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         wrapped = nn.parallel.DistributedDataParallel(
             module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             broadcast_buffers=False)
-    writer = SummaryWriter(str(out / "tensorboard")) if runtime.is_main else None
+    writer = None
     if runtime.is_main:
-        ckpt.atomic_write_text(out / "run_config.json", cfg.to_json())
-        gaz.save(out / "gazetteer", overwrite=True)
-    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
+        with ckpt.writing(out / "tensorboard", "TensorBoard logs"):
+            writer = SummaryWriter(str(out / "tensorboard"))
+        with ckpt.writing(out / "run_config.json"):
+            ckpt.atomic_write_text(out / "run_config.json", cfg.to_json())
+        with ckpt.writing(out / "gazetteer", "gazetteer"):
+            gaz.save(out / "gazetteer", overwrite=True)
     t_start = time.perf_counter()
     images_seen = 0
     last_loss = float("nan")
     validation: dict = {}
     checkpoint_every = cfg.train.checkpoint_every or steps_per_epoch
+    saved_step = step if inputs.resume and step > 0 else -1   # the step of the newest checkpoint on disk
     progress = None
     if inputs.progress and runtime.is_main:
         from tqdm import tqdm
@@ -415,55 +449,74 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     epoch = start_epoch
     done = step >= total_steps
-    while not done and epoch < cfg.train.epochs:
-        skip_batches = step - epoch * steps_per_epoch
-        loader = data.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                  num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=epoch,
-                                  rank=runtime.rank, world_size=runtime.world_size, drop_last=True,
-                                  skip_batches=max(0, skip_batches))
-        module.train()
-        for batch in loader:
-            if step >= total_steps:
+    stop_signal = 0
+    # the first SIGINT/SIGTERM only sets stop.signum: the step in flight finishes, then every rank stops together
+    with GracefulStop() as stop:
+        while not done and epoch < cfg.train.epochs and not stop_signal:
+            skip_batches = step - epoch * steps_per_epoch
+            loader = data.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                                      num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=epoch,
+                                      rank=runtime.rank, world_size=runtime.world_size, drop_last=True,
+                                      skip_batches=max(0, skip_batches))
+            module.train()
+            for batch in loader:
+                if step >= total_steps:
+                    break
+                factor = lr_factor(step, total_steps, cfg.train.warmup_frac)
+                for name, opt in optimizers.items():
+                    for group, base in zip(opt.param_groups, base_lrs[name]):
+                        group["lr"] = base * factor
+                inputs_t = (batch["features"] if frozen else batch["pixel_values"]).to(runtime.device)
+                lat = batch["lat_deg"].to(runtime.device)
+                lon = batch["lon_deg"].to(runtime.device)
+                tgt = batch["targets"].to(runtime.device)
+                batch_concepts = batch["concepts"].to(runtime.device) if "concepts" in batch else None
+                result = wrapped(inputs_t, lat, lon, tgt, inputs_are_features=frozen, amp=cfg.train.amp,
+                                 concepts=batch_concepts, concept_weight=cfg.loss.concept_weight)
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                result["loss"].backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+                for opt in optimizers.values():
+                    opt.step()
+                if not frozen and cfg.model.entity_fusion and cfg.model.entity_image_features == "ema":
+                    update_entity_features(model, _gather(runtime, result["features"]), _gather(runtime, tgt), 0.1)
+                step += 1
+                images_seen += int(tgt.shape[0]) * runtime.world_size
+                last_loss = float(result["loss"].detach())
+                if writer is not None and (step % cfg.train.log_every == 0 or step == 1):
+                    _log_scalars(writer, step, result, optimizers, grad_norm)
+                if progress is not None:
+                    rate = images_seen / max(1e-9, time.perf_counter() - t_start)
+                    progress.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
+                    progress.update(1)
+                if step % checkpoint_every == 0 or step == total_steps:
+                    _save_checkpoint(out, module, optimizers, step, epoch + (1 if step % steps_per_epoch == 0 else 0),
+                                     runtime)
+                    saved_step = step
+                stop_signal = _stop_signal(stop, runtime)
+                if stop_signal:
+                    break
+            if stop_signal:
                 break
-            factor = lr_factor(step, total_steps, cfg.train.warmup_frac)
-            for name, opt in optimizers.items():
-                for group, base in zip(opt.param_groups, base_lrs[name]):
-                    group["lr"] = base * factor
-            inputs_t = (batch["features"] if frozen else batch["pixel_values"]).to(runtime.device)
-            lat = batch["lat_deg"].to(runtime.device)
-            lon = batch["lon_deg"].to(runtime.device)
-            tgt = batch["targets"].to(runtime.device)
-            batch_concepts = batch["concepts"].to(runtime.device) if "concepts" in batch else None
-            result = wrapped(inputs_t, lat, lon, tgt, inputs_are_features=frozen, amp=cfg.train.amp,
-                             concepts=batch_concepts, concept_weight=cfg.loss.concept_weight)
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            result["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-            for opt in optimizers.values():
-                opt.step()
-            if not frozen and cfg.model.entity_fusion and cfg.model.entity_image_features == "ema":
-                update_entity_features(model, _gather(runtime, result["features"]), _gather(runtime, tgt), 0.1)
-            step += 1
-            images_seen += int(tgt.shape[0]) * runtime.world_size
-            last_loss = float(result["loss"].detach())
-            if writer is not None and (step % cfg.train.log_every == 0 or step == 1):
-                _log_scalars(writer, step, result, optimizers, grad_norm)
+            epoch += 1
+            done = step >= total_steps
+            if inputs.val_csv and runtime.is_main:
+                validation = _validate(module.model, loss_fn, encoder, gaz, inputs, cfg, runtime)
+                if writer is not None:
+                    for key, value in validation.items():
+                        writer.add_scalar(f"val/{key}", value, step)
+                log.info("epoch %d validation: %s", epoch, _format_metrics(validation))
+            stop_signal = _stop_signal(stop, runtime)   # a signal during validation
+        if stop_signal and step < total_steps:         # (a run already complete just finishes)
             if progress is not None:
-                rate = images_seen / max(1e-9, time.perf_counter() - t_start)
-                progress.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
-                progress.update(1)
-            if step % checkpoint_every == 0 or step == total_steps:
-                _save_checkpoint(out, module, optimizers, step, epoch + (1 if step % steps_per_epoch == 0 else 0),
-                                 runtime)
-        epoch += 1
-        done = step >= total_steps
-        if inputs.val_csv and runtime.is_main:
-            validation = _validate(module.model, loss_fn, encoder, gaz, inputs, cfg, runtime)
+                progress.close()
+            if saved_step != step:
+                _save_checkpoint(out, module, optimizers, step, step // steps_per_epoch, runtime)
             if writer is not None:
-                for key, value in validation.items():
-                    writer.add_scalar(f"val/{key}", value, step)
-            log.info("epoch %d validation: %s", epoch, _format_metrics(validation))
+                writer.close()
+            barrier(runtime)
+            raise _interrupted(stop_signal, out, step, total_steps, runtime)
     if progress is not None:
         progress.close()
     seconds = time.perf_counter() - t_start
@@ -471,7 +524,8 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     if runtime.is_main:
         from hierloc.api import save_model_dir
 
-        save_model_dir(out, cfg, module.model, loss_fn, encoder, gaz)
+        with ckpt.writing(out, "model directory"):
+            save_model_dir(out, cfg, module.model, loss_fn, encoder, gaz)
         if writer is not None:
             writer.close()
     barrier(runtime)
@@ -481,7 +535,8 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
                            n_skipped=int(table.n_skipped) + n_unreached, n_entities=counts, final_loss=last_loss,
                            validation=validation, rank_param_divergence=rank_divergence)
     if runtime.is_main:
-        ckpt.atomic_write_text(out / "train_summary.json", json.dumps(summary.__dict__, indent=2))
+        with ckpt.writing(out / "train_summary.json"):
+            ckpt.atomic_write_text(out / "train_summary.json", json.dumps(summary.__dict__, indent=2))
     return summary
 
 
@@ -516,6 +571,47 @@ def _restore_rng(state: dict | None) -> None:
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _stop_signal(stop: GracefulStop, runtime: Runtime) -> int:
+    """The signal number that asked this run to stop (0: none). Under torchrun the largest over all ranks, so
+    that every rank stops after the same step even if only one of them received the signal."""
+    signum = int(stop.signum or 0)
+    if runtime.distributed:
+        flag = torch.tensor([signum], dtype=torch.int64, device=runtime.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signum
+
+
+def resume_command(argv: list[str] | None = None) -> str | None:
+    """The command line that continues this run: the `hierloc train ...` command that started it with --resume
+    added (None when the process was not started as `hierloc train`, e.g. from Python)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or "train" not in argv[1:]:
+        return None
+    program = Path(argv[0]).name
+    if program == "hierloc":
+        head = ["hierloc"]
+    elif program == "__main__.py" and Path(argv[0]).parent.name == "hierloc":
+        head = [sys.executable, "-m", "hierloc"]
+    else:
+        return None
+    return shlex.join(head + argv[1:] + ([] if "--resume" in argv else ["--resume"]))
+
+
+def _interrupted(signum: int, out: Path, step: int, total_steps: int, runtime: Runtime) -> TrainingInterrupted:
+    """Log the one-line notice and build the exception that ends the run (exit status 128 + signum)."""
+    import signal
+
+    latest = ckpt.latest_checkpoint(out) if runtime.is_main else None
+    command = None if runtime.distributed else resume_command()
+    how = f"to continue, run: {command}" if command else "to continue, re-run the same command with --resume"
+    message = (f"training stopped by {signal.Signals(signum).name} after step {step} of {total_steps}; "
+               f"checkpoint {latest if latest is not None else out / ckpt.CHECKPOINTS_DIR} is complete; {how}")
+    if runtime.is_main:
+        log.warning("%s", message)
+    return TrainingInterrupted(128 + signum, message, latest, step)
 
 
 def _save_checkpoint(out: Path, module: TrainModule, optimizers: dict, step: int, epoch: int,
