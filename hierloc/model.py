@@ -144,7 +144,8 @@ class HierLocModel(nn.Module):
             coord_dim = 8 * cfg.coord_scales
             # no dropout here: an entity's inputs are fixed, and dropout noise over ~E x hidden units costs more
             # than the rest of a step (measured: bernoulli_ was 19% of a CPU step at E = 26k)
-            self.entity_mlp = _mlp(feature_dim + coord_dim, cfg.entity_hidden, dim, 0.0)
+            in_dim = coord_dim + (feature_dim if self.fuses_image_features else 0)
+            self.entity_mlp = _mlp(in_dim, cfg.entity_hidden, dim, 0.0)
             self.entity_alpha = nn.Parameter(torch.tensor(float(cfg.entity_alpha_init) * dim ** -0.5))
         else:
             self.entity_mlp = None
@@ -157,6 +158,15 @@ class HierLocModel(nn.Module):
                                             dropout=cfg.dropout)
             # (E, K) mean concept label of each entity's training images (what `explain` compares)
             self.register_buffer("concept_profiles", torch.zeros(self.n_entities, n_concepts))
+
+    @property
+    def fuses_image_features(self) -> bool:
+        """Whether the entity MLP reads each entity's mean image feature (besides its coordinate encoding):
+        exact means from a frozen backbone ("auto"), or running means ("ema"). Otherwise ("none", or "auto" with a
+        backbone that trains, whose means would chase a moving encoder: measured worse) the MLP reads the
+        coordinate encoding only and has no feature columns (fewer FLOPs over all E entities every step)."""
+        mode = self.cfg.entity_image_features
+        return mode == "ema" or (mode == "auto" and self.cfg.freeze_backbone)
 
     @property
     def is_hyperbolic(self) -> bool:
@@ -218,7 +228,8 @@ class HierLocModel(nn.Module):
         c = self.cfg.curvature
         base = hyperbolic.logmap0(self.anchors, c=c) if self.is_hyperbolic else self.anchors
         if self.entity_mlp is not None:
-            fused = torch.cat([self.entity_features, self._coord_features()], dim=-1)
+            coords = self._coord_features()
+            fused = torch.cat([self.entity_features, coords], dim=-1) if self.fuses_image_features else coords
             base = base + self.entity_alpha * self.entity_mlp(fused)
         return _clamp_norm(base, self.cfg.max_tangent_norm)
 
