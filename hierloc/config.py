@@ -23,14 +23,16 @@ CONFIG_FORMAT_VERSION = 1
 
 @dataclass
 class ModelConfig:
-    # Image backbone: "tiny-vit" (a small ViT trained from scratch: the offline default), a local directory with a
+    # Image backbone: "tiny-vit" (a small ViT trained from scratch: the offline default), "tiny-resnet" (a small
+    # CNN from scratch: much faster to train from scratch on CPU, what `make demo` uses), a local directory with a
     # transformers config (+ weights), or a hub id already in the local cache (downloads are never silent).
     backbone: str = "tiny-vit"
     pretrained: bool = False          # load the backbone's weights (False: random init, train from scratch)
     freeze_backbone: bool = False     # frozen -> features are extracted once into an on-disk cache
-    # Input side of the built-in tiny ViT only (other backbones keep their own). 32: the 64 px demo patches are
-    # area-downsampled to 32 px, 16 tokens of 8x8 instead of 64. Measured (same CPU time, CE over countries, demo
-    # "nearby"): 76.6% at 32 px vs 46.8% at 64 px; HierLoc trains ~1.5x faster per image (310 vs ~200 images/s).
+    # Input side of the built-in tiny-vit / tiny-resnet only (other backbones keep their own). 32: the 64 px demo
+    # patches are area-downsampled to 32 px (for the ViT 16 tokens of 8x8 instead of 64). Measured at the same CPU
+    # time with CE over countries, demo "nearby": 76.6% at 32 px vs 46.8% at 64 px; HierLoc trains ~1.5x faster
+    # per image (310 vs ~200 images/s).
     image_size: int = 32
     embed_dim: int = 64               # D, dimension of the Poincare ball (paper: 128; 64 is enough for <50k entities)
     head_hidden: int = 512            # hidden width of the image head MLP (Linear-GELU-Dropout-Linear)

@@ -49,9 +49,13 @@ logger = logging.getLogger(__name__)
 # Name reserved for the built-in configuration (no files needed; always randomly initialised). It takes precedence
 # over a directory of the same name in the working directory: write "./tiny-vit" to mean the directory.
 DEFAULT_BACKBONE = "tiny-vit"
+# Built-in from-scratch backbones (no weights to download): name -> config factory (see the functions below).
+TINY_RESNET = "tiny-resnet"
+BUILTIN_BACKBONES = (DEFAULT_BACKBONE, TINY_RESNET)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+# Local weights hierloc reads (safetensors only), and transformers' pickle formats, which it never unpickles.
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # model_type -> pooling (see module docstring).
 CLS_POOLED_TYPES = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "vit_msn"})
@@ -98,6 +102,31 @@ def tiny_vit_config(
         attention_probs_dropout_prob=0.0,
         qkv_bias=True,
     )
+
+
+def tiny_resnet_config(image_size: int = 32, widths: tuple = (32, 64, 128, 192)) -> Any:
+    """A small CNN trained from scratch -> `transformers.ResNetConfig` (built-in "tiny-resnet", 0.89M parameters).
+
+    Stem: transformers' ResNet stem (7x7 conv stride 2 + max-pool stride 2), then four stages of one basic
+    block each, widths 32/64/128/192 (stages 2-4 stride 2), global average pooling -> 192 features. Any input side
+    works (the pooling is global); ``image_size`` is only recorded for the preprocessor. Why offer it next to the
+    ViT: trained from scratch on 20k satellite patches on this CPU, its convolutions learn colour and texture cues
+    far faster than a ViT's attention (measured on the demo world: country cross-entropy 94.0% "nearby" after 624
+    steps in ~40 s, against 76.6% for the tiny ViT after 936 steps in ~8 min).
+    """
+    from transformers import ResNetConfig
+
+    config = ResNetConfig(embedding_size=int(widths[0]), hidden_sizes=[int(w) for w in widths],
+                          depths=[1] * len(widths), layer_type="basic")
+    config.image_size = int(image_size)
+    return config
+
+
+def builtin_config(name: str, image_size: int | None = None) -> Any:
+    """Config of a built-in backbone ("tiny-vit" or "tiny-resnet") at ``image_size`` (its default when None)."""
+    if name == TINY_RESNET:
+        return tiny_resnet_config() if image_size is None else tiny_resnet_config(image_size=int(image_size))
+    return tiny_vit_config() if image_size is None else tiny_vit_config(image_size=int(image_size))
 
 
 def tiny_vit_preprocessor(image_size: int = 64) -> Preprocessor:
@@ -161,18 +190,20 @@ def load_backbone(
     """Load a transformers vision backbone -> (model in float32, info).
 
     name_or_path: a local directory (config.json [+ model.safetensors]), a hub id ("facebook/dinov2-small";
-        found in the local Hugging Face cache unless allow_download), or "tiny-vit" (`tiny_vit_config()`).
+        found in the local Hugging Face cache unless allow_download), "tiny-vit" (`tiny_vit_config()`) or
+        "tiny-resnet" (`tiny_resnet_config()`).
     pretrained: True loads the weights (error if there are none); False builds the architecture from the config
-        with random initialisation (torch's global RNG), to train from scratch.
+        with random initialisation (torch's global RNG), to train from scratch. Weights are read from safetensors
+        files only: pickled `pytorch_model.bin` weights are never loaded (hierloc never unpickles).
     allow_download: permit fetching a hub id from the network (default: never).
 
     Raises `InputError` for: a missing directory, a directory without config.json, a hub id that is not cached
-    while downloads are disabled, a non-vision model, pretrained=True without weights, weights that do not match
-    the architecture.
+    while downloads are disabled, a non-vision model, pretrained=True without weights or with pickled weights only,
+    weights that do not match the architecture.
     """
     name = os.fspath(name_or_path)
-    if name == DEFAULT_BACKBONE:
-        return _load_builtin(name, pretrained, tiny_vit_config())
+    if name in BUILTIN_BACKBONES:
+        return _load_builtin(name, pretrained, builtin_config(name))
     source, location = _resolve_source(name)
     local_only = not allow_download
     config = _load_config(name, location, source, local_only, cache_dir)
@@ -185,16 +216,17 @@ def load_backbone(
     if not pretrained:
         model = model_class(vision_config, **extra_kwargs)
     else:
-        if source == "local" and not any((Path(location) / name_).is_file() for name_ in WEIGHT_FILES):
-            raise InputError(
-                f"{location}: no weights found (expected model.safetensors); pass pretrained=False "
-                "(train from scratch) to build the model from config.json with random weights"
-            )
+        if source == "local":
+            _require_safetensors_weights(Path(location))
+        elif (snapshot := _hub_snapshot_dir(name)) is not None:
+            _refuse_pickled_weights(Path(snapshot))     # a cached hub model with pickled weights only
         try:
+            # use_safetensors=True: transformers never falls back to torch.load of pytorch_model.bin (a hub
+            # checkpoint without safetensors weights is refused too); hierloc never unpickles
             with _quiet_transformers():
                 model, loading_info = model_class.from_pretrained(
                     location, config=vision_config, local_files_only=local_only, cache_dir=cache_dir,
-                    dtype=torch.float32, output_loading_info=True, **extra_kwargs,
+                    dtype=torch.float32, output_loading_info=True, use_safetensors=True, **extra_kwargs,
                 )
         except OSError as error:
             raise _not_available_error(name, source, allow_download, error) from None
@@ -241,6 +273,14 @@ def _load_builtin(name: str, pretrained: bool, config: Any) -> tuple[nn.Module, 
     if pretrained:
         raise InputError(f"backbone {name!r} has no pretrained weights; it is trained from scratch "
                          "(pretrained=False), or pass a directory with config.json + model.safetensors")
+    if config.model_type == "resnet":
+        from transformers import ResNetModel
+
+        model = ResNetModel(config)
+        info = BackboneInfo(name_or_path=name, source="builtin", directory=None, model_type="resnet",
+                            architecture=type(model).__name__, pooling="pooler", feature_dim=config.hidden_sizes[-1],
+                            pretrained=False)
+        return model, info
     from transformers import ViTModel
 
     model = ViTModel(config, add_pooling_layer=False)
@@ -270,7 +310,32 @@ def _resolve_source(name: str) -> tuple[str, str]:
     return "hub", name
 
 
+def _require_safetensors_weights(directory: Path) -> None:
+    """A local backbone must hold model.safetensors (or a sharded index of it): InputError otherwise, naming a
+    pickled pytorch_model.bin when that is what the directory holds (transformers would torch.load it)."""
+    _refuse_pickled_weights(directory)
+    if not any((directory / name).is_file() for name in SAFE_WEIGHT_FILES):
+        raise InputError(f"{directory}: no weights found (expected model.safetensors); pass pretrained=False "
+                         "(train from scratch) to build the model from config.json with random weights")
+
+
+def _refuse_pickled_weights(directory: Path) -> None:
+    """InputError when `directory` holds pickled weights (pytorch_model.bin) and no safetensors weights."""
+    if any((directory / name).is_file() for name in SAFE_WEIGHT_FILES):
+        return
+    for name in PICKLE_WEIGHT_FILES:
+        if (directory / name).is_file():
+            raise InputError(f"{directory / name}: backbone weights in pickle format, which hierloc never "
+                             "unpickles; expected model.safetensors (convert them with "
+                             "safetensors.torch.save_file, or save the model with save_pretrained(..., "
+                             "safe_serialization=True))")
+
+
 def _not_available_error(name: str, source: str, allow_download: bool, error: BaseException) -> InputError:
+    if "use_safetensors" in str(error) and (allow_download or source == "local"):
+        # transformers found no safetensors weights where it could look (a pickle is never a fallback)
+        return InputError(f"backbone {name!r} has no safetensors weights (model.safetensors) to load; hierloc "
+                          "never loads pickled weights (pytorch_model.bin)")
     if source == "hub" and not allow_download:
         return InputError(
             f"backbone {name!r} not found locally and downloads are disabled; pass a local directory "
@@ -473,13 +538,13 @@ def build_image_encoder(
 ) -> ImageEncoder:
     """Backbone + preprocessor + pooling -> ImageEncoder (see `load_backbone` for `backbone` and the errors).
 
-    image_size: input side of the built-in "tiny-vit" (default 64). Other backbones keep the size they were
-    built for (their position embeddings fix it): the value is ignored for them, with a log message when it
-    differs from theirs.
+    image_size: input side of the built-in "tiny-vit" (default 64) or "tiny-resnet" (default 32). Other backbones
+    keep the size they were built for (their position embeddings fix it): the value is ignored for them, with a
+    log message when it differs from theirs.
     """
     name = os.fspath(backbone)
-    if name == DEFAULT_BACKBONE:
-        config = tiny_vit_config() if image_size is None else tiny_vit_config(image_size=int(image_size))
+    if name in BUILTIN_BACKBONES:
+        config = builtin_config(name, image_size)
         model, info = _load_builtin(name, pretrained, config)
         preprocessor = tiny_vit_preprocessor(config.image_size)
         return ImageEncoder(model, info, preprocessor, frozen=freeze)
@@ -488,7 +553,7 @@ def build_image_encoder(
     preprocessor = Preprocessor.from_backbone_dir_or_config(directory, model.config)
     if image_size is not None and int(image_size) != preprocessor.image_size:
         logger.info("backbone %s takes %d px inputs; image_size %s applies to %s only", name,
-                    preprocessor.image_size, image_size, DEFAULT_BACKBONE)
+                    preprocessor.image_size, image_size, " and ".join(BUILTIN_BACKBONES))
     return ImageEncoder(model, info, preprocessor, frozen=freeze)
 
 

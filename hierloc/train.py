@@ -8,9 +8,11 @@ TensorBoard logs, and the final model directory (see `hierloc.checkpoint` for it
 Crash safety: checkpoints are atomic with a `latest` pointer; `--resume` restores the model, both optimisers,
 the step (the learning rate is a function of the step: `lr_factor`), the RNG state and the data order (epoch-seeded
 sampler + skipped batches; augmentation is seeded per (seed, epoch, image index)), so an interrupted run ends with
-the same parameters as an uninterrupted one. The first SIGINT/SIGTERM finishes the current step, writes a
-checkpoint and ends with `TrainingInterrupted` (exit status 130 / 143) naming the command that resumes
-(`hierloc.interrupt`); under torchrun every rank stops after the same step.
+the same parameters as an uninterrupted one. A checkpoint records the content hash of the run's gazetteer, and
+`--resume` with another gazetteer (or a configuration whose tensors do not fit the checkpoint) is an InputError.
+The first SIGINT/SIGTERM finishes the current step, writes a checkpoint and ends with `TrainingInterrupted` (exit
+status 130 / 143) naming the command that resumes (`hierloc.interrupt`; the CLI prints it); under torchrun every
+rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class TrainInputs:
 class TrainingInterrupted(SystemExit):
     """Training stopped by SIGINT/SIGTERM after a checkpoint was written. A SystemExit whose code is 128 + the
     signal number (130 SIGINT, 143 SIGTERM), so the process ends with the shell's status for the signal;
-    `message` is the one-line notice (also logged) that says how to resume."""
+    `message` is the one-line notice that says how to resume (`hierloc train` prints it as `hierloc: <message>`
+    on stderr; the library only logs it at debug level)."""
 
     def __init__(self, code: int, message: str, checkpoint: Path | None, step: int):
         super().__init__(code)
@@ -352,6 +355,8 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     table = data.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
                                   lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad="skip")
     gaz = prepare_gazetteer(inputs, table, runtime)
+    if inputs.resume:
+        _check_resume_gazetteer(out, gaz, inputs)   # before the encoder and any feature extraction
     targets, reached = _labels(gaz, table)
     n_unreached = int((~reached).sum())
     if n_unreached:
@@ -417,9 +422,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             log.warning("--resume: %s has no checkpoint yet; starting from scratch", out)
         else:
             model_state, opt_states, trainer_state = ckpt.load_training_checkpoint(latest)
-            module.load_state_dict(model_state)
-            for name, opt in optimizers.items():
-                ckpt.load_optimizer_state(opt, opt_states[name])
+            _load_resumed_state(latest, module, optimizers, model_state, opt_states)
             step, start_epoch = int(trainer_state["step"]), int(trainer_state["epoch"])
             _restore_rng(trainer_state.get("rng"))
             log.info("resumed from %s (step %d, epoch %d)", latest, step, start_epoch)
@@ -492,7 +495,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
                     progress.update(1)
                 if step % checkpoint_every == 0 or step == total_steps:
                     _save_checkpoint(out, module, optimizers, step, epoch + (1 if step % steps_per_epoch == 0 else 0),
-                                     runtime)
+                                     gaz.content_hash, runtime)
                     saved_step = step
                 stop_signal = _stop_signal(stop, runtime)
                 if stop_signal:
@@ -512,7 +515,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             if progress is not None:
                 progress.close()
             if saved_step != step:
-                _save_checkpoint(out, module, optimizers, step, step // steps_per_epoch, runtime)
+                _save_checkpoint(out, module, optimizers, step, step // steps_per_epoch, gaz.content_hash, runtime)
             if writer is not None:
                 writer.close()
             barrier(runtime)
@@ -530,7 +533,8 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             writer.close()
     barrier(runtime)
     counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
-    summary = TrainSummary(out_dir=str(out), train_csv=str(Path(inputs.train_csv).resolve()), steps=step, epochs=epoch, seconds=seconds,
+    summary = TrainSummary(out_dir=str(out), train_csv=str(Path(inputs.train_csv).resolve()), steps=step,
+                           epochs=epoch, seconds=seconds,
                            images_per_second=images_seen / max(seconds, 1e-9), n_train=len(targets),
                            n_skipped=int(table.n_skipped) + n_unreached, n_entities=counts, final_loss=last_loss,
                            validation=validation, rank_param_divergence=rank_divergence)
@@ -601,7 +605,8 @@ def resume_command(argv: list[str] | None = None) -> str | None:
 
 
 def _interrupted(signum: int, out: Path, step: int, total_steps: int, runtime: Runtime) -> TrainingInterrupted:
-    """Log the one-line notice and build the exception that ends the run (exit status 128 + signum)."""
+    """Build the exception that ends the run (exit status 128 + signum), whose message says how to resume (the
+    CLI prints it; here it is only logged at debug level, so that it does not appear twice)."""
     import signal
 
     latest = ckpt.latest_checkpoint(out) if runtime.is_main else None
@@ -610,17 +615,99 @@ def _interrupted(signum: int, out: Path, step: int, total_steps: int, runtime: R
     message = (f"training stopped by {signal.Signals(signum).name} after step {step} of {total_steps}; "
                f"checkpoint {latest if latest is not None else out / ckpt.CHECKPOINTS_DIR} is complete; {how}")
     if runtime.is_main:
-        log.warning("%s", message)
+        log.debug("%s", message)
     return TrainingInterrupted(128 + signum, message, latest, step)
 
 
-def _save_checkpoint(out: Path, module: TrainModule, optimizers: dict, step: int, epoch: int,
+def _save_checkpoint(out: Path, module: TrainModule, optimizers: dict, step: int, epoch: int, gazetteer_hash: str,
                      runtime: Runtime) -> None:
+    """Write checkpoints/step-<step>/ (rank 0). trainer_state.json holds the step, the epoch, the RNG states and
+    the content hash of the run's gazetteer (checked by `--resume`)."""
     if not runtime.is_main:
         return
     state = {k: v for k, v in module.state_dict().items()}
     ckpt.save_training_checkpoint(out, step, state, {n: o.state_dict() for n, o in optimizers.items()},
-                                  {"step": step, "epoch": epoch, "rng": _rng_state()})
+                                  {"step": step, "epoch": epoch, "rng": _rng_state(),
+                                   "gazetteer_hash": gazetteer_hash})
+
+
+def _check_resume_gazetteer(out: Path, gaz, inputs: TrainInputs) -> None:
+    """--resume: InputError when the latest checkpoint was trained on a gazetteer with another content hash
+    (its entity anchors and heads would belong to other places). Checkpoints written before the hash was
+    recorded are not checked here (a different entity count still fails in `_load_resumed_state`)."""
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        return
+    state = ckpt.read_json(latest / "trainer_state.json", "trainer state")
+    saved = state.get("gazetteer_hash") if isinstance(state, dict) else None
+    if not isinstance(saved, str) or saved == gaz.content_hash:
+        return
+    given = f"the gazetteer {inputs.gazetteer_dir}" if inputs.gazetteer_dir else "the gazetteer built from the CSV"
+    hint = "resume with the gazetteer the run was trained on"
+    copy = out / "gazetteer"
+    if _gazetteer_dir_hash(copy) == saved and not (inputs.gazetteer_dir and _same_path(inputs.gazetteer_dir, copy)):
+        hint += f" (its copy: --gazetteer {copy})"
+    raise InputError(f"{latest}: this run was trained on the gazetteer with content hash {saved[:16]}, but "
+                     f"{given} has content hash {gaz.content_hash[:16]}; {hint}")
+
+
+def _gazetteer_dir_hash(directory: Path) -> str | None:
+    """The content hash recorded in a saved gazetteer's metadata.json, or None (missing, unreadable)."""
+    try:
+        value = json.loads((directory / "metadata.json").read_text(encoding="utf-8")).get("content_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str:
+    """What keeps `saved` from loading into a module whose state dict is `expected`: the count and first key of
+    shape mismatches, missing and unexpected tensors ('' when the names and shapes all agree)."""
+    reshaped = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    parts = []
+    if reshaped:
+        first = reshaped[0]
+        parts.append(f"{len(reshaped)} tensors of another shape, first {first}: {list(saved[first].shape)} in the "
+                     f"checkpoint, {list(expected[first].shape)} in this run's model")
+    if missing:
+        parts.append(f"{len(missing)} tensors missing from the checkpoint, first {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors this run's model does not have, first {unexpected[0]}")
+    return ", ".join(parts)
+
+
+def _load_resumed_state(latest: Path, module: TrainModule, optimizers: dict, model_state: dict,
+                        opt_states: dict) -> None:
+    """Load a training checkpoint's model and optimiser states; a checkpoint that does not fit this run's model
+    (another configuration or gazetteer) is a one-line InputError naming the file and the first mismatch."""
+    hint = "resume with the options, overrides and gazetteer of the original run"
+    mismatch = _state_mismatch(module.state_dict(), model_state)
+    try:
+        if mismatch:
+            raise RuntimeError(mismatch)
+        module.load_state_dict(model_state)
+    except RuntimeError as exc:
+        detail = mismatch or " ".join(str(exc).split())[:200]
+        raise InputError(f"{latest / ckpt.WEIGHTS_NAME}: the checkpoint does not fit this run's model "
+                         f"({detail}); {hint}") from None
+    for name, opt in optimizers.items():
+        try:
+            if name not in opt_states:
+                raise KeyError(f"no state for the {name} optimiser")
+            ckpt.load_optimizer_state(opt, opt_states[name])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            detail = " ".join(str(exc).strip("'\"").split())[:200]
+            raise InputError(f"{latest / 'optimizer.safetensors'}: the {name} optimiser state does not fit this "
+                             f"run ({detail}); {hint}") from None
 
 
 def _validate(model, loss_fn, encoder, gaz, inputs: TrainInputs, cfg: Config, runtime: Runtime) -> dict:

@@ -671,9 +671,7 @@ CASES: tuple[Case, ...] = (
     Case("other-gazetteer", "model dir whose gazetteer/ is another gazetteer", "model", make_other_gazetteer_model,
          {c: "error" for c in MODEL_READERS}, ("content hash",)),
     Case("resume-other-gazetteer", "training checkpoint resumed with another gazetteer", "model",
-         make_resumed_with_other_gazetteer, {"train --resume": "error"}, ("gazetteer",),
-         gaps=(("train --resume", "hierloc/train.py loads the checkpoint without checking its gazetteer: torch's "
-                                  "RuntimeError becomes 'internal error' (fix suggested in docs/reliability.md)"),)),
+         make_resumed_with_other_gazetteer, {"train --resume": "error"}, ("gazetteer", "content hash")),
     Case("truncated-weights", "truncated model.safetensors", "model", make_truncated_weights,
          {c: "error" for c in (*MODEL_READERS, "train --resume")}, ("model.safetensors", "truncated")),
     Case("corrupt-weights", "model.safetensors with 64 bytes flipped in the tensor data", "model",
@@ -692,9 +690,7 @@ CASES: tuple[Case, ...] = (
     Case("pickle-backbone", "backbone/pytorch_model.bin (a pickle) instead of model.safetensors", "model",
          make_pickle_backbone, {c: "error" for c in MODEL_READERS}, ("model.safetensors", "pickle")),
     Case("pickle-backbone-train", "a backbone dir holding pytorch_model.bin (a pickle), to train from", "backbone",
-         make_pickle_backbone_for_training, {"train": "error"}, ("pytorch_model.bin", "pickle"),
-         gaps=(("train", "hierloc/encoders.py lets transformers torch.load(weights_only=True) the pickle: a Python "
-                         "UserWarning and an 'internal error' (fix suggested in docs/reliability.md)"),)),
+         make_pickle_backbone_for_training, {"train": "error"}, ("pytorch_model.bin", "pickle", "never unpickles")),
     Case("no-config", "model dir without config.json", "model", _without("config.json"),
          {c: "error" for c in MODEL_READERS}, ("config.json",)),
     Case("no-weights", "model dir without model.safetensors", "model", _without("model.safetensors"),

@@ -144,8 +144,9 @@ def test_signal_finishes_the_step_checkpoints_and_exits_with_a_resume_hint(signu
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_in_process_stops_after_the_current_step(signum, train_args, reference, tmp_path, monkeypatch,
-                                                        caplog):
-    """The fast variant (no subprocess): the signal arrives inside step 6 (the next checkpoint is due at 8)."""
+                                                        caplog, capsys):
+    """The fast variant (no subprocess): the signal arrives inside step 6 (the next checkpoint is due at 8). The
+    CLI prints the resume notice once, as `hierloc: <message>` (not also as a log warning)."""
     import hierloc.train as train_mod
 
     original = train_mod._log_scalars
@@ -158,11 +159,13 @@ def test_signal_in_process_stops_after_the_current_step(signum, train_args, refe
 
     monkeypatch.setattr(train_mod, "_log_scalars", log_and_interrupt)
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING), pytest.raises(train_mod.TrainingInterrupted) as stopped:
-        main(train_args + ["--out", str(out)])
-    assert stopped.value.code == 128 + signum and stopped.value.step == 6
+    with caplog.at_level(logging.WARNING):
+        code = main(train_args + ["--out", str(out)])
+    assert code == 128 + signum
     name = signal.Signals(signum).name
-    assert f"training stopped by {name} after step 6 of 30" in caplog.text and "--resume" in caplog.text
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"hierloc: training stopped by {name} after step 6 of 30; ") and "--resume" in last
+    assert "training stopped" not in caplog.text          # printed once, not also logged as a warning
     assert {s: signal.getsignal(s) for s in handlers} == handlers      # handlers restored
     assert_complete_checkpoint(out, 6)
     monkeypatch.setattr(train_mod, "_log_scalars", original)

@@ -145,6 +145,25 @@ def test_builtin_tiny_vit_is_the_documented_size_and_has_no_pretrained_weights()
         encoders.build_image_encoder("tiny-vit", pretrained=True)
 
 
+def test_builtin_tiny_resnet_pools_its_feature_map_and_reloads_identically(tmp_path):
+    torch.manual_seed(0)
+    encoder = encoders.build_image_encoder("tiny-resnet", pretrained=False).eval()
+    n_params = sum(p.numel() for p in encoder.parameters())
+    assert 500_000 <= n_params <= 1_500_000 and encoder.feature_dim == 192
+    assert encoder.preprocessor.image_size == 32 and encoder.info.model_type == "resnet"
+    pixels = torch.randn(3, 3, 32, 32)
+    features = encoder(pixels)
+    # global average pooling of the last stage's map: a feature depends on every part of the image
+    shifted = pixels.clone()
+    shifted[:, :, :8, :8] += 1.0
+    assert features.shape == (3, 192) and not torch.allclose(encoder(shifted), features)
+    encoder.save_pretrained(tmp_path / "backbone")
+    reloaded = encoders.load_image_encoder(tmp_path / "backbone")
+    assert reloaded.preprocessor.image_size == 32 and torch.equal(reloaded(pixels), features)
+    with pytest.raises(InputError, match="no pretrained weights"):
+        encoders.build_image_encoder("tiny-resnet", pretrained=True)
+
+
 def test_unknown_hub_id_fails_fast_with_a_local_only_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)

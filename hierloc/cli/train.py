@@ -40,21 +40,29 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
     from hierloc.config import load_config
-    from hierloc.train import TrainInputs, train
+    from hierloc.train import TrainInputs, TrainingInterrupted, train
 
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
     cfg = load_config(args.config, overrides)
-    summary = train(cfg, TrainInputs(
-        train_csv=args.csv, out_dir=args.out, image_root=args.image_root, gazetteer_dir=args.gazetteer,
-        val_csv=args.val_csv, image_col=args.image_col, lat_col=args.lat_col, lon_col=args.lon_col,
-        min_images=args.min_images, device=args.device, resume=args.resume, overwrite=args.overwrite,
-        cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download))
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        summary = train(cfg, TrainInputs(
+            train_csv=args.csv, out_dir=args.out, image_root=args.image_root, gazetteer_dir=args.gazetteer,
+            val_csv=args.val_csv, image_col=args.image_col, lat_col=args.lat_col, lon_col=args.lon_col,
+            min_images=args.min_images, device=args.device, resume=args.resume, overwrite=args.overwrite,
+            cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download))
+    except TrainingInterrupted as stopped:
+        # SIGINT/SIGTERM: a checkpoint was written; say how to resume, exit 128 + the signal (130 / 143)
+        if is_main:
+            print(f"hierloc: {stopped.message}", file=sys.stderr, flush=True)
+        return int(stopped.code)
+    if is_main:
         print(f"trained {summary.steps} steps ({summary.epochs} epochs) on {summary.n_train} images "
               f"in {summary.seconds:.1f} s ({summary.images_per_second:.0f} images/s); "
               f"entities per level {summary.n_entities}; final loss {summary.final_loss:.4f}")
