@@ -60,12 +60,8 @@ def embed_table(model, table, batch_size: int = 64, num_workers: int = 0, progre
     points = None
     ok = np.zeros(len(table), dtype=bool)
     errors: dict[int, str] = {}
-    for batch in _batches(model, table, batch_size, num_workers, progress):
-        errors.update({int(index): str(reason) for index, _path, reason in batch["failed"]})
-        index = batch["index"].numpy()
-        if index.size == 0:
-            continue
-        embedded = model.embed_pixels(batch["pixel_values"]).cpu()
+    for index, embedded in _embedded_batches(model, table, errors, batch_size, num_workers, progress):
+        embedded = embedded.cpu()
         if points is None:
             points = torch.zeros(len(table), embedded.shape[1], dtype=torch.float32)
         points[torch.from_numpy(index)] = embedded.float()
@@ -115,17 +111,23 @@ def predict_table(model, table, beam: int | None = None, flat: bool = False, min
     probs = np.zeros((n, N_LEVELS), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     errors: dict[int, str] = {}
-    for batch in _batches(model, table, batch_size, num_workers, progress):
-        errors.update({int(index): str(reason) for index, _path, reason in batch["failed"]})
-        index = batch["index"].numpy()
-        if index.size == 0:
-            continue
-        answer = paths_from_points(model, model.embed_pixels(batch["pixel_values"]), beam=beam, flat=flat,
-                                   min_prob=min_prob, max_level=max_level, batch_size=len(index))
+    for index, embedded in _embedded_batches(model, table, errors, batch_size, num_workers, progress):
+        answer = paths_from_points(model, embedded, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
+                                   batch_size=len(index))
         paths[index] = answer["paths"]
         probs[index] = answer["probs"]
         ok[index] = True
     return {"paths": paths, "probs": probs, "ok": ok, "errors": errors, **_points_of(model.gazetteer, paths)}
+
+
+def _embedded_batches(model, table, errors: dict[int, str], batch_size: int, num_workers: int, progress: bool):
+    """Yield (row indices (b,) int64, image points (b, D)) per batch of readable images; the unreadable ones go
+    into ``errors`` {row index: reason}."""
+    for batch in _batches(model, table, batch_size, num_workers, progress):
+        errors.update({int(index): str(reason) for index, _path, reason in batch["failed"]})
+        index = batch["index"].numpy()
+        if index.size:
+            yield index, model.embed_pixels(batch["pixel_values"])
 
 
 def _batches(model, table, batch_size: int, num_workers: int, progress: bool):
