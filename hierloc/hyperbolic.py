@@ -61,7 +61,7 @@ _SQ_FLOOR = torch.finfo(torch.float64).tiny  # floor of squared lengths under sq
 _CANCEL_REL = {torch.float32: 0.03, torch.float64: 1e-5}  # kappa: recompute where ||x-y||^2 < kappa (|x|^2+|y|^2)
 _SMALL_M = {torch.float32: 1e-2, torch.float64: 1e-6}  # recompute where m < this (d < ~0.14/sqrt(c) in float32)
 _EXACT_CHUNK = 1 << 16  # pairs per chunk of the exact recomputation (bounds its float64 temporaries)
-_PIPELINE_ELEMENTS = 1 << 19  # elements per block of the elementwise passes (2 MB in float32: stays in cache)
+_BLOCK_ELEMENTS = 1 << 17  # elements per block of columns (512 KB in float32: a block's buffers stay in L2)
 _RUN = 64  # run length of the min-reduction that locates the few pairs to recompute
 
 
@@ -237,11 +237,6 @@ def _no_pairs(device) -> tuple[torch.Tensor, torch.Tensor]:
     return empty, empty
 
 
-def _block_rows(n_rows: int, n_cols: int) -> int:
-    """Rows per block so that a block holds ~_PIPELINE_ELEMENTS elements (at least one row)."""
-    return max(1, min(n_rows, _PIPELINE_ELEMENTS // max(1, n_cols)))
-
-
 def _below(v: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Positions (row, col) of the entries of v (R, N) below their row's limit (R, 1), or None if there are none.
 
@@ -296,40 +291,32 @@ def _exact_pairs(x64, y, a, b, i, j, c):
     return 2.0 * torch.asinh((0.5 * m).sqrt()), m, diff
 
 
-def _arcosh_block(w: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, squared: bool, c: float,
-                  neg_one: torch.Tensor) -> None:
-    """out = arcosh(w)^2 / c (squared) or arcosh(w) / sqrt(c), arcosh(w) = log(w + sqrt(w^2 - 1)), for a block
-    of rows (R, N) that fits in cache; ``out`` may be ``w`` itself, ``scratch`` is (R, N) workspace,
-    ``neg_one`` a 0-dim -1."""
-    torch.addcmul(neg_one, w, w, out=scratch)  # w^2 - 1
-    scratch.sqrt_().add_(w)  # w + sqrt(w^2 - 1) = exp(t)
-    torch.log(scratch, out=out)  # t = sqrt(c) d (w is no longer needed: out may alias it)
-    if squared:
-        out.square_()
-    if c != 1.0:
-        out.mul_((1.0 / c) if squared else (1.0 / math.sqrt(c)))
+def _column_blocks(n_rows: int, n_cols: int):
+    """(start, stop) column ranges of blocks of ~_BLOCK_ELEMENTS elements of a (n_rows, n_cols) matrix."""
+    cols = max(1, min(n_cols, _BLOCK_ELEMENTS // max(1, n_rows)))
+    for start in range(0, n_cols, cols):
+        yield start, min(start + cols, n_cols)
 
 
-def _dfdm_rows(w: torch.Tensor, out: torch.Tensor | None, grad: torch.Tensor, h: torch.Tensor, c: float) -> None:
-    """h = grad * t / sinh(t) (``out`` = t^2/c given: the squared distance) or grad / sinh(t) (``out`` None),
-    with t = arcosh(w), sinh(t) = sqrt(w^2 - 1) > 0; in cache-sized blocks of rows: (B, N)."""
-    n_rows, n_cols = w.shape
-    rows = _block_rows(n_rows, n_cols)
-    scratch = w.new_empty(rows, n_cols)
-    neg_one = w.new_full((), -1.0)
-    grad = grad.expand_as(w)
-    for start in range(0, n_rows, rows):
-        stop = start + rows
-        w_rows, h_rows, s_rows = w[start:stop], h[start:stop], scratch[: min(rows, n_rows - start)]
-        torch.addcmul(neg_one, w_rows, w_rows, out=s_rows)
-        s_rows.sqrt_()  # sinh(t)
-        if out is None:
-            torch.div(grad[start:stop], s_rows, out=h_rows)
-        else:
-            torch.sqrt(out[start:stop], out=h_rows)  # t / sqrt(c)
-            if c != 1.0:
-                h_rows.mul_(math.sqrt(c))
-            h_rows.div_(s_rows).mul_(grad[start:stop])
+def _block(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """A contiguous (n_rows, n_cols) view of the front of a flat workspace."""
+    return buffer[: n_rows * n_cols].view(n_rows, n_cols)
+
+
+def _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m):
+    """Pairs of a block w (B, C) of 1 + m (columns start .. start + C) to recompute exactly -> (i, j) with j
+    relative to the block, or None. A pair is recomputed when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2),
+    m_min); candidates are the entries below their row's bound (``_below``), confirmed in float64."""
+    candidates = _below(w, row_limit)
+    if candidates is None:
+        return None
+    i, j = candidates
+    jg = j + start
+    threshold = kappa * alpha[i, 0] * beta[jg, 0] * (nx[i, 0] + ny[jg, 0])
+    keep = w[i, j].double() - 1.0 < threshold.clamp_min(small_m)
+    if not bool(keep.any()):
+        return None
+    return i[keep], j[keep]
 
 
 class _PairwisePoincare(torch.autograd.Function):
@@ -344,49 +331,64 @@ class _PairwisePoincare(torch.autograd.Function):
             # w_ij = 1 + alpha_i beta_j (|x_i|^2 + |y_j|^2 - 2 x_i.y_j) = 1 + m_ij, in ONE matrix product
             left = _augmented(x, alpha, [alpha * nx, alpha, torch.ones_like(nx)], dtype)  # (B, D + 3)
             right = _augmented(y, -2.0 * beta, [beta, beta * ny, torch.ones_like(ny)], dtype)  # (N, D + 3)
-            w = left @ right.T  # (B, N)
-            # Without autograd the result overwrites w (no second (B, N) buffer).
-            out = torch.empty_like(w) if keep_for_backward else w
-            ii, jj = _no_pairs(x.device)
-            if w.numel():
-                ii, jj = _poincare_blocks(w, out, nx, ny, alpha, beta, squared, c)
+            n_rows, n_cols = x.shape[0], y.shape[0]
+            out = torch.empty(n_rows, n_cols, dtype=dtype, device=x.device)
+            # dF/dm up to the constant k_s, kept for backward: t / sinh(t) (squared) or 1 / sinh(t) (distance)
+            ratio = torch.empty_like(out) if keep_for_backward else None
+            pairs = []
+            if out.numel():
+                pairs = _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared, c)
+            ii = torch.cat([p[0] for p in pairs]) if pairs else _no_pairs(x.device)[0]
+            jj = torch.cat([p[1] for p in pairs]) if pairs else _no_pairs(x.device)[1]
             if ii.numel():
-                logger.debug("pairwise distance: %d of %d pairs recomputed exactly", ii.numel(), w.numel())
+                logger.debug("pairwise distance: %d of %d pairs recomputed exactly", ii.numel(), out.numel())
                 x64 = x.detach().double()
                 for i, j in _chunks(ii, jj):
                     t = _exact_pairs(x64, y, a, b, i, j, c)[0]
                     out[i, j] = (t.square() / c if squared else t / math.sqrt(c)).to(dtype)
+                if ratio is not None:
+                    ratio[ii, jj] = 0.0  # exact gradients in backward
         if keep_for_backward:
             ctx.c, ctx.squared = c, squared
-            ctx.save_for_backward(x, y, left, right, w, out if squared else w.new_empty(0), nx, ny, ii, jj)
+            ctx.save_for_backward(x, y, left, right, ratio, nx, ny, ii, jj)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, y, left, right, w, out, nx, ny, ii, jj = ctx.saved_tensors
+        x, y, left, right, ratio, nx, ny, ii, jj = ctx.saved_tensors
         c, squared = ctx.c, ctx.squared
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_x or need_y):
             return None, None, None, None, None, None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            dim, dtype = x.shape[1], w.dtype
+            dim, dtype = x.shape[1], ratio.dtype
+            n_rows, n_cols = ratio.shape
             a, b = _conformal_denominator(nx, c), _conformal_denominator(ny, c)
             # F = f(m) with dF/dm = k_s H_ij / G_ij:  squared: (2/c) t / sinh(t);  distance: (1/sqrt(c)) / sinh(t),
-            # t = arcosh(1 + m), sinh(t) = sqrt(w^2 - 1) > 0 for every kept pair (recomputed ones hold w = 2).
-            h = torch.empty_like(w)
-            _dfdm_rows(w, out if squared else None, grad_out, h, c)  # H_ij = G_ij t / sinh(t) or G_ij / sinh(t)
+            # t = arcosh(1 + m); H = G * ratio (ratio is 0 at the recomputed pairs: exact gradients below).
             k_s = 2.0 / c if squared else 1.0 / math.sqrt(c)
-            if ii.numel():
-                h[ii, jj] = 0.0  # recomputed pairs: exact gradients below
             # With m_ij = 2c ||x_i - y_j||^2 / (a_i b_j):
             #   dm_ij/dx_i = (4c / (a_i b_j)) (x_i - y_j) + m_ij (2c / a_i) x_i   (and symmetrically for y_j).
             # The sums over j (over i) are matrix products of H with the columns of `right` (`left`), which
-            # already carry the factors 1/b_j (2c/a_i); only O((B + N) D) work remains.
+            # already carry the factors 1/b_j (2c/a_i); only O((B + N) D) work remains. H is formed one cache-sized
+            # block of columns at a time and never as a whole (B, N) matrix.
+            grad = grad_out.to(dtype).expand(n_rows, n_cols)
+            v = torch.zeros(n_rows, dim + 2, dtype=dtype, device=x.device) if need_x else None
+            u = torch.empty(n_cols, dim + 2, dtype=dtype, device=x.device) if need_y else None
+            left_u = left[:, : dim + 2]
+            workspace = ratio.new_empty(min(_BLOCK_ELEMENTS, n_rows * n_cols) if n_rows else 0)
+            for start, stop in _column_blocks(n_rows, n_cols):
+                h = _block(workspace, n_rows, stop - start) if n_rows * (stop - start) <= workspace.numel() \
+                    else ratio.new_empty(n_rows, stop - start)
+                torch.mul(grad[:, start:stop], ratio[:, start:stop], out=h)
+                if need_x:  # v += H [-2 y_j / b_j, 1 / b_j, |y_j|^2 / b_j]
+                    v.addmm_(h, right[start:stop, : dim + 2])
+                if need_y:  # u = H^T [alpha_i x_i, alpha_i |x_i|^2, alpha_i]
+                    torch.mm(h.T, left_u, out=u[start:stop])
             grad_x = grad_y = None
             if need_x:
-                # v = [-2 sum_j H y_j / b_j, sum_j H / b_j, sum_j H |y_j|^2 / b_j]
-                v = (h @ right[:, : dim + 2]).double()
+                v = v.double()
                 vy, v1, vn = -0.5 * v[:, :dim], v[:, dim : dim + 1], v[:, dim + 1 :]
                 x64 = x.detach().double()
                 s = nx * v1 + vn - 2.0 * (x64 * vy).sum(dim=1, keepdim=True)  # sum_j H ||x_i - y_j||^2 / b_j
@@ -396,7 +398,6 @@ class _PairwisePoincare(torch.autograd.Function):
                 # u = [sum_i H alpha_i x_i, sum_i H alpha_i |x_i|^2, sum_i H alpha_i], alpha_i = 2c / a_i; then
                 # grad_y_j = k_s (4c (y_j U1_j - Ux_j) + (4c^2 / b_j) y_j T_j) with U = beta_j u / 2c and
                 # T_j = sum_i H ||x_i - y_j||^2 / (a_i b_j): (N, D) work in the working dtype, two passes.
-                u = h.T @ left[:, : dim + 2]
                 u_x = u[:, :dim]
                 u_n, u_1 = u[:, dim : dim + 1].double(), u[:, dim + 1 :].double()
                 y_dot_u = torch.linalg.vecdot(y.to(dtype), u_x).unsqueeze(1).double()
@@ -412,10 +413,10 @@ class _PairwisePoincare(torch.autograd.Function):
                     positive = sinh_t > 0
                     safe = torch.where(positive, sinh_t, torch.ones_like(sinh_t))
                     if squared:  # t / sinh(t) -> 1 as t -> 0
-                        ratio = torch.where(positive, t / safe, torch.ones_like(t))
+                        rat = torch.where(positive, t / safe, torch.ones_like(t))
                     else:  # zero subgradient at x == y, where the distance is not differentiable
-                        ratio = torch.where(positive, 1.0 / safe, torch.zeros_like(t))
-                    hij = k_s * grad_out.expand_as(w)[i, j].double() * ratio
+                        rat = torch.where(positive, 1.0 / safe, torch.zeros_like(t))
+                    hij = k_s * grad[i, j].double() * rat
                     ai, bj = a[i, 0], b[j, 0]
                     common = (4.0 * c * hij / (ai * bj)).unsqueeze(1) * diff  # (K, D)
                     if need_x:
@@ -427,34 +428,49 @@ class _PairwisePoincare(torch.autograd.Function):
         return grad_x, grad_y, None, None, None, None
 
 
-def _poincare_blocks(w, out, nx, ny, alpha, beta, squared: bool, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill ``out`` (B, N) from w = 1 + m block by block and return the pairs (i, j) to recompute exactly.
+def _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared: bool, c: float) -> list:
+    """Fill ``out`` (B, N) (and ``ratio``, if given, with t / sinh(t) or 1 / sinh(t)) one block of columns at a
+    time, and return the pairs (i, j) to recompute exactly as a list of (i, j) index tensors.
 
-    A pair is recomputed when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2), m_min) (see pairwise_sqdist).
-    Candidates are the entries below the row bound 1 + max(kappa alpha_i (|x_i|^2 + max|y|^2) max(beta), m_min),
-    found by ``_below``; the exact threshold confirms each of them in float64. Recomputed pairs get the
-    placeholder w = 2 (their w may be < 1, where sqrt would give NaN, which is also slow on some CPUs) and their
-    exact value afterwards.
+    Per block (B, C) of ~_BLOCK_ELEMENTS elements, everything stays in cache: the matrix product of ``left`` with
+    the block's rows of ``right`` gives w = 1 + m; the pairs to recompute (see ``_flag_block``) get the placeholder
+    w = 2 (their w may be < 1, where sqrt would give NaN, which is also slow on some CPUs); then
+    s = sqrt(w^2 - 1) = sinh(t), exp(t) = w + s, t = log(exp(t)) (= sqrt(c) d), written straight into ``out``.
     """
-    dtype = w.dtype
+    dtype = out.dtype
     kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
     row_limit = (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)  # (B, 1)
-    candidates = _below(w, row_limit)
-    i, j = _no_pairs(w.device)
-    if candidates is not None:
-        i, j = candidates
-        threshold = kappa * alpha[i, 0] * beta[j, 0] * (nx[i, 0] + ny[j, 0])
-        keep = w[i, j].double() - 1.0 < threshold.clamp_min(small_m)
-        i, j = i[keep], j[keep]
-        w[i, j] = 2.0
-    n_rows, n_cols = w.shape
-    rows = _block_rows(n_rows, n_cols)
-    scratch = w.new_empty(rows, n_cols)
-    neg_one = w.new_full((), -1.0)
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        _arcosh_block(w[start:stop], out[start:stop], scratch[: stop - start], squared, c, neg_one)
-    return i, j
+    n_rows, n_cols = out.shape
+    size = min(_BLOCK_ELEMENTS, n_rows * n_cols)
+    w_space, s_space = out.new_empty(size), out.new_empty(size)
+    neg_one = out.new_full((), -1.0)
+    scale = (1.0 / c if squared else 1.0 / math.sqrt(c)) if c != 1.0 else None
+    pairs = []
+    for start, stop in _column_blocks(n_rows, n_cols):
+        width = stop - start
+        fits = n_rows * width <= size
+        w = _block(w_space, n_rows, width) if fits else out.new_empty(n_rows, width)
+        s = _block(s_space, n_rows, width) if fits else out.new_empty(n_rows, width)
+        torch.mm(left, right[start:stop].T, out=w)
+        flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m)
+        if flagged is not None:
+            w[flagged] = 2.0
+            pairs.append((flagged[0], flagged[1] + start))
+        torch.addcmul(neg_one, w, w, out=s)  # w^2 - 1
+        s.sqrt_()  # sinh(t)
+        w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)
+        t = out[:, start:stop]
+        torch.log(w, out=t)
+        if ratio is not None:
+            if squared:
+                torch.div(t, s, out=ratio[:, start:stop])
+            else:
+                torch.reciprocal(s, out=ratio[:, start:stop])
+        if squared:
+            t.square_()
+        if scale is not None:
+            t.mul_(scale)
+    return pairs
 
 
 class _PairwiseEuclidean(torch.autograd.Function):

