@@ -37,7 +37,7 @@ from gazetteer.geo import EARTH_RADIUS_KM
 from hierloc import checkpoint as ckpt
 from hierloc.geodesy import latlon_to_unit
 from hierloc.config import Config
-from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, shutdown
+from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, reuse_freed_cpu_memory, shutdown
 from hierloc.errors import InputError
 from hierloc.interrupt import GracefulStop
 
@@ -156,7 +156,8 @@ def _great_circle_km(units_a: torch.Tensor, units_b: torch.Tensor) -> torch.Tens
     Only the hard-negative weights exp(-g / sigma) use it (sigma >= 10 km), so float32's few-km error at very
     short range is immaterial here; evaluation uses the exact float64 haversine (hierloc.metrics).
     """
-    half_chord_sq = ((1.0 - units_a @ units_b.T) * 0.5).clamp_(0.0, 1.0)
+    half = units_a.new_full((), 0.5)
+    half_chord_sq = torch.addmm(half, units_a, units_b.T, alpha=-0.5).clamp_(0.0, 1.0)  # (1 - u.v) / 2
     return half_chord_sq.sqrt_().asin_().mul_(2.0 * EARTH_RADIUS_KM)
 
 
@@ -321,6 +322,8 @@ def build_encoder(cfg: Config, allow_download: bool):
 def train(cfg: Config, inputs: TrainInputs) -> TrainSummary:
     """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers)."""
     runtime = init_runtime(inputs.device)
+    if runtime.device.type == "cpu" and cfg.train.reuse_cpu_memory:
+        reuse_freed_cpu_memory()
     try:
         return _train(cfg, inputs, runtime)
     finally:

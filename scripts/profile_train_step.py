@@ -58,6 +58,10 @@ def main() -> None:
     overrides = list(args.overrides) + ([f"model.image_size={args.image_size}"] if args.image_size else [])
     overrides += ["model.freeze_backbone=true"] if args.cached_features else []
     cfg = load_config(None, overrides)
+    if cfg.train.reuse_cpu_memory:  # as hierloc train does on CPU
+        from hierloc.device import reuse_freed_cpu_memory
+
+        print(f"glibc keeps freed memory (train.reuse_cpu_memory): {reuse_freed_cpu_memory()}")
     seed_everything(0)
     if args.gazetteer == "global":
         t_gaz = time.perf_counter()

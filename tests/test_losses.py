@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hierloc import geodesy, hyperbolic
-from hierloc.losses import KERNELS, GWHInfoNCE, kernel_values, level_log_probs
+from hierloc.losses import KERNELS, GWHInfoNCE, kernel_values, level_log_probs, weighted_cross_entropy
 
 # ================================================================================================ GWH-InfoNCE
 
@@ -72,8 +72,9 @@ def test_lambda_zero_is_exactly_plain_hyperbolic_infonce():
     out = loss(sqdists, targets, geo)
     tau = loss.temperature()
     expected = [F.cross_entropy(-d / tau, targets[:, level]) for level, d in enumerate(sqdists)]
-    assert torch.equal(out["level_losses"], torch.stack(expected))
-    assert torch.equal(out["loss"], torch.stack(expected).sum())
+    # same function; the fused loss multiplies by -1/tau where the reference divides (float32 rounding only)
+    torch.testing.assert_close(out["level_losses"], torch.stack(expected), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["loss"], torch.stack(expected).sum(), rtol=1e-6, atol=0)
     assert out["lam"] == 0.0
     # and the same as forgetting the distances altogether
     assert torch.equal(loss(sqdists, targets, None)["loss"], out["loss"])
@@ -340,3 +341,61 @@ def test_latlon_to_unit_gives_unit_vectors_with_the_usual_axes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert geodesy.latlon_to_unit(10.0, 20.0).shape == (3,)
+
+
+# ----------------------------------------------------------------------------------- fused cross-entropy
+
+
+def _composed_reference(d, log_w, tau, target):
+    logits = -d / tau if log_w is None else log_w - d / tau
+    return F.cross_entropy(logits, target, ignore_index=-1)
+
+
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_fused_cross_entropy_matches_the_composed_ops_with_gradients_in_float64(with_weights):
+    torch.manual_seed(3)
+    d = (torch.rand(6, 9, dtype=torch.float64) * 20).requires_grad_()
+    log_w = (torch.rand(6, 9, dtype=torch.float64) * 2).requires_grad_() if with_weights else None
+    tau = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([2, -1, 0, 8, -1, 5])
+    inputs = [t for t in (d, log_w, tau) if t is not None]
+    got = weighted_cross_entropy(d, log_w, tau, target)
+    want = _composed_reference(d, log_w, tau, target)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for g_got, g_want in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-14)
+    # and finite differences
+    assert torch.autograd.gradcheck(lambda *a: weighted_cross_entropy(a[0], a[1] if with_weights else None,
+                                                                      a[-1], target), tuple(inputs))
+
+
+def test_fused_cross_entropy_ignored_rows_get_no_gradient_and_backward_can_run_twice():
+    d = (torch.rand(4, 5) * 10).requires_grad_()
+    tau = torch.tensor(0.5, requires_grad=True)
+    target = torch.tensor([1, -1, -1, 3])
+    loss = weighted_cross_entropy(d, None, tau, target)
+    (g1,) = torch.autograd.grad(loss, d, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, d)
+    assert torch.equal(g1, g2)  # the saved logits are not modified by backward
+    assert torch.equal(g1[1:3], torch.zeros(2, 5)) and g1[0].abs().sum() > 0
+    # the rows' gradients sum to zero (softmax - onehot), scaled by -1/tau
+    torch.testing.assert_close(g1.sum(dim=1), torch.zeros(4), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("learn_weights", [False, True])
+def test_laplace_log_weights_are_log1p_of_the_extra_weight_with_the_positive_at_zero(learn_weights):
+    torch.manual_seed(4)
+    g = torch.cat([torch.rand(5, 7) * 3000, torch.zeros(5, 1), torch.full((5, 1), 2e4)], dim=1)
+    target = torch.tensor([0, 6, -1, 3, 2])
+    loss = GWHInfoNCE(lam=2.5, sigma_km=250.0, learn_weights=learn_weights)
+    got = loss.log_weights(g, target)
+    want = torch.log1p(2.5 * torch.exp(-g.double() / 250.0))
+    want[torch.arange(5), target.clamp_min(0)] = 0.0
+    # absolute 1e-7: the fixed-weight path drops weights below float32's resolution of 1 + e
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    assert (got[torch.arange(5), target.clamp_min(0)] == 0).all()
+    if learn_weights:  # differentiable in lambda and sigma
+        grads = torch.autograd.grad(got.sum(), (loss.log_lam, loss.log_sigma))
+        assert all(torch.isfinite(gr) and gr.abs() > 0 for gr in grads)
+    else:
+        assert not got.requires_grad

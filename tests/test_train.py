@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +233,47 @@ def test_ablation_switches_train_and_predict(switches, tiny_demo_dir: Path, tiny
     preds = HierLoc.from_pretrained(out, device="cpu").predict(
         sorted((tiny_demo_dir / "images" / "test_nearby").glob("*.jpg"))[:3], top_k=2)
     assert len(preds) == 3 and all(p.levels and np.isfinite(p.lat_deg) for p in preds)
+
+
+def test_great_circle_km_of_the_hard_negative_weights_matches_the_haversine():
+    from hierloc.geodesy import latlon_to_unit, pairwise_haversine_km
+    from hierloc.train import _great_circle_km
+
+    gen = torch.Generator().manual_seed(0)
+    lat_a, lon_a = torch.rand(7, generator=gen) * 180 - 90, torch.rand(7, generator=gen) * 360 - 180
+    lat_b = torch.cat([torch.rand(30, generator=gen) * 180 - 90, lat_a[:2], -lat_a[2:3]])
+    lon_b = torch.cat([torch.rand(30, generator=gen) * 360 - 180, lon_a[:2], lon_a[2:3] + 180])  # same, antipode
+    got = _great_circle_km(latlon_to_unit(lat_a, lon_a).float(), latlon_to_unit(lat_b, lon_b).float())
+    want = pairwise_haversine_km(lat_a.double(), lon_a.double(), lat_b.double(), lon_b.double())
+    assert got.dtype == torch.float32 and got.shape == (7, 33)
+    assert (got >= 0).all() and (got <= 20015.2).all()
+    # float32 chord: a few km near 0 and near the antipode, far less elsewhere
+    assert (got.double() - want).abs().max() < 10.0
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+if sys.argv[1] == "reuse":
+    from hierloc.device import reuse_freed_cpu_memory
+    assert reuse_freed_cpu_memory()
+def cycle():
+    x = torch.ones(16 * 1024 * 1024)  # 64 MB: above glibc's largest mmap threshold
+    del x
+cycle()
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_reusing_freed_cpu_memory_stops_large_temporaries_from_faulting_in_again():
+    # the training-speed fix of train.reuse_cpu_memory: a 64 MB temporary allocated ten times costs its
+    # 16k page faults every time by default, and (about) never again once freed memory is kept
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True,
+                                       text=True, check=True).stdout)
+              for mode in ("default", "reuse")}
+    assert faults["default"] > 10 * 8000
+    assert faults["reuse"] < faults["default"] / 20
