@@ -19,6 +19,11 @@ best estimate of the uncontended cost and the median shows the noise.
 
 Usage: python scripts/bench_distance.py [--batch 256] [--entities 20000] [--dim 64] [--repeats 15]
        [--threads N] [--clock wall|thread]   (thread: single-threaded CPU time, robust on a shared machine)
+       [--no-reuse-memory]
+
+Memory: like `hierloc train` on CPU (train.reuse_cpu_memory), the run first makes glibc keep freed memory, so a
+(B, N) result does not pay its page faults again at every call (for the floor as for the methods);
+--no-reuse-memory measures with glibc's default instead.
 """
 
 from __future__ import annotations
@@ -124,7 +129,14 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="wall: elapsed time; thread: CPU time of this thread, with 1 torch thread (robust to "
                              "other processes sharing the machine)")
+    parser.add_argument("--no-reuse-memory", action="store_true",
+                        help="keep glibc's default (mmap and unmap every large block) instead of train's setting")
     args = parser.parse_args()
+    reuse = False
+    if not args.no_reuse_memory:
+        from hierloc.device import reuse_freed_cpu_memory
+
+        reuse = reuse_freed_cpu_memory()
     global CLOCK
     if args.clock == "thread":
         CLOCK = time.thread_time
@@ -145,7 +157,8 @@ def main() -> None:
         ),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; B={args.batch}, "
-          f"N={args.entities}, D={args.dim}, c={c}, float32; {args.repeats} interleaved repeats; "
+          f"N={args.entities}, D={args.dim}, c={c}, float32; {args.repeats} interleaved repeats; freed memory "
+          f"{'kept' if reuse else 'returned (glibc default)'}; "
           f"load average {os.getloadavg()[0]:.1f}")
 
     errors = {}

@@ -1,0 +1,98 @@
+"""How much GWH-InfoNCE's hard-negative weights change the training signal of a trained model (issue 6's question
+"why does GWH tie plain hyperbolic InfoNCE here?").
+
+    python scripts/gwh_weights.py --model runs/bench/seed-0/hierloc --csv runs/demo-data/train.csv \
+        [--rows 2048] [--lams 1,10] [--sigmas 300,1000,3000]
+
+Embeds --rows random training images with the model, computes every level's squared distances to all entities and
+the great-circle km from each image to each entity (as `hierloc train` does), and for each (lambda, sigma) prints
+per level:
+- near:   mean number of same-level negatives within sigma km of the image (weight >= 1 + lambda / e);
+- mass:   share of the model's negative softmax mass (lambda = 0 probabilities, the trained temperature) that sits
+          on those near negatives - the weights can only matter where the model puts mass;
+- dloss:  mean loss with the weights minus the loss without (nats);
+- dgrad:  ||G_w - G_0|| / ||G_0|| for G = dL/dlogits (softmax - onehot): how much the weights turn the gradient.
+dgrad near 0 means the GWH loss trains the model exactly as plain InfoNCE does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model directory (hierloc train)")
+    ap.add_argument("--csv", required=True, help="training CSV (image, lat, lon)")
+    ap.add_argument("--image-root", default=None, help="directory the image paths are relative to (default: the CSV's)")
+    ap.add_argument("--rows", type=int, default=2048, help="random training images to use")
+    ap.add_argument("--lams", default="1,10", help="comma-separated lambda values")
+    ap.add_argument("--sigmas", default="300,1000,3000", help="comma-separated sigma values (km)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from hierloc import data
+    from hierloc.api import HierLoc
+    from hierloc.evaluate import embed_table
+    from hierloc.geodesy import latlon_to_unit
+    from hierloc.train import N_LEVELS, _great_circle_km, _labels
+
+    hl = HierLoc.from_pretrained(args.model, device="cpu")
+    root = args.image_root or str(Path(args.csv).parent)
+    table = data.read_image_table(args.csv, image_root=root, on_bad="skip")
+    rng = np.random.default_rng(args.seed)
+    table = table.subset(np.sort(rng.choice(len(table), size=min(args.rows, len(table)), replace=False)))
+    targets, reached = _labels(hl.gazetteer, table)
+    table, targets = table.subset(np.flatnonzero(reached)), targets[reached]
+    with torch.no_grad():
+        points, ok, _ = embed_table(hl, table, batch_size=256)
+        points, targets = points[torch.from_numpy(ok)], torch.as_tensor(targets[ok])
+        lat = torch.as_tensor(table.lat_deg[ok], dtype=torch.float32)
+        lon = torch.as_tensor(table.lon_deg[ok], dtype=torch.float32)
+        model = hl.model
+        sqdists = model.level_sqdists(points, model.entity_points())
+        tau = float(hl.loss_fn.temperature())
+        image_units = latlon_to_unit(lat, lon).float()
+        print(f"model {args.model}: {points.shape[0]} training images, trained tau {tau:.4g}, trained lambda "
+              f"{float(hl.loss_fn.lam()):.3g}, sigma {float(hl.loss_fn.sigma_km()):.0f} km")
+        print(f"{'lambda':>6} {'sigma km':>8} {'level':>9} {'entities':>8} {'near':>8} {'mass':>6} {'dloss':>7} "
+              f"{'dgrad':>6}")
+        names = ("country", "region", "subregion", "city")
+        for lam in (float(v) for v in args.lams.split(",")):
+            for sigma in (float(v) for v in args.sigmas.split(",")):
+                for level in range(N_LEVELS):
+                    sl = model.level_slice(level)
+                    target = targets[:, level] - sl.start
+                    keep = targets[:, level] >= 0
+                    d, target = sqdists[level][keep], target[keep]
+                    units = latlon_to_unit(model.entity_lat_deg[sl], model.entity_lon_deg[sl]).float()
+                    g = _great_circle_km(image_units[keep], units)  # (b, N_l)
+                    rows = torch.arange(d.shape[0])
+                    logits0 = -d / tau
+                    log_w = torch.log1p(lam * torch.exp(-g / sigma))
+                    log_w[rows, target] = 0.0
+                    p0, pw = torch.softmax(logits0, 1), torch.softmax(logits0 + log_w, 1)
+                    onehot = torch.zeros_like(p0)
+                    onehot[rows, target] = 1.0
+                    near = (g < sigma)
+                    near[rows, target] = False
+                    neg0 = p0.clone()
+                    neg0[rows, target] = 0.0
+                    mass = float((neg0 * near).sum() / neg0.sum().clamp_min(1e-30))
+                    loss0 = -torch.log_softmax(logits0, 1)[rows, target].mean()
+                    lossw = -torch.log_softmax(logits0 + log_w, 1)[rows, target].mean()
+                    dgrad = float((pw - p0).norm() / (p0 - onehot).norm())
+                    print(f"{lam:>6g} {sigma:>8g} {names[level]:>9} {d.shape[1]:>8} "
+                          f"{float(near.sum(1).float().mean()):>8.1f} {mass:>6.3f} {float(lossw - loss0):>7.3f} "
+                          f"{dgrad:>6.3f}")
+        if not math.isfinite(tau):
+            raise SystemExit("non-finite temperature")
+
+
+if __name__ == "__main__":
+    main()
