@@ -58,7 +58,7 @@ def main() -> None:
     overrides = list(args.overrides) + ([f"model.image_size={args.image_size}"] if args.image_size else [])
     overrides += ["model.freeze_backbone=true"] if args.cached_features else []
     cfg = load_config(None, overrides)
-    if cfg.train.reuse_cpu_memory:  # as hierloc train does on CPU
+    if getattr(cfg.train, "reuse_cpu_memory", False):  # as hierloc train does on CPU (older trees lack it)
         from hierloc.device import reuse_freed_cpu_memory
 
         print(f"glibc keeps freed memory (train.reuse_cpu_memory): {reuse_freed_cpu_memory()}")
