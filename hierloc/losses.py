@@ -13,8 +13,8 @@ up to 1 + lambda, and far ones tend to weight 1:
     laplace (the paper's):  exp(-r)      gaussian:  exp(-r^2 / 2)      inverse:  1 / (1 + r)
 
 Computed as a cross-entropy over the weighted logits z_k + log w_k with z = -d/tau and log w_p = 0 (log-sum-exp,
-stable): L_l = -z_p + logsumexp_k(z_k + log w_k). With lambda = 0 (or no distances) this is exactly
-``F.cross_entropy(-d/tau, p)``, plain hyperbolic InfoNCE.
+stable; ``weighted_cross_entropy`` fuses it): L_l = -z_p + logsumexp_k(z_k + log w_k). With lambda = 0 (or no
+distances) this is ``F.cross_entropy(-d/tau, p)`` (up to float rounding), plain hyperbolic InfoNCE.
 
 Learnable tau, lambda, sigma (the paper learns all three): stored as logs and clamped on use (MERU's convention),
 so they stay positive and inside their ranges; a parameter that hits its bound stops receiving gradient.
