@@ -291,15 +291,15 @@ def _exact_pairs(x64, y, a, b, i, j, c):
     return 2.0 * torch.asinh((0.5 * m).sqrt()), m, diff
 
 
-def _column_blocks(n_rows: int, n_cols: int):
-    """(start, stop) column ranges of blocks of ~_BLOCK_ELEMENTS elements of a (n_rows, n_cols) matrix."""
-    cols = max(1, min(n_cols, _BLOCK_ELEMENTS // max(1, n_rows)))
-    for start in range(0, n_cols, cols):
-        yield start, min(start + cols, n_cols)
+def _column_blocks(n_rows: int, n_cols: int) -> tuple[int, list[tuple[int, int]]]:
+    """Block width C (columns) for a (n_rows, n_cols) matrix, ~_BLOCK_ELEMENTS elements per block (at least one
+    column), and the blocks' (start, stop) column ranges."""
+    width = max(1, min(n_cols, _BLOCK_ELEMENTS // max(1, n_rows)))
+    return width, [(start, min(start + width, n_cols)) for start in range(0, n_cols, width)]
 
 
 def _block(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
-    """A contiguous (n_rows, n_cols) view of the front of a flat workspace."""
+    """A contiguous (n_rows, n_cols) view of the front of a flat workspace of at least n_rows * n_cols elements."""
     return buffer[: n_rows * n_cols].view(n_rows, n_cols)
 
 
@@ -377,10 +377,10 @@ class _PairwisePoincare(torch.autograd.Function):
             v = torch.zeros(n_rows, dim + 2, dtype=dtype, device=x.device) if need_x else None
             u = torch.empty(n_cols, dim + 2, dtype=dtype, device=x.device) if need_y else None
             left_u = left[:, : dim + 2]
-            workspace = ratio.new_empty(min(_BLOCK_ELEMENTS, n_rows * n_cols) if n_rows else 0)
-            for start, stop in _column_blocks(n_rows, n_cols):
-                h = _block(workspace, n_rows, stop - start) if n_rows * (stop - start) <= workspace.numel() \
-                    else ratio.new_empty(n_rows, stop - start)
+            width, blocks = _column_blocks(n_rows, n_cols)
+            workspace = ratio.new_empty(n_rows * width)
+            for start, stop in blocks:
+                h = _block(workspace, n_rows, stop - start)
                 torch.mul(grad[:, start:stop], ratio[:, start:stop], out=h)
                 if need_x:  # v += H [-2 y_j / b_j, 1 / b_j, |y_j|^2 / b_j]
                     v.addmm_(h, right[start:stop, : dim + 2])
@@ -441,16 +441,13 @@ def _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared: boo
     kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
     row_limit = (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)  # (B, 1)
     n_rows, n_cols = out.shape
-    size = min(_BLOCK_ELEMENTS, n_rows * n_cols)
-    w_space, s_space = out.new_empty(size), out.new_empty(size)
+    width, blocks = _column_blocks(n_rows, n_cols)
+    w_space, s_space = out.new_empty(n_rows * width), out.new_empty(n_rows * width)
     neg_one = out.new_full((), -1.0)
     scale = (1.0 / c if squared else 1.0 / math.sqrt(c)) if c != 1.0 else None
     pairs = []
-    for start, stop in _column_blocks(n_rows, n_cols):
-        width = stop - start
-        fits = n_rows * width <= size
-        w = _block(w_space, n_rows, width) if fits else out.new_empty(n_rows, width)
-        s = _block(s_space, n_rows, width) if fits else out.new_empty(n_rows, width)
+    for start, stop in blocks:
+        w, s = _block(w_space, n_rows, stop - start), _block(s_space, n_rows, stop - start)
         torch.mm(left, right[start:stop].T, out=w)
         flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m)
         if flagged is not None:
