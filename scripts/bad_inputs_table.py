@@ -34,8 +34,8 @@ def build_world(root: Path):
     """The tiny world of tests/conftest.py, built with the same library calls."""
     from gazetteer import Gazetteer
     from hierloc.cli import main
-    from hierloc.demodata import make_demo_dataset
-    from hierloc.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+    from hierloc.data.demodata import make_demo_dataset
+    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
     from tests.conftest import SMALL_WITHIN
     from tests.test_bad_inputs import TINY_MODEL_OVERRIDES, world_from
 

@@ -37,7 +37,7 @@ import time
 import geoopt
 import torch
 
-from hierloc import hyperbolic
+from hierloc.geometry import hyperbolic
 
 
 def naive_sqdist(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:

@@ -56,10 +56,10 @@ def table(header: list[str], rows: list[list]) -> str:
 # -------------------------------------------------------------------------------------------- part 1: index
 def build_global_hierloc(dim: int, seed: int):
     from gazetteer import Gazetteer
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
     from hierloc.config import Config, ModelConfig
-    from hierloc.losses import GWHInfoNCE
-    from hierloc.model import EntityTable, HierLocModel
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.model.network import EntityTable, HierLocModel
 
     start = time.perf_counter()
     gaz = Gazetteer.build_global(progress=False)
@@ -91,7 +91,7 @@ def retrieval_top1(queries: torch.Tensor, gallery: torch.Tensor, gallery_sqnorm:
 
 
 def bench_index(args) -> None:
-    from hierloc.search import beam_search_dense, local_parents
+    from hierloc.inference.search import beam_search_dense, local_parents
 
     print(f"\n## 1. Index search (encoder excluded): global gazetteer, D={args.dim}, {args.queries} queries in "
           f"batches of {args.batch}, torch threads {torch.get_num_threads()}\n")
@@ -192,7 +192,8 @@ def bench_end_to_end(args, hierloc, paths: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ part 3: accuracy
 def bench_accuracy(args, hierloc, table_) -> None:
-    from hierloc import evaluate, metrics
+    from hierloc.inference import evaluate
+    from hierloc.inference import metrics
 
     print(f"\n## 3. Accuracy vs beam width: {len(table_)} images of {table_.source}\n")
     points, ok, errors = evaluate.embed_table(hierloc, table_, batch_size=args.batch_size,
@@ -251,8 +252,8 @@ def main() -> None:
     if not args.skip_index:
         bench_index(args)
     if args.model:
-        from hierloc import data
-        from hierloc.api import HierLoc
+        from hierloc.data import tables as data
+        from hierloc.inference.predictor import HierLoc
 
         hierloc = HierLoc.from_pretrained(args.model, device="cpu")
         if not args.csv:

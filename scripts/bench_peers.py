@@ -218,9 +218,9 @@ def score(pred: dict, truth: np.ndarray, table, path_metrics) -> dict:
 def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, tests: dict, out: Path,
              path_metrics) -> dict:
     """-> {row: {split: metrics}} for one seed."""
-    from hierloc import baselines
-    from hierloc.api import HierLoc
-    from hierloc.train import TrainInputs, train
+    from hierloc.training import peers as baselines
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.training.train import TrainInputs, train
 
     train_csv = str(data / "train.csv")
     progress = not args.no_progress
@@ -313,8 +313,8 @@ def run(args, argv) -> int:
 
     from gazetteer import LEVELS
     from gazetteer.atomic import atomic_write_text
-    from hierloc.baselines import parse_options
-    from hierloc.data import read_image_table
+    from hierloc.training.peers import parse_options
+    from hierloc.data.tables import read_image_table
     from hierloc.errors import InputError
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

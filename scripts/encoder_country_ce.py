@@ -49,10 +49,10 @@ mode = sys.argv[1]
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 312
 aug = "aug" in sys.argv
 
-from hierloc.encoders import build_image_encoder
+from hierloc.model.encoders import build_image_encoder
 import os
 IMG = int(os.environ.get("IMG", 64)); PATCH = int(os.environ.get("PATCH", 8)); HID = int(os.environ.get("HID", 96)); LAYERS = int(os.environ.get("LAYERS", 4))
-from hierloc.encoders import tiny_vit_config
+from hierloc.model.encoders import tiny_vit_config
 from transformers import ViTModel
 class Enc(nn.Module):
     def __init__(self):

@@ -35,11 +35,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from hierloc import data
-    from hierloc.api import HierLoc
-    from hierloc.evaluate import embed_table
-    from hierloc.geodesy import latlon_to_unit
-    from hierloc.train import N_LEVELS, _great_circle_km, _labels
+    from hierloc.data import tables as data
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.inference.evaluate import embed_table
+    from hierloc.geometry.geodesy import latlon_to_unit
+    from hierloc.training.train import N_LEVELS, _great_circle_km, _labels
 
     hl = HierLoc.from_pretrained(args.model, device="cpu")
     root = args.image_root or str(Path(args.csv).parent)

@@ -41,9 +41,9 @@ PROGRESS = re.compile(r"train:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 def build_world(work: Path, n_images: int) -> dict[str, Path]:
     """Demo patches, tiny backbone and gazetteer in `work` (reused when already there)."""
     from gazetteer import Gazetteer
-    from hierloc.data import read_image_table
-    from hierloc.demodata import make_demo_dataset
-    from hierloc.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+    from hierloc.data.tables import read_image_table
+    from hierloc.data.demodata import make_demo_dataset
+    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
 
     data, backbone, gazetteer = work / "data", work / "backbone", work / "gazetteer"
     if not (data / "train.csv").is_file():

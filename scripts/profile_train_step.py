@@ -51,9 +51,9 @@ def main() -> None:
 
     from gazetteer.core import Gazetteer
     from hierloc.config import load_config
-    from hierloc.losses import GWHInfoNCE
-    from hierloc.model import EntityTable, HierLocModel
-    from hierloc.train import N_LEVELS, TrainModule, build_encoder, build_optimizers, seed_everything
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.model.network import EntityTable, HierLocModel
+    from hierloc.training.train import N_LEVELS, TrainModule, build_encoder, build_optimizers, seed_everything
 
     overrides = list(args.overrides) + ([f"model.image_size={args.image_size}"] if args.image_size else [])
     overrides += ["model.freeze_backbone=true"] if args.cached_features else []

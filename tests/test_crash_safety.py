@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hierloc import checkpoint as ckpt
+from hierloc.training import checkpoint as ckpt
 from hierloc.cli import main
-from hierloc.interrupt import GracefulStop, exit_code_for
+from hierloc.training.interrupt import GracefulStop, exit_code_for
 from tests.conftest import TINY_OVERRIDES
 
 TOTAL_STEPS = 30        # 240 images / batch 16 = 15 steps per epoch, 2 epochs
@@ -147,7 +147,7 @@ def test_signal_in_process_stops_after_the_current_step(signum, train_args, refe
                                                         caplog, capsys):
     """The fast variant (no subprocess): the signal arrives inside step 6 (the next checkpoint is due at 8). The
     CLI prints the resume notice once, as `hierloc: <message>` (not also as a log warning)."""
-    import hierloc.train as train_mod
+    import hierloc.training.train as train_mod
 
     original = train_mod._log_scalars
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -285,7 +285,7 @@ def test_graceful_stop_outside_the_main_thread_leaves_signals_alone():
 
 
 def test_resume_command_repeats_the_command_line_with_resume():
-    from hierloc.train import resume_command
+    from hierloc.training.train import resume_command
 
     assert resume_command(["/x/bin/hierloc", "train", "--csv", "a b.csv", "--out", "r"]) == \
         "hierloc train --csv 'a b.csv' --out r --resume"

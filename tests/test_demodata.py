@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierloc import demodata
+from hierloc.data import demodata
 from hierloc.errors import InputError
 
 H, W = demodata.HEIGHT_PX, demodata.WIDTH_PX

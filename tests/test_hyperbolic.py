@@ -17,7 +17,7 @@ import mpmath
 import pytest
 import torch
 
-from hierloc import hyperbolic
+from hierloc.geometry import hyperbolic
 
 # geoopt's jit-scripted helpers warn on import under torch >= 2.9; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

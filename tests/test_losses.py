@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hierloc import geodesy, hyperbolic
-from hierloc.losses import KERNELS, GWHInfoNCE, kernel_values, level_log_probs, weighted_cross_entropy
+from hierloc.geometry import geodesy
+from hierloc.geometry import hyperbolic
+from hierloc.training.losses import KERNELS, GWHInfoNCE, kernel_values, level_log_probs, weighted_cross_entropy
 
 # ================================================================================================ GWH-InfoNCE
 

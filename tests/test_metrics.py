@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hierloc import metrics
+from hierloc.inference import metrics
 from hierloc.errors import InputError
 
 SELECT_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "osv5m_select.csv"

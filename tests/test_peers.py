@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierloc import baselines
+from hierloc.training import peers as baselines
 from hierloc.errors import InputError
 from tests.conftest import TINY_OVERRIDES
 
@@ -28,7 +28,7 @@ def lon_at_km(dist_km: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- targets
 def test_pairwise_km_matches_the_exact_haversine():
-    from hierloc.geodesy import pairwise_haversine_km
+    from hierloc.geometry.geodesy import pairwise_haversine_km
 
     generator = torch.Generator().manual_seed(0)
     lat = torch.rand(64, dtype=torch.float64, generator=generator) * 170 - 85
@@ -114,7 +114,7 @@ def tiny_cfg(tiny_backbone_dir):
 @pytest.fixture(scope="module")
 def tiny_gazetteer_dir(tiny_demo_dir, tmp_path_factory) -> Path:
     from gazetteer import Gazetteer
-    from hierloc.data import read_image_table
+    from hierloc.data.tables import read_image_table
 
     table = read_image_table(tiny_demo_dir / "train.csv")
     directory = tmp_path_factory.mktemp("bench") / "gazetteer"
@@ -124,7 +124,7 @@ def tiny_gazetteer_dir(tiny_demo_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("kind", baselines.KINDS)
 def test_each_baseline_overfits_a_repeated_batch(kind, tiny_cfg):
-    from hierloc.train import build_encoder, seed_everything
+    from hierloc.training.train import build_encoder, seed_everything
 
     seed_everything(0)
     rng = np.random.default_rng(0)
@@ -156,7 +156,7 @@ def test_each_baseline_overfits_a_repeated_batch(kind, tiny_cfg):
 @pytest.mark.parametrize("kind", baselines.KINDS)
 def test_train_baseline_predicts_valid_points_and_paths(kind, tiny_cfg, tiny_demo_dir, tiny_gazetteer_dir):
     from gazetteer import Gazetteer
-    from hierloc.data import read_image_table
+    from hierloc.data.tables import read_image_table
 
     gaz = Gazetteer.load(tiny_gazetteer_dir)
     trained = baselines.train_baseline(kind, tiny_cfg, str(tiny_demo_dir / "train.csv"), gaz, device="cpu")
@@ -182,7 +182,7 @@ def test_train_baseline_predicts_valid_points_and_paths(kind, tiny_cfg, tiny_dem
 
 
 def test_saved_baseline_reloads_to_identical_predictions(tiny_cfg, tiny_demo_dir, tiny_gazetteer_dir, tmp_path):
-    from hierloc.data import read_image_table
+    from hierloc.data.tables import read_image_table
 
     trained = baselines.train_baseline("swclip", tiny_cfg, str(tiny_demo_dir / "train.csv"), tiny_gazetteer_dir,
                                        tmp_path / "m", device="cpu")

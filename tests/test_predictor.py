@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hierloc.api import Failure, HierLoc, Prediction, expand_inputs
+from hierloc.inference.predictor import Failure, HierLoc, Prediction, expand_inputs
 from hierloc.errors import InputError
 from tests.test_exif import write_gps_jpeg
 
@@ -212,14 +212,14 @@ def gps_photo(hierloc, tmp_path):
     exif = Image.Exif()
     exif[0x8825] = {1: "N" if lat >= 0 else "S", 2: dms(lat), 3: "E" if lon >= 0 else "W", 4: dms(lon)}
     Image.fromarray(noise).save(path, exif=exif.tobytes())
-    from hierloc.exif import read_gps
+    from hierloc.data.exif import read_gps
 
     gps = read_gps(path)
     return path, gps.lat_deg, gps.lon_deg
 
 
 def test_exif_compare_reports_the_gps_and_its_distance_to_the_answer(hierloc, gps_photo):
-    from hierloc.metrics import haversine_km
+    from hierloc.inference.metrics import haversine_km
 
     path, lat, lon = gps_photo
     compared = hierloc.predict([path])[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hierloc.errors import InputError
-from hierloc.search import (EntityDistances, beam_search, beam_search_dense, child_index, final_width, flat_search,
+from hierloc.inference.search import (EntityDistances, beam_search, beam_search_dense, child_index, final_width, flat_search,
                             local_parents)
 
 # Tree: 2 countries; 3 regions (0,0,1); 4 subregions (0,1,2,2); 6 cities (0,0,1,2,3,3)
@@ -314,10 +314,10 @@ def test_child_index_rejects_a_parent_outside_the_level_above():
 
 # ------------------------------------------------------------------------------------------------ HierLoc
 def _random_hierloc(gaz, geometry: str):
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
     from hierloc.config import Config, ModelConfig
-    from hierloc.losses import GWHInfoNCE
-    from hierloc.model import EntityTable, HierLocModel
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.model.network import EntityTable, HierLocModel
 
     cfg = Config(model=ModelConfig(embed_dim=16, geometry=geometry, curvature=1.5 if geometry == "poincare" else 1.0,
                                    head_hidden=32, entity_hidden=32, coord_scales=4))
@@ -348,7 +348,7 @@ def test_hierloc_search_points_equals_the_dense_reference(tiny_model_dir, geomet
 
 
 def test_predict_agrees_with_the_dense_beam_search(tiny_model_dir, tiny_demo_dir):
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
 
     hierloc = HierLoc.from_pretrained(tiny_model_dir, device="cpu")
     pixels = hierloc.preprocess(sorted((tiny_demo_dir / "images" / "test_unseen").glob("*.jpg"))[:16])

@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers) -> None:
     from hierloc.cli import HelpFormatter
-    from hierloc.demodata import DEFAULT_JITTER_DEG, DEFAULT_N_UNSEEN, UNSEEN_RULES
+    from hierloc.data.demodata import DEFAULT_JITTER_DEG, DEFAULT_N_UNSEEN, UNSEEN_RULES
 
     p = subparsers.add_parser(
         "demo-data", formatter_class=HelpFormatter,
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hierloc.demodata import make_demo_dataset
+    from hierloc.data.demodata import make_demo_dataset
 
     summary = make_demo_dataset(
         args.out, n_train=args.n_train, n_test=args.n_test, patch_px=args.patch_px, jitter_deg=args.jitter_deg,

@@ -63,7 +63,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gazetteer.atomic import atomic_write_text, is_same_file
-    from hierloc import evaluate
+    from hierloc.inference import evaluate
     from hierloc.errors import InputError
 
     on_bad = "skip" if args.skip_bad else "error"
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.csv is None or args.model is None:
             raise InputError("give a labelled CSV and --model DIR, or --predictions FILE")
-        from hierloc import data
-        from hierloc.api import HierLoc, check_options
+        from hierloc.data import tables as data
+        from hierloc.inference.predictor import HierLoc, check_options
 
         if args.batch_size < 1 or args.workers < 0:
             raise InputError("--batch-size must be >= 1 and --workers >= 0")

@@ -66,8 +66,9 @@ def _map_path(out: str, index: int, n_images: int, source: str) -> Path:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from hierloc import explain, maps
-    from hierloc.api import HierLoc, iter_image_paths
+    from hierloc.inference import explain
+    from hierloc.inference import maps
+    from hierloc.inference.predictor import HierLoc, iter_image_paths
     from hierloc.errors import InputError
 
     truth = _parse_truth(args.truth)
@@ -97,9 +98,9 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_plot_embeddings(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from hierloc import maps
-    from hierloc.api import HierLoc
-    from hierloc.explain import model_provenance, provenance_line
+    from hierloc.inference import maps
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.inference.explain import model_provenance, provenance_line
 
     model = HierLoc.from_pretrained(args.model, device="cpu")
     gaz = model.gazetteer

@@ -74,9 +74,9 @@ def _check_output_is_not_an_input(out: str, inputs: list[str], paths: list[str])
 
 def run(args: argparse.Namespace) -> int:
     from gazetteer.atomic import atomic_open
-    from hierloc.api import HierLoc, check_options, expand_inputs
+    from hierloc.inference.predictor import HierLoc, check_options, expand_inputs
     from hierloc.errors import InputError
-    from hierloc.outputs import make_writer, summary_line
+    from hierloc.inference.outputs import make_writer, summary_line
 
     for name in ("top_k", "beam", "batch_size"):
         if getattr(args, name) < 1:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from hierloc.config import load_config
-    from hierloc.train import TrainInputs, TrainingInterrupted, train
+    from hierloc.training.train import TrainInputs, TrainingInterrupted, train
 
     overrides = list(args.overrides)
     if args.seed is not None:

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hierloc.errors import InputError
-from hierloc.images import Preprocessor
+from hierloc.data.images import Preprocessor
 
 logger = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hierloc import metrics
+from hierloc.inference import metrics
 from hierloc.errors import InputError
-from hierloc.outputs import json_ready  # noqa: F401 - re-exported for the CLI
+from hierloc.inference.outputs import json_ready  # noqa: F401 - re-exported for the CLI
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat
     """Best answers for (N, D) image points: paths (N, 4) global ids after the backoff cut (-1 = not answered),
     probs (N, 4) level probabilities of the best path, pred_lat_deg / pred_lon_deg (N,) (deepest answered
     entity's coordinate, NaN for an empty path)."""
-    from hierloc.api import LEVELS as API_LEVELS, cut_paths
+    from hierloc.inference.predictor import LEVELS as API_LEVELS, cut_paths
 
     if max_level not in API_LEVELS:
         raise InputError(f"max_level {max_level!r}: expected one of {', '.join(API_LEVELS)}")
@@ -131,8 +131,8 @@ def _embedded_batches(model, table, errors: dict[int, str], batch_size: int, num
 
 
 def _batches(model, table, batch_size: int, num_workers: int, progress: bool):
-    from hierloc import data
-    from hierloc.api import PredictDataset
+    from hierloc.data import tables as data
+    from hierloc.inference.predictor import PredictDataset
 
     dataset = PredictDataset(table.paths, model.encoder.preprocessor, exif="ignore")
     loader = data.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

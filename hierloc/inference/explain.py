@@ -283,7 +283,7 @@ def load_concept_parts(hl, model_dir: str | Path | None):
 
     Profiles: the model's ``concept_profiles`` buffer, else ``concept_profiles.npy`` in the model directory.
     """
-    from hierloc.concepts import VOCABULARY_FILE, ConceptVocabulary
+    from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
 
     head = getattr(hl.model, "concept_head", None)
     if head is None or model_dir is None:
@@ -392,7 +392,7 @@ def _exif_gps(item) -> tuple[float, float] | None:
     if not isinstance(item, (str, Path)):
         return None
     try:
-        from hierloc.exif import read_gps
+        from hierloc.data.exif import read_gps
 
         gps = read_gps(item)
     except Exception:  # noqa: BLE001 - EXIF is a bonus for the picture; a bad tag must not stop the explanation

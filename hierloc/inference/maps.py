@@ -202,7 +202,7 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
     """
     from PIL import Image, ImageDraw
 
-    from hierloc.explain import format_text
+    from hierloc.inference.explain import format_text
 
     if out_path is not None:
         out_path = _output(out_path, (".png", ".html", ".htm"))
@@ -286,7 +286,7 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
     head.text((10 * s, 8 * s), f"{Path(str(e.source)).name}:  {answer}", fill=(10, 10, 10), font=large)
     head.text((10 * s, 34 * s), f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
               + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""), fill=(40, 40, 40), font=medium)
-    from hierloc.explain import provenance_line
+    from hierloc.inference.explain import provenance_line
 
     head.text((10 * s, 56 * s), _ellipsis(provenance_line(e.model), 170), fill=(90, 90, 90), font=small)
     image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)

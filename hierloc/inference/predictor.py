@@ -1,6 +1,6 @@
 """The Python API, mirroring `hierloc predict` / `hierloc eval`.
 
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
     model = HierLoc.from_pretrained("runs/demo")
     for p in model.predict(["photo.jpg"], top_k=3):
         print(p.country.name, p.country.probability, p.lat_deg, p.lon_deg)
@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from hierloc import checkpoint as ckpt
+from hierloc.training import checkpoint as ckpt
 from hierloc.config import Config, from_dict
 from hierloc.errors import InputError
 
@@ -264,7 +264,7 @@ iter_image_paths = expand_inputs  # the first-cut name
 
 def _paths_from_csv(path: Path, image_root, image_col: str | None) -> list[str]:
     from gazetteer import csvio
-    from hierloc import data
+    from hierloc.data import tables as data
 
     header = csvio.read_header(path)
     column = csvio.find_column(header, image_col, data.IMAGE_CANDIDATES, path, "image")
@@ -339,7 +339,7 @@ class PredictDataset(torch.utils.data.Dataset):
         return int(self.paths.shape[0])
 
     def __getitem__(self, index: int) -> dict:
-        from hierloc.exif import read_gps
+        from hierloc.data.exif import read_gps
 
         index = int(index)
         path = str(self.paths[index])
@@ -430,9 +430,9 @@ class HierLoc:
         """Load a model directory written by `hierloc train` or `save_pretrained`. device: auto, cpu or cuda."""
         from gazetteer import Gazetteer
         from hierloc.device import resolve_device
-        from hierloc.encoders import load_image_encoder
-        from hierloc.losses import GWHInfoNCE
-        from hierloc.model import EntityTable, HierLocModel
+        from hierloc.model.encoders import load_image_encoder
+        from hierloc.training.losses import GWHInfoNCE
+        from hierloc.model.network import EntityTable, HierLocModel
 
         root = Path(model_dir)
         if root.is_file():
@@ -477,7 +477,7 @@ class HierLoc:
                              f"({str(exc).splitlines()[0]})") from None
         model.encoder = encoder
         if model.concept_head is not None:
-            from hierloc.concepts import VOCABULARY_FILE, ConceptVocabulary
+            from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
 
             if not (root / VOCABULARY_FILE).is_file():
                 raise InputError(f"{root}: the model has a concept head but {VOCABULARY_FILE} is missing")
@@ -563,7 +563,7 @@ class HierLoc:
         """(hierloc.search.EntityDistances, hierloc.search.ChildIndex) of this model, built once (with the cached
         entity points) and reused by every beam search: the geometry (Poincare of curvature model.curvature, or
         Euclidean), the entities' conformal denominators and the CSR children index, on the model's device."""
-        from hierloc.search import EntityDistances, child_index
+        from hierloc.inference.search import EntityDistances, child_index
 
         points = self.entity_points()
         if self._search_index is None or self._search_index[0].entity_points is not points:
@@ -578,7 +578,7 @@ class HierLoc:
 
         Beam: `hierloc.search.beam_search`, distances measured for the candidates only. Flat: all cities (and
         every level, for the ancestors' probabilities) in matrix form."""
-        from hierloc.search import beam_search, flat_search
+        from hierloc.inference.search import beam_search, flat_search
 
         if flat:
             sq = self.model.level_sqdists(points, self.entity_points())
@@ -619,7 +619,7 @@ class HierLoc:
         (default: the model's inference.beam); flat: nearest city over all cities instead of the beam;
         min_prob / max_level / exif: see the module docstring. progress: a tqdm bar on stderr.
         """
-        from hierloc import data
+        from hierloc.data import tables as data
 
         max_level_index = check_options(min_prob, max_level, exif, beam, top_k)
         if batch_size < 1:
@@ -663,9 +663,9 @@ class HierLoc:
         """PIL images and/or paths, in this process -> a collated batch."""
         from PIL import Image
 
-        from hierloc import data
-        from hierloc.exif import gps_from_image, read_gps
-        from hierloc.images import to_rgb
+        from hierloc.data import tables as data
+        from hierloc.data.exif import gps_from_image, read_gps
+        from hierloc.data.images import to_rgb
 
         pre = self.encoder.preprocessor
         out = []
@@ -796,7 +796,8 @@ class HierLoc:
                  missing: str = "skip", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
                  per_sample: str | Path | None = None, on_bad: str = "error") -> dict:
         """`hierloc eval CSV --model DIR`: metrics on a labelled CSV (see `hierloc.evaluate.evaluate_model`)."""
-        from hierloc import data, evaluate
+        from hierloc.data import tables as data
+        from hierloc.inference import evaluate
 
         table = data.read_image_table(csv_path, image_root=image_root, on_bad=on_bad)
         return evaluate.evaluate_model(self, table, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
@@ -807,13 +808,13 @@ class HierLoc:
                       progress: bool = True) -> dict[str, np.ndarray]:
         """Best paths of every image of an ImageTable: {"paths" (N, 4) global ids, "pred_lat_deg",
         "pred_lon_deg" (N,), "probs" (N, 4), "ok" (N,) bool (False = image unreadable)}."""
-        from hierloc import evaluate
+        from hierloc.inference import evaluate
 
         return evaluate.predict_table(self, table, beam=beam, flat=flat, batch_size=batch_size, progress=progress)
 
     def evaluate_table(self, table, beam: int | None = None, flat: bool = False, progress: bool = True) -> dict:
         """Metrics on an ImageTable (numbers only; see `hierloc.evaluate.evaluate_model`)."""
-        from hierloc import evaluate
+        from hierloc.inference import evaluate
 
         return evaluate.evaluate_model(self, table, beam=beam, flat=flat, progress=progress)
 

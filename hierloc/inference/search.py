@@ -169,7 +169,7 @@ class EntityDistances:
         return (1.0 - self.c * points.double().square().sum(-1)).clamp_min(_DENOM_FLOOR)
 
     def level_sqdist(self, points: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        from hierloc import hyperbolic
+        from hierloc.geometry import hyperbolic
 
         entities = self.entity_points[lo:hi]
         if self.c is None:

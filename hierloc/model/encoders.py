@@ -42,7 +42,7 @@ from torch import nn
 
 from gazetteer.atomic import atomic_write_text
 from hierloc.errors import InputError
-from hierloc.images import Preprocessor
+from hierloc.data.images import Preprocessor
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hierloc import hyperbolic
+from hierloc.geometry import hyperbolic
 from gazetteer.geo import EARTH_RADIUS_KM
 from hierloc.config import ModelConfig
 
@@ -152,7 +152,7 @@ class HierLocModel(nn.Module):
         self.cross_attention = LevelCrossAttention(dim, cfg.attn_heads) if cfg.cross_attention else None
         self.concept_head = None
         if n_concepts > 0:
-            from hierloc.concepts import ConceptHead
+            from hierloc.model.concepts import ConceptHead
 
             self.concept_head = ConceptHead(feature_dim, n_concepts, dim, hidden=cfg.concept_hidden,
                                             dropout=cfg.dropout)

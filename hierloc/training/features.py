@@ -290,7 +290,7 @@ def extract_features(
 
 def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str, str], meta: dict[str, Any],
                    batch_size: int, num_workers: int, dtype: np.dtype, progress: bool) -> None:
-    from hierloc.data import make_loader
+    from hierloc.data.tables import make_loader
 
     start, stop = meta["start"], meta["stop"]
     n_local = stop - start

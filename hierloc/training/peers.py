@@ -129,7 +129,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def unit_vectors(lat_deg: torch.Tensor, lon_deg: torch.Tensor) -> torch.Tensor:
     """(N,) degrees -> (N, 3) float64 unit vectors (`hierloc.geodesy.latlon_to_unit`)."""
-    from hierloc.geodesy import latlon_to_unit
+    from hierloc.geometry.geodesy import latlon_to_unit
 
     return latlon_to_unit(lat_deg.double(), lon_deg.double())
 
@@ -142,7 +142,7 @@ def pairwise_km(unit_a: torch.Tensor, unit_b: torch.Tensor) -> torch.Tensor:
     random pairs) where every kernel is ~0. Cheaper than `hierloc.geodesy.pairwise_haversine_km` (float64
     throughout, exact), which matters here: the targets span all N ~ 17.5k cities at every step.
     """
-    from hierloc.geodesy import EARTH_RADIUS_KM
+    from hierloc.geometry.geodesy import EARTH_RADIUS_KM
 
     half_chord_sq = ((1.0 - unit_a @ unit_b.T) * 0.5).float().clamp_(0.0, 1.0)
     return half_chord_sq.sqrt_().asin_().mul_(2.0 * EARTH_RADIUS_KM)
@@ -191,7 +191,7 @@ class BaselineModel(nn.Module):
     def __init__(self, kind: str, cfg: Config, encoder: nn.Module, city_lat_deg, city_lon_deg,
                  options: BaselineOptions | None = None, gallery_lat_deg=None, gallery_lon_deg=None):
         super().__init__()
-        from hierloc.model import _mlp
+        from hierloc.model.network import _mlp
 
         if kind not in KINDS:
             raise InputError(f"baseline kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -279,7 +279,7 @@ class BaselineModel(nn.Module):
 
 
 def _sphere_encoding(lat_deg: torch.Tensor, lon_deg: torch.Tensor, model_cfg) -> torch.Tensor:
-    from hierloc.model import sphere_encoding
+    from hierloc.model.network import sphere_encoding
 
     return sphere_encoding(lat_deg, lon_deg, model_cfg.coord_scales, model_cfg.coord_min_radius_km,
                            model_cfg.coord_max_radius_km).to(lat_deg.device)
@@ -355,9 +355,9 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     (`save_baseline`). Summary keys: kind, steps, epochs, seconds (the training loop only, as HierLoc's
     train_summary), images_per_second, n_train, n_skipped, n_cities, gallery_size, final_loss, first_loss.
     """
-    from hierloc import data
+    from hierloc.data import tables as data
     from hierloc.device import resolve_device
-    from hierloc.train import build_encoder, lr_factor, seed_everything
+    from hierloc.training.train import build_encoder, lr_factor, seed_everything
 
     if kind not in KINDS:
         raise InputError(f"baseline kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -448,7 +448,7 @@ def predict(obj: TrainedBaseline, table, batch_size: int = 128, num_workers: int
     """Answers for every row of an ImageTable: pred_lat_deg, pred_lon_deg (N,) float64 (NaN where the image is
     unreadable), paths (N, 4) global entity ids (-1 = none; the city's path for city kinds, `locate` of the
     point for geoclip), ok (N,) bool."""
-    from hierloc import data
+    from hierloc.data import tables as data
 
     model, dev = obj.model.eval(), obj.device
     n = len(table)
@@ -508,7 +508,7 @@ def save_baseline(obj: TrainedBaseline, out_dir: str | Path, overwrite: bool = F
     """Write baseline.json (kind, config, options, summary, gazetteer hash), model.safetensors (all weights and
     buffers, encoder included) and gazetteer/, atomically (all or nothing)."""
     from gazetteer.atomic import atomic_directory
-    from hierloc import checkpoint as ckpt
+    from hierloc.training import checkpoint as ckpt
 
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / META_NAME).is_file():
@@ -526,10 +526,10 @@ def save_baseline(obj: TrainedBaseline, out_dir: str | Path, overwrite: bool = F
 def load_baseline(model_dir: str | Path, device: str = "cpu") -> TrainedBaseline:
     """Reload a directory written by `save_baseline`."""
     from gazetteer import Gazetteer
-    from hierloc import checkpoint as ckpt
+    from hierloc.training import checkpoint as ckpt
     from hierloc.config import from_dict
     from hierloc.device import resolve_device
-    from hierloc.train import build_encoder
+    from hierloc.training.train import build_encoder
 
     root = Path(model_dir)
     meta = ckpt.read_json(root / META_NAME, "baseline model")

@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from gazetteer.geo import EARTH_RADIUS_KM
-from hierloc import checkpoint as ckpt
-from hierloc.geodesy import latlon_to_unit
+from hierloc.training import checkpoint as ckpt
+from hierloc.geometry.geodesy import latlon_to_unit
 from hierloc.config import Config
 from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, reuse_freed_cpu_memory, shutdown
 from hierloc.errors import InputError
-from hierloc.interrupt import GracefulStop
+from hierloc.training.interrupt import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class TrainModule(nn.Module):
                 local_targets[:, level] = torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
         out = self.loss(sqdists, local_targets, geo_km)
         if model.concept_head is not None and concepts is not None:
-            from hierloc.concepts import concept_loss
+            from hierloc.model.concepts import concept_loss
 
             out["concept_loss"] = concept_loss(concept_output[0], concepts)
             out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
@@ -281,7 +281,7 @@ def prepare_concepts(cfg: Config, csv_path: str, table, targets: np.ndarray, n_e
     """
     if not cfg.model.concepts:
         return None, None, None
-    from hierloc import concepts as concept_lib
+    from hierloc.model import concepts as concept_lib
 
     columns = concept_lib.read_concept_columns(csv_path, table.rows)
     vocab = concept_lib.ConceptVocabulary.load().fit_csv_columns(columns)
@@ -312,7 +312,7 @@ def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime):
 
 def build_encoder(cfg: Config, allow_download: bool):
     """-> ImageEncoder for cfg.model.backbone ('tiny-vit' = the small from-scratch default)."""
-    from hierloc import encoders
+    from hierloc.model import encoders
 
     return encoders.build_image_encoder(cfg.model.backbone, pretrained=cfg.model.pretrained,
                                         freeze=cfg.model.freeze_backbone, image_size=cfg.model.image_size,
@@ -349,9 +349,10 @@ def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> Path:
 def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     from torch.utils.tensorboard import SummaryWriter
 
-    from hierloc import data, features as feature_cache
-    from hierloc.losses import GWHInfoNCE
-    from hierloc.model import EntityTable, HierLocModel
+    from hierloc.data import tables as data
+    from hierloc.training import features as feature_cache
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.model.network import EntityTable, HierLocModel
 
     out = _prepare_out_dir(inputs, runtime)
     seed_everything(cfg.train.seed)
@@ -528,7 +529,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     seconds = time.perf_counter() - t_start
     rank_divergence = _rank_divergence(module, runtime)
     if runtime.is_main:
-        from hierloc.api import save_model_dir
+        from hierloc.inference.predictor import save_model_dir
 
         with ckpt.writing(out, "model directory"):
             save_model_dir(out, cfg, module.model, loss_fn, encoder, gaz)
@@ -714,7 +715,7 @@ def _load_resumed_state(latest: Path, module: TrainModule, optimizers: dict, mod
 
 
 def _validate(model, loss_fn, encoder, gaz, inputs: TrainInputs, cfg: Config, runtime: Runtime) -> dict:
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
 
     predictor = HierLoc(cfg, model, loss_fn, encoder, gaz, device=runtime.device)
     return predictor.evaluate_csv(inputs.val_csv, image_root=None, beam=cfg.inference.beam, progress=False)
