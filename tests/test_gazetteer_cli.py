@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from gazetteer import Gazetteer
-from gazetteer.build import FIELDS
+from gazetteer.schema import FIELDS
 from gazetteer.csvio import file_sha256
 from gazetteer.geocoder import reverse_geocoder_reference
 from hierloc.cli import main

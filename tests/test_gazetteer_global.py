@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gazetteer import Gazetteer
-from gazetteer.build import FIELDS, KEY_SEPARATOR
+from gazetteer.schema import FIELDS, KEY_SEPARATOR
 from gazetteer.geocoder import reverse_geocoder_reference
 from gazetteer.geonames import load_places
 

