@@ -16,7 +16,7 @@ import torch
 
 from gazetteer.geo import EARTH_RADIUS_KM
 
-__all__ = ["EARTH_RADIUS_KM", "haversine_km", "latlon_to_unit", "pairwise_haversine_km"]
+__all__ = ["EARTH_RADIUS_KM", "great_circle_km", "haversine_km", "latlon_to_unit", "pairwise_haversine_km"]
 
 # Row chunk of pairwise_haversine_km: bounds the float64 temporaries to ~32 MB whatever N is.
 _CHUNK_ELEMENTS = 1 << 22
@@ -59,6 +59,23 @@ def haversine_km(lat1_deg, lon1_deg, lat2_deg, lon2_deg) -> torch.Tensor:
     return (2.0 * EARTH_RADIUS_KM * torch.asin(a.clamp(0.0, 1.0).sqrt())).to(_out_dtype(*tensors))
 
 
+def great_circle_km(units_a: torch.Tensor, units_b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    r"""Great-circle km between unit vectors: units_a (B, 3), units_b (N, 3) -> (B, N).
+
+        a_ij = (1 - u_i . v_j) / 2  (= the haversine a),   d_ij = 2 R asin(sqrt(a_ij))
+
+    a in the units' dtype (one matrix product, ``addmm``), the rest in ``dtype`` (default: the units'), in place.
+    Precision is the caller's choice: float64 units make a exact to ~1e-16 (see `pairwise_haversine_km`); float32
+    units lose a few km at very short range (1 - u.v cancels), which is immaterial for weights that vary on scales
+    of tens of km (the training loss's hard-negative weights) and saves the float64 product.
+    """
+    half = units_a.new_full((), 0.5)
+    half_chord_sq = torch.addmm(half, units_a, units_b.T, alpha=-0.5)  # (1 - u.v) / 2
+    if dtype is not None:
+        half_chord_sq = half_chord_sq.to(dtype)
+    return half_chord_sq.clamp_(0.0, 1.0).sqrt_().asin_().mul_(2.0 * EARTH_RADIUS_KM)
+
+
 def pairwise_haversine_km(lat_a_deg, lon_a_deg, lat_b_deg, lon_b_deg) -> torch.Tensor:
     r"""Great-circle distances between every point a (B,) and every point b (N,), in km: -> (B, N).
 
@@ -80,13 +97,10 @@ def pairwise_haversine_km(lat_a_deg, lon_a_deg, lat_b_deg, lon_b_deg) -> torch.T
         )
     dtype = _out_dtype(lat_a, lon_a, lat_b, lon_b)
     unit_a = latlon_to_unit(lat_a.double(), lon_a.double())  # (B, 3) float64
-    unit_b_t = latlon_to_unit(lat_b.double(), lon_b.double()).T.contiguous()  # (3, N)
+    unit_b = latlon_to_unit(lat_b.double(), lon_b.double())  # (N, 3) float64
     out = torch.empty(lat_a.shape[0], lat_b.shape[0], dtype=dtype, device=lat_a.device)
     rows = max(1, _CHUNK_ELEMENTS // max(1, lat_b.shape[0]))
-    half = unit_a.new_full((1,), 0.5)
     for start in range(0, lat_a.shape[0], rows):
-        hav = torch.addmm(half, unit_a[start : start + rows], unit_b_t, alpha=-0.5)  # (1 - u.v) / 2
-        hav.clamp_(0.0, 1.0).sqrt_().asin_().mul_(2.0 * EARTH_RADIUS_KM)
-        out[start : start + rows] = hav
+        out[start : start + rows] = great_circle_km(unit_a[start : start + rows], unit_b)
     return out
 

@@ -26,10 +26,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from gazetteer.schema import N_LEVELS
 from hierloc.errors import InputError
+from hierloc.geometry import hyperbolic
 
-N_LEVELS = 4
-_DENOM_FLOOR = 1e-15        # floor of 1 - c|x|^2, as hierloc.hyperbolic (points on/outside the boundary stay finite)
 _PAIR_BLOCK_ELEMENTS = 1 << 22  # (pairs x D) elements per block of candidate distances (16 MB in float32)
 
 
@@ -138,13 +138,11 @@ class EntityDistances:
 
     entity_points: (E, D). Precomputes, once, the entities' conformal denominators 1 - c|y|^2 (float64, (E,)).
 
-    - `level_sqdist`: a whole level, matrix-product form (`hierloc.hyperbolic.pairwise_sqdist` /
+    - `level_sqdist`: a whole level, matrix-product form (`hierloc.geometry.hyperbolic.pairwise_sqdist` /
       `euclidean_pairwise_sqdist`, exactly what `HierLocModel.sqdist` computes).
-    - `pair_sqdist`: chosen pairs from direct differences (no cancellation), in blocks of pairs:
-      Poincare  d^2 = ((2/sqrt(c)) arsinh(sqrt(m/2)))^2,  m = 2c|x-y|^2 / ((1-c|x|^2)(1-c|y|^2));
-      Euclidean d^2 = |x-y|^2.
-      |x-y|^2 is summed in the points' dtype (float32: relative error ~1e-7); the rest in float64 (the
-      denominators near the boundary would amplify float32 rounding of |x|^2 ~100-fold).
+    - `pair_sqdist`: chosen pairs from direct differences (no cancellation), in blocks of pairs
+      (`hierloc.geometry.hyperbolic.paired_sqdist`: Poincare d^2 = ((2/sqrt(c)) arsinh(sqrt(m/2)))^2, or the
+      Euclidean |x-y|^2), in the points' dtype (at least float32).
     """
 
     def __init__(self, entity_points: torch.Tensor, c: float | None = 1.0):
@@ -152,7 +150,7 @@ class EntityDistances:
             raise ValueError(f"curvature c must be a positive finite number or None (Euclidean), got {c}")
         self.entity_points = entity_points
         self.c = None if c is None else float(c)
-        self._entity_denominator = (None if c is None else self._denominator(entity_points))
+        self._entity_denominator = (None if c is None else hyperbolic.denominators(entity_points, c=self.c))
 
     @property
     def is_hyperbolic(self) -> bool:
@@ -164,13 +162,7 @@ class EntityDistances:
         d = self._entity_denominator
         return 0 if d is None else d.numel() * d.element_size()
 
-    def _denominator(self, points: torch.Tensor) -> torch.Tensor:
-        """(n, D) -> (n,) float64 max(1 - c|x|^2, 1e-15)."""
-        return (1.0 - self.c * points.double().square().sum(-1)).clamp_min(_DENOM_FLOOR)
-
     def level_sqdist(self, points: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        from hierloc.geometry import hyperbolic
-
         entities = self.entity_points[lo:hi]
         if self.c is None:
             return hyperbolic.euclidean_pairwise_sqdist(points, entities)
@@ -178,19 +170,17 @@ class EntityDistances:
 
     def pair_sqdist(self, points: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = max(1024, _PAIR_BLOCK_ELEMENTS // max(1, points.shape[1]))
-        points_denominator = None if self.c is None else self._denominator(points)
+        points_denominator = None if self.c is None else hyperbolic.denominators(points, c=self.c)
         out = torch.empty(rows.shape[0], dtype=torch.promote_types(points.dtype, torch.float32), device=points.device)
         for start in range(0, rows.shape[0], block):
             r, e = rows[start:start + block], ids[start:start + block]
-            diff = points.index_select(0, r).to(out.dtype)
-            diff.sub_(self.entity_points.index_select(0, e))
-            diff_sq = torch.einsum("pd,pd->p", diff, diff)
+            x, y = points.index_select(0, r).to(out.dtype), self.entity_points.index_select(0, e)
             if self.c is None:
-                out[start:start + block] = diff_sq
+                out[start:start + block] = hyperbolic.paired_sqdist(x, y, c=None)
                 continue
-            denominator = points_denominator.index_select(0, r) * self._entity_denominator.index_select(0, e)
-            z = (self.c * diff_sq.double() / denominator).sqrt_()
-            out[start:start + block] = (2.0 / math.sqrt(self.c) * torch.asinh_(z)).square_()
+            out[start:start + block] = hyperbolic.paired_sqdist(
+                x, y, c=self.c, x_denominator=points_denominator.index_select(0, r),
+                y_denominator=self._entity_denominator.index_select(0, e))
         return out
 
 
