@@ -67,8 +67,9 @@ def build_global_hierloc(dim: int, seed: int):
     cfg = Config(model=ModelConfig(embed_dim=dim))
     torch.manual_seed(seed)
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), feature_dim=dim, seed=seed).eval()
-    loss = GWHInfoNCE(n_levels=4, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km).eval()
-    hierloc = HierLoc(cfg, model, loss, encoder=None, gaz=gaz, device="cpu", source="<random, global gazetteer>")
+    loss = GWHInfoNCE.from_config(cfg).eval()
+    hierloc = HierLoc(cfg, model, loss.state_dict(), encoder=None, gaz=gaz, device="cpu",
+                      source="<random, global gazetteer>")
     start = time.perf_counter()
     hierloc.entity_points()
     return hierloc, build_s, time.perf_counter() - start

@@ -199,8 +199,10 @@ def prepare_gazetteer(args, train_csv: Path, out: Path):
 
 # -------------------------------------------------------------------------------------------- one row run
 def hierloc_size(model) -> dict:
+    from hierloc.training.losses import GWHInfoNCE
+
     params = sum(p.numel() * p.element_size() for p in model.model.parameters())
-    params += sum(p.numel() * p.element_size() for p in model.loss_fn.parameters())
+    params += sum(p.numel() * p.element_size() for p in GWHInfoNCE.from_config(model.cfg).parameters())
     points = model.entity_points()
     index = points.numel() * points.element_size() + points.shape[0] * 2 * 8
     return {"params_mb": params / 1e6, "index_mb": index / 1e6}

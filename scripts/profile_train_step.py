@@ -79,9 +79,7 @@ def main() -> None:
     else:
         feature_dim = encoder.feature_dim
         model = HierLocModel(cfg.model, table, feature_dim, encoder=encoder)
-    loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
-                         betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
-                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
+    loss_fn = GWHInfoNCE.from_config(cfg)
     module = TrainModule(model, loss_fn)
     optimizers = build_optimizers(module, cfg)
     size, batch = cfg.model.image_size, args.batch

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hierloc.model import modeldir
 from hierloc.training import checkpoint as ckpt
 from hierloc.cli import main
 from hierloc.training.interrupt import GracefulStop, exit_code_for
@@ -184,7 +185,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(c
     """The second checkpoint (step 8) fails half-way through its first file; step 4 and `latest` stay intact."""
     from gazetteer.atomic import atomic_open
 
-    real_write = ckpt.atomic_write_bytes
+    real_write = modeldir.atomic_write_bytes
     seen: dict = {}
 
     def failing_write(path, data):
@@ -195,7 +196,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(c
                 raise OSError(code, os.strerror(code))
         real_write(path, data)
 
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", failing_write)
+    monkeypatch.setattr(modeldir, "atomic_write_bytes", failing_write)
     out = tmp_path / "run"
     assert main(train_args + ["--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -206,7 +207,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(c
     assert _digest(out / "checkpoints" / "step-000000004") == seen["before"]
     assert not (out / "checkpoints" / "step-000000008").exists()
     assert_complete_checkpoint(out, 4)
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", real_write)     # space freed: resume finishes the run
+    monkeypatch.setattr(modeldir, "atomic_write_bytes", real_write)     # space freed: resume finishes the run
     assert main(train_args + ["--out", str(out), "--resume"]) == 0
     assert_bitwise_equal(out, reference)
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hierloc.inference.predictor import Failure, HierLoc, Prediction, expand_inputs
+from hierloc.data.prediction import expand_inputs
+from hierloc.inference.answers import Failure, Prediction
+from hierloc.inference.predictor import HierLoc
 from hierloc.errors import InputError
 from tests.test_exif import write_gps_jpeg
 

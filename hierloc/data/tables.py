@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hierloc.errors import InputError
+from gazetteer import csvio
 from hierloc.data.images import Preprocessor
+from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def read_image_table(
     out-of-range coordinate, empty image field); "skip" drops such rows and counts them in `n_skipped`.
     Image files are not opened here (that happens lazily in `ImageDataset`).
     """
-    from gazetteer import csvio
-
     if on_bad not in ("error", "skip"):
         raise InputError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
     path = Path(csv_path)

@@ -36,14 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hierloc.inference import metrics
+from gazetteer import csvio
+from gazetteer.atomic import atomic_open, is_same_file
+from gazetteer.schema import LEVELS, N_LEVELS
+from hierloc.data.prediction import path_batches, with_progress
 from hierloc.errors import InputError
-from hierloc.inference.outputs import json_ready  # noqa: F401 - re-exported for the CLI
+from hierloc.inference import metrics
+from hierloc.inference.answers import cut_paths
 
 logger = logging.getLogger(__name__)
 
-LEVELS = metrics.LEVELS
-N_LEVELS = 4
 REQUIRED_KEYS = ("n", "mean_km", "median_km", "geoscore", "acc_1km", "acc_25km", "acc_200km", "acc_750km",
                  "acc_2500km", "acc_country", "acc_region", "acc_subregion", "acc_city")
 DEFAULT_PREDICTION_COLUMNS = {"pred_lat": "pred_lat", "pred_lon": "pred_lon", "true_lat": "true_lat",
@@ -77,10 +79,8 @@ def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat
     """Best answers for (N, D) image points: paths (N, 4) global ids after the backoff cut (-1 = not answered),
     probs (N, 4) level probabilities of the best path, pred_lat_deg / pred_lon_deg (N,) (deepest answered
     entity's coordinate, NaN for an empty path)."""
-    from hierloc.inference.predictor import LEVELS as API_LEVELS, cut_paths
-
-    if max_level not in API_LEVELS:
-        raise InputError(f"max_level {max_level!r}: expected one of {', '.join(API_LEVELS)}")
+    if max_level not in LEVELS:
+        raise InputError(f"max_level {max_level!r}: expected one of {', '.join(LEVELS)}")
     n = points.shape[0]
     paths = np.full((n, N_LEVELS), -1, dtype=np.int64)
     probs = np.zeros((n, N_LEVELS), dtype=np.float32)
@@ -89,7 +89,7 @@ def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat
         result = model.search_points(chunk, beam=beam, top_k=1, flat=flat)
         best = result.paths[:, 0].cpu().numpy()
         best_probs = result.level_probs[:, 0].cpu().numpy()
-        paths[start:start + len(chunk)] = cut_paths(best, best_probs, min_prob, API_LEVELS.index(max_level))
+        paths[start:start + len(chunk)] = cut_paths(best, best_probs, min_prob, LEVELS.index(max_level))
         probs[start:start + len(chunk)] = best_probs
     return {"paths": paths, "probs": probs, **_points_of(model.gazetteer, paths)}
 
@@ -131,25 +131,9 @@ def _embedded_batches(model, table, errors: dict[int, str], batch_size: int, num
 
 
 def _batches(model, table, batch_size: int, num_workers: int, progress: bool):
-    from hierloc.data import tables as data
-    from hierloc.inference.predictor import PredictDataset
-
-    dataset = PredictDataset(table.paths, model.encoder.preprocessor, exif="ignore")
-    loader = data.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                              pin_memory=model.device.type == "cuda")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(dataset), desc="evaluate", unit="img", dynamic_ncols=True, disable=None)
-    try:
-        for batch in loader:
-            yield batch
-            if bar is not None:
-                bar.update(len(batch["index"]) + batch["n_failed"])
-    finally:
-        if bar is not None:
-            bar.close()
+    batches = path_batches(table.paths, model.encoder.preprocessor, "ignore", batch_size, num_workers,
+                           pin_memory=model.device.type == "cuda")
+    return with_progress(batches, len(table.paths), "evaluate", progress)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -232,8 +216,6 @@ def evaluate_model(model, table, beam: int | None = None, flat: bool = False, mi
     hit_<level>. Its pred_lat/pred_lon/true_lat/true_lon columns are what `hierloc eval --predictions` reads.
     """
     if per_sample is not None and table.source:
-        from gazetteer.atomic import is_same_file
-
         if is_same_file(table.source, per_sample):
             raise InputError(f"per-sample output {per_sample} is the input CSV; inputs are never modified")
     predictions = predict_table(model, table, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
@@ -245,8 +227,6 @@ def evaluate_model(model, table, beam: int | None = None, flat: bool = False, mi
 
 
 def _write_model_per_sample(out_path, gaz, table, predictions: dict, per_row: dict) -> None:
-    from gazetteer.atomic import atomic_open
-
     keys = np.append(np.asarray(gaz.keys, dtype=object), "")  # index -1 -> ""
     scored = per_row["scored"]
     position = np.cumsum(scored) - 1  # row -> index among scored rows
@@ -289,9 +269,6 @@ def evaluate_predictions_csv(path: str | os.PathLike, pred_lat_col: str = "pred_
     per_sample: a copy of the input with distance_km, geoscore, hit_<level> appended (replaced when the input
     already has such columns), scored rows only; written atomically, never over the input.
     """
-    from gazetteer import csvio
-    from gazetteer.atomic import is_same_file
-
     path = Path(path)
     if on_bad not in ("error", "skip"):
         raise InputError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
@@ -336,9 +313,6 @@ def evaluate_predictions_csv(path: str | os.PathLike, pred_lat_col: str = "pred_
 def _write_predictions_per_sample(in_path: Path, out_path, header: list[str], scored_rows: np.ndarray,
                                   per_row: dict) -> None:
     """Copy the scored input rows, appending (or replacing) the per-row score columns."""
-    from gazetteer import csvio
-    from gazetteer.atomic import atomic_open
-
     out_header = list(header)
     positions = []
     for name in PER_SAMPLE_SCORE_COLUMNS:

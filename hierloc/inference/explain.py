@@ -31,12 +31,15 @@ from typing import Sequence
 
 import numpy as np
 
+from gazetteer.geo import haversine_km
+from gazetteer.schema import LEVELS, N_LEVELS
+from hierloc.data.exif import read_gps
+from hierloc.device import encoder_autocast
 from hierloc.errors import InputError
+from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
 
 log = logging.getLogger(__name__)
 
-from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
-N_LEVELS = 4
 ACTIVE_PROB = 0.5
 
 
@@ -283,8 +286,6 @@ def load_concept_parts(hl, model_dir: str | Path | None):
 
     Profiles: the model's ``concept_profiles`` buffer, else ``concept_profiles.npy`` in the model directory.
     """
-    from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
-
     head = getattr(hl.model, "concept_head", None)
     if head is None or model_dir is None:
         return None, None
@@ -320,7 +321,6 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
     """
     import torch
 
-    from hierloc.device import encoder_autocast
 
     if candidates not in ("siblings", "paths"):
         raise InputError(f"candidates={candidates!r}: expected 'siblings' or 'paths'")
@@ -392,8 +392,6 @@ def _exif_gps(item) -> tuple[float, float] | None:
     if not isinstance(item, (str, Path)):
         return None
     try:
-        from hierloc.data.exif import read_gps
-
         gps = read_gps(item)
     except Exception:  # noqa: BLE001 - EXIF is a bonus for the picture; a bad tag must not stop the explanation
         return None
@@ -406,8 +404,6 @@ def format_text(explanation: Explanation, show_against: bool = True) -> str:
     e = explanation
     lines = [f"{e.source}  ->  {e.lat_deg:.4f}, {e.lon_deg:.4f} (lat, lon deg)"]
     if e.gps_lat_deg is not None:
-        from gazetteer.geo import haversine_km
-
         km = float(haversine_km(e.lat_deg, e.lon_deg, e.gps_lat_deg, e.gps_lon_deg))
         lines[0] += f"   [EXIF GPS {e.gps_lat_deg:.4f}, {e.gps_lon_deg:.4f}: {km:.0f} km away]"
     for depth, lv in enumerate(e.levels):

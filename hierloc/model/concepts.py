@@ -29,12 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from gazetteer import concepts as location, csvio
+from gazetteer.atomic import atomic_write_text
+from gazetteer.concepts import assets_dir, RULES
+from gazetteer.schema import N_LEVELS
 from hierloc.errors import InputError
 
 log = logging.getLogger(__name__)
 
 VOCABULARY_FILE = "concepts.json"
-N_LEVELS = 4
 MISSING_STRINGS = frozenset({"", "nan", "none", "null", "na", "n/a"})
 NUMERIC_BINS = ("low", "mid", "high")
 MAX_CATEGORIES = 64
@@ -106,8 +109,6 @@ class ConceptVocabulary:
     def load(cls, path: str | Path | None = None) -> "ConceptVocabulary":
         """The vocabulary file: default assets/concepts.json (location concepts only, plus the specs of known CSV
         columns), or a model's fitted concepts.json. InputError for a missing or malformed file."""
-        from gazetteer.concepts import assets_dir
-
         path = Path(path) if path is not None else assets_dir() / VOCABULARY_FILE
         if path.is_dir():
             path = path / VOCABULARY_FILE
@@ -121,8 +122,6 @@ class ConceptVocabulary:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "concept vocabulary") -> "ConceptVocabulary":
-        from gazetteer.concepts import RULES
-
         if not isinstance(data, dict) or not isinstance(data.get("concepts"), list):
             raise InputError(f"{source}: expected an object with a 'concepts' list")
         concepts = []
@@ -149,8 +148,6 @@ class ConceptVocabulary:
 
     def save(self, path: str | Path) -> Path:
         """Write the vocabulary as JSON, atomically (a model directory gets ``concepts.json``)."""
-        from gazetteer.atomic import atomic_write_text
-
         path = Path(path)
         if path.is_dir():
             path = path / VOCABULARY_FILE
@@ -293,8 +290,6 @@ def read_concept_columns(csv_path: str | Path, rows: np.ndarray | None = None,
     """The concept columns of a CSV as str arrays (N,), aligned to `rows` (1-based data row numbers, e.g.
     `ImageTable.rows`; default all rows). columns: default the known ones (vocabulary csv_columns) present in
     the header; a named column that is absent is an InputError."""
-    from gazetteer import csvio
-
     header = csvio.read_header(csv_path)
     if columns is None:
         known = ConceptVocabulary.load().csv_columns
@@ -332,8 +327,6 @@ def concept_labels(lat_deg, lon_deg, csv_columns: dict[str, np.ndarray] | None =
     country facts use the global GeoNames index, which is what every gazetteer's `locate` reproduces, so points
     outside a restricted gazetteer still get them.
     """
-    from gazetteer import concepts as location
-
     del gazetteer
     if vocabulary is None:
         vocabulary = ConceptVocabulary.load().fit_csv_columns(csv_columns)

@@ -3,23 +3,30 @@
 Image branch:   features (B, F) -> MLP (Linear-GELU-Dropout-Linear) -> v (B, D) -> * exp(log_scale) -> expmap0.
 Entity branch:  H_i = expmap0( logmap0(A_i) + alpha * MLP([mean image feature_i, coord_encoding_i]) ),
                 A_i a geoopt.ManifoldParameter row per entity (all four levels), trained with RiemannianAdam.
-The loss lives outside (`hierloc.losses`), so inference and explanation reuse exactly this encoding path.
+Scores: P(entity | image) = softmax(-d^2 / tau) over a level's entities; the temperature tau is learned with the loss
+(`hierloc.training.losses`, which stores it as log tau; `temperature` maps it to tau). The loss lives outside, so
+inference and explanation reuse exactly this encoding path.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from hierloc.geometry import hyperbolic
 from gazetteer.geo import EARTH_RADIUS_KM
+from gazetteer.schema import N_LEVELS
 from hierloc.config import ModelConfig
+from hierloc.geometry import hyperbolic
+from hierloc.model.concepts import ConceptHead
 
-N_LEVELS = 4
+# The temperature's range: 0.01 is CLIP/MERU's cap (logit scale 100), 10 keeps even the far end of the ball
+# (d^2 ~ 150) at a spread of 15 logits (see `hierloc.training.losses` for the scale of d^2).
+TAU_RANGE = (0.01, 10.0)
 
 
 @dataclass
@@ -60,7 +67,14 @@ def sphere_encoding(lat_deg: torch.Tensor, lon_deg: torch.Tensor, n_scales: int,
     return torch.cat(parts, dim=-1).to(torch.float32)
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+def temperature(log_tau: torch.Tensor, tau_range: Sequence[float] = TAU_RANGE) -> torch.Tensor:
+    """tau = exp(clamp(log tau, log tau_min, log tau_max)): a learned log-temperature (0-dim) -> tau (0-dim), with
+    gradient while log tau is inside the range (MERU's convention: stored as a log, clamped on use)."""
+    return log_tau.clamp(math.log(tau_range[0]), math.log(tau_range[1])).exp()
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """Linear-GELU-Dropout-Linear: (.., in_dim) -> (.., out_dim)."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
@@ -87,7 +101,7 @@ class LevelCrossAttention(nn.Module):
         self.q = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_levels))
         self.k = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_levels))
         self.v = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_levels))
-        self.fuse = _mlp(n_levels * dim, 2 * dim, dim, 0.0)
+        self.fuse = mlp(n_levels * dim, 2 * dim, dim, 0.0)
         nn.init.zeros_(self.fuse[-1].weight)  # starts as the identity: z* = z
         nn.init.zeros_(self.fuse[-1].bias)
 
@@ -121,7 +135,7 @@ class HierLocModel(nn.Module):
         self.n_entities = entities.n_entities
         self.encoder = encoder
         dim = cfg.embed_dim
-        self.image_head = _mlp(feature_dim, cfg.head_hidden, dim, cfg.dropout)
+        self.image_head = mlp(feature_dim, cfg.head_hidden, dim, cfg.dropout)
         init_log_scale = cfg.init_log_scale or math.log(dim ** -0.5)
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
         self.register_buffer("entity_lat_deg", torch.as_tensor(entities.lat_deg, dtype=torch.float32))
@@ -145,15 +159,13 @@ class HierLocModel(nn.Module):
             # no dropout here: an entity's inputs are fixed, and dropout noise over ~E x hidden units costs more
             # than the rest of a step (measured: bernoulli_ was 19% of a CPU step at E = 26k)
             in_dim = coord_dim + (feature_dim if self.fuses_image_features else 0)
-            self.entity_mlp = _mlp(in_dim, cfg.entity_hidden, dim, 0.0)
+            self.entity_mlp = mlp(in_dim, cfg.entity_hidden, dim, 0.0)
             self.entity_alpha = nn.Parameter(torch.tensor(float(cfg.entity_alpha_init) * dim ** -0.5))
         else:
             self.entity_mlp = None
         self.cross_attention = LevelCrossAttention(dim, cfg.attn_heads) if cfg.cross_attention else None
         self.concept_head = None
         if n_concepts > 0:
-            from hierloc.model.concepts import ConceptHead
-
             self.concept_head = ConceptHead(feature_dim, n_concepts, dim, hidden=cfg.concept_hidden,
                                             dropout=cfg.dropout)
             # (E, K) mean concept label of each entity's training images (what `explain` compares)
@@ -230,7 +242,7 @@ class HierLocModel(nn.Module):
         if self.entity_mlp is not None:
             coords = self._coord_features()
             fused = torch.cat([self.entity_features, coords], dim=-1) if self.fuses_image_features else coords
-            base = base + self.entity_alpha * self.entity_mlp(fused)
+            base = base + self.entity_alpha * self.entitymlp(fused)
         return _clamp_norm(base, self.cfg.max_tangent_norm)
 
     def _coord_features(self) -> torch.Tensor:

@@ -1,29 +1,19 @@
-"""Checkpoints without pickle: tensors in safetensors files, everything else in JSON.
+"""Resumable training checkpoints without pickle: tensors in safetensors files (`hierloc.model.modeldir`'s
+checksummed reader and writer), everything else in JSON.
 
-Layout of a trained model directory (what ``hierloc train`` writes, what ``HierLoc.from_pretrained`` reads):
-    config.json            format version, the resolved run config, feature dim, gazetteer content hash
-    model.safetensors      image head, entity anchors, fusion MLP, buffers, loss parameters (tau, lambda, sigma)
-    backbone/              the image backbone in transformers' own format (config.json + model.safetensors)
-    gazetteer/             the gazetteer the model was trained on (its hash is checked on load)
+Inside a run's model directory (whose loadable part `hierloc.model.modeldir` owns):
     checkpoints/step-N/    resumable training state (model + optimiser + trainer state), `checkpoints/latest`
                            names the newest complete one.
 Every file is written atomically (temp file + fsync + rename), so a crash never leaves a half-written checkpoint
 and the `latest` pointer only ever names a complete one. A write that fails (disk full, permission denied,
 read-only file system) is a one-line InputError naming the path and the reason; the temporary is removed and
 the previous checkpoint and `latest` are left as they were (`writing`, `save_training_checkpoint`).
-
-Each safetensors file written here carries, in its header metadata (`hierloc_sha256`), a SHA-256 of its tensors
-(`tensors_digest`: name, dtype, shape and bytes of each, in name order). Reading checks it, so bytes changed
-after writing (a bad disk, a botched copy) are refused instead of silently giving other weights; files without
-the key (written by older versions) are read without the check. safetensors itself checks the header and the
-file size (truncation), and never runs code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import shutil
@@ -32,83 +22,14 @@ from pathlib import Path
 
 import torch
 
-from gazetteer.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from gazetteer.atomic import atomic_directory, atomic_write_text
 from hierloc.errors import InputError
+from hierloc.model.modeldir import WEIGHTS_NAME, load_tensors, read_json, save_tensors
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
-CHECKSUM_KEY = "hierloc_sha256"
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Hex SHA-256 of named tensors, independent of the file layout: for each name in sorted order, the line
-    'name|dtype|shape' then the tensor's bytes (C order, native little-endian)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a dict of tensors as safetensors, atomically, with their `tensors_digest` in the header metadata."""
-    from safetensors.torch import save
-
-    clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    metadata = dict(metadata or {}, **{CHECKSUM_KEY: tensors_digest(clean)})
-    atomic_write_bytes(Path(path), save(clean, metadata=metadata))
-
-
-def _header_metadata(data: bytes) -> dict:
-    """The `__metadata__` of a safetensors file's JSON header ({} if absent); the file has already parsed."""
-    length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + length]).get("__metadata__") or {}
-
-
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing, pickled, truncated or corrupt file (including tensors that no longer
-    match the stored checksum) is a one-line InputError. Never unpickles."""
-    from safetensors.torch import load
-
-    path = Path(path)
-    if not path.is_file():
-        needs = (f"a training checkpoint needs {WEIGHTS_NAME}, optimizer.safetensors, optimizer.json and "
-                 "trainer_state.json" if path.parent.name.startswith("step-") else
-                 f"a model directory needs {WEIGHTS_NAME} and {CONFIG_NAME}")
-        raise InputError(f"{path}: file not found ({needs})")
-    data = path.read_bytes()
-    if data[:1] == b"\x80" or data[:2] == b"PK":  # pickle protocol >= 2; torch.save's zip archive
-        raise InputError(f"{path}: this looks like a pickle/torch.save file; hierloc only reads safetensors and "
-                         "never unpickles (convert it with safetensors.torch.save_file)")
-    try:
-        tensors = load(data)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt or truncated file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: not a valid safetensors file (truncated or corrupt: {reason})") from None
-    expected = _header_metadata(data).get(CHECKSUM_KEY)
-    if expected is not None:
-        actual = tensors_digest(tensors)
-        if actual != expected:
-            raise InputError(f"{path}: corrupt: its tensors no longer match the checksum written with them "
-                             f"(sha256 {actual[:12]}..., expected {expected[:12]}...); restore the file from a "
-                             "good copy")
-    return tensors
-
-
-def read_json(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------ write errors

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from gazetteer.atomic import atomic_open, atomic_write_text
+from hierloc.data.tables import make_loader
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -290,8 +291,6 @@ def extract_features(
 
 def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str, str], meta: dict[str, Any],
                    batch_size: int, num_workers: int, dtype: np.dtype, progress: bool) -> None:
-    from hierloc.data.tables import make_loader
-
     start, stop = meta["start"], meta["stop"]
     n_local = stop - start
     features_path = cache_dir / names["features"]

@@ -45,6 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gazetteer.schema import N_LEVELS
+from hierloc.config import Config
+from hierloc.model.network import TAU_RANGE, temperature
+
 KERNELS = ("laplace", "gaussian", "inverse")
 # exp() arguments are clamped at this floor: exp(-60) ~ 9e-27 is invisible next to the terms it is summed with
 # (float32 resolves 6e-8 relative, and 1e5 such terms still add only 1e-21). Without it, on CPU: PyTorch's exp is
@@ -163,7 +167,7 @@ class GWHInfoNCE(nn.Module):
         learn_tau: bool = True,
         learn_weights: bool = True,
         kernel: str = "laplace",
-        tau_range: Sequence[float] = (0.01, 10.0),
+        tau_range: Sequence[float] = TAU_RANGE,
         lam_range: Sequence[float] = (0.1, 10.0),
         sigma_range_km: Sequence[float] = (10.0, 5000.0),
     ) -> None:
@@ -179,7 +183,7 @@ class GWHInfoNCE(nn.Module):
                              "use learn_weights=False for plain hyperbolic InfoNCE")
         self.n_levels, self.kernel = n_levels, kernel
         self.learn_tau, self.learn_weights = learn_tau, learn_weights
-        self._log_tau_bounds = tuple(math.log(b) for b in _check_range("tau", float(tau), tau_range))
+        self._tau_range = _check_range("tau", float(tau), tau_range)
         self._log_lam_bounds = tuple(math.log(b) for b in _check_range("lam", float(lam), lam_range, allow_zero=True))
         self._log_sigma_bounds = tuple(math.log(b) for b in _check_range("sigma_km", float(sigma_km), sigma_range_km))
         self.register_buffer("betas", torch.tensor([float(b) for b in betas], dtype=torch.float32))
@@ -187,6 +191,14 @@ class GWHInfoNCE(nn.Module):
         self._register("log_tau", math.log(tau), learn_tau)
         self._register("log_lam", math.log(lam) if lam > 0 else 0.0, learn_weights)
         self._register("log_sigma", math.log(sigma_km), learn_weights)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "GWHInfoNCE":
+        """The loss of a run configuration (its `[loss]` section: tau, lam, sigma_km, betas, learn_tau,
+        learn_weights, kernel) over the gazetteer's four levels: the one place a run's loss is built."""
+        loss = cfg.loss
+        return cls(n_levels=N_LEVELS, tau=loss.tau, lam=loss.lam, sigma_km=loss.sigma_km, betas=tuple(loss.betas),
+                   learn_tau=loss.learn_tau, learn_weights=loss.learn_weights, kernel=loss.kernel)
 
     def _register(self, name: str, value: float, learnable: bool) -> None:
         tensor = torch.tensor(value, dtype=torch.float32)
@@ -197,8 +209,9 @@ class GWHInfoNCE(nn.Module):
 
     # -------------------------------------------------------------------------------------------- parameters
     def temperature(self) -> torch.Tensor:
-        """tau = exp(clamp(log_tau)), a 0-dim float32 tensor (with grad when learnable)."""
-        return self.log_tau.clamp(*self._log_tau_bounds).exp()
+        """tau = exp(clamp(log_tau)), a 0-dim float32 tensor (with grad when learnable); `hierloc.model.network.
+        temperature`, which inference applies to the saved log_tau."""
+        return temperature(self.log_tau, self._tau_range)
 
     def lam(self) -> torch.Tensor:
         """lambda (0-dim tensor; exactly 0 for plain InfoNCE)."""

@@ -191,7 +191,7 @@ class BaselineModel(nn.Module):
     def __init__(self, kind: str, cfg: Config, encoder: nn.Module, city_lat_deg, city_lon_deg,
                  options: BaselineOptions | None = None, gallery_lat_deg=None, gallery_lon_deg=None):
         super().__init__()
-        from hierloc.model.network import _mlp
+        from hierloc.model.network import mlp
 
         if kind not in KINDS:
             raise InputError(f"baseline kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -199,7 +199,7 @@ class BaselineModel(nn.Module):
         self.options = options or BaselineOptions()
         self.encoder = encoder
         dim = cfg.model.embed_dim
-        self.image_head = _mlp(encoder.feature_dim, cfg.model.head_hidden, dim, cfg.model.dropout)
+        self.image_head = mlp(encoder.feature_dim, cfg.model.head_hidden, dim, cfg.model.dropout)
         self.register_buffer("city_lat_deg", torch.as_tensor(np.asarray(city_lat_deg), dtype=torch.float64))
         self.register_buffer("city_lon_deg", torch.as_tensor(np.asarray(city_lon_deg), dtype=torch.float64))
         self.register_buffer("city_units", unit_vectors(self.city_lat_deg, self.city_lon_deg), persistent=False)
@@ -213,7 +213,7 @@ class BaselineModel(nn.Module):
                 raise InputError("geoclip baseline: the GPS gallery is empty")
             self.register_buffer("gallery_lat_deg", torch.as_tensor(np.asarray(gallery_lat_deg), dtype=torch.float64))
             self.register_buffer("gallery_lon_deg", torch.as_tensor(np.asarray(gallery_lon_deg), dtype=torch.float64))
-            self.gps_encoder = _mlp(8 * cfg.model.coord_scales, cfg.model.head_hidden, dim, 0.0)
+            self.gps_encoder = mlp(8 * cfg.model.coord_scales, cfg.model.head_hidden, dim, 0.0)
         if kind in CONTRASTIVE_KINDS:
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.options.init_temperature)))
 

@@ -28,12 +28,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from gazetteer.geo import EARTH_RADIUS_KM
+from gazetteer.atomic import atomic_write_text
+from hierloc.model import modeldir
 from hierloc.training import checkpoint as ckpt
 from hierloc.geometry.geodesy import latlon_to_unit
 from hierloc.config import Config
@@ -44,6 +47,10 @@ from hierloc.training.interrupt import GracefulStop
 log = logging.getLogger(__name__)
 
 N_LEVELS = 4
+
+
+# validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> metrics (see `train`)
+Validator = Callable[[str, Config, nn.Module, dict, nn.Module, Any, torch.device], dict]
 
 
 @dataclass
@@ -267,7 +274,7 @@ def _rank_divergence(module: nn.Module, runtime: Runtime) -> float:
     return divergence
 
 
-def _labels(gaz, table) -> tuple[np.ndarray, np.ndarray]:
+def entity_labels(gaz, table) -> tuple[np.ndarray, np.ndarray]:
     """(N, 4) global entity ids per image and the mask of images that reach at least a country."""
     targets = gaz.locate(table.lat_deg, table.lon_deg).astype(np.int64)
     return targets, targets[:, 0] >= 0
@@ -319,13 +326,17 @@ def build_encoder(cfg: Config, allow_download: bool):
                                         allow_download=allow_download)
 
 
-def train(cfg: Config, inputs: TrainInputs) -> TrainSummary:
-    """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers)."""
+def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None) -> TrainSummary:
+    """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers).
+
+    validate: with `inputs.val_csv`, called after every epoch on rank 0 as
+    ``validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> {metric: value}`` (the CLI passes
+    `hierloc.inference.predictor.HierLoc.validation_metrics`; training itself does not depend on inference)."""
     runtime = init_runtime(inputs.device)
     if runtime.device.type == "cpu" and cfg.train.reuse_cpu_memory:
         reuse_freed_cpu_memory()
     try:
-        return _train(cfg, inputs, runtime)
+        return _train(cfg, inputs, runtime, validate)
     finally:
         shutdown(runtime)
 
@@ -346,7 +357,7 @@ def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> Path:
     return out
 
 
-def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
+def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validator | None) -> TrainSummary:
     from torch.utils.tensorboard import SummaryWriter
 
     from hierloc.data import tables as data
@@ -361,7 +372,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     gaz = prepare_gazetteer(inputs, table, runtime)
     if inputs.resume:
         _check_resume_gazetteer(out, gaz, inputs)   # before the encoder and any feature extraction
-    targets, reached = _labels(gaz, table)
+    targets, reached = entity_labels(gaz, table)
     n_unreached = int((~reached).sum())
     if n_unreached:
         log.warning("%d training images fall outside the gazetteer and are skipped", n_unreached)
@@ -403,9 +414,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         model.concept_vocabulary = vocab  # saved as concepts.json with the model
     if ent_feats is not None:
         model.entity_seen.fill_(True)
-    loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
-                         betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
-                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
+    loss_fn = GWHInfoNCE.from_config(cfg)
     module = TrainModule(model, loss_fn).to(runtime.device)
     optimizers = build_optimizers(module, cfg)
     # the schedule multiplies these base rates (from the config) by lr_factor(step); read them before a resumed
@@ -440,7 +449,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         with ckpt.writing(out / "tensorboard", "TensorBoard logs"):
             writer = SummaryWriter(str(out / "tensorboard"))
         with ckpt.writing(out / "run_config.json"):
-            ckpt.atomic_write_text(out / "run_config.json", cfg.to_json())
+            atomic_write_text(out / "run_config.json", cfg.to_json())
         with ckpt.writing(out / "gazetteer", "gazetteer"):
             gaz.save(out / "gazetteer", overwrite=True)
     t_start = time.perf_counter()
@@ -509,7 +518,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             epoch += 1
             done = step >= total_steps
             if inputs.val_csv and runtime.is_main:
-                validation = _validate(module.model, loss_fn, encoder, gaz, inputs, cfg, runtime)
+                validation = _validate(validate, module.model, loss_fn, encoder, gaz, inputs, cfg, runtime)
                 if writer is not None:
                     for key, value in validation.items():
                         writer.add_scalar(f"val/{key}", value, step)
@@ -529,10 +538,8 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     seconds = time.perf_counter() - t_start
     rank_divergence = _rank_divergence(module, runtime)
     if runtime.is_main:
-        from hierloc.inference.predictor import save_model_dir
-
         with ckpt.writing(out, "model directory"):
-            save_model_dir(out, cfg, module.model, loss_fn, encoder, gaz)
+            modeldir.save_model_dir(out, cfg, module.model, loss_fn.state_dict(), encoder, gaz)
         if writer is not None:
             writer.close()
     barrier(runtime)
@@ -543,8 +550,8 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
                            n_skipped=int(table.n_skipped) + n_unreached, n_entities=counts, final_loss=last_loss,
                            validation=validation, rank_param_divergence=rank_divergence)
     if runtime.is_main:
-        with ckpt.writing(out / "train_summary.json"):
-            ckpt.atomic_write_text(out / "train_summary.json", json.dumps(summary.__dict__, indent=2))
+        with ckpt.writing(out / modeldir.TRAIN_SUMMARY_NAME):
+            atomic_write_text(out / modeldir.TRAIN_SUMMARY_NAME, json.dumps(summary.__dict__, indent=2))
     return summary
 
 
@@ -642,7 +649,7 @@ def _check_resume_gazetteer(out: Path, gaz, inputs: TrainInputs) -> None:
     latest = ckpt.latest_checkpoint(out)
     if latest is None:
         return
-    state = ckpt.read_json(latest / "trainer_state.json", "trainer state")
+    state = modeldir.read_json(latest / "trainer_state.json", "trainer state")
     saved = state.get("gazetteer_hash") if isinstance(state, dict) else None
     if not isinstance(saved, str) or saved == gaz.content_hash:
         return
@@ -701,7 +708,7 @@ def _load_resumed_state(latest: Path, module: TrainModule, optimizers: dict, mod
         module.load_state_dict(model_state)
     except RuntimeError as exc:
         detail = mismatch or " ".join(str(exc).split())[:200]
-        raise InputError(f"{latest / ckpt.WEIGHTS_NAME}: the checkpoint does not fit this run's model "
+        raise InputError(f"{latest / modeldir.WEIGHTS_NAME}: the checkpoint does not fit this run's model "
                          f"({detail}); {hint}") from None
     for name, opt in optimizers.items():
         try:
@@ -714,8 +721,8 @@ def _load_resumed_state(latest: Path, module: TrainModule, optimizers: dict, mod
                              f"run ({detail}); {hint}") from None
 
 
-def _validate(model, loss_fn, encoder, gaz, inputs: TrainInputs, cfg: Config, runtime: Runtime) -> dict:
-    from hierloc.inference.predictor import HierLoc
-
-    predictor = HierLoc(cfg, model, loss_fn, encoder, gaz, device=runtime.device)
-    return predictor.evaluate_csv(inputs.val_csv, image_root=None, beam=cfg.inference.beam, progress=False)
+def _validate(validate: Validator | None, model, loss_fn, encoder, gaz, inputs: TrainInputs, cfg: Config,
+              runtime: Runtime) -> dict:
+    if validate is None:
+        raise ValueError("train(): a val_csv needs a `validate` function (e.g. HierLoc.validation_metrics)")
+    return validate(inputs.val_csv, cfg, model, loss_fn.state_dict(), encoder, gaz, runtime.device)
