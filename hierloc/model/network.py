@@ -242,7 +242,7 @@ class HierLocModel(nn.Module):
         if self.entity_mlp is not None:
             coords = self._coord_features()
             fused = torch.cat([self.entity_features, coords], dim=-1) if self.fuses_image_features else coords
-            base = base + self.entity_alpha * self.entitymlp(fused)
+            base = base + self.entity_alpha * self.entity_mlp(fused)
         return _clamp_norm(base, self.cfg.max_tangent_norm)
 
     def _coord_features(self) -> torch.Tensor:
