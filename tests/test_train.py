@@ -236,14 +236,13 @@ def test_ablation_switches_train_and_predict(switches, tiny_demo_dir: Path, tiny
 
 
 def test_great_circle_km_of_the_hard_negative_weights_matches_the_haversine():
-    from hierloc.geometry.geodesy import latlon_to_unit, pairwise_haversine_km
-    from hierloc.training.train import _great_circle_km
+    from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit, pairwise_haversine_km
 
     gen = torch.Generator().manual_seed(0)
     lat_a, lon_a = torch.rand(7, generator=gen) * 180 - 90, torch.rand(7, generator=gen) * 360 - 180
     lat_b = torch.cat([torch.rand(30, generator=gen) * 180 - 90, lat_a[:2], -lat_a[2:3]])
     lon_b = torch.cat([torch.rand(30, generator=gen) * 360 - 180, lon_a[:2], lon_a[2:3] + 180])  # same, antipode
-    got = _great_circle_km(latlon_to_unit(lat_a, lon_a).float(), latlon_to_unit(lat_b, lon_b).float())
+    got = great_circle_km(latlon_to_unit(lat_a, lon_a).float(), latlon_to_unit(lat_b, lon_b).float())
     want = pairwise_haversine_km(lat_a.double(), lon_a.double(), lat_b.double(), lon_b.double())
     assert got.dtype == torch.float32 and got.shape == (7, 33)
     assert (got >= 0).all() and (got <= 20015.2).all()

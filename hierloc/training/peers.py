@@ -18,7 +18,7 @@ kinds:
             signal), t = 150 km (the scale the throwaway SW-CLIP experiment found to work; PIGEON uses 65-75 km at
             street level).
   geoclip   GeoCLIP-style image-GPS contrastive learning (Euclidean): a GPS encoder g = MLP(sphere_encoding(lat,
-            lon)) (`hierloc.model.sphere_encoding`, the same multi-scale encoding as HierLoc's entity branch);
+            lon)) (`hierloc.model.network.sphere_encoding`, the same multi-scale encoding as HierLoc's entity branch);
                 logits_ij = s * <z_i/|z_i|, g_j/|g_j|>,  L = CE(logits_i, i)
             over the batch's own coordinates plus `gps_negatives` random gallery points per step (GeoCLIP keeps a
             queue of 4096); candidates at the row's own coordinate are masked out (they are not negatives).
@@ -39,6 +39,7 @@ entity it answers), `Gazetteer.locate` of the answered point for geoclip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -52,8 +53,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hierloc.config import Config
+from gazetteer import Gazetteer
+from gazetteer.atomic import atomic_directory
+from hierloc.config import Config, from_dict
+from hierloc.data import tables
+from hierloc.device import encoder_autocast, resolve_device
 from hierloc.errors import InputError
+from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
+from hierloc.model.network import mlp, sphere_encoding
+from hierloc.training import checkpoint as ckpt
+from hierloc.training.train import base_learning_rates, build_encoder, plan_steps, seed_everything, train_step
 
 log = logging.getLogger(__name__)
 
@@ -128,24 +137,14 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def unit_vectors(lat_deg: torch.Tensor, lon_deg: torch.Tensor) -> torch.Tensor:
-    """(N,) degrees -> (N, 3) float64 unit vectors (`hierloc.geodesy.latlon_to_unit`)."""
-    from hierloc.geometry.geodesy import latlon_to_unit
+    """(N,) degrees -> (N, 3) float64 unit vectors (`hierloc.geometry.geodesy.latlon_to_unit`).
 
-    return latlon_to_unit(lat_deg.double(), lon_deg.double())
-
-
-def pairwise_km(unit_a: torch.Tensor, unit_b: torch.Tensor) -> torch.Tensor:
-    """Great-circle km (B, N) float32 between unit vectors (B, 3) and (N, 3) float64: 2 R asin(sqrt((1 - u.v)/2)).
-
-    u.v and 1 - u.v in float64 (one (B, 3) x (3, N) product; float32 there would lose ~2 km at short range), the
-    rest in float32: metres at the kernels' scales, < 1 km towards antipodes (measured 0.77 km max over 2.2M
-    random pairs) where every kernel is ~0. Cheaper than `hierloc.geodesy.pairwise_haversine_km` (float64
-    throughout, exact), which matters here: the targets span all N ~ 17.5k cities at every step.
+    The targets' distances are `great_circle_km(a, b, dtype=torch.float32)` of these: u.v and 1 - u.v in float64
+    (float32 there would lose ~2 km at short range), asin in float32 (metres at the kernels' scales, < 1 km
+    towards antipodes where every kernel is ~0); cheaper than the float64 `pairwise_haversine_km`, which matters
+    here: the targets span all N ~ 17.5k cities at every step.
     """
-    from hierloc.geometry.geodesy import EARTH_RADIUS_KM
-
-    half_chord_sq = ((1.0 - unit_a @ unit_b.T) * 0.5).float().clamp_(0.0, 1.0)
-    return half_chord_sq.sqrt_().asin_().mul_(2.0 * EARTH_RADIUS_KM)
+    return latlon_to_unit(lat_deg.double(), lon_deg.double())
 
 
 def geo_label_smoothing_targets(true_city: torch.Tensor, city_lat_deg: torch.Tensor, city_lon_deg: torch.Tensor,
@@ -155,7 +154,7 @@ def geo_label_smoothing_targets(true_city: torch.Tensor, city_lat_deg: torch.Ten
     (one-hot at eps = 0)."""
     if city_units is None:
         city_units = unit_vectors(city_lat_deg, city_lon_deg)
-    dist_km = pairwise_km(city_units[true_city], city_units)
+    dist_km = great_circle_km(city_units[true_city], city_units, dtype=torch.float32)
     targets = torch.softmax(dist_km.mul_(-1.0 / t_km), dim=-1).mul_(eps)
     targets[torch.arange(len(true_city), device=targets.device), true_city] += 1.0 - eps
     return targets
@@ -170,7 +169,7 @@ def geo_soft_targets(lat_deg: torch.Tensor, lon_deg: torch.Tensor, true_city: to
     cities' (N, 3) `unit_vectors` when cached."""
     if city_units is None:
         city_units = unit_vectors(city_lat_deg, city_lon_deg)
-    dist_km = pairwise_km(unit_vectors(lat_deg, lon_deg), city_units)
+    dist_km = great_circle_km(unit_vectors(lat_deg, lon_deg), city_units, dtype=torch.float32)
     kernel = dist_km.mul(-1.0 / scale_km).exp_().masked_fill_(dist_km > radius_km, 0.0)   # in place: (B, N)
     total = kernel.sum(dim=-1, keepdim=True)
     has_near = total > 0
@@ -191,7 +190,6 @@ class BaselineModel(nn.Module):
     def __init__(self, kind: str, cfg: Config, encoder: nn.Module, city_lat_deg, city_lon_deg,
                  options: BaselineOptions | None = None, gallery_lat_deg=None, gallery_lon_deg=None):
         super().__init__()
-        from hierloc.model.network import mlp
 
         if kind not in KINDS:
             raise InputError(f"baseline kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -227,8 +225,6 @@ class BaselineModel(nn.Module):
 
     def embed_images(self, pixel_values: torch.Tensor, amp: bool = True) -> torch.Tensor:
         """(B, 3, S, S) pixels -> z (B, D) float32 (bf16 autocast around the encoder on CUDA, as HierLoc)."""
-        from hierloc.device import encoder_autocast
-
         with encoder_autocast(pixel_values.device, amp):
             features = self.encoder(pixel_values)
         return self.image_head(features.float())
@@ -279,8 +275,6 @@ class BaselineModel(nn.Module):
 
 
 def _sphere_encoding(lat_deg: torch.Tensor, lon_deg: torch.Tensor, model_cfg) -> torch.Tensor:
-    from hierloc.model.network import sphere_encoding
-
     return sphere_encoding(lat_deg, lon_deg, model_cfg.coord_scales, model_cfg.coord_min_radius_km,
                            model_cfg.coord_max_radius_km).to(lat_deg.device)
 
@@ -327,8 +321,6 @@ class TrainedBaseline:
 
 
 def _as_gazetteer(gazetteer):
-    from gazetteer import Gazetteer
-
     return gazetteer if isinstance(gazetteer, Gazetteer) else Gazetteer.load(gazetteer)
 
 
@@ -347,7 +339,7 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
                    options: BaselineOptions | None = None, image_root: str | None = None, device: str = "auto",
                    progress: bool = False, allow_download: bool = False, overwrite: bool = False
                    ) -> TrainedBaseline:
-    """Train one peer objective on a CSV of geotagged images (layouts of `hierloc.data.read_image_table`).
+    """Train one peer objective on a CSV of geotagged images (layouts of `hierloc.data.tables.read_image_table`).
 
     gazetteer: a `Gazetteer` or its directory; its city entities are the classes. Training images whose point
     does not resolve to a city of the gazetteer are skipped (counted in the summary). Budget, seed, encoder,
@@ -355,18 +347,38 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     (`save_baseline`). Summary keys: kind, steps, epochs, seconds (the training loop only, as HierLoc's
     train_summary), images_per_second, n_train, n_skipped, n_cities, gallery_size, final_loss, first_loss.
     """
-    from hierloc.data import tables as data
-    from hierloc.device import resolve_device
-    from hierloc.training.train import build_encoder, lr_factor, seed_everything
-
     if kind not in KINDS:
         raise InputError(f"baseline kind {kind!r}: expected one of {', '.join(KINDS)}")
     options = (options or BaselineOptions()).validate()
     dev = resolve_device(device)
     seed_everything(cfg.train.seed)
-    table = data.read_image_table(train_csv, image_root=image_root, on_bad="skip")
-    gaz = _as_gazetteer(gazetteer)
+    table, gaz, located, n_skipped = _city_rows(train_csv, image_root, gazetteer)
     city_lat, city_lon, city_offset = _city_coordinates(gaz)
+    gallery = (None, None)
+    if kind == "geoclip":
+        gallery = gps_gallery(table.lat_deg, table.lon_deg) if options.gallery == "train" else (city_lat, city_lon)
+    encoder = build_encoder(cfg, allow_download)
+    model = BaselineModel(kind, cfg, encoder, city_lat, city_lon, options, *gallery).to(dev)
+    optimizers = {"adamw": build_optimizer(model, cfg)}
+    dataset = tables.ImageDataset(table, encoder.preprocessor, targets=located, train=cfg.train.augment,
+                                  seed=cfg.train.seed)
+    loop = _train_loop(model, optimizers, dataset, cfg, train_csv, city_offset, dev, progress)
+    summary = {"kind": kind, "steps": loop["steps"], "epochs": loop["epochs"], "seconds": loop["seconds"],
+               "images_per_second": loop["images_per_second"], "n_train": int(len(table)),
+               "n_skipped": int(n_skipped + table.n_skipped), "n_cities": model.n_cities,
+               "gallery_size": int(len(gallery[0])) if gallery[0] is not None else 0,
+               "first_loss": loop["first_loss"], "final_loss": loop["final_loss"]}
+    trained = TrainedBaseline(kind, cfg, options, model, gaz, summary)
+    if out_dir is not None:
+        save_baseline(trained, out_dir, overwrite=overwrite)
+    return trained
+
+
+def _city_rows(train_csv: str, image_root: str | None, gazetteer) -> tuple[Any, Gazetteer, np.ndarray, int]:
+    """The training CSV's rows whose point falls in a city of the gazetteer (a `Gazetteer` or its directory) ->
+    (table, gazetteer, their entities (n, 4), number of rows skipped for falling outside)."""
+    table = tables.read_image_table(train_csv, image_root=image_root, on_bad="skip")
+    gaz = _as_gazetteer(gazetteer)
     located = gaz.locate(table.lat_deg, table.lon_deg).astype(np.int64)
     keep = np.flatnonzero(located[:, CITY_LEVEL] >= 0)
     if keep.size == 0:
@@ -375,50 +387,35 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     if n_skipped:
         log.warning("%s: %d training images fall outside the gazetteer's cities and are skipped", train_csv,
                     n_skipped)
-    table = table.subset(keep)
-    located = located[keep]
-    gallery = (None, None)
-    if kind == "geoclip":
-        gallery = gps_gallery(table.lat_deg, table.lon_deg) if options.gallery == "train" else (city_lat, city_lon)
-    encoder = build_encoder(cfg, allow_download)
-    model = BaselineModel(kind, cfg, encoder, city_lat, city_lon, options, *gallery).to(dev)
-    optimizer = build_optimizer(model, cfg)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    dataset = data.ImageDataset(table, encoder.preprocessor, targets=located, train=cfg.train.augment,
-                                seed=cfg.train.seed)
-    steps_per_epoch = data.steps_per_epoch(len(dataset), cfg.train.batch_size)
-    if steps_per_epoch == 0:
-        raise InputError(f"{train_csv}: {len(dataset)} usable images is fewer than one batch "
-                         f"(train.batch_size={cfg.train.batch_size}); lower train.batch_size")
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    return table.subset(keep), gaz, located[keep], n_skipped
+
+
+def _train_loop(model: BaselineModel, optimizers: dict, dataset, cfg: Config, train_csv: str, city_offset: int,
+                dev: torch.device, progress: bool) -> dict:
+    """train.epochs epochs (at most train.max_steps steps) of `hierloc.training.train.train_step` on the peer's
+    loss -> {steps, epochs, seconds, images_per_second, first_loss, final_loss}."""
+    base_lrs = base_learning_rates(optimizers)
+    steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, train_csv)
     negatives = torch.Generator().manual_seed(int(cfg.train.seed))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, desc=f"train {kind}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, desc=f"train {model.kind}", unit="step", dynamic_ncols=True)
     step, epoch, images, first_loss, last_loss = 0, 0, 0, float("nan"), float("nan")
     started = time.perf_counter()
     while step < total_steps and epoch < cfg.train.epochs:
-        loader = data.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                  num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=epoch,
-                                  drop_last=True)
+        loader = tables.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                                    num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=epoch,
+                                    drop_last=True)
         model.train()
         for batch in loader:
             if step >= total_steps:
                 break
-            factor = lr_factor(step, total_steps, cfg.train.warmup_frac)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
             true_city = (batch["targets"][:, CITY_LEVEL] - city_offset).to(dev)
-            out = model.loss(batch["pixel_values"].to(dev), batch["lat_deg"].to(dev), batch["lon_deg"].to(dev),
-                             true_city, generator=negatives, amp=cfg.train.amp)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+            forward = functools.partial(model.loss, batch["pixel_values"].to(dev), batch["lat_deg"].to(dev),
+                                        batch["lon_deg"].to(dev), true_city, generator=negatives, amp=cfg.train.amp)
+            out, _ = train_step(forward, optimizers, base_lrs, model.parameters(), cfg.train, step, total_steps)
             step += 1
             images += int(true_city.shape[0])
             last_loss = float(out["loss"].detach())
@@ -431,15 +428,8 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     if bar is not None:
         bar.close()
     model.eval()
-    summary = {"kind": kind, "steps": step, "epochs": epoch, "seconds": seconds,
-               "images_per_second": images / max(seconds, 1e-9), "n_train": int(keep.size),
-               "n_skipped": int(n_skipped + table.n_skipped), "n_cities": model.n_cities,
-               "gallery_size": int(len(gallery[0])) if gallery[0] is not None else 0,
-               "first_loss": first_loss, "final_loss": last_loss}
-    trained = TrainedBaseline(kind, cfg, options, model, gaz, summary)
-    if out_dir is not None:
-        save_baseline(trained, out_dir, overwrite=overwrite)
-    return trained
+    return {"steps": step, "epochs": epoch, "seconds": seconds, "images_per_second": images / max(seconds, 1e-9),
+            "first_loss": first_loss, "final_loss": last_loss}
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -448,8 +438,6 @@ def predict(obj: TrainedBaseline, table, batch_size: int = 128, num_workers: int
     """Answers for every row of an ImageTable: pred_lat_deg, pred_lon_deg (N,) float64 (NaN where the image is
     unreadable), paths (N, 4) global entity ids (-1 = none; the city's path for city kinds, `locate` of the
     point for geoclip), ok (N,) bool."""
-    from hierloc.data import tables as data
-
     model, dev = obj.model.eval(), obj.device
     n = len(table)
     answer = np.full(n, -1, dtype=np.int64)   # city index or gallery index
@@ -457,8 +445,8 @@ def predict(obj: TrainedBaseline, table, batch_size: int = 128, num_workers: int
     if obj.kind == "geoclip":
         gallery = torch.cat([model.embed_gps(model.gallery_lat_deg[i:i + 65536], model.gallery_lon_deg[i:i + 65536])
                              for i in range(0, len(model.gallery_lat_deg), 65536)])
-    dataset = data.ImageDataset(table, model.encoder.preprocessor, train=False)
-    for batch in data.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    dataset = tables.ImageDataset(table, model.encoder.preprocessor, train=False)
+    for batch in tables.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         index = batch["index"].numpy()
         if index.size == 0:
             continue
@@ -507,9 +495,6 @@ def size_megabytes(obj: TrainedBaseline) -> dict[str, float]:
 def save_baseline(obj: TrainedBaseline, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write baseline.json (kind, config, options, summary, gazetteer hash), model.safetensors (all weights and
     buffers, encoder included) and gazetteer/, atomically (all or nothing)."""
-    from gazetteer.atomic import atomic_directory
-    from hierloc.training import checkpoint as ckpt
-
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / META_NAME).is_file():
         raise InputError(f"refusing to replace {out}: it is not a baseline model directory (no {META_NAME})")
@@ -525,12 +510,6 @@ def save_baseline(obj: TrainedBaseline, out_dir: str | Path, overwrite: bool = F
 
 def load_baseline(model_dir: str | Path, device: str = "cpu") -> TrainedBaseline:
     """Reload a directory written by `save_baseline`."""
-    from gazetteer import Gazetteer
-    from hierloc.training import checkpoint as ckpt
-    from hierloc.config import from_dict
-    from hierloc.device import resolve_device
-    from hierloc.training.train import build_encoder
-
     root = Path(model_dir)
     meta = ckpt.read_json(root / META_NAME, "baseline model")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:

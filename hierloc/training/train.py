@@ -24,29 +24,34 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from gazetteer.geo import EARTH_RADIUS_KM
+from gazetteer import Gazetteer
 from gazetteer.atomic import atomic_write_text
-from hierloc.model import modeldir
-from hierloc.training import checkpoint as ckpt
-from hierloc.geometry.geodesy import latlon_to_unit
-from hierloc.config import Config
+from gazetteer.schema import LEVELS, N_LEVELS
+from hierloc.config import Config, TrainConfig
+from hierloc.data import tables
 from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, reuse_freed_cpu_memory, shutdown
 from hierloc.errors import InputError
+from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
+from hierloc.model import concepts as concept_lib
+from hierloc.model import encoders, modeldir
+from hierloc.model.network import EntityTable, HierLocModel
+from hierloc.training import checkpoint as ckpt
+from hierloc.training import features as feature_cache
 from hierloc.training.interrupt import GracefulStop
+from hierloc.training.losses import GWHInfoNCE
 
 log = logging.getLogger(__name__)
-
-N_LEVELS = 4
 
 
 # validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> metrics (see `train`)
@@ -135,13 +140,12 @@ class TrainModule(nn.Module):
             image_units = latlon_to_unit(lat_deg, lon_deg).float()
             for level in range(N_LEVELS):
                 sl = model.level_slice(level)
-                geo_km.append(_great_circle_km(image_units, self._entity_units(level)))
+                # float32 units: immaterial for weights exp(-g / sigma), sigma >= 10 km (see great_circle_km)
+                geo_km.append(great_circle_km(image_units, self._entity_units(level)))
                 local_targets[:, level] = torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
         out = self.loss(sqdists, local_targets, geo_km)
         if model.concept_head is not None and concepts is not None:
-            from hierloc.model.concepts import concept_loss
-
-            out["concept_loss"] = concept_loss(concept_output[0], concepts)
+            out["concept_loss"] = concept_lib.concept_loss(concept_output[0], concepts)
             out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
         out["features"] = features.detach()
         return out
@@ -157,17 +161,6 @@ class TrainModule(nn.Module):
         return cache[(level, device)]
 
 
-def _great_circle_km(units_a: torch.Tensor, units_b: torch.Tensor) -> torch.Tensor:
-    """(B, 3), (N, 3) unit vectors -> (B, N) great-circle km, 2 R asin(|u - v| / 2), in float32.
-
-    Only the hard-negative weights exp(-g / sigma) use it (sigma >= 10 km), so float32's few-km error at very
-    short range is immaterial here; evaluation uses the exact float64 haversine (hierloc.metrics).
-    """
-    half = units_a.new_full((), 0.5)
-    half_chord_sq = torch.addmm(half, units_a, units_b.T, alpha=-0.5).clamp_(0.0, 1.0)  # (1 - u.v) / 2
-    return half_chord_sq.sqrt_().asin_().mul_(2.0 * EARTH_RADIUS_KM)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -181,6 +174,52 @@ def lr_factor(step: int, total_steps: int, warmup_frac: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_step(forward: Callable[[], dict], optimizers: dict[str, torch.optim.Optimizer],
+               base_lrs: dict[str, list[float]], parameters: Iterable[torch.Tensor], train_cfg: TrainConfig,
+               step: int, total_steps: int) -> tuple[dict, torch.Tensor]:
+    """One optimisation step, the one shared by HierLoc training, the peer objectives (`hierloc.training.peers`)
+    and scripts/profile_train_step.py.
+
+    Sets every optimiser's learning rates to base_lrs[name] x lr_factor(step, total_steps, train.warmup_frac)
+    (warm-up + cosine: the rate is a function of the step, so a resumed run continues the schedule), runs
+    forward() -> dict with "loss" (0-dim), zeroes the gradients, back-propagates, clips the global gradient norm
+    of `parameters` at train.grad_clip and steps every optimiser. Returns (forward's dict, the norm before
+    clipping).
+    """
+    factor = lr_factor(step, total_steps, train_cfg.warmup_frac)
+    for name, opt in optimizers.items():
+        for group, base in zip(opt.param_groups, base_lrs[name]):
+            group["lr"] = base * factor
+    result = forward()
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    result["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, train_cfg.grad_clip)
+    for opt in optimizers.values():
+        opt.step()
+    return result, grad_norm
+
+
+def base_learning_rates(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, list[float]]:
+    """The configured rate of every parameter group, which the schedule multiplies (read them before a resumed
+    optimiser state overwrites the groups' "lr" with the last scheduled value)."""
+    return {name: [group["lr"] for group in opt.param_groups] for name, opt in optimizers.items()}
+
+
+def plan_steps(n_rows: int, train_cfg: TrainConfig, source: str, world_size: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run over `n_rows` examples: full batches of train.batch_size per
+    process, train.epochs epochs, capped at train.max_steps (0: no cap). InputError when not even one batch fits."""
+    steps_per_epoch = tables.steps_per_epoch(n_rows, train_cfg.batch_size, world_size)
+    if steps_per_epoch == 0:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise InputError(f"{source}: {n_rows} usable images is fewer than one batch "
+                         f"(train.batch_size={train_cfg.batch_size}{processes}); lower train.batch_size")
+    total_steps = steps_per_epoch * train_cfg.epochs
+    if train_cfg.max_steps:
+        total_steps = min(total_steps, train_cfg.max_steps)
+    return steps_per_epoch, total_steps
 
 
 def build_optimizers(module: TrainModule, cfg: Config) -> dict[str, torch.optim.Optimizer]:
@@ -288,8 +327,6 @@ def prepare_concepts(cfg: Config, csv_path: str, table, targets: np.ndarray, n_e
     """
     if not cfg.model.concepts:
         return None, None, None
-    from hierloc.model import concepts as concept_lib
-
     columns = concept_lib.read_concept_columns(csv_path, table.rows)
     vocab = concept_lib.ConceptVocabulary.load().fit_csv_columns(columns)
     labels = concept_lib.concept_labels(table.lat_deg, table.lon_deg, columns, vocabulary=vocab, progress=progress)
@@ -307,9 +344,8 @@ def prepare_concepts(cfg: Config, csv_path: str, table, targets: np.ndarray, n_e
     return vocab, labels, profiles
 
 
-def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime):
-    from gazetteer import Gazetteer
-
+def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime) -> Gazetteer:
+    """The run's gazetteer: --gazetteer, or built from the training points (--min-images)."""
     if inputs.gazetteer_dir:
         return Gazetteer.load(inputs.gazetteer_dir)
     log.info("no --gazetteer given: building one from the %d training points", len(table.lat_deg))
@@ -319,8 +355,6 @@ def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime):
 
 def build_encoder(cfg: Config, allow_download: bool):
     """-> ImageEncoder for cfg.model.backbone ('tiny-vit' = the small from-scratch default)."""
-    from hierloc.model import encoders
-
     return encoders.build_image_encoder(cfg.model.backbone, pretrained=cfg.model.pretrained,
                                         freeze=cfg.model.freeze_backbone, image_size=cfg.model.image_size,
                                         allow_download=allow_download)
@@ -357,18 +391,78 @@ def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> Path:
     return out
 
 
+@dataclass
+class _Data:
+    """The training rows that reach the gazetteer: table (N rows), targets (N, 4) global entity ids."""
+
+    table: Any
+    gaz: Gazetteer
+    targets: np.ndarray
+    n_unreached: int
+
+
+@dataclass
+class _Run:
+    """What the training loop works with (built once by `_train`)."""
+
+    cfg: Config
+    inputs: TrainInputs
+    runtime: Runtime
+    out: Path
+    data: _Data
+    encoder: Any
+    dataset: Any
+    frozen: bool
+    module: TrainModule
+    wrapped: nn.Module                        # module, or its DistributedDataParallel wrapper
+    optimizers: dict[str, torch.optim.Optimizer]
+    base_lrs: dict[str, list[float]]
+    validate: Validator | None
+    writer: Any = None                        # TensorBoard SummaryWriter (rank 0)
+
+
+@dataclass
+class _Loop:
+    """Where the loop is: the step and epoch reached, and what it has measured so far."""
+
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    saved_step: int                           # the step of the newest checkpoint on disk (-1: none)
+    started: float = 0.0                      # perf_counter() when the loop began
+    images_seen: int = 0
+    last_loss: float = float("nan")
+    validation: dict = field(default_factory=dict)
+    stop_signal: int = 0                      # the signal that asked the run to stop (0: none)
+
+
 def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validator | None) -> TrainSummary:
-    from torch.utils.tensorboard import SummaryWriter
-
-    from hierloc.data import tables as data
-    from hierloc.training import features as feature_cache
-    from hierloc.training.losses import GWHInfoNCE
-    from hierloc.model.network import EntityTable, HierLocModel
-
     out = _prepare_out_dir(inputs, runtime)
     seed_everything(cfg.train.seed)
-    table = data.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
-                                  lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad="skip")
+    data = _read_data(inputs, runtime, out)
+    encoder = build_encoder(cfg, inputs.allow_download)
+    model, dataset = _build_model_and_dataset(cfg, inputs, runtime, out, data, encoder)
+    loss_fn = GWHInfoNCE.from_config(cfg)
+    module = TrainModule(model, loss_fn).to(runtime.device)
+    optimizers = build_optimizers(module, cfg)
+    base_lrs = base_learning_rates(optimizers)
+    steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, inputs.train_csv, runtime.world_size)
+    step, start_epoch = _resume(inputs, out, module, optimizers)
+    run = _Run(cfg, inputs, runtime, out, data, encoder, dataset, cfg.model.freeze_backbone, module,
+               _distributed(module, runtime), optimizers, base_lrs, validate)
+    run.writer = _open_run_outputs(out, cfg, data.gaz, runtime)
+    loop = _Loop(step, start_epoch, steps_per_epoch, total_steps,
+                 saved_step=step if inputs.resume and step > 0 else -1)
+    _run_epochs(run, loop)
+    return _finish(run, loop)
+
+
+def _read_data(inputs: TrainInputs, runtime: Runtime, out: Path) -> _Data:
+    """The training CSV (bad rows skipped), the gazetteer, and each image's entities; images outside the
+    gazetteer are dropped (counted). With --resume, the gazetteer is checked against the checkpoint's first."""
+    table = tables.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
+                                    lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad="skip")
     gaz = prepare_gazetteer(inputs, table, runtime)
     if inputs.resume:
         _check_resume_gazetteer(out, gaz, inputs)   # before the encoder and any feature extraction
@@ -380,32 +474,26 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validat
     targets = targets[reached]
     if len(targets) == 0:
         raise InputError(f"{inputs.train_csv}: no training image falls inside the gazetteer")
-    encoder = build_encoder(cfg, inputs.allow_download)
-    frozen = cfg.model.freeze_backbone
-    entity_table = EntityTable.from_gazetteer(gaz)
-    vocab, concept_labels, concept_profiles = prepare_concepts(cfg, inputs.train_csv, table, targets,
+    return _Data(table, gaz, targets, n_unreached)
+
+
+def _build_model_and_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, out: Path, data: _Data,
+                             encoder) -> tuple[HierLocModel, Any]:
+    """The HierLocModel (concept head and entity features included) and the training dataset: images, or cached
+    features of a frozen backbone."""
+    entity_table = EntityTable.from_gazetteer(data.gaz)
+    vocab, concept_labels, concept_profiles = prepare_concepts(cfg, inputs.train_csv, data.table, data.targets,
                                                                entity_table.n_entities,
                                                                inputs.progress and runtime.is_main)
     extras = {"concepts": concept_labels} if concept_labels is not None else None
+    frozen = cfg.model.freeze_backbone
     if frozen:
-        cache_dir = Path(inputs.cache_dir) if inputs.cache_dir else out / "feature_cache"
-        image_ds = data.ImageDataset(table, encoder.preprocessor, train=False)
-        cache = feature_cache.extract_features(encoder, image_ds, cache_dir, batch_size=cfg.train.batch_size,
-                                               num_workers=cfg.train.num_workers, rank=runtime.rank,
-                                               world_size=runtime.world_size, progress=inputs.progress)
-        if cache is None:
-            raise RuntimeError("feature extraction did not complete on every rank")
-        all_feats = cache[np.arange(len(cache))]
-        valid = np.asarray(cache.valid_mask, dtype=bool)  # rows of unreadable images are NaN: leave them out
-        ent_feats = entity_feature_means(all_feats[valid], targets[valid], entity_table.n_entities)
-        if cfg.model.entity_image_features == "none":
-            ent_feats = torch.zeros_like(ent_feats)
-        dataset = feature_cache.CachedFeatureDataset(cache, targets=targets, lat_deg=table.lat_deg,
-                                                     lon_deg=table.lon_deg, extras=extras)
+        dataset, ent_feats = _cached_feature_dataset(cfg, inputs, runtime, out, data, encoder,
+                                                     entity_table.n_entities, extras)
     else:
         ent_feats = None
-        dataset = data.ImageDataset(table, encoder.preprocessor, targets=targets, train=cfg.train.augment,
-                                    seed=cfg.train.seed, extras=extras)
+        dataset = tables.ImageDataset(data.table, encoder.preprocessor, targets=data.targets,
+                                      train=cfg.train.augment, seed=cfg.train.seed, extras=extras)
     model = HierLocModel(cfg.model, entity_table, encoder.feature_dim, encoder=None if frozen else encoder,
                          entity_features=ent_feats, seed=cfg.train.seed,
                          n_concepts=len(vocab) if vocab is not None else 0)
@@ -414,141 +502,189 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validat
         model.concept_vocabulary = vocab  # saved as concepts.json with the model
     if ent_feats is not None:
         model.entity_seen.fill_(True)
-    loss_fn = GWHInfoNCE.from_config(cfg)
-    module = TrainModule(model, loss_fn).to(runtime.device)
-    optimizers = build_optimizers(module, cfg)
-    # the schedule multiplies these base rates (from the config) by lr_factor(step); read them before a resumed
-    # optimiser state overwrites the groups' "lr" with the last scheduled value
-    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
-    steps_per_epoch = data.steps_per_epoch(len(dataset), cfg.train.batch_size, runtime.world_size)
-    if steps_per_epoch == 0:
-        raise InputError(f"{inputs.train_csv}: {len(dataset)} usable images is fewer than one batch "
-                         f"(train.batch_size={cfg.train.batch_size} x {runtime.world_size} processes); lower "
-                         "train.batch_size")
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    step, start_epoch = 0, 0
-    if inputs.resume:
-        latest = ckpt.latest_checkpoint(out)
-        if latest is None:
-            log.warning("--resume: %s has no checkpoint yet; starting from scratch", out)
-        else:
-            model_state, opt_states, trainer_state = ckpt.load_training_checkpoint(latest)
-            _load_resumed_state(latest, module, optimizers, model_state, opt_states)
-            step, start_epoch = int(trainer_state["step"]), int(trainer_state["epoch"])
-            _restore_rng(trainer_state.get("rng"))
-            log.info("resumed from %s (step %d, epoch %d)", latest, step, start_epoch)
-    wrapped = module
-    if runtime.distributed:
-        wrapped = nn.parallel.DistributedDataParallel(
-            module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            broadcast_buffers=False)
-    writer = None
-    if runtime.is_main:
-        with ckpt.writing(out / "tensorboard", "TensorBoard logs"):
-            writer = SummaryWriter(str(out / "tensorboard"))
-        with ckpt.writing(out / "run_config.json"):
-            atomic_write_text(out / "run_config.json", cfg.to_json())
-        with ckpt.writing(out / "gazetteer", "gazetteer"):
-            gaz.save(out / "gazetteer", overwrite=True)
-    t_start = time.perf_counter()
-    images_seen = 0
-    last_loss = float("nan")
-    validation: dict = {}
-    checkpoint_every = cfg.train.checkpoint_every or steps_per_epoch
-    saved_step = step if inputs.resume and step > 0 else -1   # the step of the newest checkpoint on disk
+    return model, dataset
+
+
+def _cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, out: Path, data: _Data, encoder,
+                            n_entities: int, extras: dict | None) -> tuple[Any, torch.Tensor]:
+    """A frozen backbone: extract (or reuse) the feature cache -> (CachedFeatureDataset, each entity's mean
+    feature (E, F), zeros with model.entity_image_features="none")."""
+    cache_dir = Path(inputs.cache_dir) if inputs.cache_dir else out / "feature_cache"
+    image_ds = tables.ImageDataset(data.table, encoder.preprocessor, train=False)
+    cache = feature_cache.extract_features(encoder, image_ds, cache_dir, batch_size=cfg.train.batch_size,
+                                           num_workers=cfg.train.num_workers, rank=runtime.rank,
+                                           world_size=runtime.world_size, progress=inputs.progress)
+    if cache is None:
+        raise RuntimeError("feature extraction did not complete on every rank")
+    all_feats = cache[np.arange(len(cache))]
+    valid = np.asarray(cache.valid_mask, dtype=bool)  # rows of unreadable images are NaN: leave them out
+    ent_feats = entity_feature_means(all_feats[valid], data.targets[valid], n_entities)
+    if cfg.model.entity_image_features == "none":
+        ent_feats = torch.zeros_like(ent_feats)
+    dataset = feature_cache.CachedFeatureDataset(cache, targets=data.targets, lat_deg=data.table.lat_deg,
+                                                 lon_deg=data.table.lon_deg, extras=extras)
+    return dataset, ent_feats
+
+
+def _resume(inputs: TrainInputs, out: Path, module: TrainModule, optimizers: dict) -> tuple[int, int]:
+    """--resume: load the latest checkpoint's model, optimiser and RNG states -> (step, epoch); (0, 0) otherwise."""
+    if not inputs.resume:
+        return 0, 0
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        log.warning("--resume: %s has no checkpoint yet; starting from scratch", out)
+        return 0, 0
+    model_state, opt_states, trainer_state = ckpt.load_training_checkpoint(latest)
+    _load_resumed_state(latest, module, optimizers, model_state, opt_states)
+    step, start_epoch = int(trainer_state["step"]), int(trainer_state["epoch"])
+    _restore_rng(trainer_state.get("rng"))
+    log.info("resumed from %s (step %d, epoch %d)", latest, step, start_epoch)
+    return step, start_epoch
+
+
+def _distributed(module: TrainModule, runtime: Runtime) -> nn.Module:
+    """The module as the loop calls it: wrapped in DistributedDataParallel under torchrun."""
+    if not runtime.distributed:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+        broadcast_buffers=False)
+
+
+def _open_run_outputs(out: Path, cfg: Config, gaz: Gazetteer, runtime: Runtime):
+    """Rank 0: the TensorBoard writer, run_config.json and the gazetteer's copy -> the writer (None elsewhere)."""
+    if not runtime.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    with ckpt.writing(out / "tensorboard", "TensorBoard logs"):
+        writer = SummaryWriter(str(out / "tensorboard"))
+    with ckpt.writing(out / "run_config.json"):
+        atomic_write_text(out / "run_config.json", cfg.to_json())
+    with ckpt.writing(out / "gazetteer", "gazetteer"):
+        gaz.save(out / "gazetteer", overwrite=True)
+    return writer
+
+
+def _run_epochs(run: _Run, loop: _Loop) -> None:
+    """Train until the last step, or until a signal: then write a checkpoint and raise TrainingInterrupted.
+
+    The first SIGINT/SIGTERM only sets stop.signum: the step in flight finishes, then every rank stops together.
+    """
+    loop.started = time.perf_counter()
     progress = None
-    if inputs.progress and runtime.is_main:
+    if run.inputs.progress and run.runtime.is_main:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    epoch = start_epoch
-    done = step >= total_steps
-    stop_signal = 0
-    # the first SIGINT/SIGTERM only sets stop.signum: the step in flight finishes, then every rank stops together
+        progress = tqdm(total=loop.total_steps, initial=loop.step, desc="train", unit="step", dynamic_ncols=True)
     with GracefulStop() as stop:
-        while not done and epoch < cfg.train.epochs and not stop_signal:
-            skip_batches = step - epoch * steps_per_epoch
-            loader = data.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                      num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=epoch,
-                                      rank=runtime.rank, world_size=runtime.world_size, drop_last=True,
-                                      skip_batches=max(0, skip_batches))
-            module.train()
-            for batch in loader:
-                if step >= total_steps:
-                    break
-                factor = lr_factor(step, total_steps, cfg.train.warmup_frac)
-                for name, opt in optimizers.items():
-                    for group, base in zip(opt.param_groups, base_lrs[name]):
-                        group["lr"] = base * factor
-                inputs_t = (batch["features"] if frozen else batch["pixel_values"]).to(runtime.device)
-                lat = batch["lat_deg"].to(runtime.device)
-                lon = batch["lon_deg"].to(runtime.device)
-                tgt = batch["targets"].to(runtime.device)
-                batch_concepts = batch["concepts"].to(runtime.device) if "concepts" in batch else None
-                result = wrapped(inputs_t, lat, lon, tgt, inputs_are_features=frozen, amp=cfg.train.amp,
-                                 concepts=batch_concepts, concept_weight=cfg.loss.concept_weight)
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                result["loss"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-                for opt in optimizers.values():
-                    opt.step()
-                if not frozen and cfg.model.entity_fusion and cfg.model.entity_image_features == "ema":
-                    update_entity_features(model, _gather(runtime, result["features"]), _gather(runtime, tgt), 0.1)
-                step += 1
-                images_seen += int(tgt.shape[0]) * runtime.world_size
-                last_loss = float(result["loss"].detach())
-                if writer is not None and (step % cfg.train.log_every == 0 or step == 1):
-                    _log_scalars(writer, step, result, optimizers, grad_norm)
-                if progress is not None:
-                    rate = images_seen / max(1e-9, time.perf_counter() - t_start)
-                    progress.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
-                    progress.update(1)
-                if step % checkpoint_every == 0 or step == total_steps:
-                    _save_checkpoint(out, module, optimizers, step, epoch + (1 if step % steps_per_epoch == 0 else 0),
-                                     gaz.content_hash, runtime)
-                    saved_step = step
-                stop_signal = _stop_signal(stop, runtime)
-                if stop_signal:
-                    break
-            if stop_signal:
+        while loop.step < loop.total_steps and loop.epoch < run.cfg.train.epochs and not loop.stop_signal:
+            _train_epoch(run, loop, stop, progress)
+            if loop.stop_signal:
                 break
-            epoch += 1
-            done = step >= total_steps
-            if inputs.val_csv and runtime.is_main:
-                validation = _validate(validate, module.model, loss_fn, encoder, gaz, inputs, cfg, runtime)
-                if writer is not None:
-                    for key, value in validation.items():
-                        writer.add_scalar(f"val/{key}", value, step)
-                log.info("epoch %d validation: %s", epoch, _format_metrics(validation))
-            stop_signal = _stop_signal(stop, runtime)   # a signal during validation
-        if stop_signal and step < total_steps:         # (a run already complete just finishes)
-            if progress is not None:
-                progress.close()
-            if saved_step != step:
-                _save_checkpoint(out, module, optimizers, step, step // steps_per_epoch, gaz.content_hash, runtime)
-            if writer is not None:
-                writer.close()
-            barrier(runtime)
-            raise _interrupted(stop_signal, out, step, total_steps, runtime)
+            loop.epoch += 1
+            _validate_epoch(run, loop)
+            loop.stop_signal = _stop_signal(stop, run.runtime)   # a signal during validation
+        if loop.stop_signal and loop.step < loop.total_steps:    # (a run already complete just finishes)
+            _stop_at_checkpoint(run, loop, progress)
     if progress is not None:
         progress.close()
-    seconds = time.perf_counter() - t_start
-    rank_divergence = _rank_divergence(module, runtime)
+
+
+def _train_epoch(run: _Run, loop: _Loop, stop: GracefulStop, progress) -> None:
+    """The rest of epoch loop.epoch (a resumed run skips the batches it has done), one `train_step` per batch."""
+    cfg, runtime = run.cfg, run.runtime
+    loader = tables.make_loader(run.dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                                num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=loop.epoch,
+                                rank=runtime.rank, world_size=runtime.world_size, drop_last=True,
+                                skip_batches=max(0, loop.step - loop.epoch * loop.steps_per_epoch))
+    run.module.train()
+    for batch in loader:
+        if loop.step >= loop.total_steps:
+            break
+        _train_batch(run, loop, batch, progress)
+        loop.stop_signal = _stop_signal(stop, runtime)
+        if loop.stop_signal:
+            break
+
+
+def _train_batch(run: _Run, loop: _Loop, batch: dict, progress) -> None:
+    """One step on one batch, then its bookkeeping: running entity features, logs, progress, checkpoint."""
+    cfg, runtime = run.cfg, run.runtime
+    inputs = (batch["features"] if run.frozen else batch["pixel_values"]).to(runtime.device)
+    lat = batch["lat_deg"].to(runtime.device)
+    lon = batch["lon_deg"].to(runtime.device)
+    targets = batch["targets"].to(runtime.device)
+    concepts = batch["concepts"].to(runtime.device) if "concepts" in batch else None
+
+    def forward() -> dict:
+        return run.wrapped(inputs, lat, lon, targets, inputs_are_features=run.frozen, amp=cfg.train.amp,
+                           concepts=concepts, concept_weight=cfg.loss.concept_weight)
+
+    result, grad_norm = train_step(forward, run.optimizers, run.base_lrs, run.module.parameters(), cfg.train,
+                                   loop.step, loop.total_steps)
+    if not run.frozen and cfg.model.entity_fusion and cfg.model.entity_image_features == "ema":
+        update_entity_features(run.module.model, _gather(runtime, result["features"]), _gather(runtime, targets),
+                               0.1)
+    loop.step += 1
+    loop.images_seen += int(targets.shape[0]) * runtime.world_size
+    loop.last_loss = float(result["loss"].detach())
+    if run.writer is not None and (loop.step % cfg.train.log_every == 0 or loop.step == 1):
+        _log_scalars(run.writer, loop.step, result, run.optimizers, grad_norm)
+    if progress is not None:
+        rate = loop.images_seen / max(1e-9, time.perf_counter() - loop.started)
+        progress.set_postfix(epoch=loop.epoch, loss=f"{loop.last_loss:.3f}", img_s=f"{rate:.0f}")
+        progress.update(1)
+    if loop.step % (cfg.train.checkpoint_every or loop.steps_per_epoch) == 0 or loop.step == loop.total_steps:
+        _save_checkpoint(run.out, run.module, run.optimizers, loop.step,
+                         loop.epoch + (1 if loop.step % loop.steps_per_epoch == 0 else 0), run.data.gaz.content_hash,
+                         runtime)
+        loop.saved_step = loop.step
+
+
+def _validate_epoch(run: _Run, loop: _Loop) -> None:
+    """With --val-csv, rank 0 evaluates the model after the epoch (logged, and kept for the summary)."""
+    if not (run.inputs.val_csv and run.runtime.is_main):
+        return
+    loop.validation = _validate(run.validate, run.module.model, run.module.loss, run.encoder, run.data.gaz,
+                                run.inputs, run.cfg, run.runtime)
+    if run.writer is not None:
+        for key, value in loop.validation.items():
+            run.writer.add_scalar(f"val/{key}", value, loop.step)
+    log.info("epoch %d validation: %s", loop.epoch, _format_metrics(loop.validation))
+
+
+def _stop_at_checkpoint(run: _Run, loop: _Loop, progress) -> None:
+    """A signal stopped the run: make sure the current step is checkpointed, then raise TrainingInterrupted."""
+    if progress is not None:
+        progress.close()
+    if loop.saved_step != loop.step:
+        _save_checkpoint(run.out, run.module, run.optimizers, loop.step, loop.step // loop.steps_per_epoch,
+                         run.data.gaz.content_hash, run.runtime)
+    if run.writer is not None:
+        run.writer.close()
+    barrier(run.runtime)
+    raise _interrupted(loop.stop_signal, run.out, loop.step, loop.total_steps, run.runtime)
+
+
+def _finish(run: _Run, loop: _Loop) -> TrainSummary:
+    """Write the model directory and train_summary.json (rank 0) -> the summary."""
+    seconds = time.perf_counter() - loop.started
+    runtime, out, gaz = run.runtime, run.out, run.data.gaz
+    rank_divergence = _rank_divergence(run.module, runtime)
     if runtime.is_main:
         with ckpt.writing(out, "model directory"):
-            modeldir.save_model_dir(out, cfg, module.model, loss_fn.state_dict(), encoder, gaz)
-        if writer is not None:
-            writer.close()
+            modeldir.save_model_dir(out, run.cfg, run.module.model, run.module.loss.state_dict(), run.encoder, gaz)
+        if run.writer is not None:
+            run.writer.close()
     barrier(runtime)
     counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
-    summary = TrainSummary(out_dir=str(out), train_csv=str(Path(inputs.train_csv).resolve()), steps=step,
-                           epochs=epoch, seconds=seconds,
-                           images_per_second=images_seen / max(seconds, 1e-9), n_train=len(targets),
-                           n_skipped=int(table.n_skipped) + n_unreached, n_entities=counts, final_loss=last_loss,
-                           validation=validation, rank_param_divergence=rank_divergence)
+    summary = TrainSummary(out_dir=str(out), train_csv=str(Path(run.inputs.train_csv).resolve()), steps=loop.step,
+                           epochs=loop.epoch, seconds=seconds,
+                           images_per_second=loop.images_seen / max(seconds, 1e-9), n_train=len(run.data.targets),
+                           n_skipped=int(run.data.table.n_skipped) + run.data.n_unreached, n_entities=counts,
+                           final_loss=loop.last_loss, validation=loop.validation,
+                           rank_param_divergence=rank_divergence)
     if runtime.is_main:
         with ckpt.writing(out / modeldir.TRAIN_SUMMARY_NAME):
             atomic_write_text(out / modeldir.TRAIN_SUMMARY_NAME, json.dumps(summary.__dict__, indent=2))
@@ -560,8 +696,6 @@ def _format_metrics(metrics: dict) -> str:
 
 
 def _log_scalars(writer, step: int, result: dict, optimizers: dict, grad_norm) -> None:
-    from gazetteer import LEVELS
-
     writer.add_scalar("loss/total", float(result["loss"].detach()), step)
     for level, value in zip(LEVELS, result["level_losses"].tolist()):
         writer.add_scalar(f"loss/{level}", value, step)
@@ -618,8 +752,6 @@ def resume_command(argv: list[str] | None = None) -> str | None:
 def _interrupted(signum: int, out: Path, step: int, total_steps: int, runtime: Runtime) -> TrainingInterrupted:
     """Build the exception that ends the run (exit status 128 + signum), whose message says how to resume (the
     CLI prints it; here it is only logged at debug level, so that it does not appear twice)."""
-    import signal
-
     latest = ckpt.latest_checkpoint(out) if runtime.is_main else None
     command = None if runtime.distributed else resume_command()
     how = f"to continue, run: {command}" if command else "to continue, re-run the same command with --resume"
