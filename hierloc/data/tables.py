@@ -113,13 +113,8 @@ def read_image_table(
     path = Path(csv_path)
     if not path.is_file():
         raise InputError(f"{path}: CSV file not found")
-    header = csvio.read_header(path)
-    image_col = csvio.find_column(header, image_col, IMAGE_CANDIDATES, path, "image")
-    lat_col = csvio.find_column(header, lat_col, csvio.LAT_CANDIDATES, path, "latitude")
-    lon_col = csvio.find_column(header, lon_col, csvio.LON_CANDIDATES, path, "longitude")
-    if len({image_col, lat_col, lon_col}) < 3:
-        raise InputError(f"{path}: the image, latitude and longitude columns must differ (got {image_col!r}, "
-                         f"{lat_col!r}, {lon_col!r})")
+    columns = _table_columns(path, image_col, lat_col, lon_col)
+    image_col, lat_col, lon_col = columns
     root = Path(image_root) if image_root is not None else path.parent
     root = Path(os.path.abspath(root))
     osv5m_layout = image_col.strip().lower() == OSV5M_ID_COLUMN
@@ -127,50 +122,67 @@ def read_image_table(
         logger.info("%s: OSV5M layout (column %r): images at %s/%s/<id>%s", path, image_col, root,
                     OSV5M_IMAGE_DIR, OSV5M_EXTENSION)
 
-    parts_paths: list[np.ndarray] = []
-    parts_lat: list[np.ndarray] = []
-    parts_lon: list[np.ndarray] = []
-    parts_rows: list[np.ndarray] = []
+    parts: list[tuple[np.ndarray, ...]] = []   # per chunk: paths, lat, lon, rows of the kept rows
     n_skipped = n_rows = 0
     first_bad: str | None = None  # why the first skipped row was skipped (on_bad="skip")
-    for columns, rows in csvio.iter_chunks(path, [image_col, lat_col, lon_col], chunk_rows, duplicate_rows=None):
+    for chunk, rows in csvio.iter_chunks(path, list(columns), chunk_rows, duplicate_rows=None):
         rows = np.asarray(rows, dtype=np.int64)
         n_rows += len(rows)
-        lat, lon, keep, n_bad = csvio.parse_coordinates(columns[lat_col], columns[lon_col], rows, path, lat_col,
-                                                        lon_col, on_bad)
-        keep = np.asarray(keep, dtype=bool)
-        names = np.char.strip(np.asarray(columns[image_col], dtype=str))
-        empty = names == ""
-        if empty.any():
-            if on_bad == "error":
-                first = int(rows[np.flatnonzero(empty)[0]])
-                raise InputError(f"{path}: row {first}: column {image_col!r} is empty, expected an image path")
-            n_bad += int((empty & keep).sum())
-        if first_bad is None and not (keep & ~empty).all():
-            i = int(np.flatnonzero(~(keep & ~empty))[0])
-            first_bad = (csvio.bad_row_message(path, int(rows[i]), lat_col, lon_col, str(columns[lat_col][i]),
-                                               str(columns[lon_col][i])) if not keep[i] else
-                         f"{path}: row {int(rows[i])}: column {image_col!r} is empty, expected an image path")
-        keep = keep & ~empty
+        kept, n_bad, why = _parse_chunk(chunk, rows, path, columns, on_bad, need_reason=first_bad is None)
+        first_bad = first_bad if first_bad is not None else why
         n_skipped += int(n_bad)
-        lat = np.asarray(lat, dtype=np.float64)[keep]
-        lon = np.asarray(lon, dtype=np.float64)[keep]
-        kept_names = names[keep]
-        parts_paths.append(_resolve_paths(kept_names, root, osv5m_layout))
-        parts_lat.append(lat)
-        parts_lon.append(lon)
-        parts_rows.append(rows[keep])
+        names, lat, lon, kept_rows = kept
+        parts.append((_resolve_paths(names, root, osv5m_layout), lat, lon, kept_rows))
     if n_rows == 0:
         raise InputError(f"{path}: no usable rows: the file has no data rows (only a header)")
-    if sum(len(p) for p in parts_paths) == 0:
+    if sum(len(part[0]) for part in parts) == 0:
         raise InputError(f"{path}: no usable rows: all {n_rows} rows skipped (need an image path and valid "
                          f"{lat_col}/{lon_col} per row; first: {_without_path(first_bad, path)})")
     if n_skipped:
         logger.warning("%s: skipped %d of %d rows (first: %s)", path, n_skipped, n_rows,
                        _without_path(first_bad, path))
-    return ImageTable(paths=np.concatenate(parts_paths), lat_deg=np.concatenate(parts_lat),
-                      lon_deg=np.concatenate(parts_lon), rows=np.concatenate(parts_rows), n_skipped=n_skipped,
-                      source=str(path))
+    paths, lat, lon, rows = (np.concatenate([part[i] for part in parts]) for i in range(4))
+    return ImageTable(paths=paths, lat_deg=lat, lon_deg=lon, rows=rows, n_skipped=n_skipped, source=str(path))
+
+
+def _table_columns(path: Path, image_col: str | None, lat_col: str | None, lon_col: str | None
+                   ) -> tuple[str, str, str]:
+    """The image, latitude and longitude columns of the CSV's header (given, or detected); they must differ."""
+    header = csvio.read_header(path)
+    image_col = csvio.find_column(header, image_col, IMAGE_CANDIDATES, path, "image")
+    lat_col = csvio.find_column(header, lat_col, csvio.LAT_CANDIDATES, path, "latitude")
+    lon_col = csvio.find_column(header, lon_col, csvio.LON_CANDIDATES, path, "longitude")
+    if len({image_col, lat_col, lon_col}) < 3:
+        raise InputError(f"{path}: the image, latitude and longitude columns must differ (got {image_col!r}, "
+                         f"{lat_col!r}, {lon_col!r})")
+    return image_col, lat_col, lon_col
+
+
+def _parse_chunk(columns: dict, rows: np.ndarray, path: Path, names: tuple[str, str, str], on_bad: str,
+                 need_reason: bool) -> tuple[tuple[np.ndarray, ...], int, str | None]:
+    """One chunk of CSV rows (n,) -> ((image names, lat_deg, lon_deg, row numbers) of the usable rows, number of
+    bad rows, why the chunk's first bad row is bad (when need_reason; else None)). on_bad="error": InputError."""
+    image_col, lat_col, lon_col = names
+    lat, lon, keep, n_bad = csvio.parse_coordinates(columns[lat_col], columns[lon_col], rows, path, lat_col,
+                                                    lon_col, on_bad)
+    keep = np.asarray(keep, dtype=bool)
+    image_names = np.char.strip(np.asarray(columns[image_col], dtype=str))
+    empty = image_names == ""
+    if empty.any():
+        if on_bad == "error":
+            first = int(rows[np.flatnonzero(empty)[0]])
+            raise InputError(f"{path}: row {first}: column {image_col!r} is empty, expected an image path")
+        n_bad += int((empty & keep).sum())
+    why = None
+    if need_reason and not (keep & ~empty).all():
+        i = int(np.flatnonzero(~(keep & ~empty))[0])
+        why = (csvio.bad_row_message(path, int(rows[i]), lat_col, lon_col, str(columns[lat_col][i]),
+                                     str(columns[lon_col][i])) if not keep[i] else
+               f"{path}: row {int(rows[i])}: column {image_col!r} is empty, expected an image path")
+    keep = keep & ~empty
+    kept = (image_names[keep], np.asarray(lat, dtype=np.float64)[keep], np.asarray(lon, dtype=np.float64)[keep],
+            rows[keep])
+    return kept, n_bad, why
 
 
 def _without_path(message: str | None, path: Path) -> str:

@@ -216,32 +216,8 @@ def load_backbone(
     if not pretrained:
         model = model_class(vision_config, **extra_kwargs)
     else:
-        if source == "local":
-            _require_safetensors_weights(Path(location))
-        elif (snapshot := _hub_snapshot_dir(name)) is not None:
-            _refuse_pickled_weights(Path(snapshot))     # a cached hub model with pickled weights only
-        try:
-            # use_safetensors=True: transformers never falls back to torch.load of pytorch_model.bin (a hub
-            # checkpoint without safetensors weights is refused too); hierloc never unpickles
-            with _quiet_transformers():
-                model, loading_info = model_class.from_pretrained(
-                    location, config=vision_config, local_files_only=local_only, cache_dir=cache_dir,
-                    dtype=torch.float32, output_loading_info=True, use_safetensors=True, **extra_kwargs,
-                )
-        except OSError as error:
-            raise _not_available_error(name, source, allow_download, error) from None
-        missing = sorted(loading_info.get("missing_keys", []))
-        mismatched = list(loading_info.get("mismatched_keys", []))
-        n_params = len(model.state_dict())
-        if mismatched:
-            raise InputError(f"{name}: {len(mismatched)} weights have shapes that do not match config.json "
-                             f"(first: {mismatched[0]})")
-        if missing and len(missing) >= n_params:
-            raise InputError(f"{name}: none of the weights match the {type(model).__name__} architecture "
-                             f"(first missing: {missing[0]})")
-        if missing:
-            logger.warning("%s: %d of %d weights missing from the checkpoint were randomly initialised: %s%s",
-                           name, len(missing), n_params, ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
+        model, missing = _load_pretrained(model_class, vision_config, name, source, location, allow_download,
+                                          cache_dir, extra_kwargs)
     model = model.to(torch.float32)
     info = BackboneInfo(
         name_or_path=name,
@@ -258,6 +234,40 @@ def load_backbone(
                 info.pooling, info.feature_dim, sum(p.numel() for p in model.parameters()) / 1e6,
                 "pretrained weights" if pretrained else "random init")
     return model, info
+
+
+def _load_pretrained(model_class: type, vision_config: Any, name: str, source: str, location: str,
+                     allow_download: bool, cache_dir, extra_kwargs: dict) -> tuple[nn.Module, list[str]]:
+    """The pretrained weights of `load_backbone` (safetensors only) -> (model, sorted missing keys); InputError
+    for pickled-only or missing weights, shape mismatches, or weights that match nothing."""
+    local_only = not allow_download
+    if source == "local":
+        _require_safetensors_weights(Path(location))
+    elif (snapshot := _hub_snapshot_dir(name)) is not None:
+        _refuse_pickled_weights(Path(snapshot))     # a cached hub model with pickled weights only
+    try:
+        # use_safetensors=True: transformers never falls back to torch.load of pytorch_model.bin (a hub
+        # checkpoint without safetensors weights is refused too); hierloc never unpickles
+        with _quiet_transformers():
+            model, loading_info = model_class.from_pretrained(
+                location, config=vision_config, local_files_only=local_only, cache_dir=cache_dir,
+                dtype=torch.float32, output_loading_info=True, use_safetensors=True, **extra_kwargs,
+            )
+    except OSError as error:
+        raise _not_available_error(name, source, allow_download, error) from None
+    missing = sorted(loading_info.get("missing_keys", []))
+    mismatched = list(loading_info.get("mismatched_keys", []))
+    n_params = len(model.state_dict())
+    if mismatched:
+        raise InputError(f"{name}: {len(mismatched)} weights have shapes that do not match config.json "
+                         f"(first: {mismatched[0]})")
+    if missing and len(missing) >= n_params:
+        raise InputError(f"{name}: none of the weights match the {type(model).__name__} architecture "
+                         f"(first missing: {missing[0]})")
+    if missing:
+        logger.warning("%s: %d of %d weights missing from the checkpoint were randomly initialised: %s%s",
+                       name, len(missing), n_params, ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
+    return model, missing
 
 
 def pooling_for(model_type: str) -> str:
