@@ -1,6 +1,6 @@
 """Run the bad-input battery through the CLI and print what the user sees, as a Markdown table.
 
-    .venv/bin/python scripts/bad_inputs_table.py [--workdir DIR] [--only KEY,...] [--check]
+    .venv/bin/python tests/bad_inputs_table.py [--workdir DIR] [--only KEY,...] [--check]
 
 The cases are the catalogue of tests/test_bad_inputs.py (`CASES`): every odd image, CSV, gazetteer and checkpoint,
 through every command that reads it, in this process through `hierloc.cli.main` with stdout, stderr and log

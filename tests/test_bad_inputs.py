@@ -13,7 +13,7 @@ plus a few case-specific checks (`_more`: the JSONL record of a single image, no
 in and out, the non-ASCII name intact). Pairs that do not meet the contract yet because of code owned elsewhere
 are `xfail(strict=True)` (`Case.gaps`).
 
-The catalogue (`CASES`, `run_case`) is also what `scripts/bad_inputs_table.py` runs to print the table of
+The catalogue (`CASES`, `run_case`) is also what `tests/bad_inputs_table.py` runs to print the table of
 docs/reliability.md. What needs more than one CLI run has its own test below: the decoded pixels of unusual colour
 modes and of EXIF-rotated photos (and the answers they give), the bomb refused from its header, the pickle's
 control, a 1M-row file in bounded memory (slow).
