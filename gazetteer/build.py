@@ -145,7 +145,8 @@ def _prune(arrays: dict[str, np.ndarray], keep: np.ndarray) -> tuple[dict[str, n
     out = {name: value[keep] for name, value in arrays.items() if name != "level_offsets"}
     out["parents"] = np.where(out["parents"] >= 0, old_to_new[np.maximum(out["parents"], 0)], -1)
     assert not ((out["parents"] < 0) & (out["levels"] > 0)).any(), "pruning left an orphan"
-    out["level_offsets"] = np.concatenate([[0], np.cumsum(np.bincount(out["levels"], minlength=N_LEVELS))]).astype(np.int64)
+    counts = np.bincount(out["levels"], minlength=N_LEVELS)
+    out["level_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return out, old_to_new
 
 

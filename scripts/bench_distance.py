@@ -1,4 +1,4 @@
-"""Benchmark and accuracy check of the pairwise Poincare distances (hierloc.hyperbolic).
+"""Benchmark and accuracy check of the pairwise Poincare distances (hierloc.geometry.hyperbolic).
 
 Prints one table: time of the forward pass and of forward+backward for
   - a plain ``x @ y.T`` of the same shapes (the floor),

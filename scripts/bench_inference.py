@@ -7,8 +7,8 @@ Parts (each prints a Markdown table; docs/inference.md holds the numbers measure
 1. Index search, image encoder excluded. The GLOBAL gazetteer (`Gazetteer.build_global()`, ~165k entities) with a
    randomly initialised `HierLocModel` (D = --dim) over it; entity points computed once and cached (as
    `HierLoc.entity_points` does). Queries = image points from random features through the model's image head.
-   Timed: beam search (`HierLoc.search_points`, beam 10, top-5 paths: `hierloc.search.beam_search`, distances
-   for the candidates only), the dense reference beam search (`hierloc.search.beam_search_dense` on full
+   Timed: beam search (`HierLoc.search_points`, beam 10, top-5 paths: `hierloc.inference.search.beam_search`, distances
+   for the candidates only), the dense reference beam search (`hierloc.inference.search.beam_search_dense` on full
    distance matrices from `HierLocModel.level_sqdists`: the implementation before the candidate-only one; its
    top-5 paths are compared with the fast one's), the flat scan over all cities (`flat=True`), and brute-force
    nearest-neighbour retrieval over a gallery of --gallery random image embeddings of the same dimension
@@ -19,7 +19,7 @@ Parts (each prints a Markdown table; docs/inference.md holds the numbers measure
 2. End-to-end images/s (--model): `HierLoc.iter_predict` over --e2e-images images of --csv (decode + preprocess in
    DataLoader workers, encoder, search, answer objects), with the model's own encoder.
 3. Accuracy (--model --csv): images embedded once, then searched with beam widths --beams and with the flat scan;
-   OSV5M-protocol metrics (`hierloc.evaluate.score_points`) and predicted-path accuracy for each.
+   OSV5M-protocol metrics (`hierloc.inference.evaluate.score_points`) and predicted-path accuracy for each.
 """
 
 from __future__ import annotations

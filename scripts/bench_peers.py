@@ -10,7 +10,7 @@ built from train.csv exactly as `hierloc build-gazetteer --from-csv train.csv` d
 reused while train.csv is unchanged). Every row trains on train.csv with that gazetteer.
 
 Rows (--rows, comma-separated; default all):
-  flat-ce, geo-ls, geoclip, swclip   the peer objectives of `hierloc.baselines` (see its docstring for the
+  flat-ce, geo-ls, geoclip, swclip   the peer objectives of `hierloc.training.peers` (see its docstring for the
                                      formulas and defaults; `baseline.key=value` overrides tune them)
   hierloc-euclidean                  model.geometry=euclidean
   hierloc-lam0                       loss.lam=0 (plain hyperbolic InfoNCE; loss.learn_weights=false)
@@ -23,7 +23,7 @@ Every row gets the --shared overrides (encoder, image size, batch size, learning
 a fair comparison); HierLoc rows also get the positional overrides (the recipe being tuned); then the row's
 own switch; then the budget (--epochs, --max-steps) and the seed, which always win.
 
-Metrics: `scripts/eval_demo.py`'s `path_metrics`: OSV5M distance metrics (`hierloc.metrics`: mean/median km,
+Metrics: `scripts/eval_demo.py`'s `path_metrics`: OSV5M distance metrics (`hierloc.inference.metrics`: mean/median km,
 GeoScore, accuracy at 1/25/200/750/2500 km) and level accuracy = the predicted path (HierLoc: the answered
 entity's path; city peers: the answered city's path; GeoCLIP: `Gazetteer.locate` of the answered point) against
 `Gazetteer.locate` of the true point, over the rows whose true point resolves at that level. train s: the

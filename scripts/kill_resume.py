@@ -5,7 +5,7 @@
 
 What it does:
 1. Builds a small world in --workdir (a temp dir by default): --images demo patches (Blue Marble, 32 px;
-   `hierloc.demodata`), a tiny ViT config saved as a local backbone (the one the tests use), and the gazetteer of
+   `hierloc.data.demodata`), a tiny ViT config saved as a local backbone (the one the tests use), and the gazetteer of
    the training points (built once and passed with --gazetteer so that no run rebuilds it).
 2. Runs `hierloc train` uninterrupted (the reference) and, separately, the same command that is SIGKILLed --kills
    times at seeded random steps and restarted with --resume after each kill, then once more to the end.

@@ -251,7 +251,7 @@ def test_output_directory_that_cannot_be_created_is_a_one_line_error(train_args,
     assert (tmp_path / "a_file").read_text() == "not a directory"
 
 
-# ------------------------------------------------------------------------------------------ hierloc.interrupt
+# ------------------------------------------------------------------------------------------ hierloc.training.interrupt
 def test_graceful_stop_records_the_first_signal_and_restores_handlers():
     previous = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:

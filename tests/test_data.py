@@ -1,4 +1,4 @@
-"""Image loading/preprocessing (hierloc.images) and image tables, datasets and loaders (hierloc.data)."""
+"""Image loading/preprocessing (hierloc.data.images) and image tables, datasets and loaders (hierloc.data.tables)."""
 
 from __future__ import annotations
 

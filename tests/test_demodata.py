@@ -1,4 +1,4 @@
-"""hierloc.demodata: Blue Marble patch geometry and the demo dataset's files, splits and determinism."""
+"""hierloc.data.demodata: Blue Marble patch geometry and the demo dataset's files, splits and determinism."""
 
 from __future__ import annotations
 

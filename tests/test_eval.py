@@ -53,7 +53,7 @@ def test_predictions_reproduce_osv5m_per_row_results_and_means(shared_data_dir, 
     assert summary["median_km"] == pytest.approx(np.median(reference_km), rel=1e-6)
     assert summary["geoscore"] == pytest.approx(reference_score.mean(), rel=1e-6)
     assert summary["acc_25km"] == pytest.approx(np.mean(reference_km < 25))
-    # the file's per-field hits ANDed from country down give OSV5M's key hits (see tests/test_metrics.py)
+    # the file's per-field hits ANDed from country down give OSV5M's key hits (see tests/unit/test_metrics.py)
     chain = np.array([r["country_hit"] == "True" for r in rows])
     assert summary["acc_country"] == pytest.approx(chain.mean())
     assert set(REQUIRED_KEYS) <= set(summary)

@@ -1,4 +1,4 @@
-"""Peer objectives (hierloc.baselines) and the peers-and-ablations benchmark (scripts/bench_peers.py)."""
+"""Peer objectives (hierloc.training.peers) and the peers-and-ablations benchmark (scripts/bench_peers.py)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ modes:
 labelled CSV layouts: this project's image,lat,lon; OSV5M's id,latitude,longitude (images/<id>.jpg beside the
 CSV); GeoCLIP's IMG_FILE,LAT,LON. Image paths are relative to the CSV's directory (or --image-root).
 
-metrics (hierloc.evaluate): n, mean_km, median_km, geoscore (mean 5000 exp(-d/1492.7 km)), acc_1km ... acc_2500km
+metrics (hierloc.inference.evaluate): n, mean_km, median_km, geoscore (mean 5000 exp(-d/1492.7 km)), acc_1km ...
+acc_2500km
 (fraction with d < r), acc_country ... acc_city (OSV5M protocol: reverse-geocode the predicted and the true point
 and compare cc, admin1_cc, admin2_admin1_cc, name_admin2_admin1_cc; --missing skip leaves rows without a truth
 level out of that level, official counts them as misses like OSV5M's published code) and, with a model,

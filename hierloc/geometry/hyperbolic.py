@@ -25,8 +25,8 @@ Numerical policy (the constants are geoopt's, see geoopt/manifolds/stereographic
   subgradient), and the floor cannot change any representable distance; a where() returns exactly 0.
 - The conformal denominators 1 - c||x||^2 use squared norms accumulated in float64 (O(B D) work): in float32 the
   rounding of ||x||^2 (~1e-7 absolute) would be amplified by 1 / (1 - c||x||^2) ~ 125 at the float32 margin.
-  They are floored at 1e-15 (``conformal_denominator``) so a point on or outside the boundary yields a huge (in float32 possibly
-  infinite) distance rather than NaN; call ``project`` first for meaningful values.
+  They are floored at 1e-15 (``conformal_denominator``) so a point on or outside the boundary yields a huge (in
+  float32 possibly infinite) distance rather than NaN; call ``project`` first for meaningful values.
 
 The pairwise distances use one matrix product (no (B, N, D) tensor) plus an exact float64 recomputation of the
 few pairs whose matrix-product value is inaccurate; see ``pairwise_sqdist``.

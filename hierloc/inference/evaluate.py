@@ -1,6 +1,6 @@
 """Evaluation shared by `hierloc eval`, the Python API (`HierLoc.evaluate`) and the benchmarks.
 
-Two entry points, one set of metrics (`hierloc.metrics`, OSV5M's definitions):
+Two entry points, one set of metrics (`hierloc.inference.metrics`, OSV5M's definitions):
 
 * `evaluate_model(model, table)`: predicts every image of a labelled table (streamed in batches through a
   DataLoader) and scores the predicted points and paths.

@@ -6,7 +6,7 @@ candidate at that level), the contribution of concept k is
     contribution_k = p_k(image) * (profile[c, k] - profile[r, k])
 
 p_k(image) = sigmoid of the concept head's logit (is the concept visible in the image?), profile[e, k] = share of
-entity e's training images with concept k (`hierloc.concepts.entity_concept_profiles`). A concept *supports*
+entity e's training images with concept k (`hierloc.model.concepts.entity_concept_profiles`). A concept *supports*
 the choice when it is active in the image (p_k >= 0.5) and characteristic of c rather than r (contribution > 0);
 the top ones by contribution are reported, and the most negative ones (active, but characteristic of r) as
 "against". NaN profiles count as no evidence (contribution 0). Without a runner-up (a single candidate), c is
@@ -312,7 +312,7 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
                    beam: int | None = None, n_reasons: int = 3, n_runners_up: int = 2, batch_size: int = 16,
                    candidates: str = "siblings", vocabulary=None, profiles: np.ndarray | None = None
                    ) -> list[Explanation]:
-    """Explain where each image (path, PIL image) was taken with a loaded `hierloc.api.HierLoc`.
+    """Explain where each image (path, PIL image) was taken with a loaded `hierloc.HierLoc`.
 
     candidates: "siblings" (children of the chosen parent, see the module docstring) or "paths" (the entities
     of the search's top-k paths). vocabulary, profiles (E, K): override what `load_concept_parts` finds in the

@@ -195,10 +195,10 @@ def _label(draw, xy, text: str, font, scale: int, fill=(20, 20, 20), anchor="lm"
 def render_prediction_map(explanation, out_path: str | Path | None = None, basemap: str = "relief",
                           width: int = 1200, truth: tuple[float, float] | None = None,
                           region: Region | None = None, text: str | None = None):
-    """Draw one `hierloc.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
+    """Draw one `hierloc.inference.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
 
     Returns the Pillow image. truth: the true (lat, lon) when known (default: the EXIF GPS of the image). text: the explanation as text, for the
-    HTML page (default `hierloc.explain.format_text`).
+    HTML page (default `hierloc.inference.explain.format_text`).
     """
     from PIL import Image, ImageDraw
 

@@ -1,7 +1,7 @@
 """Streaming writers for `hierloc predict`: text, json, jsonl, csv, geojson.
 
-Every writer takes records one at a time (`write(record)`, a `hierloc.api.Prediction` or `Failure`) and writes
-them immediately, so memory does not grow with the number of images; `close(summary)` finishes the document.
+Every writer takes records one at a time (`write(record)`, a `hierloc.inference.answers.Prediction` or `Failure`)
+and writes them immediately, so memory does not grow with the number of images; `close(summary)` finishes the document.
 
 * text: a header naming the model directory and its training data, then each image as an indented hierarchy
   with the level probabilities, the predicted point, the EXIF comparison and the alternatives.

@@ -150,9 +150,10 @@ class HierLoc:
         return self.model.embed_features(feats.float())
 
     def search_index(self):
-        """(search.EntityDistances, search.ChildIndex) of this model (`hierloc.inference.search`), built once (with the cached
-        entity points) and reused by every beam search: the geometry (Poincare of curvature model.curvature, or
-        Euclidean), the entities' conformal denominators and the CSR children index, on the model's device."""
+        """(search.EntityDistances, search.ChildIndex) of this model (`hierloc.inference.search`), built once (with
+        the cached entity points) and reused by every beam search: the geometry (Poincare of curvature
+        model.curvature, or Euclidean), the entities' conformal denominators and the CSR children index, on the
+        model's device."""
         points = self.entity_points()
         if self._search_index is None or self._search_index[0].entity_points is not points:
             c = float(self.cfg.model.curvature) if self.model.is_hyperbolic else None

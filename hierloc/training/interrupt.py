@@ -7,7 +7,7 @@
                 save_checkpoint(); break
 
 - The first SIGINT or SIGTERM only records the signal (`stop.signum`); the loop finishes its current step and
-  decides what to do (hierloc.train writes a checkpoint and exits with `stop.exit_code` = 128 + signal number:
+  decides what to do (hierloc.training.train writes a checkpoint and exits with `stop.exit_code` = 128 + signal number:
   130 for SIGINT, 143 for SIGTERM, the shell's convention for "ended by this signal").
 - A second signal of the same kind, more than `repeat_after_s` after the first, aborts at once: the previous
   handler is put back and called (SIGINT: KeyboardInterrupt; SIGTERM with the default action: the process ends).

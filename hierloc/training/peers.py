@@ -1,6 +1,6 @@
 r"""Peer objectives for the side-by-side benchmark (issue 6), trained exactly like HierLoc except for the head.
 
-Shared with `hierloc.train`, so that only the objective differs between a peer and HierLoc: the image encoder
+Shared with `hierloc.training.train`, so that only the objective differs between a peer and HierLoc: the image encoder
 (`build_encoder`, "tiny-vit" by default), the data pipeline (`read_image_table`, `ImageDataset` with the same
 augmentation, `make_loader` with the same (seed, epoch) order), the image head (MLP Linear-GELU-Dropout-Linear
 from the backbone feature F to D = model.embed_dim), AdamW with the same learning rates (head: train.lr, backbone:
@@ -280,8 +280,8 @@ def _sphere_encoding(lat_deg: torch.Tensor, lon_deg: torch.Tensor, model_cfg) ->
 
 
 def build_optimizer(model: BaselineModel, cfg: Config) -> torch.optim.AdamW:
-    """AdamW groups as `hierloc.train.build_optimizers`: matrices of the heads (train.lr, weight decay), vectors
-    and the logit scale (train.lr, no decay), the backbone (train.backbone_lr, decay), per-city tables
+    """AdamW groups as `hierloc.training.train.build_optimizers`: matrices of the heads (train.lr, weight decay),
+    vectors and the logit scale (train.lr, no decay), the backbone (train.backbone_lr, decay), per-city tables
     (classifier, city embeddings: baseline.city_lr or train.entity_lr, no decay, like HierLoc's anchors)."""
     city_lr = model.options.city_lr or cfg.train.entity_lr
     backbone, decay, no_decay, city = [], [], [], []

@@ -3,7 +3,7 @@
 Flow: read the CSV -> gazetteer (given, or built from the CSV's points) -> labels per level via `locate` ->
 encoder (trained, or frozen with an on-disk feature cache) -> HierLocModel + GWH-InfoNCE ->
 RiemannianAdam (entity anchors) + AdamW (the rest), warm-up + cosine, gradient clipping -> checkpoints,
-TensorBoard logs, and the final model directory (see `hierloc.checkpoint` for its layout).
+TensorBoard logs, and the final model directory (see `hierloc.model.modeldir` for its layout).
 
 Crash safety: checkpoints are atomic with a `latest` pointer; `--resume` restores the model, both optimisers,
 the step (the learning rate is a function of the step: `lr_factor`), the RNG state and the data order (epoch-seeded
@@ -11,8 +11,8 @@ sampler + skipped batches; augmentation is seeded per (seed, epoch, image index)
 the same parameters as an uninterrupted one. A checkpoint records the content hash of the run's gazetteer, and
 `--resume` with another gazetteer (or a configuration whose tensors do not fit the checkpoint) is an InputError.
 The first SIGINT/SIGTERM finishes the current step, writes a checkpoint and ends with `TrainingInterrupted` (exit
-status 130 / 143) naming the command that resumes (`hierloc.interrupt`; the CLI prints it); under torchrun every
-rank stops after the same step.
+status 130 / 143) naming the command that resumes (`hierloc.training.interrupt`; the CLI prints it); under torchrun
+every rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def prepare_concepts(cfg: Config, csv_path: str, table, targets: np.ndarray, n_e
     """-> (vocabulary, labels (N, K) float32 with NaN = unknown, profiles (E, K)), or (None, None, None).
 
     Labels come from real data only: the CSV's concept columns (OSV5M's land_cover, climate, ...) and concepts
-    derived from each image's location with offline data (hierloc.concepts / gazetteer.concepts).
+    derived from each image's location with offline data (hierloc.model.concepts / gazetteer.concepts).
     """
     if not cfg.model.concepts:
         return None, None, None

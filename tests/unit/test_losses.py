@@ -1,4 +1,5 @@
-"""hierloc.losses (GWH-InfoNCE) and hierloc.geodesy (the great-circle distances that feed its weights).
+"""hierloc.training.losses (GWH-InfoNCE) and hierloc.geometry.geodesy (the great-circle distances that feed its
+weights).
 
 Loss values are checked against the formula written out by hand; geodesy against a numpy float64 haversine
 written here (OSV5M's formula, R = 6371 km).

@@ -1,4 +1,4 @@
-"""hierloc.metrics: OSV5M's distance, GeoScore, radius and administrative-level metrics."""
+"""hierloc.inference.metrics: OSV5M's distance, GeoScore, radius and administrative-level metrics."""
 
 from __future__ import annotations
 
