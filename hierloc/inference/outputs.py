@@ -132,19 +132,31 @@ class TextWriter(Writer):
         super().close(summary)
 
 
-class JsonWriter(Writer):
+class _JsonArrayWriter(Writer):
+    """One JSON object: `opening`, "model", the array `key` (one element per record, streamed), "summary"."""
+
+    opening = "{\n"
+    key = "predictions"
+
     def __init__(self, stream: TextIO, description: dict):
         super().__init__(stream, description)
         self.count = 0
-        self.stream.write('{\n"model": ' + _dumps(description) + ',\n"predictions": [')
+        self.stream.write(self.opening + '"model": ' + _dumps(description) + f',\n"{self.key}": [')
+
+    def element(self, record) -> dict:
+        return record.to_dict()
 
     def write(self, record) -> None:
-        self.stream.write(("," if self.count else "") + "\n" + _dumps(record.to_dict()))
+        self.stream.write(("," if self.count else "") + "\n" + _dumps(self.element(record)))
         self.count += 1
 
     def close(self, summary: dict) -> None:
         self.stream.write("\n],\n\"summary\": " + _dumps(summary) + "\n}\n")
         super().close(summary)
+
+
+class JsonWriter(_JsonArrayWriter):
+    """{"model": ..., "predictions": [record.to_dict(), ...], "summary": ...}"""
 
 
 class JsonlWriter(Writer):
@@ -169,19 +181,14 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
 
-class GeoJsonWriter(Writer):
-    def __init__(self, stream: TextIO, description: dict):
-        super().__init__(stream, description)
-        self.count = 0
-        self.stream.write('{"type": "FeatureCollection",\n"model": ' + _dumps(description) + ',\n"features": [')
+class GeoJsonWriter(_JsonArrayWriter):
+    """A FeatureCollection: {"type": "FeatureCollection", "model": ..., "features": [...], "summary": ...}"""
 
-    def write(self, record) -> None:
-        self.stream.write(("," if self.count else "") + "\n" + _dumps(record.to_geojson()))
-        self.count += 1
+    opening = '{"type": "FeatureCollection",\n'
+    key = "features"
 
-    def close(self, summary: dict) -> None:
-        self.stream.write("\n],\n\"summary\": " + _dumps(summary) + "\n}\n")
-        super().close(summary)
+    def element(self, record) -> dict:
+        return record.to_geojson()
 
 
 WRITERS = {"text": TextWriter, "json": JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter,
