@@ -197,34 +197,22 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
                           region: Region | None = None, text: str | None = None):
     """Draw one `hierloc.inference.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
 
-    Returns the Pillow image. truth: the true (lat, lon) when known (default: the EXIF GPS of the image). text: the explanation as text, for the
-    HTML page (default `hierloc.inference.explain.format_text`).
+    Returns the Pillow image. truth: the true (lat, lon) when known (default: the EXIF GPS of the image). text:
+    the explanation as text, for the HTML page (default `hierloc.inference.explain.format_text`).
     """
     from PIL import Image, ImageDraw
-
 
     if out_path is not None:
         out_path = output_path(out_path, (".png", ".html", ".htm"))
     e = explanation
     if truth is None and getattr(e, "gps_lat_deg", None) is not None:
         truth = (e.gps_lat_deg, e.gps_lon_deg)
-    countries = []
-    if e.levels:
-        first = e.levels[0]
-        countries = [first.chosen] + [c for c in first.runners_up]
+    countries = [e.levels[0].chosen] + list(e.levels[0].runners_up) if e.levels else []
     path_nodes = [lv.chosen for lv in e.levels]
-    # the window holds the answer, the alternatives, the truth and the country candidates that matter (p >= 0.1
-    # and at least a quarter of the chosen one's); smaller discs may fall outside it
-    shown = [c for c in countries if c.probability >= max(0.1, 0.25 * countries[0].probability)] if countries else []
-    lats = [e.lat_deg] + [c.lat_deg for c in shown] + [a["lat_deg"] for a in e.alternatives[:4]] + \
-        ([truth[0]] if truth else [])
-    lons = [e.lon_deg] + [c.lon_deg for c in shown] + [a["lon_deg"] for a in e.alternatives[:4]] + \
-        ([truth[1]] if truth else [])
     header_px = 78
-    map_width = width
     if region is None:
-        region = fit_region(lats, lons)
-    base = basemap_crop(region, map_width * SUPERSAMPLE, basemap)
+        region = fit_region(*_window_points(e, countries, truth))
+    base = basemap_crop(region, width * SUPERSAMPLE, basemap)
     s = SUPERSAMPLE
     w, h = base.size
     canvas = Image.new("RGB", (w, h + header_px * s), (250, 250, 247))
@@ -239,8 +227,31 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
         x, y = region.to_pixels(lat, lon, w, h)
         return float(x), float(y)
 
-    # country candidates: disc area proportional to probability
-    max_radius = 0.09 * h
+    _draw_country_discs(draw, countries, xy, 0.09 * h, s, medium)
+    _draw_alternatives(draw, e.alternatives[:4], xy, s, small)
+    _draw_answer(draw, e, path_nodes, truth, xy, s, large)
+    _draw_legend(draw, e, w, h, s, small, truth is not None)
+    canvas.paste(layer, (0, header_px * s), layer)
+    _draw_header(ImageDraw.Draw(canvas), e, truth, s, (small, medium, large))
+    image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
+    if out_path is not None:
+        _write_map(image, out_path, text if text is not None else format_text(e))
+    return image
+
+
+def _window_points(e, countries: list, truth) -> tuple[list[float], list[float]]:
+    """(lats, lons) the map window must hold: the answer, the alternatives, the truth and the country candidates
+    that matter (p >= 0.1 and at least a quarter of the chosen one's); smaller discs may fall outside it."""
+    shown = [c for c in countries if c.probability >= max(0.1, 0.25 * countries[0].probability)] if countries else []
+    lats = [e.lat_deg] + [c.lat_deg for c in shown] + [a["lat_deg"] for a in e.alternatives[:4]] + \
+        ([truth[0]] if truth else [])
+    lons = [e.lon_deg] + [c.lon_deg for c in shown] + [a["lon_deg"] for a in e.alternatives[:4]] + \
+        ([truth[1]] if truth else [])
+    return lats, lons
+
+
+def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, font) -> None:
+    """Country candidates: disc area proportional to probability, the chosen one in the country colour."""
     for cand in countries:
         if not (math.isfinite(cand.probability) and cand.probability > 0.005):
             continue
@@ -248,14 +259,20 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
         r = max(4 * s, max_radius * math.sqrt(cand.probability))
         colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (70,), outline=colour + (230,), width=2 * s)
-        _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", medium, s)
-    # other paths' end points
-    for rank, alt in enumerate(e.alternatives[:4], start=2):
+        _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
+
+
+def _draw_alternatives(draw, alternatives: list, xy, s: int, font) -> None:
+    """The other paths' end points, numbered from 2."""
+    for rank, alt in enumerate(alternatives, start=2):
         x, y = xy(alt["lat_deg"], alt["lon_deg"])
         r = 7 * s
         draw.ellipse([x - r, y - r, x + r, y + r], fill=ALT_COLOUR + (255,), outline=(60, 40, 0, 255), width=s)
-        draw.text((x, y), str(rank), fill=(0, 0, 0), font=small, anchor="mm")
-    # the predicted path, coarse to fine
+        draw.text((x, y), str(rank), fill=(0, 0, 0), font=font, anchor="mm")
+
+
+def _draw_answer(draw, e, path_nodes: list, truth, xy, s: int, font) -> None:
+    """The predicted path coarse to fine, the truth's cross, and last (on top) the pin with the answer's name."""
     points = [xy(node.lat_deg, node.lon_deg) for node in path_nodes]
     if len(points) > 1:
         draw.line(points, fill=(255, 255, 255, 230), width=5 * s)
@@ -271,26 +288,23 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
         draw.line([(x - r, y + r), (x + r, y - r)], fill=(255, 255, 255, 255), width=6 * s)
         draw.line([(x - r, y - r), (x + r, y + r)], fill=TRUTH_COLOUR + (255,), width=3 * s)
         draw.line([(x - r, y + r), (x + r, y - r)], fill=TRUTH_COLOUR + (255,), width=3 * s)
-    if points:  # the pin, last so that it is on top
+    if points:
         x, y = xy(e.lat_deg, e.lon_deg)
         r = 9 * s
         draw.polygon([(x, y), (x - r * 0.8, y - 2.2 * r), (x + r * 0.8, y - 2.2 * r)], fill=PIN_COLOUR + (255,))
         draw.ellipse([x - r, y - 3 * r, x + r, y - r], fill=PIN_COLOUR + (255,), outline=(255, 255, 255, 255),
                      width=2 * s)
-        _label(draw, (x + r + 4 * s, y - 2 * r), path_nodes[-1].name, large, s, fill=(120, 0, 0))
-    _draw_legend(draw, e, w, h, s, small, truth is not None)
-    canvas.paste(layer, (0, header_px * s), layer)
-    head = ImageDraw.Draw(canvas)
+        _label(draw, (x + r + 4 * s, y - 2 * r), path_nodes[-1].name, font, s, fill=(120, 0, 0))
+
+
+def _draw_header(head, e, truth, s: int, fonts: tuple) -> None:
+    """The band above the map: image and answer, predicted (and true) point, the model's provenance."""
+    small, medium, large = fonts
     answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
     head.text((10 * s, 8 * s), f"{Path(str(e.source)).name}:  {answer}", fill=(10, 10, 10), font=large)
     head.text((10 * s, 34 * s), f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
               + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""), fill=(40, 40, 40), font=medium)
-
     head.text((10 * s, 56 * s), _ellipsis(provenance_line(e.model), 170), fill=(90, 90, 90), font=small)
-    image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
-    if out_path is not None:
-        _write_map(image, out_path, text if text is not None else format_text(e))
-    return image
 
 
 def _ellipsis(text: str, limit: int) -> str:
@@ -413,6 +427,30 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
                      outline=(170, 170, 190), width=s)
         subtitle = (subtitle + "   " if subtitle else "") + \
             f"(zoomed x{boundary / view:.1f}: the disk's boundary is outside the picture)"
+    _draw_distance_rings(draw, (cx, cy), radius, scale, view, c, s, small)
+    xy = px(disk)
+    _draw_tree(draw, xy, levels, parents, s)
+    country_ids = np.flatnonzero(levels == 0)
+    if counts is not None:
+        country_ids = country_ids[np.lexsort((country_ids, -np.asarray(counts)[country_ids]))]
+    for idx in country_ids[:label_countries].tolist():
+        x, y = xy[idx]
+        draw.text((x + 6 * s, y), str(names[idx]), fill=(90, 10, 20), font=small, anchor="lm",
+                  stroke_width=s, stroke_fill=(255, 255, 255))
+    _draw_depth_legend(draw, disk, levels, c, header * s + full - 26 * s * 4 - 10 * s, s, medium)
+    draw.text((14 * s, 10 * s), title or "Entity hierarchy in the Poincare disk", fill=(10, 10, 10), font=large)
+    draw.text((14 * s, 38 * s), subtitle, fill=(90, 90, 90), font=small)
+    image = image.resize((image.width // s, image.height // s), Image.Resampling.LANCZOS)
+    if out_path is not None:
+        atomic_write_bytes(out_path, _png_bytes(image))
+    return image
+
+
+def _draw_distance_rings(draw, centre: tuple[float, float], radius: float, scale: float, view: float, c: float,
+                         s: int, font) -> None:
+    """Circles at hyperbolic distances d = step, 2 step, ... from the origin (disk radius tanh(sqrt(c) d / 2) /
+    sqrt(c), at most ~8 in the view), labelled where there is room, and a cross at the origin."""
+    cx, cy = centre
     max_d = 2 * math.atanh(min(math.sqrt(c) * view, 1 - 1e-9)) / math.sqrt(c)
     step = next((st for st in (0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0) if max_d / st <= 8), 2.0)
     last_label = -1e9
@@ -423,12 +461,15 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
             break
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(150, 160, 190, 140), width=s)
         if r - last_label > 22 * s:
-            draw.text((cx + r * 0.7071 + 2 * s, cy - r * 0.7071), f"d={d:g}", fill=(110, 120, 150), font=small)
+            draw.text((cx + r * 0.7071 + 2 * s, cy - r * 0.7071), f"d={d:g}", fill=(110, 120, 150), font=font)
             last_label = r
     draw.line([(cx - 8 * s, cy), (cx + 8 * s, cy)], fill=(60, 60, 90), width=s)
     draw.line([(cx, cy - 8 * s), (cx, cy + 8 * s)], fill=(60, 60, 90), width=s)
-    xy = px(disk)
-    for level in (3, 2, 1):  # edges, fine levels first so that coarse ones stay visible
+
+
+def _draw_tree(draw, xy: np.ndarray, levels: np.ndarray, parents: np.ndarray, s: int) -> None:
+    """Parent -> child edges (fine levels first, so that coarse ones stay visible), then the entities' dots."""
+    for level in (3, 2, 1):
         children = np.flatnonzero((levels == level) & (parents >= 0))
         colour = LEVEL_COLOURS[level] + (70 if level == 3 else 110,)
         for child in children.tolist():
@@ -437,27 +478,17 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
         r = (1.6, 2.4, 3.2, 5.5)[level] * s
         for x, y in xy[levels == level].tolist():
             draw.ellipse([x - r, y - r, x + r, y + r], fill=LEVEL_COLOURS[level] + (230,))
-    country_ids = np.flatnonzero(levels == 0)
-    if counts is not None:
-        country_ids = country_ids[np.lexsort((country_ids, -np.asarray(counts)[country_ids]))]
-    for idx in country_ids[:label_countries].tolist():
-        x, y = xy[idx]
-        draw.text((x + 6 * s, y), str(names[idx]), fill=(90, 10, 20), font=small, anchor="lm",
-                  stroke_width=s, stroke_fill=(255, 255, 255))
+
+
+def _draw_depth_legend(draw, disk: np.ndarray, levels: np.ndarray, c: float, top: float, s: int, font) -> None:
+    """One line per level: its colour, its number of entities and their mean hyperbolic distance to the origin."""
     mean_depth = []
     depth = 2 * np.arctanh(np.clip(math.sqrt(c) * np.linalg.norm(disk, axis=1), 0, 1 - 1e-12)) / math.sqrt(c)
     for level, name in enumerate(("countries", "regions", "subregions", "cities")):
         chosen = levels == level
         if chosen.any():
             mean_depth.append(f"{name} {chosen.sum()} (mean d to origin {depth[chosen].mean():.2f})")
-    legend_y = header * s + full - 26 * s * 4 - 10 * s
     for level, text in enumerate(mean_depth):
-        y = legend_y + level * 26 * s
+        y = top + level * 26 * s
         draw.ellipse([14 * s, y - 6 * s, 26 * s, y + 6 * s], fill=LEVEL_COLOURS[level] + (255,))
-        draw.text((34 * s, y), text, fill=(30, 30, 30), font=medium, anchor="lm")
-    draw.text((14 * s, 10 * s), title or "Entity hierarchy in the Poincare disk", fill=(10, 10, 10), font=large)
-    draw.text((14 * s, 38 * s), subtitle, fill=(90, 90, 90), font=small)
-    image = image.resize((image.width // s, image.height // s), Image.Resampling.LANCZOS)
-    if out_path is not None:
-        atomic_write_bytes(out_path, _png_bytes(image))
-    return image
+        draw.text((34 * s, y), text, fill=(30, 30, 30), font=font, anchor="lm")
