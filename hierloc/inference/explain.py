@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from gazetteer.geo import haversine_km
 from gazetteer.schema import LEVELS, N_LEVELS
@@ -177,31 +178,44 @@ def explain_path(path: np.ndarray, candidates: list[tuple[np.ndarray, np.ndarray
         else:
             explanation.compared_with = "all countries"
         if with_concepts:
-            chosen_profile = profiles[entity]
-            if runners:
-                other_profile = profiles[runners[0].entity]
-            elif level > 0:
-                other_profile = profiles[parents[entity]]
-            else:
-                countries = profiles[int(offsets[0]):int(offsets[1])]
-                with np.errstate(invalid="ignore"), _quiet():
-                    other_profile = np.nanmean(countries, axis=0)
-            contrib = level_contributions(concept_probs, chosen_profile, other_profile)
-            active = np.asarray(concept_probs) >= ACTIVE_PROB
-
-            def reasons(indices) -> list[ConceptReason]:
-                return [ConceptReason(vocabulary.concepts[k].name, vocabulary.concepts[k].description,
-                                      vocabulary.concepts[k].group, round(float(concept_probs[k]), 4),
-                                      _round(chosen_profile[k]), _round(other_profile[k]), round(float(contrib[k]), 4))
-                        for k in indices]
-
-            order = np.lexsort((np.arange(len(contrib)), -contrib))
-            support = [k for k in order.tolist() if active[k] and contrib[k] >= min_contribution][:n_reasons]
-            order = np.lexsort((np.arange(len(contrib)), contrib))
-            against = [k for k in order.tolist() if active[k] and contrib[k] <= -min_contribution][:n_reasons]
-            explanation.supporting, explanation.against = reasons(support), reasons(against)
+            other_profile = _compared_profile(profiles, runners, level, int(parents[entity]), offsets)
+            explanation.supporting, explanation.against = _concept_reasons(
+                concept_probs, profiles[entity], other_profile, vocabulary, n_reasons, min_contribution)
         out.append(explanation)
     return out
+
+
+def _compared_profile(profiles: np.ndarray, runners: list[Candidate], level: int, parent: int,
+                      offsets) -> np.ndarray:
+    """The concept profile (K,) a chosen entity is compared with: the first runner-up's, else its parent's, else
+    (a country without runner-up) the mean over all countries."""
+    if runners:
+        return profiles[runners[0].entity]
+    if level > 0:
+        return profiles[parent]
+    countries = profiles[int(offsets[0]):int(offsets[1])]
+    with np.errstate(invalid="ignore"), _quiet():
+        return np.nanmean(countries, axis=0)
+
+
+def _concept_reasons(concept_probs: np.ndarray, chosen_profile: np.ndarray, other_profile: np.ndarray, vocabulary,
+                     n_reasons: int, min_contribution: float) -> tuple[list[ConceptReason], list[ConceptReason]]:
+    """(supporting, against): the active concepts (p >= ACTIVE_PROB) whose contribution is >= min_contribution
+    (largest first), and <= -min_contribution (most negative first), at most n_reasons each; ties by index."""
+    contrib = level_contributions(concept_probs, chosen_profile, other_profile)
+    active = np.asarray(concept_probs) >= ACTIVE_PROB
+
+    def reasons(indices) -> list[ConceptReason]:
+        return [ConceptReason(vocabulary.concepts[k].name, vocabulary.concepts[k].description,
+                              vocabulary.concepts[k].group, round(float(concept_probs[k]), 4),
+                              _round(chosen_profile[k]), _round(other_profile[k]), round(float(contrib[k]), 4))
+                for k in indices]
+
+    order = np.lexsort((np.arange(len(contrib)), -contrib))
+    support = [k for k in order.tolist() if active[k] and contrib[k] >= min_contribution][:n_reasons]
+    order = np.lexsort((np.arange(len(contrib)), contrib))
+    against = [k for k in order.tolist() if active[k] and contrib[k] <= -min_contribution][:n_reasons]
+    return reasons(support), reasons(against)
 
 
 class _quiet:
@@ -319,9 +333,6 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
     model (both or neither; the model must have a ``concept_head``). Deterministic: the model runs in eval
     mode, ties break by entity index.
     """
-    import torch
-
-
     if candidates not in ("siblings", "paths"):
         raise InputError(f"candidates={candidates!r}: expected 'siblings' or 'paths'")
     if (vocabulary is None) != (profiles is None):
@@ -333,26 +344,13 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
     prov = model_provenance(model_dir) if model_dir is not None else {"model_dir": hl.source}
     gaz = hl.gazetteer
     table = table_of(gaz)
-    model = hl.model
-    model.eval()
+    hl.model.eval()
     out: list[Explanation] = []
     images = list(images)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        pixels = hl.preprocess(chunk)
         names = [str(item) if isinstance(item, (str, Path)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
-        with torch.no_grad():
-            with encoder_autocast(hl.device):
-                features = model.encode_images(pixels.to(hl.device))
-            features = features.float()
-            points = model.embed_features(features)
-            entity_points = hl.entity_points()
-            sqdists = [d.cpu().numpy() for d in model.level_sqdists(points, entity_points)]
-            result = hl.search_points(points, beam=beam, top_k=top_k)
-            concept_probs = None
-            if vocabulary is not None:
-                logits, _ = model.concept_head(features)
-                concept_probs = torch.sigmoid(logits).cpu().numpy()
+        sqdists, result, concept_probs = _search_batch(hl, hl.preprocess(chunk), beam, top_k, vocabulary)
         paths = result.paths.cpu().numpy()
         level_probs = result.level_probs.cpu().numpy()
         scores = result.scores.cpu().numpy()
@@ -366,25 +364,53 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
             levels = explain_path(path, cands, table, probs_row, profiles, vocabulary, n_reasons=n_reasons,
                                   n_runners_up=n_runners_up)
             deepest = levels[-1].chosen if levels else None
-            image_concepts = []
-            if probs_row is not None:
-                order = np.lexsort((np.arange(len(probs_row)), -probs_row))[:8]
-                image_concepts = [{"name": vocabulary.concepts[k].name, "probability": round(float(probs_row[k]), 4)}
-                                  for k in order.tolist()]
-            alternatives = []
-            for k in range(1, paths.shape[1]):
-                alt = [int(e) for e in paths[row, k] if e >= 0]
-                if not alt:
-                    continue
-                alternatives.append({"names": [str(gaz.names[e]) for e in alt], "keys": [str(gaz.keys[e]) for e in alt],
-                                     "score": round(float(scores[row, k]), 4),
-                                     "lat_deg": float(gaz.lat_deg[alt[-1]]), "lon_deg": float(gaz.lon_deg[alt[-1]])})
             gps = _exif_gps(chunk[row])
             out.append(Explanation(name, deepest.lat_deg if deepest else float("nan"),
-                                   deepest.lon_deg if deepest else float("nan"), levels, image_concepts,
-                                   alternatives, prov, concepts_available=vocabulary is not None,
+                                   deepest.lon_deg if deepest else float("nan"), levels,
+                                   _image_concepts(probs_row, vocabulary), _alternatives(gaz, paths[row], scores[row]),
+                                   prov, concepts_available=vocabulary is not None,
                                    gps_lat_deg=gps[0] if gps else None, gps_lon_deg=gps[1] if gps else None))
     return out
+
+
+@torch.no_grad()
+def _search_batch(hl, pixels: torch.Tensor, beam: int | None, top_k: int, vocabulary):
+    """(B, 3, S, S) pixels -> (per level (B, N_l) squared distances as numpy, the search's SearchResult, concept
+    probabilities (B, K) as numpy or None without a vocabulary)."""
+    model = hl.model
+    with encoder_autocast(hl.device):
+        features = model.encode_images(pixels.to(hl.device))
+    features = features.float()
+    points = model.embed_features(features)
+    sqdists = [d.cpu().numpy() for d in model.level_sqdists(points, hl.entity_points())]
+    result = hl.search_points(points, beam=beam, top_k=top_k)
+    concept_probs = None
+    if vocabulary is not None:
+        logits, _ = model.concept_head(features)
+        concept_probs = torch.sigmoid(logits).cpu().numpy()
+    return sqdists, result, concept_probs
+
+
+def _image_concepts(probs_row: np.ndarray | None, vocabulary) -> list[dict]:
+    """The image's 8 most probable concepts (ties by index): [{name, probability}], [] without concepts."""
+    if probs_row is None:
+        return []
+    order = np.lexsort((np.arange(len(probs_row)), -probs_row))[:8]
+    return [{"name": vocabulary.concepts[k].name, "probability": round(float(probs_row[k]), 4)}
+            for k in order.tolist()]
+
+
+def _alternatives(gaz, paths_row: np.ndarray, scores_row: np.ndarray) -> list[dict]:
+    """The search's other paths (K - 1, 4) -> [{names, keys, score, lat_deg, lon_deg of the deepest entity}]."""
+    alternatives = []
+    for k in range(1, paths_row.shape[0]):
+        alt = [int(e) for e in paths_row[k] if e >= 0]
+        if not alt:
+            continue
+        alternatives.append({"names": [str(gaz.names[e]) for e in alt], "keys": [str(gaz.keys[e]) for e in alt],
+                             "score": round(float(scores_row[k]), 4),
+                             "lat_deg": float(gaz.lat_deg[alt[-1]]), "lon_deg": float(gaz.lon_deg[alt[-1]])})
+    return alternatives
 
 
 def _exif_gps(item) -> tuple[float, float] | None:
