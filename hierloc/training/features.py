@@ -250,15 +250,9 @@ def extract_features(
     n_rows = len(dataset)
     feature_dim = int(encoder.feature_dim)
 
-    manifest, problem = _read_manifest(cache_dir)
-    if manifest is not None and manifest.get("identity") == identity and not _check_shards(cache_dir, manifest):
-        logger.info("feature cache %s is up to date (%d rows); skipping extraction", cache_dir, n_rows)
-        return FeatureCache(cache_dir, manifest)
-    if manifest is not None:
-        problem = ("it was made with another encoder, preprocessing or image list"
-                   if manifest.get("identity") != identity else _check_shards(cache_dir, manifest))
-    logger.info("feature cache %s: extracting (%s); shards already made by this encoder on these images are "
-                "kept", cache_dir, problem)
+    cached = _up_to_date_cache(cache_dir, identity, n_rows)
+    if cached is not None:
+        return cached
 
     def expected_meta(shard_rank: int) -> dict[str, Any]:
         start, stop = shard_bounds(n_rows, shard_rank, world_size)
@@ -271,21 +265,44 @@ def extract_features(
     else:
         _extract_shard(encoder, dataset, cache_dir, names, expected_meta(rank), batch_size, num_workers, dtype,
                        progress and rank == 0)
+    manifest = (identity, components, n_rows, feature_dim, dtype, world_size)
+    return _publish(cache_dir, manifest, rank, [expected_meta(r) for r in range(world_size)])
 
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
+
+def _up_to_date_cache(cache_dir: Path, identity: str, n_rows: int) -> FeatureCache | None:
+    """The cache in `cache_dir` if it is complete and has this identity; else None (saying why it is redone)."""
+    manifest, problem = _read_manifest(cache_dir)
+    if manifest is not None and manifest.get("identity") == identity and not _check_shards(cache_dir, manifest):
+        logger.info("feature cache %s is up to date (%d rows); skipping extraction", cache_dir, n_rows)
+        return FeatureCache(cache_dir, manifest)
+    if manifest is not None:
+        problem = ("it was made with another encoder, preprocessing or image list"
+                   if manifest.get("identity") != identity else _check_shards(cache_dir, manifest))
+    logger.info("feature cache %s: extracting (%s); shards already made by this encoder on these images are "
+                "kept", cache_dir, problem)
+    return None
+
+
+def _publish(cache_dir: Path, manifest: tuple, rank: int, shard_metas: list[dict[str, Any]]) -> FeatureCache | None:
+    """After this rank's shard: write the manifest once every shard is complete and open the cache.
+
+    Under torch.distributed: barrier, rank 0 writes the manifest, barrier, every rank opens it. Otherwise the call
+    that finds every shard complete writes it; earlier calls return None. manifest: `_write_manifest`'s arguments
+    after cache_dir (identity, components, n_rows, feature_dim, dtype, world_size)."""
+    world_size = manifest[-1]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank == 0:
-            _write_manifest(cache_dir, identity, components, n_rows, feature_dim, dtype, world_size)
+            _write_manifest(cache_dir, *manifest)
         torch.distributed.barrier()
         return FeatureCache.open(cache_dir)
     missing = [r for r in range(world_size)
-               if not _shard_complete(cache_dir, shard_names(r, world_size), expected_meta(r))]
+               if not _shard_complete(cache_dir, shard_names(r, world_size), shard_metas[r])]
     if missing:
         logger.info("feature cache %s: shard %d of %d written; waiting for ranks %s", cache_dir, rank, world_size,
                     missing)
         return None
-    _write_manifest(cache_dir, identity, components, n_rows, feature_dim, dtype, world_size)
+    _write_manifest(cache_dir, *manifest)
     return FeatureCache.open(cache_dir)
 
 
