@@ -12,7 +12,7 @@ import pytest
 from hierloc.inference import metrics
 from hierloc.errors import InputError
 
-SELECT_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "osv5m_select.csv"
+SELECT_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "osv5m_select.csv"
 R_KM = 6371.0
 
 
