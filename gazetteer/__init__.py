@@ -11,9 +11,10 @@ exactly and vectorised; H3 cells give every entity a geometry (area, outline, ne
 Importing is cheap: h3, scipy, networkx and pycountry are imported when first needed.
 """
 
-from gazetteer.build import DEFAULT_H3_RES, KEY_SEPARATOR, LEVELS
-from gazetteer.core import FORMAT_VERSION, Gazetteer
+from gazetteer.core import Gazetteer
 from gazetteer.countries import country_name
 from gazetteer.errors import InputError
+from gazetteer.schema import DEFAULT_H3_RES, FORMAT_VERSION, KEY_SEPARATOR, LEVELS, N_LEVELS
 
-__all__ = ["DEFAULT_H3_RES", "FORMAT_VERSION", "Gazetteer", "InputError", "KEY_SEPARATOR", "LEVELS", "country_name"]
+__all__ = ["DEFAULT_H3_RES", "FORMAT_VERSION", "Gazetteer", "InputError", "KEY_SEPARATOR", "LEVELS", "N_LEVELS",
+           "country_name"]

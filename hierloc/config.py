@@ -61,7 +61,7 @@ class ModelConfig:
     # pays on this CPU is not measured yet.
     cross_attention: bool = False
     attn_heads: int = 8
-    # Concept bottleneck (hierloc.concepts): image features -> concept probabilities (trained with BCE on labels
+    # Concept bottleneck (hierloc.model.concepts): image features -> concept probabilities (trained with BCE on labels
     # from real data: CSV columns + location-derived concepts) -> a learned map into the tangent space that is
     # added to the image's tangent vector. Concepts with fewer than concept_min_labels positive or negative
     # training labels are dropped.

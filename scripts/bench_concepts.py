@@ -23,7 +23,7 @@ import torch
 
 def concept_probs(model, table, batch_size: int = 128) -> np.ndarray:
     """(N, K) concept probabilities of the model's head for every image of an ImageTable."""
-    from hierloc import data
+    from hierloc.data import tables as data
 
     dataset = data.ImageDataset(table, model.encoder.preprocessor, train=False)
     loader = data.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, seed=0, epoch=0)
@@ -42,10 +42,10 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides for both runs (section.key=value)")
     args = ap.parse_args()
 
-    from hierloc import concepts as C
-    from hierloc.api import HierLoc
+    from hierloc.model import concepts as C
+    from hierloc.inference.predictor import HierLoc
     from hierloc.cli import main as cli
-    from hierloc.data import read_image_table
+    from hierloc.data.tables import read_image_table
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from eval_demo import path_metrics
 

@@ -1,4 +1,4 @@
-"""Benchmark and accuracy check of the pairwise Poincare distances (hierloc.hyperbolic).
+"""Benchmark and accuracy check of the pairwise Poincare distances (hierloc.geometry.hyperbolic).
 
 Prints one table: time of the forward pass and of forward+backward for
   - a plain ``x @ y.T`` of the same shapes (the floor),
@@ -37,7 +37,7 @@ import time
 import geoopt
 import torch
 
-from hierloc import hyperbolic
+from hierloc.geometry import hyperbolic
 
 
 def naive_sqdist(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ def dir_size_mb(path: str) -> float:
 
 def bench_one(h3_res: int, n_points: int, n_check: int, seed: int) -> dict:
     from gazetteer import Gazetteer
-    from gazetteer.build import FIELDS, KEY_SEPARATOR
+    from gazetteer.schema import FIELDS, KEY_SEPARATOR
     from gazetteer.geocoder import reverse_geocoder_reference
 
     result: dict = {"h3_res": h3_res}

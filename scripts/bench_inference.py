@@ -7,8 +7,8 @@ Parts (each prints a Markdown table; docs/inference.md holds the numbers measure
 1. Index search, image encoder excluded. The GLOBAL gazetteer (`Gazetteer.build_global()`, ~165k entities) with a
    randomly initialised `HierLocModel` (D = --dim) over it; entity points computed once and cached (as
    `HierLoc.entity_points` does). Queries = image points from random features through the model's image head.
-   Timed: beam search (`HierLoc.search_points`, beam 10, top-5 paths: `hierloc.search.beam_search`, distances
-   for the candidates only), the dense reference beam search (`hierloc.search.beam_search_dense` on full
+   Timed: beam search (`HierLoc.search_points`, beam 10, top-5 paths: `hierloc.inference.search.beam_search`, distances
+   for the candidates only), the dense reference beam search (`hierloc.inference.search.beam_search_dense` on full
    distance matrices from `HierLocModel.level_sqdists`: the implementation before the candidate-only one; its
    top-5 paths are compared with the fast one's), the flat scan over all cities (`flat=True`), and brute-force
    nearest-neighbour retrieval over a gallery of --gallery random image embeddings of the same dimension
@@ -19,7 +19,7 @@ Parts (each prints a Markdown table; docs/inference.md holds the numbers measure
 2. End-to-end images/s (--model): `HierLoc.iter_predict` over --e2e-images images of --csv (decode + preprocess in
    DataLoader workers, encoder, search, answer objects), with the model's own encoder.
 3. Accuracy (--model --csv): images embedded once, then searched with beam widths --beams and with the flat scan;
-   OSV5M-protocol metrics (`hierloc.evaluate.score_points`) and predicted-path accuracy for each.
+   OSV5M-protocol metrics (`hierloc.inference.evaluate.score_points`) and predicted-path accuracy for each.
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def table(header: list[str], rows: list[list]) -> str:
 # -------------------------------------------------------------------------------------------- part 1: index
 def build_global_hierloc(dim: int, seed: int):
     from gazetteer import Gazetteer
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
     from hierloc.config import Config, ModelConfig
-    from hierloc.losses import GWHInfoNCE
-    from hierloc.model import EntityTable, HierLocModel
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.model.network import EntityTable, HierLocModel
 
     start = time.perf_counter()
     gaz = Gazetteer.build_global(progress=False)
@@ -67,8 +67,9 @@ def build_global_hierloc(dim: int, seed: int):
     cfg = Config(model=ModelConfig(embed_dim=dim))
     torch.manual_seed(seed)
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), feature_dim=dim, seed=seed).eval()
-    loss = GWHInfoNCE(n_levels=4, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km).eval()
-    hierloc = HierLoc(cfg, model, loss, encoder=None, gaz=gaz, device="cpu", source="<random, global gazetteer>")
+    loss = GWHInfoNCE.from_config(cfg).eval()
+    hierloc = HierLoc(cfg, model, loss.state_dict(), encoder=None, gaz=gaz, device="cpu",
+                      source="<random, global gazetteer>")
     start = time.perf_counter()
     hierloc.entity_points()
     return hierloc, build_s, time.perf_counter() - start
@@ -91,7 +92,7 @@ def retrieval_top1(queries: torch.Tensor, gallery: torch.Tensor, gallery_sqnorm:
 
 
 def bench_index(args) -> None:
-    from hierloc.search import beam_search_dense, local_parents
+    from hierloc.inference.search import beam_search_dense, local_parents
 
     print(f"\n## 1. Index search (encoder excluded): global gazetteer, D={args.dim}, {args.queries} queries in "
           f"batches of {args.batch}, torch threads {torch.get_num_threads()}\n")
@@ -192,7 +193,8 @@ def bench_end_to_end(args, hierloc, paths: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ part 3: accuracy
 def bench_accuracy(args, hierloc, table_) -> None:
-    from hierloc import evaluate, metrics
+    from hierloc.inference import evaluate
+    from hierloc.inference import metrics
 
     print(f"\n## 3. Accuracy vs beam width: {len(table_)} images of {table_.source}\n")
     points, ok, errors = evaluate.embed_table(hierloc, table_, batch_size=args.batch_size,
@@ -251,8 +253,8 @@ def main() -> None:
     if not args.skip_index:
         bench_index(args)
     if args.model:
-        from hierloc import data
-        from hierloc.api import HierLoc
+        from hierloc.data import tables as data
+        from hierloc.inference.predictor import HierLoc
 
         hierloc = HierLoc.from_pretrained(args.model, device="cpu")
         if not args.csv:

@@ -10,7 +10,7 @@ built from train.csv exactly as `hierloc build-gazetteer --from-csv train.csv` d
 reused while train.csv is unchanged). Every row trains on train.csv with that gazetteer.
 
 Rows (--rows, comma-separated; default all):
-  flat-ce, geo-ls, geoclip, swclip   the peer objectives of `hierloc.baselines` (see its docstring for the
+  flat-ce, geo-ls, geoclip, swclip   the peer objectives of `hierloc.training.peers` (see its docstring for the
                                      formulas and defaults; `baseline.key=value` overrides tune them)
   hierloc-euclidean                  model.geometry=euclidean
   hierloc-lam0                       loss.lam=0 (plain hyperbolic InfoNCE; loss.learn_weights=false)
@@ -23,7 +23,7 @@ Every row gets the --shared overrides (encoder, image size, batch size, learning
 a fair comparison); HierLoc rows also get the positional overrides (the recipe being tuned); then the row's
 own switch; then the budget (--epochs, --max-steps) and the seed, which always win.
 
-Metrics: `scripts/eval_demo.py`'s `path_metrics`: OSV5M distance metrics (`hierloc.metrics`: mean/median km,
+Metrics: `scripts/eval_demo.py`'s `path_metrics`: OSV5M distance metrics (`hierloc.inference.metrics`: mean/median km,
 GeoScore, accuracy at 1/25/200/750/2500 km) and level accuracy = the predicted path (HierLoc: the answered
 entity's path; city peers: the answered city's path; GeoCLIP: `Gazetteer.locate` of the answered point) against
 `Gazetteer.locate` of the true point, over the rows whose true point resolves at that level. train s: the
@@ -199,8 +199,10 @@ def prepare_gazetteer(args, train_csv: Path, out: Path):
 
 # -------------------------------------------------------------------------------------------- one row run
 def hierloc_size(model) -> dict:
+    from hierloc.training.losses import GWHInfoNCE
+
     params = sum(p.numel() * p.element_size() for p in model.model.parameters())
-    params += sum(p.numel() * p.element_size() for p in model.loss_fn.parameters())
+    params += sum(p.numel() * p.element_size() for p in GWHInfoNCE.from_config(model.cfg).parameters())
     points = model.entity_points()
     index = points.numel() * points.element_size() + points.shape[0] * 2 * 8
     return {"params_mb": params / 1e6, "index_mb": index / 1e6}
@@ -218,9 +220,9 @@ def score(pred: dict, truth: np.ndarray, table, path_metrics) -> dict:
 def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, tests: dict, out: Path,
              path_metrics) -> dict:
     """-> {row: {split: metrics}} for one seed."""
-    from hierloc import baselines
-    from hierloc.api import HierLoc
-    from hierloc.train import TrainInputs, train
+    from hierloc.training import peers as baselines
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.training.train import TrainInputs, train
 
     train_csv = str(data / "train.csv")
     progress = not args.no_progress
@@ -313,8 +315,8 @@ def run(args, argv) -> int:
 
     from gazetteer import LEVELS
     from gazetteer.atomic import atomic_write_text
-    from hierloc.baselines import parse_options
-    from hierloc.data import read_image_table
+    from hierloc.training.peers import parse_options
+    from hierloc.data.tables import read_image_table
     from hierloc.errors import InputError
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

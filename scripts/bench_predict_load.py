@@ -56,7 +56,7 @@ def write_images(root: Path, n: int, px: int, seed: int = 0) -> float:
 
 
 def train_tiny_model(work: Path, steps: int, px: int) -> Path:
-    from hierloc.demodata import make_demo_dataset
+    from hierloc.data.demodata import make_demo_dataset
 
     data, out = work / "demo-data", work / "model"
     make_demo_dataset(data, n_train=240, n_test=10, n_unseen=10, n_val=0, patch_px=px, seed=1, progress=False)

@@ -1,143 +1,146 @@
 """Encoder check: how well does a from-scratch encoder learn countries on the demo world with plain cross-entropy?
 
-    DATA=runs/demo-data GAZ=runs/demo-gazetteer IMG=32 PATCH=8 python scripts/encoder_country_ce.py ce 936
+    .venv/bin/python scripts/encoder_country_ce.py --data runs/demo-data --gazetteer runs/demo-gazetteer \\
+        --backbone tiny-resnet --image-size 32 --steps 624
     DATA=runs/demo-data GAZ=runs/demo-gazetteer CNN=1 IMG=32 python scripts/encoder_country_ce.py ce 624
+    DATA=runs/demo-data GAZ=runs/demo-gazetteer IMG=32 python scripts/encoder_country_ce.py ce 936   # tiny ViT
 
-A diagnostic, not part of the method: it trains the tiny ViT (IMG/PATCH/HID/LAYERS env vars) or, with CNN=1, the
-tiny ResNet, with a linear head (``ce``) or a Poincare-ball head (``hyp``, logits -d^2/tau) over the gazetteer's
-countries, for N steps of 128 random training patches (in memory, no augmentation unless ``aug``: rot90 + flip),
-AdamW lr 1e-3 (encoder) / 2e-3 (head), warm-up + cosine, and prints country accuracy on test_nearby and
-test_unseen. Used to tell the encoder's limits from the loss's (README, "Demo accuracy").
+A diagnostic, not part of the method (used to tell the encoder's limits from the loss's: README, "Demo accuracy"):
+HierLoc's encoder and training machinery with a linear head over the gazetteer's countries and plain cross-entropy
+in place of the hyperbolic model. Everything else is the library's: the encoder (`build_image_encoder`: the
+built-in tiny ViT, or the tiny ResNet with --backbone tiny-resnet / CNN=1, trained from scratch at --image-size /
+IMG), its preprocessing and augmentation (`ImageDataset`), the epoch-seeded data order (`make_loader`), AdamW
+(train.lr for the head, train.backbone_lr for the encoder, train.weight_decay), warm-up + cosine and gradient
+clipping (`train_step`). --steps (default 312) steps of train.batch_size (default here 128) images; extra
+`section.key=value` overrides apply to the config. Prints the loss every 50 steps, then the country accuracy on
+test_nearby and test_unseen over the rows whose true point falls in a country of the gazetteer.
 """
-import sys, time, csv, math
-from pathlib import Path
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import time
+
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
-from PIL import Image
+from torch import nn
 
-torch.manual_seed(0)
-torch.set_num_threads(2)
-import os
-D = Path(os.environ.get("DATA", "runs/demo-data"))
+from gazetteer import Gazetteer
+from hierloc.config import load_config
+from hierloc.data import tables
+from hierloc.device import encoder_autocast
+from hierloc.training.train import base_learning_rates, build_encoder, plan_steps, seed_everything, train_step
 
-
-def load_split(name):
-    cache = D / f".{name}.pixels.npz"  # decoded once, reused
-    if cache.exists():
-        z = np.load(cache)
-        return z["x"], z["lat"], z["lon"]
-    rows = list(csv.DictReader(open(D / f"{name}.csv")))
-    x = np.stack([np.asarray(Image.open(D / r["image"]).convert("RGB")) for r in rows])
-    lat = np.array([float(r["lat"]) for r in rows]); lon = np.array([float(r["lon"]) for r in rows])
-    np.savez(cache, x=x, lat=lat, lon=lon)
-    return x, lat, lon
+SPLITS = ("test_nearby", "test_unseen")
 
 
-from gazetteer.core import Gazetteer
-gaz = Gazetteer.load(os.environ.get("GAZ", "runs/demo-gazetteer"))
-xtr, la, lo = load_split("train")
-paths = gaz.locate(la, lo)
-ytr = paths[:, 0] - gaz.level_offsets[0]
-xte, tla, tlo = load_split("test_nearby")
-yte = gaz.locate(tla, tlo)[:, 0]
-xun, ula, ulo = load_split("test_unseen")
-yun = gaz.locate(ula, ulo)[:, 0]
-nc = int(gaz.level_offsets[1])
-mode = sys.argv[1]
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else 312
-aug = "aug" in sys.argv
+class CountryClassifier(nn.Module):
+    """encoder -> Linear(F, n_countries): pixels (B, 3, S, S) -> country logits (B, n_countries)."""
 
-from hierloc.encoders import build_image_encoder
-import os
-IMG = int(os.environ.get("IMG", 64)); PATCH = int(os.environ.get("PATCH", 8)); HID = int(os.environ.get("HID", 96)); LAYERS = int(os.environ.get("LAYERS", 4))
-from hierloc.encoders import tiny_vit_config
-from transformers import ViTModel
-class Enc(nn.Module):
-    def __init__(self):
+    def __init__(self, encoder: nn.Module, n_countries: int):
         super().__init__()
-        self.vit = ViTModel(tiny_vit_config(image_size=IMG, patch_size=PATCH, hidden_size=HID, num_layers=LAYERS, mlp_dim=4*HID), add_pooling_layer=False)
-    def forward(self, x):
-        if x.shape[-1] != IMG:
-            x = F.interpolate(x, size=(IMG, IMG), mode="area")
-        return self.vit(pixel_values=x).last_hidden_state[:, 0]
-if os.environ.get("CNN"):
-    from transformers import ResNetConfig, ResNetModel
-    class Enc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = ResNetModel(ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 192], depths=[1, 1, 1, 1], layer_type="basic"))
-        def forward(self, x):
-            if x.shape[-1] != IMG:
-                x = F.interpolate(x, size=(IMG, IMG), mode="area")
-            return self.net(pixel_values=x).pooler_output.flatten(1)
-    HID = 192
-enc = Enc()
-fdim = HID
-mean = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1); std = mean
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.feature_dim, n_countries)
 
-def prep(x):
-    t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
-    return (t - mean) / std
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with encoder_autocast(pixel_values.device):
+            features = self.encoder(pixel_values)
+        return self.head(features.float())
 
-import geoopt
-ball = geoopt.PoincareBall(c=1.0)
-if mode == "ce":
-    head = nn.Linear(fdim, nc)
-    params = list(head.parameters())
-    def logits_fn(f):
-        return head(f)
-    extra = []
-else:
-    mlp = nn.Sequential(nn.Linear(fdim, 512), nn.GELU(), nn.Linear(512, 64))
-    log_scale = nn.Parameter(torch.tensor(math.log(64 ** -0.5)))
-    anchors = geoopt.ManifoldParameter(ball.expmap0(torch.randn(nc, 64) * 0.01), manifold=ball)
-    log_tau = nn.Parameter(torch.tensor(math.log(0.1)))
-    params = list(mlp.parameters()) + [log_scale, log_tau]
-    def logits_fn(f):
-        v = mlp(f) * log_scale.clamp(max=math.log(10)).exp()
-        n = v.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-        v = v * (5.0 / n).clamp(max=1.0)
-        x = ball.expmap0(v)
-        d = ball.dist(x[:, None, :], anchors[None, :, :])
-        return -d.square() / log_tau.clamp(math.log(0.01), math.log(10)).exp()
-    extra = [anchors]
-opt = torch.optim.AdamW([{"params": list(enc.parameters()), "lr": 1e-3}, {"params": params, "lr": 2e-3}],
-                        weight_decay=0.05)
-ropt = geoopt.optim.RiemannianAdam(extra, lr=1e-2) if extra else None
-bs = 128
-rng = np.random.default_rng(0)
-t0 = time.time()
-for step in range(steps):
-    w = min(1.0, (step + 1) / (0.05 * steps)) * 0.5 * (1 + math.cos(math.pi * step / steps))
-    opt.param_groups[0]["lr"] = 1e-3 * w; opt.param_groups[1]["lr"] = 2e-3 * w
-    if ropt: ropt.param_groups[0]["lr"] = 1e-2 * w
-    idx = rng.integers(0, len(xtr), bs)
-    xb = prep(xtr[idx])
-    if aug:
-        k = int(rng.integers(0, 4))
-        xb = torch.rot90(xb, k, dims=(2, 3))
-        if rng.random() < 0.5:
-            xb = xb.flip(3)
-    f = enc(xb)
-    loss = F.cross_entropy(logits_fn(f), torch.from_numpy(ytr[idx]).long())
-    opt.zero_grad(); ropt and ropt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(enc.parameters()) + params + extra, 1.0)
-    opt.step(); ropt and ropt.step()
-    if step % 50 == 0:
-        print(step, round(loss.item(), 3), round(time.time() - t0), flush=True)
-enc.eval()
-with torch.no_grad():
-    for name, x, y in [("nearby", xte, yte), ("unseen", xun, yun)]:
-        pred = torch.cat([logits_fn(enc(prep(x[i:i + 256]))).argmax(1) for i in range(0, len(x), 256)]).numpy()
-        ok = y >= 0
-        print(mode, name, "country acc", round(float((pred[ok] == y[ok]).mean()) * 100, 1))
-        if name == "unseen":
-            import collections
-            codes = gaz.keys if hasattr(gaz, "keys") else None
-            print("truth", collections.Counter(y[ok].tolist()).most_common(8))
-            print("pred ", collections.Counter(pred[ok].tolist()).most_common(8))
-            print("train", collections.Counter(ytr.tolist()).most_common(8))
-            pass
+    def loss(self, pixel_values: torch.Tensor, country: torch.Tensor) -> dict:
+        return {"loss": F.cross_entropy(self(pixel_values), country)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("legacy", nargs="*", help="the former positional form: `ce [STEPS]` (ce is the only mode)")
+    ap.add_argument("--data", default=os.environ.get("DATA", "runs/demo-data"),
+                    help="demo-data directory (env DATA)")
+    ap.add_argument("--gazetteer", default=os.environ.get("GAZ", "runs/demo-gazetteer"),
+                    help="gazetteer directory (env GAZ)")
+    ap.add_argument("--backbone", default="tiny-resnet" if os.environ.get("CNN") else "tiny-vit",
+                    help="tiny-vit or tiny-resnet (env CNN=1: tiny-resnet)")
+    ap.add_argument("--image-size", type=int, default=int(os.environ["IMG"]) if os.environ.get("IMG") else None,
+                    help="input side in pixels (env IMG; default: the backbone's)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 312)")
+    ap.add_argument("--batch-size", type=int, default=128, help="images per step")
+    args, overrides = ap.parse_known_args(argv)
+    legacy = [word for word in args.legacy if "=" not in word]
+    args.overrides = [word for word in args.legacy if "=" in word] + overrides
+    if legacy and legacy[0] != "ce":
+        ap.error(f"mode {legacy[0]!r}: only 'ce' (cross-entropy over countries) is available")
+    if args.steps is None:
+        args.steps = int(legacy[1]) if len(legacy) > 1 else 312
+    return args
+
+
+def country_rows(csv_path: str, gaz: Gazetteer):
+    """The rows of a demo CSV -> (table, true country id (N,), -1 where the point is in no country of gaz)."""
+    table = tables.read_image_table(csv_path, on_bad="skip")
+    return table, gaz.locate(table.lat_deg, table.lon_deg)[:, 0]
+
+
+def train_classifier(model: CountryClassifier, dataset, cfg, source: str) -> None:
+    optimizer = torch.optim.AdamW([
+        {"params": list(model.encoder.parameters()), "lr": cfg.train.backbone_lr},
+        {"params": list(model.head.parameters()), "lr": cfg.train.lr}], weight_decay=cfg.train.weight_decay)
+    optimizers = {"adamw": optimizer}
+    base_lrs = base_learning_rates(optimizers)
+    steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, source)
+    step, started = 0, time.perf_counter()
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        loader = tables.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                    epoch=epoch, num_workers=cfg.train.num_workers, drop_last=True)
+        model.train()
+        for batch in loader:
+            if step >= total_steps:
+                break
+            forward = functools.partial(model.loss, batch["pixel_values"], batch["targets"][:, 0])
+            out, _ = train_step(forward, optimizers, base_lrs, model.parameters(), cfg.train, step, total_steps)
+            if step % 50 == 0:
+                print(step, round(float(out["loss"].detach()), 3), round(time.perf_counter() - started), flush=True)
+            step += 1
+
+
+@torch.no_grad()
+def country_accuracy(model: CountryClassifier, table, truth: np.ndarray, batch_size: int = 256) -> float:
+    dataset = tables.ImageDataset(table, model.encoder.preprocessor, train=False)
+    predicted = np.full(len(table), -1, dtype=np.int64)
+    model.eval()
+    for batch in tables.make_loader(dataset, batch_size=batch_size, shuffle=False):
+        if batch["index"].numel():
+            predicted[batch["index"].numpy()] = model(batch["pixel_values"]).argmax(dim=1).numpy()
+    scored = truth >= 0
+    return float((predicted[scored] == truth[scored]).mean())
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    overrides = [f"model.backbone={args.backbone}", f"train.batch_size={args.batch_size}",
+                 f"train.max_steps={args.steps}", "model.pretrained=false"]
+    overrides += [f"model.image_size={args.image_size}"] if args.image_size else []
+    cfg = load_config(None, overrides + list(args.overrides))
+    seed_everything(cfg.train.seed)
+    gaz = Gazetteer.load(args.gazetteer)
+    train_csv = os.path.join(args.data, "train.csv")
+    table, country = country_rows(train_csv, gaz)
+    keep = np.flatnonzero(country >= 0)
+    table, country = table.subset(keep), country[keep]
+    cfg.train.epochs = math.ceil(args.steps / max(1, tables.steps_per_epoch(len(table), cfg.train.batch_size)))
+    encoder = build_encoder(cfg, allow_download=False)
+    model = CountryClassifier(encoder, int(gaz.level_offsets[1]))
+    dataset = tables.ImageDataset(table, encoder.preprocessor, targets=country[:, None], train=cfg.train.augment,
+                                  seed=cfg.train.seed)
+    train_classifier(model, dataset, cfg, train_csv)
+    for split in SPLITS:
+        test_table, truth = country_rows(os.path.join(args.data, f"{split}.csv"), gaz)
+        accuracy = country_accuracy(model, test_table, truth)
+        print(f"ce {split.removeprefix('test_')} country acc {100 * accuracy:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

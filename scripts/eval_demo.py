@@ -26,7 +26,7 @@ from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
 
 
 def path_metrics(pred_paths: np.ndarray, truth: np.ndarray, pred_lat, pred_lon, true_lat, true_lon) -> dict:
-    from hierloc import metrics
+    from hierloc.inference import metrics
 
     out = metrics.distance_metrics(pred_lat, pred_lon, true_lat, true_lon)
     for level, name in enumerate(LEVELS):
@@ -73,8 +73,8 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides for --train (section.key=value)")
     args = ap.parse_args()
 
-    from hierloc.api import HierLoc
-    from hierloc.data import read_image_table
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.data.tables import read_image_table
 
     data = Path(args.data)
     train_info = {}

@@ -35,18 +35,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from hierloc import data
-    from hierloc.api import HierLoc
-    from hierloc.evaluate import embed_table
-    from hierloc.geodesy import latlon_to_unit
-    from hierloc.train import N_LEVELS, _great_circle_km, _labels
+    from hierloc.data import tables as data
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.inference.evaluate import embed_table
+    from gazetteer.schema import N_LEVELS
+    from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.training.train import entity_labels
 
     hl = HierLoc.from_pretrained(args.model, device="cpu")
     root = args.image_root or str(Path(args.csv).parent)
     table = data.read_image_table(args.csv, image_root=root, on_bad="skip")
     rng = np.random.default_rng(args.seed)
     table = table.subset(np.sort(rng.choice(len(table), size=min(args.rows, len(table)), replace=False)))
-    targets, reached = _labels(hl.gazetteer, table)
+    targets, reached = entity_labels(hl.gazetteer, table)
     table, targets = table.subset(np.flatnonzero(reached)), targets[reached]
     with torch.no_grad():
         points, ok, _ = embed_table(hl, table, batch_size=256)
@@ -55,10 +57,12 @@ def main() -> None:
         lon = torch.as_tensor(table.lon_deg[ok], dtype=torch.float32)
         model = hl.model
         sqdists = model.level_sqdists(points, model.entity_points())
-        tau = float(hl.loss_fn.temperature())
+        loss_fn = GWHInfoNCE.from_config(hl.cfg)
+        loss_fn.load_state_dict(hl.loss_state)
+        tau = float(loss_fn.temperature())
         image_units = latlon_to_unit(lat, lon).float()
         print(f"model {args.model}: {points.shape[0]} training images, trained tau {tau:.4g}, trained lambda "
-              f"{float(hl.loss_fn.lam()):.3g}, sigma {float(hl.loss_fn.sigma_km()):.0f} km")
+              f"{float(loss_fn.lam()):.3g}, sigma {float(loss_fn.sigma_km()):.0f} km")
         print(f"{'lambda':>6} {'sigma km':>8} {'level':>9} {'entities':>8} {'near':>8} {'mass':>6} {'dloss':>7} "
               f"{'dgrad':>6}")
         names = ("country", "region", "subregion", "city")
@@ -70,7 +74,7 @@ def main() -> None:
                     keep = targets[:, level] >= 0
                     d, target = sqdists[level][keep], target[keep]
                     units = latlon_to_unit(model.entity_lat_deg[sl], model.entity_lon_deg[sl]).float()
-                    g = _great_circle_km(image_units[keep], units)  # (b, N_l)
+                    g = great_circle_km(image_units[keep], units)  # (b, N_l)
                     rows = torch.arange(d.shape[0])
                     logits0 = -d / tau
                     log_w = torch.log1p(lam * torch.exp(-g / sigma))

@@ -5,7 +5,7 @@
 
 What it does:
 1. Builds a small world in --workdir (a temp dir by default): --images demo patches (Blue Marble, 32 px;
-   `hierloc.demodata`), a tiny ViT config saved as a local backbone (the one the tests use), and the gazetteer of
+   `hierloc.data.demodata`), a tiny ViT config saved as a local backbone (the one the tests use), and the gazetteer of
    the training points (built once and passed with --gazetteer so that no run rebuilds it).
 2. Runs `hierloc train` uninterrupted (the reference) and, separately, the same command that is SIGKILLed --kills
    times at seeded random steps and restarted with --resume after each kill, then once more to the end.
@@ -41,9 +41,9 @@ PROGRESS = re.compile(r"train:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 def build_world(work: Path, n_images: int) -> dict[str, Path]:
     """Demo patches, tiny backbone and gazetteer in `work` (reused when already there)."""
     from gazetteer import Gazetteer
-    from hierloc.data import read_image_table
-    from hierloc.demodata import make_demo_dataset
-    from hierloc.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+    from hierloc.data.tables import read_image_table
+    from hierloc.data.demodata import make_demo_dataset
+    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
 
     data, backbone, gazetteer = work / "data", work / "backbone", work / "gazetteer"
     if not (data / "train.csv").is_file():

@@ -5,7 +5,8 @@
     python scripts/profile_train_step.py --gazetteer global --cached-features [--feature-dim 768] --batch 256
 
 Builds the model exactly as `hierloc train` does (encoder from the config, entity table of the given gazetteer,
-GWH-InfoNCE, the same optimisers) and runs ``--steps`` forward+backward+optimiser steps on random inputs and
+GWH-InfoNCE, the same optimisers) and runs ``--steps`` steps of the trainer's `train_step` (learning-rate
+schedule, forward, backward, gradient clipping, optimiser steps) on random inputs and
 random targets drawn from the gazetteer's cities (their paths give the four levels), after one warm-up step.
 Random inputs: the timing does not depend on what the images show.
 
@@ -25,6 +26,7 @@ Prints:
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import time
 
@@ -51,9 +53,11 @@ def main() -> None:
 
     from gazetteer.core import Gazetteer
     from hierloc.config import load_config
-    from hierloc.losses import GWHInfoNCE
-    from hierloc.model import EntityTable, HierLocModel
-    from hierloc.train import N_LEVELS, TrainModule, build_encoder, build_optimizers, seed_everything
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.model.network import EntityTable, HierLocModel
+    from gazetteer.schema import N_LEVELS
+    from hierloc.training.train import (TrainModule, base_learning_rates, build_encoder, build_optimizers,
+                                        seed_everything, train_step)
 
     overrides = list(args.overrides) + ([f"model.image_size={args.image_size}"] if args.image_size else [])
     overrides += ["model.freeze_backbone=true"] if args.cached_features else []
@@ -79,16 +83,18 @@ def main() -> None:
     else:
         feature_dim = encoder.feature_dim
         model = HierLocModel(cfg.model, table, feature_dim, encoder=encoder)
-    loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
-                         betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
-                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
+    loss_fn = GWHInfoNCE.from_config(cfg)
     module = TrainModule(model, loss_fn)
     optimizers = build_optimizers(module, cfg)
+    base_lrs = base_learning_rates(optimizers)
+    total_steps = 2 * args.steps + 1   # warm-up step, timed steps, profiled steps: the schedule of a short run
+    step = 0
     size, batch = cfg.model.image_size, args.batch
     lo, hi = int(gaz.level_offsets[3]), int(gaz.level_offsets[4])
     gen = torch.Generator().manual_seed(0)
 
     def one_step() -> None:
+        nonlocal step
         city = torch.randint(lo, hi, (batch,), generator=gen).numpy()
         targets = torch.as_tensor(gaz.paths[city], dtype=torch.int64)
         if args.cached_features:
@@ -97,13 +103,9 @@ def main() -> None:
             inputs = torch.randn(batch, 3, size, size, generator=gen)
         lat = torch.as_tensor(gaz.lat_deg[city], dtype=torch.float32)
         lon = torch.as_tensor(gaz.lon_deg[city], dtype=torch.float32)
-        result = module(inputs, lat, lon, targets, inputs_are_features=args.cached_features)
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        result["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-        for opt in optimizers.values():
-            opt.step()
+        forward = functools.partial(module, inputs, lat, lon, targets, inputs_are_features=args.cached_features)
+        train_step(forward, optimizers, base_lrs, module.parameters(), cfg.train, step, total_steps)
+        step += 1
 
     one_step()
     t0 = time.perf_counter()

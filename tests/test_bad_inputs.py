@@ -13,7 +13,7 @@ plus a few case-specific checks (`_more`: the JSONL record of a single image, no
 in and out, the non-ASCII name intact). Pairs that do not meet the contract yet because of code owned elsewhere
 are `xfail(strict=True)` (`Case.gaps`).
 
-The catalogue (`CASES`, `run_case`) is also what `scripts/bad_inputs_table.py` runs to print the table of
+The catalogue (`CASES`, `run_case`) is also what `tests/bad_inputs_table.py` runs to print the table of
 docs/reliability.md. What needs more than one CLI run has its own test below: the decoded pixels of unusual colour
 modes and of EXIF-rotated photos (and the answers they give), the bomb refused from its header, the pickle's
 control, a 1M-row file in bounded memory (slow).
@@ -871,7 +871,7 @@ def _expected_rgb(key: str, path: Path) -> np.ndarray:
 @pytest.mark.parametrize("key", ["png-alpha", "palette-png", "png-16bit", "grey-jpeg", "cmyk-jpeg"])
 def test_unusual_colour_modes_give_the_answer_of_their_rgb_pixels(key, world, tmp_path):
     """Predicting the file = predicting a plain RGB PNG of the pixels it should decode to (no silent mix-up)."""
-    from hierloc.images import load_image
+    from hierloc.data.images import load_image
 
     image = CASE_BY_KEY[key].make(tmp_path)
     expected = _expected_rgb(key, image)
@@ -890,7 +890,7 @@ def test_unusual_colour_modes_give_the_answer_of_their_rgb_pixels(key, world, tm
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_exif_orientation_is_honoured_in_pixels_and_answers(orientation, world, tmp_path):
     """The loader's pixels = the stored pixels rotated by hand; predict and explain answer the upright image."""
-    from hierloc.images import load_image
+    from hierloc.data.images import load_image
 
     photo = make_exif_rotated(tmp_path, orientation)
     with Image.open(photo) as stored:
@@ -918,8 +918,8 @@ def test_decompression_bomb_is_refused_from_its_header_without_decoding(tmp_path
     import tracemalloc
 
     from hierloc.errors import InputError
-    from hierloc.exif import read_gps
-    from hierloc.images import load_image
+    from hierloc.data.exif import read_gps
+    from hierloc.data.images import load_image
 
     bomb = make_bomb_png(tmp_path)
     assert bomb.stat().st_size < 200

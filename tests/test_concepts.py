@@ -12,7 +12,7 @@ import torch
 
 from gazetteer import concepts as location
 from gazetteer.errors import InputError
-from hierloc import concepts as C
+from hierloc.model import concepts as C
 
 # Places whose geography is not in doubt (lat, lon).
 SAHARA = (23.0, 10.0)

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hierloc import checkpoint as ckpt
+from hierloc.model import modeldir
+from hierloc.training import checkpoint as ckpt
 from hierloc.cli import main
-from hierloc.interrupt import GracefulStop, exit_code_for
+from hierloc.training.interrupt import GracefulStop, exit_code_for
 from tests.conftest import TINY_OVERRIDES
 
 TOTAL_STEPS = 30        # 240 images / batch 16 = 15 steps per epoch, 2 epochs
@@ -147,7 +148,7 @@ def test_signal_in_process_stops_after_the_current_step(signum, train_args, refe
                                                         caplog, capsys):
     """The fast variant (no subprocess): the signal arrives inside step 6 (the next checkpoint is due at 8). The
     CLI prints the resume notice once, as `hierloc: <message>` (not also as a log warning)."""
-    import hierloc.train as train_mod
+    import hierloc.training.train as train_mod
 
     original = train_mod._log_scalars
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -184,7 +185,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(c
     """The second checkpoint (step 8) fails half-way through its first file; step 4 and `latest` stay intact."""
     from gazetteer.atomic import atomic_open
 
-    real_write = ckpt.atomic_write_bytes
+    real_write = modeldir.atomic_write_bytes
     seen: dict = {}
 
     def failing_write(path, data):
@@ -195,7 +196,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(c
                 raise OSError(code, os.strerror(code))
         real_write(path, data)
 
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", failing_write)
+    monkeypatch.setattr(modeldir, "atomic_write_bytes", failing_write)
     out = tmp_path / "run"
     assert main(train_args + ["--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -206,7 +207,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(c
     assert _digest(out / "checkpoints" / "step-000000004") == seen["before"]
     assert not (out / "checkpoints" / "step-000000008").exists()
     assert_complete_checkpoint(out, 4)
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", real_write)     # space freed: resume finishes the run
+    monkeypatch.setattr(modeldir, "atomic_write_bytes", real_write)     # space freed: resume finishes the run
     assert main(train_args + ["--out", str(out), "--resume"]) == 0
     assert_bitwise_equal(out, reference)
 
@@ -250,7 +251,7 @@ def test_output_directory_that_cannot_be_created_is_a_one_line_error(train_args,
     assert (tmp_path / "a_file").read_text() == "not a directory"
 
 
-# ------------------------------------------------------------------------------------------ hierloc.interrupt
+# ------------------------------------------------------------------------------------------ hierloc.training.interrupt
 def test_graceful_stop_records_the_first_signal_and_restores_handlers():
     previous = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:
@@ -285,7 +286,7 @@ def test_graceful_stop_outside_the_main_thread_leaves_signals_alone():
 
 
 def test_resume_command_repeats_the_command_line_with_resume():
-    from hierloc.train import resume_command
+    from hierloc.training.train import resume_command
 
     assert resume_command(["/x/bin/hierloc", "train", "--csv", "a b.csv", "--out", "r"]) == \
         "hierloc train --csv 'a b.csv' --out r --resume"

@@ -1,4 +1,4 @@
-"""Image loading/preprocessing (hierloc.images) and image tables, datasets and loaders (hierloc.data)."""
+"""Image loading/preprocessing (hierloc.data.images) and image tables, datasets and loaders (hierloc.data.tables)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hierloc import data
+from hierloc.data import tables as data
 from hierloc.errors import InputError
-from hierloc.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessor, load_image, to_tensor
+from hierloc.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessor, load_image, to_tensor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -1,4 +1,4 @@
-"""hierloc.demodata: Blue Marble patch geometry and the demo dataset's files, splits and determinism."""
+"""hierloc.data.demodata: Blue Marble patch geometry and the demo dataset's files, splits and determinism."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierloc import demodata
+from hierloc.data import demodata
 from hierloc.errors import InputError
 
 H, W = demodata.HEIGHT_PX, demodata.WIDTH_PX

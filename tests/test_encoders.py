@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network from tes
 
 import torch  # noqa: E402
 
-from hierloc import encoders  # noqa: E402
+from hierloc.model import encoders  # noqa: E402
 from hierloc.errors import InputError  # noqa: E402
-from hierloc.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, IMAGENET_MEAN  # noqa: E402
+from hierloc.data.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, IMAGENET_MEAN  # noqa: E402
 
 IMAGE = 32
 HIDDEN = 32

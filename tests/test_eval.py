@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hierloc.cli import main
-from hierloc.evaluate import REQUIRED_KEYS
+from hierloc.inference.evaluate import REQUIRED_KEYS
 
 EQUATOR_DEGREE_KM = 6371.0 * np.pi / 180.0  # one degree of a great circle with OSV5M's radius
 
@@ -53,7 +53,7 @@ def test_predictions_reproduce_osv5m_per_row_results_and_means(shared_data_dir, 
     assert summary["median_km"] == pytest.approx(np.median(reference_km), rel=1e-6)
     assert summary["geoscore"] == pytest.approx(reference_score.mean(), rel=1e-6)
     assert summary["acc_25km"] == pytest.approx(np.mean(reference_km < 25))
-    # the file's per-field hits ANDed from country down give OSV5M's key hits (see tests/test_metrics.py)
+    # the file's per-field hits ANDed from country down give OSV5M's key hits (see tests/unit/test_metrics.py)
     chain = np.array([r["country_hit"] == "True" for r in rows])
     assert summary["acc_country"] == pytest.approx(chain.mean())
     assert set(REQUIRED_KEYS) <= set(summary)
@@ -139,7 +139,7 @@ def test_model_summary_has_every_metric_as_a_fraction(model_eval):
 
 def test_per_sample_rows_hold_consistent_distances_paths_and_hits(model_eval, tiny_model_dir):
     from gazetteer import Gazetteer
-    from hierloc.metrics import haversine_km
+    from hierloc.inference.metrics import haversine_km
 
     summary, rows, _ = model_eval
     gaz = Gazetteer.load(tiny_model_dir / "gazetteer")

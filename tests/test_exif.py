@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierloc.exif import ExifGPS, dms_to_degrees, gps_from_image, read_gps
+from hierloc.data.exif import ExifGPS, dms_to_degrees, gps_from_image, read_gps
 
 GPS_IFD = 0x8825
 
@@ -100,7 +100,7 @@ def arezzo_photos(shared_data_dir):
 
 
 def test_real_photos_are_located_in_arezzo_and_stay_unchanged(arezzo_photos):
-    from hierloc import metrics
+    from hierloc.inference import metrics
 
     checksums = {path: sha256(path) for path in arezzo_photos}
     positions = [read_gps(path) for path in arezzo_photos]

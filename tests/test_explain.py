@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hierloc import explain as X
-from hierloc.concepts import Concept, ConceptVocabulary
+from hierloc.inference import explain as X
+from hierloc.model.concepts import Concept, ConceptVocabulary
 
 # A toy tree: countries 0 (Alpha), 1 (Beta); regions 2, 3 under 0 and 4 under 1; subregion 5 under 2; city 6.
 TABLE = {
@@ -116,8 +116,8 @@ def _photos(shared_data_dir: Path) -> list[str]:
 
 
 def test_explain_images_with_a_concept_head_gives_reasons_from_the_profiles(tiny_model_dir, shared_data_dir):
-    from hierloc.api import HierLoc
-    from hierloc.concepts import ConceptHead
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.model.concepts import ConceptHead
 
     hl = HierLoc.from_pretrained(tiny_model_dir, device="cpu")
     vocab = ConceptVocabulary.load()

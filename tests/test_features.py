@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hierloc import data, encoders, features
+from hierloc.data import tables as data
+from hierloc.model import encoders
+from hierloc.training import features
 from hierloc.errors import InputError
-from hierloc.images import load_image
+from hierloc.data.images import load_image
 
 N_IMAGES = 11
 BROKEN = 6  # row whose file is not an image
@@ -138,7 +140,7 @@ def test_mismatching_or_damaged_cache_is_re_extracted(encoder, dataset, tmp_path
         (tmp_path / "shard-rank000-of-001.json").write_text("{not json")
     counter = ForwardCounter(encoder)
     try:
-        with caplog.at_level("INFO", logger="hierloc.features"):
+        with caplog.at_level("INFO", logger="hierloc.training.features"):
             cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
     finally:
         counter.close()
@@ -155,7 +157,7 @@ def test_corrupted_manifest_is_rebuilt_from_verified_shards_without_re_encoding(
     (tmp_path / "manifest.json").write_text("{not json")
     counter = ForwardCounter(encoder)
     try:
-        with caplog.at_level("INFO", logger="hierloc.features"):
+        with caplog.at_level("INFO", logger="hierloc.training.features"):
             cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
     finally:
         counter.close()

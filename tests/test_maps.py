@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierloc import maps
-from hierloc.explain import Candidate, Explanation, LevelExplanation
+from hierloc.inference import maps
+from hierloc.inference.explain import Candidate, Explanation, LevelExplanation
 
 
 def _depth(points: np.ndarray, c: float) -> np.ndarray:

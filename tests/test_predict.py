@@ -155,7 +155,7 @@ def test_bad_options_are_one_line_errors(tiny_model_dir, images, capsys, argv, m
 
 
 def test_exif_modes_on_real_photos_leave_the_files_unchanged(tiny_model_dir, shared_data_dir, capsys):
-    from hierloc.exif import read_gps
+    from hierloc.data.exif import read_gps
 
     photos = sorted((shared_data_dir / "photos" / "exif").glob("DSCN00*.jpg"))[:3]
     if not photos:

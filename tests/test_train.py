@@ -31,7 +31,7 @@ def test_training_moves_the_parameters(tiny_model_dir: Path, tiny_backbone_dir: 
     from safetensors.torch import load_file
 
     from hierloc.config import config_from_json
-    from hierloc.model import EntityTable, HierLocModel
+    from hierloc.model.network import EntityTable, HierLocModel
     from gazetteer import Gazetteer
 
     meta = json.loads((tiny_model_dir / "config.json").read_text())
@@ -44,7 +44,7 @@ def test_training_moves_the_parameters(tiny_model_dir: Path, tiny_backbone_dir: 
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tiny_model_dir: Path, tiny_demo_dir: Path, tmp_path):
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
 
     images = sorted((tiny_demo_dir / "images" / "test_unseen").glob("*.jpg"))[:5]
     first = HierLoc.from_pretrained(tiny_model_dir, device="cpu")
@@ -59,7 +59,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tiny_model_dir: Path,
 def test_points_stay_inside_the_ball_after_many_large_steps():
     import geoopt
 
-    from hierloc import hyperbolic
+    from hierloc.geometry import hyperbolic
 
     ball = hyperbolic.poincare_ball(1.0)
     points = geoopt.ManifoldParameter(hyperbolic.expmap0(torch.randn(64, 8) * 3, c=1.0), manifold=ball)
@@ -81,7 +81,7 @@ def test_resume_mid_cosine_ends_bitwise_equal(tiny_demo_dir: Path, tiny_backbone
     ends with every parameter and buffer bitwise equal to the uninterrupted run's."""
     from safetensors.torch import load_file
 
-    import hierloc.train as train_mod
+    import hierloc.training.train as train_mod
     from hierloc.config import load_config
 
     total, every, crash_at = 8, 3, 5
@@ -196,7 +196,7 @@ def test_unknown_override_is_a_one_line_error(tiny_demo_dir: Path, tmp_path, cap
 
 def test_cross_attention_starts_as_identity_and_leaves_entities_alone():
     from hierloc.config import ModelConfig
-    from hierloc.model import EntityTable, HierLocModel
+    from hierloc.model.network import EntityTable, HierLocModel
 
     entities = EntityTable(np.array([0, 2, 4, 6, 8]), np.array([-1, -1, 0, 1, 2, 3, 4, 5]),
                            np.linspace(-40, 40, 8), np.linspace(-100, 100, 8))
@@ -225,7 +225,7 @@ def test_cross_attention_starts_as_identity_and_leaves_entities_alone():
     ["model.geometry=euclidean", "loss.lam=0", "loss.learn_weights=false"],
 ])
 def test_ablation_switches_train_and_predict(switches, tiny_demo_dir: Path, tiny_backbone_dir: Path, tmp_path):
-    from hierloc.api import HierLoc
+    from hierloc.inference.predictor import HierLoc
 
     out = tmp_path / "m"
     assert main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(out), "--no-progress",
@@ -236,14 +236,13 @@ def test_ablation_switches_train_and_predict(switches, tiny_demo_dir: Path, tiny
 
 
 def test_great_circle_km_of_the_hard_negative_weights_matches_the_haversine():
-    from hierloc.geodesy import latlon_to_unit, pairwise_haversine_km
-    from hierloc.train import _great_circle_km
+    from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit, pairwise_haversine_km
 
     gen = torch.Generator().manual_seed(0)
     lat_a, lon_a = torch.rand(7, generator=gen) * 180 - 90, torch.rand(7, generator=gen) * 360 - 180
     lat_b = torch.cat([torch.rand(30, generator=gen) * 180 - 90, lat_a[:2], -lat_a[2:3]])
     lon_b = torch.cat([torch.rand(30, generator=gen) * 360 - 180, lon_a[:2], lon_a[2:3] + 180])  # same, antipode
-    got = _great_circle_km(latlon_to_unit(lat_a, lon_a).float(), latlon_to_unit(lat_b, lon_b).float())
+    got = great_circle_km(latlon_to_unit(lat_a, lon_a).float(), latlon_to_unit(lat_b, lon_b).float())
     want = pairwise_haversine_km(lat_a.double(), lon_a.double(), lat_b.double(), lon_b.double())
     assert got.dtype == torch.float32 and got.shape == (7, 33)
     assert (got >= 0).all() and (got <= 20015.2).all()

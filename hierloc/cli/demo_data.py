@@ -1,14 +1,16 @@
-"""`hierloc demo-data`: parse options, dispatch to hierloc.demodata.make_demo_dataset, print a summary."""
+"""`hierloc demo-data`: parse options, dispatch to hierloc.data.demodata.make_demo_dataset, print a summary."""
 
 from __future__ import annotations
 
 import argparse
 
+from hierloc.cli import HelpFormatter
+from hierloc.data.demodata import (
+    DEFAULT_JITTER_DEG, DEFAULT_N_UNSEEN, DEFAULT_N_VAL, UNSEEN_RULES, make_demo_dataset,
+)
+
 
 def register(subparsers) -> None:
-    from hierloc.cli import HelpFormatter
-    from hierloc.demodata import DEFAULT_JITTER_DEG, DEFAULT_N_UNSEEN, DEFAULT_N_VAL, UNSEEN_RULES
-
     p = subparsers.add_parser(
         "demo-data", formatter_class=HelpFormatter,
         help="write an offline demo dataset of Blue Marble patches",
@@ -50,8 +52,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hierloc.demodata import make_demo_dataset
-
     summary = make_demo_dataset(
         args.out, n_train=args.n_train, n_test=args.n_test, patch_px=args.patch_px, jitter_deg=args.jitter_deg,
         seed=args.seed, quality=args.quality, overwrite=args.overwrite, progress=not args.no_progress,

@@ -6,6 +6,12 @@ import argparse
 import json
 import sys
 
+from gazetteer.atomic import atomic_write_text, is_same_file
+from hierloc.cli import HelpFormatter
+from hierloc.errors import InputError
+from hierloc.inference.answers import check_options
+from hierloc.inference.outputs import json_ready
+
 EPILOG = """\
 modes:
   hierloc eval test.csv --model DIR        predict the CSV's images and score them
@@ -14,7 +20,8 @@ modes:
 labelled CSV layouts: this project's image,lat,lon; OSV5M's id,latitude,longitude (images/<id>.jpg beside the
 CSV); GeoCLIP's IMG_FILE,LAT,LON. Image paths are relative to the CSV's directory (or --image-root).
 
-metrics (hierloc.evaluate): n, mean_km, median_km, geoscore (mean 5000 exp(-d/1492.7 km)), acc_1km ... acc_2500km
+metrics (hierloc.inference.evaluate): n, mean_km, median_km, geoscore (mean 5000 exp(-d/1492.7 km)), acc_1km ...
+acc_2500km
 (fraction with d < r), acc_country ... acc_city (OSV5M protocol: reverse-geocode the predicted and the true point
 and compare cc, admin1_cc, admin2_admin1_cc, name_admin2_admin1_cc; --missing skip leaves rows without a truth
 level out of that level, official counts them as misses like OSV5M's published code) and, with a model,
@@ -24,8 +31,6 @@ Fractions are in [0, 1] in JSON and percentages in the table.
 
 
 def register(subparsers) -> None:
-    from hierloc.cli import HelpFormatter
-
     p = subparsers.add_parser("eval", formatter_class=HelpFormatter, help="evaluate a model or a predictions file",
                               description="Geolocation metrics with the OSV5M benchmark's definitions.",
                               epilog=EPILOG)
@@ -62,9 +67,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gazetteer.atomic import atomic_write_text, is_same_file
-    from hierloc import evaluate
-    from hierloc.errors import InputError
+    # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
+    from hierloc.data import tables
+    from hierloc.inference import evaluate
+    from hierloc.inference.predictor import HierLoc
 
     on_bad = "skip" if args.skip_bad else "error"
     for given in (args.csv, args.predictions):
@@ -84,15 +90,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.csv is None or args.model is None:
             raise InputError("give a labelled CSV and --model DIR, or --predictions FILE")
-        from hierloc import data
-        from hierloc.api import HierLoc, check_options
-
         if args.batch_size < 1 or args.workers < 0:
             raise InputError("--batch-size must be >= 1 and --workers >= 0")
         check_options(args.min_prob, args.max_level, "ignore", args.beam, 1)
 
-        table = data.read_image_table(args.csv, image_root=args.image_root, image_col=args.image_col,
-                                      lat_col=args.lat_col, lon_col=args.lon_col, on_bad=on_bad)
+        table = tables.read_image_table(args.csv, image_root=args.image_root, image_col=args.image_col,
+                                        lat_col=args.lat_col, lon_col=args.lon_col, on_bad=on_bad)
         model = HierLoc.from_pretrained(args.model, device=args.device)
         summary = evaluate.evaluate_model(model, table, beam=args.beam, flat=args.flat, min_prob=args.min_prob,
                                           max_level=args.max_level, missing=args.missing,
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         title = f"hierloc eval {args.csv}  (model {args.model}; {search}; max level {args.max_level}" \
                 + (f"; min prob {args.min_prob}" if args.min_prob is not None else "") + ")"
     if args.format == "json":
-        text = json.dumps(evaluate.json_ready({**summary, **context}), indent=2, allow_nan=False) + "\n"
+        text = json.dumps(json_ready({**summary, **context}), indent=2, allow_nan=False) + "\n"
     else:
         text = evaluate.format_table(summary, title) + "\n"
     if args.out:

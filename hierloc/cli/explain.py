@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from hierloc.cli import HelpFormatter
+from hierloc.errors import InputError
+
 
 def register(subparsers) -> None:
-    from hierloc.cli import HelpFormatter
-
     p = subparsers.add_parser(
         "explain", formatter_class=HelpFormatter, help="explain where images were taken, level by level",
         description="Print the predicted hierarchy as a tree: each level's entity and probability, its runner-ups, "
@@ -47,8 +48,6 @@ def register(subparsers) -> None:
 def _parse_truth(text: str | None):
     if text is None:
         return None
-    from hierloc.errors import InputError
-
     try:
         lat, lon = (float(part) for part in text.split(","))
     except ValueError:
@@ -66,16 +65,17 @@ def _map_path(out: str, index: int, n_images: int, source: str) -> Path:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from hierloc import explain, maps
-    from hierloc.api import HierLoc, iter_image_paths
-    from hierloc.errors import InputError
+    # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
+    from hierloc.data.prediction import expand_inputs
+    from hierloc.inference import explain, maps
+    from hierloc.inference.predictor import HierLoc
 
     truth = _parse_truth(args.truth)
-    paths = iter_image_paths(args.images)
+    paths = expand_inputs(args.images)
     if truth is not None and len(paths) != 1:
         raise InputError("--truth: give exactly one image with it")
     if args.map is not None:
-        maps._output(args.map, (".png", ".html", ".htm"))
+        maps.output_path(args.map, (".png", ".html", ".htm"))
     model = HierLoc.from_pretrained(args.model, device=args.device)
     results = explain.explain_images(model, paths, model_dir=args.model, top_k=args.top_k, beam=args.beam,
                                      n_reasons=args.reasons, n_runners_up=args.runners_up,
@@ -97,9 +97,9 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_plot_embeddings(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from hierloc import maps
-    from hierloc.api import HierLoc
-    from hierloc.explain import model_provenance, provenance_line
+    from hierloc.inference import maps
+    from hierloc.inference.explain import model_provenance, provenance_line
+    from hierloc.inference.predictor import HierLoc
 
     model = HierLoc.from_pretrained(args.model, device="cpu")
     gaz = model.gazetteer
@@ -119,7 +119,5 @@ def run_plot_embeddings(args: argparse.Namespace) -> int:
 
 
 def _euclidean_error(model_dir: str):
-    from hierloc.errors import InputError
-
     raise InputError(f"{model_dir}: this model is Euclidean (model.geometry=euclidean); there is no Poincare disk "
                      "to draw")

@@ -6,13 +6,18 @@ import argparse
 import time
 from pathlib import Path
 
+from gazetteer import Gazetteer, csvio, geo
+from gazetteer.build import MAX_H3_RES, MIN_H3_RES, available_country_codes, check_h3_res, check_min_images
+from gazetteer.core import check_save_target
+from gazetteer.countries import parse_country_codes
+from gazetteer.errors import InputError
+from gazetteer.schema import DEFAULT_H3_RES, LEVELS
+from hierloc.cli import HelpFormatter
+
 DEFAULT_OUT = "runs/gazetteer"
 
 
 def register(subparsers) -> None:
-    from hierloc.cli import HelpFormatter
-    from gazetteer.build import DEFAULT_H3_RES, MAX_H3_RES, MIN_H3_RES
-
     build = subparsers.add_parser(
         "build-gazetteer", formatter_class=HelpFormatter,
         help="build the country/region/subregion/city gazetteer (world, or from a CSV of training points)",
@@ -63,8 +68,6 @@ def register(subparsers) -> None:
 
 
 def _print_counts(gaz, seconds: float, out: Path) -> None:
-    from gazetteer import LEVELS
-
     width = max(len(name) for name in LEVELS)
     for level, name in enumerate(LEVELS):
         n = int(gaz.level_offsets[level + 1] - gaz.level_offsets[level])
@@ -74,12 +77,6 @@ def _print_counts(gaz, seconds: float, out: Path) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from gazetteer import Gazetteer, csvio, geo
-    from gazetteer.build import available_country_codes, check_h3_res, check_min_images
-    from gazetteer.core import check_save_target
-    from gazetteer.countries import parse_country_codes
-    from gazetteer.errors import InputError
-
     started = time.perf_counter()
     out = Path(args.out)
     # Validate everything cheap before the long work, so a typo costs nothing.
@@ -109,8 +106,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_locate(args: argparse.Namespace) -> int:
-    from gazetteer import Gazetteer
-
     started = time.perf_counter()
     gaz = Gazetteer.load(args.gazetteer)
     report = gaz.locate_csv(args.csv, args.out, lat_col=args.lat_col, lon_col=args.lon_col, on_bad=args.on_bad,

@@ -8,6 +8,12 @@ import os
 import sys
 import time
 
+from gazetteer.atomic import atomic_open
+from hierloc.cli import HelpFormatter
+from hierloc.errors import InputError
+from hierloc.inference.answers import check_options
+from hierloc.inference.outputs import make_writer, summary_line
+
 EPILOG = """\
 inputs: image files, directories (searched recursively), glob patterns ('photos/**/*.jpg', quoted), CSV files
 (their image column: image, IMG_FILE, path, ... or OSV5M's id -> images/<id>.jpg; --image-col to choose) and
@@ -27,8 +33,6 @@ summary line, and the run goes on. exit status: 0 when at least one image was pr
 
 
 def register(subparsers) -> None:
-    from hierloc.cli import HelpFormatter
-
     p = subparsers.add_parser("predict", formatter_class=HelpFormatter, help="predict where images were taken",
                               description="Predict country -> region -> subregion -> city for images.",
                               epilog=EPILOG)
@@ -58,8 +62,6 @@ def register(subparsers) -> None:
 
 
 def _check_output_is_not_an_input(out: str, inputs: list[str], paths: list[str]) -> None:
-    from hierloc.errors import InputError
-
     if not os.path.exists(out):
         return
     target = os.stat(out)
@@ -73,10 +75,9 @@ def _check_output_is_not_an_input(out: str, inputs: list[str], paths: list[str])
 
 
 def run(args: argparse.Namespace) -> int:
-    from gazetteer.atomic import atomic_open
-    from hierloc.api import HierLoc, check_options, expand_inputs
-    from hierloc.errors import InputError
-    from hierloc.outputs import make_writer, summary_line
+    # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
+    from hierloc.data.prediction import expand_inputs
+    from hierloc.inference.predictor import HierLoc
 
     for name in ("top_k", "beam", "batch_size"):
         if getattr(args, name) < 1:

@@ -1,13 +1,16 @@
-"""`hierloc train`: parse options, load the config, dispatch to hierloc.train.train."""
+"""`hierloc train`: parse options, load the config, dispatch to hierloc.training.train.train."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+from hierloc.cli import HelpFormatter
+from hierloc.config import load_config
 
 
 def register(subparsers) -> None:
-    from hierloc.cli import HelpFormatter
-
     p = subparsers.add_parser(
         "train", formatter_class=HelpFormatter, help="train a model on geotagged images",
         description="Train a HierLoc model on a CSV of geotagged images.\n\n"
@@ -40,11 +43,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import sys
-
-    from hierloc.config import load_config
-    from hierloc.train import TrainInputs, TrainingInterrupted, train
+    # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
+    from hierloc.inference.predictor import HierLoc
+    from hierloc.training.train import TrainInputs, TrainingInterrupted, train
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
             train_csv=args.csv, out_dir=args.out, image_root=args.image_root, gazetteer_dir=args.gazetteer,
             val_csv=args.val_csv, image_col=args.image_col, lat_col=args.lat_col, lon_col=args.lon_col,
             min_images=args.min_images, device=args.device, resume=args.resume, overwrite=args.overwrite,
-            cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download))
+            cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download),
+            validate=HierLoc.validation_metrics)
     except TrainingInterrupted as stopped:
         # SIGINT/SIGTERM: a checkpoint was written; say how to resume, exit 128 + the signal (130 / 143)
         if is_main:

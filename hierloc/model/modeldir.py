@@ -1,0 +1,257 @@
+"""The model directory: the one place that writes and reads it (format version, files, checks).
+
+Layout (what ``hierloc train`` writes, what ``HierLoc.from_pretrained`` reads):
+    config.json            format version, the resolved run config, feature dim, gazetteer content hash
+    model.safetensors      image head, entity anchors, fusion MLP, buffers, loss parameters (tau, lambda, sigma)
+    backbone/              the image backbone in transformers' own format (config.json + model.safetensors)
+    gazetteer/             the gazetteer the model was trained on (its hash is checked on load)
+    concepts.json          the concept head's vocabulary (models with a concept head)
+    train_summary.json     what training reported (written by ``hierloc train``; copied by ``save_pretrained``)
+    checkpoints/           resumable training state (`hierloc.training.checkpoint`)
+
+No pickle anywhere: tensors are safetensors files, everything else JSON. A pickled file where weights are expected
+(a ``.pt``/``.pkl`` given as the model, or a ``model.safetensors`` replaced by one) is refused without being
+unpickled (`looks_pickled`); so is a backbone with ``pytorch_model.bin`` weights only
+(`hierloc.model.encoders.load_backbone`). Each safetensors file written here carries, in its header metadata
+(`hierloc_sha256`), a SHA-256 of its tensors (`tensors_digest`: name, dtype, shape and bytes of each, in name
+order). Reading checks it, so bytes changed after writing (a bad disk, a botched copy) are refused instead of
+silently giving other weights; files without the key (written by older versions) are read without the check.
+safetensors itself checks the header and the file size (truncation), and never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gazetteer import Gazetteer
+from gazetteer.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from hierloc.config import Config, from_dict
+from hierloc.device import resolve_device
+from hierloc.errors import InputError
+from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
+from hierloc.model.encoders import ImageEncoder, load_image_encoder
+from hierloc.model.network import EntityTable, HierLocModel, temperature
+from hierloc.version import __version__
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TRAIN_SUMMARY_NAME = "train_summary.json"
+CHECKSUM_KEY = "hierloc_sha256"
+LOSS_PREFIX = "loss."   # the loss's tensors in model.safetensors (inference reads loss.log_tau: the temperature)
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+def looks_pickled(head: bytes) -> bool:
+    """Whether a file starting with these bytes is a pickle (protocol >= 2) or a torch.save zip archive: hierloc
+    refuses such files without opening them further (it never unpickles)."""
+    return head[:1] == b"\x80" or head[:2] == b"PK"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of named tensors, independent of the file layout: for each name in sorted order, the line
+    'name|dtype|shape' then the tensor's bytes (C order, native little-endian)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a dict of tensors as safetensors, atomically, with their `tensors_digest` in the header metadata."""
+    from safetensors.torch import save
+
+    clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    metadata = dict(metadata or {}, **{CHECKSUM_KEY: tensors_digest(clean)})
+    atomic_write_bytes(Path(path), save(clean, metadata=metadata))
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's JSON header ({} if absent); the file has already parsed."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, pickled, truncated or corrupt file (including tensors that no longer
+    match the stored checksum) is a one-line InputError. Never unpickles."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        needs = (f"a training checkpoint needs {WEIGHTS_NAME}, optimizer.safetensors, optimizer.json and "
+                 "trainer_state.json" if path.parent.name.startswith("step-") else
+                 f"a model directory needs {WEIGHTS_NAME} and {CONFIG_NAME}")
+        raise InputError(f"{path}: file not found ({needs})")
+    data = path.read_bytes()
+    if looks_pickled(data):
+        raise InputError(f"{path}: this looks like a pickle/torch.save file; hierloc only reads safetensors and "
+                         "never unpickles (convert it with safetensors.torch.save_file)")
+    try:
+        tensors = load(data)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt or truncated file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: not a valid safetensors file (truncated or corrupt: {reason})") from None
+    expected = _header_metadata(data).get(CHECKSUM_KEY)
+    if expected is not None:
+        actual = tensors_digest(tensors)
+        if actual != expected:
+            raise InputError(f"{path}: corrupt: its tensors no longer match the checksum written with them "
+                             f"(sha256 {actual[:12]}..., expected {expected[:12]}...); restore the file from a "
+                             "good copy")
+    return tensors
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+# ------------------------------------------------------------------------------------------- model directory
+@dataclass
+class ModelDir:
+    """A loaded model directory: the run config, the network (encoder attached, eval mode, on `device`), the
+    loss's saved tensors (`temperature_of` reads tau from them), the encoder and the gazetteer."""
+
+    cfg: Config
+    model: HierLocModel
+    loss_state: dict[str, torch.Tensor]
+    encoder: ImageEncoder
+    gazetteer: Gazetteer
+    device: torch.device
+    source: str
+
+
+def temperature_of(loss_state: dict[str, torch.Tensor]) -> float:
+    """The softmax temperature tau of a model, from its loss's saved tensors (log_tau, clamped as in training)."""
+    return float(temperature(loss_state["log_tau"]).detach())
+
+
+def not_a_model_dir_message(path: Path) -> str:
+    """For a file given where a model directory is expected (a .pt/.pkl checkpoint, a single weights file)."""
+    with open(path, "rb") as handle:
+        pickled = looks_pickled(handle.read(2))
+    what = ("; it looks like a pickle/torch.save file, which hierloc never unpickles" if pickled else "")
+    return (f"{path}: expected a model directory (config.json + model.safetensors + backbone/ + gazetteer/, "
+            f"what `hierloc train` writes), got a file{what}")
+
+
+def save_model_dir(out_dir: str | Path, cfg: Config, model, loss_state: dict[str, torch.Tensor], encoder,
+                   gaz) -> None:
+    """Write (or refresh) the loadable part of a model directory; each file atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    state.update({f"{LOSS_PREFIX}{k}": v for k, v in loss_state.items()})
+    save_tensors(out / WEIGHTS_NAME, state, metadata={"format": "hierloc"})
+    encoder.save_pretrained(out / "backbone")
+    if not (out / "gazetteer").is_dir():
+        gaz.save(out / "gazetteer", overwrite=True)
+    n_concepts = int(model.concept_head.n_concepts) if getattr(model, "concept_head", None) is not None else 0
+    vocabulary = getattr(model, "concept_vocabulary", None)
+    if n_concepts and vocabulary is not None:
+        vocabulary.save(out)  # concepts.json: the names/groups/descriptions of the head's outputs
+    meta = {"format_version": MODEL_FORMAT_VERSION, "hierloc_version": __version__, "config": cfg.to_dict(),
+            "feature_dim": int(model.feature_dim), "n_concepts": n_concepts, "gazetteer_hash": gaz.content_hash,
+            "backbone_dir": "backbone", "gazetteer_dir": "gazetteer"}
+    atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2))
+
+
+def write_model_dir(out_dir: str | Path, parts: ModelDir, overwrite: bool = False) -> Path:
+    """A complete model directory that `load_model_dir` reloads, written atomically (all or nothing).
+
+    An existing directory is replaced only with overwrite=True and only if it is a model directory (has
+    config.json) or empty. The training summary of `parts.source`, if any, is copied along.
+    """
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
+        raise InputError(f"refusing to replace {out}: it is not a model directory (no {CONFIG_NAME})")
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_model_dir(tmp, parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer)
+        summary = Path(parts.source) / TRAIN_SUMMARY_NAME
+        if summary.is_file():
+            shutil.copyfile(summary, tmp / TRAIN_SUMMARY_NAME)
+    return out
+
+
+def load_model_dir(model_dir: str | Path, device: str = "auto") -> ModelDir:
+    """Load a model directory written by `hierloc train` or `write_model_dir`. device: auto, cpu or cuda.
+
+    One-line InputError for: a file instead of a directory (pickles named as such), a missing directory or
+    config.json, a newer format version, a gazetteer whose content hash differs from the one trained on, pickled,
+    truncated or corrupt weights, weights that do not match config.json, a concept head without concepts.json.
+    """
+    root = Path(model_dir)
+    meta = _read_model_config(root)
+    cfg = from_dict(meta["config"], source=str(root / CONFIG_NAME))
+    dev = resolve_device(device)
+    gaz = _load_gazetteer(root, meta)
+    state = load_tensors(root / WEIGHTS_NAME)
+    encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"))
+    model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None,
+                         n_concepts=int(meta.get("n_concepts", 0)))
+    model_state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX)}
+    loss_state = {k[len(LOSS_PREFIX):]: v for k, v in state.items() if k.startswith(LOSS_PREFIX)}
+    try:
+        model.load_state_dict(model_state, strict=True)
+        if "log_tau" not in loss_state:
+            raise RuntimeError(f"missing {LOSS_PREFIX}log_tau (the temperature)")
+    except RuntimeError as exc:
+        raise InputError(f"{root / WEIGHTS_NAME}: weights do not match config.json "
+                         f"({str(exc).splitlines()[0]})") from None
+    model.encoder = encoder
+    if model.concept_head is not None:
+        if not (root / VOCABULARY_FILE).is_file():
+            raise InputError(f"{root}: the model has a concept head but {VOCABULARY_FILE} is missing")
+        model.concept_vocabulary = ConceptVocabulary.load(root / VOCABULARY_FILE)
+    model.to(dev).eval()
+    loss_state = {k: v.to(dev) for k, v in loss_state.items()}
+    return ModelDir(cfg, model, loss_state, encoder, gaz, dev, str(root))
+
+
+def _read_model_config(root: Path) -> dict:
+    """config.json of a model directory, checked: a JSON object with a supported integer format_version, the
+    run config and the feature dim."""
+    if root.is_file():
+        raise InputError(not_a_model_dir_message(root))
+    if not root.is_dir():
+        raise InputError(f"{root}: model directory not found (train one with `hierloc train`)")
+    meta = read_json(root / CONFIG_NAME, "model config")
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(f"{root / CONFIG_NAME}: expected a JSON object with an integer format_version "
+                         "(the model config `hierloc train` writes)")
+    if version > MODEL_FORMAT_VERSION:
+        raise InputError(f"{root / CONFIG_NAME}: format_version {version} is newer than this hierloc "
+                         f"supports ({MODEL_FORMAT_VERSION}); upgrade hierloc")
+    if "config" not in meta or "feature_dim" not in meta:
+        raise InputError(f"{root / CONFIG_NAME}: missing field 'config' or 'feature_dim'")
+    return meta
+
+
+def _load_gazetteer(root: Path, meta: dict) -> Gazetteer:
+    """The model's gazetteer; InputError when its content hash is not the one the model was trained on."""
+    gaz = Gazetteer.load(root / meta.get("gazetteer_dir", "gazetteer"))
+    if gaz.content_hash != meta.get("gazetteer_hash"):
+        trained_on = str(meta.get("gazetteer_hash"))[:16]
+        raise InputError(f"{root}: the model was trained on the gazetteer with content hash {trained_on}, but "
+                         f"{root / meta.get('gazetteer_dir', 'gazetteer')} has content hash "
+                         f"{gaz.content_hash[:16]}: its entities would be the wrong places; put back the "
+                         "gazetteer the model was trained on")
+    return gaz

@@ -1,0 +1,320 @@
+r"""GWH-InfoNCE, HierLoc's geo-weighted hyperbolic InfoNCE (paper Sec. 3.6, Eq. 3-4; design.md section 6).
+
+Per level l, for image i with true entity p among all N_l entities of the level (every other entity is a
+negative), with d the SQUARED hyperbolic distance and g_k the haversine distance (km) from the image's GPS to
+entity k:
+
+    L_l = -log( exp(-d_p/tau) / (exp(-d_p/tau) + sum_{k != p} w_k exp(-d_k/tau)) ),   w_k = 1 + lambda K(g_k/sigma)
+    L   = sum_l beta_l L_l          (L_l averaged over the images whose target at level l is valid, i.e. != -1)
+
+Kernels K(r), all 1 at r = 0 and decreasing, so near-but-wrong entities (hard negatives) get the largest weights,
+up to 1 + lambda, and far ones tend to weight 1:
+
+    laplace (the paper's):  exp(-r)      gaussian:  exp(-r^2 / 2)      inverse:  1 / (1 + r)
+
+Computed as a cross-entropy over the weighted logits z_k + log w_k with z = -d/tau and log w_p = 0 (log-sum-exp,
+stable; ``weighted_cross_entropy`` fuses it): L_l = -z_p + logsumexp_k(z_k + log w_k). With lambda = 0 (or no
+distances) this is ``F.cross_entropy(-d/tau, p)`` (up to float rounding), plain hyperbolic InfoNCE.
+
+Learnable tau, lambda, sigma (the paper learns all three): stored as logs and clamped on use (MERU's convention),
+so they stay positive and inside their ranges; a parameter that hits its bound stops receiving gradient.
+The weights are constants with respect to the positions (they depend on GPS distances only) but keep their
+autograd graph through lambda and sigma.
+
+Caveat, by construction of the formula: w_k >= 1 only ever *adds* to the denominator, and it grows with lambda
+and (for every kernel) with sigma. So dL/dlambda >= 0 and dL/dsigma >= 0 always: plain gradient descent drives
+lambda and sigma to the lower ends of ``lam_range`` / ``sigma_range_km`` (lambda from 1 to 0.1 in ~2k Adam steps
+at lr 1e-3), i.e. towards plain InfoNCE. The bounds therefore decide where a learned lambda/sigma end up; with
+``learn_weights=False`` they stay at their initial values (the hyperparameters of the method).
+
+Initial values and ranges (squared-distance scale: float32 points lie within d ~ 6.2 of the origin, so d^2 spans
+0 .. ~150 between two images/entities):
+- tau = 0.1, range [0.01, 10]: a squared-distance gap of 1 between the positive and a negative is a logit gap of
+  10, so the softmax is confident once entities are O(1) apart in d^2; 0.01 is CLIP/MERU's cap (logit scale 100),
+  10 keeps even the far end of the ball (d^2 ~ 150) at a spread of 15 logits.
+- lambda = 1 (near negatives up to twice the weight of far ones), range [0.1, 10].
+- sigma = 300 km (a few hundred km, per the paper's notes), range [10, 5000] km: from metro-area to continental.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gazetteer.schema import N_LEVELS
+from hierloc.config import Config
+from hierloc.model.network import TAU_RANGE, temperature
+
+KERNELS = ("laplace", "gaussian", "inverse")
+# exp() arguments are clamped at this floor: exp(-60) ~ 9e-27 is invisible next to the terms it is summed with
+# (float32 resolves 6e-8 relative, and 1e5 such terms still add only 1e-21). Without it, on CPU: PyTorch's exp is
+# 50-100x slower for arguments below about -88 (measured 1.9 ms vs 110 ms for 5M values spread over [-1500, 0];
+# softmax logits at tau = 0.1 reach -1500), and products of results near float32's smallest normal (1e-38)
+# with the backward's small factors fall into denormals, which are 10x slower again.
+EXP_FLOOR = -60.0
+
+
+def level_log_probs(sqdists: torch.Tensor, tau) -> torch.Tensor:
+    """Inference scores of one level: log_softmax(-d^2 / tau) over its entities, (B, N) -> (B, N) float32.
+
+    Plain softmax (no geo weights: there is no GPS at inference). ``tau`` is a float or a 0-dim tensor
+    (e.g. ``GWHInfoNCE.temperature()``).
+    """
+    tau = torch.as_tensor(tau, dtype=torch.float32, device=sqdists.device)
+    return F.log_softmax(-sqdists.float() / tau, dim=-1)
+
+
+def kernel_values(ratio: torch.Tensor, kernel: str) -> torch.Tensor:
+    """K(r) for r = g / sigma >= 0, elementwise: laplace exp(-r), gaussian exp(-r^2/2), inverse 1/(1 + r)."""
+    if kernel == "laplace":
+        return torch.exp(-ratio.clamp_max(-EXP_FLOOR))
+    if kernel == "gaussian":
+        return torch.exp(-0.5 * ratio.square().clamp_max(-2.0 * EXP_FLOOR))
+    if kernel == "inverse":
+        return 1.0 / (1.0 + ratio)
+    raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+
+
+class _WeightedCrossEntropy(torch.autograd.Function):
+    """mean over rows i with target p_i >= 0 of  logsumexp_k(z_ik) - z_ip_i,  z = log_w - d / tau."""
+
+    @staticmethod
+    def forward(ctx, d, log_w, tau, target):
+        neg_inv_tau = -1.0 / tau.detach()  # 0-dim: no host sync on GPU
+        z = torch.mul(d, neg_inv_tau) if log_w is None else torch.addcmul(log_w, d, neg_inv_tau)  # one pass
+        valid = target >= 0
+        col = target.clamp_min(0).unsqueeze(1)
+        z_target = z.gather(1, col).squeeze(1)
+        # softmax in place of z (three passes, one (B, N) buffer in all): z - max, exp, / sum
+        top = z.amax(dim=1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # rows of -inf keep logsumexp's answer
+        probs = z.sub_(top).clamp_min_(EXP_FLOOR).exp_()
+        total = probs.sum(dim=1, keepdim=True)
+        probs.div_(total)
+        lse = total.log_().add_(top).squeeze(1)  # (B,)
+        n_valid = valid.sum().clamp_min(1)
+        loss = torch.where(valid, lse - z_target, 0.0).sum() / n_valid
+        ctx.save_for_backward(probs, d, col, valid, n_valid, neg_inv_tau)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        probs, d, col, valid, n_valid, neg_inv_tau = ctx.saved_tensors
+        need_d, need_w, need_tau = ctx.needs_input_grad[:3]
+        # dL/dz = (softmax(z) - onehot(p)) * grad / n_valid on the valid rows, 0 elsewhere
+        row = torch.where(valid, grad_loss / n_valid, 0.0).to(probs.dtype).unsqueeze(1)  # (B, 1)
+        grad_z = torch.mul(probs, row)  # a new buffer: the saved probabilities survive a second backward
+        grad_z.scatter_add_(1, col, -row)
+        grad_d = grad_w = grad_tau = None
+        if need_tau:  # dz/dtau = d / tau^2
+            grad_tau = torch.linalg.vecdot(grad_z.reshape(-1), d.reshape(-1)) * neg_inv_tau.square()
+            grad_tau = grad_tau.to(neg_inv_tau.dtype)
+        if need_d:
+            grad_d = torch.mul(grad_z, neg_inv_tau) if need_w else grad_z.mul_(neg_inv_tau)
+        if need_w:
+            grad_w = grad_z
+        return grad_d, grad_w, grad_tau, None
+
+
+def weighted_cross_entropy(d: torch.Tensor, log_w: torch.Tensor | None, tau: torch.Tensor,
+                           target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits z = log_w - d / tau: d (B, N) squared distances, log_w (B, N) log weights or
+    None (all weights 1), tau a 0-dim tensor, target (B,) column of the positive or -1 (row ignored) -> scalar,
+    the mean over the rows with a target.
+
+    Equal to ``F.cross_entropy(log_w - d / tau, target, ignore_index=-1)`` with its gradients w.r.t. d, log_w and
+    tau, but fused: one pass builds z, the softmax is formed in place of z and kept for backward, and the
+    backward scales it, subtracts the one-hot and applies -1/tau in place - seven passes over (B, N) and two
+    (B, N) buffers, where the composed ops take about twice as many passes and buffers.
+    """
+    return _WeightedCrossEntropy.apply(d, log_w, tau, target)
+
+
+def _check_range(name: str, value: float, bounds: Sequence[float], allow_zero: bool = False) -> tuple[float, float]:
+    low, high = (float(b) for b in bounds)
+    if not (0.0 < low < high and math.isfinite(high)):
+        raise ValueError(f"{name} range must satisfy 0 < low < high < inf, got {tuple(bounds)}")
+    if not (low <= value <= high) and not (allow_zero and value == 0.0):
+        raise ValueError(f"{name}={value} is outside its range [{low}, {high}]")
+    return low, high
+
+
+class GWHInfoNCE(nn.Module):
+    """Geo-weighted hyperbolic InfoNCE over the levels of the entity tree (see the module docstring).
+
+    Args:
+        n_levels: number of levels (country, region, subregion, city: 4).
+        tau, lam, sigma_km: initial temperature, weight strength lambda (0 = plain InfoNCE, then
+            ``learn_weights`` must be False) and kernel scale sigma in km.
+        betas: per-level weights beta_l (>= 0), length n_levels.
+        learn_tau, learn_weights: make tau / (lambda, sigma) learnable; otherwise they are fixed buffers.
+        kernel: "laplace" (paper), "gaussian" or "inverse".
+        tau_range, lam_range, sigma_range_km: clamping ranges (the parameters are log-parametrised).
+    """
+
+    def __init__(
+        self,
+        n_levels: int = 4,
+        tau: float = 0.1,
+        lam: float = 1.0,
+        sigma_km: float = 300.0,
+        betas: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        learn_tau: bool = True,
+        learn_weights: bool = True,
+        kernel: str = "laplace",
+        tau_range: Sequence[float] = TAU_RANGE,
+        lam_range: Sequence[float] = (0.1, 10.0),
+        sigma_range_km: Sequence[float] = (10.0, 5000.0),
+    ) -> None:
+        super().__init__()
+        if n_levels < 1:
+            raise ValueError(f"n_levels must be >= 1, got {n_levels}")
+        if len(betas) != n_levels or any(not (float(b) >= 0.0 and math.isfinite(float(b))) for b in betas):
+            raise ValueError(f"betas must be {n_levels} finite values >= 0, got {tuple(betas)}")
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+        if lam == 0.0 and learn_weights:
+            raise ValueError("lam=0 with learn_weights=True: a log-parametrised lambda cannot leave 0; "
+                             "use learn_weights=False for plain hyperbolic InfoNCE")
+        self.n_levels, self.kernel = n_levels, kernel
+        self.learn_tau, self.learn_weights = learn_tau, learn_weights
+        self._tau_range = _check_range("tau", float(tau), tau_range)
+        self._log_lam_bounds = tuple(math.log(b) for b in _check_range("lam", float(lam), lam_range, allow_zero=True))
+        self._log_sigma_bounds = tuple(math.log(b) for b in _check_range("sigma_km", float(sigma_km), sigma_range_km))
+        self.register_buffer("betas", torch.tensor([float(b) for b in betas], dtype=torch.float32))
+        self._plain = lam == 0.0  # lambda == 0: the weights are all 1
+        self._register("log_tau", math.log(tau), learn_tau)
+        self._register("log_lam", math.log(lam) if lam > 0 else 0.0, learn_weights)
+        self._register("log_sigma", math.log(sigma_km), learn_weights)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "GWHInfoNCE":
+        """The loss of a run configuration (its `[loss]` section: tau, lam, sigma_km, betas, learn_tau,
+        learn_weights, kernel) over the gazetteer's four levels: the one place a run's loss is built."""
+        loss = cfg.loss
+        return cls(n_levels=N_LEVELS, tau=loss.tau, lam=loss.lam, sigma_km=loss.sigma_km, betas=tuple(loss.betas),
+                   learn_tau=loss.learn_tau, learn_weights=loss.learn_weights, kernel=loss.kernel)
+
+    def _register(self, name: str, value: float, learnable: bool) -> None:
+        tensor = torch.tensor(value, dtype=torch.float32)
+        if learnable:
+            self.register_parameter(name, nn.Parameter(tensor))
+        else:
+            self.register_buffer(name, tensor)
+
+    # -------------------------------------------------------------------------------------------- parameters
+    def temperature(self) -> torch.Tensor:
+        """tau = exp(clamp(log_tau)), a 0-dim float32 tensor (with grad when learnable); `hierloc.model.network.
+        temperature`, which inference applies to the saved log_tau."""
+        return temperature(self.log_tau, self._tau_range)
+
+    def lam(self) -> torch.Tensor:
+        """lambda (0-dim tensor; exactly 0 for plain InfoNCE)."""
+        if self._plain:
+            return torch.zeros((), device=self.log_lam.device)
+        return self.log_lam.clamp(*self._log_lam_bounds).exp()
+
+    def sigma_km(self) -> torch.Tensor:
+        """sigma in km (0-dim tensor)."""
+        return self.log_sigma.clamp(*self._log_sigma_bounds).exp()
+
+    def weights(self, geo_km: torch.Tensor) -> torch.Tensor:
+        """w = 1 + lambda K(g / sigma) for distances g (km), any shape -> same shape (float32).
+
+        Differentiable w.r.t. lambda and sigma only (g is detached: it comes from GPS, not from the model).
+        """
+        return 1.0 + self._extra_weight(geo_km)
+
+    def log_weights(self, geo_km: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log w (B, N) for distances g (B, N) km, with log w = 0 at each row's target (the positive is not a
+        negative; rows with target -1 are ignored by the loss). Differentiable w.r.t. lambda and sigma only.
+
+        Laplace kernel with fixed lambda and sigma (the default): log(1 + exp(log lambda - g/sigma)) in four
+        in-place passes over (B, N) (log1p and softplus are 3-7x slower than log on CPU); log(1 + e) instead of
+        log1p(e) loses weights below 6e-8, which is below the float32 resolution of the logits it is added to.
+        Otherwise (learnable lambda/sigma or other kernels): log1p(lambda K(g/sigma)) with autograd.
+        """
+        g = geo_km.detach().float()
+        if self.kernel == "laplace" and not self.learn_weights:
+            log_lam = self.log_lam.clamp(*self._log_lam_bounds)
+            log_w = torch.addcmul(log_lam, g, -1.0 / self.sigma_km()).clamp_min_(EXP_FLOOR).exp_().add_(1.0)
+            torch.log(log_w, out=log_w)
+        else:
+            log_w = torch.log1p(self._extra_weight(g))
+        # in place: log1p keeps its input, not its output, for backward
+        return log_w.scatter_(1, target.clamp_min(0).unsqueeze(1), 0.0)
+
+    def _extra_weight(self, geo_km: torch.Tensor) -> torch.Tensor:
+        """lambda K(g / sigma) = w - 1 (kept separate so log w = log1p(w - 1) loses nothing for small values)."""
+        return self.lam() * kernel_values(geo_km.detach().float() / self.sigma_km(), self.kernel)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        sqdists: Sequence[torch.Tensor],
+        targets: torch.Tensor,
+        geo_km: Sequence[torch.Tensor] | None = None,
+    ) -> dict:
+        """Loss over the levels.
+
+        Args:
+            sqdists: n_levels tensors (B, N_l): squared hyperbolic distances image -> every entity of level l.
+            targets: (B, n_levels) long, the within-level index of each image's true entity, -1 to ignore.
+            geo_km: n_levels tensors (B, N_l) of haversine km image GPS -> entity coordinate, or None (then
+                every weight is 1: plain InfoNCE).
+
+        Returns a dict: "loss" (scalar, sum_l beta_l L_l), "level_losses" (n_levels,) (0 for a level without
+        any valid target), "level_counts" (n_levels,) valid images per level, and floats "tau", "lam",
+        "sigma_km" for logging.
+        """
+        self._check_inputs(sqdists, targets, geo_km)
+        tau = self.temperature()
+        use_weights = geo_km is not None and not self._plain
+        level_losses, counts = [], []
+        for level, d in enumerate(sqdists):
+            target = targets[:, level]
+            valid = target >= 0
+            n_valid = int(valid.sum())
+            counts.append(n_valid)
+            if n_valid == 0:
+                level_losses.append(tau.new_zeros(()))
+                continue
+            log_w = self.log_weights(geo_km[level], target) if use_weights else None
+            level_losses.append(weighted_cross_entropy(d.float(), log_w, tau, target))
+        level_losses = torch.stack(level_losses)
+        return {
+            "loss": (self.betas.to(level_losses.device) * level_losses).sum(),
+            "level_losses": level_losses,
+            "level_counts": torch.tensor(counts),
+            "tau": float(tau.detach()),
+            "lam": float(self.lam().detach()),
+            "sigma_km": float(self.sigma_km().detach()),
+        }
+
+    def _check_inputs(self, sqdists, targets, geo_km) -> None:
+        if len(sqdists) != self.n_levels:
+            raise ValueError(f"expected {self.n_levels} levels of distances, got {len(sqdists)}")
+        if targets.dim() != 2 or targets.shape[1] != self.n_levels or targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must be an integer tensor (B, {self.n_levels}), got {targets.dtype} "
+                             f"{tuple(targets.shape)}")
+        if geo_km is not None and len(geo_km) != self.n_levels:
+            raise ValueError(f"expected {self.n_levels} levels of geo distances, got {len(geo_km)}")
+        batch = targets.shape[0]
+        for level, d in enumerate(sqdists):
+            if d.dim() != 2 or d.shape[0] != batch:
+                raise ValueError(f"level {level}: distances must be (B={batch}, N), got {tuple(d.shape)}")
+            if geo_km is not None and geo_km[level].shape != d.shape:
+                raise ValueError(f"level {level}: geo_km {tuple(geo_km[level].shape)} does not match the distances "
+                                 f"{tuple(d.shape)}")
+            target = targets[:, level]
+            if bool((target < -1).any()) or bool((target >= d.shape[1]).any()):
+                raise ValueError(f"level {level}: targets must be -1 or in [0, {d.shape[1]})")
+
+    def extra_repr(self) -> str:
+        return (f"n_levels={self.n_levels}, kernel={self.kernel!r}, learn_tau={self.learn_tau}, "
+                f"learn_weights={self.learn_weights}, betas={self.betas.tolist()}")

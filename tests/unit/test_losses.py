@@ -1,0 +1,403 @@
+"""hierloc.training.losses (GWH-InfoNCE) and hierloc.geometry.geodesy (the great-circle distances that feed its
+weights).
+
+Loss values are checked against the formula written out by hand; geodesy against a numpy float64 haversine
+written here (OSV5M's formula, R = 6371 km).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierloc.geometry import geodesy
+from hierloc.geometry import hyperbolic
+from hierloc.training.losses import KERNELS, GWHInfoNCE, kernel_values, level_log_probs, weighted_cross_entropy
+
+# ================================================================================================ GWH-InfoNCE
+
+
+def make_loss(**kwargs) -> GWHInfoNCE:
+    defaults = dict(n_levels=1, tau=0.5, lam=1.0, sigma_km=200.0, betas=(1.0,))
+    defaults.update(kwargs)
+    return GWHInfoNCE(**defaults)
+
+
+def random_batch(batch=6, sizes=(3, 5, 8, 13), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sqdists = [torch.rand(batch, n, generator=gen) * 4.0 for n in sizes]
+    targets = torch.stack([torch.randint(0, n, (batch,), generator=gen) for n in sizes], dim=1)
+    geo = [torch.rand(batch, n, generator=gen) * 3000.0 for n in sizes]
+    return sqdists, targets, geo
+
+
+def test_hand_computed_value_on_a_tiny_case():
+    # one image, three entities, the true one is entity 0; tau = 0.5, lambda = 1, sigma = 200 km, Laplace kernel
+    d = torch.tensor([[0.5, 2.0, 1.0]])
+    g = torch.tensor([[0.0, 100.0, 500.0]])
+    w1, w2 = 1.0 + math.exp(-100.0 / 200.0), 1.0 + math.exp(-500.0 / 200.0)  # 1.6065, 1.0821
+    numerator = math.exp(-0.5 / 0.5)
+    expected = -math.log(numerator / (numerator + w1 * math.exp(-2.0 / 0.5) + w2 * math.exp(-1.0 / 0.5)))
+    out = make_loss()([d], torch.tensor([[0]]), [g])
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["level_losses"].tolist() == pytest.approx([expected], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kernel, k_of_ratio",
+    [
+        ("laplace", lambda r: math.exp(-r)),
+        ("gaussian", lambda r: math.exp(-0.5 * r * r)),
+        ("inverse", lambda r: 1 / (1 + r)),
+    ],
+)
+def test_hand_computed_value_for_each_kernel_with_the_positive_in_the_middle(kernel, k_of_ratio):
+    d = torch.tensor([[1.5, 0.2, 0.9, 3.0]])
+    g = torch.tensor([[50.0, 7.0, 400.0, 1200.0]])
+    tau, lam, sigma = 0.3, 2.5, 150.0
+    z = [-v / tau for v in d[0].tolist()]
+    weights = {k: 1 + lam * k_of_ratio(g[0, k].item() / sigma) for k in (0, 2, 3)}
+    denominator = math.exp(z[1]) + sum(weights[k] * math.exp(z[k]) for k in (0, 2, 3))
+    expected = -(z[1] - math.log(denominator))
+    out = make_loss(tau=tau, lam=lam, sigma_km=sigma, kernel=kernel)([d], torch.tensor([[1]]), [g])
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_lambda_zero_is_exactly_plain_hyperbolic_infonce():
+    sqdists, targets, geo = random_batch()
+    loss = GWHInfoNCE(tau=0.2, lam=0.0, learn_weights=False)
+    out = loss(sqdists, targets, geo)
+    tau = loss.temperature()
+    expected = [F.cross_entropy(-d / tau, targets[:, level]) for level, d in enumerate(sqdists)]
+    # same function; the fused loss multiplies by -1/tau where the reference divides (float32 rounding only)
+    torch.testing.assert_close(out["level_losses"], torch.stack(expected), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["loss"], torch.stack(expected).sum(), rtol=1e-6, atol=0)
+    assert out["lam"] == 0.0
+    # and the same as forgetting the distances altogether
+    assert torch.equal(loss(sqdists, targets, None)["loss"], out["loss"])
+
+
+def test_without_distances_the_weights_are_one():
+    sqdists, targets, _ = random_batch()
+    loss = GWHInfoNCE(tau=0.2, lam=3.0)
+    tau = loss.temperature()
+    expected = sum(F.cross_entropy(-d / tau, targets[:, level]) for level, d in enumerate(sqdists))
+    torch.testing.assert_close(loss(sqdists, targets, None)["loss"], expected)
+
+
+def test_ignored_targets_are_left_out_of_the_average():
+    sqdists, targets, geo = random_batch(batch=8)
+    targets[[1, 4, 6], 2] = -1  # three images without a subregion
+    targets[:, 3] = -1  # no image has a city
+    loss = GWHInfoNCE(tau=0.3, lam=1.5)
+    out = loss(sqdists, targets, geo)
+    keep = torch.tensor([0, 2, 3, 5, 7])
+    single = GWHInfoNCE(n_levels=1, tau=0.3, lam=1.5, betas=(1.0,))
+    expected_level2 = single([sqdists[2][keep]], targets[keep][:, 2:3], [geo[2][keep]])["loss"]
+    torch.testing.assert_close(out["level_losses"][2], expected_level2)
+    assert out["level_losses"][3].item() == 0.0
+    assert out["level_counts"].tolist() == [8, 8, 5, 0]
+    assert torch.isfinite(out["loss"])
+
+
+def test_a_level_with_a_single_entity_costs_nothing():
+    loss = make_loss(tau=0.1, lam=2.0)
+    d = torch.tensor([[3.0], [0.1]], requires_grad=True)
+    out = loss([d], torch.tensor([[0], [0]]), [torch.tensor([[10.0], [900.0]])])
+    assert out["loss"].item() == 0.0
+    out["loss"].backward()
+    assert torch.isfinite(d.grad).all()
+
+
+def test_betas_weight_the_level_losses():
+    sqdists, targets, geo = random_batch()
+    betas = (1.0, 0.0, 2.0, 0.5)
+    out = GWHInfoNCE(betas=betas, lam=1.0)(sqdists, targets, geo)
+    unweighted = GWHInfoNCE(lam=1.0)(sqdists, targets, geo)
+    torch.testing.assert_close(out["level_losses"], unweighted["level_losses"])
+    torch.testing.assert_close(out["loss"], sum(b * l for b, l in zip(betas, unweighted["level_losses"])))
+
+
+def test_float64_inputs_agree_with_float32():
+    sqdists, targets, geo = random_batch(seed=3)
+    loss = GWHInfoNCE(tau=0.07, lam=4.0, sigma_km=80.0)
+    out32 = loss(sqdists, targets, geo)
+    out64 = loss([d.double() for d in sqdists], targets, [g.double() for g in geo])
+    assert out64["loss"].dtype == torch.float32  # computed in float32 whatever the input
+    torch.testing.assert_close(out64["loss"], out32["loss"], rtol=1e-6, atol=0)
+
+
+def test_near_but_wrong_entities_get_larger_weights():
+    g = torch.tensor([0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0])
+    for kernel in KERNELS:
+        loss = make_loss(lam=2.0, sigma_km=100.0, kernel=kernel)
+        w = loss.weights(g)
+        assert w[0].item() == pytest.approx(3.0)  # 1 + lambda at g = 0
+        assert (w[1:4] < w[:3]).all() and (w[4:] <= w[3:-1]).all()  # decreasing (strictly up to a few sigma)
+        assert w[-1].item() == pytest.approx(1.0, abs=0.02)  # far negatives weigh ~1
+        assert (kernel_values(g / 100.0, kernel) <= 1.0).all()
+
+
+def test_a_near_negative_costs_more_than_a_far_one_at_the_same_embedding_distance():
+    loss = make_loss(lam=1.0, sigma_km=200.0)
+    d = torch.tensor([[0.2, 1.0, 1.0]])
+    near_first = loss([d], torch.tensor([[0]]), [torch.tensor([[0.0, 20.0, 3000.0]])])["loss"]
+    far_first = loss([d], torch.tensor([[0]]), [torch.tensor([[0.0, 3000.0, 20.0]])])["loss"]
+    both_far = loss([d], torch.tensor([[0]]), [torch.tensor([[0.0, 3000.0, 3000.0]])])["loss"]
+    torch.testing.assert_close(near_first, far_first)  # symmetric
+    assert near_first > both_far
+
+
+def test_the_positive_keeps_weight_one_whatever_its_distance():
+    loss = make_loss(lam=5.0, sigma_km=100.0)
+    d = torch.tensor([[0.4, 1.0, 2.0]])
+    a = loss([d], torch.tensor([[0]]), [torch.tensor([[0.0, 500.0, 900.0]])])["loss"]
+    b = loss([d], torch.tensor([[0]]), [torch.tensor([[4000.0, 500.0, 900.0]])])["loss"]
+    assert torch.equal(a, b)
+
+
+def test_gradients_are_finite_through_pairwise_sqdist_near_the_boundary():
+    torch.manual_seed(0)
+    dim, sizes = 16, (2, 5, 9, 20)
+    entities = [hyperbolic.project(100.0 * torch.randn(n, dim)) for n in sizes]  # all at the float32 margin
+    targets = torch.stack([torch.randint(0, n, (6,)) for n in sizes], dim=1)
+    images = entities[3][targets[:, 3]].clone()  # images sitting exactly on their city
+    images[3:] = hyperbolic.project(images[3:] + 1e-4 * torch.randn(3, dim))
+    images.requires_grad_()
+    entity_params = [e.clone().requires_grad_() for e in entities]
+    geo = [torch.rand(6, n) * 2000.0 for n in sizes]
+    loss = GWHInfoNCE(tau=0.05, lam=1.0)
+    out = loss([hyperbolic.pairwise_sqdist(images, e) for e in entity_params], targets, geo)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    for tensor in [images, *entity_params, loss.log_tau, loss.log_lam, loss.log_sigma]:
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+
+
+def test_learnable_and_fixed_parameters():
+    learn = GWHInfoNCE()
+    assert {name for name, _ in learn.named_parameters()} == {"log_tau", "log_lam", "log_sigma"}
+    fixed = GWHInfoNCE(learn_tau=False, learn_weights=False)
+    assert list(fixed.parameters()) == []
+    assert {"log_tau", "log_lam", "log_sigma", "betas"} <= {name for name, _ in fixed.named_buffers()}
+    assert fixed.temperature().item() == pytest.approx(0.1)
+    assert fixed.sigma_km().item() == pytest.approx(300.0)
+    assert isinstance(learn(*random_batch())["tau"], float)
+
+
+def test_lambda_and_sigma_gradients_push_towards_plain_infonce():
+    # Documented caveat: w >= 1 only adds to the denominator, so dL/dlambda >= 0 and dL/dsigma >= 0.
+    for kernel in KERNELS:
+        loss = GWHInfoNCE(lam=1.0, kernel=kernel)
+        loss(*random_batch(seed=5))["loss"].backward()
+        assert loss.log_lam.grad.item() > 0
+        assert loss.log_sigma.grad.item() > 0
+
+
+def test_parameters_are_clamped_to_their_ranges():
+    loss = GWHInfoNCE(tau_range=(0.05, 2.0), lam_range=(0.5, 4.0), sigma_range_km=(20.0, 900.0))
+    with torch.no_grad():
+        loss.log_tau.fill_(10.0)
+        loss.log_lam.fill_(-10.0)
+        loss.log_sigma.fill_(10.0)
+    assert loss.temperature().item() == pytest.approx(2.0)
+    assert loss.lam().item() == pytest.approx(0.5)
+    assert loss.sigma_km().item() == pytest.approx(900.0)
+    loss(*random_batch())["loss"].backward()
+    assert loss.log_tau.grad.item() == 0.0  # stuck at the bound: no gradient
+    with pytest.raises(ValueError, match="outside its range"):
+        GWHInfoNCE(tau=20.0)
+    with pytest.raises(ValueError, match="range"):
+        GWHInfoNCE(lam_range=(0.0, 1.0))
+
+
+def test_bad_arguments_and_inputs_are_rejected():
+    with pytest.raises(ValueError, match="kernel"):
+        GWHInfoNCE(kernel="cauchy")
+    with pytest.raises(ValueError, match="learn_weights"):
+        GWHInfoNCE(lam=0.0)
+    with pytest.raises(ValueError, match="betas"):
+        GWHInfoNCE(betas=(1.0, 1.0))
+    sqdists, targets, geo = random_batch()
+    loss = GWHInfoNCE()
+    with pytest.raises(ValueError, match="levels"):
+        loss(sqdists[:3], targets, geo)
+    bad = targets.clone()
+    bad[0, 1] = 5  # level 1 has 5 entities
+    with pytest.raises(ValueError, match=r"level 1: targets"):
+        loss(sqdists, bad, geo)
+    with pytest.raises(ValueError, match="geo_km"):
+        loss(sqdists, targets, [g[:, :-1] for g in geo])
+    with pytest.raises(ValueError, match="integer"):
+        loss(sqdists, targets.float(), geo)
+
+
+def test_level_log_probs_is_a_plain_log_softmax_over_negative_squared_distances():
+    d = torch.tensor([[0.1, 2.0, 0.5], [3.0, 3.0, 0.0]])
+    log_p = level_log_probs(d, 0.25)
+    torch.testing.assert_close(log_p, F.log_softmax(-d / 0.25, dim=1))
+    torch.testing.assert_close(log_p.exp().sum(1), torch.ones(2))
+    assert log_p.argmax(1).tolist() == [0, 2]  # the nearest entity is the most probable
+    loss = GWHInfoNCE(tau=0.25)
+    torch.testing.assert_close(level_log_probs(d.double(), loss.temperature()), log_p)
+
+
+# ================================================================================================ geodesy
+
+
+def numpy_haversine_km(lat1, lon1, lat2, lon2):
+    """OSV5M's formula in float64 numpy: 2R asin(sqrt(sin^2(dlat/2) + cos lat1 cos lat2 sin^2(dlon/2)))."""
+    lat1, lon1, lat2, lon2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
+    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def sphere(n, seed):
+    rng = np.random.default_rng(seed)
+    return np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)
+
+
+def test_earth_radius_is_osv5ms():
+    assert geodesy.EARTH_RADIUS_KM == 6371.0
+
+
+def test_known_distances():
+    one_degree = geodesy.haversine_km(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0))
+    assert one_degree.item() == pytest.approx(6371.0 * math.pi / 180.0, rel=1e-6)
+    antipodes = geodesy.pairwise_haversine_km(torch.tensor([0.0, 90.0]), torch.tensor([0.0, 0.0]),
+                                              torch.tensor([0.0, -90.0]), torch.tensor([180.0, 0.0]))
+    assert antipodes[0, 0].item() == pytest.approx(6371.0 * math.pi, rel=1e-6)
+    assert antipodes[1, 1].item() == pytest.approx(6371.0 * math.pi, rel=1e-6)
+    assert torch.isfinite(antipodes).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_haversine_matches_numpy_and_broadcasts(dtype):
+    lat1, lon1 = sphere(200, 1)
+    lat2, lon2 = sphere(200, 2)
+    expected = numpy_haversine_km(lat1, lon1, lat2, lon2)
+    t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
+    out = geodesy.haversine_km(t(lat1), t(lon1), t(lat2), t(lon2))
+    assert out.dtype == dtype
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-2}[dtype]  # float32: coordinates rounded to ~1e-6 deg
+    expected32 = numpy_haversine_km(*(np.asarray(t(v), dtype=np.float64) for v in (lat1, lon1, lat2, lon2)))
+    np.testing.assert_allclose(out.double().numpy(), expected32 if dtype == torch.float32 else expected, atol=tolerance)
+    grid = geodesy.haversine_km(t(lat1[:5])[:, None], t(lon1[:5])[:, None], t(lat2[:7])[None], t(lon2[:7])[None])
+    assert grid.shape == (5, 7)
+
+
+def test_pairwise_haversine_matches_numpy_in_float64_within_a_metre():
+    lat_a, lon_a = sphere(40, 3)
+    lat_b, lon_b = sphere(300, 4)
+    # add hard cases: coincident, 1-10 km away, nearly antipodal
+    lat_b = np.concatenate([lat_b, lat_a, lat_a + 0.01, lat_a + 0.05, -lat_a + 1e-5])
+    lon_b = np.concatenate([lon_b, lon_a, lon_a, lon_a - 0.03, lon_a + 180.0])
+    expected = numpy_haversine_km(lat_a[:, None], lon_a[:, None], lat_b[None], lon_b[None])
+    out = geodesy.pairwise_haversine_km(*(torch.tensor(v) for v in (lat_a, lon_a, lat_b, lon_b)))
+    assert out.shape == (40, lat_b.size) and out.dtype == torch.float64
+    err = np.abs(out.numpy() - expected)
+    assert err[expected > 1.0].max() < 1e-3  # the contract: within 1 m beyond 1 km
+    assert err.max() < 1e-3  # and in fact everywhere, coincident and antipodal points included
+
+
+def test_pairwise_haversine_in_float32_is_within_a_few_metres():
+    lat_a, lon_a = sphere(30, 5)
+    lat_b, lon_b = sphere(200, 6)
+    lat_b, lon_b = np.concatenate([lat_b, lat_a + 0.001]), np.concatenate([lon_b, lon_a])
+    lat_a, lon_a, lat_b, lon_b = (torch.tensor(v, dtype=torch.float32) for v in (lat_a, lon_a, lat_b, lon_b))
+    # reference on the float32-rounded coordinates, in float64
+    expected = numpy_haversine_km(lat_a.double().numpy()[:, None], lon_a.double().numpy()[:, None],
+                                  lat_b.double().numpy()[None], lon_b.double().numpy()[None])
+    out = geodesy.pairwise_haversine_km(lat_a, lon_a, lat_b, lon_b)
+    assert out.dtype == torch.float32
+    assert np.abs(out.double().numpy() - expected).max() < 5e-3  # float32 rounding of the result (<= 1.2 m)
+
+
+def test_pairwise_haversine_works_in_row_chunks(monkeypatch):
+    monkeypatch.setattr(geodesy, "_CHUNK_ELEMENTS", 64)  # 64 / 50 -> one row per chunk
+    lat_a, lon_a = sphere(7, 7)
+    lat_b, lon_b = sphere(50, 8)
+    out = geodesy.pairwise_haversine_km(*(torch.tensor(v) for v in (lat_a, lon_a, lat_b, lon_b)))
+    expected = numpy_haversine_km(lat_a[:, None], lon_a[:, None], lat_b[None], lon_b[None])
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
+
+
+def test_pairwise_haversine_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="lat/lon"):
+        geodesy.pairwise_haversine_km(torch.zeros(3), torch.zeros(2), torch.zeros(4), torch.zeros(4))
+
+
+def test_latlon_to_unit_gives_unit_vectors_with_the_usual_axes():
+    lat, lon = sphere(100, 9)
+    unit = geodesy.latlon_to_unit(torch.tensor(lat), torch.tensor(lon))
+    assert unit.shape == (100, 3) and unit.dtype == torch.float64
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(100, dtype=torch.float64))
+    axes = geodesy.latlon_to_unit(torch.tensor([0.0, 0.0, 90.0]), torch.tensor([0.0, 90.0, 0.0]))
+    torch.testing.assert_close(axes, torch.eye(3), atol=1e-7, rtol=0)
+    assert geodesy.latlon_to_unit(torch.zeros(2, 3), torch.zeros(2, 3)).shape == (2, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert geodesy.latlon_to_unit(10.0, 20.0).shape == (3,)
+
+
+# ----------------------------------------------------------------------------------- fused cross-entropy
+
+
+def _composed_reference(d, log_w, tau, target):
+    logits = -d / tau if log_w is None else log_w - d / tau
+    return F.cross_entropy(logits, target, ignore_index=-1)
+
+
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_fused_cross_entropy_matches_the_composed_ops_with_gradients_in_float64(with_weights):
+    torch.manual_seed(3)
+    d = (torch.rand(6, 9, dtype=torch.float64) * 20).requires_grad_()
+    log_w = (torch.rand(6, 9, dtype=torch.float64) * 2).requires_grad_() if with_weights else None
+    tau = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([2, -1, 0, 8, -1, 5])
+    inputs = [t for t in (d, log_w, tau) if t is not None]
+    got = weighted_cross_entropy(d, log_w, tau, target)
+    want = _composed_reference(d, log_w, tau, target)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for g_got, g_want in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-14)
+    # and finite differences
+    assert torch.autograd.gradcheck(lambda *a: weighted_cross_entropy(a[0], a[1] if with_weights else None,
+                                                                      a[-1], target), tuple(inputs))
+
+
+def test_fused_cross_entropy_ignored_rows_get_no_gradient_and_backward_can_run_twice():
+    d = (torch.rand(4, 5) * 10).requires_grad_()
+    tau = torch.tensor(0.5, requires_grad=True)
+    target = torch.tensor([1, -1, -1, 3])
+    loss = weighted_cross_entropy(d, None, tau, target)
+    (g1,) = torch.autograd.grad(loss, d, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, d)
+    assert torch.equal(g1, g2)  # the saved logits are not modified by backward
+    assert torch.equal(g1[1:3], torch.zeros(2, 5)) and g1[0].abs().sum() > 0
+    # the rows' gradients sum to zero (softmax - onehot), scaled by -1/tau
+    torch.testing.assert_close(g1.sum(dim=1), torch.zeros(4), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("learn_weights", [False, True])
+def test_laplace_log_weights_are_log1p_of_the_extra_weight_with_the_positive_at_zero(learn_weights):
+    torch.manual_seed(4)
+    g = torch.cat([torch.rand(5, 7) * 3000, torch.zeros(5, 1), torch.full((5, 1), 2e4)], dim=1)
+    target = torch.tensor([0, 6, -1, 3, 2])
+    loss = GWHInfoNCE(lam=2.5, sigma_km=250.0, learn_weights=learn_weights)
+    got = loss.log_weights(g, target)
+    want = torch.log1p(2.5 * torch.exp(-g.double() / 250.0))
+    want[torch.arange(5), target.clamp_min(0)] = 0.0
+    # absolute 1e-7: the fixed-weight path drops weights below float32's resolution of 1 + e
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    assert (got[torch.arange(5), target.clamp_min(0)] == 0).all()
+    if learn_weights:  # differentiable in lambda and sigma
+        grads = torch.autograd.grad(got.sum(), (loss.log_lam, loss.log_sigma))
+        assert all(torch.isfinite(gr) and gr.abs() > 0 for gr in grads)
+    else:
+        assert not got.requires_grad
