@@ -291,6 +291,76 @@ def _exact_pairs(x64, y, a, b, i, j, c):
     return 2.0 * torch.asinh((0.5 * m).sqrt()), m, diff
 
 
+def _poincare_operands(x: torch.Tensor, y: torch.Tensor, c: float, dtype: torch.dtype):
+    """The augmented rows whose ONE matrix product gives w = 1 + m for every pair, and their float64 factors.
+
+    x (B, D), y (N, D) -> nx (B, 1), ny (N, 1) squared norms, a (B, 1), b (N, 1) conformal denominators
+    1 - c|.|^2, alpha = 2c / a, beta = 1 / b (all float64), left (B, D + 3) = [alpha x, alpha |x|^2, alpha, 1] and
+    right (N, D + 3) = [-2 beta y, beta, beta |y|^2, 1] in ``dtype``: left_i . right_j = 1 + m_ij.
+    """
+    nx, ny = _sqnorm_rows64(x), _sqnorm_rows64(y)
+    a, b = _conformal_denominator(nx, c), _conformal_denominator(ny, c)
+    alpha, beta = 2.0 * c / a, 1.0 / b
+    left = _augmented(x, alpha, [alpha * nx, alpha, torch.ones_like(nx)], dtype)
+    right = _augmented(y, -2.0 * beta, [beta, beta * ny, torch.ones_like(ny)], dtype)
+    return nx, ny, a, b, alpha, beta, left, right
+
+
+def _rows_grad(x, nx, a, v, c: float, k_s: float) -> torch.Tensor:
+    """Gradient w.r.t. x (B, D) from v = H @ right[:, :D + 2] (B, D + 2), H_ij = dL/dF_ij * (dF/dm_ij / k_s).
+
+    With m_ij = 2c ||x_i - y_j||^2 / (a_i b_j): dm_ij/dx_i = (4c / (a_i b_j)) (x_i - y_j) + m_ij (2c / a_i) x_i, and
+    v = [sum_j H (-2 y_j / b_j), sum_j H / b_j, sum_j H |y_j|^2 / b_j]; O(B D) float64 work.
+    """
+    dim = x.shape[1]
+    v = v.double()
+    vy, v1, vn = -0.5 * v[:, :dim], v[:, dim : dim + 1], v[:, dim + 1 :]
+    x64 = x.detach().double()
+    s = nx * v1 + vn - 2.0 * (x64 * vy).sum(dim=1, keepdim=True)  # sum_j H ||x_i - y_j||^2 / b_j
+    grad_x = k_s * (4.0 * c / a * (x64 * v1 - vy) + 4.0 * c * c / a.square() * x64 * s)
+    return grad_x.to(x.dtype)
+
+
+def _columns_grad(y, ny, b, u, c: float, k_s: float, dtype) -> torch.Tensor:
+    """Gradient w.r.t. y (N, D) from u = H^T @ left[:, :D + 2] (N, D + 2).
+
+    u = [sum_i H alpha_i x_i, sum_i H alpha_i |x_i|^2, sum_i H alpha_i], alpha_i = 2c / a_i; then
+    grad_y_j = k_s (4c (y_j U1_j - Ux_j) + (4c^2 / b_j) y_j T_j) with U = beta_j u / 2c and
+    T_j = sum_i H ||x_i - y_j||^2 / (a_i b_j): (N, D) work in the working dtype, two passes.
+    """
+    dim = y.shape[1]
+    u_x = u[:, :dim]
+    u_n, u_1 = u[:, dim : dim + 1].double(), u[:, dim + 1 :].double()
+    y_dot_u = torch.linalg.vecdot(y.to(dtype), u_x).unsqueeze(1).double()
+    t_ = (u_n + ny * u_1 - 2.0 * y_dot_u) / (2.0 * c * b)  # T_j
+    coef = k_s * (2.0 * u_1 / b + 4.0 * c * c * t_ / b)  # multiplies y_j
+    grad_y = torch.addcmul(u_x * (-2.0 * k_s / b).to(dtype), y.to(dtype), coef.to(dtype))
+    return grad_y.to(y.dtype)
+
+
+def _add_exact_pair_grads(grad_x, grad_y, x64, y, a, b, i, j, grad_ij, c: float, squared: bool) -> None:
+    """Add the exact float64 gradients of the pairs (x_i, y_j) (i, j: (K,)), whose dL/dF is grad_ij (K,) float64,
+    to grad_x (B, D) and grad_y (N, D) in place (either may be None)."""
+    k_s = 2.0 / c if squared else 1.0 / math.sqrt(c)
+    t, m, diff = _exact_pairs(x64, y, a, b, i, j, c)
+    sinh_t = (m * (m + 2.0)).sqrt()
+    positive = sinh_t > 0
+    safe = torch.where(positive, sinh_t, torch.ones_like(sinh_t))
+    if squared:  # t / sinh(t) -> 1 as t -> 0
+        rat = torch.where(positive, t / safe, torch.ones_like(t))
+    else:  # zero subgradient at x == y, where the distance is not differentiable
+        rat = torch.where(positive, 1.0 / safe, torch.zeros_like(t))
+    hij = k_s * grad_ij * rat
+    ai, bj = a[i, 0], b[j, 0]
+    common = (4.0 * c * hij / (ai * bj)).unsqueeze(1) * diff  # (K, D)
+    if grad_x is not None:
+        pair_x = common + (hij * m * 2.0 * c / ai).unsqueeze(1) * x64[i]
+        grad_x.index_add_(0, i, pair_x.to(grad_x.dtype))
+    if grad_y is not None:
+        pair_y = -common + (hij * m * 2.0 * c / bj).unsqueeze(1) * y[j].double()
+        grad_y.index_add_(0, j, pair_y.to(grad_y.dtype))
+
+
 def _column_blocks(n_rows: int, n_cols: int) -> tuple[int, list[tuple[int, int]]]:
     """Block width C (columns) for a (n_rows, n_cols) matrix, ~_BLOCK_ELEMENTS elements per block (at least one
     column), and the blocks' (start, stop) column ranges."""
@@ -325,12 +395,7 @@ class _PairwisePoincare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, c: float, squared: bool, dtype: torch.dtype, keep_for_backward: bool):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            nx, ny = _sqnorm_rows64(x), _sqnorm_rows64(y)  # (B, 1), (N, 1) float64
-            a, b = _conformal_denominator(nx, c), _conformal_denominator(ny, c)
-            alpha, beta = 2.0 * c / a, 1.0 / b
-            # w_ij = 1 + alpha_i beta_j (|x_i|^2 + |y_j|^2 - 2 x_i.y_j) = 1 + m_ij, in ONE matrix product
-            left = _augmented(x, alpha, [alpha * nx, alpha, torch.ones_like(nx)], dtype)  # (B, D + 3)
-            right = _augmented(y, -2.0 * beta, [beta, beta * ny, torch.ones_like(ny)], dtype)  # (N, D + 3)
+            nx, ny, a, b, alpha, beta, left, right = _poincare_operands(x, y, c, dtype)
             n_rows, n_cols = x.shape[0], y.shape[0]
             out = torch.empty(n_rows, n_cols, dtype=dtype, device=x.device)
             # dF/dm up to the constant k_s, kept for backward: t / sinh(t) (squared) or 1 / sinh(t) (distance)
@@ -386,45 +451,12 @@ class _PairwisePoincare(torch.autograd.Function):
                     v.addmm_(h, right[start:stop, : dim + 2])
                 if need_y:  # u = H^T [alpha_i x_i, alpha_i |x_i|^2, alpha_i]
                     torch.mm(h.T, left_u, out=u[start:stop])
-            grad_x = grad_y = None
-            if need_x:
-                v = v.double()
-                vy, v1, vn = -0.5 * v[:, :dim], v[:, dim : dim + 1], v[:, dim + 1 :]
-                x64 = x.detach().double()
-                s = nx * v1 + vn - 2.0 * (x64 * vy).sum(dim=1, keepdim=True)  # sum_j H ||x_i - y_j||^2 / b_j
-                grad_x = k_s * (4.0 * c / a * (x64 * v1 - vy) + 4.0 * c * c / a.square() * x64 * s)
-                grad_x = grad_x.to(x.dtype)
-            if need_y:
-                # u = [sum_i H alpha_i x_i, sum_i H alpha_i |x_i|^2, sum_i H alpha_i], alpha_i = 2c / a_i; then
-                # grad_y_j = k_s (4c (y_j U1_j - Ux_j) + (4c^2 / b_j) y_j T_j) with U = beta_j u / 2c and
-                # T_j = sum_i H ||x_i - y_j||^2 / (a_i b_j): (N, D) work in the working dtype, two passes.
-                u_x = u[:, :dim]
-                u_n, u_1 = u[:, dim : dim + 1].double(), u[:, dim + 1 :].double()
-                y_dot_u = torch.linalg.vecdot(y.to(dtype), u_x).unsqueeze(1).double()
-                t_ = (u_n + ny * u_1 - 2.0 * y_dot_u) / (2.0 * c * b)  # T_j
-                coef = k_s * (2.0 * u_1 / b + 4.0 * c * c * t_ / b)  # multiplies y_j
-                grad_y = torch.addcmul(u_x * (-2.0 * k_s / b).to(dtype), y.to(dtype), coef.to(dtype))
-                grad_y = grad_y.to(y.dtype)
+            grad_x = _rows_grad(x, nx, a, v, c, k_s) if need_x else None
+            grad_y = _columns_grad(y, ny, b, u, c, k_s, dtype) if need_y else None
             if ii.numel():
                 x64 = x.detach().double()
                 for i, j in _chunks(ii, jj):
-                    t, m, diff = _exact_pairs(x64, y, a, b, i, j, c)
-                    sinh_t = (m * (m + 2.0)).sqrt()
-                    positive = sinh_t > 0
-                    safe = torch.where(positive, sinh_t, torch.ones_like(sinh_t))
-                    if squared:  # t / sinh(t) -> 1 as t -> 0
-                        rat = torch.where(positive, t / safe, torch.ones_like(t))
-                    else:  # zero subgradient at x == y, where the distance is not differentiable
-                        rat = torch.where(positive, 1.0 / safe, torch.zeros_like(t))
-                    hij = k_s * grad[i, j].double() * rat
-                    ai, bj = a[i, 0], b[j, 0]
-                    common = (4.0 * c * hij / (ai * bj)).unsqueeze(1) * diff  # (K, D)
-                    if need_x:
-                        pair_x = common + (hij * m * 2.0 * c / ai).unsqueeze(1) * x64[i]
-                        grad_x.index_add_(0, i, pair_x.to(grad_x.dtype))
-                    if need_y:
-                        pair_y = -common + (hij * m * 2.0 * c / bj).unsqueeze(1) * y[j].double()
-                        grad_y.index_add_(0, j, pair_y.to(grad_y.dtype))
+                    _add_exact_pair_grads(grad_x, grad_y, x64, y, a, b, i, j, grad[i, j].double(), c, squared)
         return grad_x, grad_y, None, None, None, None
 
 
