@@ -83,6 +83,11 @@ class LossConfig:
     learn_weights: bool = False
     kernel: str = "laplace"           # "laplace" (paper), "gaussian", "inverse"
     concept_weight: float = 0.5       # weight of the concept BCE next to the geolocation loss
+    # The training step's loss: true = computed from the points in tiles of entities (hierloc._gwh_blocked): no
+    # (B, N) tensor at any level, forward or backward, so memory grows as (B + N) D and the cost as B N without
+    # passes over large buffers; false = the reference on full (B, N) distance / weight / softmax matrices (kept
+    # as the specification; same values and gradients). The Euclidean ablation always uses the reference.
+    blocked: bool = True
 
 
 @dataclass

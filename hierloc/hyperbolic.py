@@ -373,6 +373,33 @@ def _block(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     return buffer[: n_rows * n_cols].view(n_rows, n_cols)
 
 
+def _row_limit(nx, ny, alpha, beta, dtype) -> torch.Tensor:
+    """Per row (B, 1) in ``dtype``: a bound on w = 1 + m below which a row may hold a pair to recompute exactly
+    (``_flag_block``): 1 + max(kappa alpha_i (|x_i|^2 + max|y|^2) max beta, m_min)."""
+    kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
+    return (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)
+
+
+def _arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, beta):
+    """One block of t = arcosh(1 + m) = sqrt(c) d from the matrix product: left (R, D + 3) and the block's rows
+    right (C, D + 3) of ``_poincare_operands`` (columns start .. start + C of the level); nx, alpha, row_limit are
+    the R rows'; ny, beta every column's. Writes w (R, C) <- exp(t), s (R, C) <- sinh(t) = sqrt(w^2 - 1) and
+    t (R, C) (may be w itself) <- t. The pairs to recompute exactly (``_flag_block``) are returned as (i, j) with j
+    relative to the block (or None); they get the placeholder w = 2 (their w may be < 1, where sqrt would give
+    NaN, which is also slow on some CPUs), so their t and s are meaningless until the caller writes them.
+    """
+    dtype = w.dtype
+    torch.mm(left, right.T, out=w)
+    flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, _CANCEL_REL[dtype], _SMALL_M[dtype])
+    if flagged is not None:
+        w[flagged] = 2.0
+    torch.addcmul(w.new_full((), -1.0), w, w, out=s)  # w^2 - 1
+    s.sqrt_()  # sinh(t)
+    w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)
+    torch.log(w, out=t)
+    return flagged
+
+
 def _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m):
     """Pairs of a block w (B, C) of 1 + m (columns start .. start + C) to recompute exactly -> (i, j) with j
     relative to the block, or None. A pair is recomputed when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2),
@@ -470,26 +497,18 @@ def _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared: boo
     s = sqrt(w^2 - 1) = sinh(t), exp(t) = w + s, t = log(exp(t)) (= sqrt(c) d), written straight into ``out``.
     """
     dtype = out.dtype
-    kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
-    row_limit = (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)  # (B, 1)
+    row_limit = _row_limit(nx, ny, alpha, beta, dtype)
     n_rows, n_cols = out.shape
     width, blocks = _column_blocks(n_rows, n_cols)
     w_space, s_space = out.new_empty(n_rows * width), out.new_empty(n_rows * width)
-    neg_one = out.new_full((), -1.0)
     scale = (1.0 / c if squared else 1.0 / math.sqrt(c)) if c != 1.0 else None
     pairs = []
     for start, stop in blocks:
         w, s = _block(w_space, n_rows, stop - start), _block(s_space, n_rows, stop - start)
-        torch.mm(left, right[start:stop].T, out=w)
-        flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m)
-        if flagged is not None:
-            w[flagged] = 2.0
-            pairs.append((flagged[0], flagged[1] + start))
-        torch.addcmul(neg_one, w, w, out=s)  # w^2 - 1
-        s.sqrt_()  # sinh(t)
-        w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)
         t = out[:, start:stop]
-        torch.log(w, out=t)
+        flagged = _arcosh_block(left, right[start:stop], start, w, s, t, row_limit, nx, ny, alpha, beta)
+        if flagged is not None:
+            pairs.append((flagged[0], flagged[1] + start))
         if ratio is not None:
             if squared:
                 torch.div(t, s, out=ratio[:, start:stop])

@@ -121,16 +121,23 @@ class TrainModule(nn.Module):
         # the concept head runs once: its tangent share enters the image point, its logits the concept loss
         concept_output = model.concept_head(features) if model.concept_head is not None else None
         points = model.embed_features(features, entity_tangent, concept_output)
-        sqdists = model.level_sqdists(points, model.entity_points(entity_tangent))
-        geo_km = []
+        entity_points = model.entity_points(entity_tangent)
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():
             image_units = latlon_to_unit(lat_deg, lon_deg).float()
             for level in range(N_LEVELS):
                 sl = model.level_slice(level)
-                geo_km.append(_great_circle_km(image_units, self._entity_units(level)))
                 local_targets[:, level] = torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
-        out = self.loss(sqdists, local_targets, geo_km)
+        if self.loss.blocked and model.is_hyperbolic:  # no (B, N) tensor (loss.blocked)
+            levels = range(N_LEVELS)
+            out = self.loss.forward_points(points, [entity_points[model.level_slice(level)] for level in levels],
+                                           local_targets, image_units, [self._entity_units(level) for level in levels],
+                                           c=model.cfg.curvature)
+        else:
+            sqdists = model.level_sqdists(points, entity_points)
+            with torch.no_grad():
+                geo_km = [_great_circle_km(image_units, self._entity_units(level)) for level in range(N_LEVELS)]
+            out = self.loss(sqdists, local_targets, geo_km)
         if model.concept_head is not None and concepts is not None:
             from hierloc.concepts import concept_loss
 
@@ -404,7 +411,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
         model.entity_seen.fill_(True)
     loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
                          betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
-                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
+                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel, blocked=cfg.loss.blocked)
     module = TrainModule(model, loss_fn).to(runtime.device)
     optimizers = build_optimizers(module, cfg)
     # the schedule multiplies these base rates (from the config) by lr_factor(step); read them before a resumed
