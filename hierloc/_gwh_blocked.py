@@ -40,7 +40,9 @@ import torch
 from gazetteer.geo import EARTH_RADIUS_KM
 from hierloc import hyperbolic as hyp
 
-_TILE_ELEMENTS = 1 << 16  # elements per tile (rows x columns): 256 KB per float32 buffer
+_TILE_ELEMENTS = 1 << 17  # elements per tile (rows x columns): 512 KB per float32 buffer
+_LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
+_PLACEHOLDER = 1e18  # w of the pairs recomputed exactly, inside a tile: t = log(2e18) ~ 42, sinh(t) finite
 _ROW_TILE = 256  # rows per tile (larger batches are tiled in rows too: the columns stay wide enough for GEMMs)
 
 
@@ -87,7 +89,10 @@ class _Tiles:
         self.nx, self.ny, self.a, self.b, self.alpha, self.beta, self.left, self.right = \
             hyp._poincare_operands(x, y, c, self.dtype)
         self.row_limit = hyp._row_limit(self.nx, self.ny, self.alpha, self.beta, self.dtype)
-        self.neg_inv_ctau = -1.0 / (c * tau)  # a = -d / tau = neg_inv_ctau t^2
+        self.tau = tau
+        # tiles work in base 2 (exp2 is ~3x faster than exp on CPU): a2 = a log2(e) = -t^2 log2(e) / (c tau)
+        self.neg_inv_ctau = -_LOG2E / (c * tau)
+        self.floor2 = floor * _LOG2E
         self.weighted = lam is not None
         if self.weighted:
             if kernel not in ("laplace", "gaussian", "inverse"):
@@ -95,77 +100,125 @@ class _Tiles:
             self.image_units, self.entity_units = image_units.to(self.dtype), entity_units.to(self.dtype)
             self.lam, self.log_lam = lam, math.log(lam)
             self.k = 2.0 * EARTH_RADIUS_KM / sigma  # g / sigma = k asin(sqrt((1 - u.v) / 2))
-            self._log_lam = torch.full((), self.log_lam, dtype=self.dtype, device=x.device)
+            self._log2_lam = torch.full((), self.log_lam * _LOG2E, dtype=self.dtype, device=x.device)
             self._half = torch.full((), 0.5, dtype=self.dtype, device=x.device)
         n_rows, n_cols = x.shape[0], y.shape[0]
-        self.row_tile = max(1, min(n_rows, row_block or _ROW_TILE))
-        self.col_tile = max(1, min(n_cols, block or _TILE_ELEMENTS // self.row_tile))
-        size = self.row_tile * self.col_tile
-        self._space = [torch.empty(size, dtype=self.dtype, device=x.device) for _ in range(5 if self.weighted else 3)]
-
-    def tiles(self):
-        """(r0, r1, c0, c1, target cells) for every tile, row tiles outer; the target cells are the flat indices
-        (into the (r1 - r0, c1 - c0) tile) of the rows' target columns that fall in the tile, or None."""
-        n_rows, n_cols = self.x.shape[0], self.y.shape[0]
-        for r0 in range(0, n_rows, self.row_tile):
-            r1 = min(r0 + self.row_tile, n_rows)
+        row_tile = max(1, min(n_rows, row_block or _ROW_TILE))
+        col_tile = max(1, min(n_cols, block or _TILE_ELEMENTS // row_tile))
+        # the columns' operands transposed (contiguous (k, N)): a tile's slice is then a contiguous-row matrix,
+        # the layout in which MKL's products of these shapes are fastest
+        self.right_t = self.right.T.contiguous()
+        units_t = self.entity_units.T.contiguous() if self.weighted else None
+        space = [torch.empty(row_tile * col_tile, dtype=self.dtype, device=x.device)
+                 for _ in range(5 if self.weighted else 3)]
+        self.plan = []
+        for r0 in range(0, n_rows, row_tile):
+            r1 = min(r0 + row_tile, n_rows)
             sorted_target, order = self.target[r0:r1].sort()
             bounds = sorted_target.tolist()
-            for c0 in range(0, n_cols, self.col_tile):
-                c1 = min(c0 + self.col_tile, n_cols)
+            for c0 in range(0, n_cols, col_tile):
+                c1 = min(c0 + col_tile, n_cols)
                 lo, hi = bisect.bisect_left(bounds, c0), bisect.bisect_left(bounds, c1)
                 cells = order[lo:hi] * (c1 - c0) + (sorted_target[lo:hi] - c0) if hi > lo else None
-                yield r0, r1, c0, c1, cells
-
-    def buffers(self, n_rows: int, n_cols: int) -> list[torch.Tensor]:
-        return [hyp._block(space, n_rows, n_cols) for space in self._space]
+                self.plan.append(_Tile(self, r0, r1, c0, c1, cells, space, units_t))
 
     def positive_sqdist(self) -> torch.Tensor:
         """(B,) float64 exact squared distance of every image to its target (no matrix product)."""
         rows = torch.arange(self.x.shape[0], device=self.x.device)
-        t = hyp._exact_pairs(self.x.detach().double(), self.y, self.a, self.b, rows, self.target, self.c)[0]
+        return self.pair_sqdist(rows, self.target)
+
+    def pair_sqdist(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """(K,) float64 exact squared distances of the pairs (x_i, y_j), from the differences (no cancellation)."""
+        t = hyp._exact_pairs(self.x.detach().double(), self.y, self.a, self.b, i, j, self.c)[0]
         return t.square() / self.c
 
-    def arcosh(self, r0, r1, c0, c1, w, s):
-        """w <- t = arcosh(1 + m) (= sqrt(c) d) and s <- sinh(t) for the tile; the exactly recomputed pairs
-        (t exact, s meaningless) are returned as (i, j) relative to the tile, or None."""
-        flagged = hyp._arcosh_block(self.left[r0:r1], self.right[c0:c1], c0, w, s, w, self.row_limit[r0:r1],
-                                    self.nx[r0:r1], self.ny, self.alpha[r0:r1], self.beta)
-        if flagged is not None:
-            i, j = flagged
-            t = hyp._exact_pairs(self.x.detach().double(), self.y, self.a, self.b, i + r0, j + c0, self.c)[0]
-            w[i, j] = t.to(w.dtype)
-        return flagged
+    def arcosh(self, tile: "_Tile", w, s, flagged=None):
+        """w <- t = arcosh(1 + m) (= sqrt(c) d) and s <- sinh(t) for the tile. The pairs to recompute exactly
+        (found here, or given as flat indices into the tile) get the placeholder w = _PLACEHOLDER: a large t,
+        which neither sets a row's shift nor adds a term (the caller zeroes them), finite everywhere; found pairs
+        are returned as flat indices (or None)."""
+        if flagged is not None:  # known from the forward
+            torch.mm(tile.left, tile.right_t, out=w)
+            w.view(-1).index_fill_(0, flagged, _PLACEHOLDER)
+            torch.addcmul(w.new_full((), -1.0), w, w, out=s).sqrt_()
+            torch.log(w.add_(s), out=w)
+            return flagged
+        found = hyp._arcosh_block(tile.left, tile.right_t.T, tile.c0, w, s, w, tile.row_limit, tile.nx, self.ny,
+                                  tile.alpha, self.beta, placeholder=_PLACEHOLDER)
+        return None if found is None else found[0] * (tile.c1 - tile.c0) + found[1]
 
-    def logit(self, t: torch.Tensor) -> torch.Tensor:
-        """a = -t^2 / (c tau) of (R,) values t, rounded exactly as ``softmax_terms`` rounds it in a tile (same op),
-        so that the term that sets a row's shift gets exp(0) = 1 exactly, in forward and backward alike."""
+    def logit2(self, t: torch.Tensor) -> torch.Tensor:
+        """a2 = a log2(e) = -t^2 log2(e) / (c tau) of (R,) values t, rounded exactly as ``softmax_terms`` rounds it
+        in a tile (same op), so that the term that sets a row's shift gets 2^0 = 1 exactly, forward and backward."""
         return torch.addcmul(t.new_zeros(()), t, t, value=self.neg_inv_ctau)
 
-    def softmax_terms(self, q, t, shift):
-        """q <- exp(max(a - shift, floor)), a = -t^2 / (c tau): t (R, C), shift (R, 1) per row."""
-        torch.addcmul(shift.neg(), t, t, value=self.neg_inv_ctau, out=q)
-        return q.clamp_min_(self.floor).exp_()
+    def softmax_terms(self, q, t, shift2):
+        """q <- exp(max(a - shift, floor)) = 2^max(a2 - shift2, floor log2(e)): t (R, C), shift2 (R, 1) per row,
+        in base 2."""
+        torch.addcmul(shift2.neg(), t, t, value=self.neg_inv_ctau, out=q)
+        return q.clamp_min_(self.floor2).exp2_()
 
-    def kernel_terms(self, r0, r1, c0, c1, h, e, need_rho: bool) -> None:
+    def kernel_terms(self, tile: "_Tile", h, e, need_rho: bool) -> None:
         """e <- lambda K(g / sigma) for the tile (exponent floored) and, if need_rho, h <- rho with
         sigma dlog(W)/dsigma = e rho / W: g / sigma (laplace), (g / sigma)^2 (gaussian), (g / sigma) / (1 + g / sigma)
         (inverse). g is the great circle 2 R asin(|u - v| / 2), (1 - u.v) / 2 = |u - v|^2 / 4 from one product."""
-        torch.addmm(self._half, self.image_units[r0:r1], self.entity_units[c0:c1].T, alpha=-0.5, out=h)
+        torch.addmm(self._half, tile.units, tile.units_t, alpha=-0.5, out=h)
         h.clamp_(0.0, 1.0).sqrt_().asin_()  # g / (2 R)
-        if self.kernel == "laplace":  # lambda exp(-g / sigma) = exp(log lambda - k h)
-            torch.add(self._log_lam, h, alpha=-self.k, out=e).clamp_min_(self.log_lam + self.floor).exp_()
+        self._kernel(h, e, need_rho)
+
+    def _kernel(self, h, e, need_rho: bool) -> None:
+        """From h = g / (2 R) (any shape): e <- lambda K(g / sigma), and h <- rho if need_rho (see kernel_terms)."""
+        low = (self.log_lam + self.floor) * _LOG2E
+        if self.kernel == "laplace":  # lambda exp(-g / sigma) = 2^(log2 lambda - k log2(e) h)
+            torch.add(self._log2_lam, h, alpha=-self.k * _LOG2E, out=e).clamp_min_(low).exp2_()
             if need_rho:
                 h.mul_(self.k)
         elif self.kernel == "gaussian":  # lambda exp(-r^2 / 2)
             h.mul_(self.k).square_()
-            torch.add(self._log_lam, h, alpha=-0.5, out=e).clamp_min_(self.log_lam + self.floor).exp_()
+            torch.add(self._log2_lam, h, alpha=-0.5 * _LOG2E, out=e).clamp_min_(low).exp2_()
         else:  # inverse: lambda / (1 + r)
             h.mul_(self.k)
             torch.add(h, 1.0, out=e).reciprocal_()
             if need_rho:
                 h.mul_(e)
             e.mul_(self.lam)
+
+    def exact_terms(self, i: torch.Tensor, j: torch.Tensor, need_rho: bool):
+        """The recomputed pairs (i, j) (K,) in float64: d (K,), log-logit z = a + log W (K,), e = lambda K and
+        rho (K,) (None without weights; rho only if need_rho)."""
+        d = self.pair_sqdist(i, j)
+        z = d / -self.tau
+        if not self.weighted:
+            return d, z, None, None
+        diff = self.image_units.double().index_select(0, i) - self.entity_units.double().index_select(0, j)
+        h = (0.5 * diff.norm(dim=1)).clamp_(max=1.0).asin_()  # g / (2 R), as 2 R asin(|u - v| / 2)
+        e = torch.empty_like(h)
+        self._kernel(h, e, need_rho)
+        return d, z + torch.log1p(e), e, (h if need_rho else None)
+
+
+class _Tile:
+    """One tile: rows r0..r1-1, columns c0..c1-1, the flat indices of its target cells (or None), views of the
+    operands' rows / columns and of the shared buffers; ``flagged`` is set by the forward."""
+
+    __slots__ = ("r0", "r1", "c0", "c1", "cells", "left", "right_t", "nx", "alpha", "row_limit", "units",
+                 "units_t", "buffers", "flagged")
+
+    def __init__(self, tiles: _Tiles, r0: int, r1: int, c0: int, c1: int, cells, space, units_t):
+        self.r0, self.r1, self.c0, self.c1, self.cells, self.flagged = r0, r1, c0, c1, cells, None
+        self.left, self.right_t = tiles.left[r0:r1], tiles.right_t[:, c0:c1]
+        self.nx, self.alpha, self.row_limit = tiles.nx[r0:r1], tiles.alpha[r0:r1], tiles.row_limit[r0:r1]
+        self.units = tiles.image_units[r0:r1] if units_t is not None else None
+        self.units_t = units_t[:, c0:c1] if units_t is not None else None
+        self.buffers = [hyp._block(buffer, r1 - r0, c1 - c0) for buffer in space]
+
+
+def _segment_logsumexp(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per row, log sum exp of the values (K,) float64 whose row is rows (K,) -> (n_rows,), -inf where none."""
+    top = torch.full((n_rows,), -math.inf, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, rows, values, reduce="amax")
+    sums = torch.zeros_like(top).index_add_(0, rows, (values - top.index_select(0, rows)).exp())
+    return top + sums.log()
 
 
 class _BlockedLevelLoss(torch.autograd.Function):
@@ -177,62 +230,73 @@ class _BlockedLevelLoss(torch.autograd.Function):
             tiles = _Tiles(x, y, target, image_units, entity_units, _number(tau), _number(lam), _number(sigma),
                            options)
             d_pos = tiles.positive_sqdist()
-            z_pos = d_pos / -_number(tau)
-            m = z_pos.to(tiles.dtype, copy=True)  # running shift: max of z_ip and every a_ij seen so far
-            total = torch.zeros_like(d_pos)  # S_i, float64
-            for r0, r1, c0, c1, cells in tiles.tiles():
-                t, s, q, *geo = tiles.buffers(r1 - r0, c1 - c0)
-                tiles.arcosh(r0, r1, c0, c1, t, s)
+            z_pos = d_pos / -tiles.tau
+            m = (z_pos * _LOG2E).to(tiles.dtype)  # running shift (base 2): max of z_ip and every a_ij seen so far
+            total = torch.zeros_like(d_pos)  # S_i over the tiles, float64
+            pairs = []
+            for tile in tiles.plan:
+                r0, r1, cells = tile.r0, tile.r1, tile.cells
+                t, s, q, *geo = tile.buffers
+                found = tile.flagged = tiles.arcosh(tile, t, s)
                 m_old = m[r0:r1]
-                m_new = torch.maximum(m_old, tiles.logit(t.amin(dim=1)))  # a is largest where t is smallest
-                total[r0:r1] *= (m_old - m_new).double().exp_()
+                m_new = torch.maximum(m_old, tiles.logit2(t.amin(dim=1)))  # a is largest where t is smallest
+                total[r0:r1] *= (m_old - m_new).double().exp2_()
                 tiles.softmax_terms(q, t, m_new.unsqueeze(1))
                 if tiles.weighted:
-                    tiles.kernel_terms(r0, r1, c0, c1, *geo, need_rho=False)
+                    tiles.kernel_terms(tile, *geo, need_rho=False)
                     q.addcmul_(q, geo[1])  # W exp(a - m), W = 1 + lambda K
-                if cells is not None:
-                    q.view(-1).index_fill_(0, cells, 0.0)  # the positive is not in S
+                for fill in (cells, found):  # the positive is not in S; the recomputed pairs come below
+                    if fill is not None:
+                        q.view(-1).index_fill_(0, fill, 0.0)
                 total[r0:r1] += q.sum(dim=1).double()
                 m[r0:r1] = m_new
-            delta = total.log() + m.double() - z_pos
+                if found is not None:
+                    width = tile.c1 - tile.c0
+                    pairs.append((torch.div(found, width, rounding_mode="floor") + r0, found % width + tile.c0))
+            i, j = _exact_pairs_off_target(pairs, target)
+            lse_neg = torch.logaddexp(total.log() + m.double() * _LN2, _segment_logsumexp(
+                tiles.exact_terms(i, j, False)[1], i, x.shape[0]))  # log sum over every negative of W e^a
+            delta = lse_neg - z_pos
             loss = torch.nn.functional.softplus(delta).mean().to(tiles.dtype)
-        ctx.options = options
-        ctx.save_for_backward(x, y, tau, lam, sigma, target, image_units, entity_units, m, total, delta, d_pos)
+        ctx.tiles = tiles  # the operands and the tile plan with the forward's recomputed pairs
+        ctx.save_for_backward(tau, lam, sigma, m, lse_neg, delta, d_pos, i, j)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        x, y, tau, lam, sigma, target, image_units, entity_units, m, total, delta, d_pos = ctx.saved_tensors
+        tau, lam, sigma, m, lse_neg, delta, d_pos, fi, fj = ctx.saved_tensors
+        tiles = ctx.tiles
+        x, y, target = tiles.x, tiles.y, tiles.target
         need_x, need_y, need_tau, need_lam, need_sigma = ctx.needs_input_grad[:5]
         with torch.autocast(device_type=x.device.type, enabled=False):
             tau_f, lam_f, sigma_f = _number(tau), _number(lam), _number(sigma)
-            tiles = _Tiles(x, y, target, image_units, entity_units, tau_f, lam_f, sigma_f, ctx.options)
             dtype, dim, n_rows = tiles.dtype, x.shape[1], x.shape[0]
             g = grad_loss.double() / n_rows
             sig = torch.sigmoid(delta)  # 1 - softmax at the positive
-            # softmax at a negative: sig_i q_ij / S_i with q_ij = W_ij exp(max(a_ij - m_i, floor)) formed as in
-            # forward (the term that set m_i is exactly 1, so the row's terms stay normalised to float32 rounding)
-            ratio = torch.where(total > 0, sig / total, 0.0)  # S = 0: no negative at all
+            # softmax at a negative: sig_i W_ij exp(a_ij - lse_neg_i); in a tile q_ij = W_ij exp(max(a_ij - m_i,
+            # floor)) is formed as in forward (the term that set m_i is exactly 1) and scaled by ratio_i
+            ratio = torch.where(torch.isfinite(lse_neg), sig * (m.double() * _LN2 - lse_neg).exp(), 0.0)
+            row = -g * ratio / tau_f  # dL/dd_ij = row_i q_ij
             shift = m.unsqueeze(1)
-            row = -g * ratio / tau_f  # dL/dd_ij = row_i q_ij for the negatives
             need_geo = tiles.weighted and (need_lam or need_sigma)
-            v = torch.zeros(n_rows, dim + 2, dtype=dtype, device=x.device) if need_x else None
-            u = torch.zeros(y.shape[0], dim + 2, dtype=dtype, device=x.device) if need_y else None
-            left_u = tiles.left[:, : dim + 2] * row.to(dtype).unsqueeze(1) if need_y else None
-            right_v = tiles.right[:, : dim + 2]
+            # transposed accumulators (the fast layout of these products): v^T (D + 2, B), u^T (D + 2, N)
+            v_t = torch.zeros(dim + 2, n_rows, dtype=dtype, device=x.device) if need_x else None
+            u_t = torch.zeros(dim + 2, y.shape[0], dtype=dtype, device=x.device) if need_y else None
+            left_t = (tiles.left[:, : dim + 2] * row.to(dtype).unsqueeze(1)).T.contiguous() if need_y else None
             sums = {name: torch.zeros_like(d_pos) for name in ("t2", "lam", "sigma")}
-            pairs = []
-            for r0, r1, c0, c1, cells in tiles.tiles():
-                t, s, p, *geo = tiles.buffers(r1 - r0, c1 - c0)
-                flagged = tiles.arcosh(r0, r1, c0, c1, t, s)
+            for tile in tiles.plan:
+                r0, r1, c0, c1, cells, found = tile.r0, tile.r1, tile.c0, tile.c1, tile.cells, tile.flagged
+                t, s, p, *geo = tile.buffers
+                tiles.arcosh(tile, t, s, flagged=found)
                 tiles.softmax_terms(p, t, shift[r0:r1])
                 if tiles.weighted:
                     h, e = geo
-                    tiles.kernel_terms(r0, r1, c0, c1, h, e, need_rho=need_sigma)
+                    tiles.kernel_terms(tile, h, e, need_rho=need_sigma)
                     if need_geo:
-                        if cells is not None:
-                            e.view(-1).index_fill_(0, cells, 0.0)
+                        for fill in (cells, found):
+                            if fill is not None:
+                                e.view(-1).index_fill_(0, fill, 0.0)
                         e.mul_(p)  # lambda K exp(a - m)
                         if need_lam:
                             sums["lam"][r0:r1] += e.sum(dim=1).double()
@@ -241,44 +305,55 @@ class _BlockedLevelLoss(torch.autograd.Function):
                         p.add_(e)
                     else:
                         p.addcmul_(p, e)
-                if cells is not None:
-                    p.view(-1).index_fill_(0, cells, 0.0)  # q: W exp(a - m) over the negatives
-                if flagged is not None and (need_x or need_y):
-                    pairs.append((flagged[0] + r0, flagged[1] + c0, p[flagged].double()))
+                for fill in (cells, found):  # q: W exp(a - m) over the negatives of the tile
+                    if fill is not None:
+                        p.view(-1).index_fill_(0, fill, 0.0)
                 p.mul_(t)
                 if need_tau:
                     sums["t2"][r0:r1] += torch.linalg.vecdot(p, t).double()
                 if need_x or need_y:
                     p.div_(s)  # q t / sinh(t): dd/dm = (2 / c) t / sinh(t)
-                    if flagged is not None:
-                        p[flagged] = 0.0  # exact gradients below
                     if need_x:
-                        v[r0:r1].addmm_(p, right_v[c0:c1])
+                        v_t[:, r0:r1].addmm_(tile.right_t[: dim + 2], p.T)
                     if need_y:
-                        u[c0:c1].addmm_(p.T, left_u[r0:r1])
+                        u_t[:, c0:c1].addmm_(left_t[:, r0:r1], p)
+            # the recomputed pairs: softmax sig_i W exp(a - lse_neg_i), exact
+            d_f, z_f, e_f, rho_f = tiles.exact_terms(fi, fj, need_sigma)
+            p_f = sig.index_select(0, fi) * (z_f - lse_neg.index_select(0, fi)).exp()
             grad_x = grad_y = grad_tau = grad_lam = grad_sigma = None
             k_s = 2.0 / tiles.c
             if need_x:
-                grad_x = hyp._rows_grad(x, tiles.nx, tiles.a, v * row.to(dtype).unsqueeze(1), tiles.c, k_s)
+                grad_x = hyp._rows_grad(x, tiles.nx, tiles.a, v_t.T * row.to(dtype).unsqueeze(1), tiles.c, k_s)
             if need_y:
-                grad_y = hyp._columns_grad(y, tiles.ny, tiles.b, u, tiles.c, k_s, dtype)
+                grad_y = hyp._columns_grad(y, tiles.ny, tiles.b, u_t.T, tiles.c, k_s, dtype)
             if need_x or need_y:
                 x64 = x.detach().double()
-                for i, j, p_ij in pairs:
-                    hyp._add_exact_pair_grads(grad_x, grad_y, x64, y, tiles.a, tiles.b, i, j, row[i] * p_ij, tiles.c,
-                                              True)
-                rows = torch.arange(n_rows, device=x.device)  # the positives: dL/dd_ip = g sig_i / tau
-                positive = g * sig / tau_f
-                for i, j in hyp._chunks(rows, target):
-                    hyp._add_exact_pair_grads(grad_x, grad_y, x64, y, tiles.a, tiles.b, i, j, positive[i], tiles.c,
-                                              True)
+                for i, j, p_ij in ((fi, fj, -g * p_f / tau_f),  # negatives: dL/dd = -G / tau, G the softmax
+                                   (torch.arange(n_rows, device=x.device), target, g * sig / tau_f)):  # positives
+                    for part in hyp._chunks(torch.arange(i.numel(), device=x.device), i):
+                        k = part[0]
+                        hyp._add_exact_pair_grads(grad_x, grad_y, x64, y, tiles.a, tiles.b, i[k], j[k], p_ij[k],
+                                                  tiles.c, True)
             if need_tau:  # dz/dtau = d / tau^2
-                grad_tau = (g / tau_f**2 * (ratio * sums["t2"] / tiles.c - sig * d_pos).sum()).to(tau.dtype)
+                grad_tau = g / tau_f**2 * ((ratio * sums["t2"] / tiles.c - sig * d_pos).sum() + (p_f * d_f).sum())
+                grad_tau = grad_tau.to(tau.dtype)
             if need_lam:  # dlog(W)/dlambda = lambda K / (lambda W)
-                grad_lam = (g / lam_f * (ratio * sums["lam"]).sum()).to(lam.dtype)
+                grad_lam = g / lam_f * ((ratio * sums["lam"]).sum() + (p_f * e_f / (1.0 + e_f)).sum())
+                grad_lam = grad_lam.to(lam.dtype)
             if need_sigma:
-                grad_sigma = (g / sigma_f * (ratio * sums["sigma"]).sum()).to(sigma.dtype)
+                grad_sigma = g / sigma_f * ((ratio * sums["sigma"]).sum() + (p_f * e_f * rho_f / (1.0 + e_f)).sum())
+                grad_sigma = grad_sigma.to(sigma.dtype)
         return grad_x, grad_y, grad_tau, grad_lam, grad_sigma, None, None, None, None
+
+
+def _exact_pairs_off_target(pairs: list, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recomputed pairs of every tile as (i, j) (K,) global indices, without the rows' own targets."""
+    if not pairs:
+        empty = torch.empty(0, dtype=torch.int64, device=target.device)
+        return empty, empty
+    i, j = (torch.cat(parts) for parts in zip(*pairs))
+    keep = j != target.index_select(0, i)
+    return i[keep], j[keep]
 
 
 def _number(value: torch.Tensor | None) -> float | None:

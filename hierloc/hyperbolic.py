@@ -380,19 +380,20 @@ def _row_limit(nx, ny, alpha, beta, dtype) -> torch.Tensor:
     return (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)
 
 
-def _arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, beta):
+def _arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, beta, placeholder: float = 2.0):
     """One block of t = arcosh(1 + m) = sqrt(c) d from the matrix product: left (R, D + 3) and the block's rows
     right (C, D + 3) of ``_poincare_operands`` (columns start .. start + C of the level); nx, alpha, row_limit are
     the R rows'; ny, beta every column's. Writes w (R, C) <- exp(t), s (R, C) <- sinh(t) = sqrt(w^2 - 1) and
     t (R, C) (may be w itself) <- t. The pairs to recompute exactly (``_flag_block``) are returned as (i, j) with j
-    relative to the block (or None); they get the placeholder w = 2 (their w may be < 1, where sqrt would give
-    NaN, which is also slow on some CPUs), so their t and s are meaningless until the caller writes them.
+    relative to the block (or None); they get the placeholder w = ``placeholder`` (their w may be < 1, where sqrt
+    would give NaN, which is also slow on some CPUs), so their t and s are meaningless until the caller writes
+    them.
     """
     dtype = w.dtype
     torch.mm(left, right.T, out=w)
     flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, _CANCEL_REL[dtype], _SMALL_M[dtype])
     if flagged is not None:
-        w[flagged] = 2.0
+        w[flagged] = placeholder
     torch.addcmul(w.new_full((), -1.0), w, w, out=s)  # w^2 - 1
     s.sqrt_()  # sinh(t)
     w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)
@@ -403,11 +404,24 @@ def _arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, be
 def _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m):
     """Pairs of a block w (B, C) of 1 + m (columns start .. start + C) to recompute exactly -> (i, j) with j
     relative to the block, or None. A pair is recomputed when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2),
-    m_min); candidates are the entries below their row's bound (``_below``), confirmed in float64."""
-    candidates = _below(w, row_limit)
+    m_min); candidates are found with min-reductions (``_below``) and confirmed in float64.
+
+    Rows are screened against ``row_limit``, which uses the largest beta of all columns: loose when some entities
+    sit near the boundary (beta up to ~125 at the float32 margin), where a third of all entries could pass. In the
+    rows that pass, the candidates are therefore searched in (w - 1) / beta_j = alpha_i |x_i - y_j|^2 (one more pass
+    over those rows) against alpha_i max(kappa (|x_i|^2 + max|y|^2), m_min), which holds every pair to recompute
+    (beta_j >= 1) and hardly any other."""
+    rows = (w.amin(dim=1, keepdim=True) < row_limit).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return None
+    sub = w if rows.numel() == w.shape[0] else w.index_select(0, rows)
+    inv_beta = (1.0 / beta[start : start + w.shape[1], 0]).to(w.dtype)
+    scaled = torch.addcmul(-inv_beta, sub, inv_beta)  # (w - 1) / beta_j
+    limit = (kappa * alpha[rows] * (nx[rows] + ny.max())).clamp_min(small_m) * (1.0 + 1e-5)  # rounding margin
+    candidates = _below(scaled, limit.to(w.dtype))
     if candidates is None:
         return None
-    i, j = candidates
+    i, j = rows[candidates[0]], candidates[1]
     jg = j + start
     threshold = kappa * alpha[i, 0] * beta[jg, 0] * (nx[i, 0] + ny[jg, 0])
     keep = w[i, j].double() - 1.0 < threshold.clamp_min(small_m)
