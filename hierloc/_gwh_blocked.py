@@ -132,19 +132,21 @@ class _Tiles:
         t = hyp._exact_pairs(self.x.detach().double(), self.y, self.a, self.b, i, j, self.c)[0]
         return t.square() / self.c
 
-    def arcosh(self, tile: "_Tile", w, s, flagged=None):
-        """w <- t = arcosh(1 + m) (= sqrt(c) d) and s <- sinh(t) for the tile. The pairs to recompute exactly
-        (found here, or given as flat indices into the tile) get the placeholder w = _PLACEHOLDER: a large t,
-        which neither sets a row's shift nor adds a term (the caller zeroes them), finite everywhere; found pairs
-        are returned as flat indices (or None)."""
-        if flagged is not None:  # known from the forward
+    def arcosh(self, tile: "_Tile", w, s, known: bool = False):
+        """w <- t = arcosh(1 + m) (= sqrt(c) d) and s <- sinh(t) for the tile. The target cells and the pairs to
+        recompute exactly (found here; ``known``: tile.flagged from the forward) get the placeholder
+        w = _PLACEHOLDER: a large t, which neither sets a row's shift nor adds a term (the caller zeroes them),
+        finite everywhere. Returns the found pairs as flat indices into the tile (or None)."""
+        if known:
             torch.mm(tile.left, tile.right_t, out=w)
-            w.view(-1).index_fill_(0, flagged, _PLACEHOLDER)
+            for fill in (tile.flagged, tile.cells):
+                if fill is not None:
+                    w.view(-1).index_fill_(0, fill, _PLACEHOLDER)
             torch.addcmul(w.new_full((), -1.0), w, w, out=s).sqrt_()
             torch.log(w.add_(s), out=w)
-            return flagged
+            return tile.flagged
         found = hyp._arcosh_block(tile.left, tile.right_t.T, tile.c0, w, s, w, tile.row_limit, tile.nx, self.ny,
-                                  tile.alpha, self.beta, placeholder=_PLACEHOLDER)
+                                  tile.alpha, self.beta, placeholder=_PLACEHOLDER, skip=tile.cells)
         return None if found is None else found[0] * (tile.c1 - tile.c0) + found[1]
 
     def logit2(self, t: torch.Tensor) -> torch.Tensor:
@@ -288,7 +290,7 @@ class _BlockedLevelLoss(torch.autograd.Function):
             for tile in tiles.plan:
                 r0, r1, c0, c1, cells, found = tile.r0, tile.r1, tile.c0, tile.c1, tile.cells, tile.flagged
                 t, s, p, *geo = tile.buffers
-                tiles.arcosh(tile, t, s, flagged=found)
+                tiles.arcosh(tile, t, s, known=True)
                 tiles.softmax_terms(p, t, shift[r0:r1])
                 if tiles.weighted:
                     h, e = geo

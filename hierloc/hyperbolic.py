@@ -380,17 +380,20 @@ def _row_limit(nx, ny, alpha, beta, dtype) -> torch.Tensor:
     return (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)
 
 
-def _arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, beta, placeholder: float = 2.0):
+def _arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, beta, placeholder: float = 2.0,
+                  skip: torch.Tensor | None = None):
     """One block of t = arcosh(1 + m) = sqrt(c) d from the matrix product: left (R, D + 3) and the block's rows
     right (C, D + 3) of ``_poincare_operands`` (columns start .. start + C of the level); nx, alpha, row_limit are
     the R rows'; ny, beta every column's. Writes w (R, C) <- exp(t), s (R, C) <- sinh(t) = sqrt(w^2 - 1) and
     t (R, C) (may be w itself) <- t. The pairs to recompute exactly (``_flag_block``) are returned as (i, j) with j
     relative to the block (or None); they get the placeholder w = ``placeholder`` (their w may be < 1, where sqrt
     would give NaN, which is also slow on some CPUs), so their t and s are meaningless until the caller writes
-    them.
+    them. ``skip``: flat indices of cells the caller handles itself; they get the placeholder before the search.
     """
     dtype = w.dtype
     torch.mm(left, right.T, out=w)
+    if skip is not None:
+        w.view(-1).index_fill_(0, skip, placeholder)
     flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, _CANCEL_REL[dtype], _SMALL_M[dtype])
     if flagged is not None:
         w[flagged] = placeholder

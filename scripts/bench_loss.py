@@ -7,8 +7,9 @@ Both methods get the same inputs in one process: B image points and every level'
 ball (float32, with autograd), targets at every level, the images' GPS and the entities' coordinates as unit
 vectors. Without --sizes the levels are the world gazetteer's (`Gazetteer.build_global()`, ~16 s: 246 / 3,789 /
 18,943 / 142,007 entities, their real coordinates; each image sits near its target city); with --sizes,
-synthetic uniform coordinates. Points: tangent vectors of random direction and norm uniform in [0, 3] (|x| up to
-0.995), 2% of them pushed to the float32 margin |x| = 1 - 4e-3.
+synthetic uniform coordinates. Entity points: tangent vectors of random direction and norm uniform in [0.5, 3]
+(|x| from 0.46 to 0.995), 2% of them pushed to the float32 margin |x| = 1 - 4e-3; each image point sits near its
+target city (a tangent offset of norm ~0.1), its GPS ~30 km from the city.
 
 - reference: what the training step did before (`loss.blocked=false`): `pairwise_sqdist` per level, the (B, N)
   great-circle km (`hierloc.train._great_circle_km`), `GWHInfoNCE.forward` (fused weighted cross-entropy).
@@ -66,23 +67,28 @@ def level_sizes_and_coords(sizes: list[int] | None, seed: int):
 
 
 def ball_points(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
-    """(n, dim) float32 points: random directions, tangent norms uniform in [0, 3], 2% at the float32 margin."""
+    """(n, dim) float32 points: random directions, tangent norms uniform in [0.5, 3], 2% at the float32 margin."""
     v = torch.randn(n, dim, generator=gen, dtype=torch.float64)
-    norm = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 3.0
+    norm = 0.5 + torch.rand(n, 1, generator=gen, dtype=torch.float64) * 2.5
     norm[torch.rand(n, generator=gen) < 0.02] = 10.0
     v = v / v.norm(dim=1, keepdim=True) * norm
     return hyperbolic.project(hyperbolic.expmap0(v).float())
 
 
 def make_inputs(batch: int, dim: int, coords, seed: int) -> dict:
+    """Entities as ``ball_points``; each image near its target city (tangent offset of norm ~0.1 from it) and its
+    GPS ~30 km from the city; targets at the other levels drawn at random."""
     gen = torch.Generator().manual_seed(seed)
     sizes = [len(lat) for lat, _ in coords]
     entities = [ball_points(n, dim, gen) for n in sizes]
     targets = torch.stack([torch.randint(0, max(n, 1), (batch,), generator=gen) for n in sizes], dim=1)
+    city = hyperbolic.logmap0(entities[-1][targets[:, -1]].double())
+    points = hyperbolic.project(hyperbolic.expmap0(city + 0.1 / math.sqrt(dim) * torch.randn(
+        batch, dim, generator=gen, dtype=torch.float64)).float())
     city_lat, city_lon = coords[-1]
     lat = city_lat[targets[:, -1]] + torch.randn(batch, generator=gen, dtype=torch.float64) * 0.3
     lon = city_lon[targets[:, -1]] + torch.randn(batch, generator=gen, dtype=torch.float64) * 0.3
-    return {"points": ball_points(batch, dim, gen), "entities": entities, "targets": targets,
+    return {"points": points, "entities": entities, "targets": targets,
             "image_units": latlon_to_unit(lat, lon).float(),
             "entity_units": [latlon_to_unit(la, lo).float() for la, lo in coords]}
 

@@ -79,9 +79,10 @@ def main() -> None:
     else:
         feature_dim = encoder.feature_dim
         model = HierLocModel(cfg.model, table, feature_dim, encoder=encoder)
+    blocked = {"blocked": cfg.loss.blocked} if hasattr(cfg.loss, "blocked") else {}  # (older trees lack it)
     loss_fn = GWHInfoNCE(n_levels=N_LEVELS, tau=cfg.loss.tau, lam=cfg.loss.lam, sigma_km=cfg.loss.sigma_km,
                          betas=tuple(cfg.loss.betas), learn_tau=cfg.loss.learn_tau,
-                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel)
+                         learn_weights=cfg.loss.learn_weights, kernel=cfg.loss.kernel, **blocked)
     module = TrainModule(model, loss_fn)
     optimizers = build_optimizers(module, cfg)
     size, batch = cfg.model.image_size, args.batch
