@@ -33,6 +33,7 @@ lambda e^-60 g / sigma^2 where the reference's is 0 - again ~1e-26 relative.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import math
 
 import torch
@@ -109,18 +110,37 @@ class _Tiles:
         # the layout in which MKL's products of these shapes are fastest
         self.right_t = self.right.T.contiguous()
         units_t = self.entity_units.T.contiguous() if self.weighted else None
-        space = [torch.empty(row_tile * col_tile, dtype=self.dtype, device=x.device)
-                 for _ in range(5 if self.weighted else 3)]
-        self.plan = []
+        # CPU: the tiles run on `workers` threads, each owning a range of columns and its own buffers, with
+        # PyTorch's intra-op threading off (tile-sized ops are too small to split well, and on a busy machine
+        # every split op waits for its slowest thread)
+        n_col_tiles = -(-n_cols // col_tile)
+        self.workers = max(1, min(torch.get_num_threads(), n_col_tiles)) if x.device.type == "cpu" else 1
+        self.spaces = [[torch.empty(row_tile * col_tile, dtype=self.dtype, device=x.device)
+                        for _ in range(5 if self.weighted else 3)] for _ in range(self.workers)]
+        self.plan = [[] for _ in range(self.workers)]
         for r0 in range(0, n_rows, row_tile):
             r1 = min(r0 + row_tile, n_rows)
             sorted_target, order = self.target[r0:r1].sort()
             bounds = sorted_target.tolist()
-            for c0 in range(0, n_cols, col_tile):
+            for index, c0 in enumerate(range(0, n_cols, col_tile)):
                 c1 = min(c0 + col_tile, n_cols)
                 lo, hi = bisect.bisect_left(bounds, c0), bisect.bisect_left(bounds, c1)
                 cells = order[lo:hi] * (c1 - c0) + (sorted_target[lo:hi] - c0) if hi > lo else None
-                self.plan.append(_Tile(self, r0, r1, c0, c1, cells, space, units_t))
+                worker = index * self.workers // n_col_tiles
+                self.plan[worker].append(_Tile(self, r0, r1, c0, c1, cells, self.spaces[worker], units_t))
+
+    def run(self, fn) -> list:
+        """fn(worker, tiles of that worker) on every worker (threads on CPU, intra-op threading off) -> results."""
+        if self.workers == 1:
+            return [fn(0, self.plan[0])]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+                futures = [pool.submit(fn, k, plan) for k, plan in enumerate(self.plan)]
+                return [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
 
     def positive_sqdist(self) -> torch.Tensor:
         """(B,) float64 exact squared distance of every image to its target (no matrix product)."""
@@ -233,28 +253,11 @@ class _BlockedLevelLoss(torch.autograd.Function):
                            options)
             d_pos = tiles.positive_sqdist()
             z_pos = d_pos / -tiles.tau
-            m = (z_pos * _LOG2E).to(tiles.dtype)  # running shift (base 2): max of z_ip and every a_ij seen so far
-            total = torch.zeros_like(d_pos)  # S_i over the tiles, float64
-            pairs = []
-            for tile in tiles.plan:
-                r0, r1, cells = tile.r0, tile.r1, tile.cells
-                t, s, q, *geo = tile.buffers
-                found = tile.flagged = tiles.arcosh(tile, t, s)
-                m_old = m[r0:r1]
-                m_new = torch.maximum(m_old, tiles.logit2(t.amin(dim=1)))  # a is largest where t is smallest
-                total[r0:r1] *= (m_old - m_new).double().exp2_()
-                tiles.softmax_terms(q, t, m_new.unsqueeze(1))
-                if tiles.weighted:
-                    tiles.kernel_terms(tile, *geo, need_rho=False)
-                    q.addcmul_(q, geo[1])  # W exp(a - m), W = 1 + lambda K
-                for fill in (cells, found):  # the positive is not in S; the recomputed pairs come below
-                    if fill is not None:
-                        q.view(-1).index_fill_(0, fill, 0.0)
-                total[r0:r1] += q.sum(dim=1).double()
-                m[r0:r1] = m_new
-                if found is not None:
-                    width = tile.c1 - tile.c0
-                    pairs.append((torch.div(found, width, rounding_mode="floor") + r0, found % width + tile.c0))
+            m0 = (z_pos * _LOG2E).to(tiles.dtype)  # running shift (base 2): max of z_ip and every a_ij seen so far
+            parts = tiles.run(lambda worker, plan: _forward_tiles(tiles, plan, m0.clone()))
+            m = torch.stack([part[0] for part in parts]).amax(dim=0)  # every worker's shift, merged
+            total = sum(part[1] * (part[0] - m).double().exp2() for part in parts)  # S_i, float64
+            pairs = [pair for part in parts for pair in part[2]]
             i, j = _exact_pairs_off_target(pairs, target)
             lse_neg = torch.logaddexp(total.log() + m.double() * _LN2, _segment_logsumexp(
                 tiles.exact_terms(i, j, False)[1], i, x.shape[0]))  # log sum over every negative of W e^a
@@ -281,44 +284,13 @@ class _BlockedLevelLoss(torch.autograd.Function):
             ratio = torch.where(torch.isfinite(lse_neg), sig * (m.double() * _LN2 - lse_neg).exp(), 0.0)
             row = -g * ratio / tau_f  # dL/dd_ij = row_i q_ij
             shift = m.unsqueeze(1)
-            need_geo = tiles.weighted and (need_lam or need_sigma)
             # transposed accumulators (the fast layout of these products): v^T (D + 2, B), u^T (D + 2, N)
-            v_t = torch.zeros(dim + 2, n_rows, dtype=dtype, device=x.device) if need_x else None
             u_t = torch.zeros(dim + 2, y.shape[0], dtype=dtype, device=x.device) if need_y else None
             left_t = (tiles.left[:, : dim + 2] * row.to(dtype).unsqueeze(1)).T.contiguous() if need_y else None
-            sums = {name: torch.zeros_like(d_pos) for name in ("t2", "lam", "sigma")}
-            for tile in tiles.plan:
-                r0, r1, c0, c1, cells, found = tile.r0, tile.r1, tile.c0, tile.c1, tile.cells, tile.flagged
-                t, s, p, *geo = tile.buffers
-                tiles.arcosh(tile, t, s, known=True)
-                tiles.softmax_terms(p, t, shift[r0:r1])
-                if tiles.weighted:
-                    h, e = geo
-                    tiles.kernel_terms(tile, h, e, need_rho=need_sigma)
-                    if need_geo:
-                        for fill in (cells, found):
-                            if fill is not None:
-                                e.view(-1).index_fill_(0, fill, 0.0)
-                        e.mul_(p)  # lambda K exp(a - m)
-                        if need_lam:
-                            sums["lam"][r0:r1] += e.sum(dim=1).double()
-                        if need_sigma:
-                            sums["sigma"][r0:r1] += torch.linalg.vecdot(e, h).double()
-                        p.add_(e)
-                    else:
-                        p.addcmul_(p, e)
-                for fill in (cells, found):  # q: W exp(a - m) over the negatives of the tile
-                    if fill is not None:
-                        p.view(-1).index_fill_(0, fill, 0.0)
-                p.mul_(t)
-                if need_tau:
-                    sums["t2"][r0:r1] += torch.linalg.vecdot(p, t).double()
-                if need_x or need_y:
-                    p.div_(s)  # q t / sinh(t): dd/dm = (2 / c) t / sinh(t)
-                    if need_x:
-                        v_t[:, r0:r1].addmm_(tile.right_t[: dim + 2], p.T)
-                    if need_y:
-                        u_t[:, c0:c1].addmm_(left_t[:, r0:r1], p)
+            need = (need_x, need_y, need_tau, need_lam, need_sigma)
+            parts = tiles.run(lambda worker, plan: _backward_tiles(tiles, plan, shift, need, left_t, u_t))
+            v_t = sum(part[0] for part in parts) if need_x else None
+            sums = {name: sum(part[1][name] for part in parts) for name in ("t2", "lam", "sigma")}
             # the recomputed pairs: softmax sig_i W exp(a - lse_neg_i), exact
             d_f, z_f, e_f, rho_f = tiles.exact_terms(fi, fj, need_sigma)
             p_f = sig.index_select(0, fi) * (z_f - lse_neg.index_select(0, fi)).exp()
@@ -346,6 +318,77 @@ class _BlockedLevelLoss(torch.autograd.Function):
                 grad_sigma = g / sigma_f * ((ratio * sums["sigma"]).sum() + (p_f * e_f * rho_f / (1.0 + e_f)).sum())
                 grad_sigma = grad_sigma.to(sigma.dtype)
         return grad_x, grad_y, grad_tau, grad_lam, grad_sigma, None, None, None, None
+
+
+def _forward_tiles(tiles: _Tiles, plan: list, m: torch.Tensor):
+    """Fold the tiles into running statistics: m (B,) the shift in base 2 (updated in place), S (B,) float64 the
+    sum of W 2^(a2 - m) over the tiles' negatives, and the recomputed pairs found, as (i, j) global indices."""
+    total = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
+    pairs = []
+    for tile in plan:
+        r0, r1, cells = tile.r0, tile.r1, tile.cells
+        t, s, q, *geo = tile.buffers
+        found = tile.flagged = tiles.arcosh(tile, t, s)
+        m_old = m[r0:r1]
+        m_new = torch.maximum(m_old, tiles.logit2(t.amin(dim=1)))  # a is largest where t is smallest
+        total[r0:r1] *= (m_old - m_new).double().exp2_()
+        tiles.softmax_terms(q, t, m_new.unsqueeze(1))
+        if tiles.weighted:
+            tiles.kernel_terms(tile, *geo, need_rho=False)
+            q.addcmul_(q, geo[1])  # W exp(a - m), W = 1 + lambda K
+        for fill in (cells, found):  # the positive is not in S; the recomputed pairs are added exactly later
+            if fill is not None:
+                q.view(-1).index_fill_(0, fill, 0.0)
+        total[r0:r1] += q.sum(dim=1).double()
+        m[r0:r1] = m_new
+        if found is not None:
+            width = tile.c1 - tile.c0
+            pairs.append((torch.div(found, width, rounding_mode="floor") + r0, found % width + tile.c0))
+    return m, total, pairs
+
+
+def _backward_tiles(tiles: _Tiles, plan: list, shift, need: tuple, left_t, u_t):
+    """Recompute the tiles and accumulate the gradients' sums: returns v^T (D + 2, B) (or None) and the per-row
+    float64 sums of q t^2, q lambda K, q lambda K rho; u^T (D + 2, N) is accumulated in place (each worker owns
+    its columns). q = W exp(max(a - m, floor)) over the negatives, as in forward."""
+    need_x, need_y, need_tau, need_lam, need_sigma = need
+    dim, n_rows = tiles.x.shape[1], tiles.x.shape[0]
+    v_t = torch.zeros(dim + 2, n_rows, dtype=tiles.dtype, device=shift.device) if need_x else None
+    sums = {name: torch.zeros(n_rows, dtype=torch.float64, device=shift.device) for name in ("t2", "lam", "sigma")}
+    need_geo = tiles.weighted and (need_lam or need_sigma)
+    for tile in plan:
+        r0, r1, c0, c1, cells, found = tile.r0, tile.r1, tile.c0, tile.c1, tile.cells, tile.flagged
+        t, s, p, *geo = tile.buffers
+        tiles.arcosh(tile, t, s, known=True)
+        tiles.softmax_terms(p, t, shift[r0:r1])
+        if tiles.weighted:
+            h, e = geo
+            tiles.kernel_terms(tile, h, e, need_rho=need_sigma)
+            if need_geo:
+                for fill in (cells, found):
+                    if fill is not None:
+                        e.view(-1).index_fill_(0, fill, 0.0)
+                e.mul_(p)  # lambda K exp(a - m)
+                if need_lam:
+                    sums["lam"][r0:r1] += e.sum(dim=1).double()
+                if need_sigma:
+                    sums["sigma"][r0:r1] += torch.linalg.vecdot(e, h).double()
+                p.add_(e)
+            else:
+                p.addcmul_(p, e)
+        for fill in (cells, found):  # q over the negatives of the tile
+            if fill is not None:
+                p.view(-1).index_fill_(0, fill, 0.0)
+        p.mul_(t)
+        if need_tau:
+            sums["t2"][r0:r1] += torch.linalg.vecdot(p, t).double()
+        if need_x or need_y:
+            p.div_(s)  # q t / sinh(t): dd/dm = (2 / c) t / sinh(t)
+            if need_x:
+                v_t[:, r0:r1].addmm_(tile.right_t[: dim + 2], p.T)
+            if need_y:
+                u_t[:, c0:c1].addmm_(left_t[:, r0:r1], p)
+    return v_t, sums
 
 
 def _exact_pairs_off_target(pairs: list, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

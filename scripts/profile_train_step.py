@@ -20,12 +20,22 @@ Prints:
   the fraction of the step it is (1.0 = the step costs no more than its matrix products);
 - with pixels: the encoder's forward+backward alone, as a share of the step;
 - the profiler's top entries by self CPU time.
+
+Before/after in one invocation: ``--compare-with TREE [--rounds 3]`` runs this script (same arguments) as
+subprocesses, alternating between the source tree TREE (e.g. a worktree of the previous commit, imported through
+PYTHONPATH) and this one, and prints a table of images/s, GEMM share and peak RSS per run with the medians and
+their ratio (the machine may be shared: alternating spreads its load over both).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import resource
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -46,8 +56,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128, help="images per step")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps (after one warm-up step)")
     ap.add_argument("--top", type=int, default=15, help="profiler rows to print")
+    ap.add_argument("--compare-with", default=None, metavar="TREE",
+                    help="source tree to compare with (alternating subprocess runs, see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare-with")
     ap.add_argument("overrides", nargs="*", help="config overrides (section.key=value)")
     args = ap.parse_args()
+    if args.compare_with:
+        compare(args)
+        return
 
     from gazetteer.core import Gazetteer
     from hierloc.config import load_config
@@ -136,6 +152,37 @@ def main() -> None:
         encoder_per_step = (time.perf_counter() - t2) / args.steps
         print(f"encoder fwd+bwd alone {encoder_per_step * 1000:.0f} ms = {encoder_per_step / per_step:.2f} of the step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+def compare(args) -> None:
+    """Alternate subprocess runs of this script from args.compare_with and from this tree; print a table."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"before": os.path.abspath(args.compare_with), "after": here}
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--compare-with")
+    del argv[i:i + 2]
+    if "--rounds" in argv:
+        i = argv.index("--rounds")
+        del argv[i:i + 2]
+    runs = {name: [] for name in trees}
+    for round_ in range(args.rounds):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=tree)
+            out = subprocess.run([sys.executable, os.path.join(tree, "scripts", "profile_train_step.py"), *argv],
+                                 env=env, check=True, capture_output=True, text=True, cwd=tree).stdout
+            step = re.search(r"step (\d+) ms = (\d+) images/s .*peak RSS (\d+) MB", out)
+            share = re.search(r"= ([0-9.]+) of the floor-bound ideal", out)
+            runs[name].append((int(step.group(2)), int(step.group(1)), float(share.group(1)), int(step.group(3))))
+            print(f"round {round_ + 1} {name:6s} {runs[name][-1][0]:5d} images/s  step {runs[name][-1][1]:6d} ms  "
+                  f"GEMM share {runs[name][-1][2]:.2f}  peak RSS {runs[name][-1][3]} MB", flush=True)
+    print(f"\n{'tree':8s} {'images/s (median)':>18s} {'step ms':>8s} {'GEMM share':>11s} {'peak RSS MB':>12s}")
+    medians = {}
+    for name, values in runs.items():
+        medians[name] = [statistics.median(v[k] for v in values) for k in range(4)]
+        m = medians[name]
+        print(f"{name:8s} {m[0]:18.0f} {m[1]:8.0f} {m[2]:11.2f} {m[3]:12.0f}   ({trees[name]})")
+    print(f"after / before: {medians['after'][0] / medians['before'][0]:.2f}x the images/s (medians of "
+          f"{args.rounds} alternating rounds)")
+
 
 if __name__ == "__main__":
     main()

@@ -219,8 +219,13 @@ def test_no_batch_by_entities_tensor_forward_or_backward():
     batch, n, dim = 256, 20_000, 8
     x, y, target, units_i, units_e = make_case(batch=batch, n=n, dim=dim, seed=9, dtype=torch.float32)
     tau, lam, sigma = torch.tensor(0.1, requires_grad=True), torch.tensor(1.0), torch.tensor(300.0)
-    with LargestTensor() as probe:
-        blocked(x, y, target, tau, lam, sigma, "laplace", units_i, units_e).backward()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one worker: the tiles run on this thread, where the probe is active
+    try:
+        with LargestTensor() as probe:
+            blocked(x, y, target, tau, lam, sigma, "laplace", units_i, units_e).backward()
+    finally:
+        torch.set_num_threads(threads)
     assert "aten.addmm_" in probe.ops  # the backward's products ran under the probe
     assert probe.largest <= max(n * (dim + 3), _gwh_blocked._TILE_ELEMENTS)  # the (N, D + 3) operands at most
     with LargestTensor() as probe:
