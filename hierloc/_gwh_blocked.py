@@ -94,6 +94,7 @@ class _Tiles:
         # tiles work in base 2 (exp2 is ~3x faster than exp on CPU): a2 = a log2(e) = -t^2 log2(e) / (c tau)
         self.neg_inv_ctau = -_LOG2E / (c * tau)
         self.floor2 = floor * _LOG2E
+        self._zero, self._minus_one = (torch.full((), v, dtype=self.dtype, device=x.device) for v in (0.0, -1.0))
         self.weighted = lam is not None
         if self.weighted:
             if kernel not in ("laplace", "gaussian", "inverse"):
@@ -162,7 +163,7 @@ class _Tiles:
             for fill in (tile.flagged, tile.cells):
                 if fill is not None:
                     w.view(-1).index_fill_(0, fill, _PLACEHOLDER)
-            torch.addcmul(w.new_full((), -1.0), w, w, out=s).sqrt_()
+            torch.addcmul(self._minus_one, w, w, out=s).sqrt_()
             torch.log(w.add_(s), out=w)
             return tile.flagged
         found = hyp._arcosh_block(tile.left, tile.right_t.T, tile.c0, w, s, w, tile.row_limit, tile.nx, self.ny,
@@ -172,7 +173,7 @@ class _Tiles:
     def logit2(self, t: torch.Tensor) -> torch.Tensor:
         """a2 = a log2(e) = -t^2 log2(e) / (c tau) of (R,) values t, rounded exactly as ``softmax_terms`` rounds it
         in a tile (same op), so that the term that sets a row's shift gets 2^0 = 1 exactly, forward and backward."""
-        return torch.addcmul(t.new_zeros(()), t, t, value=self.neg_inv_ctau)
+        return torch.addcmul(self._zero, t, t, value=self.neg_inv_ctau)
 
     def softmax_terms(self, q, t, shift2):
         """q <- exp(max(a - shift, floor)) = 2^max(a2 - shift2, floor log2(e)): t (R, C), shift2 (R, 1) per row,
@@ -299,7 +300,7 @@ class _BlockedLevelLoss(torch.autograd.Function):
             if need_x:
                 grad_x = hyp._rows_grad(x, tiles.nx, tiles.a, v_t.T * row.to(dtype).unsqueeze(1), tiles.c, k_s)
             if need_y:
-                grad_y = hyp._columns_grad(y, tiles.ny, tiles.b, u_t.T, tiles.c, k_s, dtype)
+                grad_y = hyp._columns_grad(y, tiles.ny, tiles.b, u_t.T.contiguous(), tiles.c, k_s, dtype)
             if need_x or need_y:
                 x64 = x.detach().double()
                 for i, j, p_ij in ((fi, fj, -g * p_f / tau_f),  # negatives: dL/dd = -G / tau, G the softmax

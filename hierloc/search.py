@@ -184,7 +184,7 @@ class EntityDistances:
             r, e = rows[start:start + block], ids[start:start + block]
             diff = points.index_select(0, r).to(out.dtype)
             diff.sub_(self.entity_points.index_select(0, e))
-            diff_sq = torch.einsum("pd,pd->p", diff, diff)
+            diff_sq = diff.square_().sum(dim=1)  # (an einsum here runs as P tiny batched products, 3x slower)
             if self.c is None:
                 out[start:start + block] = diff_sq
                 continue

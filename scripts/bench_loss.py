@@ -2,6 +2,7 @@
 
     python scripts/bench_loss.py [--batch 256] [--dim 64] [--sizes 246,3789,18943,142007] [--repeats 5]
         [--format text|json] [--threads N] [--learn-weights] [--no-memory] [--no-accuracy]
+    python scripts/bench_loss.py --scaling [--scaling-entities 20000,165000,1000000] [--scaling-batches 256,4096]
 
 Both methods get the same inputs in one process: B image points and every level's entity points on the Poincare
 ball (float32, with autograd), targets at every level, the images' GPS and the entities' coordinates as unit
@@ -93,8 +94,8 @@ def make_inputs(batch: int, dim: int, coords, seed: int) -> dict:
             "entity_units": [latlon_to_unit(la, lo).float() for la, lo in coords]}
 
 
-def make_loss(args) -> GWHInfoNCE:
-    return GWHInfoNCE(n_levels=N_LEVELS, learn_weights=args.learn_weights)
+def make_loss(args, n_levels: int = N_LEVELS) -> GWHInfoNCE:
+    return GWHInfoNCE(n_levels=n_levels, betas=(1.0,) * n_levels, learn_weights=args.learn_weights)
 
 
 def leaves(inputs: dict, dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -127,7 +128,7 @@ def gradients(loss, points, entities) -> list[torch.Tensor]:
 
 def float64_reference(args, inputs) -> tuple[float, list[torch.Tensor]]:
     """The loss and its gradients in float64 from composed ops (level by level, to bound memory)."""
-    loss = make_loss(args).double()
+    loss = make_loss(args, len(inputs["entities"])).double()
     points, entities = leaves(inputs, torch.float64)
     tau, lam, sigma = loss.temperature(), loss.lam(), loss.sigma_km()
     total = 0.0
@@ -138,7 +139,7 @@ def float64_reference(args, inputs) -> tuple[float, list[torch.Tensor]]:
             g = _great_circle_km(inputs["image_units"].double(), inputs["entity_units"][level].double())
         log_w = torch.log1p(lam * torch.exp(-g / sigma)).scatter(1, target.unsqueeze(1), 0.0)
         level_loss = torch.nn.functional.cross_entropy(log_w - d / tau, target)
-        level_loss.backward(retain_graph=level < N_LEVELS - 1)
+        level_loss.backward(retain_graph=level < len(entities) - 1)
         total += level_loss.item()
         del d, g, log_w
     return total, gradients(loss, points, entities)
@@ -152,7 +153,7 @@ def max_rel_err(value: float, grads: list[torch.Tensor], ref_value: float, ref_g
 
 
 def timings(args, inputs) -> dict:
-    losses = {name: make_loss(args) for name in METHODS}
+    losses = {name: make_loss(args, len(inputs["entities"])) for name in METHODS}
     times = {name: [] for name in METHODS}
     for _ in range(args.repeats + 1):  # the first round is the warm-up
         for name, fn in METHODS.items():
@@ -166,19 +167,22 @@ def timings(args, inputs) -> dict:
 
 
 def memory_probe(args) -> None:
-    """Subprocess body: one method's extra peak memory (MB) over its inputs, printed as JSON."""
+    """Subprocess body: one method's extra peak memory (MB) over its inputs and the wall / process CPU seconds of
+    that forward + backward, printed as JSON."""
     reuse_freed_cpu_memory()
     coords = level_sizes_and_coords(args.sizes, args.seed)
     inputs = make_inputs(args.batch, args.dim, coords, args.seed)
-    loss, fn = make_loss(args), METHODS[args.memory_probe]
+    loss, fn = make_loss(args, len(coords)), METHODS[args.memory_probe]
     small = make_inputs(8, args.dim, [(lat[:50], lon[:50]) for lat, lon in coords], args.seed)
     fn(loss, small, *leaves(small))  # loads every kernel before the baseline
     points, entities = leaves(inputs)
     reset = _reset_peak_rss()
     baseline = _status_kb("VmRSS")
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(loss, inputs, points, entities)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"extra_mb": (peak - baseline) / 1024, "peak_reset": reset}))
+    print(json.dumps({"extra_mb": (peak - baseline) / 1024, "peak_reset": reset, "wall_s": wall, "cpu_s": cpu}))
 
 
 def _reset_peak_rss() -> bool:
@@ -198,15 +202,56 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(args, method: str) -> float:
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", method, "--batch", str(args.batch),
-               "--dim", str(args.dim), "--seed", str(args.seed), "--threads", str(args.threads)]
-    if args.sizes is not None:
-        command += ["--sizes", ",".join(map(str, args.sizes))]
+def probe(args, method: str, batch: int | None = None, sizes: list[int] | None = None) -> dict:
+    """Run one method once in a fresh subprocess (``memory_probe``) -> its JSON result."""
+    sizes = args.sizes if sizes is None else sizes
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", method, "--batch",
+               str(batch or args.batch), "--dim", str(args.dim), "--seed", str(args.seed), "--threads",
+               str(args.threads)]
+    if sizes is not None:
+        command += ["--sizes", ",".join(map(str, sizes))]
     if args.learn_weights:
         command.append("--learn-weights")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["extra_mb"]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def peak_memory(args, method: str) -> float:
+    return probe(args, method)["extra_mb"]
+
+
+def scaling(args) -> None:
+    """--scaling: one level of N synthetic entities for each N and B, each method once in its own subprocess:
+    wall and process-CPU seconds of one forward + backward, extra peak MB. The reference is skipped where its
+    estimated memory (its measured bytes per pair at the smallest N of the same B, times B N) exceeds
+    --max-reference-gb."""
+    print(f"one level of N synthetic entities, D={args.dim}, float32, threads {args.threads or torch.get_num_threads()}"
+          f", load average {os.getloadavg()[0]:.1f}")
+    print("| B | N | method | fwd+bwd s (wall) | CPU s | extra peak MB | blocked speed-up | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in args.scaling_batches:
+        per_pair = None
+        for n in args.scaling_entities:
+            rows = {}
+            for method in ("reference", "blocked"):
+                if method == "reference" and per_pair is not None and per_pair * batch * n > args.max_reference_gb * 2**30:
+                    rows[method] = {"skipped_gb": per_pair * batch * n / 2**30}
+                    continue
+                rows[method] = probe(args, method, batch, [n])
+            if "extra_mb" in rows["reference"]:
+                per_pair = per_pair or rows["reference"]["extra_mb"] * 2**20 / (batch * n)
+            for method, r in rows.items():
+                if "skipped_gb" in r:
+                    print(f"| {batch} | {n:,} | {method} | not run: needs ~{r['skipped_gb']:.0f} GB "
+                          f"(estimated) | | | | |")
+                    continue
+                ref = rows["reference"]
+                speed = mem = ""
+                if method == "blocked" and "extra_mb" in ref:
+                    speed = f"{ref['wall_s'] / r['wall_s']:.2f}x (CPU {ref['cpu_s'] / r['cpu_s']:.2f}x)"
+                    mem = f"{ref['extra_mb'] / max(r['extra_mb'], 1e-9):.0f}x"
+                print(f"| {batch} | {n:,} | {method} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['extra_mb']:,.0f} | "
+                      f"{speed} | {mem} |", flush=True)
 
 
 def main() -> None:
@@ -222,14 +267,21 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 comparison")
     parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--scaling", action="store_true", help="print the scaling table instead (see scaling())")
+    parser.add_argument("--scaling-entities", type=lambda s: [int(v) for v in s.split(",")],
+                        default=[20_000, 165_000, 1_000_000])
+    parser.add_argument("--scaling-batches", type=lambda s: [int(v) for v in s.split(",")], default=[256, 4096])
+    parser.add_argument("--max-reference-gb", type=float, default=12.0,
+                        help="--scaling: skip the reference where it would need more memory than this")
     parser.add_argument("--memory-probe", choices=tuple(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.sizes is not None and len(args.sizes) != N_LEVELS:
-        parser.error(f"--sizes needs {N_LEVELS} numbers")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         memory_probe(args)
+        return
+    if args.scaling:
+        scaling(args)
         return
     reuse_freed_cpu_memory()
     coords = level_sizes_and_coords(args.sizes, args.seed)
@@ -246,7 +298,7 @@ def main() -> None:
     if not args.no_accuracy:
         ref_value, ref_grads = float64_reference(args, inputs)
         for name, fn in METHODS.items():
-            loss = make_loss(args)
+            loss = make_loss(args, len(inputs["entities"]))
             points, entities = leaves(inputs)
             value = fn(loss, inputs, points, entities).item()
             key = "max_rel_err" if name == "blocked" else "reference_max_rel_err"

