@@ -124,10 +124,11 @@ def main() -> None:
             opt.step()
 
     one_step()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         one_step()
     per_step = (time.perf_counter() - t0) / args.steps
+    cpu_per_step = (time.process_time() - cpu0) / args.steps  # every thread's CPU time: steadier on a busy machine
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     t1 = time.perf_counter()
     try:  # every thread's ops (the blocked loss runs its tiles on worker threads)
@@ -147,7 +148,8 @@ def main() -> None:
     print(f"config: {'cached features F=' + str(feature_dim) if args.cached_features else f'image_size {size}'}, "
           f"batch {batch}, embed_dim {cfg.model.embed_dim}, entities {sizes} (total {sum(sizes)}), torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"step {per_step * 1000:.0f} ms = {batch / per_step:.0f} images/s (profiler off); peak RSS {peak_mb:.0f} MB")
+    print(f"step {per_step * 1000:.0f} ms = {batch / per_step:.0f} images/s (profiler off); peak RSS {peak_mb:.0f} MB; "
+          f"CPU {cpu_per_step * 1000:.0f} ms per step = {batch / cpu_per_step:.0f} images per CPU-second")
     print(f"GEMM floor: matrix products {gemm_us / 1000:.0f} ms of {total_us / 1000:.0f} ms self CPU per profiled step "
           f"({profiled_step * 1000:.0f} ms wall) = {gemm_us / total_us:.2f} of the floor-bound ideal")
     if not args.cached_features:
@@ -176,19 +178,22 @@ def compare(args) -> None:
             env = dict(os.environ, PYTHONPATH=tree)  # this script, the tree's library
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
                                  env=env, check=True, capture_output=True, text=True, cwd=tree).stdout
-            step = re.search(r"step (\d+) ms = (\d+) images/s .*peak RSS (\d+) MB", out)
+            step = re.search(r"step (\d+) ms = (\d+) images/s .*peak RSS (\d+) MB; CPU (\d+) ms per step", out)
             share = re.search(r"= ([0-9.]+) of the floor-bound ideal", out)
-            runs[name].append((int(step.group(2)), int(step.group(1)), float(share.group(1)), int(step.group(3))))
-            print(f"round {round_ + 1} {name:6s} {runs[name][-1][0]:5d} images/s  step {runs[name][-1][1]:6d} ms  "
-                  f"GEMM share {runs[name][-1][2]:.2f}  peak RSS {runs[name][-1][3]} MB", flush=True)
-    print(f"\n{'tree':8s} {'images/s (median)':>18s} {'step ms':>8s} {'GEMM share':>11s} {'peak RSS MB':>12s}")
+            runs[name].append((int(step.group(2)), int(step.group(1)), int(step.group(4)), float(share.group(1)),
+                               int(step.group(3))))
+            r = runs[name][-1]
+            print(f"round {round_ + 1} {name:6s} {r[0]:5d} images/s  step {r[1]:6d} ms  CPU {r[2]:6d} ms/step  "
+                  f"GEMM share {r[3]:.2f}  peak RSS {r[4]} MB", flush=True)
+    print(f"\n{'tree':8s} {'images/s':>9s} {'step ms':>8s} {'CPU ms/step':>12s} {'GEMM share':>11s} "
+          f"{'peak RSS MB':>12s}   (medians)")
     medians = {}
     for name, values in runs.items():
-        medians[name] = [statistics.median(v[k] for v in values) for k in range(4)]
-        m = medians[name]
-        print(f"{name:8s} {m[0]:18.0f} {m[1]:8.0f} {m[2]:11.2f} {m[3]:12.0f}   ({trees[name]})")
-    print(f"after / before: {medians['after'][0] / medians['before'][0]:.2f}x the images/s (medians of "
-          f"{args.rounds} alternating rounds)")
+        medians[name] = m = [statistics.median(v[k] for v in values) for k in range(5)]
+        print(f"{name:8s} {m[0]:9.0f} {m[1]:8.0f} {m[2]:12.0f} {m[3]:11.2f} {m[4]:12.0f}   ({trees[name]})")
+    print(f"after / before: {medians['after'][0] / medians['before'][0]:.2f}x the images/s, "
+          f"{medians['before'][2] / medians['after'][2]:.2f}x less CPU time per step (medians of {args.rounds} "
+          f"alternating rounds)")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,22 @@ def test_float64_values_and_gradients_match_the_composed_reference(kernel, block
     assert float(want_grads[1].abs().sum()) > 0 and float(want_grads[3]) != 0  # the case exercises every input
 
 
+def test_one_worker_and_two_workers_agree():
+    x, y, target, units_i, units_e = make_case(seed=11)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for workers in (1, 2):
+            torch.set_num_threads(workers)
+            logs, (tau, lam, sigma) = scalar_params()
+            out = blocked(x, y, target, tau, lam, sigma, "laplace", units_i, units_e, block=3)
+            results.append([out, *torch.autograd.grad(out, [x, y, *logs])])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-300)
+
+
 @pytest.mark.parametrize("c", [1.0, 0.3])
 def test_curvature_and_plain_infonce_without_weights(c):
     x, y, target, _, _ = make_case(seed=2)
