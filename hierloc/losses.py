@@ -155,7 +155,7 @@ class GWHInfoNCE(nn.Module):
         tau_range, lam_range, sigma_range_km: clamping ranges (the parameters are log-parametrised).
         blocked: what the training step calls (``hierloc.train.TrainModule``): True = ``forward_points``, the
             blocked loss that never forms a (B, N) tensor; False = ``forward`` on full distance matrices (the
-            reference). Both give the same values and gradients.
+            reference, the default: config loss.blocked). Both give the same values and gradients.
     """
 
     def __init__(
@@ -171,7 +171,7 @@ class GWHInfoNCE(nn.Module):
         tau_range: Sequence[float] = (0.01, 10.0),
         lam_range: Sequence[float] = (0.1, 10.0),
         sigma_range_km: Sequence[float] = (10.0, 5000.0),
-        blocked: bool = True,
+        blocked: bool = False,
     ) -> None:
         super().__init__()
         if n_levels < 1:
