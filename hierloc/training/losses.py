@@ -47,6 +47,7 @@ from torch import nn
 
 from gazetteer.schema import N_LEVELS
 from hierloc.config import Config
+from hierloc.geometry.hyperbolic import blocked_level_loss
 from hierloc.model.network import TAU_RANGE, temperature
 
 KERNELS = ("laplace", "gaussian", "inverse")
@@ -155,6 +156,9 @@ class GWHInfoNCE(nn.Module):
         learn_tau, learn_weights: make tau / (lambda, sigma) learnable; otherwise they are fixed buffers.
         kernel: "laplace" (paper), "gaussian" or "inverse".
         tau_range, lam_range, sigma_range_km: clamping ranges (the parameters are log-parametrised).
+        blocked: what the training step calls (``hierloc.training.train.TrainModule``): True = ``forward_points``, the
+            blocked loss that never forms a (B, N) tensor; False = ``forward`` on full distance matrices (the
+            reference, the default: config loss.blocked). Both give the same values and gradients.
     """
 
     def __init__(
@@ -170,6 +174,7 @@ class GWHInfoNCE(nn.Module):
         tau_range: Sequence[float] = TAU_RANGE,
         lam_range: Sequence[float] = (0.1, 10.0),
         sigma_range_km: Sequence[float] = (10.0, 5000.0),
+        blocked: bool = False,
     ) -> None:
         super().__init__()
         if n_levels < 1:
@@ -184,6 +189,7 @@ class GWHInfoNCE(nn.Module):
         self.n_levels, self.kernel = n_levels, kernel
         self.learn_tau, self.learn_weights = learn_tau, learn_weights
         self._tau_range = _check_range("tau", float(tau), tau_range)
+        self.blocked = bool(blocked)
         self._log_lam_bounds = tuple(math.log(b) for b in _check_range("lam", float(lam), lam_range, allow_zero=True))
         self._log_sigma_bounds = tuple(math.log(b) for b in _check_range("sigma_km", float(sigma_km), sigma_range_km))
         self.register_buffer("betas", torch.tensor([float(b) for b in betas], dtype=torch.float32))
@@ -198,7 +204,8 @@ class GWHInfoNCE(nn.Module):
         learn_weights, kernel) over the gazetteer's four levels: the one place a run's loss is built."""
         loss = cfg.loss
         return cls(n_levels=N_LEVELS, tau=loss.tau, lam=loss.lam, sigma_km=loss.sigma_km, betas=tuple(loss.betas),
-                   learn_tau=loss.learn_tau, learn_weights=loss.learn_weights, kernel=loss.kernel)
+                   learn_tau=loss.learn_tau, learn_weights=loss.learn_weights, kernel=loss.kernel,
+                   blocked=loss.blocked)
 
     def _register(self, name: str, value: float, learnable: bool) -> None:
         tensor = torch.tensor(value, dtype=torch.float32)
@@ -286,6 +293,48 @@ class GWHInfoNCE(nn.Module):
                 continue
             log_w = self.log_weights(geo_km[level], target) if use_weights else None
             level_losses.append(weighted_cross_entropy(d.float(), log_w, tau, target))
+        return self._summary(level_losses, counts, tau)
+
+    def forward_points(
+        self,
+        points: torch.Tensor,
+        entity_points: Sequence[torch.Tensor],
+        targets: torch.Tensor,
+        image_units: torch.Tensor | None = None,
+        entity_units: Sequence[torch.Tensor] | None = None,
+        *,
+        c: float = 1.0,
+    ) -> dict:
+        """The same loss as ``forward`` (same dict), computed from the points on the Poincare ball without any
+        (B, N_l) tensor: hierloc.geometry._gwh_blocked (entity tiles folded into running log-sum-exp statistics, recomputed
+        tile by tile in backward). Memory O((B + N_l) D) instead of several (B, N_l) buffers.
+
+        Args:
+            points: (B, D) image points; entity_points: n_levels tensors (N_l, D) (autograd to both).
+            targets: (B, n_levels) within-level indices, -1 to ignore.
+            image_units: (B, 3) unit vectors of the images' GPS, entity_units: n_levels tensors (N_l, 3) of the
+                entities' coordinates (``hierloc.geometry.geodesy.latlon_to_unit``), or None (plain InfoNCE). The
+                great-circle distance 2 R asin(|u - v| / 2) feeds the weights, as in the training step.
+            c: the ball's curvature magnitude.
+        """
+        self._check_points(points, entity_points, targets, image_units, entity_units)
+        tau = self.temperature()
+        use_weights = image_units is not None and not self._plain
+        lam, sigma = (self.lam(), self.sigma_km()) if use_weights else (None, None)
+        level_losses, counts = [], []
+        for level, y in enumerate(entity_points):
+            target = targets[:, level]
+            counts.append(int((target >= 0).sum()))
+            if counts[-1] == 0:
+                level_losses.append(tau.new_zeros(()))
+                continue
+            level_losses.append(blocked_level_loss(
+                points, y, target, tau, c=c, floor=EXP_FLOOR, image_units=image_units if use_weights else None,
+                entity_units=entity_units[level] if use_weights else None, lam=lam, sigma=sigma,
+                kernel=self.kernel).float())
+        return self._summary(level_losses, counts, tau)
+
+    def _summary(self, level_losses: list[torch.Tensor], counts: list[int], tau: torch.Tensor) -> dict:
         level_losses = torch.stack(level_losses)
         return {
             "loss": (self.betas.to(level_losses.device) * level_losses).sum(),
@@ -299,9 +348,7 @@ class GWHInfoNCE(nn.Module):
     def _check_inputs(self, sqdists, targets, geo_km) -> None:
         if len(sqdists) != self.n_levels:
             raise ValueError(f"expected {self.n_levels} levels of distances, got {len(sqdists)}")
-        if targets.dim() != 2 or targets.shape[1] != self.n_levels or targets.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"targets must be an integer tensor (B, {self.n_levels}), got {targets.dtype} "
-                             f"{tuple(targets.shape)}")
+        self._check_targets(targets)
         if geo_km is not None and len(geo_km) != self.n_levels:
             raise ValueError(f"expected {self.n_levels} levels of geo distances, got {len(geo_km)}")
         batch = targets.shape[0]
@@ -311,10 +358,38 @@ class GWHInfoNCE(nn.Module):
             if geo_km is not None and geo_km[level].shape != d.shape:
                 raise ValueError(f"level {level}: geo_km {tuple(geo_km[level].shape)} does not match the distances "
                                  f"{tuple(d.shape)}")
-            target = targets[:, level]
-            if bool((target < -1).any()) or bool((target >= d.shape[1]).any()):
-                raise ValueError(f"level {level}: targets must be -1 or in [0, {d.shape[1]})")
+            self._check_level_targets(targets, level, d.shape[1])
+
+    def _check_targets(self, targets) -> None:
+        if targets.dim() != 2 or targets.shape[1] != self.n_levels or targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must be an integer tensor (B, {self.n_levels}), got {targets.dtype} "
+                             f"{tuple(targets.shape)}")
+
+    @staticmethod
+    def _check_level_targets(targets, level: int, n_entities: int) -> None:
+        target = targets[:, level]
+        if bool((target < -1).any()) or bool((target >= n_entities).any()):
+            raise ValueError(f"level {level}: targets must be -1 or in [0, {n_entities})")
+
+    def _check_points(self, points, entity_points, targets, image_units, entity_units) -> None:
+        if len(entity_points) != self.n_levels:
+            raise ValueError(f"expected {self.n_levels} levels of entity points, got {len(entity_points)}")
+        self._check_targets(targets)
+        if points.dim() != 2 or points.shape[0] != targets.shape[0]:
+            raise ValueError(f"points must be (B={targets.shape[0]}, D), got {tuple(points.shape)}")
+        if image_units is not None and (entity_units is None or len(entity_units) != self.n_levels
+                                        or tuple(image_units.shape) != (points.shape[0], 3)):
+            raise ValueError(f"image_units must be (B={points.shape[0]}, 3), with {self.n_levels} levels of "
+                             "entity_units")
+        for level, y in enumerate(entity_points):
+            if y.dim() != 2 or y.shape[1] != points.shape[1]:
+                raise ValueError(f"level {level}: entity points must be (N, D={points.shape[1]}), got "
+                                 f"{tuple(y.shape)}")
+            if image_units is not None and tuple(entity_units[level].shape) != (y.shape[0], 3):
+                raise ValueError(f"level {level}: entity_units must be ({y.shape[0]}, 3), got "
+                                 f"{tuple(entity_units[level].shape)}")
+            self._check_level_targets(targets, level, y.shape[0])
 
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, kernel={self.kernel!r}, learn_tau={self.learn_tau}, "
-                f"learn_weights={self.learn_weights}, betas={self.betas.tolist()}")
+                f"learn_weights={self.learn_weights}, betas={self.betas.tolist()}, blocked={self.blocked}")

@@ -133,17 +133,24 @@ class TrainModule(nn.Module):
         # the concept head runs once: its tangent share enters the image point, its logits the concept loss
         concept_output = model.concept_head(features) if model.concept_head is not None else None
         points = model.embed_features(features, entity_tangent, concept_output)
-        sqdists = model.level_sqdists(points, model.entity_points(entity_tangent))
-        geo_km = []
+        entity_points = model.entity_points(entity_tangent)
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():
             image_units = latlon_to_unit(lat_deg, lon_deg).float()
             for level in range(N_LEVELS):
                 sl = model.level_slice(level)
-                # float32 units: immaterial for weights exp(-g / sigma), sigma >= 10 km (see great_circle_km)
-                geo_km.append(great_circle_km(image_units, self._entity_units(level)))
                 local_targets[:, level] = torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
-        out = self.loss(sqdists, local_targets, geo_km)
+        if self.loss.blocked and model.is_hyperbolic:  # no (B, N) tensor (loss.blocked)
+            levels = range(N_LEVELS)
+            out = self.loss.forward_points(points, [entity_points[model.level_slice(level)] for level in levels],
+                                           local_targets, image_units, [self._entity_units(level) for level in levels],
+                                           c=model.cfg.curvature)
+        else:
+            sqdists = model.level_sqdists(points, entity_points)
+            with torch.no_grad():
+                # float32 units: immaterial for weights exp(-g / sigma), sigma >= 10 km (see great_circle_km)
+                geo_km = [great_circle_km(image_units, self._entity_units(level)) for level in range(N_LEVELS)]
+            out = self.loss(sqdists, local_targets, geo_km)
         if model.concept_head is not None and concepts is not None:
             out["concept_loss"] = concept_lib.concept_loss(concept_output[0], concepts)
             out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
