@@ -385,7 +385,7 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     optimizer = build_optimizer(model, cfg)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     dataset = data.ImageDataset(table, encoder.preprocessor, targets=located, train=cfg.train.augment,
-                                seed=cfg.train.seed)
+                                seed=cfg.train.seed, shift_frac=cfg.train.shift_frac)
     steps_per_epoch = data.steps_per_epoch(len(dataset), cfg.train.batch_size)
     if steps_per_epoch == 0:
         raise InputError(f"{train_csv}: {len(dataset)} usable images is fewer than one batch "

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from gazetteer.geo import EARTH_RADIUS_KM
-from hierloc import checkpoint as ckpt
+from hierloc import checkpoint as ckpt, prototypes
 from hierloc.geodesy import latlon_to_unit
 from hierloc.config import Config
 from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, reuse_freed_cpu_memory, shutdown
@@ -393,7 +393,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
     else:
         ent_feats = None
         dataset = data.ImageDataset(table, encoder.preprocessor, targets=targets, train=cfg.train.augment,
-                                    seed=cfg.train.seed, extras=extras)
+                                    seed=cfg.train.seed, extras=extras, shift_frac=cfg.train.shift_frac)
     model = HierLocModel(cfg.model, entity_table, encoder.feature_dim, encoder=None if frozen else encoder,
                          entity_features=ent_feats, seed=cfg.train.seed,
                          n_concepts=len(vocab) if vocab is not None else 0)
@@ -525,6 +525,12 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime) -> TrainSummary:
             raise _interrupted(stop_signal, out, step, total_steps, runtime)
     if progress is not None:
         progress.close()
+    levels = prototypes.parse_levels(cfg.train.prototype_levels)
+    if levels:
+        eval_ds = dataset if frozen else data.ImageDataset(table, encoder.preprocessor, targets=targets, train=False)
+        prototypes.refresh_prototypes(model, eval_ds, levels, runtime, batch_size=cfg.train.batch_size,
+                                      num_workers=cfg.train.num_workers, inputs_are_features=frozen,
+                                      amp=cfg.train.amp, progress=inputs.progress and runtime.is_main)
     seconds = time.perf_counter() - t_start
     rank_divergence = _rank_divergence(module, runtime)
     if runtime.is_main:
