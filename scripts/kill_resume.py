@@ -47,7 +47,7 @@ def build_world(work: Path, n_images: int) -> dict[str, Path]:
 
     data, backbone, gazetteer = work / "data", work / "backbone", work / "gazetteer"
     if not (data / "train.csv").is_file():
-        make_demo_dataset(data, n_train=n_images, n_test=10, n_unseen=10, patch_px=32, seed=1, progress=False,
+        make_demo_dataset(data, n_train=n_images, n_test=10, n_unseen=10, n_val=0, patch_px=32, seed=1, progress=False,
                           overwrite=True)
     if not (backbone / "config.json").is_file():
         config = tiny_vit_config(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)

