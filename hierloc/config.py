@@ -114,6 +114,14 @@ class TrainConfig:
     amp: bool = True                  # bf16 autocast around the encoder on CUDA only; hyperbolic maths stays fp32
     max_steps: int = 0                # stop after this many steps (0: run all epochs); smoke tests use it
     augment: bool = True
+    # Random translation (training augmentation) up to this fraction of the input side, reflection-padded. 0 for
+    # photos by default; on the demo world's satellite patches 0.25 (a held-out place is a training patch seen
+    # ~1/4 patch off-centre) raised held-out country accuracy of plain CE over countries from 49.5% to 64.1%.
+    shift_frac: float = 0.0
+    # After the last step, move the entities of these levels (comma-separated level names, or "none") to the mean
+    # tangent of their training images (hierloc.training.prototypes: most cities have one or two images, too few steps
+    # to train an anchor; measured on the demo world: "nearby" city accuracy 13.5% -> 67.1%).
+    prototype_levels: str = "city"
     # CPU on Linux/glibc: keep freed memory for reuse (mallopt) instead of mapping and faulting in every large
     # (B, N) / (E, D) temporary afresh; measured 1.9x faster steps at global scale for ~1 GB more peak RSS
     # (docs/benchmarks.md). The process keeps its peak memory until it exits.
@@ -154,9 +162,12 @@ class Config:
             (len(self.loss.betas) == 4 and all(b >= 0 for b in self.loss.betas), "loss.betas",
              "4 non-negative weights (country, region, subregion, city)"),
             (self.train.epochs >= 1, "train.epochs", "an integer >= 1"),
+            (0.0 <= self.train.shift_frac < 0.5, "train.shift_frac", "a fraction in [0, 0.5)"),
             (self.train.batch_size >= 1, "train.batch_size", "an integer >= 1"),
             (0 <= self.train.warmup_frac < 1, "train.warmup_frac", "a fraction in [0, 1)"),
             (self.inference.beam >= 1, "inference.beam", "an integer >= 1"),
+            (_levels_ok(self.train.prototype_levels), "train.prototype_levels",
+             "comma-separated level names (country, region, subregion, city) or none"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -165,6 +176,11 @@ class Config:
             raise InputError(f"{source}: format_version {self.format_version} is newer than this hierloc supports "
                              f"({CONFIG_FORMAT_VERSION}); upgrade hierloc")
         return self
+
+
+def _levels_ok(text: str) -> bool:
+    names = [item.strip() for item in str(text).split(",") if item.strip()]
+    return all(name in ("country", "region", "subregion", "city", "none") for name in names)
 
 
 _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "inference": InferenceConfig}

@@ -80,7 +80,8 @@ COLUMNS = [("mean_km", "mean km", 1, ".0f"), ("median_km", "median km", 1, ".0f"
 # Settings that must be the same for every row: refused among the HierLoc-only overrides.
 FAIRNESS_KEYS = {"train.epochs": "--epochs", "train.max_steps": "--max-steps", "train.seed": "--seeds",
                  "model.backbone": "--shared", "model.pretrained": "--shared", "model.freeze_backbone": "--shared",
-                 "model.image_size": "--shared", "train.batch_size": "--shared", "train.augment": "--shared"}
+                 "model.image_size": "--shared", "train.batch_size": "--shared", "train.augment": "--shared",
+                 "train.shift_frac": "--shared"}
 MARKER = ".bench_peers"
 
 

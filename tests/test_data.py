@@ -191,6 +191,37 @@ def test_train_augmentation_never_mirrors_the_image():
         assert pixels[:, :, :4].mean() < pixels[:, :, -4:].mean()
 
 
+def test_shift_moves_the_image_by_at_most_the_fraction_and_fills_by_reflection():
+    pixels = torch.arange(3 * 16 * 16, dtype=torch.float32).view(3, 16, 16)
+    seen = set()
+    for seed in range(40):
+        shifted = Preprocessor._shift(pixels, 0.25, torch.Generator().manual_seed(seed))
+        assert shifted.shape == pixels.shape
+        # the content is the input moved by (dx, dy) in [-4, 4]: find it from the centre pixel of the output
+        matches = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                   if torch.equal(shifted[:, 4:12, 4:12], pixels[:, 4 + dy:12 + dy, 4 + dx:12 + dx])]
+        assert len(matches) == 1
+        seen.add(matches[0])
+        dy, dx = matches[0]
+        reflected = torch.nn.functional.pad(pixels.unsqueeze(0), (4, 4, 4, 4), mode="reflect")[0]
+        assert torch.equal(shifted, reflected[:, 4 + dy:20 + dy, 4 + dx:20 + dx])
+    assert len(seen) > 10                           # the offsets vary with the generator
+    assert torch.equal(Preprocessor._shift(pixels, 0.0, None), pixels)
+
+
+def test_shift_is_applied_only_when_training_and_is_deterministic():
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    preprocessor = Preprocessor(image_size=32, resize_size=32)
+    plain = preprocessor.preprocess_one(image, train=True, generator=torch.Generator().manual_seed(3))
+    shifted = preprocessor.preprocess_one(image, train=True, generator=torch.Generator().manual_seed(3),
+                                          shift_frac=0.25)
+    again = preprocessor.preprocess_one(image, train=True, generator=torch.Generator().manual_seed(3),
+                                        shift_frac=0.25)
+    assert torch.equal(shifted, again) and not torch.equal(shifted, plain)
+    assert torch.equal(preprocessor.preprocess_one(image, shift_frac=0.25), preprocessor.preprocess_one(image))
+
+
 def test_preprocessor_reads_preprocessor_config_json(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(
         '{"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "size": {"shortest_edge": 40}, '

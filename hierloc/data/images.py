@@ -329,12 +329,16 @@ class Preprocessor:
         return torch.stack(tensors)
 
     def preprocess_one(
-        self, image: Image.Image, train: bool = False, generator: torch.Generator | None = None
+        self, image: Image.Image, train: bool = False, generator: torch.Generator | None = None,
+        shift_frac: float = 0.0,
     ) -> torch.Tensor:
-        """One RGB image -> normalised float32 tensor (3, S, S); see `__call__`."""
+        """One RGB image -> normalised float32 tensor (3, S, S); see `__call__`. ``shift_frac`` (training only):
+        after the random-resized crop, translate by up to that fraction of the side in x and y (see `_shift`)."""
         image = to_rgb(image)
         if train:
             pixels = to_tensor(self._random_resized_crop(image, generator))
+            if shift_frac > 0:
+                pixels = self._shift(pixels, shift_frac, generator)
             pixels = self._jitter(pixels, generator)
         else:
             pixels = to_tensor(self._resize_center_crop(image))
@@ -368,6 +372,19 @@ class Preprocessor:
         box = (left, top, left + crop_width, top + crop_height)
         return image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box,
                             reducing_gap=3.0)
+
+    @staticmethod
+    def _shift(pixels: torch.Tensor, shift_frac: float, generator: torch.Generator | None) -> torch.Tensor:
+        """pixels (3, S, S) -> the same size moved by (dx, dy), each uniform in [-s, s] pixels, s = round(shift_frac
+        * S), the uncovered border filled by reflection. Teaches the encoder that a place seen a little off-centre
+        is the same place (a held-out photo is never framed like a training one)."""
+        size = pixels.shape[-1]
+        s = min(int(round(shift_frac * size)), size - 1)
+        if s <= 0:
+            return pixels
+        dx, dy = torch.randint(0, 2 * s + 1, (2,), generator=generator).tolist()
+        padded = torch.nn.functional.pad(pixels.unsqueeze(0), (s, s, s, s), mode="reflect")[0]
+        return padded[:, dy:dy + pixels.shape[-2], dx:dx + size].contiguous()
 
     @staticmethod
     def _jitter(pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

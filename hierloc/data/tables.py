@@ -225,12 +225,13 @@ class ImageDataset(Dataset):
     a training substitution: it identifies the pixels returned); path str; ok bool; error str (the reason, without
     the path; "" when ok);
     substituted: list of (index, path, reason) of training images replaced by this one.
-    train=True applies the preprocessor's augmentation with `augmentation_generator(seed, epoch, index)`.
+    train=True applies the preprocessor's augmentation with `augmentation_generator(seed, epoch, index)`, with
+    random translations up to ``shift_frac`` of the side.
     """
 
     def __init__(self, table: ImageTable, preprocessor: Preprocessor, targets: np.ndarray | None = None,
                  train: bool = False, seed: int = 0, extras: dict[str, np.ndarray] | None = None,
-                 epoch: int = 0) -> None:
+                 epoch: int = 0, shift_frac: float = 0.0) -> None:
         self.table = table
         self.preprocessor = preprocessor
         n = len(table)
@@ -244,6 +245,7 @@ class ImageDataset(Dataset):
             if len(value) != n:
                 raise ValueError(f"extra array {key!r} has {len(value)} rows, expected {n}")
         self.train = bool(train)
+        self.shift_frac = float(shift_frac)
         self.seed = int(seed)
         self.epoch = int(epoch)
 
@@ -274,7 +276,8 @@ class ImageDataset(Dataset):
         try:
             image = self.preprocessor.load(path, train=self.train)
             generator = augmentation_generator(self.seed, self.epoch, index) if self.train else None
-            return self.preprocessor.preprocess_one(image, train=self.train, generator=generator), None
+            return self.preprocessor.preprocess_one(image, train=self.train, generator=generator,
+                                                    shift_frac=self.shift_frac), None
         except InputError as error:
             message = str(error)
             return None, message[len(path) + 2:] if message.startswith(f"{path}: ") else message

@@ -259,6 +259,26 @@ class HierLocModel(nn.Module):
         v = self.entity_tangent() if entity_tangent is None else entity_tangent
         return hyperbolic.expmap0(v, c=self.cfg.curvature) if self.is_hyperbolic else v
 
+    def point_tangents(self, points: torch.Tensor) -> torch.Tensor:
+        """Points (B, D) on the ball -> their tangent vectors at the origin (logmap0; the points themselves in R^D)."""
+        return hyperbolic.logmap0(points, c=self.cfg.curvature) if self.is_hyperbolic else points
+
+    @torch.no_grad()
+    def set_entity_tangents(self, ids: torch.Tensor, tangents: torch.Tensor) -> None:
+        """Move entities ``ids`` (K,) so that `entity_tangent` gives ``tangents`` (K, D) for them.
+
+        The anchor takes what the fusion offset does not give: A = expmap0(t - alpha * MLP(fused)) (norm clamped
+        to max_tangent_norm, so a float32 anchor stays inside the ball; then t is met up to that clamp).
+        """
+        target = _clamp_norm(tangents.to(self.anchors.dtype), self.cfg.max_tangent_norm)
+        if self.entity_mlp is not None:
+            coords = self._coord_features()[ids]
+            fused = torch.cat([self.entity_features[ids], coords], dim=-1) if self.fuses_image_features else coords
+            target = target - self.entity_alpha * self.entity_mlp(fused)
+        target = _clamp_norm(target, self.cfg.max_tangent_norm)
+        values = hyperbolic.expmap0(target, c=self.cfg.curvature) if self.is_hyperbolic else target
+        self.anchors.data[ids] = values
+
     def level_slice(self, level: int) -> slice:
         return slice(self.level_offsets[level], self.level_offsets[level + 1])
 

@@ -361,7 +361,7 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     model = BaselineModel(kind, cfg, encoder, city_lat, city_lon, options, *gallery).to(dev)
     optimizers = {"adamw": build_optimizer(model, cfg)}
     dataset = tables.ImageDataset(table, encoder.preprocessor, targets=located, train=cfg.train.augment,
-                                  seed=cfg.train.seed)
+                                  seed=cfg.train.seed, shift_frac=cfg.train.shift_frac)
     loop = _train_loop(model, optimizers, dataset, cfg, train_csv, city_offset, dev, progress)
     summary = {"kind": kind, "steps": loop["steps"], "epochs": loop["epochs"], "seconds": loop["seconds"],
                "images_per_second": loop["images_per_second"], "n_train": int(len(table)),

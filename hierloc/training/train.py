@@ -50,6 +50,7 @@ from hierloc.training import checkpoint as ckpt
 from hierloc.training import features as feature_cache
 from hierloc.training.interrupt import GracefulStop
 from hierloc.training.losses import GWHInfoNCE
+from hierloc.training.prototypes import parse_levels, refresh_prototypes
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +501,8 @@ def _build_model_and_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime,
     else:
         ent_feats = None
         dataset = tables.ImageDataset(data.table, encoder.preprocessor, targets=data.targets,
-                                      train=cfg.train.augment, seed=cfg.train.seed, extras=extras)
+                                      train=cfg.train.augment, seed=cfg.train.seed, extras=extras,
+                                      shift_frac=cfg.train.shift_frac)
     model = HierLocModel(cfg.model, entity_table, encoder.feature_dim, encoder=None if frozen else encoder,
                          entity_features=ent_feats, seed=cfg.train.seed,
                          n_concepts=len(vocab) if vocab is not None else 0)
@@ -674,8 +676,23 @@ def _stop_at_checkpoint(run: _Run, loop: _Loop, progress) -> None:
     raise _interrupted(loop.stop_signal, run.out, loop.step, loop.total_steps, run.runtime)
 
 
+def _place_prototypes(run: _Run) -> None:
+    """train.prototype_levels: move those levels' entities to the mean tangent of their training images (one pass
+    over the training rows without augmentation; `hierloc.training.prototypes`)."""
+    cfg, data = run.cfg, run.data
+    levels = parse_levels(cfg.train.prototype_levels)
+    if not levels:
+        return
+    dataset = run.dataset if run.frozen else tables.ImageDataset(data.table, run.encoder.preprocessor,
+                                                                 targets=data.targets, train=False)
+    refresh_prototypes(run.module.model, dataset, levels, run.runtime, batch_size=cfg.train.batch_size,
+                       num_workers=cfg.train.num_workers, inputs_are_features=run.frozen, amp=cfg.train.amp,
+                       progress=run.inputs.progress and run.runtime.is_main)
+
+
 def _finish(run: _Run, loop: _Loop) -> TrainSummary:
-    """Write the model directory and train_summary.json (rank 0) -> the summary."""
+    """Place the prototypes, write the model directory and train_summary.json (rank 0) -> the summary."""
+    _place_prototypes(run)
     seconds = time.perf_counter() - loop.started
     runtime, out, gaz = run.runtime, run.out, run.data.gaz
     rank_divergence = _rank_divergence(run.module, runtime)
