@@ -6,13 +6,12 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 from gazetteer.atomic import atomic_open
 from hierloc.cli import HelpFormatter
 from hierloc.errors import InputError
 from hierloc.inference.answers import check_options
-from hierloc.inference.outputs import make_writer, summary_line
+from hierloc.inference.outputs import RunSummary, make_writer, search_settings, summary_line
 
 EPILOG = """\
 inputs: image files, directories (searched recursively), glob patterns ('photos/**/*.jpg', quoted), CSV files
@@ -90,10 +89,9 @@ def run(args: argparse.Namespace) -> int:
         _check_output_is_not_an_input(args.out, args.images, paths)
     model = HierLoc.from_pretrained(args.model, device=args.device)
     description = model.describe()
-    description["search"] = {"mode": "flat" if args.flat else "beam", "beam": args.beam, "top_k": args.top_k,
-                             "min_prob": args.min_prob, "max_level": args.max_level, "exif": args.exif}
-    counts = {"n_images": 0, "n_predicted": 0, "n_from_exif": 0, "n_failed": 0}
-    start = time.perf_counter()
+    description["search"] = search_settings(args.flat, args.beam, args.top_k, args.min_prob, args.max_level,
+                                            args.exif)
+    summary = RunSummary()
     output = atomic_open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout)
     try:
         with output as stream:
@@ -103,20 +101,14 @@ def run(args: argparse.Namespace) -> int:
                                              batch_size=args.batch_size, num_workers=args.workers,
                                              progress=not args.no_progress):
                 writer.write(record)
-                counts["n_images"] += 1
-                if record.ok:
-                    counts["n_predicted"] += 1
-                    counts["n_from_exif"] += record.source == "exif"
-                else:
-                    counts["n_failed"] += 1
-            seconds = time.perf_counter() - start
-            summary = dict(counts, seconds=seconds, images_per_second=counts["n_images"] / max(seconds, 1e-9))
-            writer.close(summary)
+                summary.add(record)
+            totals = summary.as_dict()
+            writer.close(totals)
     except BrokenPipeError:  # `hierloc predict ... | head`: the reader is gone, nothing more to say
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not args.quiet:
-        print(f"hierloc predict: {summary_line(summary)}" + (f"; wrote {args.out}" if args.out else ""),
+        print(f"hierloc predict: {summary_line(totals)}" + (f"; wrote {args.out}" if args.out else ""),
               file=sys.stderr)
-    return 0 if counts["n_predicted"] else 1
+    return 0 if summary.counts["n_predicted"] else 1
