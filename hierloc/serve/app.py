@@ -25,6 +25,7 @@ the model's answer is awaited at most `Limits.timeout_s`; images pass the same g
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -276,7 +277,7 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
         except QueueFull as exc:
             raise ApiError(503, f"the server is busy ({exc}); retry shortly",
                            retry_after_s=limits.retry_after_s) from None
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
             raise ApiError(504, f"no answer from the model within {limits.timeout_s:g} s") from None
 
     async def health(request: Request) -> Response:
