@@ -1,0 +1,251 @@
+"""Throughput and latency of `hierloc serve` under N concurrent clients, side by side with in-process predict.
+
+    flock /tmp/hierloc-bench.lock .venv/bin/python scripts/bench_serve.py --model runs/demo
+    .venv/bin/python scripts/bench_serve.py                  # trains a tiny model first (64 px tiny-vit)
+    .venv/bin/python scripts/bench_serve.py --backbone vit-s16   # ... or one with a ViT-S/16-sized backbone at
+                                                                  # 224 px (random weights: a realistic cost)
+
+What it does:
+1. Writes --images JPEGs of --px x --px pixels (seeded smooth colour fields + noise) and reads them into memory.
+2. In-process baseline: `HierLoc.predict` on those bytes (`EncodedImage`, the server's decoding path) in batches of
+   --max-batch, repeated for --seconds / 2 with torch's default threads and again with one thread; images/s.
+3. Starts `hierloc serve --model M` as a subprocess on 127.0.0.1 (a free port) and waits for GET /health.
+4. For each N in --clients: N threads, each with one keep-alive HTTP connection, POST /predict one image at a
+   time (cycling through the images) for --seconds after one warm-up request each; images/s (successful answers),
+   p50/p99 latency, errors (any status but 200), and the server's resident memory (VmRSS) before and after.
+5. The in-process baseline again, and the table: each N's rate over the faster in-process set-up (mean of its
+   measurements before and after).
+
+The clients run in this process, on the same cores as the server: on a 2-core machine they take CPU from it, so
+the ratio is a lower bound of what a client on another machine would see. Timings on a shared machine are noisy:
+compare the rows of one run, not runs with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predict_load import train_tiny_model, write_images  # noqa: E402  (a sibling script)
+
+
+def train_vit_s16_model(work: Path, steps: int) -> Path:
+    """A model with a ViT-S/16-sized backbone (224 px, 12 layers of width 384; random weights), trained for a
+    few steps on the demo world: what a real backbone costs per image, without downloading one."""
+    from hierloc.data.demodata import make_demo_dataset
+    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+
+    data, out = work / "demo-data", work / "model"
+    make_demo_dataset(data, n_train=240, n_test=10, n_unseen=10, n_val=0, patch_px=64, seed=1, progress=False)
+    config = tiny_vit_config(image_size=224, patch_size=16, hidden_size=384, num_layers=12, num_heads=6,
+                             mlp_dim=1536)
+    backbone = write_backbone_config(work / "vit-s16", config, tiny_vit_preprocessor(224))
+    cmd = [sys.executable, "-m", "hierloc", "-q", "train", "--csv", str(data / "train.csv"), "--out", str(out),
+           "--no-progress", f"model.backbone={backbone}", "train.batch_size=8", "train.epochs=1",
+           f"train.max_steps={steps}", "train.num_workers=0"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (VmRSS), MiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    """One image in the field 'file' -> (body, content type)."""
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def in_process_rates(model, images: list[tuple[str, bytes]], seconds: float, batch: int) -> dict[str, float]:
+    """Images/s of HierLoc.predict on in-memory images, batches of `batch`, for about `seconds` in each of two
+    set-ups: torch's default intra-op threads, and one thread (on a loaded machine the default team of threads
+    can be many times slower: its threads wait for cores the other processes hold)."""
+    import torch
+
+    from hierloc.data.encoded import EncodedImage
+
+    items = [EncodedImage(name, data) for name, data in images]
+    batches = [[items[(start + i) % len(items)] for i in range(batch)] for start in range(0, len(items), batch)]
+    default_threads = torch.get_num_threads()
+    rates = {}
+    for label, threads in ((f"{default_threads} torch threads", default_threads), ("1 torch thread", 1)):
+        torch.set_num_threads(threads)
+        model.predict(batches[0], top_k=3, batch_size=batch)      # warm-up
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for chunk in batches:
+                done += len(model.predict(chunk, top_k=3, batch_size=batch))
+        rates[label] = done / (time.perf_counter() - start)
+    torch.set_num_threads(default_threads)
+    return rates
+
+
+def client(port: int, bodies: list[tuple[bytes, str]], offset: int, stop_at: list[float], out: dict) -> None:
+    """POST /predict one image at a time until stop_at[0]; latencies (s) of 200s and the count of errors."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    latencies, errors, i = [], 0, offset
+
+    def post(body, content_type) -> int:
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    post(*bodies[i % len(bodies)])                              # warm-up, not counted
+    out["ready"].wait()
+    while time.perf_counter() < stop_at[0]:
+        body, content_type = bodies[i % len(bodies)]
+        t0 = time.perf_counter()
+        try:
+            status = post(body, content_type)
+        except (OSError, http.client.HTTPException):
+            status = -1
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        if status == 200:
+            latencies.append(time.perf_counter() - t0)
+        else:
+            errors += 1
+        i += 1
+    conn.close()
+    with out["lock"]:
+        out["latencies"] += latencies
+        out["errors"] += errors
+
+
+def load_round(port: int, n_clients: int, bodies, seconds: float) -> dict:
+    out = {"latencies": [], "errors": 0, "lock": threading.Lock(), "ready": threading.Event()}
+    stop_at = [float("inf")]
+    threads = [threading.Thread(target=client, args=(port, bodies, k, stop_at, out)) for k in range(n_clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)                      # the warm-up requests
+    start = time.perf_counter()
+    stop_at[0] = start + seconds
+    out["ready"].set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    lat = np.asarray(out["latencies"]) * 1000
+    return {"n": n_clients, "images_per_s": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": out["errors"], "requests": len(lat) + out["errors"]}
+
+
+def wait_for_health(port: int, process: subprocess.Popen, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"hierloc serve exited with {process.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            body = json.loads(conn.getresponse().read())
+            conn.close()
+            return body
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    raise SystemExit("hierloc serve did not answer /health in time")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: train a tiny one first)")
+    parser.add_argument("--backbone", default="tiny-vit", choices=["tiny-vit", "vit-s16"],
+                        help="backbone of the model trained when no --model: the 64 px tiny-vit, or a ViT-S/16-sized "
+                             "one at 224 px (random weights)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="steps of the model trained when no --model (default: 20 tiny-vit, 2 vit-s16)")
+    parser.add_argument("--clients", default="1,8,32", help="numbers of concurrent clients, one round each")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each round and of each baseline")
+    parser.add_argument("--images", type=int, default=64, help="distinct images the clients cycle through")
+    parser.add_argument("--px", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--max-batch", type=int, default=32, help="hierloc serve --max-batch = in-process batch")
+    parser.add_argument("--max-queue", type=int, default=64, help="hierloc serve --max-queue")
+    args = parser.parse_args()
+    clients = [int(n) for n in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="hierloc-bench-serve-") as work:
+        work = Path(work)
+        write_images(work / "images", args.images, args.px)
+        images = [(p.name, p.read_bytes()) for p in sorted((work / "images").rglob("*.jpg"))]
+        if args.model:
+            model_dir = args.model
+        elif args.backbone == "vit-s16":
+            model_dir = str(train_vit_s16_model(work, args.train_steps or 2))
+        else:
+            model_dir = str(train_tiny_model(work, args.train_steps or 20, 64))
+        bodies = [multipart(name, data) for name, data in images]
+        print(f"# {len(images)} JPEGs of {args.px} px (mean {np.mean([len(d) for _, d in images]) / 1024:.0f} KiB), "
+              f"model {model_dir}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+
+        from hierloc.inference.predictor import HierLoc
+
+        model = HierLoc.from_pretrained(model_dir, device="cpu")
+        before = in_process_rates(model, images, args.seconds / 2, args.max_batch)
+        port = free_port()
+        command = [sys.executable, "-m", "hierloc", "-q", "serve", "--model", model_dir, "--port", str(port),
+                   "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--device", "cpu"]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        try:
+            wait_for_health(port, server)
+            rss_start = rss_mib(server.pid)
+            rows = []
+            for n in clients:
+                rss_before = rss_mib(server.pid)
+                row = load_round(port, n, bodies, args.seconds)
+                row.update(rss_before=rss_before, rss_after=rss_mib(server.pid))
+                rows.append(row)
+            rss_end = rss_mib(server.pid)
+        finally:
+            server.terminate()
+            server.wait(30)
+        after = in_process_rates(model, images, args.seconds / 2, args.max_batch)
+
+    means = {label: (before[label] + after[label]) / 2 for label in before}
+    best_label = max(means, key=means.get)
+    baseline = means[best_label]
+    print(f"in-process HierLoc.predict, batches of {args.max_batch}, images/s before / after the server rounds: "
+          + "; ".join(f"{label} {before[label]:.1f} / {after[label]:.1f}" for label in before)
+          + f". Ratios below: to the faster set-up ({best_label}, mean {baseline:.1f})")
+    print(f"server RSS: {rss_start:.0f} MiB after start-up, {rss_end:.0f} MiB at the end")
+    print()
+    print("| clients | images/s | ratio to in-process | p50 ms | p99 ms | requests | errors | server RSS MiB "
+          "(before -> after) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for row in rows:
+        print(f"| {row['n']} | {row['images_per_s']:.1f} | {row['images_per_s'] / baseline:.2f} | "
+              f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} | {row['errors']} | "
+              f"{row['rss_before']:.0f} -> {row['rss_after']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
