@@ -118,8 +118,12 @@ def client(port: int, bodies: list[tuple[bytes, str]], offset: int, stop_at: lis
         response.read()
         return response.status
 
-    post(*bodies[i % len(bodies)])                              # warm-up, not counted
-    out["ready"].wait()
+    try:
+        post(*bodies[i % len(bodies)])                          # warm-up, not counted
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    out["ready"].wait()                                         # every client warmed up: the clock starts
     while time.perf_counter() < stop_at[0]:
         body, content_type = bodies[i % len(bodies)]
         t0 = time.perf_counter()
@@ -141,15 +145,17 @@ def client(port: int, bodies: list[tuple[bytes, str]], offset: int, stop_at: lis
 
 
 def load_round(port: int, n_clients: int, bodies, seconds: float) -> dict:
-    out = {"latencies": [], "errors": 0, "lock": threading.Lock(), "ready": threading.Event()}
+    """N clients for `seconds` after a warm-up request each; the rate counts the answers that arrived between the
+    start and the return of the last request begun before the end (so a slow model's tail is counted in full)."""
+    ready = threading.Barrier(n_clients + 1)
+    out = {"latencies": [], "errors": 0, "lock": threading.Lock(), "ready": ready}
     stop_at = [float("inf")]
     threads = [threading.Thread(target=client, args=(port, bodies, k, stop_at, out)) for k in range(n_clients)]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)                      # the warm-up requests
+    ready.wait()                         # every warm-up request answered
     start = time.perf_counter()
     stop_at[0] = start + seconds
-    out["ready"].set()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start

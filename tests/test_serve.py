@@ -186,17 +186,10 @@ def test_unreadable_images_are_422_naming_the_file_and_the_reason(client, images
 
 def test_a_bad_image_in_one_request_does_not_fail_the_requests_batched_with_it(model, tiny_model_dir, images,
                                                                                 tmp_path):
-    gate = threading.Event()
     app = create_app(model, tiny_model_dir)
     with TestClient(app, raise_server_exceptions=False) as client:
         batcher = app.state.batcher
-        compute = batcher.compute
-
-        def held(key, batch):
-            gate.wait(30)
-            return compute(key, batch)
-
-        batcher.compute = held
+        gate = hold_model(app)
         name, data = _bad_file("truncated", tmp_path)
         results = {}
 
@@ -318,6 +311,23 @@ def assert_close(got, want, where: str = "") -> None:
         assert got == want, where
 
 
+def hold_model(app, sizes: list | None = None) -> threading.Event:
+    """Make the app's model calls wait until the returned event is set (then the real model answers); each call's
+    number of images is appended to `sizes`."""
+    gate = threading.Event()
+    batcher = app.state.batcher
+    compute = batcher.compute
+
+    def held(key, batch):
+        gate.wait(30)
+        if sizes is not None:
+            sizes.append(len(batch))
+        return compute(key, batch)
+
+    batcher.compute = held
+    return gate
+
+
 def _wait_for(condition, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -327,20 +337,12 @@ def _wait_for(condition, seconds: float = 30.0) -> None:
 
 
 def test_concurrent_requests_share_model_calls_and_get_their_own_answers(model, tiny_model_dir, images):
-    gate = threading.Event()
     app = create_app(model, tiny_model_dir)
     expected = {p.name: r.to_dict() for p, r in zip(images, model.predict([str(p) for p in images], top_k=3))}
     with TestClient(app, raise_server_exceptions=False) as client:
         batcher = app.state.batcher
-        compute = batcher.compute
         sizes = []
-
-        def held(key, batch):
-            gate.wait(30)
-            sizes.append(len(batch))
-            return compute(key, batch)
-
-        batcher.compute = held
+        gate = hold_model(app, sizes)
         results = {}
 
         def post(path):
@@ -366,12 +368,10 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_answers(model, 
 
 def test_a_full_queue_is_503_with_retry_after_and_the_waiting_requests_still_complete(model, tiny_model_dir,
                                                                                        images):
-    gate = threading.Event()
     app = create_app(model, tiny_model_dir, Limits(max_queue=1))
     with TestClient(app, raise_server_exceptions=False) as client:
         batcher = app.state.batcher
-        compute = batcher.compute
-        batcher.compute = lambda key, batch: (gate.wait(30), compute(key, batch))[1]
+        gate = hold_model(app)
         results = []
         threads = [threading.Thread(target=lambda: results.append(client.post("/predict", files=uploads(images[:1]))))
                    for _ in range(2)]
@@ -389,12 +389,11 @@ def test_a_full_queue_is_503_with_retry_after_and_the_waiting_requests_still_com
 
 
 def test_a_request_that_waits_longer_than_the_timeout_is_504(model, tiny_model_dir, images):
-    gate = threading.Event()
     app = create_app(model, tiny_model_dir, Limits(timeout_s=0.3))
     with TestClient(app, raise_server_exceptions=False) as client:
         batcher = app.state.batcher
         compute = batcher.compute
-        batcher.compute = lambda key, batch: (gate.wait(30), compute(key, batch))[1]
+        gate = hold_model(app)
         response = client.post("/predict", files=uploads(images[:1]))
         gate.set()
         assert_json_error(response, 504, "0.3 s")

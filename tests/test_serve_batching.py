@@ -28,9 +28,17 @@ class Recorder:
         return [(key, image * 10) for image in images]
 
 
-async def _started(batcher: MicroBatcher, n_calls: int, recorder: Recorder) -> None:
-    while len(recorder.calls) < n_calls:
+async def behind_a_running_job(batcher: MicroBatcher, recorder: Recorder, jobs: list, first_key="k"):
+    """Start the batcher, let a job of one image (0) hold the worker, queue `jobs` [(key, images)] behind it;
+    -> (the running job's task, the queued jobs' tasks)."""
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit(first_key, [0]))
+    while not recorder.calls:
         await asyncio.sleep(0.005)
+    tasks = [asyncio.create_task(batcher.submit(key, images)) for key, images in jobs]
+    while batcher.pending() < len(jobs):
+        await asyncio.sleep(0.005)
+    return first, tasks
 
 
 def run(coroutine):
@@ -41,13 +49,8 @@ def test_waiting_jobs_are_merged_per_key_and_answered_in_order():
     async def scenario():
         recorder = Recorder(hold=True)
         batcher = MicroBatcher(recorder, max_queue=16, max_batch=8)
-        await batcher.start()
-        first = asyncio.create_task(batcher.submit("a", [0]))
-        await _started(batcher, 1, recorder)
-        tasks = [asyncio.create_task(batcher.submit(key, images))
-                 for key, images in [("a", [1, 2]), ("b", [3]), ("a", [4]), ("b", [5, 6])]]
-        while batcher.pending() < 4:
-            await asyncio.sleep(0.005)
+        first, tasks = await behind_a_running_job(
+            batcher, recorder, [("a", [1, 2]), ("b", [3]), ("a", [4]), ("b", [5, 6])], first_key="a")
         recorder.gate.set()
         results = [await first] + [await task for task in tasks]
         await batcher.stop()
@@ -62,12 +65,8 @@ def test_a_batch_never_exceeds_max_batch_images_and_a_large_job_runs_alone():
     async def scenario():
         recorder = Recorder(hold=True)
         batcher = MicroBatcher(recorder, max_queue=16, max_batch=3)
-        await batcher.start()
-        first = asyncio.create_task(batcher.submit("k", [0]))
-        await _started(batcher, 1, recorder)
-        tasks = [asyncio.create_task(batcher.submit("k", images)) for images in ([1, 2], [3], [4, 5, 6, 7], [8])]
-        while batcher.pending() < 4:
-            await asyncio.sleep(0.005)
+        first, tasks = await behind_a_running_job(
+            batcher, recorder, [("k", images) for images in ([1, 2], [3], [4, 5, 6, 7], [8])])
         recorder.gate.set()
         await asyncio.gather(first, *tasks)
         await batcher.stop()
@@ -83,12 +82,7 @@ def test_a_full_queue_refuses_at_once():
     async def scenario():
         recorder = Recorder(hold=True)
         batcher = MicroBatcher(recorder, max_queue=2, max_batch=8)
-        await batcher.start()
-        running = asyncio.create_task(batcher.submit("k", [0]))
-        await _started(batcher, 1, recorder)
-        waiting = [asyncio.create_task(batcher.submit("k", [i])) for i in (1, 2)]
-        while batcher.pending() < 2:
-            await asyncio.sleep(0.005)
+        running, waiting = await behind_a_running_job(batcher, recorder, [("k", [1]), ("k", [2])])
         with pytest.raises(QueueFull, match="2 requests are waiting"):
             await batcher.submit("k", [3])
         recorder.gate.set()
@@ -103,14 +97,8 @@ def test_a_failing_call_fails_its_group_only():
     async def scenario():
         recorder = Recorder(hold=True, fail_on=3)
         batcher = MicroBatcher(recorder, max_queue=8, max_batch=8)
-        await batcher.start()
-        first = asyncio.create_task(batcher.submit("a", [0]))
-        await _started(batcher, 1, recorder)
-        bad = asyncio.create_task(batcher.submit("a", [3]))
-        also_bad = asyncio.create_task(batcher.submit("a", [4]))
-        other_key = asyncio.create_task(batcher.submit("b", [5]))
-        while batcher.pending() < 3:
-            await asyncio.sleep(0.005)
+        first, (bad, also_bad, other_key) = await behind_a_running_job(
+            batcher, recorder, [("a", [3]), ("a", [4]), ("b", [5])], first_key="a")
         recorder.gate.set()
         outcomes = await asyncio.gather(first, bad, also_bad, other_key, return_exceptions=True)
         after = await batcher.submit("a", [6])        # the worker survives
@@ -127,9 +115,7 @@ def test_a_job_whose_caller_timed_out_is_dropped_before_it_runs():
     async def scenario():
         recorder = Recorder(hold=True)
         batcher = MicroBatcher(recorder, max_queue=8, max_batch=8)
-        await batcher.start()
-        first = asyncio.create_task(batcher.submit("k", [0]))
-        await _started(batcher, 1, recorder)
+        first, _ = await behind_a_running_job(batcher, recorder, [])
         with pytest.raises(asyncio.TimeoutError):
             await batcher.submit("k", [1], timeout=0.05)
         recorder.gate.set()
