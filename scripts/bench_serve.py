@@ -7,14 +7,17 @@
 
 What it does:
 1. Writes --images JPEGs of --px x --px pixels (seeded smooth colour fields + noise) and reads them into memory.
-2. In-process baseline: `HierLoc.predict` on those bytes (`EncodedImage`, the server's decoding path) in batches of
-   --max-batch, repeated for --seconds / 2 with torch's default threads and again with one thread; images/s.
-3. Starts `hierloc serve --model M` as a subprocess on 127.0.0.1 (a free port) and waits for GET /health.
+2. In-process baseline: `HierLoc.predict` on those bytes (`EncodedImage`, the server's decoding path) in batches
+   of 1, 8 and --max-batch, each for --baseline-seconds, with torch's default threads and with one thread.
+3. Starts `hierloc serve --model M --threads T` as a subprocess on 127.0.0.1 (a free port; T: the thread setting
+   that was faster in process at batch 8) and waits for GET /health.
 4. For each N in --clients: N threads, each with one keep-alive HTTP connection, POST /predict one image at a
    time (cycling through the images) for --seconds after one warm-up request each; images/s (successful answers),
    p50/p99 latency, errors (any status but 200), and the server's resident memory (VmRSS) before and after.
-5. The in-process baseline again, and the table: each N's rate over the faster in-process set-up (mean of its
-   measurements before and after).
+5. The in-process baseline again, and the table: each N's rate over in-process at the batch size N clients can
+   form at most (min(N, --max-batch): what the HTTP layer costs) and over the best in-process rate (what a
+   client gives up by not batching itself); in-process rates are the means of before and after, with the faster
+   thread setting.
 
 The clients run in this process, on the same cores as the server: on a 2-core machine they take CPU from it, so
 the ratio is a lower bound of what a client on another machine would see. Timings on a shared machine are noisy:
@@ -83,26 +86,28 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def in_process_rates(model, images: list[tuple[str, bytes]], seconds: float, batch: int) -> dict[str, float]:
-    """Images/s of HierLoc.predict on in-memory images, batches of `batch`, for about `seconds` in each of two
-    set-ups: torch's default intra-op threads, and one thread (on a loaded machine the default team of threads
-    can be many times slower: its threads wait for cores the other processes hold)."""
+def in_process_rates(model, images: list[tuple[str, bytes]], seconds: float, batches: list[int]
+                     ) -> dict[tuple[int, int], float]:
+    """{(batch size, torch threads): images/s} of HierLoc.predict on in-memory images, about `seconds` each, with
+    torch's default intra-op threads and with one thread (on a loaded machine the default team of threads can be
+    many times slower: its threads wait for cores the other processes hold)."""
     import torch
 
     from hierloc.data.encoded import EncodedImage
 
     items = [EncodedImage(name, data) for name, data in images]
-    batches = [[items[(start + i) % len(items)] for i in range(batch)] for start in range(0, len(items), batch)]
     default_threads = torch.get_num_threads()
     rates = {}
-    for label, threads in ((f"{default_threads} torch threads", default_threads), ("1 torch thread", 1)):
+    for threads in sorted({default_threads, 1}, reverse=True):
         torch.set_num_threads(threads)
-        model.predict(batches[0], top_k=3, batch_size=batch)      # warm-up
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for chunk in batches:
-                done += len(model.predict(chunk, top_k=3, batch_size=batch))
-        rates[label] = done / (time.perf_counter() - start)
+        for batch in batches:
+            chunks = [[items[(start + i) % len(items)] for i in range(batch)] for start in range(0, len(items), batch)]
+            model.predict(chunks[0], top_k=3, batch_size=batch)      # warm-up
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                for chunk in chunks:
+                    done += len(model.predict(chunk, top_k=3, batch_size=batch))
+            rates[batch, threads] = done / (time.perf_counter() - start)
     torch.set_num_threads(default_threads)
     return rates
 
@@ -191,6 +196,8 @@ def main() -> int:
                         help="steps of the model trained when no --model (default: 20 tiny-vit, 2 vit-s16)")
     parser.add_argument("--clients", default="1,8,32", help="numbers of concurrent clients, one round each")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each round and of each baseline")
+    parser.add_argument("--baseline-seconds", type=float, default=2.5,
+                        help="length of each in-process measurement (3 batch sizes x 2 thread settings, twice)")
     parser.add_argument("--images", type=int, default=64, help="distinct images the clients cycle through")
     parser.add_argument("--px", type=int, default=512, help="image side in pixels")
     parser.add_argument("--max-batch", type=int, default=32, help="hierloc serve --max-batch = in-process batch")
@@ -215,10 +222,14 @@ def main() -> int:
         from hierloc.inference.predictor import HierLoc
 
         model = HierLoc.from_pretrained(model_dir, device="cpu")
-        before = in_process_rates(model, images, args.seconds / 2, args.max_batch)
+        sizes = sorted({1, min(8, args.max_batch), args.max_batch})
+        before = in_process_rates(model, images, args.baseline_seconds, sizes)
         port = free_port()
+        # the server gets the thread setting that was faster in process (at batch 8) just before
+        server_threads = max({threads for _, threads in before}, key=lambda t: before[min(8, args.max_batch), t])
         command = [sys.executable, "-m", "hierloc", "-q", "serve", "--model", model_dir, "--port", str(port),
-                   "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--device", "cpu"]
+                   "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--device", "cpu",
+                   "--threads", str(server_threads)]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         try:
             wait_for_health(port, server)
@@ -233,22 +244,28 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(30)
-        after = in_process_rates(model, images, args.seconds / 2, args.max_batch)
+        after = in_process_rates(model, images, args.baseline_seconds, sizes)
 
-    means = {label: (before[label] + after[label]) / 2 for label in before}
-    best_label = max(means, key=means.get)
-    baseline = means[best_label]
-    print(f"in-process HierLoc.predict, batches of {args.max_batch}, images/s before / after the server rounds: "
-          + "; ".join(f"{label} {before[label]:.1f} / {after[label]:.1f}" for label in before)
-          + f". Ratios below: to the faster set-up ({best_label}, mean {baseline:.1f})")
-    print(f"server RSS: {rss_start:.0f} MiB after start-up, {rss_end:.0f} MiB at the end")
+    means = {key: (before[key] + after[key]) / 2 for key in before}
+    thread_counts = sorted({threads for _, threads in means}, reverse=True)
+    print("in-process HierLoc.predict on the same bytes, images/s before / after the server rounds:")
+    for batch in sizes:
+        print(f"  batch {batch}: " + "; ".join(f"{threads} torch thread{'s' if threads > 1 else ''} "
+                                              f"{before[batch, threads]:.1f} / {after[batch, threads]:.1f}"
+                                              for threads in thread_counts))
+    best_of = {batch: max(means[batch, threads] for threads in thread_counts) for batch in sizes}
+    best = max(best_of.values())
+    print(f"best in-process: {best:.1f} images/s (mean of before and after, faster thread setting)")
+    print(f"server: --threads {server_threads}; RSS {rss_start:.0f} MiB after start-up, {rss_end:.0f} MiB at the end")
     print()
-    print("| clients | images/s | ratio to in-process | p50 ms | p99 ms | requests | errors | server RSS MiB "
-          "(before -> after) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| clients | images/s | / in-process at batch min(N, max) | / best in-process | p50 ms | p99 ms | requests "
+          "| errors | server RSS MiB (before -> after) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['n']} | {row['images_per_s']:.1f} | {row['images_per_s'] / baseline:.2f} | "
-              f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} | {row['errors']} | "
+        same_batch = max(b for b in sizes if b <= max(1, min(row["n"], args.max_batch)))
+        print(f"| {row['n']} | {row['images_per_s']:.1f} | {row['images_per_s'] / best_of[same_batch]:.2f} "
+              f"(batch {same_batch}) | {row['images_per_s'] / best:.2f} | {row['p50_ms']:.1f} | "
+              f"{row['p99_ms']:.1f} | {row['requests']} | {row['errors']} | "
               f"{row['rss_before']:.0f} -> {row['rss_after']:.0f} |")
     return 0
 

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request waits for the model at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model at most (then 503)")
     p.add_argument("--max-batch", type=int, default=32, help="images per model call at most")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads of the model (0: torch's default, one per core; 1 is often faster "
+                        "on a machine busy with other work)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=run)
 
@@ -50,6 +53,8 @@ def limits_from(args: argparse.Namespace):
         raise InputError(f"--max-upload-mb {args.max_upload_mb}: expected a size in (0, 1024] MiB")
     if not args.timeout > 0:
         raise InputError(f"--timeout {args.timeout}: expected a positive number of seconds")
+    if args.threads < 0:
+        raise InputError(f"--threads {args.threads}: expected an integer >= 0 (0: torch's default)")
     for name in ("max_files", "max_queue", "max_batch"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
@@ -70,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from hierloc.serve.app import create_app
 
     limits = limits_from(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not _is_loopback(args.host):
         log.warning("binding %s: the server is reachable from other machines and has no authentication",
                     args.host)

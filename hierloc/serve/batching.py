@@ -4,11 +4,13 @@ Each request is a `Job` (its images, a hashable `key` naming what to compute and
 asyncio future). `MicroBatcher.submit` puts the job on a bounded `asyncio.Queue` and waits for its result; when
 the queue is full it raises `QueueFull` at once (the server answers 503 with Retry-After) instead of letting
 latency grow without bound. The single worker takes the oldest job, then every job already waiting (up to
-`max_batch` images in all), groups them by key and calls `compute(key, images)` once per group in a worker thread,
-so the event loop keeps accepting requests while the model runs; results are split back to their jobs in order.
+`max_batch` images in all), groups them by key and calls `compute(key, images)` once per group in the batcher's own
+thread, so the event loop keeps accepting requests while the model runs; results are split back to their jobs in
+order.
 
-One worker means the model is only ever used by one thread at a time (no locks in the library), and a batch of 8
-requests costs about one forward pass of 8 images instead of 8 passes of 1.
+One worker thread means the model is only ever used by one thread (no locks in the library; torch keeps one pool
+of intra-op threads instead of one per calling thread), and a batch of 8 requests costs about one forward pass of
+8 images instead of 8 passes of 1.
 
 A job whose caller gave up (timeout, disconnect) before the worker reached it is dropped; an exception raised by
 `compute` fails every job of that group with the same exception.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
@@ -54,11 +57,13 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.queue: asyncio.Queue[Job] | None = None
         self.task: asyncio.Task | None = None
+        self.executor: ThreadPoolExecutor | None = None
         self.n_batches = 0       # compute calls so far (the tests read it to see that jobs were merged)
 
     async def start(self) -> None:
         """Create the queue and the worker on the running event loop."""
         self.queue = asyncio.Queue(maxsize=self.max_queue)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hierloc-model")
         self.task = asyncio.create_task(self._worker(), name="hierloc-micro-batcher")
 
     async def stop(self) -> None:
@@ -74,6 +79,9 @@ class MicroBatcher:
             job = self.queue.get_nowait()
             if not job.future.done():
                 job.future.cancel()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
 
     def pending(self) -> int:
         """Jobs waiting in the queue."""
@@ -112,7 +120,8 @@ class MicroBatcher:
         images = [image for job in group for image in job.images]
         self.n_batches += 1
         try:
-            results = await asyncio.to_thread(self.compute, group[0].key, images)
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.compute, group[0].key,
+                                                                       images)
         except Exception as exc:  # noqa: BLE001 - handed to every caller of the group, never lost
             log.debug("batch of %d images failed: %s", len(images), exc)
             for job in group:
