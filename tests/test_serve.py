@@ -416,8 +416,60 @@ def test_an_internal_error_is_a_one_line_json_500_without_traceback(model, tiny_
 # ----------------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("argv, message", [(["--max-upload-mb", "0"], "--max-upload-mb"),
                                            (["--max-queue", "0"], "--max-queue"), (["--timeout", "-1"], "--timeout"),
-                                           (["--port", "70000"], "--port")])
+                                           (["--port", "70000"], "--port"), (["--threads", "-1"], "--threads")])
 def test_serve_refuses_bad_limits_in_one_line(tiny_model_dir, capsys, argv, message):
     code = main(["serve", "--model", str(tiny_model_dir), *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("hierloc: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_command_serves_on_loopback_until_stopped(tiny_model_dir):
+    """`hierloc serve` as a user runs it: a process on 127.0.0.1 answering /health, stopped by a signal."""
+    import http.client
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "hierloc", "-q", "serve", "--model", str(tiny_model_dir),
+                                "--port", str(port), "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                body = json.loads(conn.getresponse().read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "hierloc serve did not answer in 120 s"
+                time.sleep(0.2)
+        assert body["status"] == "ok" and body["model"]["model_dir"] == str(tiny_model_dir)
+        listening = [c for c in _listening_sockets(port)]
+        assert listening and all(address.startswith("127.0.0.1") for address in listening)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+    assert process.returncode == 0
+    assert "Traceback" not in process.stderr.read()
+
+
+def _listening_sockets(port: int) -> list[str]:
+    """Local addresses listening on `port` (from /proc/net/tcp and tcp6, state 0A = LISTEN)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.append("127.0.0.1" if address in ("0100007F", "00000000000000000000000001000000")
+                             else address)
+    return found
