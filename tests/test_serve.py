@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, python-multipart) is not installed")
-pytest.importorskip("multipart", reason="python-multipart is not installed")
+pytest.importorskip("python_multipart", reason="python-multipart is not installed")
 pytest.importorskip("httpx", reason="httpx (Starlette's test client) is not installed")
 
 from starlette.testclient import TestClient  # noqa: E402
@@ -90,7 +90,7 @@ def test_predict_answers_what_hierloc_predict_format_json_prints(client, tiny_mo
     assert got["predictions"] == expected["predictions"]
     counts = ("n_images", "n_predicted", "n_from_exif", "n_failed")
     assert {k: got["summary"][k] for k in counts} == {k: expected["summary"][k] for k in counts}
-    assert got["summary"]["n_images"] == len(images)
+    assert got["summary"]["n_images"] == len(images) and got["summary"]["seconds"] > 0
 
 
 def test_options_may_come_as_query_parameters(client, images):
@@ -473,3 +473,12 @@ def _listening_sockets(port: int) -> list[str]:
                 found.append("127.0.0.1" if address in ("0100007F", "00000000000000000000000001000000")
                              else address)
     return found
+
+
+def test_without_the_server_packages_the_command_says_what_to_install(tiny_model_dir, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)       # as if uvicorn were not installed
+    code = main(["serve", "--model", str(tiny_model_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs uvicorn" in err and "hierloc[serve]" in err and len(err.strip().splitlines()) == 1

@@ -94,11 +94,11 @@ def test_a_dropped_photo_shows_its_country_concepts_map_and_exif_position(server
     wait = WebDriverWait(browser, PAGE_WAIT_S)
     wait.until(lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").text)
     assert browser.find_element(By.ID, "error").text == ""
-    hierarchy = browser.find_element(By.ID, "hierarchy")
-    levels = hierarchy.find_elements(By.TAG_NAME, "li")
     country = browser.find_element(By.CSS_SELECTOR, "#hierarchy li.level-country .entity").text
     assert country == expected.levels[0].chosen.name
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#hierarchy > li")) == len(expected.levels) and levels
+    shown = [li.find_element(By.CLASS_NAME, "entity").text
+             for li in browser.find_elements(By.CSS_SELECTOR, "#hierarchy > li")]
+    assert shown == [level.chosen.name for level in expected.levels]
     concepts = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#concepts li.concept")]
     assert expected.image_concepts and [c.rsplit(" ", 1)[0] for c in concepts] == [
         c["name"] for c in expected.image_concepts]

@@ -11,6 +11,9 @@ from hierloc.errors import InputError
 
 log = logging.getLogger(__name__)
 
+# What `pip install hierloc[serve]` adds (module names).
+SERVER_PACKAGES = ("uvicorn", "starlette", "multipart", "python_multipart", "anyio")
+
 EPILOG = """\
 endpoints: GET / (the page: drop a photo, see the hierarchy, its concepts and the map), GET /health,
 POST /predict (multipart, images in the field 'file', repeatable; options as in `hierloc predict`: top_k, beam,
@@ -67,12 +70,16 @@ def limits_from(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     # torch-heavy and optional: imported when the command runs, so that `hierloc --help` stays fast
     try:
+        import python_multipart  # noqa: F401 - Starlette's form parser needs it
         import uvicorn
-    except ModuleNotFoundError:
-        raise InputError("hierloc serve needs uvicorn, starlette and python-multipart: "
+
+        from hierloc.serve.app import create_app
+    except ModuleNotFoundError as exc:
+        if exc.name not in SERVER_PACKAGES:
+            raise
+        raise InputError(f"hierloc serve needs {exc.name} (and uvicorn, starlette, python-multipart): "
                          "pip install 'hierloc[serve]'") from None
     from hierloc.inference.predictor import HierLoc
-    from hierloc.serve.app import create_app
 
     limits = limits_from(args)
     if args.threads:

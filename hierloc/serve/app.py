@@ -48,7 +48,7 @@ from hierloc.data.encoded import EncodedImage
 from hierloc.errors import InputError
 from hierloc.inference import explain, maps
 from hierloc.inference.answers import check_options
-from hierloc.inference.outputs import json_document, search_settings
+from hierloc.inference.outputs import RunSummary, json_document, search_settings
 from hierloc.serve.batching import MicroBatcher, QueueFull
 from hierloc.version import __version__
 
@@ -288,6 +288,7 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
         return JSONResponse(body)
 
     async def predict(request: Request) -> Response:
+        summary = RunSummary()      # timed from here: the summary's seconds are the request's
         images, fields = await read_upload(request, limits)
         options = predict_options(fields)
         records = await submit("predict", options, images)
@@ -298,7 +299,7 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
         description = service.model.describe()
         description["search"] = search_settings(options["flat"], options["beam"], options["top_k"],
                                                 options["min_prob"], options["max_level"], options["exif"])
-        return Response(json_document(description, records), media_type="application/json")
+        return Response(json_document(description, records, summary), media_type="application/json")
 
     async def explain_endpoint(request: Request) -> Response:
         images, fields = await read_upload(request, limits)
