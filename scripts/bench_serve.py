@@ -1,6 +1,6 @@
 """Throughput and latency of `hierloc serve` under N concurrent clients, side by side with in-process predict.
 
-    flock /tmp/hierloc-bench.lock .venv/bin/python scripts/bench_serve.py --model runs/demo
+    .venv/bin/python scripts/bench_serve.py --model runs/demo
     .venv/bin/python scripts/bench_serve.py                  # trains a tiny model first (64 px tiny-vit)
     .venv/bin/python scripts/bench_serve.py --backbone vit-s16   # ... or one with a ViT-S/16-sized backbone at
                                                                   # 224 px (random weights: a realistic cost)
