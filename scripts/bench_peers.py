@@ -10,6 +10,8 @@ built from train.csv exactly as `hierloc build-gazetteer --from-csv train.csv` d
 reused while train.csv is unchanged). Every row trains on train.csv with that gazetteer.
 
 Rows (--rows, comma-separated; default all):
+  country-ce                         a classifier over the countries: the encoder's floor at the country level
+                                     (its answer stops at the country: no region/subregion/city)
   flat-ce, geo-ls, geoclip, swclip   the peer objectives of `hierloc.training.peers` (see its docstring for the
                                      formulas and defaults; `baseline.key=value` overrides tune them)
   hierloc-euclidean                  model.geometry=euclidean
@@ -46,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-BASELINE_ROWS = ("flat-ce", "geo-ls", "geoclip", "swclip")
+BASELINE_ROWS = ("country-ce", "flat-ce", "geo-ls", "geoclip", "swclip")
 HIERLOC_SWITCHES = {
     "hierloc-euclidean": ["model.geometry=euclidean"],
     "hierloc-lam0": ["loss.lam=0", "loss.learn_weights=false"],
@@ -57,6 +59,7 @@ HIERLOC_SWITCHES = {
 ROWS = BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-no-fusion", "hierloc-no-concepts",
                         "hierloc-flat", "hierloc")
 LABELS = {
+    "country-ce": "CE over countries (floor)",
     "flat-ce": "flat CE over cities",
     "geo-ls": "flat CE + geo label smoothing",
     "geoclip": "GeoCLIP-style image-GPS",
