@@ -1,4 +1,4 @@
-r"""Peer objectives for the side-by-side benchmark (scripts/bench_peers.py), trained exactly like HierLoc except for the head.
+r"""Peer objectives for the side-by-side benchmark (scripts/bench_peers.py), trained like HierLoc except for the head.
 
 Shared with `hierloc.training.train`, so that only the objective differs between a peer and HierLoc: the image encoder
 (`build_encoder`, "tiny-vit" by default), the data pipeline (`read_image_table`, `ImageDataset` with the same
