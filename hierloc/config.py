@@ -82,6 +82,9 @@ class LossConfig:
     # InfoNCE. Fixed values keep the hard-negative weighting the method is about.
     learn_weights: bool = False
     kernel: str = "laplace"           # "laplace" (paper), "gaussian", "inverse"
+    # "paper": w = 1 + lam K(g / sigma) multiplies a negative's exp(logit); "logit": log w = lam K(g / sigma) / tau,
+    # a margin at the logits' own scale (hierloc.training.losses.GWHInfoNCE; measured in docs/benchmarks.md)
+    weighting: str = "paper"
     concept_weight: float = 0.5       # weight of the concept BCE next to the geolocation loss
     # The training step's loss: true = computed from the points in tiles of entities (hierloc.geometry._gwh_blocked): no
     # (B, N) tensor at any level, forward or backward, so memory grows as (B + N) D instead of B N (measured 47x less
@@ -156,6 +159,9 @@ class Config:
              "auto, ema or none"),
             (self.model.curvature > 0, "model.curvature", "a positive number"),
             (self.loss.kernel in ("laplace", "gaussian", "inverse"), "loss.kernel", "laplace, gaussian or inverse"),
+            (self.loss.weighting in ("paper", "logit"), "loss.weighting", "paper or logit"),
+            (not (self.loss.blocked and self.loss.weighting != "paper"), "loss.blocked",
+             "false with loss.weighting=logit (the blocked kernel implements the paper's weighting only)"),
             (self.loss.tau > 0, "loss.tau", "a positive number"),
             (self.loss.lam >= 0, "loss.lam", "a number >= 0"),
             (self.loss.sigma_km > 0, "loss.sigma_km", "a positive number of km"),
