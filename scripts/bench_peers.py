@@ -16,6 +16,8 @@ Rows (--rows, comma-separated; default all):
                                      formulas and defaults; `baseline.key=value` overrides tune them)
   hierloc-euclidean                  model.geometry=euclidean
   hierloc-lam0                       loss.lam=0 (plain hyperbolic InfoNCE; loss.learn_weights=false)
+  hierloc-gaussian, hierloc-inverse  loss.kernel=gaussian / inverse (the paper's other distance kernels)
+  hierloc-logit                      loss.weighting=logit (the kernel as a margin at the logits' scale)
   hierloc-no-fusion                  model.entity_fusion=false
   hierloc-no-concepts                model.concepts=false
   hierloc-flat                       the full model searched flat (nearest city): no extra training, its train
@@ -52,11 +54,15 @@ BASELINE_ROWS = ("country-ce", "flat-ce", "geo-ls", "geoclip", "swclip")
 HIERLOC_SWITCHES = {
     "hierloc-euclidean": ["model.geometry=euclidean"],
     "hierloc-lam0": ["loss.lam=0", "loss.learn_weights=false"],
+    "hierloc-gaussian": ["loss.kernel=gaussian"],
+    "hierloc-inverse": ["loss.kernel=inverse"],
+    "hierloc-logit": ["loss.weighting=logit"],
     "hierloc-no-fusion": ["model.entity_fusion=false"],
     "hierloc-no-concepts": ["model.concepts=false"],
     "hierloc": [],
 }
-ROWS = BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-no-fusion", "hierloc-no-concepts",
+ROWS = BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-gaussian", "hierloc-inverse",
+                        "hierloc-logit", "hierloc-no-fusion", "hierloc-no-concepts",
                         "hierloc-flat", "hierloc")
 LABELS = {
     "country-ce": "CE over countries (floor)",
@@ -66,6 +72,9 @@ LABELS = {
     "swclip": "SW-CLIP-style geo-soft",
     "hierloc-euclidean": "HierLoc Euclidean",
     "hierloc-lam0": "HierLoc lambda=0 (InfoNCE)",
+    "hierloc-gaussian": "HierLoc Gaussian kernel",
+    "hierloc-inverse": "HierLoc inverse kernel",
+    "hierloc-logit": "HierLoc logit-scale weights",
     "hierloc-no-fusion": "HierLoc no entity fusion",
     "hierloc-no-concepts": "HierLoc no concepts",
     "hierloc-flat": "HierLoc flat nearest city",
@@ -107,6 +116,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--shared", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override for every row, peers included (repeatable); baseline.key=value tunes the peers")
     ap.add_argument("--json", default=None, help="also write every number (per seed, mean, std) as JSON here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="train nothing: one table from the --json files of earlier runs (e.g. one per seed; same "
+                         "budget and shared overrides), over the rows every run has")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (status lines still go to stderr)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log the library's info messages")
@@ -301,6 +313,52 @@ def format_table(split_results: dict, n_seeds: int) -> str:
     return "\n".join(lines)
 
 
+def print_report(payload: dict, commands: list[list[str]]) -> None:
+    """The header lines and one table per split of a run's (or a merge's) payload."""
+    for command in commands:
+        print(f"bench_peers: {' '.join(command)}")
+    machine = payload["machine"]
+    print(f"machine: nproc={machine['nproc']}, torch {machine['torch']}, {machine['platform']}; "
+          f"wall {payload['wall_s']:.0f} s")
+    print(f"budget: {payload['budget']}; seeds {','.join(map(str, payload['seeds']))}; shared overrides: "
+          f"{payload['shared_overrides'] or 'none'}; HierLoc overrides: {payload['hierloc_overrides'] or 'none'}")
+    for split in SPLITS:
+        print(f"\n{split}: {payload.get('splits', {}).get(split, '')}")
+        print(format_table(payload["results"][split], len(payload["seeds"])))
+
+
+def merge(paths: list[str]) -> int:
+    """--merge: one report from several --json files (the union of their seeds, the rows all of them have)."""
+    from hierloc.errors import InputError
+
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read a bench_peers JSON ({exc})") from None
+    first = runs[0]
+    for path, run in zip(paths[1:], runs[1:]):
+        for key in ("budget", "shared_overrides", "hierloc_overrides"):
+            if run.get(key) != first.get(key):
+                raise InputError(f"{path}: {key} {run.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
+    per_seed: dict[str, dict] = {}
+    for path, run in zip(paths, runs):
+        for seed, rows in run["per_seed"].items():
+            if seed in per_seed:
+                raise InputError(f"{path}: seed {seed} is in two of the merged files")
+            per_seed[seed] = rows
+    rows = [row for row in ROWS if all(row in seed_rows for seed_rows in per_seed.values())]
+    if not rows:
+        raise InputError("--merge: no row is in every merged file")
+    seeds = sorted(per_seed, key=int)
+    results = {split: {row: aggregate([per_seed[s][row][split] for s in seeds]) for row in rows} for split in SPLITS}
+    payload = {**first, "seeds": [int(s) for s in seeds], "results": results, "per_seed": per_seed,
+               "rows": {row: LABELS[row] for row in rows}, "wall_s": sum(run.get("wall_s", 0.0) for run in runs)}
+    print_report(payload, [run["command"] for run in runs])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from hierloc.errors import InputError
 
@@ -308,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return run(args, argv)
+        return merge(args.merge) if args.merge else run(args, argv)
     except InputError as exc:
         print(f"bench_peers: error: {exc}", file=sys.stderr)
         return 2
@@ -350,23 +408,19 @@ def run(args, argv) -> int:
 
     budget = (f"epochs={args.epochs if args.epochs is not None else row_config(args, seeds[0], []).train.epochs}"
               + (f", max_steps={args.max_steps}" if args.max_steps else ""))
-    print(f"bench_peers: {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"machine: nproc={os.cpu_count()}, torch {torch.__version__}, {platform.platform()}; "
-          f"wall {time.perf_counter() - started:.0f} s")
-    print(f"budget: {budget}; seeds {','.join(map(str, seeds))}; shared overrides: {args.shared or 'none'}; "
-          f"HierLoc overrides: {args.overrides or 'none'}")
+    split_info = {}
     for split in SPLITS:
         table, truth = tests[split]
         resolved = ", ".join(f"{lv} {100 * (truth[:, i] >= 0).mean():.0f}%" for i, lv in enumerate(LEVELS))
-        print(f"\n{split}: n={len(table)}; true points resolving in the gazetteer: {resolved}")
-        print(format_table(results[split], len(seeds)))
+        split_info[split] = f"n={len(table)}; true points resolving in the gazetteer: {resolved}"
+    command = argv if argv is not None else sys.argv[1:]
+    payload = {"command": command, "machine": {"nproc": os.cpu_count(), "torch": torch.__version__,
+                                               "platform": platform.platform()},
+               "seeds": seeds, "budget": budget, "shared_overrides": args.shared, "hierloc_overrides": args.overrides,
+               "rows": {row: LABELS[row] for row in rows}, "splits": split_info, "results": results,
+               "per_seed": {str(s): per_seed[s] for s in seeds}, "wall_s": time.perf_counter() - started}
+    print_report(payload, [command])
     if args.json:
-        payload = {"command": argv if argv is not None else sys.argv[1:], "machine": {
-                       "nproc": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
-                   "seeds": seeds, "budget": budget, "shared_overrides": args.shared,
-                   "hierloc_overrides": args.overrides, "rows": {row: LABELS[row] for row in rows},
-                   "results": results,
-                   "per_seed": {str(s): per_seed[s] for s in seeds}}
         atomic_write_text(args.json, json.dumps(payload, indent=2, default=float))
     return 0
 

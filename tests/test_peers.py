@@ -247,6 +247,41 @@ def test_bench_aggregates_mean_and_sample_std_over_seeds():
     assert bench.format_cell(stats["geoscore"], 1, ".0f", 1) == "1200"
 
 
+def _bench_payload(bench, seed: int, rows: dict, budget: str = "epochs=3") -> dict:
+    """A --json payload of one seed: rows {row: geoscore}, every other metric 0."""
+    metrics = {split: {row: {key: 0.0 for key, *_ in bench.COLUMNS} | {"geoscore": score}
+                       for row, score in rows.items()} for split in bench.SPLITS}
+    return {"command": ["--seeds", str(seed)], "machine": {"nproc": 2, "torch": "x", "platform": "y"},
+            "seeds": [seed], "budget": budget, "shared_overrides": [], "hierloc_overrides": [], "wall_s": 10.0,
+            "per_seed": {str(seed): {row: {split: metrics[split][row] for split in bench.SPLITS} for row in rows}}}
+
+
+def test_bench_merges_runs_of_single_seeds_into_one_table(tmp_path, capsys):
+    bench = load_bench()
+    paths = []
+    for seed, scores in enumerate([{"flat-ce": 1000.0, "hierloc": 2000.0}, {"flat-ce": 1200.0, "hierloc": 2400.0,
+                                                                            "geoclip": 5.0}]):
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(_bench_payload(bench, seed, scores)))
+    assert bench.main(["--merge", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    for split in bench.SPLITS:
+        rows = table_rows(out, split)
+        assert list(rows) == [bench.LABELS["flat-ce"], bench.LABELS["hierloc"]]   # geoclip: only in one run
+        geoscore = [name for _, name, *_ in bench.COLUMNS].index("GeoScore")
+        assert rows[bench.LABELS["hierloc"]][geoscore] == "2200 ± 283"
+    assert "seeds 0,1" in out and out.count("bench_peers: --seeds") == 2
+
+
+def test_bench_merge_refuses_runs_of_different_budgets(tmp_path, capsys):
+    bench = load_bench()
+    for seed, budget in enumerate(["epochs=1", "epochs=3"]):
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(_bench_payload(bench, seed, {"hierloc": 1.0}, budget)))
+    assert bench.main(["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json")]) == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--rows", "flat-ce,planet"], "unknown row planet"),
     (["train.epochs=3"], "use --epochs"),
