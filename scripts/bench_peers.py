@@ -10,6 +10,9 @@ built from train.csv exactly as `hierloc build-gazetteer --from-csv train.csv` d
 reused while train.csv is unchanged). Every row trains on train.csv with that gazetteer.
 
 Rows (--rows, comma-separated; default all):
+  oracle-nearest                     not a model: each test point gets the path and coordinate of the nearest
+                                     training point (from the true coordinates), what "knowing the training set"
+                                     alone is worth on a split; no training, the same for every seed
   country-ce                         a classifier over the countries: the encoder's floor at the country level
                                      (its answer stops at the country: no region/subregion/city)
   flat-ce, geo-ls, geoclip, swclip   the peer objectives of `hierloc.training.peers` (see its docstring for the
@@ -50,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+ORACLE_ROWS = ("oracle-nearest",)
 BASELINE_ROWS = ("country-ce", "flat-ce", "geo-ls", "geoclip", "swclip")
 HIERLOC_SWITCHES = {
     "hierloc-euclidean": ["model.geometry=euclidean"],
@@ -61,10 +65,11 @@ HIERLOC_SWITCHES = {
     "hierloc-no-concepts": ["model.concepts=false"],
     "hierloc": [],
 }
-ROWS = BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-gaussian", "hierloc-inverse",
+ROWS = ORACLE_ROWS + BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-gaussian", "hierloc-inverse",
                         "hierloc-logit", "hierloc-no-fusion", "hierloc-no-concepts",
                         "hierloc-flat", "hierloc")
 LABELS = {
+    "oracle-nearest": "oracle: nearest training centre",
     "country-ce": "CE over countries (floor)",
     "flat-ce": "flat CE over cities",
     "geo-ls": "flat CE + geo label smoothing",
@@ -233,17 +238,36 @@ def score(pred: dict, truth: np.ndarray, table, path_metrics) -> dict:
                         lat[keep], lon[keep])
 
 
+def nearest_training_point(train, gaz, table, chunk: int = 1024) -> dict:
+    """The oracle row's answers: for every row of ``table``, the coordinate of the nearest training point (largest
+    unit-vector dot product = smallest great-circle distance) and that point's `Gazetteer.locate` path."""
+    from gazetteer.geo import to_unit_vectors
+
+    train_units = to_unit_vectors(train.lat_deg, train.lon_deg)        # (T, 3)
+    query_units = to_unit_vectors(table.lat_deg, table.lon_deg)        # (N, 3)
+    nearest = np.concatenate([np.argmax(query_units[i:i + chunk] @ train_units.T, axis=1)
+                              for i in range(0, len(query_units), chunk)]) if len(query_units) else np.zeros(0, int)
+    lat, lon = np.asarray(train.lat_deg)[nearest], np.asarray(train.lon_deg)[nearest]
+    return {"pred_lat_deg": lat, "pred_lon_deg": lon, "paths": gaz.locate(lat, lon)}
+
+
 def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, tests: dict, out: Path,
              path_metrics) -> dict:
     """-> {row: {split: metrics}} for one seed."""
     from hierloc.training import peers as baselines
     from hierloc.inference.predictor import HierLoc
     from hierloc.training.train import TrainInputs, train
+    from hierloc.data.tables import read_image_table
 
     train_csv = str(data / "train.csv")
     progress = not args.no_progress
     options = baselines.parse_options([item for item in args.shared if item.startswith("baseline.")], "--shared")
     results: dict[str, dict] = {}
+    if "oracle-nearest" in rows:
+        train_table = read_image_table(data / "train.csv")
+        results["oracle-nearest"] = {split: {**score(nearest_training_point(train_table, gaz, table), truth, table,
+                                                     path_metrics), "train_s": 0.0, "params_mb": 0.0,
+                                             "index_mb": 0.0} for split, (table, truth) in tests.items()}
     for row in rows:
         if row not in BASELINE_ROWS:
             continue

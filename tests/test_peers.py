@@ -220,13 +220,13 @@ def test_bench_prints_one_table_per_split_and_writes_json(tiny_demo_dir, tiny_ba
                                                           tmp_path, capsys):
     bench = load_bench()
     argv = bench_args(tiny_demo_dir, tiny_backbone_dir, tiny_gazetteer_dir, tmp_path / "out")
-    code = bench.main([*argv, "--seeds", "0", "--rows", "hierloc-flat,geoclip", "--json", str(tmp_path / "r.json"),
-                       "loss.tau=0.2"])
+    code = bench.main([*argv, "--seeds", "0", "--rows", "hierloc-flat,geoclip,oracle-nearest", "--json",
+                       str(tmp_path / "r.json"), "loss.tau=0.2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     for split in bench.SPLITS:
         rows = table_rows(captured.out, split)
-        assert list(rows) == [bench.LABELS["geoclip"], bench.LABELS["hierloc-flat"]]
+        assert list(rows) == [bench.LABELS["oracle-nearest"], bench.LABELS["geoclip"], bench.LABELS["hierloc-flat"]]
         assert all(len(cells) == len(bench.COLUMNS) for cells in rows.values())
     assert "training hierloc" in captured.err and "training geoclip" in captured.err   # progress on stderr
     payload = json.loads((tmp_path / "r.json").read_text())
@@ -254,6 +254,24 @@ def _bench_payload(bench, seed: int, rows: dict, budget: str = "epochs=3") -> di
     return {"command": ["--seeds", str(seed)], "machine": {"nproc": 2, "torch": "x", "platform": "y"},
             "seeds": [seed], "budget": budget, "shared_overrides": [], "hierloc_overrides": [], "wall_s": 10.0,
             "per_seed": {str(seed): {row: {split: metrics[split][row] for split in bench.SPLITS} for row in rows}}}
+
+
+def test_oracle_answers_the_nearest_training_point_and_its_path(tiny_demo_dir, tiny_gazetteer_dir):
+    from gazetteer import Gazetteer
+    from hierloc.data.tables import read_image_table
+    from hierloc.geometry.geodesy import pairwise_haversine_km
+
+    bench = load_bench()
+    gaz = Gazetteer.load(tiny_gazetteer_dir)
+    train, test = read_image_table(tiny_demo_dir / "train.csv"), read_image_table(tiny_demo_dir / "test_unseen.csv")
+    out = bench.nearest_training_point(train, gaz, test, chunk=7)   # chunks that do not divide N
+    km = pairwise_haversine_km(*(torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in
+                                 (test.lat_deg, test.lon_deg, train.lat_deg, train.lon_deg))).numpy()
+    nearest = km.argmin(axis=1)
+    np.testing.assert_array_equal(out["pred_lat_deg"], np.asarray(train.lat_deg)[nearest])
+    np.testing.assert_array_equal(out["paths"], gaz.locate(out["pred_lat_deg"], out["pred_lon_deg"]))
+    itself = bench.nearest_training_point(train, gaz, train.subset(np.arange(5)))   # a training point: itself
+    np.testing.assert_array_equal(itself["pred_lat_deg"], np.asarray(train.lat_deg)[:5])
 
 
 def test_bench_merges_runs_of_single_seeds_into_one_table(tmp_path, capsys):
