@@ -122,8 +122,8 @@ def parse_args(argv: list[str] | None):
                     help="override for every row, peers included (repeatable); baseline.key=value tunes the peers")
     ap.add_argument("--json", default=None, help="also write every number (per seed, mean, std) as JSON here")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                    help="train nothing: one table from the --json files of earlier runs (e.g. one per seed; same "
-                         "budget and shared overrides), over the rows every run has")
+                    help="train nothing: one table from the --json files of earlier runs (e.g. one per seed or per "
+                         "group of rows; same budget and overrides), over the rows every seed has")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (status lines still go to stderr)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log the library's info messages")
@@ -352,7 +352,8 @@ def print_report(payload: dict, commands: list[list[str]]) -> None:
 
 
 def merge(paths: list[str]) -> int:
-    """--merge: one report from several --json files (the union of their seeds, the rows all of them have)."""
+    """--merge: one report from several --json files: their (seed, row) results pooled, a row reported when every
+    seed has it; a (seed, row) given twice is refused."""
     from hierloc.errors import InputError
 
     runs = []
@@ -369,9 +370,10 @@ def merge(paths: list[str]) -> int:
     per_seed: dict[str, dict] = {}
     for path, run in zip(paths, runs):
         for seed, rows in run["per_seed"].items():
-            if seed in per_seed:
-                raise InputError(f"{path}: seed {seed} is in two of the merged files")
-            per_seed[seed] = rows
+            twice = sorted(set(rows) & set(per_seed.get(seed, {})))
+            if twice:
+                raise InputError(f"{path}: seed {seed} of row {twice[0]} is in two of the merged files")
+            per_seed.setdefault(seed, {}).update(rows)
     rows = [row for row in ROWS if all(row in seed_rows for seed_rows in per_seed.values())]
     if not rows:
         raise InputError("--merge: no row is in every merged file")

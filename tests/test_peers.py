@@ -289,6 +289,13 @@ def test_bench_merges_runs_of_single_seeds_into_one_table(tmp_path, capsys):
         geoscore = [name for _, name, *_ in bench.COLUMNS].index("GeoScore")
         assert rows[bench.LABELS["hierloc"]][geoscore] == "2200 ± 283"
     assert "seeds 0,1" in out and out.count("bench_peers: --seeds") == 2
+    # rows of one seed from two runs are pooled; the same (seed, row) twice is refused
+    (tmp_path / "s1b.json").write_text(json.dumps(_bench_payload(bench, 1, {"geoclip": 7.0})))
+    (tmp_path / "s0b.json").write_text(json.dumps(_bench_payload(bench, 0, {"geoclip": 3.0})))
+    assert bench.main(["--merge", *map(str, paths), str(tmp_path / "s0b.json")]) == 0
+    assert bench.LABELS["geoclip"] in table_rows(capsys.readouterr().out, "test_unseen")
+    assert bench.main(["--merge", *map(str, paths), str(tmp_path / "s1b.json")]) == 2
+    assert "seed 1 of row geoclip" in capsys.readouterr().err
 
 
 def test_bench_merge_refuses_runs_of_different_budgets(tmp_path, capsys):
