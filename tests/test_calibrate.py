@@ -16,6 +16,7 @@ from hierloc.errors import InputError
 from hierloc.inference import calibration
 from hierloc.inference.predictor import HierLoc
 from hierloc.model import modeldir
+from tests.conftest import TINY_OVERRIDES
 
 FIT_CSV = "test_nearby.csv"      # the fitting data (a validation split's role)
 TEST_CSV = "test_unseen.csv"
@@ -233,3 +234,18 @@ def test_a_bad_calibration_file_is_a_one_line_error_naming_the_file_and_field(ca
     assert code == 2 and len(err.splitlines()) == 1
     assert str(out / modeldir.CALIBRATION_NAME) in err and expected in err
     assert (out / modeldir.CALIBRATION_NAME).read_text() == text     # the input is never modified
+
+
+def test_train_with_a_validation_csv_calibrates_the_model_it_writes(tiny_demo_dir, tiny_backbone_dir, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "model"
+    assert main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(out), "--no-progress",
+                 "--val-csv", str(tiny_demo_dir / FIT_CSV), f"model.backbone={tiny_backbone_dir}",
+                 "train.max_steps=6", *TINY_OVERRIDES]) == 0
+    assert "calibrated on the validation CSV: temperatures" in capsys.readouterr().out
+    fitted = modeldir.read_calibration(out)
+    assert fitted.fitted_on == FIT_CSV and fitted.n == 40
+    assert fitted.weights_sha256 == modeldir.weights_digest(out)
+    summary = json.loads((out / modeldir.TRAIN_SUMMARY_NAME).read_text())
+    assert summary["calibration"]["temperatures"] == fitted.temperatures
+    assert HierLoc.from_pretrained(out, device="cpu").report_temperatures() == fitted.temperatures

@@ -19,8 +19,8 @@ On a model (anything with HierLoc's ``search_points``) and image points whose tr
 
 * `level_outcomes` / `search_outcomes`: the best path's reported probability per level, whether that level's
   entity is the true one, and whether the path has that level (an answer exists there).
-* `calibration_summary`: ece_<level>, and coverage90_<level> / minprob90_<level>: the share of images that keep
-  an answer down to that level under the `--min-prob` back-off at 90 % precision, and the threshold that does it.
+* `calibration_summary`: ece_<level>, and coverage90_<level> / minprob90_<level>: the share of answers that keep
+  that level under the `--min-prob` back-off at 90 % precision, and the threshold that does it.
 * `fit_search_temperatures`: `fit_temperatures` on a search, re-run at each trial temperature (the search is the
   only owner of the candidate sets, and temperatures never change its paths).
 
@@ -223,9 +223,13 @@ def level_outcomes(paths, probs, true_paths) -> tuple[np.ndarray, np.ndarray, np
 
 
 def backoff_confidence(confidence: np.ndarray) -> np.ndarray:
-    """(N, 4) -> (N, 4): the smallest probability from the country down to each level, i.e. the largest `--min-prob`
-    that still answers that level (NaN once a level is missing)."""
-    return np.minimum.accumulate(np.asarray(confidence, dtype=np.float64), axis=1)
+    """(N, 4) -> (N, 4): the largest `--min-prob` that still answers each level, i.e. the smallest probability
+    from the region down to it (`hierloc.inference.answers.cut_paths` always answers the country, so its column
+    is the country's own probability; NaN once a level is missing)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    out = confidence.copy()
+    out[:, 1:] = np.minimum.accumulate(confidence[:, 1:], axis=1)
+    return out
 
 
 def calibration_summary(paths, probs, true_paths, target: float = PRECISION_TARGET) -> dict[str, float]:
@@ -234,7 +238,9 @@ def calibration_summary(paths, probs, true_paths, target: float = PRECISION_TARG
     ece_<level>: `expected_calibration_error` of the level's reported probability (NaN: no answer at that level);
     coverage90_<level>, minprob90_<level>: `coverage_at_precision` of the back-off confidence
     (`backoff_confidence`) at ``target`` precision: with ``--min-prob minprob90_<level>``, that share of the answers
-    reaching the level keeps it, and target of those are right (NaN threshold: no threshold reaches the target).
+    reaching the level keeps it, and a fraction ``target`` of those are right (0 and NaN: no threshold reaches the
+    target). The country is always answered; its pair says which share of the country answers reach ``target``
+    precision when only those with probability >= minprob90_country are trusted.
     """
     confidence, correct, valid = level_outcomes(paths, probs, true_paths)
     backoff = backoff_confidence(confidence)
