@@ -137,7 +137,7 @@ class Calibration:
     temperatures: for beam search; flat_temperatures: for the flat search (None: reported at T = 1).
     weights_sha256: the `tensors_digest` of the model.safetensors it was fitted for (a calibration of other
     weights is refused on load). The rest records the fit: the CSV's file name, the rows used, the beam width,
-    and the expected calibration error per level before and after (see `hierloc.inference.calibrate`).
+    and the expected calibration error per level before and after (`hierloc.inference.calibration`).
     """
 
     temperatures: list[float]
@@ -216,7 +216,8 @@ def weights_digest(model_dir: str | Path) -> str | None:
 @dataclass
 class ModelDir:
     """A loaded model directory: the run config, the network (encoder attached, eval mode, on `device`), the
-    loss's saved tensors (`temperature_of` reads tau from them), the encoder and the gazetteer."""
+    loss's saved tensors (`temperature_of` reads tau from them), the encoder, the gazetteer and the calibration
+    (calibration.json, None without one)."""
 
     cfg: Config
     model: HierLocModel
