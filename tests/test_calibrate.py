@@ -153,7 +153,8 @@ def test_eval_writes_a_reliability_diagram_and_the_table_shows_the_ece(calibrate
     png = tmp_path / "reliability.png"
     assert main(["-q", "eval", str(tiny_demo_dir / TEST_CSV), "--model", str(calibrated_dir), "--workers", "0",
                  "--no-progress", "--reliability", str(png)]) == 0
-    assert "calibration error (ECE)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "calibration error (ECE)" in text and "; calibrated probabilities)" in text
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 400
     assert main(["-q", "eval", str(tiny_demo_dir / TEST_CSV), "--model", str(calibrated_dir), "--workers", "0",

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                    "min_prob": args.min_prob, "max_level": args.max_level, "missing": args.missing,
                    "calibration": model.describe_calibration()}
         title = f"hierloc eval {args.csv}  (model {args.model}; {search}; max level {args.max_level}" \
-                + (f"; min prob {args.min_prob}" if args.min_prob is not None else "") + ")"
+                + (f"; min prob {args.min_prob}" if args.min_prob is not None else "") \
+                + ("; calibrated probabilities" if context["calibration"] else "; uncalibrated probabilities") + ")"
     if args.format == "json":
         text = json.dumps(json_ready({**summary, **context}), indent=2, allow_nan=False) + "\n"
     else:
