@@ -16,7 +16,7 @@ import sys
 from gazetteer.errors import InputError
 
 # Order = order in `hierloc --help`.
-COMMAND_MODULES = ("gazetteer", "demo_data", "train", "predict", "eval", "explain")
+COMMAND_MODULES = ("gazetteer", "demo_data", "train", "calibrate", "predict", "eval", "explain")
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 1

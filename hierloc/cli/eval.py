@@ -25,7 +25,10 @@ acc_2500km
 (fraction with d < r), acc_country ... acc_city (OSV5M protocol: reverse-geocode the predicted and the true point
 and compare cc, admin1_cc, admin2_admin1_cc, name_admin2_admin1_cc; --missing skip leaves rows without a truth
 level out of that level, official counts them as misses like OSV5M's published code) and, with a model,
-path_acc_country ... path_acc_city (predicted entity ids vs the true point's path in the model's gazetteer).
+path_acc_country ... path_acc_city (predicted entity ids vs the true point's path in the model's gazetteer),
+ece_country ... ece_city (expected calibration error of the reported probabilities, 15 bins) and
+coverage90_<level> / minprob90_<level> (share of answers kept down to that level at 90 % precision by
+--min-prob minprob90_<level>); see docs/calibration.md.
 Fractions are in [0, 1] in JSON and percentages in the table.
 """
 
@@ -62,6 +65,11 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: in this process)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="report the model's raw probabilities, ignoring its calibration.json")
+    p.add_argument("--reliability", default=None, metavar="PNG",
+                   help="with --model: write the reliability diagram (accuracy against reported probability per "
+                        "level, beam and flat search) to this PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -96,16 +104,19 @@ def run(args: argparse.Namespace) -> int:
 
         table = tables.read_image_table(args.csv, image_root=args.image_root, image_col=args.image_col,
                                         lat_col=args.lat_col, lon_col=args.lon_col, on_bad=on_bad)
-        model = HierLoc.from_pretrained(args.model, device=args.device)
+        model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration)
         summary = evaluate.evaluate_model(model, table, beam=args.beam, flat=args.flat, min_prob=args.min_prob,
                                           max_level=args.max_level, missing=args.missing,
                                           batch_size=args.batch_size, num_workers=args.workers,
-                                          progress=not args.no_progress, per_sample=args.per_sample)
+                                          progress=not args.no_progress, per_sample=args.per_sample,
+                                          reliability=args.reliability)
         search = "flat" if args.flat else f"beam {args.beam}"
         context = {"input": args.csv, "mode": "model", "model": args.model, "search": search,
-                   "min_prob": args.min_prob, "max_level": args.max_level, "missing": args.missing}
+                   "min_prob": args.min_prob, "max_level": args.max_level, "missing": args.missing,
+                   "calibration": model.describe_calibration()}
         title = f"hierloc eval {args.csv}  (model {args.model}; {search}; max level {args.max_level}" \
-                + (f"; min prob {args.min_prob}" if args.min_prob is not None else "") + ")"
+                + (f"; min prob {args.min_prob}" if args.min_prob is not None else "") \
+                + ("; calibrated probabilities" if context["calibration"] else "; uncalibrated probabilities") + ")"
     if args.format == "json":
         text = json.dumps(json_ready({**summary, **context}), indent=2, allow_nan=False) + "\n"
     else:

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--basemap", default="relief", choices=["relief", "bluemarble"], help="map background")
     p.add_argument("--truth", default=None, metavar="LAT,LON", help="true location to mark on the map (one image)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="report the model's raw probabilities, ignoring its calibration.json")
     p.set_defaults(func=run_explain)
 
     q = subparsers.add_parser(
@@ -76,7 +78,7 @@ def run_explain(args: argparse.Namespace) -> int:
         raise InputError("--truth: give exactly one image with it")
     if args.map is not None:
         maps.output_path(args.map, (".png", ".html", ".htm"))
-    model = HierLoc.from_pretrained(args.model, device=args.device)
+    model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration)
     results = explain.explain_images(model, paths, model_dir=args.model, top_k=args.top_k, beam=args.beam,
                                      n_reasons=args.reasons, n_runners_up=args.runners_up,
                                      candidates=args.candidates)

@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--image-root", default=None,
                    help="directory that relative paths in CSV/list inputs are relative to (default: the file's)")
     p.add_argument("--image-col", default=None, help="image column of CSV inputs (default: detected)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="report the model's raw probabilities, ignoring its calibration.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.images, image_root=args.image_root, image_col=args.image_col)
     if args.out:
         _check_output_is_not_an_input(args.out, args.images, paths)
-    model = HierLoc.from_pretrained(args.model, device=args.device)
+    model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration)
     description = model.describe()
     description["search"] = {"mode": "flat" if args.flat else "beam", "beam": args.beam, "top_k": args.top_k,
                              "min_prob": args.min_prob, "max_level": args.max_level, "exif": args.exif}

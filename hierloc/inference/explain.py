@@ -13,7 +13,8 @@ the top ones by contribution are reported, and the most negative ones (active, b
 compared with its parent's profile (at the country level, the mean over all countries): what sets it apart.
 
 Candidates of a level ("runner-ups") are, by default, the children of the chosen parent (all countries at level 0)
-with p(e | parent) = softmax_{siblings}(-d^2(z, e) / tau): the question "given the country, which region?".
+with p(e | parent) = softmax_{siblings}(-d^2(z, e) / tau): the question "given the country, which region?" (at the
+model's per-level temperatures T_l, softmax(-d^2 / (tau T_l)), when it is calibrated: docs/calibration.md).
 `candidates_from_paths` builds them instead from the search's top-k paths (the entities those paths reach).
 
 The functions on plain arrays (`level_contributions`, `explain_path`) are what the tests drive with synthetic
@@ -118,10 +119,13 @@ def candidates_from_paths(paths: np.ndarray, level_probs: np.ndarray) -> list[tu
 
 
 def sibling_candidates(level_sqdists: Sequence[np.ndarray], path: np.ndarray, level_offsets: Sequence[int],
-                       parents: np.ndarray, tau: float) -> list[tuple[np.ndarray, np.ndarray]]:
+                       parents: np.ndarray, tau: float, temperatures: Sequence[float] | None = None
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per level, the children of the chosen parent (all countries at level 0) with p(e | parent), most probable
     first. level_sqdists: per level (N_l,) squared distances of one image to the level's entities; path (4,)
-    global ids (-1 = absent: that level and the ones below get no candidates)."""
+    global ids (-1 = absent: that level and the ones below get no candidates); temperatures: (4,) per-level
+    temperatures of the probabilities (None: 1)."""
+    temperatures = [1.0] * N_LEVELS if temperatures is None else [float(t) for t in temperatures]
     parents = np.asarray(parents, dtype=np.int64)
     out = []
     for level in range(N_LEVELS):
@@ -130,7 +134,7 @@ def sibling_candidates(level_sqdists: Sequence[np.ndarray], path: np.ndarray, le
             out.append((np.zeros(0, dtype=np.int64), np.zeros(0)))
             continue
         ids = np.arange(lo, hi) if level == 0 else lo + np.flatnonzero(parents[lo:hi] == path[level - 1])
-        logits = -np.asarray(level_sqdists[level], dtype=np.float64)[ids - lo] / tau
+        logits = -np.asarray(level_sqdists[level], dtype=np.float64)[ids - lo] / (tau * temperatures[level])
         probs = np.exp(logits - logits.max()) if len(ids) else np.zeros(0)
         probs = probs / probs.sum() if len(ids) else probs
         order = np.lexsort((ids, -probs))
@@ -357,7 +361,8 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
         for row, name in enumerate(names):
             path = paths[row, 0]
             if candidates == "siblings":
-                cands = sibling_candidates([d[row] for d in sqdists], path, gaz.level_offsets, gaz.parents, hl.tau)
+                cands = sibling_candidates([d[row] for d in sqdists], path, gaz.level_offsets, gaz.parents, hl.tau,
+                                           hl.report_temperatures())
             else:
                 cands = candidates_from_paths(paths[row], level_probs[row])
             probs_row = None if concept_probs is None else concept_probs[row]

@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> metrics (see `train`)
 Validator = Callable[[str, Config, nn.Module, dict, nn.Module, Any, torch.device], dict]
+# calibrate(model_dir, val_csv, device) -> modeldir.Calibration, written into model_dir (see `train`)
+Calibrator = Callable[[str, str, torch.device], modeldir.Calibration]
 
 
 @dataclass
@@ -106,6 +108,7 @@ class TrainSummary:
     n_entities: list = field(default_factory=list)
     final_loss: float = float("nan")
     validation: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)    # the fitted calibration.json (with --val-csv), else {}
     train_csv: str = ""
     rank_param_divergence: float = 0.0   # max |difference| of any parameter between ranks (0 = in sync)
 
@@ -368,17 +371,21 @@ def build_encoder(cfg: Config, allow_download: bool):
                                         allow_download=allow_download)
 
 
-def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None) -> TrainSummary:
+def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None,
+          calibrate: Calibrator | None = None) -> TrainSummary:
     """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers).
 
     validate: with `inputs.val_csv`, called after every epoch on rank 0 as
     ``validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> {metric: value}`` (the CLI passes
-    `hierloc.inference.predictor.HierLoc.validation_metrics`; training itself does not depend on inference)."""
+    `hierloc.inference.predictor.HierLoc.validation_metrics`; training itself does not depend on inference).
+    calibrate: with `inputs.val_csv`, called once on rank 0 after the model directory is written, as
+    ``calibrate(model_dir, val_csv, device)``: fits the per-level temperatures of the reported probabilities and
+    writes calibration.json (the CLI passes `HierLoc.calibrate_model_dir`)."""
     runtime = init_runtime(inputs.device)
     if runtime.device.type == "cpu" and cfg.train.reuse_cpu_memory:
         reuse_freed_cpu_memory()
     try:
-        return _train(cfg, inputs, runtime, validate)
+        return _train(cfg, inputs, runtime, validate, calibrate)
     finally:
         shutdown(runtime)
 
@@ -426,6 +433,7 @@ class _Run:
     optimizers: dict[str, torch.optim.Optimizer]
     base_lrs: dict[str, list[float]]
     validate: Validator | None
+    calibrate: Calibrator | None = None
     writer: Any = None                        # TensorBoard SummaryWriter (rank 0)
 
 
@@ -445,7 +453,8 @@ class _Loop:
     stop_signal: int = 0                      # the signal that asked the run to stop (0: none)
 
 
-def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validator | None) -> TrainSummary:
+def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validator | None,
+           calibrate: Calibrator | None = None) -> TrainSummary:
     out = _prepare_out_dir(inputs, runtime)
     seed_everything(cfg.train.seed)
     data = _read_data(inputs, runtime, out)
@@ -458,7 +467,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validat
     steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, inputs.train_csv, runtime.world_size)
     step, start_epoch = _resume(inputs, out, module, optimizers)
     run = _Run(cfg, inputs, runtime, out, data, encoder, dataset, cfg.model.freeze_backbone, module,
-               _distributed(module, runtime), optimizers, base_lrs, validate)
+               _distributed(module, runtime), optimizers, base_lrs, validate, calibrate)
     run.writer = _open_run_outputs(out, cfg, data.gaz, runtime)
     loop = _Loop(step, start_epoch, steps_per_epoch, total_steps,
                  saved_step=step if inputs.resume and step > 0 else -1)
@@ -691,16 +700,19 @@ def _place_prototypes(run: _Run) -> None:
 
 
 def _finish(run: _Run, loop: _Loop) -> TrainSummary:
-    """Place the prototypes, write the model directory and train_summary.json (rank 0) -> the summary."""
+    """Place the prototypes, write the model directory, fit its calibration (with --val-csv) and write
+    train_summary.json (rank 0) -> the summary."""
     _place_prototypes(run)
     seconds = time.perf_counter() - loop.started
     runtime, out, gaz = run.runtime, run.out, run.data.gaz
     rank_divergence = _rank_divergence(run.module, runtime)
+    calibration: dict = {}
     if runtime.is_main:
         with ckpt.writing(out, "model directory"):
             modeldir.save_model_dir(out, run.cfg, run.module.model, run.module.loss.state_dict(), run.encoder, gaz)
         if run.writer is not None:
             run.writer.close()
+        calibration = _calibrate(run)
     barrier(runtime)
     counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
     summary = TrainSummary(out_dir=str(out), train_csv=str(Path(run.inputs.train_csv).resolve()), steps=loop.step,
@@ -708,11 +720,23 @@ def _finish(run: _Run, loop: _Loop) -> TrainSummary:
                            images_per_second=loop.images_seen / max(seconds, 1e-9), n_train=len(run.data.targets),
                            n_skipped=int(run.data.table.n_skipped) + run.data.n_unreached, n_entities=counts,
                            final_loss=loop.last_loss, validation=loop.validation,
+                           calibration=calibration,
                            rank_param_divergence=rank_divergence)
     if runtime.is_main:
         with ckpt.writing(out / modeldir.TRAIN_SUMMARY_NAME):
             atomic_write_text(out / modeldir.TRAIN_SUMMARY_NAME, json.dumps(summary.__dict__, indent=2))
     return summary
+
+
+def _calibrate(run: _Run) -> dict:
+    """With --val-csv and a `calibrate` function: fit and write the model directory's calibration.json -> its
+    fields ({} otherwise)."""
+    if not (run.inputs.val_csv and run.calibrate is not None):
+        return {}
+    fitted = run.calibrate(str(run.out), run.inputs.val_csv, run.runtime.device)
+    log.info("calibration on %s: temperatures %s", run.inputs.val_csv,
+             ", ".join(f"{t:.3g}" for t in fitted.temperatures))
+    return asdict(fitted)
 
 
 def _format_metrics(metrics: dict) -> str:
