@@ -148,6 +148,15 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def to_toml(self) -> str:
+        """The whole config as TOML that `load_config` reads back to an equal Config."""
+        lines = [f"format_version = {self.format_version}"]
+        for section in _SECTIONS:
+            lines += ["", f"[{section}]"]
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
     def validate(self, source: str = "config") -> "Config":
         checks = [
             (self.model.geometry in ("poincare", "euclidean"), "model.geometry", "'poincare' or 'euclidean'"),
@@ -176,6 +185,17 @@ class Config:
             raise InputError(f"{source}: format_version {self.format_version} is newer than this hierloc supports "
                              f"({CONFIG_FORMAT_VERSION}); upgrade hierloc")
         return self
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value: booleans in lower case, strings quoted (JSON string syntax is valid TOML), lists inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
 
 
 def _levels_ok(text: str) -> bool:

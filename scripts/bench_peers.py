@@ -1,4 +1,4 @@
-"""Peers and ablations side by side (issue 6): same data, encoder, split, seed and budget for every row, one table
+"""Peers and ablations side by side: same data, encoder, split, seed and budget for every row, one table
 per test split, each metric as mean +- std over the seeds.
 
     .venv/bin/python scripts/bench_peers.py --data runs/demo-data --out runs/bench-peers --seeds 0,1,2 \\

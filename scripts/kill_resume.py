@@ -1,7 +1,7 @@
 """Kill/resume experiment: SIGKILL `hierloc train` at random steps, resume each time, compare with a clean run.
 
     .venv/bin/python scripts/kill_resume.py                      # 3 kills, seed 0, ~1-2 min on 2 cores
-    .venv/bin/python scripts/kill_resume.py --kills 5 --seed 7 --workdir /tmp/kr --keep
+    .venv/bin/python scripts/kill_resume.py --kills 5 --seed 7 --workdir runs/kill-resume --keep
 
 What it does:
 1. Builds a small world in --workdir (a temp dir by default): --images demo patches (Blue Marble, 32 px;

@@ -1,4 +1,4 @@
-r"""Peer objectives for the side-by-side benchmark (issue 6), trained exactly like HierLoc except for the head.
+r"""Peer objectives for the side-by-side benchmark, trained exactly like HierLoc except for the head.
 
 Shared with `hierloc.training.train`, so that only the objective differs between a peer and HierLoc: the image encoder
 (`build_encoder`, "tiny-vit" by default), the data pipeline (`read_image_table`, `ImageDataset` with the same
