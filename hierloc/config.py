@@ -55,7 +55,7 @@ class ModelConfig:
     coord_scales: int = 8             # SphereM+-style frequencies for the coordinate encoding (8 features each)
     coord_min_radius_km: float = 10.0
     coord_max_radius_km: float = 20000.0
-    hierarchical_init: bool = True
+    hierarchical_init: bool = True    # tangent anchor of a child starts at its parent's (the tree shapes the init)
     # The paper's per-level cross-attention from the image to each level's entities (tangent space, image side
     # only). Off by default: it adds two (B x E x D) products per step on top of the distances, and whether it
     # pays on this CPU is not measured yet.
@@ -67,7 +67,7 @@ class ModelConfig:
     # training labels are dropped.
     concepts: bool = True
     concept_hidden: int = 256
-    concept_min_labels: int = 20    # tangent anchor of a child starts at its parent's (the tree shapes the init)
+    concept_min_labels: int = 20      # fewer positive or negative training labels than this: the concept is dropped
 
 
 @dataclass

@@ -12,9 +12,9 @@ from hierloc.cli.predict import TOP_K
 from hierloc.errors import InputError
 from hierloc.inference.answers import check_options
 
-HEADER = ("# p = probability among the level's candidates (children of the chosen parent); the chosen entity is the "
-          "one on the best path (ranked by joint score), so a candidate marked '(higher at this level alone)' is "
-          "more probable at that level but on a lower-scoring path; [+x] = concept contribution")
+HEADER = ("# p = probability among the level's candidates; the chosen entity lies on the best path (joint score); "
+          "'(higher at this level alone)' marks a more probable candidate on a lower-scoring path; "
+          "[+x] = concept contribution")
 
 
 def register(subparsers) -> None:

@@ -186,6 +186,7 @@ def load_backbone(
     pretrained: bool = True,
     allow_download: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    weights_origin: str | None = None,
 ) -> tuple[nn.Module, BackboneInfo]:
     """Load a transformers vision backbone -> (model in float32, info).
 
@@ -196,6 +197,8 @@ def load_backbone(
         with random initialisation (torch's global RNG), to train from scratch. Weights are read from safetensors
         files only: pickled `pytorch_model.bin` weights are never loaded (hierloc never unpickles).
     allow_download: permit fetching a hub id from the network (default: never).
+    weights_origin: what the log says about the weights (e.g. "trained from scratch" for the backbone of a model
+        trained here); default: "pretrained weights" or "random init, to train from scratch".
 
     Raises `InputError` for: a missing directory, a directory without config.json, a hub id that is not cached
     while downloads are disabled, a non-vision model, pretrained=True without weights or with pickled weights only,
@@ -232,7 +235,7 @@ def load_backbone(
     )
     logger.info("backbone %s: %s (%s pooling, %d features, %.2fM parameters, %s)", name, info.architecture,
                 info.pooling, info.feature_dim, sum(p.numel() for p in model.parameters()) / 1e6,
-                "pretrained weights" if pretrained else "random init")
+                weights_origin or ("pretrained weights" if pretrained else "random init, to train from scratch"))
     return model, info
 
 
@@ -279,10 +282,29 @@ def pooling_for(model_type: str) -> str:
     return "auto"
 
 
+def check_backbone(name_or_path: str | os.PathLike, pretrained: bool = True, allow_download: bool = False) -> None:
+    """Cheap check that `load_backbone` will find the backbone: reads its config only (no weights), so a typo in
+    a hub id or a directory fails before any long work. Same InputErrors as `load_backbone` for what it checks."""
+    name = os.fspath(name_or_path)
+    if name in BUILTIN_BACKBONES:
+        if pretrained:
+            raise _builtin_pretrained_error(name)
+        return
+    source, location = _resolve_source(name)
+    config = _load_config(name, location, source, not allow_download, None)
+    _vision_model_class(getattr(config, "vision_config", None) or config, name)
+    if pretrained and source == "local":
+        _require_safetensors_weights(Path(location))
+
+
+def _builtin_pretrained_error(name: str) -> InputError:
+    return InputError(f"backbone {name!r} has no pretrained weights; it is trained from scratch "
+                      "(model.pretrained=false), or pass a directory with config.json + model.safetensors")
+
+
 def _load_builtin(name: str, pretrained: bool, config: Any) -> tuple[nn.Module, BackboneInfo]:
     if pretrained:
-        raise InputError(f"backbone {name!r} has no pretrained weights; it is trained from scratch "
-                         "(pretrained=False), or pass a directory with config.json + model.safetensors")
+        raise _builtin_pretrained_error(name)
     if config.model_type == "resnet":
         from transformers import ResNetModel
 
@@ -348,8 +370,9 @@ def _not_available_error(name: str, source: str, allow_download: bool, error: Ba
                           "never loads pickled weights (pytorch_model.bin)")
     if source == "hub" and not allow_download:
         return InputError(
-            f"backbone {name!r} not found locally and downloads are disabled; pass a local directory "
-            "(config.json + model.safetensors) or --allow-download"
+            f"backbone {name!r} is not in the local Hugging Face cache and downloads are off: pass "
+            f"--allow-download to fetch it, a local directory (config.json + model.safetensors), or "
+            f"model.backbone=tiny-resnet / model.backbone=tiny-vit to train from scratch"
         )
     detail = " ".join(str(error).split())[:200]
     return InputError(f"backbone {name!r}: cannot load ({detail})")
@@ -545,6 +568,7 @@ def build_image_encoder(
     freeze: bool = False,
     image_size: int | None = None,
     allow_download: bool = False,
+    weights_origin: str | None = None,
 ) -> ImageEncoder:
     """Backbone + preprocessor + pooling -> ImageEncoder (see `load_backbone` for `backbone` and the errors).
 
@@ -558,7 +582,8 @@ def build_image_encoder(
         model, info = _load_builtin(name, pretrained, config)
         preprocessor = tiny_vit_preprocessor(config.image_size)
         return ImageEncoder(model, info, preprocessor, frozen=freeze)
-    model, info = load_backbone(name, pretrained=pretrained, allow_download=allow_download)
+    model, info = load_backbone(name, pretrained=pretrained, allow_download=allow_download,
+                                weights_origin=weights_origin)
     directory = info.directory if info.source == "local" else _hub_snapshot_dir(info.name_or_path)
     preprocessor = Preprocessor.from_backbone_dir_or_config(directory, model.config)
     if image_size is not None and int(image_size) != preprocessor.image_size:
@@ -567,9 +592,11 @@ def build_image_encoder(
     return ImageEncoder(model, info, preprocessor, frozen=freeze)
 
 
-def load_image_encoder(directory: str | os.PathLike, frozen: bool = False) -> ImageEncoder:
-    """Reload an encoder written by `ImageEncoder.save_pretrained` (weights required), in eval mode."""
-    encoder = build_image_encoder(directory, pretrained=True, freeze=frozen)
+def load_image_encoder(directory: str | os.PathLike, frozen: bool = False,
+                       weights_origin: str | None = None) -> ImageEncoder:
+    """Reload an encoder written by `ImageEncoder.save_pretrained` (weights required), in eval mode.
+    weights_origin: how the log describes the weights (see `load_backbone`)."""
+    encoder = build_image_encoder(directory, pretrained=True, freeze=frozen, weights_origin=weights_origin)
     return encoder.eval()
 
 

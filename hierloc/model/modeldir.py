@@ -190,6 +190,13 @@ def write_model_dir(out_dir: str | Path, parts: ModelDir, overwrite: bool = Fals
     return out
 
 
+def _weights_origin(cfg) -> str:
+    """How a saved model's backbone weights came about, for the log."""
+    if not cfg.model.pretrained:
+        return "trained from scratch"
+    return f"pretrained {cfg.model.backbone}, " + ("frozen" if cfg.model.freeze_backbone else "fine-tuned")
+
+
 def load_model_dir(model_dir: str | Path, device: str = "auto") -> ModelDir:
     """Load a model directory written by `hierloc train` or `write_model_dir`. device: auto, cpu or cuda.
 
@@ -203,7 +210,7 @@ def load_model_dir(model_dir: str | Path, device: str = "auto") -> ModelDir:
     dev = resolve_device(device)
     gaz = _load_gazetteer(root, meta)
     state = load_tensors(root / WEIGHTS_NAME)
-    encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"))
+    encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"), weights_origin=_weights_origin(cfg))
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None,
                          n_concepts=int(meta.get("n_concepts", 0)))
     model_state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX)}
