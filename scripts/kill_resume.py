@@ -60,7 +60,7 @@ def build_world(work: Path, n_images: int) -> dict[str, Path]:
 
 def train_command(world: dict[str, Path], out: Path, args: argparse.Namespace, resume: bool) -> list[str]:
     return [sys.executable, "-m", "hierloc", "-q", "train", "--csv", str(world["csv"]), "--gazetteer",
-            str(world["gazetteer"]), "--out", str(out), f"model.backbone={world['backbone']}",
+            str(world["gazetteer"]), "--out", str(out), f"model.backbone={world['backbone']}", "model.pretrained=false",
             "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
             "model.coord_scales=4", f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
             f"train.num_workers={args.workers}", f"train.checkpoint_every={args.checkpoint_every}",

@@ -35,7 +35,9 @@ def register(subparsers) -> None:
                               description="Geolocation metrics with the OSV5M benchmark's definitions.",
                               epilog=EPILOG)
     p.add_argument("csv", nargs="?", default=None, help="labelled CSV of images (with --model)")
-    p.add_argument("--model", default=None, help="trained model directory")
+    p.add_argument("--model", default=None, help="trained model directory, or a hub id of one in the local cache")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a --model hub id that is not in the local cache (off: never download silently)")
     p.add_argument("--predictions", default=None, help="CSV of predicted and true points to score (no model)")
     p.add_argument("--pred-lat-col", default="pred_lat", help="predicted latitude column (--predictions)")
     p.add_argument("--pred-lon-col", default="pred_lon", help="predicted longitude column (--predictions)")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
         table = tables.read_image_table(args.csv, image_root=args.image_root, image_col=args.image_col,
                                         lat_col=args.lat_col, lon_col=args.lon_col, on_bad=on_bad)
-        model = HierLoc.from_pretrained(args.model, device=args.device)
+        model = HierLoc.from_pretrained(args.model, device=args.device, allow_download=args.allow_download)
         beam = args.beam if args.beam is not None else model.cfg.inference.beam
         summary = evaluate.evaluate_model(model, table, beam=beam, flat=args.flat, min_prob=args.min_prob,
                                           max_level=args.max_level, missing=args.missing,

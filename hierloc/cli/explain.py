@@ -29,7 +29,9 @@ def register(subparsers) -> None:
         epilog="inputs: what `hierloc predict` takes (image files, directories, quoted glob patterns, CSV files and\n"
                ".txt/.lst lists; --image-root, --image-col).")
     p.add_argument("images", nargs="+", help="image files, directories, glob patterns, CSV or .txt list files")
-    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes)")
+    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes), or a hub id of one in the local cache")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a --model hub id that is not in the local cache (off: never download silently)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="top paths to search (alternatives on the map and in JSON)")
     p.add_argument("--beam", type=int, default=None, help="beam width per level (default: the model's)")
     p.add_argument("--runners-up", type=int, default=2, help="runner-ups shown per level")
@@ -97,7 +99,7 @@ def run_explain(args: argparse.Namespace) -> int:
         raise InputError("--truth: give exactly one image with it")
     if args.map is not None:
         maps.output_path(args.map, (".png", ".html", ".htm"))
-    model = HierLoc.from_pretrained(args.model, device=args.device)
+    model = HierLoc.from_pretrained(args.model, device=args.device, allow_download=args.allow_download)
     results = explain.explain_images(model, paths, model_dir=args.model, top_k=args.top_k, beam=args.beam,
                                      n_reasons=args.reasons, n_runners_up=args.runners_up,
                                      candidates=args.candidates, exif=args.exif, min_prob=args.min_prob)

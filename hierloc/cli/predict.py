@@ -40,7 +40,9 @@ def register(subparsers) -> None:
                               description="Predict country -> region -> subregion -> city for images.",
                               epilog=EPILOG)
     p.add_argument("images", nargs="+", help="image files, directories, glob patterns, CSV or .txt list files")
-    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes)")
+    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes), or a hub id of one in the local cache")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a --model hub id that is not in the local cache (off: never download silently)")
     p.add_argument("--top-k", type=int, default=TOP_K,
                    help="paths kept per image: the answer + top-k - 1 alternatives")
     p.add_argument("--beam", type=int, default=None, help="beam width per level (default: the model's inference.beam)")
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = None if args.out == "-" else args.out
     if out:
         _check_output_is_not_an_input(out, args.images, paths)
-    model = HierLoc.from_pretrained(args.model, device=args.device)
+    model = HierLoc.from_pretrained(args.model, device=args.device, allow_download=args.allow_download)
     beam = args.beam if args.beam is not None else model.cfg.inference.beam
     description = model.describe()
     description["search"] = {"mode": "flat" if args.flat else "beam", "beam": beam, "top_k": args.top_k,

@@ -148,7 +148,7 @@ def read_image_table(
     if n_skipped:
         logger.warning("%s: skipped %d of %d rows (first: %s)", path, n_skipped, n_rows,
                        _without_path(first_bad, path))
-    paths, lat, lon, rows = (np.concatenate([part[i] for part in parts]) for i in range(4))
+    paths, lat, lon, rows = _concatenate_releasing(parts)
     return ImageTable(paths=paths, lat_deg=lat, lon_deg=lon, rows=rows, n_skipped=n_skipped, source=str(path))
 
 
@@ -190,6 +190,20 @@ def _parse_chunk(columns: dict, rows: np.ndarray, path: Path, names: tuple[str, 
     kept = (image_names[keep], np.asarray(lat, dtype=np.float64)[keep], np.asarray(lon, dtype=np.float64)[keep],
             rows[keep])
     return kept, n_bad, why
+
+
+def _concatenate_releasing(parts: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    """Concatenate the chunks' columns (paths, lat, lon, rows) into preallocated arrays, releasing each chunk once
+    copied: peak memory is the result plus one chunk, not twice the result. `parts` is emptied."""
+    total = sum(len(part[0]) for part in parts)
+    columns = [np.empty(total, dtype=np.result_type(*[part[i].dtype for part in parts])) for i in range(4)]
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        for column, values in zip(columns, part):
+            column[start:start + len(values)] = values
+        start += len(part[0])
+    return columns
 
 
 def _without_path(message: str | None, path: Path) -> str:

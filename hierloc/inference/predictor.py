@@ -77,10 +77,11 @@ class HierLoc:
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str = "auto") -> "HierLoc":
-        """Load a model directory written by `hierloc train` or `save_pretrained` (`hierloc.model.modeldir`).
+    def from_pretrained(cls, model_dir: str | Path, device: str = "auto", allow_download: bool = False) -> "HierLoc":
+        """Load a model directory written by `hierloc train` or `save_pretrained` (`hierloc.model.modeldir`), or a
+        Hugging Face Hub id of one (`owner/name`): from the local cache, downloaded only with allow_download.
         device: auto, cpu or cuda."""
-        parts = modeldir.load_model_dir(model_dir, device=device)
+        parts = modeldir.load_model_dir(model_dir, device=device, allow_download=allow_download)
         return cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer, device=parts.device,
                    source=parts.source)
 

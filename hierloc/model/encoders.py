@@ -19,10 +19,10 @@ Pooling per family (what `ImageEncoder.forward` returns, shape (B, hidden_size))
 | anything else                              | `pooler` | when the model returns one, else the mean over tokens      |
 |                                            | / `mean` | (or over the spatial grid for CNNs).                       |
 
-The offline default backbone ("tiny-vit") is a small ViT trained from scratch (`tiny_vit_config`, 0.47M
-parameters): no pretrained weights can be downloaded on the reference machine, and at this size it runs ~820
-images/s forward and ~370 images/s forward+backward at 64x64 on its 2 shared CPU cores (batch 64, measured), so
-an epoch over tens of thousands of images takes a few minutes.
+The configuration's default backbone is DINOv2-small by hub id (`DEFAULT_BACKBONE`, pretrained and frozen). Two
+built-ins need no files and always train from scratch: "tiny-vit", a small ViT (`tiny_vit_config`, 0.47M
+parameters; ~820 images/s forward and ~370 images/s forward+backward at 64x64 on 2 shared CPU cores, batch 64,
+measured) and "tiny-resnet" (`tiny_resnet_config`), which learns faster from scratch on a CPU.
 """
 
 from __future__ import annotations
@@ -41,17 +41,18 @@ import torch
 from torch import nn
 
 from gazetteer.atomic import atomic_write_text
+from hierloc.config import FROM_SCRATCH_BACKBONES, ModelConfig
 from hierloc.errors import InputError
 from hierloc.data.images import Preprocessor
 
 logger = logging.getLogger(__name__)
 
-# Name reserved for the built-in configuration (no files needed; always randomly initialised). It takes precedence
-# over a directory of the same name in the working directory: write "./tiny-vit" to mean the directory.
-DEFAULT_BACKBONE = "tiny-vit"
-# Built-in from-scratch backbones (no weights to download): name -> config factory (see the functions below).
-TINY_RESNET = "tiny-resnet"
-BUILTIN_BACKBONES = (DEFAULT_BACKBONE, TINY_RESNET)
+# The configuration's default (a hub id: pretrained weights from the local Hugging Face cache).
+DEFAULT_BACKBONE = ModelConfig.backbone
+# Names reserved for the built-in configurations (no files needed; always randomly initialised). They take
+# precedence over a directory of the same name in the working directory: write "./tiny-vit" to mean the directory.
+TINY_VIT, TINY_RESNET = FROM_SCRATCH_BACKBONES
+BUILTIN_BACKBONES = FROM_SCRATCH_BACKBONES
 
 # Local weights hierloc reads (safetensors only), and transformers' pickle formats, which it never unpickles.
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -77,7 +78,7 @@ def tiny_vit_config(
     num_heads: int = 4,
     mlp_dim: int = 384,
 ) -> Any:
-    """The offline default backbone: a small ViT trained from scratch -> `transformers.ViTConfig`.
+    """The built-in "tiny-vit": a small ViT trained from scratch -> `transformers.ViTConfig`.
 
     Defaults: 64x64 input, 8x8 patches (64 tokens + CLS), width 96, 4 layers of 4 heads (head dim 24), MLP 384
     (ratio 4). Parameters: 4 layers x ~111k (attention 4*96^2, MLP 2*96*384, biases, norms) + patch embedding
@@ -157,7 +158,7 @@ def write_backbone_config(directory: str | os.PathLike, config: Any | None = Non
 
 
 def default_backbone_dir(directory: str | os.PathLike) -> Path:
-    """Write the offline default backbone (`tiny_vit_config()`, no weights) to `directory`; return it."""
+    """Write the built-in tiny ViT (`tiny_vit_config()`, no weights) to `directory`; return it."""
     return write_backbone_config(directory)
 
 
