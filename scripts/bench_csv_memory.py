@@ -1,7 +1,7 @@
 """Peak memory of reading a training CSV of millions of rows: `hierloc build-gazetteer --from-csv` and the data
 pipeline's table (`hierloc.data.tables.read_image_table`, what `train`, `eval` and feature extraction read).
 
-    flock /tmp/hierloc-bench.lock .venv/bin/python scripts/bench_csv_memory.py [--rows 1000000,2000000]
+    .venv/bin/python scripts/bench_csv_memory.py [--rows 1000000,2000000]
 
 For each row count: writes a CSV `image,lat,lon` (paths like `images/000/000123.jpg`, uniform points on land and
 sea), then runs each reader in a fresh subprocess and prints its peak RSS (ru_maxrss) next to the same process's

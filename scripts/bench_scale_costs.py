@@ -1,6 +1,6 @@
 """Per-image costs that decide the time of a run at OSV5M / MP16 scale (docs/training-at-scale.md).
 
-    flock /tmp/hierloc-bench.lock .venv/bin/python scripts/bench_scale_costs.py [--images 256] [--threads 1]
+    .venv/bin/python scripts/bench_scale_costs.py [--images 256] [--threads 1]
 
 Measures on this machine, side by side in one run:
 - decode + preprocess (hierloc's loader and the DINOv2 preprocessor: shorter side 256, centre crop 224) of

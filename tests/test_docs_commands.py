@@ -130,3 +130,11 @@ def test_a_fragment_with_a_wrong_flag_is_caught():
 def test_documented_scripts_exist(path):
     for script in SCRIPT.findall(path.read_text(encoding="utf-8")):
         assert (ROOT / script).is_file(), f"{path.name} names {script}, which does not exist"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_docs_have_no_machine_paths_or_diary(path):
+    """Docs are for users: no path of one machine, no references to notes outside the repository."""
+    text = path.read_text(encoding="utf-8")
+    for needle in ("/tmp/", "/work/", "this session", "design.md", "papers.md", "../shared"):
+        assert needle not in text, f"{path.name} mentions {needle!r}"
