@@ -34,6 +34,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def parse_point(text: str, what: str) -> tuple[float, float]:
+    """"LAT,LON" in degrees -> (lat, lon); InputError naming `what` (e.g. "--truth '1,2'") when it is not one."""
+    try:
+        lat, lon = (float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"{what}: expected LAT,LON in degrees, e.g. 48.85,2.35") from None
+    if not (abs(lat) <= 90 and abs(lon) <= 180):
+        raise InputError(f"{what}: latitude must be in [-90, 90] and longitude in [-180, 180]")
+    return lat, lon
+
+
 def _add_global_options(parser: argparse.ArgumentParser, default=False) -> None:
     """-q/-v/--debug on the main parser and (with default=SUPPRESS, so as not to overwrite it) on every command."""
     parser.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from gazetteer.atomic import atomic_write_text
-from hierloc.cli import HelpFormatter
+from hierloc.cli import HelpFormatter, parse_point
 from hierloc.cli.predict import TOP_K
 from hierloc.errors import InputError
 from hierloc.inference.answers import check_options
@@ -68,15 +68,7 @@ def register(subparsers) -> None:
 
 
 def _parse_truth(text: str | None):
-    if text is None:
-        return None
-    try:
-        lat, lon = (float(part) for part in text.split(","))
-    except ValueError:
-        raise InputError(f"--truth {text!r}: expected LAT,LON in degrees, e.g. 48.85,2.35") from None
-    if not (abs(lat) <= 90 and abs(lon) <= 180):
-        raise InputError(f"--truth {text!r}: latitude must be in [-90, 90] and longitude in [-180, 180]")
-    return lat, lon
+    return None if text is None else parse_point(text, f"--truth {text!r}")
 
 
 def _map_path(out: str, index: int, n_images: int, source: str) -> Path:

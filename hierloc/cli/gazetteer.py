@@ -18,7 +18,7 @@ from gazetteer.core import LOCATE_COLUMNS, check_save_target
 from gazetteer.countries import parse_country_codes
 from gazetteer.errors import InputError
 from gazetteer.schema import DEFAULT_H3_RES, LEVELS
-from hierloc.cli import HelpFormatter
+from hierloc.cli import HelpFormatter, parse_point
 
 DEFAULT_OUT = "runs/gazetteer"
 
@@ -119,17 +119,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 def parse_points(items: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """"LAT,LON" strings in degrees -> (lat (N,), lon (N,)); InputError naming the first bad one."""
-    lat, lon = [], []
-    for item in items:
-        try:
-            a, b = (float(part) for part in item.split(","))
-        except ValueError:
-            raise InputError(f"point {item!r}: expected LAT,LON in degrees, e.g. 48.85,2.35") from None
-        if not (abs(a) <= 90 and abs(b) <= 180):
-            raise InputError(f"point {item!r}: latitude must be in [-90, 90] and longitude in [-180, 180]")
-        lat.append(a)
-        lon.append(b)
-    return np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    points = [parse_point(item, f"point {item!r}") for item in items]
+    return (np.asarray([p[0] for p in points], dtype=np.float64), np.asarray([p[1] for p in points], dtype=np.float64))
 
 
 def _locate_points(gaz: Gazetteer, args: argparse.Namespace) -> int:
