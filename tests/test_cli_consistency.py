@@ -58,7 +58,7 @@ def test_bad_rows_are_one_option_everywhere():
         assert "--skip-bad" not in options, name
         if "--on-bad" in options:
             assert options["--on-bad"].choices in (("error", "skip"), ["error", "skip"]), name
-    assert {"build-gazetteer", "locate", "eval"} <= {n for n, c in _commands().items()
+    assert {"build-gazetteer", "locate", "eval", "train"} <= {n for n, c in _commands().items()
                                                       if "--on-bad" in c._option_string_actions}
 
 
@@ -211,6 +211,21 @@ def test_train_checks_backbone_and_csv_before_creating_out(tiny_demo_dir, tmp_pa
     assert not out.exists()                                                   # nothing was created
     code = main(["train", "--csv", str(tmp_path / "missing.csv"), "--out", str(out), "model.backbone=tiny-resnet"])
     assert code == 2 and not out.exists()
+
+
+def test_train_on_bad_error_stops_at_a_bad_row_before_out(tiny_demo_dir, tmp_path, capsys):
+    rows = (tiny_demo_dir / "train.csv").read_text().splitlines()
+    bad = tmp_path / "train.csv"
+    bad.write_text("\n".join(rows[:3] + [rows[3].rsplit(",", 2)[0] + ",north,2.0"] + rows[4:20]) + "\n")
+    for name in {line.split(",")[0] for line in rows[1:20]}:
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((tiny_demo_dir / name).read_bytes())
+    out = tmp_path / "run"
+    code = main(["train", "--csv", str(bad), "--out", str(out), "--on-bad", "error", "--no-progress",
+                 "model.backbone=tiny-resnet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "row 3" in err and "'north'" in err and not out.exists()
 
 
 def test_a_locked_out_dir_refuses_a_second_train(tiny_demo_dir, tmp_path, capsys):

@@ -78,6 +78,7 @@ class TrainInputs:
     cache_dir: str | None = None
     progress: bool = True
     allow_download: bool = False
+    on_bad: str = "skip"              # training CSV rows with a bad coordinate: "skip" (counted) or "error"
 
 
 class TrainingInterrupted(SystemExit):
@@ -488,9 +489,10 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validat
 
 
 def _read_table(inputs: TrainInputs):
-    """The training CSV, bad rows skipped (an unreadable or empty CSV is an InputError here, before --out)."""
+    """The training CSV, bad rows skipped or refused (inputs.on_bad); an unreadable or empty CSV is an InputError
+    here, before --out exists."""
     return tables.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
-                                   lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad="skip")
+                                   lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad=inputs.on_bad)
 
 
 def _read_data(inputs: TrainInputs, runtime: Runtime, out: Path, table) -> _Data:
