@@ -261,17 +261,24 @@ def build_optimizers(module: TrainModule, cfg: Config) -> dict[str, torch.optim.
 
 
 @torch.no_grad()
-def entity_feature_means(features: np.ndarray | torch.Tensor, targets: np.ndarray, n_entities: int) -> torch.Tensor:
-    """Mean feature of each entity's images at every level. features (N, F), targets (N, 4) global ids -> (E, F)."""
-    feats = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    sums = torch.zeros(n_entities, feats.shape[1], dtype=torch.float64)
+def entity_feature_means(features, targets: np.ndarray, n_entities: int, chunk_rows: int = 65_536) -> torch.Tensor:
+    """Mean feature of each entity's images at every level. features (N, F): an array, a tensor, or a
+    `FeatureCache` (anything sliced by row ranges, with `.shape` or `.feature_dim`), read `chunk_rows` rows at a
+    time, so memory does not grow with N; rows with a non-finite value (failed images) are left out.
+    targets (N, 4) global ids -> (E, F) float32."""
+    n_rows = len(features)
+    dim = int(features.shape[1]) if hasattr(features, "shape") else int(features.feature_dim)
+    sums = torch.zeros(n_entities, dim, dtype=torch.float64)
     counts = torch.zeros(n_entities, dtype=torch.float64)
-    valid_rows = torch.isfinite(feats).all(dim=1)
-    for level in range(N_LEVELS):
-        ids = torch.as_tensor(targets[:, level])
-        keep = (ids >= 0) & valid_rows
-        sums.index_add_(0, ids[keep], feats[keep])
-        counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(n_rows, start + chunk_rows)
+        feats = torch.as_tensor(np.asarray(features[start:stop]), dtype=torch.float64)
+        valid_rows = torch.isfinite(feats).all(dim=1)
+        for level in range(N_LEVELS):
+            ids = torch.as_tensor(np.asarray(targets[start:stop, level]))
+            keep = (ids >= 0) & valid_rows
+            sums.index_add_(0, ids[keep], feats[keep])
+            counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
     return (sums / counts.clamp_min(1).unsqueeze(1)).to(torch.float32)
 
 
@@ -552,9 +559,8 @@ def _cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, 
                                            world_size=runtime.world_size, progress=inputs.progress)
     if cache is None:
         raise RuntimeError("feature extraction did not complete on every rank")
-    all_feats = cache[np.arange(len(cache))]
-    valid = np.asarray(cache.valid_mask, dtype=bool)  # rows of unreadable images are NaN: leave them out
-    ent_feats = entity_feature_means(all_feats[valid], data.targets[valid], n_entities)
+    # read in chunks from the memory-mapped cache (rows of unreadable images are NaN and left out)
+    ent_feats = entity_feature_means(cache, data.targets, n_entities)
     if cfg.model.entity_image_features == "none":
         ent_feats = torch.zeros_like(ent_feats)
     dataset = feature_cache.CachedFeatureDataset(cache, targets=data.targets, lat_deg=data.table.lat_deg,
