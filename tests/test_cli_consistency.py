@@ -17,8 +17,10 @@ from gazetteer import Gazetteer
 from hierloc.cli import build_parser, main, parse_args
 from hierloc.config import Config, InferenceConfig, load_config
 from hierloc.inference import explain as X
+from hierloc.inference.predictor import HierLoc
 from hierloc.training import checkpoint as ckpt
 from hierloc.version import __version__
+from tests.conftest import TINY_OVERRIDES
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -154,8 +156,6 @@ def test_eval_uses_the_models_beam_and_on_bad(beam_one_model, tiny_demo_dir, cap
 
 
 def test_loading_a_model_trained_here_says_trained_from_scratch(tiny_model_dir, caplog):
-    from hierloc.inference.predictor import HierLoc
-
     with caplog.at_level(logging.INFO, logger="hierloc.model.encoders"):
         HierLoc.from_pretrained(tiny_model_dir, device="cpu")
     text = caplog.text
@@ -243,3 +243,12 @@ def test_a_locked_out_dir_refuses_a_second_train(tiny_demo_dir, tmp_path, capsys
     finally:
         ckpt.unlock_directory(handle)
     ckpt.unlock_directory(ckpt.lock_directory(out))                           # released: free again
+
+
+def test_quiet_train_draws_no_progress_bar(tiny_demo_dir, tiny_backbone_dir, tmp_path, capsys):
+    common = ["train", "--csv", str(tiny_demo_dir / "train.csv"), f"model.backbone={tiny_backbone_dir}",
+              "train.max_steps=2", *TINY_OVERRIDES]
+    assert main([*common, "--out", str(tmp_path / "loud")]) == 0
+    assert "train:" in capsys.readouterr().err                               # the bar, without -q
+    assert main([*common, "--out", str(tmp_path / "quiet"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
