@@ -10,7 +10,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gazetteer import Gazetteer
