@@ -102,6 +102,8 @@ def test_documented_fragment_names_real_options(source, span):
     assert tokens[0] in commands, f"{source}: `{span}`: no command {tokens[0]!r}"
     options = commands[tokens[0]]._option_string_actions
     for token in tokens[1:]:
+        if token == "--":  # the end of options: what follows is positional
+            break
         flag = token.split("=", 1)[0]
         if flag.startswith("-") and flag != "-":
             assert flag in options, f"{source}: `{span}`: `hierloc {tokens[0]}` has no option {flag}"
