@@ -181,7 +181,10 @@ def row_config(args, seed: int, extra: list[str]):
         budget.append(f"train.epochs={args.epochs}")
     if args.max_steps is not None:
         budget.append(f"train.max_steps={args.max_steps}")
-    return load_config(args.config, [*shared, *extra, *budget])
+    # without --config: the tiny ViT unless --shared names a backbone (the library's default, a hub id, needs its
+    # weights in the local cache)
+    default = [] if args.config else ["model.backbone=tiny-vit"]
+    return load_config(args.config, [*default, *shared, *extra, *budget])
 
 
 # ------------------------------------------------------------------------------------------------ set-up

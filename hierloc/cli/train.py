@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache for a frozen backbone (default: <out>/feature_cache)")
     p.add_argument("--allow-download", action="store_true",
                    help="allow transformers to download a backbone by hub id (off: never download silently)")
+    p.add_argument("--on-bad", choices=("error", "skip"), default="skip",
+                   help="CSV rows with a bad coordinate or an empty image field: skip them (counted), or stop with "
+                        "an error at the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             train_csv=args.csv, out_dir=args.out, image_root=args.image_root, gazetteer_dir=args.gazetteer,
             val_csv=args.val_csv, image_col=args.image_col, lat_col=args.lat_col, lon_col=args.lon_col,
             min_images=args.min_images, device=args.device, resume=args.resume, overwrite=args.overwrite,
-            cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download),
+            cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download,
+            on_bad=args.on_bad),
             validate=HierLoc.validation_metrics, calibrate=HierLoc.calibrate_model_dir)
     except TrainingInterrupted as stopped:
         # SIGINT/SIGTERM: a checkpoint was written; say how to resume, exit 128 + the signal (130 / 143)

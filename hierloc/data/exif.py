@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from hierloc.data import shards
+
 logger = logging.getLogger(__name__)
 
 GPS_IFD_TAG = 0x8825
@@ -122,7 +124,7 @@ def read_gps(path: str | os.PathLike) -> ExifGPS | None:
         # as an error (here: no GPS), so that no Python warning reaches the user's terminal.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # lazy: reads the headers, not the pixels
+            with Image.open(shards.open_image_bytes(path) or path) as image:  # lazy: the headers, not the pixels
                 return gps_from_exif(image.getexif(), where=os.fspath(path))
     except Exception as error:  # noqa: BLE001 - reading metadata must never fail a prediction
         logger.debug("%s: no EXIF read (%s)", os.fspath(path), error)

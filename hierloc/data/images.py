@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hierloc.data import shards
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -94,20 +95,7 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     this function does not rely on (or set) `ImageFile.LOAD_TRUNCATED_IMAGES`.
     """
     path_str = os.fspath(path)
-    if not os.path.exists(path_str):
-        raise InputError(f"{path_str}: image file not found")
-    if os.path.isdir(path_str):
-        raise InputError(f"{path_str}: expected an image file, found a directory")
-    try:
-        size_bytes = os.path.getsize(path_str)
-    except OSError as error:
-        raise InputError(f"{path_str}: cannot read image file ({error.strerror or error})") from None
-    if size_bytes == 0:
-        raise InputError(f"{path_str}: empty file (0 bytes), expected an image")
-    try:
-        handle = open(path_str, "rb")
-    except OSError as error:
-        raise InputError(f"{path_str}: cannot open image file ({error.strerror or _one_line(error)})") from None
+    handle = _open_image_file(path_str)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -132,6 +120,30 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
         return to_rgb(image)
     except ValueError as error:
         raise InputError(f"{path_str}: unsupported colour mode {image.mode!r} ({_one_line(error)})") from None
+
+
+def _open_image_file(path_str: str):
+    """A binary handle on the image `path_str` (a file, or a member of a zip shard: `hierloc.data.shards`);
+    InputError (one line) for a missing path, a directory, an empty or unreadable file."""
+    in_zip = shards.open_image_bytes(path_str)
+    if in_zip is not None:
+        if in_zip.getbuffer().nbytes == 0:
+            raise InputError(f"{path_str}: empty file (0 bytes), expected an image")
+        return in_zip
+    if not os.path.exists(path_str):
+        raise InputError(f"{path_str}: image file not found")
+    if os.path.isdir(path_str):
+        raise InputError(f"{path_str}: expected an image file, found a directory")
+    try:
+        size_bytes = os.path.getsize(path_str)
+    except OSError as error:
+        raise InputError(f"{path_str}: cannot read image file ({error.strerror or error})") from None
+    if size_bytes == 0:
+        raise InputError(f"{path_str}: empty file (0 bytes), expected an image")
+    try:
+        return open(path_str, "rb")
+    except OSError as error:
+        raise InputError(f"{path_str}: cannot open image file ({error.strerror or _one_line(error)})") from None
 
 
 def _too_large(error: BaseException) -> str:

@@ -84,11 +84,13 @@ class HierLoc:
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str = "auto", calibrated: bool = True) -> "HierLoc":
-        """Load a model directory written by `hierloc train` or `save_pretrained` (`hierloc.model.modeldir`).
+    def from_pretrained(cls, model_dir: str | Path, device: str = "auto", calibrated: bool = True,
+                        allow_download: bool = False) -> "HierLoc":
+        """Load a model directory written by `hierloc train` or `save_pretrained` (`hierloc.model.modeldir`), or a
+        Hugging Face Hub id of one (`owner/name`): from the local cache, downloaded only with allow_download.
         device: auto, cpu or cuda. calibrated: report probabilities at the directory's calibration.json
         temperatures, if it has one (False: uncalibrated, T = 1)."""
-        parts = modeldir.load_model_dir(model_dir, device=device)
+        parts = modeldir.load_model_dir(model_dir, device=device, allow_download=allow_download)
         return cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer, device=parts.device,
                    source=parts.source, calibration=parts.calibration, calibrated=calibrated)
 

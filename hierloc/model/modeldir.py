@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -290,20 +291,58 @@ def write_model_dir(out_dir: str | Path, parts: ModelDir, overwrite: bool = Fals
     return out
 
 
-def load_model_dir(model_dir: str | Path, device: str = "auto") -> ModelDir:
-    """Load a model directory written by `hierloc train` or `write_model_dir`. device: auto, cpu or cuda.
+def _weights_origin(cfg) -> str:
+    """How a saved model's backbone weights came about, for the log."""
+    if not cfg.model.pretrained:
+        return "trained from scratch"
+    return f"pretrained {cfg.model.backbone}, " + ("frozen" if cfg.model.freeze_backbone else "fine-tuned")
+
+
+def resolve_model_dir(name_or_path: str | Path, allow_download: bool = False) -> Path:
+    """A model directory, or a Hugging Face Hub model id (`owner/name`, an uploaded model directory) -> the local
+    directory. A hub id is taken from the local cache (`HF_HUB_CACHE`, default ~/.cache/huggingface/hub) and
+    downloaded only with allow_download; InputError (one line) when it is neither a directory nor available."""
+    path = Path(name_or_path)
+    text = str(name_or_path)
+    if path.exists() or not _looks_like_hub_id(text):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                      local_files_only=not allow_download))
+    except LocalEntryNotFoundError:
+        raise InputError(f"{text}: no such model directory, and no hub model {text!r} in the local Hugging Face "
+                         "cache (downloads are off: pass --allow-download, or allow_download=True, to fetch it)"
+                         ) from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise InputError(f"{text}: no such model directory, and the hub model cannot be fetched ({detail})") from None
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """`owner/name` with no other separator, not starting like a path."""
+    parts = text.split("/")
+    return (len(parts) == 2 and all(parts) and "\\" not in text and not text.startswith((".", "~"))
+            and not any(ch.isspace() for ch in text))
+
+
+def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: bool = False) -> ModelDir:
+    """Load a model directory written by `hierloc train` or `write_model_dir` (or a hub id of one, see
+    `resolve_model_dir`). device: auto, cpu or cuda.
 
     One-line InputError for: a file instead of a directory (pickles named as such), a missing directory or
     config.json, a newer format version, a gazetteer whose content hash differs from the one trained on, pickled,
     truncated or corrupt weights, weights that do not match config.json, a concept head without concepts.json.
     """
-    root = Path(model_dir)
+    root = resolve_model_dir(model_dir, allow_download)
     meta = _read_model_config(root)
     cfg = from_dict(meta["config"], source=str(root / CONFIG_NAME))
     dev = resolve_device(device)
     gaz = _load_gazetteer(root, meta)
     state = load_tensors(root / WEIGHTS_NAME)
-    encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"))
+    encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"), weights_origin=_weights_origin(cfg))
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None,
                          n_concepts=int(meta.get("n_concepts", 0)))
     model_state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX)}

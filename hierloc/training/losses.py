@@ -1,4 +1,4 @@
-r"""GWH-InfoNCE, HierLoc's geo-weighted hyperbolic InfoNCE (paper Sec. 3.6, Eq. 3-4; design.md section 6).
+r"""GWH-InfoNCE, HierLoc's geo-weighted hyperbolic InfoNCE (paper Sec. 3.6, Eq. 3-4).
 
 Per level l, for image i with true entity p among all N_l entities of the level (every other entity is a
 negative), with d the SQUARED hyperbolic distance and g_k the haversine distance (km) from the image's GPS to

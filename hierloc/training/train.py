@@ -80,6 +80,7 @@ class TrainInputs:
     cache_dir: str | None = None
     progress: bool = True
     allow_download: bool = False
+    on_bad: str = "skip"              # training CSV rows with a bad coordinate: "skip" (counted) or "error"
 
 
 class TrainingInterrupted(SystemExit):
@@ -263,17 +264,24 @@ def build_optimizers(module: TrainModule, cfg: Config) -> dict[str, torch.optim.
 
 
 @torch.no_grad()
-def entity_feature_means(features: np.ndarray | torch.Tensor, targets: np.ndarray, n_entities: int) -> torch.Tensor:
-    """Mean feature of each entity's images at every level. features (N, F), targets (N, 4) global ids -> (E, F)."""
-    feats = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    sums = torch.zeros(n_entities, feats.shape[1], dtype=torch.float64)
+def entity_feature_means(features, targets: np.ndarray, n_entities: int, chunk_rows: int = 65_536) -> torch.Tensor:
+    """Mean feature of each entity's images at every level. features (N, F): an array, a tensor, or a
+    `FeatureCache` (anything sliced by row ranges, with `.shape` or `.feature_dim`), read `chunk_rows` rows at a
+    time, so memory does not grow with N; rows with a non-finite value (failed images) are left out.
+    targets (N, 4) global ids -> (E, F) float32."""
+    n_rows = len(features)
+    dim = int(features.shape[1]) if hasattr(features, "shape") else int(features.feature_dim)
+    sums = torch.zeros(n_entities, dim, dtype=torch.float64)
     counts = torch.zeros(n_entities, dtype=torch.float64)
-    valid_rows = torch.isfinite(feats).all(dim=1)
-    for level in range(N_LEVELS):
-        ids = torch.as_tensor(targets[:, level])
-        keep = (ids >= 0) & valid_rows
-        sums.index_add_(0, ids[keep], feats[keep])
-        counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(n_rows, start + chunk_rows)
+        feats = torch.as_tensor(np.asarray(features[start:stop]), dtype=torch.float64)
+        valid_rows = torch.isfinite(feats).all(dim=1)
+        for level in range(N_LEVELS):
+            ids = torch.as_tensor(np.asarray(targets[start:stop, level]))
+            keep = (ids >= 0) & valid_rows
+            sums.index_add_(0, ids[keep], feats[keep])
+            counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
     return (sums / counts.clamp_min(1).unsqueeze(1)).to(torch.float32)
 
 
@@ -390,20 +398,34 @@ def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None,
         shutdown(runtime)
 
 
-def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> Path:
+def _check_out_dir(inputs: TrainInputs) -> Path:
+    """--out may be written: InputError when it holds a run and neither --resume nor --overwrite was given.
+    Creates nothing (the directory is made only after every input has been validated)."""
     out = Path(inputs.out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out exists and is a file; expected a directory")
+    if out.exists() and any(out.iterdir()) and not (inputs.resume or inputs.overwrite):
+        raise InputError(f"{out}: output directory exists and is not empty; pass --resume to continue its "
+                         "training or --overwrite to replace it")
+    return out
+
+
+def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> tuple[Path, int | None]:
+    """Create --out (rank 0) and lock it against a second `hierloc train` -> (out, lock handle or None).
+    With --overwrite, the directory's contents are replaced, not the directory (the lock stays on it)."""
+    out = _check_out_dir(inputs)
+    lock = None
     if runtime.is_main:
-        if out.exists() and any(out.iterdir()) and not (inputs.resume or inputs.overwrite):
-            raise InputError(f"{out}: output directory exists and is not empty; pass --resume to continue its "
-                             "training or --overwrite to replace it")
-        if out.exists() and inputs.overwrite and not inputs.resume:
-            shutil.rmtree(out)
         with ckpt.writing(out, "output directory"):
             out.mkdir(parents=True, exist_ok=True)
             if not os.access(out, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied", str(out))
+        lock = ckpt.lock_directory(out)
+        if inputs.overwrite and not inputs.resume:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     barrier(runtime)
-    return out
+    return out, lock
 
 
 @dataclass
@@ -455,31 +477,43 @@ class _Loop:
 
 def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validator | None,
            calibrate: Calibrator | None = None) -> TrainSummary:
-    out = _prepare_out_dir(inputs, runtime)
-    seed_everything(cfg.train.seed)
-    data = _read_data(inputs, runtime, out)
-    encoder = build_encoder(cfg, inputs.allow_download)
-    model, dataset = _build_model_and_dataset(cfg, inputs, runtime, out, data, encoder)
-    loss_fn = GWHInfoNCE.from_config(cfg)
-    module = TrainModule(model, loss_fn).to(runtime.device)
-    optimizers = build_optimizers(module, cfg)
-    base_lrs = base_learning_rates(optimizers)
-    steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, inputs.train_csv, runtime.world_size)
-    step, start_epoch = _resume(inputs, out, module, optimizers)
-    run = _Run(cfg, inputs, runtime, out, data, encoder, dataset, cfg.model.freeze_backbone, module,
-               _distributed(module, runtime), optimizers, base_lrs, validate, calibrate)
-    run.writer = _open_run_outputs(out, cfg, data.gaz, runtime)
-    loop = _Loop(step, start_epoch, steps_per_epoch, total_steps,
-                 saved_step=step if inputs.resume and step > 0 else -1)
-    _run_epochs(run, loop)
-    return _finish(run, loop)
+    # Everything cheap is checked before the long work (the gazetteer, feature extraction) and before --out exists.
+    _check_out_dir(inputs)
+    encoders.check_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, allow_download=inputs.allow_download)
+    table = _read_table(inputs)
+    out, lock = _prepare_out_dir(inputs, runtime)
+    try:
+        seed_everything(cfg.train.seed)
+        data = _read_data(inputs, runtime, out, table)
+        encoder = build_encoder(cfg, inputs.allow_download)
+        model, dataset = _build_model_and_dataset(cfg, inputs, runtime, out, data, encoder)
+        loss_fn = GWHInfoNCE.from_config(cfg)
+        module = TrainModule(model, loss_fn).to(runtime.device)
+        optimizers = build_optimizers(module, cfg)
+        base_lrs = base_learning_rates(optimizers)
+        steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, inputs.train_csv, runtime.world_size)
+        step, start_epoch = _resume(inputs, out, module, optimizers)
+        run = _Run(cfg, inputs, runtime, out, data, encoder, dataset, cfg.model.freeze_backbone, module,
+                   _distributed(module, runtime), optimizers, base_lrs, validate, calibrate)
+        run.writer = _open_run_outputs(out, cfg, data.gaz, runtime)
+        loop = _Loop(step, start_epoch, steps_per_epoch, total_steps,
+                     saved_step=step if inputs.resume and step > 0 else -1)
+        _run_epochs(run, loop)
+        return _finish(run, loop)
+    finally:
+        ckpt.unlock_directory(lock)
 
 
-def _read_data(inputs: TrainInputs, runtime: Runtime, out: Path) -> _Data:
-    """The training CSV (bad rows skipped), the gazetteer, and each image's entities; images outside the
-    gazetteer are dropped (counted). With --resume, the gazetteer is checked against the checkpoint's first."""
-    table = tables.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
-                                    lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad="skip")
+def _read_table(inputs: TrainInputs):
+    """The training CSV, bad rows skipped or refused (inputs.on_bad); an unreadable or empty CSV is an InputError
+    here, before --out exists."""
+    return tables.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
+                                   lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad=inputs.on_bad)
+
+
+def _read_data(inputs: TrainInputs, runtime: Runtime, out: Path, table) -> _Data:
+    """The gazetteer and each training image's entities; images outside the gazetteer are dropped (counted).
+    With --resume, the gazetteer is checked against the checkpoint's first."""
     gaz = prepare_gazetteer(inputs, table, runtime)
     if inputs.resume:
         _check_resume_gazetteer(out, gaz, inputs)   # before the encoder and any feature extraction
@@ -534,9 +568,8 @@ def _cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, 
                                            world_size=runtime.world_size, progress=inputs.progress)
     if cache is None:
         raise RuntimeError("feature extraction did not complete on every rank")
-    all_feats = cache[np.arange(len(cache))]
-    valid = np.asarray(cache.valid_mask, dtype=bool)  # rows of unreadable images are NaN: leave them out
-    ent_feats = entity_feature_means(all_feats[valid], data.targets[valid], n_entities)
+    # read in chunks from the memory-mapped cache (rows of unreadable images are NaN and left out)
+    ent_feats = entity_feature_means(cache, data.targets, n_entities)
     if cfg.model.entity_image_features == "none":
         ent_feats = torch.zeros_like(ent_feats)
     dataset = feature_cache.CachedFeatureDataset(cache, targets=data.targets, lat_deg=data.table.lat_deg,
