@@ -19,16 +19,23 @@ from typing import Any
 from hierloc.errors import InputError
 
 CONFIG_FORMAT_VERSION = 1
+# The built-in backbones (hierloc.model.encoders builds them from a config, with no files): always from scratch.
+FROM_SCRATCH_BACKBONES = ("tiny-vit", "tiny-resnet")
 
 
 @dataclass
 class ModelConfig:
-    # Image backbone: "tiny-vit" (a small ViT trained from scratch: the offline default), "tiny-resnet" (a small
-    # CNN from scratch: much faster to train from scratch on CPU, what `make demo` uses), a local directory with a
-    # transformers config (+ weights), or a hub id already in the local cache (downloads are never silent).
-    backbone: str = "tiny-vit"
-    pretrained: bool = False          # load the backbone's weights (False: random init, train from scratch)
-    freeze_backbone: bool = False     # frozen -> features are extracted once into an on-disk cache
+    # Image backbone: a hub id (the default: DINOv2-small, the paper's kind of setting - a pretrained ViT, frozen,
+    # features cached once; it must be in the local Hugging Face cache, or fetched once with --allow-download), a
+    # local directory with a transformers config (+ model.safetensors), or one of the two built-ins that train from
+    # scratch with no files at all: "tiny-vit" (a small ViT) and "tiny-resnet" (a small CNN, much faster to train
+    # from scratch on a CPU: what `make demo` uses). With a built-in, pretrained and freeze_backbone default to
+    # false (`ModelConfig.apply_backbone_rules`).
+    backbone: str = "facebook/dinov2-small"
+    pretrained: bool = True           # load the backbone's weights (False: random init, train from scratch)
+    # Frozen -> features are extracted once into an on-disk cache and only the head trains. Defaults to false
+    # for a backbone trained from scratch (pretrained false, or a built-in).
+    freeze_backbone: bool = True
     # Input side of the built-in tiny-vit / tiny-resnet only (other backbones keep their own). 32: the 64 px demo
     # patches are area-downsampled to 32 px (for the ViT 16 tokens of 8x8 instead of 64). Measured at the same CPU
     # time with CE over countries, demo "nearby": 76.6% at 32 px vs 46.8% at 64 px; HierLoc trains ~1.5x faster
@@ -55,7 +62,7 @@ class ModelConfig:
     coord_scales: int = 8             # SphereM+-style frequencies for the coordinate encoding (8 features each)
     coord_min_radius_km: float = 10.0
     coord_max_radius_km: float = 20000.0
-    hierarchical_init: bool = True
+    hierarchical_init: bool = True    # tangent anchor of a child starts at its parent's (the tree shapes the init)
     # The paper's per-level cross-attention from the image to each level's entities (tangent space, image side
     # only). Off by default: it adds two (B x E x D) products per step on top of the distances, and whether it
     # pays on this CPU is not measured yet.
@@ -67,7 +74,19 @@ class ModelConfig:
     # training labels are dropped.
     concepts: bool = True
     concept_hidden: int = 256
-    concept_min_labels: int = 20    # tangent anchor of a child starts at its parent's (the tree shapes the init)
+    concept_min_labels: int = 20      # fewer positive or negative training labels than this: the concept is dropped
+
+
+    def __post_init__(self) -> None:
+        self.apply_backbone_rules()
+
+    def apply_backbone_rules(self, given: set | frozenset = frozenset()) -> None:
+        """Defaults that follow the backbone, unless set explicitly (`given`: the keys a file or override set): a
+        built-in has no weights (pretrained false), and a backbone trained from scratch is not frozen."""
+        if self.backbone in FROM_SCRATCH_BACKBONES and "pretrained" not in given:
+            self.pretrained = False
+        if not self.pretrained and "freeze_backbone" not in given:
+            self.freeze_backbone = False
 
 
 @dataclass
@@ -82,6 +101,9 @@ class LossConfig:
     # InfoNCE. Fixed values keep the hard-negative weighting the method is about.
     learn_weights: bool = False
     kernel: str = "laplace"           # "laplace" (paper), "gaussian", "inverse"
+    # "paper": w = 1 + lam K(g / sigma) multiplies a negative's exp(logit); "logit": log w = lam K(g / sigma) / tau,
+    # a margin at the logits' own scale (hierloc.training.losses.GWHInfoNCE; measured in docs/benchmarks.md)
+    weighting: str = "paper"
     concept_weight: float = 0.5       # weight of the concept BCE next to the geolocation loss
     # The training step's loss: true = computed from the points in tiles of entities (hierloc.geometry._gwh_blocked): no
     # (B, N) tensor at any level, forward or backward, so memory grows as (B + N) D instead of B N (measured 47x less
@@ -148,6 +170,15 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def to_toml(self) -> str:
+        """The whole config as TOML that `load_config` reads back to an equal Config."""
+        lines = [f"format_version = {self.format_version}"]
+        for section in _SECTIONS:
+            lines += ["", f"[{section}]"]
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
     def validate(self, source: str = "config") -> "Config":
         checks = [
             (self.model.geometry in ("poincare", "euclidean"), "model.geometry", "'poincare' or 'euclidean'"),
@@ -156,6 +187,9 @@ class Config:
              "auto, ema or none"),
             (self.model.curvature > 0, "model.curvature", "a positive number"),
             (self.loss.kernel in ("laplace", "gaussian", "inverse"), "loss.kernel", "laplace, gaussian or inverse"),
+            (self.loss.weighting in ("paper", "logit"), "loss.weighting", "paper or logit"),
+            (not (self.loss.blocked and self.loss.weighting != "paper"), "loss.blocked",
+             "false with loss.weighting=logit (the blocked kernel implements the paper's weighting only)"),
             (self.loss.tau > 0, "loss.tau", "a positive number"),
             (self.loss.lam >= 0, "loss.lam", "a number >= 0"),
             (self.loss.sigma_km > 0, "loss.sigma_km", "a positive number of km"),
@@ -176,6 +210,17 @@ class Config:
             raise InputError(f"{source}: format_version {self.format_version} is newer than this hierloc supports "
                              f"({CONFIG_FORMAT_VERSION}); upgrade hierloc")
         return self
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value: booleans in lower case, strings quoted (JSON string syntax is valid TOML), lists inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
 
 
 def _levels_ok(text: str) -> bool:
@@ -250,6 +295,8 @@ def from_dict(data: dict, source: str = "config") -> Config:
                 hint = f" (did you mean {section}.{close[0]}?)" if close else ""
                 raise InputError(f"{source}: unknown key {section}.{key}{hint}")
             setattr(target, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+    model_keys = data.get("model")
+    cfg.model.apply_backbone_rules(set(model_keys) if isinstance(model_keys, dict) else set())
     return cfg.validate(source)
 
 

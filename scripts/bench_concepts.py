@@ -55,7 +55,7 @@ def main() -> int:
         out = Path(args.out) / ("with" if flag == "true" else "without")
         t0 = time.perf_counter()
         code = cli(["-q", "train", "--csv", str(data / "train.csv"), "--out", str(out), "--overwrite",
-                    "--no-progress", f"model.concepts={flag}", *args.overrides])
+                    "--no-progress", "model.backbone=tiny-vit", f"model.concepts={flag}", *args.overrides])
         if code:
             return code
         models[name] = (HierLoc.from_pretrained(out, device="cpu"), time.perf_counter() - t0)

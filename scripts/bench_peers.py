@@ -1,4 +1,4 @@
-"""Peers and ablations side by side (issue 6): same data, encoder, split, seed and budget for every row, one table
+"""Peers and ablations side by side: same data, encoder, split, seed and budget for every row, one table
 per test split, each metric as mean +- std over the seeds.
 
     .venv/bin/python scripts/bench_peers.py --data runs/demo-data --out runs/bench-peers --seeds 0,1,2 \\
@@ -10,10 +10,17 @@ built from train.csv exactly as `hierloc build-gazetteer --from-csv train.csv` d
 reused while train.csv is unchanged). Every row trains on train.csv with that gazetteer.
 
 Rows (--rows, comma-separated; default all):
+  oracle-nearest                     not a model: each test point gets the path and coordinate of the nearest
+                                     training point (from the true coordinates), what "knowing the training set"
+                                     alone is worth on a split; no training, the same for every seed
+  country-ce                         a classifier over the countries: the encoder's floor at the country level
+                                     (its answer stops at the country: no region/subregion/city)
   flat-ce, geo-ls, geoclip, swclip   the peer objectives of `hierloc.training.peers` (see its docstring for the
                                      formulas and defaults; `baseline.key=value` overrides tune them)
   hierloc-euclidean                  model.geometry=euclidean
   hierloc-lam0                       loss.lam=0 (plain hyperbolic InfoNCE; loss.learn_weights=false)
+  hierloc-gaussian, hierloc-inverse  loss.kernel=gaussian / inverse (the paper's other distance kernels)
+  hierloc-logit                      loss.weighting=logit (the kernel as a margin at the logits' scale)
   hierloc-no-fusion                  model.entity_fusion=false
   hierloc-no-concepts                model.concepts=false
   hierloc-flat                       the full model searched flat (nearest city): no extra training, its train
@@ -46,23 +53,33 @@ from pathlib import Path
 
 import numpy as np
 
-BASELINE_ROWS = ("flat-ce", "geo-ls", "geoclip", "swclip")
+ORACLE_ROWS = ("oracle-nearest",)
+BASELINE_ROWS = ("country-ce", "flat-ce", "geo-ls", "geoclip", "swclip")
 HIERLOC_SWITCHES = {
     "hierloc-euclidean": ["model.geometry=euclidean"],
     "hierloc-lam0": ["loss.lam=0", "loss.learn_weights=false"],
+    "hierloc-gaussian": ["loss.kernel=gaussian"],
+    "hierloc-inverse": ["loss.kernel=inverse"],
+    "hierloc-logit": ["loss.weighting=logit"],
     "hierloc-no-fusion": ["model.entity_fusion=false"],
     "hierloc-no-concepts": ["model.concepts=false"],
     "hierloc": [],
 }
-ROWS = BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-no-fusion", "hierloc-no-concepts",
+ROWS = ORACLE_ROWS + BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-gaussian", "hierloc-inverse",
+                        "hierloc-logit", "hierloc-no-fusion", "hierloc-no-concepts",
                         "hierloc-flat", "hierloc")
 LABELS = {
+    "oracle-nearest": "oracle: nearest training centre",
+    "country-ce": "CE over countries (floor)",
     "flat-ce": "flat CE over cities",
     "geo-ls": "flat CE + geo label smoothing",
     "geoclip": "GeoCLIP-style image-GPS",
     "swclip": "SW-CLIP-style geo-soft",
     "hierloc-euclidean": "HierLoc Euclidean",
     "hierloc-lam0": "HierLoc lambda=0 (InfoNCE)",
+    "hierloc-gaussian": "HierLoc Gaussian kernel",
+    "hierloc-inverse": "HierLoc inverse kernel",
+    "hierloc-logit": "HierLoc logit-scale weights",
     "hierloc-no-fusion": "HierLoc no entity fusion",
     "hierloc-no-concepts": "HierLoc no concepts",
     "hierloc-flat": "HierLoc flat nearest city",
@@ -104,6 +121,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--shared", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override for every row, peers included (repeatable); baseline.key=value tunes the peers")
     ap.add_argument("--json", default=None, help="also write every number (per seed, mean, std) as JSON here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="train nothing: one table from the --json files of earlier runs (e.g. one per seed or per "
+                         "group of rows; same budget and overrides), over the rows every seed has")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (status lines still go to stderr)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log the library's info messages")
@@ -161,7 +181,10 @@ def row_config(args, seed: int, extra: list[str]):
         budget.append(f"train.epochs={args.epochs}")
     if args.max_steps is not None:
         budget.append(f"train.max_steps={args.max_steps}")
-    return load_config(args.config, [*shared, *extra, *budget])
+    # without --config: the tiny ViT unless --shared names a backbone (the library's default, a hub id, needs its
+    # weights in the local cache)
+    default = [] if args.config else ["model.backbone=tiny-vit"]
+    return load_config(args.config, [*default, *shared, *extra, *budget])
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -218,17 +241,36 @@ def score(pred: dict, truth: np.ndarray, table, path_metrics) -> dict:
                         lat[keep], lon[keep])
 
 
+def nearest_training_point(train, gaz, table, chunk: int = 1024) -> dict:
+    """The oracle row's answers: for every row of ``table``, the coordinate of the nearest training point (largest
+    unit-vector dot product = smallest great-circle distance) and that point's `Gazetteer.locate` path."""
+    from gazetteer.geo import to_unit_vectors
+
+    train_units = to_unit_vectors(train.lat_deg, train.lon_deg)        # (T, 3)
+    query_units = to_unit_vectors(table.lat_deg, table.lon_deg)        # (N, 3)
+    nearest = np.concatenate([np.argmax(query_units[i:i + chunk] @ train_units.T, axis=1)
+                              for i in range(0, len(query_units), chunk)]) if len(query_units) else np.zeros(0, int)
+    lat, lon = np.asarray(train.lat_deg)[nearest], np.asarray(train.lon_deg)[nearest]
+    return {"pred_lat_deg": lat, "pred_lon_deg": lon, "paths": gaz.locate(lat, lon)}
+
+
 def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, tests: dict, out: Path,
              path_metrics) -> dict:
     """-> {row: {split: metrics}} for one seed."""
     from hierloc.training import peers as baselines
     from hierloc.inference.predictor import HierLoc
     from hierloc.training.train import TrainInputs, train
+    from hierloc.data.tables import read_image_table
 
     train_csv = str(data / "train.csv")
     progress = not args.no_progress
     options = baselines.parse_options([item for item in args.shared if item.startswith("baseline.")], "--shared")
     results: dict[str, dict] = {}
+    if "oracle-nearest" in rows:
+        train_table = read_image_table(data / "train.csv")
+        results["oracle-nearest"] = {split: {**score(nearest_training_point(train_table, gaz, table), truth, table,
+                                                     path_metrics), "train_s": 0.0, "params_mb": 0.0,
+                                             "index_mb": 0.0} for split, (table, truth) in tests.items()}
     for row in rows:
         if row not in BASELINE_ROWS:
             continue
@@ -298,6 +340,54 @@ def format_table(split_results: dict, n_seeds: int) -> str:
     return "\n".join(lines)
 
 
+def print_report(payload: dict, commands: list[list[str]]) -> None:
+    """The header lines and one table per split of a run's (or a merge's) payload."""
+    for command in commands:
+        print(f"bench_peers: {' '.join(command)}")
+    machine = payload["machine"]
+    print(f"machine: nproc={machine['nproc']}, torch {machine['torch']}, {machine['platform']}; "
+          f"wall {payload['wall_s']:.0f} s")
+    print(f"budget: {payload['budget']}; seeds {','.join(map(str, payload['seeds']))}; shared overrides: "
+          f"{payload['shared_overrides'] or 'none'}; HierLoc overrides: {payload['hierloc_overrides'] or 'none'}")
+    for split in SPLITS:
+        print(f"\n{split}: {payload.get('splits', {}).get(split, '')}")
+        print(format_table(payload["results"][split], len(payload["seeds"])))
+
+
+def merge(paths: list[str]) -> int:
+    """--merge: one report from several --json files: their (seed, row) results pooled, a row reported when every
+    seed has it; a (seed, row) given twice is refused."""
+    from hierloc.errors import InputError
+
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read a bench_peers JSON ({exc})") from None
+    first = runs[0]
+    for path, run in zip(paths[1:], runs[1:]):
+        for key in ("budget", "shared_overrides", "hierloc_overrides"):
+            if run.get(key) != first.get(key):
+                raise InputError(f"{path}: {key} {run.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
+    per_seed: dict[str, dict] = {}
+    for path, run in zip(paths, runs):
+        for seed, rows in run["per_seed"].items():
+            twice = sorted(set(rows) & set(per_seed.get(seed, {})))
+            if twice:
+                raise InputError(f"{path}: seed {seed} of row {twice[0]} is in two of the merged files")
+            per_seed.setdefault(seed, {}).update(rows)
+    rows = [row for row in ROWS if all(row in seed_rows for seed_rows in per_seed.values())]
+    if not rows:
+        raise InputError("--merge: no row is in every merged file")
+    seeds = sorted(per_seed, key=int)
+    results = {split: {row: aggregate([per_seed[s][row][split] for s in seeds]) for row in rows} for split in SPLITS}
+    payload = {**first, "seeds": [int(s) for s in seeds], "results": results, "per_seed": per_seed,
+               "rows": {row: LABELS[row] for row in rows}, "wall_s": sum(run.get("wall_s", 0.0) for run in runs)}
+    print_report(payload, [run["command"] for run in runs])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from hierloc.errors import InputError
 
@@ -305,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return run(args, argv)
+        return merge(args.merge) if args.merge else run(args, argv)
     except InputError as exc:
         print(f"bench_peers: error: {exc}", file=sys.stderr)
         return 2
@@ -347,23 +437,19 @@ def run(args, argv) -> int:
 
     budget = (f"epochs={args.epochs if args.epochs is not None else row_config(args, seeds[0], []).train.epochs}"
               + (f", max_steps={args.max_steps}" if args.max_steps else ""))
-    print(f"bench_peers: {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"machine: nproc={os.cpu_count()}, torch {torch.__version__}, {platform.platform()}; "
-          f"wall {time.perf_counter() - started:.0f} s")
-    print(f"budget: {budget}; seeds {','.join(map(str, seeds))}; shared overrides: {args.shared or 'none'}; "
-          f"HierLoc overrides: {args.overrides or 'none'}")
+    split_info = {}
     for split in SPLITS:
         table, truth = tests[split]
         resolved = ", ".join(f"{lv} {100 * (truth[:, i] >= 0).mean():.0f}%" for i, lv in enumerate(LEVELS))
-        print(f"\n{split}: n={len(table)}; true points resolving in the gazetteer: {resolved}")
-        print(format_table(results[split], len(seeds)))
+        split_info[split] = f"n={len(table)}; true points resolving in the gazetteer: {resolved}"
+    command = argv if argv is not None else sys.argv[1:]
+    payload = {"command": command, "machine": {"nproc": os.cpu_count(), "torch": torch.__version__,
+                                               "platform": platform.platform()},
+               "seeds": seeds, "budget": budget, "shared_overrides": args.shared, "hierloc_overrides": args.overrides,
+               "rows": {row: LABELS[row] for row in rows}, "splits": split_info, "results": results,
+               "per_seed": {str(s): per_seed[s] for s in seeds}, "wall_s": time.perf_counter() - started}
+    print_report(payload, [command])
     if args.json:
-        payload = {"command": argv if argv is not None else sys.argv[1:], "machine": {
-                       "nproc": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
-                   "seeds": seeds, "budget": budget, "shared_overrides": args.shared,
-                   "hierloc_overrides": args.overrides, "rows": {row: LABELS[row] for row in rows},
-                   "results": results,
-                   "per_seed": {str(s): per_seed[s] for s in seeds}}
         atomic_write_text(args.json, json.dumps(payload, indent=2, default=float))
     return 0
 

@@ -61,7 +61,7 @@ def train_tiny_model(work: Path, steps: int, px: int) -> Path:
     data, out = work / "demo-data", work / "model"
     make_demo_dataset(data, n_train=240, n_test=10, n_unseen=10, n_val=0, patch_px=px, seed=1, progress=False)
     cmd = [sys.executable, "-m", "hierloc", "-q", "train", "--csv", str(data / "train.csv"), "--out", str(out),
-           "--no-progress", f"model.image_size={px}", "train.batch_size=16", "train.epochs=1",
+           "--no-progress", "model.backbone=tiny-vit", f"model.image_size={px}", "train.batch_size=16", "train.epochs=1",
            f"train.max_steps={steps}", "train.num_workers=0"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out

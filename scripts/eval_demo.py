@@ -82,7 +82,8 @@ def main() -> int:
         from hierloc.cli import main as cli
 
         t0 = time.perf_counter()
-        code = cli(["train", "--csv", str(data / "train.csv"), "--out", args.out, "--overwrite", *args.overrides])
+        code = cli(["train", "--csv", str(data / "train.csv"), "--out", args.out, "--overwrite", "model.backbone=tiny-vit",
+                    *args.overrides])
         if code:
             return code
         train_info["wall_s"] = time.perf_counter() - t0

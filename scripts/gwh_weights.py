@@ -1,4 +1,4 @@
-"""How much GWH-InfoNCE's hard-negative weights change the training signal of a trained model (issue 6's question
+"""How much GWH-InfoNCE's hard-negative weights change the training signal of a trained model (the question
 "why does GWH tie plain hyperbolic InfoNCE here?").
 
     python scripts/gwh_weights.py --model runs/bench/seed-0/hierloc --csv runs/demo-data/train.csv \

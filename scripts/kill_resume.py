@@ -1,7 +1,7 @@
 """Kill/resume experiment: SIGKILL `hierloc train` at random steps, resume each time, compare with a clean run.
 
     .venv/bin/python scripts/kill_resume.py                      # 3 kills, seed 0, ~1-2 min on 2 cores
-    .venv/bin/python scripts/kill_resume.py --kills 5 --seed 7 --workdir /tmp/kr --keep
+    .venv/bin/python scripts/kill_resume.py --kills 5 --seed 7 --workdir runs/kill-resume --keep
 
 What it does:
 1. Builds a small world in --workdir (a temp dir by default): --images demo patches (Blue Marble, 32 px;
@@ -60,7 +60,7 @@ def build_world(work: Path, n_images: int) -> dict[str, Path]:
 
 def train_command(world: dict[str, Path], out: Path, args: argparse.Namespace, resume: bool) -> list[str]:
     return [sys.executable, "-m", "hierloc", "-q", "train", "--csv", str(world["csv"]), "--gazetteer",
-            str(world["gazetteer"]), "--out", str(out), f"model.backbone={world['backbone']}",
+            str(world["gazetteer"]), "--out", str(out), f"model.backbone={world['backbone']}", "model.pretrained=false",
             "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
             "model.coord_scales=4", f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
             f"train.num_workers={args.workers}", f"train.checkpoint_every={args.checkpoint_every}",

@@ -76,7 +76,9 @@ def main() -> None:
     from hierloc.training.train import (TrainModule, base_learning_rates, build_encoder, build_optimizers,
                                         seed_everything, train_step)
 
-    overrides = list(args.overrides) + ([f"model.image_size={args.image_size}"] if args.image_size else [])
+    # the tiny ViT unless told (the library's default, a hub id, needs its weights in the local cache)
+    overrides = ["model.backbone=tiny-vit", *args.overrides]
+    overrides += [f"model.image_size={args.image_size}"] if args.image_size else []
     overrides += ["model.freeze_backbone=true"] if args.cached_features else []
     cfg = load_config(None, overrides)
     if getattr(cfg.train, "reuse_cpu_memory", False):  # as hierloc train does on CPU (older trees lack it)

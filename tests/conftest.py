@@ -50,7 +50,7 @@ def random_sphere_points():
 
 # ------------------------------------------------------------------------------------- tiny demo world and model
 TINY_OVERRIDES = [
-    "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
+    "model.pretrained=false", "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
     "model.coord_scales=4", "train.batch_size=16", "train.epochs=1", "train.num_workers=0", "train.log_every=1",
 ]
 

@@ -49,7 +49,7 @@ from hierloc.cli import main
 # ------------------------------------------------------------------------------------------------ the world
 # Overrides of a 1-step training run on a few rows (like tests/conftest.py's TINY_OVERRIDES, smaller batch,
 # no concept head: it needs >= 20 labelled images per concept and only warns about it here).
-TRAIN_OVERRIDES = ["model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
+TRAIN_OVERRIDES = ["model.pretrained=false", "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
                    "model.coord_scales=4", "model.concepts=false", "train.batch_size=4", "train.epochs=1",
                    "train.num_workers=0", "train.max_steps=1"]
 
@@ -576,7 +576,7 @@ def backbone_argv(command: str, backbone: Path, inputs: Path, outputs: Path, wor
         table = outputs / "images.csv"
         table.write_bytes(_csv_bytes(["image", "lat", "lon"], _good_rows(world)))
         return ["train", "--csv", table, "--out", outputs / "run", "--gazetteer", world.gazetteer_dir,
-                "--no-progress", f"model.backbone={backbone}", "model.pretrained=true", *TRAIN_OVERRIDES]
+                "--no-progress", f"model.backbone={backbone}", *TRAIN_OVERRIDES, "model.pretrained=true"]
     raise ValueError(command)
 
 

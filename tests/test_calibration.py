@@ -101,6 +101,39 @@ def test_coverage_at_precision_is_the_widest_threshold_reaching_the_target():
     assert calibration.coverage_at_precision(confidence, ~correct, target=0.99)[0] == 0.0
 
 
+def test_level_outcomes_count_answered_levels_and_compare_with_the_true_entity():
+    paths = np.array([[0, 5, -1, -1], [1, 6, 9, -1]])
+    truth = np.array([[0, 4, 8, 12], [1, 6, 9, -1]])
+    confidence, correct, valid = calibration.level_outcomes(paths, np.full((2, 4), 0.5), truth)
+    assert valid.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert correct.tolist() == [[True, False, False, False], [True, True, True, False]]
+    assert np.isnan(confidence[0, 2]) and confidence[1, 2] == 0.5
+
+
+def test_coverage90_is_what_min_prob_keeps_at_the_threshold_it_reports():
+    """coverage90_<level> / minprob90_<level> describe `--min-prob` exactly: cutting the best paths with
+    min_prob = minprob90 keeps that share of the answers down to the level, and 90 % of those are right."""
+    from hierloc.inference.answers import cut_paths
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    probs = rng.uniform(0.2, 1.0, (n, 4))
+    paths = np.tile(np.arange(4) * 10, (n, 1))
+    truth = np.where(rng.uniform(0, 1, (n, 4)) < probs ** 0.5, paths, -1)     # a bit under-confident
+    summary = calibration.calibration_summary(paths, probs, truth)
+    for level, name in enumerate(("country", "region", "subregion", "city")):
+        threshold, coverage = summary[f"minprob90_{name}"], summary[f"coverage90_{name}"]
+        kept = cut_paths(paths, probs, threshold, 3)[:, level] >= 0
+        if level == 0:          # the country is always answered: the threshold says which of them to trust
+            kept = probs[:, 0] >= threshold
+        assert kept.mean() == pytest.approx(coverage)
+        assert (truth[kept, level] == paths[kept, level]).mean() >= 0.9
+        looser = (cut_paths(paths, probs, threshold - 0.02, 3)[:, level] >= 0 if level
+                  else probs[:, 0] >= threshold - 0.02)
+        assert looser.mean() > coverage and (truth[looser, level] == paths[looser, level]).mean() < 0.9
+        assert 0.0 <= summary[f"ece_{name}"] <= 1.0
+
+
 def test_reliability_diagram_is_a_png_with_one_panel_per_level(tmp_path):
     rng = np.random.default_rng(4)
     confidence = rng.uniform(0, 1, 300)

@@ -29,6 +29,8 @@ def test_toml_and_yaml_files_and_overrides(tmp_path):
     (["train.epochs=abc"], "train.epochs"),
     (["model.geometry=sphere"], "model.geometry"),
     (["epochs=3"], "section.key=value"),
+    (["loss.weighting=margin"], "loss.weighting"),
+    (["loss.weighting=logit", "loss.blocked=true"], "loss.blocked"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, fragment):
     with pytest.raises(InputError) as err:

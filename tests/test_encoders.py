@@ -172,10 +172,24 @@ def test_unknown_hub_id_fails_fast_with_a_local_only_message(monkeypatch, tmp_pa
         encoders.load_backbone("hierloc-tests/no-such-backbone-xyz")
     elapsed = time.perf_counter() - start
     message = str(error.value)
-    assert "not found locally and downloads are disabled" in message
+    assert "not in the local Hugging Face cache and downloads are off" in message
     assert "hierloc-tests/no-such-backbone-xyz" in message and "--allow-download" in message
+    assert "tiny-resnet" in message and "tiny-vit" in message  # the two choices that need no download
     assert "\n" not in message
     assert elapsed < 5.0
+    with pytest.raises(InputError, match="not in the local Hugging Face cache"):
+        encoders.check_backbone("hierloc-tests/no-such-backbone-xyz")  # the cheap check says the same
+
+
+def test_check_backbone_reads_no_weights(tiny_backbone_dir, tmp_path):
+    encoders.check_backbone("tiny-resnet", pretrained=False)
+    encoders.check_backbone(tiny_backbone_dir, pretrained=False)  # a config without weights is fine from scratch
+    with pytest.raises(InputError, match="no weights found"):
+        encoders.check_backbone(tiny_backbone_dir, pretrained=True)
+    with pytest.raises(InputError, match="no pretrained weights"):
+        encoders.check_backbone("tiny-vit", pretrained=True)
+    with pytest.raises(InputError, match="backbone directory not found"):
+        encoders.check_backbone(str(tmp_path / "missing" / "dir"), pretrained=False)
 
 
 @pytest.mark.parametrize("name", ["./missing-dir", "/definitely/not/here/vit"])

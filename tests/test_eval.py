@@ -85,7 +85,7 @@ def test_a_bad_prediction_row_is_a_one_line_error_unless_skipped(tmp_path, capsy
     checksum = sha256(path)
     code, _, err = run(capsys, "--predictions", path)
     assert code == 2 and "row 2" in err and "'pred_lat'" in err and len(err.strip().splitlines()) == 1
-    code, out, _ = run(capsys, "--predictions", path, "--skip-bad", "--format", "json")
+    code, out, _ = run(capsys, "--predictions", path, "--on-bad", "skip", "--format", "json")
     assert code == 0 and json.loads(out)["n"] == 1 and json.loads(out)["n_skipped_rows"] == 2
     code, _, err = run(capsys, "--predictions", path, "--per-sample", path)
     assert code == 2 and "never modified" in err

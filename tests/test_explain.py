@@ -91,6 +91,17 @@ def test_sibling_candidates_are_a_softmax_over_the_chosen_parents_children():
     np.testing.assert_allclose(cands[0][1].sum(), 1.0)
 
 
+def test_sibling_candidates_at_temperatures_are_the_softmax_at_tau_times_t():
+    sq = [np.array([1.0, 3.0]), np.array([0.5, 1.5, 0.1]), np.array([2.0]), np.array([0.3])]
+    path = np.array([0, 2, 5, 6])
+    hot = X.sibling_candidates(sq, path, TABLE["level_offsets"], TABLE["parents"], tau=1.0,
+                               temperatures=[2.0, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(hot[0][1], np.exp([-0.5, -1.5]) / np.exp([-0.5, -1.5]).sum())
+    np.testing.assert_allclose(hot[1][1], np.exp([-1.0, -3.0]) / np.exp([-1.0, -3.0]).sum())
+    plain = X.sibling_candidates(sq, path, TABLE["level_offsets"], TABLE["parents"], tau=1.0)
+    assert [ids.tolist() for ids, _ in hot] == [ids.tolist() for ids, _ in plain]
+
+
 def test_text_tree_indents_levels_and_shows_runner_ups_and_reasons():
     levels = X.explain_path(np.array([0, 2, 5, 6]), _candidates(), TABLE, np.array([0.95, 0.6, 0.9]), PROFILES, VOCAB)
     e = X.Explanation("img.jpg", 6.0, -6.0, levels, [], [], {"model_dir": "m"})

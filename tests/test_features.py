@@ -244,3 +244,18 @@ def test_torch_distributed_ranks_write_shards_and_rank_zero_the_manifest(encoder
     assert np.isnan(rank0[BROKEN]).all() and np.isfinite(np.delete(rank0, BROKEN, axis=0)).all()
     single = features.extract_features(encoder, dataset, tmp_path / "single", batch_size=4, progress=False)
     np.testing.assert_allclose(rank0, single[np.arange(N_IMAGES)], rtol=1e-3, atol=1e-3, equal_nan=True)
+
+
+def test_entity_feature_means_in_chunks_equal_the_whole(tmp_path):
+    """Chunked accumulation (memory independent of N) equals one pass; NaN rows (failed images) are left out."""
+    from hierloc.training.train import entity_feature_means
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(103, 5)).astype(np.float32)
+    feats[[4, 50]] = np.nan
+    targets = np.stack([rng.integers(0, 3, 103), rng.integers(3, 9, 103), rng.integers(-1, 1, 103) + 9,
+                        np.full(103, -1)], axis=1)
+    whole = entity_feature_means(feats, targets, 12, chunk_rows=10_000)
+    assert torch.allclose(entity_feature_means(feats, targets, 12, chunk_rows=7), whole, atol=1e-6)
+    keep = np.isfinite(feats).all(axis=1) & (targets[:, 1] == 5)
+    assert np.allclose(whole[5].numpy(), feats[keep].astype(np.float64).mean(axis=0), atol=1e-6)

@@ -116,3 +116,24 @@ def test_poincare_disk_picture_puts_countries_at_their_projected_positions(tmp_p
     # the full disk is shown (points reach 0.7 of the radius): (0.5, 0) sits at 0.46 * 400 * 0.5 right of centre
     pixel = np.asarray(image)[int(70 + 200), int(200 + 0.46 * 400 * 0.5)]
     assert pixel[0] > 150 and pixel[1] < 100
+
+
+def test_legend_never_hides_the_truth_marker():
+    """A truth in the bottom-left corner (where the key usually goes): the cross stays visible, the key moves."""
+    region = maps.Region(50.0, 70.0, -10.0, 30.0)
+    truth = (51.5, -8.0)                                                    # bottom-left of the window
+    image = maps.render_prediction_map(_explanation(), width=800, region=region, truth=truth)
+    x, y = region.to_pixels(*truth, 800, 400)
+    pixel = np.asarray(image)[int(round(float(y))) + 78, int(round(float(x)))]
+    assert pixel[1] > 150 and pixel[0] < 120                                # the green cross, not the white key
+
+
+def test_legend_corner_avoids_truth_first_then_answer():
+    box, w, h = (300.0, 100.0), 800, 400
+    bottom_left, bottom_right, top_left = (8, 292), (492, 292), (8, 8)
+    assert maps.legend_corner(box, w, h, 8, [], []) == bottom_left
+    assert maps.legend_corner(box, w, h, 8, [(50, 350)], []) == bottom_right
+    assert maps.legend_corner(box, w, h, 8, [(50, 350)], [(700, 350)]) == top_left
+    # every corner holds the answer: the truth still wins
+    everywhere = [(50, 350), (700, 350), (50, 50), (700, 50)]
+    assert maps.legend_corner(box, w, h, 8, [(50, 350)], everywhere[1:]) == bottom_right

@@ -168,8 +168,10 @@ def test_train_baseline_predicts_valid_points_and_paths(kind, tiny_cfg, tiny_dem
     np.testing.assert_array_equal(lat, out["pred_lat_deg"])
     assert out["ok"].all() and np.isfinite(lat).all() and np.isfinite(lon).all()
     assert (np.abs(lat) <= 90).all() and (np.abs(lon) <= 180).all()
-    cities = out["paths"][:, 3]
-    assert (cities >= gaz.level_offsets[3]).all() and (cities < gaz.level_offsets[4]).all()
+    level = baselines.class_level(kind)   # country-ce answers a country, the other kinds a city
+    cities = out["paths"][:, level]
+    assert (cities >= gaz.level_offsets[level]).all() and (cities < gaz.level_offsets[level + 1]).all()
+    assert (out["paths"][:, level + 1:] == -1).all()
     if kind == "geoclip":   # a gallery point (a training coordinate), labelled by locate
         train = read_image_table(tiny_demo_dir / "train.csv")
         gallery = set(zip(train.lat_deg.tolist(), train.lon_deg.tolist()))
@@ -218,13 +220,13 @@ def test_bench_prints_one_table_per_split_and_writes_json(tiny_demo_dir, tiny_ba
                                                           tmp_path, capsys):
     bench = load_bench()
     argv = bench_args(tiny_demo_dir, tiny_backbone_dir, tiny_gazetteer_dir, tmp_path / "out")
-    code = bench.main([*argv, "--seeds", "0", "--rows", "hierloc-flat,geoclip", "--json", str(tmp_path / "r.json"),
-                       "loss.tau=0.2"])
+    code = bench.main([*argv, "--seeds", "0", "--rows", "hierloc-flat,geoclip,oracle-nearest", "--json",
+                       str(tmp_path / "r.json"), "loss.tau=0.2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     for split in bench.SPLITS:
         rows = table_rows(captured.out, split)
-        assert list(rows) == [bench.LABELS["geoclip"], bench.LABELS["hierloc-flat"]]
+        assert list(rows) == [bench.LABELS["oracle-nearest"], bench.LABELS["geoclip"], bench.LABELS["hierloc-flat"]]
         assert all(len(cells) == len(bench.COLUMNS) for cells in rows.values())
     assert "training hierloc" in captured.err and "training geoclip" in captured.err   # progress on stderr
     payload = json.loads((tmp_path / "r.json").read_text())
@@ -243,6 +245,66 @@ def test_bench_aggregates_mean_and_sample_std_over_seeds():
     assert stats["acc_country"]["mean"] == pytest.approx(0.6)
     assert bench.format_cell(stats["acc_country"], 100, ".1f", 3) == "60.0 ± 14.1"
     assert bench.format_cell(stats["geoscore"], 1, ".0f", 1) == "1200"
+
+
+def _bench_payload(bench, seed: int, rows: dict, budget: str = "epochs=3") -> dict:
+    """A --json payload of one seed: rows {row: geoscore}, every other metric 0."""
+    metrics = {split: {row: {key: 0.0 for key, *_ in bench.COLUMNS} | {"geoscore": score}
+                       for row, score in rows.items()} for split in bench.SPLITS}
+    return {"command": ["--seeds", str(seed)], "machine": {"nproc": 2, "torch": "x", "platform": "y"},
+            "seeds": [seed], "budget": budget, "shared_overrides": [], "hierloc_overrides": [], "wall_s": 10.0,
+            "per_seed": {str(seed): {row: {split: metrics[split][row] for split in bench.SPLITS} for row in rows}}}
+
+
+def test_oracle_answers_the_nearest_training_point_and_its_path(tiny_demo_dir, tiny_gazetteer_dir):
+    from gazetteer import Gazetteer
+    from hierloc.data.tables import read_image_table
+    from hierloc.geometry.geodesy import pairwise_haversine_km
+
+    bench = load_bench()
+    gaz = Gazetteer.load(tiny_gazetteer_dir)
+    train, test = read_image_table(tiny_demo_dir / "train.csv"), read_image_table(tiny_demo_dir / "test_unseen.csv")
+    out = bench.nearest_training_point(train, gaz, test, chunk=7)   # chunks that do not divide N
+    km = pairwise_haversine_km(*(torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in
+                                 (test.lat_deg, test.lon_deg, train.lat_deg, train.lon_deg))).numpy()
+    nearest = km.argmin(axis=1)
+    np.testing.assert_array_equal(out["pred_lat_deg"], np.asarray(train.lat_deg)[nearest])
+    np.testing.assert_array_equal(out["paths"], gaz.locate(out["pred_lat_deg"], out["pred_lon_deg"]))
+    itself = bench.nearest_training_point(train, gaz, train.subset(np.arange(5)))   # a training point: itself
+    np.testing.assert_array_equal(itself["pred_lat_deg"], np.asarray(train.lat_deg)[:5])
+
+
+def test_bench_merges_runs_of_single_seeds_into_one_table(tmp_path, capsys):
+    bench = load_bench()
+    paths = []
+    for seed, scores in enumerate([{"flat-ce": 1000.0, "hierloc": 2000.0}, {"flat-ce": 1200.0, "hierloc": 2400.0,
+                                                                            "geoclip": 5.0}]):
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(_bench_payload(bench, seed, scores)))
+    assert bench.main(["--merge", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    for split in bench.SPLITS:
+        rows = table_rows(out, split)
+        assert list(rows) == [bench.LABELS["flat-ce"], bench.LABELS["hierloc"]]   # geoclip: only in one run
+        geoscore = [name for _, name, *_ in bench.COLUMNS].index("GeoScore")
+        assert rows[bench.LABELS["hierloc"]][geoscore] == "2200 ± 283"
+    assert "seeds 0,1" in out and out.count("bench_peers: --seeds") == 2
+    # rows of one seed from two runs are pooled; the same (seed, row) twice is refused
+    (tmp_path / "s1b.json").write_text(json.dumps(_bench_payload(bench, 1, {"geoclip": 7.0})))
+    (tmp_path / "s0b.json").write_text(json.dumps(_bench_payload(bench, 0, {"geoclip": 3.0})))
+    assert bench.main(["--merge", *map(str, paths), str(tmp_path / "s0b.json")]) == 0
+    assert bench.LABELS["geoclip"] in table_rows(capsys.readouterr().out, "test_unseen")
+    assert bench.main(["--merge", *map(str, paths), str(tmp_path / "s1b.json")]) == 2
+    assert "seed 1 of row geoclip" in capsys.readouterr().err
+
+
+def test_bench_merge_refuses_runs_of_different_budgets(tmp_path, capsys):
+    bench = load_bench()
+    for seed, budget in enumerate(["epochs=1", "epochs=3"]):
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(_bench_payload(bench, seed, {"hierloc": 1.0}, budget)))
+    assert bench.main(["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json")]) == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("extra, message", [

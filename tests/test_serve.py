@@ -151,10 +151,8 @@ def test_the_service_defaults_are_the_cli_defaults():
     predict = {a.dest: a.default for a in sub["predict"]._actions}
     explain = {a.dest: a.default for a in sub["explain"]._actions}
     assert {k: predict[k] for k in PREDICT_DEFAULTS} == PREDICT_DEFAULTS
-    assert {k: explain[k] for k in ("top_k", "beam", "candidates")} == {
-        k: EXPLAIN_DEFAULTS[k] for k in ("top_k", "beam", "candidates")}
-    assert (explain["runners_up"], explain["reasons"]) == (EXPLAIN_DEFAULTS["runners_up"],
-                                                           EXPLAIN_DEFAULTS["reasons"])
+    shared = ("top_k", "beam", "runners_up", "reasons", "candidates", "min_prob", "exif")
+    assert {k: explain[k] for k in shared} == {k: EXPLAIN_DEFAULTS[k] for k in shared}
     serve = {a.dest: a.default for a in sub["serve"]._actions}
     assert serve["host"] == "127.0.0.1"
     assert serve["max_upload_mb"] * 1024 * 1024 == Limits().max_upload_bytes
@@ -338,7 +336,8 @@ def _wait_for(condition, seconds: float = 30.0) -> None:
 
 def test_concurrent_requests_share_model_calls_and_get_their_own_answers(model, tiny_model_dir, images):
     app = create_app(model, tiny_model_dir)
-    expected = {p.name: r.to_dict() for p, r in zip(images, model.predict([str(p) for p in images], top_k=3))}
+    expected = {p.name: r.to_dict() for p, r in zip(images, model.predict([str(p) for p in images],
+                                                                        top_k=PREDICT_DEFAULTS["top_k"]))}
     with TestClient(app, raise_server_exceptions=False) as client:
         batcher = app.state.batcher
         sizes = []

@@ -6,8 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from hierloc.cli import HelpFormatter
+from gazetteer.atomic import atomic_write_text
+from hierloc.cli import HelpFormatter, parse_point
+from hierloc.cli.predict import TOP_K
 from hierloc.errors import InputError
+from hierloc.inference.answers import check_options
+
+HEADER = ("# p = probability among the level's candidates; the chosen entity lies on the best path (joint score); "
+          "'(higher at this level alone)' marks a more probable candidate on a lower-scoring path; "
+          "[+x] = concept contribution")
 
 
 def register(subparsers) -> None:
@@ -15,21 +22,38 @@ def register(subparsers) -> None:
         "explain", formatter_class=HelpFormatter, help="explain where images were taken, level by level",
         description="Print the predicted hierarchy as a tree: each level's entity and probability, its runner-ups, "
                     "and the concepts seen in the image that set the chosen entity apart from the runner-up "
-                    "(contribution = p(concept in image) x (profile of chosen - profile of runner-up)).")
-    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
-    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes)")
-    p.add_argument("--top-k", type=int, default=5, help="top paths to search (alternatives on the map and in JSON)")
+                    "(contribution = p(concept in image) x (profile of chosen - profile of runner-up)).\n"
+                    "The chosen entity of each level is the one on the best path: beam search ranks whole paths by\n"
+                    "their joint score, so another candidate of a level can be more probable at that level alone;\n"
+                    "the output marks such a candidate '(higher at this level alone)'.",
+        epilog="inputs: what `hierloc predict` takes (image files, directories, quoted glob patterns, CSV files and\n"
+               ".txt/.lst lists; --image-root, --image-col).")
+    p.add_argument("images", nargs="+", help="image files, directories, glob patterns, CSV or .txt list files")
+    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes), or a hub id of one in the local cache")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a --model hub id that is not in the local cache (off: never download silently)")
+    p.add_argument("--top-k", type=int, default=TOP_K, help="top paths to search (alternatives on the map and in JSON)")
     p.add_argument("--beam", type=int, default=None, help="beam width per level (default: the model's)")
     p.add_argument("--runners-up", type=int, default=2, help="runner-ups shown per level")
     p.add_argument("--reasons", type=int, default=3, help="supporting concepts shown per level")
     p.add_argument("--candidates", default="siblings", choices=["siblings", "paths"],
                    help="runner-ups: children of the chosen parent, or entities of the top-k paths")
+    p.add_argument("--min-prob", type=float, default=None,
+                   help="stop the explanation before the first level whose chosen probability is below this value")
+    p.add_argument("--exif", default="compare", choices=["compare", "ignore"],
+                   help="GPS stored in the image: report it next to the answer (and on the map), or ignore it")
     p.add_argument("--format", default="text", choices=["text", "json"], help="output format")
+    p.add_argument("--out", default="-", help="write to this file (atomically); - is standard output")
+    p.add_argument("--image-root", default=None,
+                   help="directory that relative paths in CSV/list inputs are relative to (default: the file's)")
+    p.add_argument("--image-col", default=None, help="image column of CSV inputs (default: detected)")
     p.add_argument("--map", default=None, metavar="OUT",
                    help="also draw a map (.png or .html); several images write OUT-<n>-<image name>.png")
     p.add_argument("--basemap", default="relief", choices=["relief", "bluemarble"], help="map background")
     p.add_argument("--truth", default=None, metavar="LAT,LON", help="true location to mark on the map (one image)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="report the model's raw probabilities, ignoring its calibration.json")
     p.set_defaults(func=run_explain)
 
     q = subparsers.add_parser(
@@ -46,15 +70,7 @@ def register(subparsers) -> None:
 
 
 def _parse_truth(text: str | None):
-    if text is None:
-        return None
-    try:
-        lat, lon = (float(part) for part in text.split(","))
-    except ValueError:
-        raise InputError(f"--truth {text!r}: expected LAT,LON in degrees, e.g. 48.85,2.35") from None
-    if not (abs(lat) <= 90 and abs(lon) <= 180):
-        raise InputError(f"--truth {text!r}: latitude must be in [-90, 90] and longitude in [-180, 180]")
-    return lat, lon
+    return None if text is None else parse_point(text, f"--truth {text!r}")
 
 
 def _map_path(out: str, index: int, n_images: int, source: str) -> Path:
@@ -71,21 +87,27 @@ def run_explain(args: argparse.Namespace) -> int:
     from hierloc.inference.predictor import HierLoc
 
     truth = _parse_truth(args.truth)
-    paths = expand_inputs(args.images)
+    check_options(args.min_prob, "city", "ignore", args.beam or 1, args.top_k)
+    paths = expand_inputs(args.images, image_root=args.image_root, image_col=args.image_col)
     if truth is not None and len(paths) != 1:
         raise InputError("--truth: give exactly one image with it")
     if args.map is not None:
         maps.output_path(args.map, (".png", ".html", ".htm"))
-    model = HierLoc.from_pretrained(args.model, device=args.device)
+    model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration,
+                                    allow_download=args.allow_download)
     results = explain.explain_images(model, paths, model_dir=args.model, top_k=args.top_k, beam=args.beam,
                                      n_reasons=args.reasons, n_runners_up=args.runners_up,
-                                     candidates=args.candidates)
+                                     candidates=args.candidates, exif=args.exif, min_prob=args.min_prob)
     if args.format == "json":
-        print(explain.to_json(results))
+        text = explain.to_json(results) + "\n"
     else:
-        print(f"# {explain.provenance_line(results[0].model if results else explain.model_provenance(args.model))}")
-        print("# p = probability among the level's candidates; [+x] = concept contribution (see docs/concepts.md)")
-        print("\n".join(explain.format_text(r) for r in results))
+        prov = results[0].model if results else explain.model_provenance(args.model)
+        text = "\n".join([f"# {explain.provenance_line(prov)}", HEADER] + [explain.format_text(r) for r in results])
+        text += "\n"
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(args.out, text)
     if args.map is not None:
         for index, result in enumerate(results):
             out = _map_path(args.map, index, len(results), result.source)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from gazetteer import Gazetteer, csvio, geo
+from gazetteer.atomic import atomic_write_text
 from gazetteer.build import MAX_H3_RES, MIN_H3_RES, available_country_codes, check_h3_res, check_min_images
-from gazetteer.core import check_save_target
+from gazetteer.core import LOCATE_COLUMNS, check_save_target
 from gazetteer.countries import parse_country_codes
 from gazetteer.errors import InputError
 from gazetteer.schema import DEFAULT_H3_RES, LEVELS
-from hierloc.cli import HelpFormatter
+from hierloc.cli import HelpFormatter, parse_point
 
 DEFAULT_OUT = "runs/gazetteer"
 
@@ -45,18 +51,23 @@ def register(subparsers) -> None:
                        help=f"base H3 resolution of the cell index ({MIN_H3_RES}..{MAX_H3_RES}); cities are refined "
                             "further so each owns cells")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output gazetteer")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)
 
     locate = subparsers.add_parser(
         "locate", formatter_class=HelpFormatter,
-        help="label the coordinates of a CSV with country/region/subregion/city",
-        description="Copy every column of --csv and append country, region, subregion, city (OSV5M's values:\n"
-                    "ISO2 cc, admin1, admin2 or empty, GeoNames name; empty where the gazetteer has no entity),\n"
-                    "country_name and entity_id (key of the deepest resolved entity). Labels equal\n"
-                    "reverse_geocoder's answer for each point.")
+        help="label coordinates (given on the command line or in a CSV) with country/region/subregion/city",
+        description="Label points with country, region, subregion, city (OSV5M's values: ISO2 cc, admin1, admin2\n"
+                    "or empty, GeoNames name; empty where the gazetteer has no entity), country_name and entity_id\n"
+                    "(key of the deepest resolved entity). Labels equal reverse_geocoder's answer for each point.\n"
+                    "  hierloc locate --gazetteer DIR 48.85,2.35 40.71,-74.01      # CSV lines on stdout\n"
+                    "  hierloc locate --gazetteer DIR -- -33.92,18.42              # '--' before a negative latitude\n"
+                    "  hierloc locate --gazetteer DIR --csv in.csv --out out.csv   # every column of in.csv + labels")
+    locate.add_argument("points", nargs="*", metavar="LAT,LON", help="points in degrees (instead of --csv)")
     locate.add_argument("--gazetteer", default=DEFAULT_OUT, metavar="DIR", help="gazetteer directory")
-    locate.add_argument("--csv", required=True, help="input CSV with coordinates")
-    locate.add_argument("--out", required=True, help="output CSV (written atomically; never the input)")
+    locate.add_argument("--csv", help="input CSV with coordinates (instead of points on the command line)")
+    locate.add_argument("--out", default="-",
+                        help="output CSV (written atomically; never the input); - is standard output")
     locate.add_argument("--lat-col",
                         help="latitude column; when omitted, the first of lat, latitude, LAT, true_lat, ... present")
     locate.add_argument("--lon-col",
@@ -64,6 +75,7 @@ def register(subparsers) -> None:
     locate.add_argument("--on-bad", choices=("error", "skip"), default="error",
                         help="rows with bad coordinates: stop with an error, or skip them (counted and reported)")
     locate.add_argument("--prefix", default="", help="prefix for the appended column names, e.g. gz_")
+    locate.add_argument("--no-progress", action="store_true", help="no progress bar")
     locate.set_defaults(func=run_locate)
 
 
@@ -90,14 +102,14 @@ def run_build(args: argparse.Namespace) -> int:
                                           ("--min-images", args.min_images != 1)) if value]
         if given:
             raise InputError(f"{', '.join(given)} only apply with --from-csv")
-        gaz = Gazetteer.build_global(h3_res=args.h3_res, within=within, bbox=bbox, progress=not args.quiet)
+        gaz = Gazetteer.build_global(h3_res=args.h3_res, within=within, bbox=bbox, progress=not args.no_progress)
     else:
         lat_col, lon_col = csvio.resolve_coordinate_columns(args.from_csv, args.lat_col, args.lon_col)
         lat, lon, _rows = csvio.read_coordinates(args.from_csv, lat_col, lon_col, on_bad=args.on_bad)
         source = {"kind": "csv", "path": str(Path(args.from_csv).resolve()), "lat_col": lat_col, "lon_col": lon_col,
                   "sha256": csvio.file_sha256(args.from_csv)}
         gaz = Gazetteer.build_from_points(lat, lon, min_images=args.min_images, within=within, bbox=bbox,
-                                          h3_res=args.h3_res, progress=not args.quiet, source=source)
+                                          h3_res=args.h3_res, progress=not args.no_progress, source=source)
         n_used = gaz.metadata["source"]["n_points_used"]
         print(f"{args.from_csv}: {len(lat):,} points read, {n_used:,} inside the restriction")
     gaz.save(out, overwrite=args.overwrite)
@@ -105,11 +117,41 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_points(items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """"LAT,LON" strings in degrees -> (lat (N,), lon (N,)); InputError naming the first bad one."""
+    points = [parse_point(item, f"point {item!r}") for item in items]
+    return (np.asarray([p[0] for p in points], dtype=np.float64), np.asarray([p[1] for p in points], dtype=np.float64))
+
+
+def _locate_points(gaz: Gazetteer, args: argparse.Namespace) -> int:
+    lat, lon = parse_points(args.points)
+    labels = gaz.osv5m_labels(gaz.locate(lat, lon))
+    columns = ["lat", "lon"] + [args.prefix + name for name in LOCATE_COLUMNS]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for i in range(len(lat)):
+        writer.writerow([item for item in args.points[i].split(",")] + [labels[name][i] for name in LOCATE_COLUMNS])
+    if args.out == "-":
+        sys.stdout.write(buffer.getvalue())
+    else:
+        atomic_write_text(args.out, buffer.getvalue())
+    return 0
+
+
 def run_locate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if bool(args.points) == bool(args.csv):
+        raise InputError("give points (LAT,LON ...) or --csv FILE, not both and not neither")
+    if args.csv and args.out == "-":
+        raise InputError("--csv: give --out FILE (the labelled CSV is written atomically to a file)")
+    if args.points:
+        parse_points(args.points)  # a typo costs nothing: checked before the gazetteer is loaded
     gaz = Gazetteer.load(args.gazetteer)
+    if args.points:
+        return _locate_points(gaz, args)
     report = gaz.locate_csv(args.csv, args.out, lat_col=args.lat_col, lon_col=args.lon_col, on_bad=args.on_bad,
-                            prefix=args.prefix, progress=not args.quiet)
+                            prefix=args.prefix, progress=not args.no_progress)
     resolved = ", ".join(f"{name} {n:,}" for name, n in report.resolved_per_level.items())
     print(f"wrote {report.n_written:,} of {report.n_rows:,} rows to {report.out_path} "
           f"in {time.perf_counter() - started:.1f} s (resolved: {resolved})")

@@ -9,9 +9,12 @@ import sys
 
 from gazetteer.atomic import atomic_open
 from hierloc.cli import HelpFormatter
+from hierloc.config import InferenceConfig
 from hierloc.errors import InputError
 from hierloc.inference.answers import check_options
 from hierloc.inference.outputs import RunSummary, make_writer, search_settings, summary_line
+
+TOP_K = InferenceConfig.top_k  # one default for every command that keeps alternatives (predict, explain)
 
 EPILOG = """\
 inputs: image files, directories (searched recursively), glob patterns ('photos/**/*.jpg', quoted), CSV files
@@ -36,9 +39,12 @@ def register(subparsers) -> None:
                               description="Predict country -> region -> subregion -> city for images.",
                               epilog=EPILOG)
     p.add_argument("images", nargs="+", help="image files, directories, glob patterns, CSV or .txt list files")
-    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes)")
-    p.add_argument("--top-k", type=int, default=3, help="paths kept per image: the answer + top-k - 1 alternatives")
-    p.add_argument("--beam", type=int, default=10, help="beam width per level")
+    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes), or a hub id of one in the local cache")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a --model hub id that is not in the local cache (off: never download silently)")
+    p.add_argument("--top-k", type=int, default=TOP_K,
+                   help="paths kept per image: the answer + top-k - 1 alternatives")
+    p.add_argument("--beam", type=int, default=None, help="beam width per level (default: the model's inference.beam)")
     p.add_argument("--flat", action="store_true", help="nearest city over all cities instead of beam search "
                                                        "(ablation)")
     p.add_argument("--min-prob", type=float, default=None,
@@ -49,13 +55,15 @@ def register(subparsers) -> None:
                    help="GPS stored in the image: report it next to the answer, answer from it, or ignore it")
     p.add_argument("--format", default="text", choices=["text", "json", "jsonl", "csv", "geojson"],
                    help="output format (GeoJSON coordinates are [lon, lat])")
-    p.add_argument("--out", default=None, help="write to this file (atomically) instead of stdout")
+    p.add_argument("--out", default="-", help="write to this file (atomically); - is standard output")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: in this process)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--image-root", default=None,
                    help="directory that relative paths in CSV/list inputs are relative to (default: the file's)")
     p.add_argument("--image-col", default=None, help="image column of CSV inputs (default: detected)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="report the model's raw probabilities, ignoring its calibration.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -79,24 +87,26 @@ def run(args: argparse.Namespace) -> int:
     from hierloc.inference.predictor import HierLoc
 
     for name in ("top_k", "beam", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: expected an integer >= 0")
-    check_options(args.min_prob, args.max_level, args.exif, args.beam, args.top_k)
+    check_options(args.min_prob, args.max_level, args.exif, args.beam or 1, args.top_k)
     paths = expand_inputs(args.images, image_root=args.image_root, image_col=args.image_col)
-    if args.out:
-        _check_output_is_not_an_input(args.out, args.images, paths)
-    model = HierLoc.from_pretrained(args.model, device=args.device)
+    out = None if args.out == "-" else args.out
+    if out:
+        _check_output_is_not_an_input(out, args.images, paths)
+    model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration,
+                                    allow_download=args.allow_download)
+    beam = args.beam if args.beam is not None else model.cfg.inference.beam
     description = model.describe()
-    description["search"] = search_settings(args.flat, args.beam, args.top_k, args.min_prob, args.max_level,
-                                            args.exif)
+    description["search"] = search_settings(args.flat, beam, args.top_k, args.min_prob, args.max_level, args.exif)
     summary = RunSummary()
-    output = atomic_open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout)
+    output = atomic_open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout)
     try:
         with output as stream:
             writer = make_writer(args.format, stream, description)
-            for record in model.iter_predict(paths, top_k=args.top_k, beam=args.beam, flat=args.flat,
+            for record in model.iter_predict(paths, top_k=args.top_k, beam=beam, flat=args.flat,
                                              min_prob=args.min_prob, max_level=args.max_level, exif=args.exif,
                                              batch_size=args.batch_size, num_workers=args.workers,
                                              progress=not args.no_progress):
@@ -109,6 +119,6 @@ def run(args: argparse.Namespace) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not args.quiet:
-        print(f"hierloc predict: {summary_line(totals)}" + (f"; wrote {args.out}" if args.out else ""),
+        print(f"hierloc predict: {summary_line(totals)}" + (f"; wrote {out}" if out else ""),
               file=sys.stderr)
     return 0 if summary.counts["n_predicted"] else 1

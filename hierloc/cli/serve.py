@@ -32,7 +32,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", formatter_class=HelpFormatter, help="serve a model over HTTP, with a page",
                               description="Load a model once and answer HTTP requests on this machine.",
                               epilog=EPILOG)
-    p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes)")
+    p.add_argument("--model", required=True,
+                   help="trained model directory (what `hierloc train` writes), or a hub id of one in the local cache")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a --model hub id that is not in the local cache (off: never download silently)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="report the model's raw probabilities, ignoring its calibration.json")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (0.0.0.0 exposes the server to the network: there is no authentication)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         log.warning("binding %s: the server is reachable from other machines and has no authentication",
                     args.host)
-    model = HierLoc.from_pretrained(args.model, device=args.device)
+    model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration,
+                                    allow_download=args.allow_download)
     app = create_app(model, args.model, limits)
     log.info("serving %s on http://%s:%d/ (Ctrl-C stops)", args.model, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--gazetteer", default=None, help="gazetteer directory (default: built from the CSV's points)")
     p.add_argument("--min-images", type=int, default=1,
                    help="when building the gazetteer from the CSV: prune entities with fewer images into their parent")
-    p.add_argument("--val-csv", default=None, help="validation CSV, evaluated after every epoch")
+    p.add_argument("--val-csv", default=None, help="validation CSV, evaluated after every epoch; the model's "
+                                                   "probabilities are then calibrated on it (calibration.json)")
     p.add_argument("--config", default=None, help="config file (.toml, .yaml or .json); defaults otherwise")
     p.add_argument("--image-col", default=None, help="image column (auto-detected)")
     p.add_argument("--lat-col", default=None, help="latitude column (auto-detected)")
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache for a frozen backbone (default: <out>/feature_cache)")
     p.add_argument("--allow-download", action="store_true",
                    help="allow transformers to download a backbone by hub id (off: never download silently)")
+    p.add_argument("--on-bad", choices=("error", "skip"), default="skip",
+                   help="CSV rows with a bad coordinate or an empty image field: skip them (counted), or stop with "
+                        "an error at the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -57,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
             train_csv=args.csv, out_dir=args.out, image_root=args.image_root, gazetteer_dir=args.gazetteer,
             val_csv=args.val_csv, image_col=args.image_col, lat_col=args.lat_col, lon_col=args.lon_col,
             min_images=args.min_images, device=args.device, resume=args.resume, overwrite=args.overwrite,
-            cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download),
-            validate=HierLoc.validation_metrics)
+            cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download,
+            on_bad=args.on_bad),
+            validate=HierLoc.validation_metrics, calibrate=HierLoc.calibrate_model_dir)
     except TrainingInterrupted as stopped:
         # SIGINT/SIGTERM: a checkpoint was written; say how to resume, exit 128 + the signal (130 / 143)
         if is_main:
@@ -72,5 +77,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped {summary.n_skipped} rows (bad coordinates or outside the gazetteer)")
         if summary.validation:
             print("validation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.validation.items()))
+        if summary.calibration:
+            print("calibrated on the validation CSV: temperatures "
+                  + ", ".join(f"{t:.3g}" for t in summary.calibration["temperatures"]) + "; ECE before "
+                  + ", ".join(f"{e:.3f}" for e in summary.calibration["ece_before"]) + ", after "
+                  + ", ".join(f"{e:.3f}" for e in summary.calibration["ece_after"]) + " (country .. city)")
         print(f"model written to {summary.out_dir}")
     return 0

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from hierloc.data import shards
 from hierloc.data.encoded import EncodedImage, source_name
 
 logger = logging.getLogger(__name__)
@@ -122,14 +123,13 @@ def read_gps(path: str | os.PathLike | EncodedImage) -> ExifGPS | None:
     from PIL import Image
 
     name = source_name(path)
-    if isinstance(path, EncodedImage):
-        path = io.BytesIO(path.data)
     try:
+        source = io.BytesIO(path.data) if isinstance(path, EncodedImage) else shards.open_image_bytes(path) or path
         # Pillow only *warns* about images between 1x and 2x its pixel limit: as the pixel loader does, treat it
         # as an error (here: no GPS), so that no Python warning reaches the user's terminal.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # lazy: reads the headers, not the pixels
+            with Image.open(source) as image:  # lazy: reads the headers, not the pixels
                 return gps_from_exif(image.getexif(), where=name)
     except Exception as error:  # noqa: BLE001 - reading metadata must never fail a prediction
         logger.debug("%s: no EXIF read (%s)", name, error)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hierloc.data import shards
 from hierloc.data.encoded import EncodedImage
 from hierloc.errors import InputError
 
@@ -100,21 +101,7 @@ def load_image(path: str | os.PathLike | EncodedImage, min_side: int | None = No
             raise InputError(f"{path.name}: empty file (0 bytes), expected an image")
         return decode_image(io.BytesIO(path.data), path.name, min_side)
     path_str = os.fspath(path)
-    if not os.path.exists(path_str):
-        raise InputError(f"{path_str}: image file not found")
-    if os.path.isdir(path_str):
-        raise InputError(f"{path_str}: expected an image file, found a directory")
-    try:
-        size_bytes = os.path.getsize(path_str)
-    except OSError as error:
-        raise InputError(f"{path_str}: cannot read image file ({error.strerror or error})") from None
-    if size_bytes == 0:
-        raise InputError(f"{path_str}: empty file (0 bytes), expected an image")
-    try:
-        handle = open(path_str, "rb")
-    except OSError as error:
-        raise InputError(f"{path_str}: cannot open image file ({error.strerror or _one_line(error)})") from None
-    with handle:
+    with _open_image_file(path_str) as handle:
         return decode_image(handle, path_str, min_side)
 
 
@@ -144,6 +131,30 @@ def decode_image(handle: BinaryIO, name: str, min_side: int | None = None) -> Im
         return to_rgb(image)
     except ValueError as error:
         raise InputError(f"{name}: unsupported colour mode {image.mode!r} ({_one_line(error)})") from None
+
+
+def _open_image_file(path_str: str):
+    """A binary handle on the image `path_str` (a file, or a member of a zip shard: `hierloc.data.shards`);
+    InputError (one line) for a missing path, a directory, an empty or unreadable file."""
+    in_zip = shards.open_image_bytes(path_str)
+    if in_zip is not None:
+        if in_zip.getbuffer().nbytes == 0:
+            raise InputError(f"{path_str}: empty file (0 bytes), expected an image")
+        return in_zip
+    if not os.path.exists(path_str):
+        raise InputError(f"{path_str}: image file not found")
+    if os.path.isdir(path_str):
+        raise InputError(f"{path_str}: expected an image file, found a directory")
+    try:
+        size_bytes = os.path.getsize(path_str)
+    except OSError as error:
+        raise InputError(f"{path_str}: cannot read image file ({error.strerror or error})") from None
+    if size_bytes == 0:
+        raise InputError(f"{path_str}: empty file (0 bytes), expected an image")
+    try:
+        return open(path_str, "rb")
+    except OSError as error:
+        raise InputError(f"{path_str}: cannot open image file ({error.strerror or _one_line(error)})") from None
 
 
 def _too_large(error: BaseException) -> str:

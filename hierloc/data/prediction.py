@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gazetteer import csvio
-from hierloc.data import tables
+from hierloc.data import shards, tables
 from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import read_gps
 from hierloc.errors import InputError
@@ -30,10 +30,11 @@ def expand_inputs(items: Iterable[str | os.PathLike], image_root: str | os.PathL
     """Files, directories, glob patterns, CSV files and list files -> image paths, in the given order.
 
     - a directory: every image below it (extensions `IMAGE_EXTENSIONS`, case-insensitive), sorted;
+    - a `.zip` archive (e.g. an OSV5M shard): every image member, in archive order, read in place;
     - a pattern with * ? or [ ]: the matching files, sorted (`**` recurses);
     - a `.csv` file: its image column (detected like `hierloc.data.tables.read_image_table`: image, IMG_FILE, id, ...;
       or `image_col`), relative paths resolved against `image_root` (default: the CSV's directory); an `id` column
-      is OSV5M's layout `<root>/images/<id>.jpg`;
+      is OSV5M's layout `<root>/images/<id>.jpg` or its zip shards (`hierloc.data.tables.osv5m_resolver`);
     - a `.txt`/`.lst`/`.list` file: one path per line (blank lines and lines starting with # skipped), relative to
       `image_root` (default: the list's directory);
     - anything else: an image path, kept as given (a missing file is reported when it is read, not here).
@@ -53,6 +54,11 @@ def expand_inputs(items: Iterable[str | os.PathLike], image_root: str | os.PathL
             if not found:
                 raise InputError(f"{text}: pattern matches no file")
             out.extend(found)
+        elif path.suffix.lower() == shards.ZIP_SUFFIX and path.is_file():
+            found = shards.image_members(path, IMAGE_EXTENSIONS)
+            if not found:
+                raise InputError(f"{path}: zip archive contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
         elif path.suffix.lower() == ".csv" and path.is_file():
             out.extend(_paths_from_csv(path, image_root, image_col))
         elif path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
@@ -68,6 +74,7 @@ def _paths_from_csv(path: Path, image_root, image_col: str | None) -> list[str]:
     column = csvio.find_column(header, image_col, tables.IMAGE_CANDIDATES, path, "image")
     root = Path(os.path.abspath(image_root if image_root is not None else path.parent))
     osv5m = column.strip().lower() == tables.OSV5M_ID_COLUMN
+    resolve = None
     out: list[str] = []
     for chunk, rows in csvio.iter_chunks(path, [column], duplicate_rows=None):
         for name, row in zip(chunk[column].tolist(), rows.tolist()):
@@ -75,7 +82,8 @@ def _paths_from_csv(path: Path, image_root, image_col: str | None) -> list[str]:
             if not name:
                 raise InputError(f"{path}: row {row}: column {column!r} is empty, expected an image path")
             if osv5m:
-                out.append(str(root / tables.OSV5M_IMAGE_DIR / (name + tables.OSV5M_EXTENSION)))
+                resolve = resolve or tables.osv5m_resolver(root, path.stem, name)
+                out.extend(resolve([name]))
             else:
                 out.append(os.path.normpath(os.path.join(root, name)))
     if not out:

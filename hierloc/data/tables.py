@@ -4,7 +4,10 @@
   detected from the header (or forced with image_col/lat_col/lon_col):
     - this project's `image,lat,lon`: image paths relative to `image_root` (default: the CSV's directory);
       absolute paths are kept;
-    - OSV5M's `id,latitude,longitude`: an image column named `id` means `<image_root or csv dir>/images/<id>.jpg`;
+    - OSV5M's `id,latitude,longitude`: an image column named `id` means `<image_root or csv dir>/images/<id>.jpg`,
+      or, when those files are absent and the zip shards OSV5M ships are there (`images/<csv name>/NN.zip`, e.g.
+      `images/train/00.zip` for `train.csv`, or `images/NN.zip`), the member `<id>.jpg` of its shard, read in
+      place (`hierloc.data.shards`);
     - GeoCLIP's `IMG_FILE,LAT,LON`: paths relative to `image_root` (default: the CSV's directory).
   The CSV is streamed in chunks through the shared `gazetteer.csvio` layer; the file is never modified.
 * `ImageDataset`: loads and preprocesses one image per `__getitem__` (nothing but the table's numpy arrays is held,
@@ -36,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gazetteer import csvio
+from hierloc.data import shards
 from hierloc.data.images import Preprocessor
 from hierloc.errors import InputError
 
@@ -118,9 +122,10 @@ def read_image_table(
     root = Path(image_root) if image_root is not None else path.parent
     root = Path(os.path.abspath(root))
     osv5m_layout = image_col.strip().lower() == OSV5M_ID_COLUMN
+    resolve = None
     if osv5m_layout:
-        logger.info("%s: OSV5M layout (column %r): images at %s/%s/<id>%s", path, image_col, root,
-                    OSV5M_IMAGE_DIR, OSV5M_EXTENSION)
+        logger.info("%s: OSV5M layout (column %r): images at %s/%s/<id>%s or in its zip shards", path, image_col,
+                    root, OSV5M_IMAGE_DIR, OSV5M_EXTENSION)
 
     parts: list[tuple[np.ndarray, ...]] = []   # per chunk: paths, lat, lon, rows of the kept rows
     n_skipped = n_rows = 0
@@ -132,7 +137,9 @@ def read_image_table(
         first_bad = first_bad if first_bad is not None else why
         n_skipped += int(n_bad)
         names, lat, lon, kept_rows = kept
-        parts.append((_resolve_paths(names, root, osv5m_layout), lat, lon, kept_rows))
+        if osv5m_layout and resolve is None and len(names):
+            resolve = osv5m_resolver(root, path.stem, str(names[0]))
+        parts.append((_resolve_paths(names, root, resolve), lat, lon, kept_rows))
     if n_rows == 0:
         raise InputError(f"{path}: no usable rows: the file has no data rows (only a header)")
     if sum(len(part[0]) for part in parts) == 0:
@@ -141,7 +148,7 @@ def read_image_table(
     if n_skipped:
         logger.warning("%s: skipped %d of %d rows (first: %s)", path, n_skipped, n_rows,
                        _without_path(first_bad, path))
-    paths, lat, lon, rows = (np.concatenate([part[i] for part in parts]) for i in range(4))
+    paths, lat, lon, rows = _concatenate_releasing(parts)
     return ImageTable(paths=paths, lat_deg=lat, lon_deg=lon, rows=rows, n_skipped=n_skipped, source=str(path))
 
 
@@ -185,6 +192,20 @@ def _parse_chunk(columns: dict, rows: np.ndarray, path: Path, names: tuple[str, 
     return kept, n_bad, why
 
 
+def _concatenate_releasing(parts: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    """Concatenate the chunks' columns (paths, lat, lon, rows) into preallocated arrays, releasing each chunk once
+    copied: peak memory is the result plus one chunk, not twice the result. `parts` is emptied."""
+    total = sum(len(part[0]) for part in parts)
+    columns = [np.empty(total, dtype=np.result_type(*[part[i].dtype for part in parts])) for i in range(4)]
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        for column, values in zip(columns, part):
+            column[start:start + len(values)] = values
+        start += len(part[0])
+    return columns
+
+
 def _without_path(message: str | None, path: Path) -> str:
     """A csvio message without its leading '<path>: ' (the caller names the file once)."""
     message = message or "?"
@@ -192,12 +213,25 @@ def _without_path(message: str | None, path: Path) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def _resolve_paths(names: np.ndarray, root: Path, osv5m_layout: bool) -> np.ndarray:
-    """Image field values (k,) str -> absolute normalised paths (k,) str."""
+def osv5m_resolver(root: Path, split: str, first_id: str):
+    """OSV5M ids -> image paths: `<root>/images/<id>.jpg` when the first id's file is there (or no shard is),
+    else the members of the zip shards in `<root>/images/<split>/` (or `<root>/images/`) -> a function
+    (names (k,)) -> list of k paths."""
+    base = root / OSV5M_IMAGE_DIR
+    if not (base / (first_id + OSV5M_EXTENSION)).is_file():
+        for directory in (base / split, base):
+            found = shards.find_shards(directory)
+            if found:
+                return shards.ShardIndex(found, OSV5M_EXTENSION).resolve
+    base_str = str(base)
+    return lambda names: [os.path.join(base_str, name + OSV5M_EXTENSION) for name in names]
+
+
+def _resolve_paths(names: np.ndarray, root: Path, resolve=None) -> np.ndarray:
+    """Image field values (k,) str -> absolute normalised paths (k,) str; `resolve` (OSV5M ids) when given."""
     root_str = str(root)
-    if osv5m_layout:
-        base = os.path.join(root_str, OSV5M_IMAGE_DIR)
-        resolved = [os.path.join(base, name + OSV5M_EXTENSION) for name in names.tolist()]
+    if resolve is not None:
+        resolved = resolve(names.tolist())
     else:
         resolved = [os.path.normpath(os.path.join(root_str, name)) for name in names.tolist()]
     return np.asarray(resolved, dtype=str) if resolved else np.empty(0, dtype=str)

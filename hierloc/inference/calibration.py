@@ -15,6 +15,15 @@ answers reported with probability ~p, a fraction ~p is correct.
   answer keeps that level (coverage) and the accuracy of those answers (precision), for every threshold t.
 * `render_reliability_diagram`: a PNG of the reliability tables (Pillow only).
 
+On a model (anything with HierLoc's ``search_points``) and image points whose true paths are known:
+
+* `level_outcomes` / `search_outcomes`: the best path's reported probability per level, whether that level's
+  entity is the true one, and whether the path has that level (an answer exists there).
+* `calibration_summary`: ece_<level>, and coverage90_<level> / minprob90_<level>: the share of answers that keep
+  that level under the `--min-prob` back-off at 90 % precision, and the threshold that does it.
+* `fit_search_temperatures`: `fit_temperatures` on a search, re-run at each trial temperature (the search is the
+  only owner of the candidate sets, and temperatures never change its paths).
+
 Shapes: confidence, correct, valid are (N,) per level or (N, L) for L levels; rows where ``valid`` is false (the
 true point has no entity at that level) are left out of that level.
 """
@@ -25,6 +34,8 @@ import math
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from gazetteer.schema import LEVELS, N_LEVELS
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -34,6 +45,7 @@ T_MIN, T_MAX = 1e-2, 1e2
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 _FIT_ITERATIONS = 40      # golden-section steps: the bracket of log T shrinks by 0.618^40 ~ 4e-9
 _PROB_FLOOR = 1e-7        # clip probabilities inside the NLL (a certain wrong answer costs 16, not inf)
+PRECISION_TARGET = 0.9    # coverage90_<level>: the back-off's coverage at this precision
 
 
 def _as_arrays(confidence, correct, valid=None) -> tuple[np.ndarray, np.ndarray]:
@@ -197,3 +209,106 @@ def render_reliability_diagram(tables: Mapping[str, Mapping[str, dict]], out_pat
     out_path = Path(out_path)
     image.save(out_path, format="PNG")
     return out_path
+
+
+# ---------------------------------------------------------------------------------------- on a model's answers
+def level_outcomes(paths, probs, true_paths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best paths (N, 4) global ids (-1 = no entity), their level probabilities (N, 4) and the true paths (N, 4)
+    (-1 = the true entity is not in the gazetteer) -> confidence (N, 4) float64 (NaN where the path has no entity),
+    correct (N, 4) bool (the answer is the true entity), valid (N, 4) bool (the path answers that level)."""
+    paths = np.asarray(paths, dtype=np.int64)
+    valid = paths >= 0
+    correct = valid & (paths == np.asarray(true_paths, dtype=np.int64))
+    return np.where(valid, np.asarray(probs, dtype=np.float64), np.nan), correct, valid
+
+
+def backoff_confidence(confidence: np.ndarray) -> np.ndarray:
+    """(N, 4) -> (N, 4): the largest `--min-prob` that still answers each level, i.e. the smallest probability
+    from the region down to it (`hierloc.inference.answers.cut_paths` always answers the country, so its column
+    is the country's own probability; NaN once a level is missing)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    out = confidence.copy()
+    out[:, 1:] = np.minimum.accumulate(confidence[:, 1:], axis=1)
+    return out
+
+
+def calibration_summary(paths, probs, true_paths, target: float = PRECISION_TARGET) -> dict[str, float]:
+    """Calibration metrics of best paths (see `level_outcomes` for the inputs), per level:
+
+    ece_<level>: `expected_calibration_error` of the level's reported probability (NaN: no answer at that level);
+    coverage90_<level>, minprob90_<level>: `coverage_at_precision` of the back-off confidence
+    (`backoff_confidence`) at ``target`` precision: with ``--min-prob minprob90_<level>``, that share of the answers
+    reaching the level keeps it, and a fraction ``target`` of those are right (0 and NaN: no threshold reaches the
+    target). The country is always answered; its pair says which share of the country answers reach ``target``
+    precision when only those with probability >= minprob90_country are trusted.
+    """
+    confidence, correct, valid = level_outcomes(paths, probs, true_paths)
+    backoff = backoff_confidence(confidence)
+    out: dict[str, float] = {}
+    for level, name in enumerate(LEVELS):
+        out[f"ece_{name}"] = expected_calibration_error(confidence[:, level], correct[:, level], valid[:, level])
+    for level, name in enumerate(LEVELS):
+        coverage, threshold = coverage_at_precision(backoff[:, level], correct[:, level], valid[:, level], target)
+        out[f"coverage90_{name}"], out[f"minprob90_{name}"] = coverage, threshold
+    return out
+
+
+def search_outcomes(model, points, true_paths, beam: int | None = None, flat: bool = False,
+                    temperatures: Sequence[float] | None = None, batch_size: int = 512
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`level_outcomes` of ``model.search_points`` on (N, D) points at per-level ``temperatures`` (None: the
+    model's own). true_paths: (N, 4). Points are searched ``batch_size`` at a time."""
+    n = points.shape[0]
+    paths = np.full((n, N_LEVELS), -1, dtype=np.int64)
+    probs = np.zeros((n, N_LEVELS), dtype=np.float64)
+    for start in range(0, n, batch_size):
+        result = model.search_points(points[start:start + batch_size].to(model.device), beam=beam, top_k=1,
+                                     flat=flat, temperatures=temperatures)
+        paths[start:start + batch_size] = result.paths[:, 0].cpu().numpy()
+        probs[start:start + batch_size] = result.level_probs[:, 0].cpu().numpy()
+    return level_outcomes(paths, probs, true_paths)
+
+
+def fit_search_temperatures(model, points, true_paths, beam: int | None = None, flat: bool = False
+                            ) -> dict[str, np.ndarray]:
+    """Per-level temperatures of one search (beam or flat) fitted on (N, D) points with known true paths (N, 4).
+
+    Returns {"temperatures" (4,), "ece_before", "ece_after", "nll_before", "nll_after" (4,)} (before = T = 1).
+    """
+    ones = np.ones(N_LEVELS)
+    before, correct, valid = search_outcomes(model, points, true_paths, beam, flat, ones)
+
+    def probabilities_at(temperatures: np.ndarray) -> np.ndarray:
+        return search_outcomes(model, points, true_paths, beam, flat, temperatures)[0]
+
+    temperatures = fit_temperatures(probabilities_at, correct, valid)
+    after = probabilities_at(temperatures)
+
+    def eces(confidence: np.ndarray) -> np.ndarray:
+        return np.array([expected_calibration_error(confidence[:, l], correct[:, l], valid[:, l])
+                         for l in range(N_LEVELS)])
+
+    return {"temperatures": temperatures, "ece_before": eces(before), "ece_after": eces(after),
+            "nll_before": binary_nll(before, correct, valid), "nll_after": binary_nll(after, correct, valid)}
+
+
+def search_reliability_tables(model, points, true_paths, beam: int | None = None, flat: bool = False,
+                              temperatures: Sequence[float] | None = None) -> dict[str, dict]:
+    """{level: `reliability_table`} of one search's best paths on (N, D) points with true paths (N, 4)."""
+    confidence, correct, valid = search_outcomes(model, points, true_paths, beam, flat, temperatures)
+    return {name: reliability_table(confidence[:, level], correct[:, level], valid[:, level])
+            for level, name in enumerate(LEVELS)}
+
+
+def write_search_reliability_diagram(model, points, true_paths, out_path: str | Path, beam: int | None = None,
+                                     title: str = "") -> Path:
+    """The reliability diagram of beam and flat search on (N, D) points with true paths (N, 4): one series per
+    search at T = 1 and, when the model reports calibrated probabilities, one per search as calibrated."""
+    tables = {}
+    for flat, name in ((False, "beam"), (True, "flat")):
+        tables[name] = search_reliability_tables(model, points, true_paths, beam, flat, np.ones(N_LEVELS))
+        calibrated = model.report_temperatures(flat)
+        if calibrated is not None:
+            tables[f"{name}, calibrated"] = search_reliability_tables(model, points, true_paths, beam, flat,
+                                                                      calibrated)
+    return render_reliability_diagram(tables, out_path, title=title)

@@ -20,6 +20,9 @@ Summary keys (numbers only, so training can log them; fractions in [0, 1], NaN w
     path_acc_country ... path_acc_city, path_n_country ... path_n_city        (model evaluation only)
         the predicted path's entity ids vs the true path (`Gazetteer.locate` of the true point), on the same rows
         as the OSV5M protocol; a true entity missing from the model's gazetteer is a miss (no path can reach it).
+    ece_country ... ece_city, coverage90_country ... coverage90_city, minprob90_country ... minprob90_city
+        (model evaluation only) calibration of the best full path's reported probabilities against the true path
+        (`hierloc.inference.calibration.calibration_summary`; docs/calibration.md).
     n_failed               images that could not be read (left out of every metric)
     n_skipped_rows         CSV rows skipped for bad coordinates (on_bad="skip")
 """
@@ -41,8 +44,9 @@ from gazetteer.atomic import atomic_open, is_same_file
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.data.prediction import path_batches, with_progress
 from hierloc.errors import InputError
-from hierloc.inference import metrics
+from hierloc.inference import calibration, metrics
 from hierloc.inference.answers import cut_paths
+from hierloc.model import modeldir
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +81,13 @@ def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat
                       min_prob: float | None = None, max_level: str = "city", batch_size: int = 256
                       ) -> dict[str, np.ndarray]:
     """Best answers for (N, D) image points: paths (N, 4) global ids after the backoff cut (-1 = not answered),
-    probs (N, 4) level probabilities of the best path, pred_lat_deg / pred_lon_deg (N,) (deepest answered
-    entity's coordinate, NaN for an empty path)."""
+    best_paths (N, 4) the best full paths before the cut, probs (N, 4) level probabilities of the best path,
+    pred_lat_deg / pred_lon_deg (N,) (deepest answered entity's coordinate, NaN for an empty path)."""
     if max_level not in LEVELS:
         raise InputError(f"max_level {max_level!r}: expected one of {', '.join(LEVELS)}")
     n = points.shape[0]
     paths = np.full((n, N_LEVELS), -1, dtype=np.int64)
+    best_paths = paths.copy()
     probs = np.zeros((n, N_LEVELS), dtype=np.float32)
     for start in range(0, n, batch_size):
         chunk = points[start:start + batch_size].to(model.device)
@@ -90,8 +95,9 @@ def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat
         best = result.paths[:, 0].cpu().numpy()
         best_probs = result.level_probs[:, 0].cpu().numpy()
         paths[start:start + len(chunk)] = cut_paths(best, best_probs, min_prob, LEVELS.index(max_level))
+        best_paths[start:start + len(chunk)] = best
         probs[start:start + len(chunk)] = best_probs
-    return {"paths": paths, "probs": probs, **_points_of(model.gazetteer, paths)}
+    return {"paths": paths, "best_paths": best_paths, "probs": probs, **_points_of(model.gazetteer, paths)}
 
 
 def _points_of(gaz, paths: np.ndarray) -> dict[str, np.ndarray]:
@@ -102,22 +108,27 @@ def _points_of(gaz, paths: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def predict_table(model, table, beam: int | None = None, flat: bool = False, min_prob: float | None = None,
-                  max_level: str = "city", batch_size: int = 64, num_workers: int = 0, progress: bool = False
-                  ) -> dict[str, Any]:
+                  max_level: str = "city", batch_size: int = 64, num_workers: int = 0, progress: bool = False,
+                  keep_points: bool = False) -> dict[str, Any]:
     """Stream an ImageTable through the model: `paths_from_points`' arrays for all N rows plus ok (N,) bool
-    (False = unreadable image; its path is all -1) and errors {row index: reason}. Memory: O(N) small arrays."""
+    (False = unreadable image; its path is all -1) and errors {row index: reason}. Memory: O(N) small arrays;
+    with keep_points also "points" (N, D) float32, the image points (zeros where unreadable)."""
     n = len(table)
-    paths = np.full((n, N_LEVELS), -1, dtype=np.int64)
-    probs = np.zeros((n, N_LEVELS), dtype=np.float32)
-    ok = np.zeros(n, dtype=bool)
-    errors: dict[int, str] = {}
-    for index, embedded in _embedded_batches(model, table, errors, batch_size, num_workers, progress):
+    out: dict[str, Any] = {"paths": np.full((n, N_LEVELS), -1, dtype=np.int64),
+                           "best_paths": np.full((n, N_LEVELS), -1, dtype=np.int64),
+                           "probs": np.zeros((n, N_LEVELS), dtype=np.float32), "ok": np.zeros(n, dtype=bool),
+                           "errors": {}}
+    if keep_points:
+        out["points"] = torch.zeros(n, int(model.cfg.model.embed_dim), dtype=torch.float32)
+    for index, embedded in _embedded_batches(model, table, out["errors"], batch_size, num_workers, progress):
         answer = paths_from_points(model, embedded, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
                                    batch_size=len(index))
-        paths[index] = answer["paths"]
-        probs[index] = answer["probs"]
-        ok[index] = True
-    return {"paths": paths, "probs": probs, "ok": ok, "errors": errors, **_points_of(model.gazetteer, paths)}
+        for key in ("paths", "best_paths", "probs"):
+            out[key][index] = answer[key]
+        out["ok"][index] = True
+        if keep_points:
+            out["points"][torch.from_numpy(index)] = embedded.float().cpu()
+    return {**out, **_points_of(model.gazetteer, out["paths"])}
 
 
 def _embedded_batches(model, table, errors: dict[int, str], batch_size: int, num_workers: int, progress: bool):
@@ -208,22 +219,67 @@ def summarize_model_predictions(model, predictions: dict, table, missing: str = 
 
 def evaluate_model(model, table, beam: int | None = None, flat: bool = False, min_prob: float | None = None,
                    max_level: str = "city", missing: str = "skip", batch_size: int = 64, num_workers: int = 0,
-                   progress: bool = False, per_sample: str | os.PathLike | None = None) -> dict:
+                   progress: bool = False, per_sample: str | os.PathLike | None = None,
+                   reliability: str | os.PathLike | None = None) -> dict:
     """Predict every image of a labelled ImageTable with a `HierLoc` model and score it (keys: module docstring).
 
     per_sample: write one CSV row per table row (atomically): row, image, status, error, true_lat, true_lon,
     pred_lat, pred_lon, precision, pred_<level>_id, pred_<level>_prob, true_<level>_id, distance_km, geoscore,
     hit_<level>. Its pred_lat/pred_lon/true_lat/true_lon columns are what `hierloc eval --predictions` reads.
+    reliability: write the reliability diagram (PNG) of beam and flat search on the scored rows
+    (`calibration.write_search_reliability_diagram`; the images are embedded once).
     """
-    if per_sample is not None and table.source:
-        if is_same_file(table.source, per_sample):
-            raise InputError(f"per-sample output {per_sample} is the input CSV; inputs are never modified")
+    for output in (per_sample, reliability):
+        if output is not None and table.source and is_same_file(table.source, output):
+            raise InputError(f"output {output} is the input CSV; inputs are never modified")
+    if reliability is not None and Path(reliability).suffix.lower() != ".png":
+        raise InputError(f"reliability diagram {reliability}: expected a .png file name")
     predictions = predict_table(model, table, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
-                                batch_size=batch_size, num_workers=num_workers, progress=progress)
+                                batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                keep_points=reliability is not None)
     summary, per_row = summarize_model_predictions(model, predictions, table, missing=missing)
+    scored = per_row["scored"]
+    summary.update(calibration.calibration_summary(predictions["best_paths"][scored], predictions["probs"][scored],
+                                                   per_row["true_paths"]))
     if per_sample is not None:
         _write_model_per_sample(per_sample, model.gazetteer, table, predictions, per_row)
+    if reliability is not None:
+        calibration.write_search_reliability_diagram(
+            model, predictions["points"][torch.from_numpy(scored)], per_row["true_paths"], reliability, beam=beam,
+            title=f"reliability on {Path(table.source).name if table.source else 'the table'} "
+                  f"({int(scored.sum())} images): accuracy against reported probability")
     return summary
+
+
+def calibrate_table(model, table, beam: int | None = None, flat: bool = True, batch_size: int = 64,
+                    num_workers: int = 0, progress: bool = False) -> modeldir.Calibration:
+    """Fit per-level temperatures of a `HierLoc` model's reported probabilities on a labelled ImageTable.
+
+    The images are embedded once; beam search (and, with ``flat``, the flat search) is then re-run on the points
+    at each trial temperature (`calibration.fit_search_temperatures`). A row counts at level l when its best path
+    answers that level; it is correct when that entity is the true point's (`Gazetteer.locate`). Returns the
+    `modeldir.Calibration` (weights_sha256 unset: the caller knows which weights file it belongs to).
+    """
+    predictions = predict_table(model, table, beam=beam, batch_size=batch_size, num_workers=num_workers,
+                                progress=progress, keep_points=True)
+    ok = predictions["ok"]
+    if not ok.any():
+        raise InputError(f"{table.source or 'calibration table'}: none of the {len(table)} images could be read")
+    points = predictions["points"][torch.from_numpy(ok)]
+    true_paths = model.gazetteer.locate(np.asarray(table.lat_deg)[ok], np.asarray(table.lon_deg)[ok])
+    fits = {"": calibration.fit_search_temperatures(model, points, true_paths, beam=beam, flat=False)}
+    if flat:
+        fits["flat_"] = calibration.fit_search_temperatures(model, points, true_paths, flat=True)
+    fields: dict[str, Any] = {}
+    for prefix, fit in fits.items():
+        fields[f"{prefix}temperatures"] = [float(t) for t in fit["temperatures"]]
+        fields[f"{prefix}ece_before"] = [float(e) for e in fit["ece_before"]]
+        fields[f"{prefix}ece_after"] = [float(e) for e in fit["ece_after"]]
+    for name in ("ece_before", "ece_after"):
+        logger.info("calibration %s (beam, %s): %s", name, ", ".join(LEVELS),
+                    ", ".join(f"{e:.4f}" for e in fields[name]))
+    return modeldir.Calibration(**fields, fitted_on=Path(table.source).name if table.source else "",
+                                n=int(ok.sum()), beam=int(beam or model.cfg.inference.beam))
 
 
 def _write_model_per_sample(out_path, gaz, table, predictions: dict, per_row: dict) -> None:
@@ -364,4 +420,13 @@ def format_table(summary: dict, title: str = "") -> str:
         osv5m = f"{_pct(summary[f'acc_{level}'])}  (n={summary[f'n_{level}']})"
         path = f"{_pct(summary[f'path_acc_{level}'])}  (n={summary[f'path_n_{level}']})" if has_path else ""
         lines.append(f"  {level:<11}{osv5m:<38}{path}")
+    if "ece_country" in summary:
+        lines.append("")
+        lines.append(f"  {'level':<11}{'calibration error (ECE)':<26}answers kept at 90% precision (with --min-prob)")
+        for level in LEVELS:
+            ece = summary[f"ece_{level}"]
+            threshold = summary[f"minprob90_{level}"]
+            kept = (f"{_pct(summary[f'coverage90_{level}'])}  (--min-prob {threshold:.3g})"
+                    if math.isfinite(threshold) else "none")
+            lines.append(f"  {level:<11}{'-' if not math.isfinite(ece) else f'{ece:.3f}':<26}{kept}")
     return "\n".join(line.rstrip() for line in lines)

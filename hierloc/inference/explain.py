@@ -13,7 +13,8 @@ the top ones by contribution are reported, and the most negative ones (active, b
 compared with its parent's profile (at the country level, the mean over all countries): what sets it apart.
 
 Candidates of a level ("runner-ups") are, by default, the children of the chosen parent (all countries at level 0)
-with p(e | parent) = softmax_{siblings}(-d^2(z, e) / tau): the question "given the country, which region?".
+with p(e | parent) = softmax_{siblings}(-d^2(z, e) / tau): the question "given the country, which region?" (at the
+model's per-level temperatures T_l, softmax(-d^2 / (tau T_l)), when it is calibrated: docs/calibration.md).
 `candidates_from_paths` builds them instead from the search's top-k paths (the entities those paths reach).
 
 The functions on plain arrays (`level_contributions`, `explain_path`) are what the tests drive with synthetic
@@ -75,6 +76,15 @@ class LevelExplanation:
     supporting: list[ConceptReason] = field(default_factory=list)
     against: list[ConceptReason] = field(default_factory=list)
 
+    @property
+    def runner_up_more_probable(self) -> bool:
+        """True when a runner-up is more probable at this level alone than the chosen entity: the search ranks
+        whole paths by their joint score, so the best path may pass through a less probable entity."""
+        return any(r.probability > self.chosen.probability for r in self.runners_up)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), runner_up_more_probable=self.runner_up_more_probable)
+
 
 @dataclass
 class Explanation:
@@ -90,7 +100,7 @@ class Explanation:
     gps_lon_deg: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), levels=[level.to_dict() for level in self.levels])
 
 
 # ----------------------------------------------------------------------------------------- pure computations
@@ -119,10 +129,13 @@ def candidates_from_paths(paths: np.ndarray, level_probs: np.ndarray) -> list[tu
 
 
 def sibling_candidates(level_sqdists: Sequence[np.ndarray], path: np.ndarray, level_offsets: Sequence[int],
-                       parents: np.ndarray, tau: float) -> list[tuple[np.ndarray, np.ndarray]]:
+                       parents: np.ndarray, tau: float, temperatures: Sequence[float] | None = None
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per level, the children of the chosen parent (all countries at level 0) with p(e | parent), most probable
     first. level_sqdists: per level (N_l,) squared distances of one image to the level's entities; path (4,)
-    global ids (-1 = absent: that level and the ones below get no candidates)."""
+    global ids (-1 = absent: that level and the ones below get no candidates); temperatures: (4,) per-level
+    temperatures of the probabilities (None: 1)."""
+    temperatures = [1.0] * N_LEVELS if temperatures is None else [float(t) for t in temperatures]
     parents = np.asarray(parents, dtype=np.int64)
     out = []
     for level in range(N_LEVELS):
@@ -131,7 +144,7 @@ def sibling_candidates(level_sqdists: Sequence[np.ndarray], path: np.ndarray, le
             out.append((np.zeros(0, dtype=np.int64), np.zeros(0)))
             continue
         ids = np.arange(lo, hi) if level == 0 else lo + np.flatnonzero(parents[lo:hi] == path[level - 1])
-        logits = -np.asarray(level_sqdists[level], dtype=np.float64)[ids - lo] / tau
+        logits = -np.asarray(level_sqdists[level], dtype=np.float64)[ids - lo] / (tau * temperatures[level])
         probs = np.exp(logits - logits.max()) if len(ids) else np.zeros(0)
         probs = probs / probs.sum() if len(ids) else probs
         order = np.lexsort((ids, -probs))
@@ -325,15 +338,20 @@ def load_concept_parts(hl, model_dir: str | Path | None):
 
 def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, top_k: int = 5,
                    beam: int | None = None, n_reasons: int = 3, n_runners_up: int = 2, batch_size: int = 16,
-                   candidates: str = "siblings", vocabulary=None, profiles: np.ndarray | None = None
-                   ) -> list[Explanation]:
+                   candidates: str = "siblings", vocabulary=None, profiles: np.ndarray | None = None,
+                   exif: str = "compare", min_prob: float | None = None) -> list[Explanation]:
     """Explain where each image (path, `EncodedImage`, PIL image) was taken with a loaded `hierloc.HierLoc`.
 
     candidates: "siblings" (children of the chosen parent, see the module docstring) or "paths" (the entities
     of the search's top-k paths). vocabulary, profiles (E, K): override what `load_concept_parts` finds in the
     model (both or neither; the model must have a ``concept_head``). Deterministic: the model runs in eval
-    mode, ties break by entity index.
+    mode, ties break by entity index. exif: "compare" reads the file's GPS and reports it next to the answer,
+    "ignore" does not read it. min_prob: keep the levels up to the first one below the country whose chosen
+    entity's probability is < min_prob (the country is always kept), as `predict --min-prob` does.
     """
+    if exif not in ("compare", "ignore"):
+        raise InputError(f"exif={exif!r}: expected 'compare' or 'ignore' (an explanation explains the model's "
+                         "answer, so it cannot answer from the GPS)")
     if candidates not in ("siblings", "paths"):
         raise InputError(f"candidates={candidates!r}: expected 'siblings' or 'paths'")
     if (vocabulary is None) != (profiles is None):
@@ -359,20 +377,32 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
         for row, name in enumerate(names):
             path = paths[row, 0]
             if candidates == "siblings":
-                cands = sibling_candidates([d[row] for d in sqdists], path, gaz.level_offsets, gaz.parents, hl.tau)
+                cands = sibling_candidates([d[row] for d in sqdists], path, gaz.level_offsets, gaz.parents, hl.tau,
+                                           hl.report_temperatures())
             else:
                 cands = candidates_from_paths(paths[row], level_probs[row])
             probs_row = None if concept_probs is None else concept_probs[row]
             levels = explain_path(path, cands, table, probs_row, profiles, vocabulary, n_reasons=n_reasons,
                                   n_runners_up=n_runners_up)
+            levels = cut_levels(levels, min_prob)
             deepest = levels[-1].chosen if levels else None
-            gps = _exif_gps(chunk[row])
+            gps = _exif_gps(chunk[row]) if exif == "compare" else None
             out.append(Explanation(name, deepest.lat_deg if deepest else float("nan"),
                                    deepest.lon_deg if deepest else float("nan"), levels,
                                    _image_concepts(probs_row, vocabulary), _alternatives(gaz, paths[row], scores[row]),
                                    prov, concepts_available=vocabulary is not None,
                                    gps_lat_deg=gps[0] if gps else None, gps_lon_deg=gps[1] if gps else None))
     return out
+
+
+def cut_levels(levels: list[LevelExplanation], min_prob: float | None) -> list[LevelExplanation]:
+    """The levels up to (excluding) the first one below the country whose chosen probability is < min_prob."""
+    if min_prob is None:
+        return levels
+    for depth, level in enumerate(levels[1:], start=1):
+        if level.chosen.probability < min_prob:
+            return levels[:depth]
+    return levels
 
 
 @torch.no_grad()
@@ -436,8 +466,11 @@ def format_text(explanation: Explanation, show_against: bool = True) -> str:
         lines[0] += f"   [EXIF GPS {e.gps_lat_deg:.4f}, {e.gps_lon_deg:.4f}: {km:.0f} km away]"
     for depth, lv in enumerate(e.levels):
         pad = "  " * (depth + 1)
-        runners = ", ".join(f"{r.name} {r.probability:.3f}" for r in lv.runners_up) or "none"
-        lines.append(f"{pad}{lv.level}: {lv.chosen.name}  p={lv.chosen.probability:.3f}   (runner-up: {runners})")
+        runners = ", ".join(f"{r.name} {r.probability:.3f}" + (" (higher at this level alone)"
+                                                               if r.probability > lv.chosen.probability else "")
+                            for r in lv.runners_up) or "none"
+        lines.append(f"{pad}{lv.level}: {lv.chosen.name}  p={lv.chosen.probability:.3f} on the best path   "
+                     f"(other candidates: {runners})")
         for reason in lv.supporting:
             lines.append(f"{pad}  + {reason.name}: in image {reason.image_prob:.2f}, "
                          f"{_pct(reason.profile_chosen)} of {lv.chosen.name} vs {_pct(reason.profile_other)} of "

@@ -230,7 +230,10 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
     _draw_country_discs(draw, countries, xy, 0.09 * h, s, medium)
     _draw_alternatives(draw, e.alternatives[:4], xy, s, small)
     _draw_answer(draw, e, path_nodes, truth, xy, s, large)
-    _draw_legend(draw, e, w, h, s, small, truth is not None)
+    truth_xy = xy(*truth) if truth else None
+    _draw_legend(draw, e, w, h, s, small, truth_xy, avoid=[xy(e.lat_deg, e.lon_deg)] if e.levels else [])
+    if truth_xy is not None:
+        _draw_truth(draw, truth_xy, s)  # again, on top: nothing drawn later may hide the truth
     canvas.paste(layer, (0, header_px * s), layer)
     _draw_header(ImageDraw.Draw(canvas), e, truth, s, (small, medium, large))
     image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
@@ -282,12 +285,7 @@ def _draw_answer(draw, e, path_nodes: list, truth, xy, s: int, font) -> None:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=LEVEL_COLOURS[level] + (255,), outline=(255, 255, 255, 255),
                      width=s)
     if truth:
-        x, y = xy(*truth)
-        r = 9 * s
-        draw.line([(x - r, y - r), (x + r, y + r)], fill=(255, 255, 255, 255), width=6 * s)
-        draw.line([(x - r, y + r), (x + r, y - r)], fill=(255, 255, 255, 255), width=6 * s)
-        draw.line([(x - r, y - r), (x + r, y + r)], fill=TRUTH_COLOUR + (255,), width=3 * s)
-        draw.line([(x - r, y + r), (x + r, y - r)], fill=TRUTH_COLOUR + (255,), width=3 * s)
+        _draw_truth(draw, xy(*truth), s)
     if points:
         x, y = xy(e.lat_deg, e.lon_deg)
         r = 9 * s
@@ -295,6 +293,36 @@ def _draw_answer(draw, e, path_nodes: list, truth, xy, s: int, font) -> None:
         draw.ellipse([x - r, y - 3 * r, x + r, y - r], fill=PIN_COLOUR + (255,), outline=(255, 255, 255, 255),
                      width=2 * s)
         _label(draw, (x + r + 4 * s, y - 2 * r), path_nodes[-1].name, font, s, fill=(120, 0, 0))
+
+
+def _draw_truth(draw, point: tuple[float, float], s: int) -> None:
+    """The true location: a green cross with a white halo."""
+    x, y = point
+    r = 9 * s
+    for fill, width in (((255, 255, 255, 255), 6 * s), (TRUTH_COLOUR + (255,), 3 * s)):
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=fill, width=width)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=fill, width=width)
+
+
+def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_clear: list, avoid: list
+                  ) -> tuple[float, float]:
+    """Top-left (x0, y0) of a legend box of size `box` in a w x h map: the first of bottom-left, bottom-right,
+    top-left, top-right that covers none of `keep_clear` (the truth) nor `avoid` (the answer), else the first
+    that covers none of `keep_clear`, else bottom-left. Points are (x, y) pixels; a 12 % box margin counts."""
+    bw, bh = box
+    corners = [(margin, h - bh - margin), (w - bw - margin, h - bh - margin), (margin, margin),
+               (w - bw - margin, margin)]
+
+    def covers(corner, points) -> bool:
+        x0, y0 = corner
+        pad = 0.12 * max(bw, bh)
+        return any(x0 - pad <= x <= x0 + bw + pad and y0 - pad <= y <= y0 + bh + pad for x, y in points)
+
+    for points in (keep_clear + avoid, keep_clear):
+        for corner in corners:
+            if not covers(corner, points):
+                return corner
+    return corners[0]
 
 
 def _draw_header(head, e, truth, s: int, fonts: tuple) -> None:
@@ -311,7 +339,9 @@ def _ellipsis(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _draw_legend(draw, e, w: int, h: int, s: int, font, with_truth: bool) -> None:
+def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list) -> None:
+    """The key, in the first map corner where it hides neither the truth nor the answer (`legend_corner`)."""
+    with_truth = truth_xy is not None
     rows = [("disc", LEVEL_COLOURS[0], "country candidates (area = probability)"),
             ("dot", PIN_COLOUR, "predicted path: country > region > subregion > city"),
             ("dot", ALT_COLOUR, "2., 3., ...: other top paths (city)")]
@@ -326,7 +356,7 @@ def _draw_legend(draw, e, w: int, h: int, s: int, font, with_truth: bool) -> Non
     line_h = 17 * s
     box_w = max(380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
     box_h = (len(rows) + 0.6) * line_h
-    x0, y0 = 8 * s, h - box_h - 24 * s
+    x0, y0 = legend_corner((box_w, box_h), w, h, 8 * s, [truth_xy] if with_truth else [], avoid)
     draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=(255, 255, 255, 215), outline=(80, 80, 80, 200))
     for i, (kind, colour, label) in enumerate(rows):
         cy = y0 + (i + 0.8) * line_h

@@ -13,7 +13,9 @@ Answers (`hierloc.inference.answers`; see docs/inference.md for the full contrac
   `beam`, default the model's `inference.beam` = 10) or, with `flat=True`, the nearest cities over all cities.
   The answer is the best path; `alternatives` are the next best of the top-k paths.
 * Level probabilities: at each level, the softmax of -d^2/tau over that level's candidates (beam: the children of
-  the surviving beam; flat: the whole level).
+  the surviving beam; flat: the whole level). A model directory with a calibration.json reports them at its
+  per-level temperatures T_l, softmax(-d^2/(tau T_l)) over the same candidates (docs/calibration.md); the paths
+  and their order do not change. `calibrated=False` (CLI: `--no-calibration`) reports them at T = 1.
 * Backoff: the answer is a *prefix* of the best full path. `max_level` cuts it at that level; `min_prob` cuts it
   before the first level whose probability is below `min_prob` (so every answered level reaches it), except that
   the country is always answered. A capped answer therefore never contradicts the uncapped one.
@@ -61,10 +63,15 @@ class HierLoc:
     """A trained model ready for inference: encoder, image head, entity table, temperature and gazetteer."""
 
     def __init__(self, cfg: Config, model, loss_state: dict[str, torch.Tensor], encoder, gaz,
-                 device: torch.device | str = "cpu", source: str = "<in memory>"):
+                 device: torch.device | str = "cpu", source: str = "<in memory>",
+                 calibration: modeldir.Calibration | None = None, calibrated: bool = True):
         """cfg: the run config; model: the `HierLocModel` (encoder attached); loss_state: the loss's tensors as
-        saved in the model directory (the temperature tau comes from them); gaz: the gazetteer it was trained on."""
+        saved in the model directory (the temperature tau comes from them); gaz: the gazetteer it was trained on;
+        calibration: the model directory's per-level temperatures (None: uncalibrated); calibrated: report
+        probabilities with them (False: at T = 1; the attribute can be changed later)."""
         self.cfg = cfg
+        self.calibration = calibration
+        self.calibrated = calibrated
         self.model = model
         self.loss_state = loss_state
         self.tau = modeldir.temperature_of(loss_state)
@@ -78,12 +85,15 @@ class HierLoc:
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str = "auto") -> "HierLoc":
-        """Load a model directory written by `hierloc train` or `save_pretrained` (`hierloc.model.modeldir`).
-        device: auto, cpu or cuda."""
-        parts = modeldir.load_model_dir(model_dir, device=device)
+    def from_pretrained(cls, model_dir: str | Path, device: str = "auto", calibrated: bool = True,
+                        allow_download: bool = False) -> "HierLoc":
+        """Load a model directory written by `hierloc train` or `save_pretrained` (`hierloc.model.modeldir`), or a
+        Hugging Face Hub id of one (`owner/name`): from the local cache, downloaded only with allow_download.
+        device: auto, cpu or cuda. calibrated: report probabilities at the directory's calibration.json
+        temperatures, if it has one (False: uncalibrated, T = 1)."""
+        parts = modeldir.load_model_dir(model_dir, device=device, allow_download=allow_download)
         return cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer, device=parts.device,
-                   source=parts.source)
+                   source=parts.source, calibration=parts.calibration, calibrated=calibrated)
 
     @classmethod
     def validation_metrics(cls, csv_path: str, cfg: Config, model, loss_state: dict[str, torch.Tensor], encoder,
@@ -93,6 +103,33 @@ class HierLoc:
         predictor = cls(cfg, model, loss_state, encoder, gaz, device=device)
         return predictor.evaluate_csv(csv_path, image_root=None, beam=cfg.inference.beam, progress=False)
 
+    @classmethod
+    def calibrate_model_dir(cls, model_dir: str | Path, csv_path: str | Path, device: torch.device | str = "auto",
+                            image_root: str | None = None, beam: int | None = None, flat: bool = True,
+                            batch_size: int = 64, num_workers: int = 0, progress: bool = False,
+                            on_bad: str = "error") -> modeldir.Calibration:
+        """`hierloc calibrate`: fit the model directory's per-level temperatures on a labelled CSV (`calibrate`)
+        and write them to its calibration.json (atomically), tied to its weights. Returns the calibration.
+        Also what `hierloc train --val-csv` runs on the model it has just written."""
+        model = cls.from_pretrained(model_dir, device=str(device))
+        result = model.calibrate(csv_path, image_root=image_root, beam=beam, flat=flat, batch_size=batch_size,
+                                 num_workers=num_workers, progress=progress, on_bad=on_bad)
+        result.weights_sha256 = modeldir.weights_digest(model_dir)
+        modeldir.write_calibration(model_dir, result)
+        return result
+
+    def calibrate(self, csv_path: str | Path, image_root: str | None = None, beam: int | None = None,
+                  flat: bool = True, batch_size: int = 64, num_workers: int = 0, progress: bool = False,
+                  on_bad: str = "error") -> modeldir.Calibration:
+        """Fit per-level temperatures of the reported probabilities on a labelled CSV (a validation split, not the
+        test set) and use them from now on (`evaluate.calibrate_table`; `save_pretrained` keeps them). beam: the
+        beam width fitted for (default: the model's); flat: also fit the flat search's."""
+        table = tables.read_image_table(csv_path, image_root=image_root, on_bad=on_bad)
+        self.calibration = evaluate.calibrate_table(self, table, beam=beam, flat=flat, batch_size=batch_size,
+                                                    num_workers=num_workers, progress=progress)
+        self.calibrated = True
+        return self.calibration
+
     def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write a complete model directory that `from_pretrained` reloads (atomically: all or nothing).
 
@@ -100,7 +137,7 @@ class HierLoc:
         config.json) or empty. The training summary of the source directory, if any, is copied along.
         """
         parts = modeldir.ModelDir(self.cfg, self.model, self.loss_state, self.encoder, self.gazetteer, self.device,
-                                  self.source)
+                                  self.source, self.calibration)
         return modeldir.write_model_dir(out_dir, parts, overwrite=overwrite)
 
     def describe(self) -> dict:
@@ -115,7 +152,22 @@ class HierLoc:
         return {"model_dir": self.source, "hierloc_version": __version__, "backbone": self.cfg.model.backbone,
                 "feature_dim": int(self.model.feature_dim), "embed_dim": int(self.cfg.model.embed_dim),
                 "geometry": self.cfg.model.geometry, "gazetteer_hash": gaz.content_hash,
-                "gazetteer_entities": counts, "training": training}
+                "gazetteer_entities": counts, "training": training, "calibration": self.describe_calibration()}
+
+    def describe_calibration(self) -> dict | None:
+        """The calibration in use: {"temperatures", "flat_temperatures", "fitted_on", "n"}; None when the
+        probabilities are reported uncalibrated (no calibration.json, or `calibrated` is False)."""
+        if not (self.calibrated and self.calibration is not None):
+            return None
+        c = self.calibration
+        return {"temperatures": c.temperatures, "flat_temperatures": c.flat_temperatures, "fitted_on": c.fitted_on,
+                "n": c.n}
+
+    def report_temperatures(self, flat: bool = False) -> list[float] | None:
+        """Per-level temperatures (4,) the reported probabilities use for this search (None: T = 1)."""
+        if not (self.calibrated and self.calibration is not None):
+            return None
+        return self.calibration.flat_temperatures if flat else self.calibration.temperatures
 
     def _read_train_summary(self) -> dict:
         if self._train_summary is None:
@@ -163,18 +215,24 @@ class HierLoc:
         return self._search_index
 
     @torch.no_grad()
-    def search_points(self, points: torch.Tensor, beam: int | None = None, top_k: int = 5, flat: bool = False):
+    def search_points(self, points: torch.Tensor, beam: int | None = None, top_k: int = 5, flat: bool = False,
+                      temperatures: Sequence[float] | None = None):
         """(B, D) image points -> `hierloc.inference.search.SearchResult` (paths (B, K, 4) global ids, level_probs,
         scores).
 
         Beam: `search.beam_search`, distances measured for the candidates only. Flat: all cities (and every level,
-        for the ancestors' probabilities) in matrix form."""
+        for the ancestors' probabilities) in matrix form. temperatures: (4,) per-level temperatures of the
+        reported probabilities (default: `report_temperatures(flat)`, the model's calibration); they never
+        change the paths or the scores."""
+        if temperatures is None:
+            temperatures = self.report_temperatures(flat)
         if flat:
             sq = self.model.level_sqdists(points, self.entity_points())
-            return flat_search(sq, self.model.entity_parents, self.model.level_offsets, self.tau, top_k=top_k)
+            return flat_search(sq, self.model.entity_parents, self.model.level_offsets, self.tau, top_k=top_k,
+                               temperatures=temperatures)
         distances, children = self.search_index()
         return beam_search(points, distances, children, self.tau, beam=beam or self.cfg.inference.beam,
-                           top_k=top_k)
+                           top_k=top_k, temperatures=temperatures)
 
     def predict(self, images, top_k: int = 5, beam: int | None = None, flat: bool = False,
                 min_prob: float | None = None, max_level: str = "city", exif: str = "compare",
@@ -357,12 +415,13 @@ class HierLoc:
     def evaluate(self, csv_path: str | Path, image_root: str | None = None, beam: int | None = None,
                  flat: bool = False, min_prob: float | None = None, max_level: str = "city",
                  missing: str = "skip", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                 per_sample: str | Path | None = None, on_bad: str = "error") -> dict:
+                 per_sample: str | Path | None = None, on_bad: str = "error",
+                 reliability: str | Path | None = None) -> dict:
         """`hierloc eval CSV --model DIR`: metrics on a labelled CSV (see `evaluate.evaluate_model`)."""
         table = tables.read_image_table(csv_path, image_root=image_root, on_bad=on_bad)
         return evaluate.evaluate_model(self, table, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
                                        missing=missing, batch_size=batch_size, num_workers=num_workers,
-                                       progress=progress, per_sample=per_sample)
+                                       progress=progress, per_sample=per_sample, reliability=reliability)
 
     def predict_table(self, table, beam: int | None = None, flat: bool = False, batch_size: int = 128,
                       progress: bool = True) -> dict[str, np.ndarray]:

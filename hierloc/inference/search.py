@@ -5,6 +5,11 @@ log softmax_{candidates}(-d^2 / tau), and a path scores the sum of its levels' l
 whose entity has no children at the next level (possible after `--min-images` pruning) is carried down unchanged,
 competing with the expanded paths on its score.
 
+Reported probabilities (`SearchResult.level_probs`) may use per-level temperatures T (4,) (`temperatures=`, a
+calibration, see docs/calibration.md): the probability of a path's entity at level l is then
+softmax_{candidates}(-d^2 / (tau T_l)) over the same candidates. Temperatures never enter the scores, so the paths,
+their order and the scores are those of the search without them; T_l = 1 reports exactly the uncalibrated value.
+
 Two implementations of that one search:
 
 * `beam_search` (used for inference): distances are computed only for the candidates - all entities of level 0
@@ -193,24 +198,41 @@ def final_width(level_sizes: list[int], beam: int) -> int:
     return width
 
 
+def _check_temperatures(temperatures) -> list[float] | None:
+    """None (report at T = 1) or 4 positive finite per-level temperatures -> a list of floats (or None)."""
+    if temperatures is None:
+        return None
+    values = [float(t) for t in temperatures]
+    if len(values) != N_LEVELS or not all(math.isfinite(t) and t > 0 for t in values):
+        raise ValueError(f"temperatures must be {N_LEVELS} positive finite numbers, got {temperatures!r}")
+    return values
+
+
+def _reported(logits: torch.Tensor, logp: torch.Tensor, temperature: float, normalise) -> torch.Tensor:
+    """Log-probabilities to report: ``logp`` itself at T = 1, else normalise(logits / T) over the same candidates."""
+    return logp if temperature == 1.0 else normalise(logits / temperature)
+
+
 @torch.no_grad()
 def beam_search(points: torch.Tensor, distances: CandidateDistances, children: ChildIndex, tau: float,
-                beam: int = 10, top_k: int = 5, chunk: int = 256) -> SearchResult:
+                beam: int = 10, top_k: int = 5, chunk: int = 256, temperatures=None) -> SearchResult:
     """Beam search down the tree, measuring only the candidates.
 
     points: (B, D) query points; distances: e.g. `EntityDistances(entity_points, c)` (or anything with the
     `CandidateDistances` methods); children: `child_index(parents, level_offsets)` on the points' device.
     Queries are searched `chunk` at a time (temporaries ~ chunk x beam x max children per entity).
     Returns the best K = min(top_k, final_width(...)) paths per query, best first; the same `SearchResult` as
-    `beam_search_dense` on the same distances.
+    `beam_search_dense` on the same distances. temperatures: None or (4,) per-level temperatures of the reported
+    probabilities only (module docstring).
     """
     if beam < 1 or top_k < 1 or chunk < 1:
         raise ValueError(f"beam, top_k and chunk must be >= 1, got {beam}, {top_k}, {chunk}")
+    temperatures = _check_temperatures(temperatures)
     k = min(top_k, final_width(children.level_sizes, beam))
     device = points.device
     parts = []
     for x in points.split(chunk):
-        paths, path_logp, cum = _search_chunk(x, distances, children, tau, beam)
+        paths, path_logp, cum = _search_chunk(x, distances, children, tau, beam, temperatures)
         width = min(k, paths.shape[1])
         pad = k - width  # a chunk whose beam had no child at some level stayed narrower: pad with dead entries
         found = torch.isfinite(cum[:, :width])
@@ -229,9 +251,11 @@ def beam_search(points: torch.Tensor, distances: CandidateDistances, children: C
 
 
 def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: ChildIndex, tau: float,
-                  beam: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk of queries x (b, D) -> paths (b, W, 4) global ids (-1 absent), per-level log-probabilities
-    (b, W, 4), cumulative scores (b, W) sorted descending; W <= beam (only as wide as the candidates allow).
+                  beam: int, temperatures: list[float] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of queries x (b, D) -> paths (b, W, 4) global ids (-1 absent), per-level reported
+    log-probabilities (b, W, 4) (at `temperatures`, if given), cumulative scores (b, W) sorted descending (always
+    at T = 1); W <= beam (only as wide as the candidates allow).
 
     Level l >= 1 works on the flat list of P (query, candidate) pairs, query-major: beam entry (r, w) owns
     count[r, w] consecutive pairs, its children in CSR order. Per query, log-softmax over its pairs (segment
@@ -240,12 +264,15 @@ def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: Chil
     """
     offsets = children.level_offsets
     b, device = x.shape[0], x.device
-    logp0 = torch.log_softmax(-distances.level_sqdist(x, offsets[0], offsets[1]).float() / tau, dim=1)
+    temperatures = temperatures or [1.0] * N_LEVELS
+    logits0 = -distances.level_sqdist(x, offsets[0], offsets[1]).float() / tau
+    logp0 = torch.log_softmax(logits0, dim=1)
     cum, idx = logp0.topk(min(beam, logp0.shape[1]), dim=1)                   # (b, W)
     paths = torch.full((b, cum.shape[1], N_LEVELS), -1, dtype=torch.int64, device=device)
     path_logp = torch.full((b, cum.shape[1], N_LEVELS), float("-inf"), device=device)
     paths[:, :, 0] = idx + offsets[0]
-    path_logp[:, :, 0] = cum
+    path_logp[:, :, 0] = _reported(logits0, logp0, temperatures[0], lambda z: torch.log_softmax(z, dim=1)
+                                   ).gather(1, idx)
     for level in range(1, N_LEVELS):
         prev = paths[:, :, level - 1]                                          # (b, W) global ids or -1
         width_prev = prev.shape[1]
@@ -265,6 +292,7 @@ def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: Chil
         pair_row = torch.div(entry, width_prev, rounding_mode="floor")
         logits = -distances.pair_sqdist(x, pair_row, candidate).float() / tau
         logp = _segment_log_softmax(logits, pair_row, b)                       # (P,)
+        report = _reported(logits, logp, temperatures[level], lambda z: _segment_log_softmax(z, pair_row, b))
         # one top-k per query over its candidates (columns 0..total-1, the rest -inf) and carried entries (T + w)
         row_start = total.cumsum(0) - total
         column = torch.arange(n_pairs, device=device) - row_start.index_select(0, pair_row)
@@ -280,7 +308,7 @@ def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: Chil
         paths = paths.gather(1, source)
         path_logp = path_logp.gather(1, source)
         paths[:, :, level] = torch.where(is_new, _take(candidate, picked, sel.shape), -1)
-        path_logp[:, :, level] = torch.where(is_new, _take(logp, picked, sel.shape), float("-inf"))
+        path_logp[:, :, level] = torch.where(is_new, _take(report, picked, sel.shape), float("-inf"))
     return paths, path_logp, cum
 
 
@@ -304,22 +332,26 @@ def _segment_log_softmax(logits: torch.Tensor, segment: torch.Tensor, n_segments
 
 @torch.no_grad()
 def beam_search_dense(level_sqdists: list[torch.Tensor], parents_local: list[torch.Tensor], level_offsets: list[int],
-                      tau: float, beam: int = 10, top_k: int = 5) -> SearchResult:
+                      tau: float, beam: int = 10, top_k: int = 5, temperatures=None) -> SearchResult:
     """Reference beam search on full distance matrices (every entity of every level measured, then masked).
 
     level_sqdists: per level (B, N_l) squared distances; parents_local: from `local_parents`.
     Returns the best min(top_k, final width) paths per query, best first. Slow on large gazetteers (the
     bookkeeping is (B, N_l) per level); `beam_search` gives the same result from the candidates only.
+    temperatures: None or (4,) per-level temperatures of the reported probabilities (module docstring).
     """
+    temperatures = _check_temperatures(temperatures) or [1.0] * N_LEVELS
     device = level_sqdists[0].device
     batch = level_sqdists[0].shape[0]
-    logp0 = torch.log_softmax(-level_sqdists[0].float() / tau, dim=1)
+    logits0 = -level_sqdists[0].float() / tau
+    logp0 = torch.log_softmax(logits0, dim=1)
     width = min(beam, logp0.shape[1])
     cum, idx = logp0.topk(width, dim=1)                                        # (B, K)
     paths = torch.full((batch, width, N_LEVELS), -1, dtype=torch.int64, device=device)
     path_logp = torch.full((batch, width, N_LEVELS), float("-inf"), device=device)
     paths[:, :, 0] = idx
-    path_logp[:, :, 0] = cum
+    path_logp[:, :, 0] = _reported(logits0, logp0, temperatures[0], lambda z: torch.log_softmax(z, dim=1)
+                                   ).gather(1, idx)
     rows = torch.arange(batch, device=device).unsqueeze(1)
     for level in range(1, N_LEVELS):
         d = level_sqdists[level].float()
@@ -336,6 +368,7 @@ def beam_search_dense(level_sqdists: list[torch.Tensor], parents_local: list[tor
         logits = torch.where(allowed, -d / tau, torch.full_like(d, float("-inf")))
         logp = torch.log_softmax(logits, dim=1)
         logp = torch.where(allowed, logp, torch.full_like(logp, float("-inf")))  # rows with no candidate: -inf
+        report = _reported(logits, logp, temperatures[level], lambda z: torch.log_softmax(z, dim=1))
         cand_score = cum.gather(1, cand_slot.clamp_min(0)) + logp
         has_child = torch.zeros(batch, width_prev + 1, dtype=torch.bool, device=device)
         has_child.scatter_(1, torch.where(allowed, cand_slot, width_prev), True)
@@ -349,7 +382,7 @@ def beam_search_dense(level_sqdists: list[torch.Tensor], parents_local: list[tor
         paths = paths[rows, src_slot].clone()
         path_logp = path_logp[rows, src_slot].clone()
         paths[:, :, level] = torch.where(is_new, sel, torch.full_like(sel, -1))
-        path_logp[:, :, level] = torch.where(is_new, logp.gather(1, sel.clamp_max(n_here - 1)),
+        path_logp[:, :, level] = torch.where(is_new, report.gather(1, sel.clamp_max(n_here - 1)),
                                              torch.full_like(cum, float("-inf")))
     k = min(top_k, paths.shape[1])
     offsets = torch.tensor(level_offsets[:N_LEVELS], device=device)
@@ -361,15 +394,20 @@ def beam_search_dense(level_sqdists: list[torch.Tensor], parents_local: list[tor
 
 @torch.no_grad()
 def flat_search(level_sqdists: list[torch.Tensor], parents: torch.Tensor, level_offsets: list[int], tau: float,
-                top_k: int = 5) -> SearchResult:
+                top_k: int = 5, temperatures=None) -> SearchResult:
     """Ablation: the nearest cities over all cities; the path is each city's ancestors.
 
-    Level probabilities are each ancestor's softmax over its whole level. parents: (E,) global parent indices.
+    Level probabilities are each ancestor's softmax over its whole level (at `temperatures`, if given: they change
+    the reported probabilities only). parents: (E,) global parent indices.
     """
+    temperatures = _check_temperatures(temperatures) or [1.0] * N_LEVELS
     device = level_sqdists[0].device
-    logps = [torch.log_softmax(-d.float() / tau, dim=1) for d in level_sqdists]
-    k = min(top_k, logps[-1].shape[1])
-    city_logp, city_local = logps[-1].topk(k, dim=1)
+    logits = [-d.float() / tau for d in level_sqdists]
+    logps = [torch.log_softmax(z, dim=1) for z in logits]
+    city_logp, city_local = logps[-1].topk(min(top_k, logps[-1].shape[1]), dim=1)   # ranked at T = 1
+    logps = [_reported(z, logp, t, lambda y: torch.log_softmax(y, dim=1))
+             for z, logp, t in zip(logits, logps, temperatures)]
+    k = city_local.shape[1]
     batch = city_local.shape[0]
     paths = torch.full((batch, k, N_LEVELS), -1, dtype=torch.int64, device=device)
     probs = torch.zeros(batch, k, N_LEVELS, device=device)

@@ -19,10 +19,10 @@ Pooling per family (what `ImageEncoder.forward` returns, shape (B, hidden_size))
 | anything else                              | `pooler` | when the model returns one, else the mean over tokens      |
 |                                            | / `mean` | (or over the spatial grid for CNNs).                       |
 
-The offline default backbone ("tiny-vit") is a small ViT trained from scratch (`tiny_vit_config`, 0.47M
-parameters): no pretrained weights can be downloaded on the reference machine, and at this size it runs ~820
-images/s forward and ~370 images/s forward+backward at 64x64 on its 2 shared CPU cores (batch 64, measured), so
-an epoch over tens of thousands of images takes a few minutes.
+The configuration's default backbone is DINOv2-small by hub id (`DEFAULT_BACKBONE`, pretrained and frozen). Two
+built-ins need no files and always train from scratch: "tiny-vit", a small ViT (`tiny_vit_config`, 0.47M
+parameters; ~820 images/s forward and ~370 images/s forward+backward at 64x64 on 2 shared CPU cores, batch 64,
+measured) and "tiny-resnet" (`tiny_resnet_config`), which learns faster from scratch on a CPU.
 """
 
 from __future__ import annotations
@@ -41,17 +41,18 @@ import torch
 from torch import nn
 
 from gazetteer.atomic import atomic_write_text
+from hierloc.config import FROM_SCRATCH_BACKBONES, ModelConfig
 from hierloc.errors import InputError
 from hierloc.data.images import Preprocessor
 
 logger = logging.getLogger(__name__)
 
-# Name reserved for the built-in configuration (no files needed; always randomly initialised). It takes precedence
-# over a directory of the same name in the working directory: write "./tiny-vit" to mean the directory.
-DEFAULT_BACKBONE = "tiny-vit"
-# Built-in from-scratch backbones (no weights to download): name -> config factory (see the functions below).
-TINY_RESNET = "tiny-resnet"
-BUILTIN_BACKBONES = (DEFAULT_BACKBONE, TINY_RESNET)
+# The configuration's default (a hub id: pretrained weights from the local Hugging Face cache).
+DEFAULT_BACKBONE = ModelConfig.backbone
+# Names reserved for the built-in configurations (no files needed; always randomly initialised). They take
+# precedence over a directory of the same name in the working directory: write "./tiny-vit" to mean the directory.
+TINY_VIT, TINY_RESNET = FROM_SCRATCH_BACKBONES
+BUILTIN_BACKBONES = FROM_SCRATCH_BACKBONES
 
 # Local weights hierloc reads (safetensors only), and transformers' pickle formats, which it never unpickles.
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -77,7 +78,7 @@ def tiny_vit_config(
     num_heads: int = 4,
     mlp_dim: int = 384,
 ) -> Any:
-    """The offline default backbone: a small ViT trained from scratch -> `transformers.ViTConfig`.
+    """The built-in "tiny-vit": a small ViT trained from scratch -> `transformers.ViTConfig`.
 
     Defaults: 64x64 input, 8x8 patches (64 tokens + CLS), width 96, 4 layers of 4 heads (head dim 24), MLP 384
     (ratio 4). Parameters: 4 layers x ~111k (attention 4*96^2, MLP 2*96*384, biases, norms) + patch embedding
@@ -157,7 +158,7 @@ def write_backbone_config(directory: str | os.PathLike, config: Any | None = Non
 
 
 def default_backbone_dir(directory: str | os.PathLike) -> Path:
-    """Write the offline default backbone (`tiny_vit_config()`, no weights) to `directory`; return it."""
+    """Write the built-in tiny ViT (`tiny_vit_config()`, no weights) to `directory`; return it."""
     return write_backbone_config(directory)
 
 
@@ -186,6 +187,7 @@ def load_backbone(
     pretrained: bool = True,
     allow_download: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    weights_origin: str | None = None,
 ) -> tuple[nn.Module, BackboneInfo]:
     """Load a transformers vision backbone -> (model in float32, info).
 
@@ -196,6 +198,8 @@ def load_backbone(
         with random initialisation (torch's global RNG), to train from scratch. Weights are read from safetensors
         files only: pickled `pytorch_model.bin` weights are never loaded (hierloc never unpickles).
     allow_download: permit fetching a hub id from the network (default: never).
+    weights_origin: what the log says about the weights (e.g. "trained from scratch" for the backbone of a model
+        trained here); default: "pretrained weights" or "random init, to train from scratch".
 
     Raises `InputError` for: a missing directory, a directory without config.json, a hub id that is not cached
     while downloads are disabled, a non-vision model, pretrained=True without weights or with pickled weights only,
@@ -232,7 +236,7 @@ def load_backbone(
     )
     logger.info("backbone %s: %s (%s pooling, %d features, %.2fM parameters, %s)", name, info.architecture,
                 info.pooling, info.feature_dim, sum(p.numel() for p in model.parameters()) / 1e6,
-                "pretrained weights" if pretrained else "random init")
+                weights_origin or ("pretrained weights" if pretrained else "random init, to train from scratch"))
     return model, info
 
 
@@ -279,10 +283,29 @@ def pooling_for(model_type: str) -> str:
     return "auto"
 
 
+def check_backbone(name_or_path: str | os.PathLike, pretrained: bool = True, allow_download: bool = False) -> None:
+    """Cheap check that `load_backbone` will find the backbone: reads its config only (no weights), so a typo in
+    a hub id or a directory fails before any long work. Same InputErrors as `load_backbone` for what it checks."""
+    name = os.fspath(name_or_path)
+    if name in BUILTIN_BACKBONES:
+        if pretrained:
+            raise _builtin_pretrained_error(name)
+        return
+    source, location = _resolve_source(name)
+    config = _load_config(name, location, source, not allow_download, None)
+    _vision_model_class(getattr(config, "vision_config", None) or config, name)
+    if pretrained and source == "local":
+        _require_safetensors_weights(Path(location))
+
+
+def _builtin_pretrained_error(name: str) -> InputError:
+    return InputError(f"backbone {name!r} has no pretrained weights; it is trained from scratch "
+                      "(model.pretrained=false), or pass a directory with config.json + model.safetensors")
+
+
 def _load_builtin(name: str, pretrained: bool, config: Any) -> tuple[nn.Module, BackboneInfo]:
     if pretrained:
-        raise InputError(f"backbone {name!r} has no pretrained weights; it is trained from scratch "
-                         "(pretrained=False), or pass a directory with config.json + model.safetensors")
+        raise _builtin_pretrained_error(name)
     if config.model_type == "resnet":
         from transformers import ResNetModel
 
@@ -348,8 +371,9 @@ def _not_available_error(name: str, source: str, allow_download: bool, error: Ba
                           "never loads pickled weights (pytorch_model.bin)")
     if source == "hub" and not allow_download:
         return InputError(
-            f"backbone {name!r} not found locally and downloads are disabled; pass a local directory "
-            "(config.json + model.safetensors) or --allow-download"
+            f"backbone {name!r} is not in the local Hugging Face cache and downloads are off: pass "
+            f"--allow-download to fetch it, a local directory (config.json + model.safetensors), or "
+            f"model.backbone=tiny-resnet / model.backbone=tiny-vit to train from scratch"
         )
     detail = " ".join(str(error).split())[:200]
     return InputError(f"backbone {name!r}: cannot load ({detail})")
@@ -545,6 +569,7 @@ def build_image_encoder(
     freeze: bool = False,
     image_size: int | None = None,
     allow_download: bool = False,
+    weights_origin: str | None = None,
 ) -> ImageEncoder:
     """Backbone + preprocessor + pooling -> ImageEncoder (see `load_backbone` for `backbone` and the errors).
 
@@ -558,7 +583,8 @@ def build_image_encoder(
         model, info = _load_builtin(name, pretrained, config)
         preprocessor = tiny_vit_preprocessor(config.image_size)
         return ImageEncoder(model, info, preprocessor, frozen=freeze)
-    model, info = load_backbone(name, pretrained=pretrained, allow_download=allow_download)
+    model, info = load_backbone(name, pretrained=pretrained, allow_download=allow_download,
+                                weights_origin=weights_origin)
     directory = info.directory if info.source == "local" else _hub_snapshot_dir(info.name_or_path)
     preprocessor = Preprocessor.from_backbone_dir_or_config(directory, model.config)
     if image_size is not None and int(image_size) != preprocessor.image_size:
@@ -567,9 +593,11 @@ def build_image_encoder(
     return ImageEncoder(model, info, preprocessor, frozen=freeze)
 
 
-def load_image_encoder(directory: str | os.PathLike, frozen: bool = False) -> ImageEncoder:
-    """Reload an encoder written by `ImageEncoder.save_pretrained` (weights required), in eval mode."""
-    encoder = build_image_encoder(directory, pretrained=True, freeze=frozen)
+def load_image_encoder(directory: str | os.PathLike, frozen: bool = False,
+                       weights_origin: str | None = None) -> ImageEncoder:
+    """Reload an encoder written by `ImageEncoder.save_pretrained` (weights required), in eval mode.
+    weights_origin: how the log describes the weights (see `load_backbone`)."""
+    encoder = build_image_encoder(directory, pretrained=True, freeze=frozen, weights_origin=weights_origin)
     return encoder.eval()
 
 

@@ -7,6 +7,8 @@ Layout (what ``hierloc train`` writes, what ``HierLoc.from_pretrained`` reads):
     gazetteer/             the gazetteer the model was trained on (its hash is checked on load)
     concepts.json          the concept head's vocabulary (models with a concept head)
     train_summary.json     what training reported (written by ``hierloc train``; copied by ``save_pretrained``)
+    calibration.json       optional: per-level temperatures of the reported probabilities (`Calibration`, written
+                           by ``hierloc calibrate``; a directory without it reports uncalibrated probabilities)
     checkpoints/           resumable training state (`hierloc.training.checkpoint`)
 
 No pickle anywhere: tensors are safetensors files, everything else JSON. A pickled file where weights are expected
@@ -24,14 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from gazetteer import Gazetteer
 from gazetteer.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from gazetteer.schema import N_LEVELS
 from hierloc.config import Config, from_dict
 from hierloc.device import resolve_device
 from hierloc.errors import InputError
@@ -46,6 +51,8 @@ MODEL_FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TRAIN_SUMMARY_NAME = "train_summary.json"
+CALIBRATION_NAME = "calibration.json"
+CALIBRATION_FORMAT_VERSION = 1
 CHECKSUM_KEY = "hierloc_sha256"
 LOSS_PREFIX = "loss."   # the loss's tensors in model.safetensors (inference reads loss.log_tau: the temperature)
 
@@ -123,11 +130,95 @@ def read_json(path: str | Path, what: str) -> dict:
         raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
+# ------------------------------------------------------------------------------------------------ calibration
+@dataclass
+class Calibration:
+    """calibration.json: per-level temperatures (country, region, subregion, city) of the reported probabilities.
+
+    temperatures: for beam search; flat_temperatures: for the flat search (None: reported at T = 1).
+    weights_sha256: the `tensors_digest` of the model.safetensors it was fitted for (a calibration of other
+    weights is refused on load). The rest records the fit: the CSV's file name, the rows used, the beam width,
+    and the expected calibration error per level before and after (`hierloc.inference.calibration`).
+    """
+
+    temperatures: list[float]
+    flat_temperatures: list[float] | None = None
+    weights_sha256: str | None = None
+    fitted_on: str = ""
+    n: int = 0
+    beam: int | None = None
+    ece_before: list[float | None] = field(default_factory=list)
+    ece_after: list[float | None] = field(default_factory=list)
+    flat_ece_before: list[float | None] = field(default_factory=list)
+    flat_ece_after: list[float | None] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        def clean(value):
+            if isinstance(value, list):
+                return [clean(item) for item in value]
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+        data = {key: clean(value) for key, value in asdict(self).items()}
+        return json.dumps({"format_version": CALIBRATION_FORMAT_VERSION, **data}, indent=2)
+
+
+def _temperature_list(path: Path, data: dict, key: str, required: bool) -> list[float] | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if (not isinstance(value, list) or len(value) != N_LEVELS
+            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+                       for t in value)):
+        raise InputError(f"{path}: field '{key}': expected {N_LEVELS} positive numbers (country, region, "
+                         f"subregion, city), got {json.dumps(value)[:80]}; fit it again with `hierloc calibrate` "
+                         "or delete the file")
+    return [float(t) for t in value]
+
+
+def read_calibration(model_dir: str | Path) -> Calibration | None:
+    """The model directory's calibration.json, checked (None when the directory has none). A malformed file is a
+    one-line InputError naming the file and the field."""
+    path = Path(model_dir) / CALIBRATION_NAME
+    if not path.is_file():
+        return None
+    data = read_json(path, "calibration")
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object with a field 'temperatures'")
+    version = data.get("format_version", CALIBRATION_FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > CALIBRATION_FORMAT_VERSION:
+        raise InputError(f"{path}: field 'format_version': expected an integer <= {CALIBRATION_FORMAT_VERSION}, "
+                         f"got {json.dumps(version)[:40]}")
+    digest = data.get("weights_sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise InputError(f"{path}: field 'weights_sha256': expected a hex string, got {json.dumps(digest)[:40]}")
+    known = {name for name in Calibration.__dataclass_fields__}
+    record = {key: value for key, value in data.items() if key in known}
+    record["temperatures"] = _temperature_list(path, data, "temperatures", required=True)
+    record["flat_temperatures"] = _temperature_list(path, data, "flat_temperatures", required=False)
+    return Calibration(**record)
+
+
+def write_calibration(model_dir: str | Path, calibration: Calibration) -> Path:
+    """Write calibration.json into a model directory, atomically."""
+    path = Path(model_dir) / CALIBRATION_NAME
+    atomic_write_text(path, calibration.to_json() + "\n")
+    return path
+
+
+def weights_digest(model_dir: str | Path) -> str | None:
+    """The `tensors_digest` stored in the header of a model directory's weights (None for files written without
+    it); reads the header only."""
+    with open(Path(model_dir) / WEIGHTS_NAME, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+
+
 # ------------------------------------------------------------------------------------------- model directory
 @dataclass
 class ModelDir:
     """A loaded model directory: the run config, the network (encoder attached, eval mode, on `device`), the
-    loss's saved tensors (`temperature_of` reads tau from them), the encoder and the gazetteer."""
+    loss's saved tensors (`temperature_of` reads tau from them), the encoder, the gazetteer and the calibration
+    (calibration.json, None without one)."""
 
     cfg: Config
     model: HierLocModel
@@ -136,6 +227,7 @@ class ModelDir:
     gazetteer: Gazetteer
     device: torch.device
     source: str
+    calibration: Calibration | None = None
 
 
 def temperature_of(loss_state: dict[str, torch.Tensor]) -> float:
@@ -154,9 +246,11 @@ def not_a_model_dir_message(path: Path) -> str:
 
 def save_model_dir(out_dir: str | Path, cfg: Config, model, loss_state: dict[str, torch.Tensor], encoder,
                    gaz) -> None:
-    """Write (or refresh) the loadable part of a model directory; each file atomically."""
+    """Write (or refresh) the loadable part of a model directory; each file atomically. A calibration.json left
+    from earlier weights is removed (it was fitted for those weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / CALIBRATION_NAME).unlink(missing_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     state.update({f"{LOSS_PREFIX}{k}": v for k, v in loss_state.items()})
     save_tensors(out / WEIGHTS_NAME, state, metadata={"format": "hierloc"})
@@ -177,7 +271,8 @@ def write_model_dir(out_dir: str | Path, parts: ModelDir, overwrite: bool = Fals
     """A complete model directory that `load_model_dir` reloads, written atomically (all or nothing).
 
     An existing directory is replaced only with overwrite=True and only if it is a model directory (has
-    config.json) or empty. The training summary of `parts.source`, if any, is copied along.
+    config.json) or empty. The training summary of `parts.source`, if any, is copied along, and so is
+    `parts.calibration` (refitted to the new file's weights digest, which is the same for unchanged weights).
     """
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
@@ -187,23 +282,67 @@ def write_model_dir(out_dir: str | Path, parts: ModelDir, overwrite: bool = Fals
         summary = Path(parts.source) / TRAIN_SUMMARY_NAME
         if summary.is_file():
             shutil.copyfile(summary, tmp / TRAIN_SUMMARY_NAME)
+        if parts.calibration is not None:
+            digest = weights_digest(tmp)
+            if parts.calibration.weights_sha256 in (None, digest):
+                write_calibration(tmp, Calibration(**{**asdict(parts.calibration), "weights_sha256": digest}))
+            else:
+                log.warning("%s: the calibration was fitted for other weights; not copied", out)
     return out
 
 
-def load_model_dir(model_dir: str | Path, device: str = "auto") -> ModelDir:
-    """Load a model directory written by `hierloc train` or `write_model_dir`. device: auto, cpu or cuda.
+def _weights_origin(cfg) -> str:
+    """How a saved model's backbone weights came about, for the log."""
+    if not cfg.model.pretrained:
+        return "trained from scratch"
+    return f"pretrained {cfg.model.backbone}, " + ("frozen" if cfg.model.freeze_backbone else "fine-tuned")
+
+
+def resolve_model_dir(name_or_path: str | Path, allow_download: bool = False) -> Path:
+    """A model directory, or a Hugging Face Hub model id (`owner/name`, an uploaded model directory) -> the local
+    directory. A hub id is taken from the local cache (`HF_HUB_CACHE`, default ~/.cache/huggingface/hub) and
+    downloaded only with allow_download; InputError (one line) when it is neither a directory nor available."""
+    path = Path(name_or_path)
+    text = str(name_or_path)
+    if path.exists() or not _looks_like_hub_id(text):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                      local_files_only=not allow_download))
+    except LocalEntryNotFoundError:
+        raise InputError(f"{text}: no such model directory, and no hub model {text!r} in the local Hugging Face "
+                         "cache (downloads are off: pass --allow-download, or allow_download=True, to fetch it)"
+                         ) from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise InputError(f"{text}: no such model directory, and the hub model cannot be fetched ({detail})") from None
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """`owner/name` with no other separator, not starting like a path."""
+    parts = text.split("/")
+    return (len(parts) == 2 and all(parts) and "\\" not in text and not text.startswith((".", "~"))
+            and not any(ch.isspace() for ch in text))
+
+
+def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: bool = False) -> ModelDir:
+    """Load a model directory written by `hierloc train` or `write_model_dir` (or a hub id of one, see
+    `resolve_model_dir`). device: auto, cpu or cuda.
 
     One-line InputError for: a file instead of a directory (pickles named as such), a missing directory or
     config.json, a newer format version, a gazetteer whose content hash differs from the one trained on, pickled,
     truncated or corrupt weights, weights that do not match config.json, a concept head without concepts.json.
     """
-    root = Path(model_dir)
+    root = resolve_model_dir(model_dir, allow_download)
     meta = _read_model_config(root)
     cfg = from_dict(meta["config"], source=str(root / CONFIG_NAME))
     dev = resolve_device(device)
     gaz = _load_gazetteer(root, meta)
     state = load_tensors(root / WEIGHTS_NAME)
-    encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"))
+    encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"), weights_origin=_weights_origin(cfg))
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None,
                          n_concepts=int(meta.get("n_concepts", 0)))
     model_state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX)}
@@ -222,7 +361,19 @@ def load_model_dir(model_dir: str | Path, device: str = "auto") -> ModelDir:
         model.concept_vocabulary = ConceptVocabulary.load(root / VOCABULARY_FILE)
     model.to(dev).eval()
     loss_state = {k: v.to(dev) for k, v in loss_state.items()}
-    return ModelDir(cfg, model, loss_state, encoder, gaz, dev, str(root))
+    return ModelDir(cfg, model, loss_state, encoder, gaz, dev, str(root), _checked_calibration(root))
+
+
+def _checked_calibration(root: Path) -> Calibration | None:
+    """`read_calibration`, refused (one line) when it was fitted for weights other than the directory's."""
+    calibration = read_calibration(root)
+    if calibration is not None and calibration.weights_sha256 is not None:
+        digest = weights_digest(root)
+        if digest is not None and digest != calibration.weights_sha256:
+            raise InputError(f"{root / CALIBRATION_NAME}: field 'weights_sha256': fitted for other weights "
+                             f"({calibration.weights_sha256[:12]}..., the model has {digest[:12]}...); run "
+                             "`hierloc calibrate` again or delete the file")
+    return calibration
 
 
 def _read_model_config(root: Path) -> dict:

@@ -44,6 +44,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from hierloc.config import InferenceConfig
 from hierloc.data.encoded import EncodedImage
 from hierloc.errors import InputError
 from hierloc.inference import explain, maps
@@ -56,11 +57,14 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-# Options and their defaults, as `hierloc predict` and `hierloc explain` have them (a test compares the two).
-PREDICT_DEFAULTS = {"top_k": 3, "beam": 10, "min_prob": None, "max_level": "city", "exif": "compare",
-                    "flat": False}
-EXPLAIN_DEFAULTS = {"top_k": 5, "beam": None, "runners_up": 2, "reasons": 3, "candidates": "siblings",
-                    "map": True, "map_width": 900}
+# Options and their defaults, as `hierloc predict` and `hierloc explain` have them (a test compares the two);
+# beam None: the model's inference.beam.
+PREDICT_DEFAULTS = {"top_k": InferenceConfig.top_k, "beam": None, "min_prob": None, "max_level": "city",
+                    "exif": "compare", "flat": False}
+EXPLAIN_DEFAULTS = {"top_k": InferenceConfig.top_k, "beam": None, "runners_up": 2, "reasons": 3,
+                    "candidates": "siblings", "min_prob": None, "exif": "compare", "map": True, "map_width": 900}
+OPTION_TYPES = {"top_k": int, "beam": int, "min_prob": float, "max_level": str, "exif": str, "flat": bool,
+                "runners_up": int, "reasons": int, "candidates": str, "map": bool, "map_width": int}
 MAP_WIDTH_RANGE = (300, 2000)
 
 
@@ -158,20 +162,18 @@ def _option(fields: dict[str, str], name: str, kind: type, default):
             from None
 
 
-def _check_known(fields: dict[str, str], defaults: dict) -> None:
+def _options(fields: dict[str, str], defaults: dict) -> dict:
+    """Form/query fields -> {name: value} for every option of `defaults` (typed by OPTION_TYPES); unknown names
+    are refused."""
     unknown = sorted(set(fields) - set(defaults))
     if unknown:
         raise ApiError(400, f"unknown option {unknown[0]!r}: expected {', '.join(defaults)}")
+    return {name: _option(fields, name, OPTION_TYPES[name], default) for name, default in defaults.items()}
 
 
 def predict_options(fields: dict[str, str]) -> dict:
     """Form/query fields -> keyword arguments of `HierLoc.predict` (checked as the CLI checks them)."""
-    _check_known(fields, PREDICT_DEFAULTS)
-    options = {}
-    for name, default in PREDICT_DEFAULTS.items():
-        kind = bool if isinstance(default, bool) else int if name in ("top_k", "beam") else \
-            float if name == "min_prob" else str
-        options[name] = _option(fields, name, kind, default)
+    options = _options(fields, PREDICT_DEFAULTS)
     try:
         check_options(options["min_prob"], options["max_level"], options["exif"], options["beam"], options["top_k"])
     except InputError as exc:
@@ -181,22 +183,19 @@ def predict_options(fields: dict[str, str]) -> dict:
 
 def explain_options(fields: dict[str, str]) -> dict:
     """Form/query fields -> options of `hierloc.inference.explain.explain_images` plus map and map_width."""
-    _check_known(fields, EXPLAIN_DEFAULTS)
-    options = {"top_k": _option(fields, "top_k", int, EXPLAIN_DEFAULTS["top_k"]),
-               "beam": _option(fields, "beam", int, EXPLAIN_DEFAULTS["beam"]),
-               "runners_up": _option(fields, "runners_up", int, EXPLAIN_DEFAULTS["runners_up"]),
-               "reasons": _option(fields, "reasons", int, EXPLAIN_DEFAULTS["reasons"]),
-               "candidates": _option(fields, "candidates", str, EXPLAIN_DEFAULTS["candidates"]),
-               "map": _option(fields, "map", bool, EXPLAIN_DEFAULTS["map"]),
-               "map_width": _option(fields, "map_width", int, EXPLAIN_DEFAULTS["map_width"])}
-    for name in ("top_k", "beam"):
-        if options[name] is not None and options[name] < 1:
-            raise ApiError(400, f"option {name}={options[name]}: expected an integer >= 1")
+    options = _options(fields, EXPLAIN_DEFAULTS)
+    try:
+        check_options(options["min_prob"], "city", "compare", options["beam"], options["top_k"])
+    except InputError as exc:
+        raise ApiError(400, f"option {exc}") from None
     for name in ("runners_up", "reasons"):
         if options[name] < 0:
             raise ApiError(400, f"option {name}={options[name]}: expected an integer >= 0")
     if options["candidates"] not in ("siblings", "paths"):
         raise ApiError(400, f"option candidates={options['candidates']!r}: expected siblings or paths")
+    if options["exif"] not in ("compare", "ignore"):
+        raise ApiError(400, f"option exif={options['exif']!r}: expected compare or ignore (an explanation explains "
+                            "the model's answer)")
     low, high = MAP_WIDTH_RANGE
     if not low <= options["map_width"] <= high:
         raise ApiError(400, f"option map_width={options['map_width']}: expected {low} to {high} pixels")
@@ -238,7 +237,8 @@ class ModelService:
             return explain.explain_images(self.model, images, model_dir=self.model_dir, top_k=options["top_k"],
                                           beam=options["beam"], n_reasons=options["reasons"],
                                           n_runners_up=options["runners_up"], candidates=options["candidates"],
-                                          vocabulary=self.vocabulary, profiles=self.profiles)
+                                          vocabulary=self.vocabulary, profiles=self.profiles, exif=options["exif"],
+                                          min_prob=options["min_prob"])
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - an image the preprocessor cannot use is the request's fault
@@ -291,6 +291,8 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
         summary = RunSummary()      # timed from here: the summary's seconds are the request's
         images, fields = await read_upload(request, limits)
         options = predict_options(fields)
+        if options["beam"] is None:     # as `hierloc predict`: the model's beam, named in the answer's header
+            options["beam"] = service.model.cfg.inference.beam
         records = await submit("predict", options, images)
         failed = [record for record in records if not record.ok]
         if failed:

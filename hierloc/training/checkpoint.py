@@ -16,11 +16,17 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+try:  # POSIX; elsewhere a run directory is not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from gazetteer.atomic import atomic_directory, atomic_write_text
 from hierloc.errors import InputError
@@ -64,6 +70,28 @@ def writing(path: str | Path, what: str = "", hint: str = "") -> Iterator[None]:
         label = f"{what} {path}" if what else str(path)
         raise InputError(f"cannot write {label}: {describe_write_error(exc)}" + (f"; {hint}" if hint else "")
                          ) from None
+
+
+def lock_directory(path: str | Path) -> int | None:
+    """Take an exclusive advisory lock on the directory `path` (flock on the directory itself, so no file is
+    left behind and the lock ends with the process, even on SIGKILL) -> a handle for `unlock_directory`.
+    InputError when another process holds it: two `hierloc train` runs must not write one --out."""
+    if fcntl is None:
+        return None
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise InputError(f"{path}: another `hierloc train` is writing this output directory; wait for it to end "
+                         "or choose another --out") from None
+    return handle
+
+
+def unlock_directory(handle: int | None) -> None:
+    """Release a lock taken by `lock_directory` (None: nothing to release)."""
+    if handle is not None:
+        os.close(handle)
 
 
 # --------------------------------------------------------------------------------------------- optimiser state

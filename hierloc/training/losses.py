@@ -1,4 +1,4 @@
-r"""GWH-InfoNCE, HierLoc's geo-weighted hyperbolic InfoNCE (paper Sec. 3.6, Eq. 3-4; design.md section 6).
+r"""GWH-InfoNCE, HierLoc's geo-weighted hyperbolic InfoNCE (paper Sec. 3.6, Eq. 3-4).
 
 Per level l, for image i with true entity p among all N_l entities of the level (every other entity is a
 negative), with d the SQUARED hyperbolic distance and g_k the haversine distance (km) from the image's GPS to
@@ -51,6 +51,7 @@ from hierloc.geometry.hyperbolic import blocked_level_loss
 from hierloc.model.network import TAU_RANGE, temperature
 
 KERNELS = ("laplace", "gaussian", "inverse")
+WEIGHTINGS = ("paper", "logit")
 # exp() arguments are clamped at this floor: exp(-60) ~ 9e-27 is invisible next to the terms it is summed with
 # (float32 resolves 6e-8 relative, and 1e5 such terms still add only 1e-21). Without it, on CPU: PyTorch's exp is
 # 50-100x slower for arguments below about -88 (measured 1.9 ms vs 110 ms for 5M values spread over [-1500, 0];
@@ -155,6 +156,11 @@ class GWHInfoNCE(nn.Module):
         betas: per-level weights beta_l (>= 0), length n_levels.
         learn_tau, learn_weights: make tau / (lambda, sigma) learnable; otherwise they are fixed buffers.
         kernel: "laplace" (paper), "gaussian" or "inverse".
+        weighting: how the kernel enters the logits. "paper": w = 1 + lambda K(g / sigma), i.e. a negative's logit
+            moves by log(1 + lambda K) <= log(1 + lambda) (~0.7 at lambda = 1, while -d^2 / tau spans hundreds).
+            "logit": log w = lambda K(g / sigma) / tau, a margin of lambda K in squared-distance units, so the
+            weighting acts at the logits' own scale: logit = -(d^2 - lambda K(g / sigma)) / tau. Reference path
+            only (not with blocked=True).
         tau_range, lam_range, sigma_range_km: clamping ranges (the parameters are log-parametrised).
         blocked: what the training step calls (``hierloc.training.train.TrainModule``): True = ``forward_points``, the
             blocked loss that never forms a (B, N) tensor; False = ``forward`` on full distance matrices (the
@@ -175,6 +181,7 @@ class GWHInfoNCE(nn.Module):
         lam_range: Sequence[float] = (0.1, 10.0),
         sigma_range_km: Sequence[float] = (10.0, 5000.0),
         blocked: bool = False,
+        weighting: str = "paper",
     ) -> None:
         super().__init__()
         if n_levels < 1:
@@ -183,10 +190,14 @@ class GWHInfoNCE(nn.Module):
             raise ValueError(f"betas must be {n_levels} finite values >= 0, got {tuple(betas)}")
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+        if weighting != "paper" and blocked:
+            raise ValueError(f"weighting={weighting!r} has no blocked kernel; use blocked=False")
         if lam == 0.0 and learn_weights:
             raise ValueError("lam=0 with learn_weights=True: a log-parametrised lambda cannot leave 0; "
                              "use learn_weights=False for plain hyperbolic InfoNCE")
-        self.n_levels, self.kernel = n_levels, kernel
+        self.n_levels, self.kernel, self.weighting = n_levels, kernel, weighting
         self.learn_tau, self.learn_weights = learn_tau, learn_weights
         self._tau_range = _check_range("tau", float(tau), tau_range)
         self.blocked = bool(blocked)
@@ -205,7 +216,7 @@ class GWHInfoNCE(nn.Module):
         loss = cfg.loss
         return cls(n_levels=N_LEVELS, tau=loss.tau, lam=loss.lam, sigma_km=loss.sigma_km, betas=tuple(loss.betas),
                    learn_tau=loss.learn_tau, learn_weights=loss.learn_weights, kernel=loss.kernel,
-                   blocked=loss.blocked)
+                   blocked=loss.blocked, weighting=loss.weighting)
 
     def _register(self, name: str, value: float, learnable: bool) -> None:
         tensor = torch.tensor(value, dtype=torch.float32)
@@ -238,7 +249,8 @@ class GWHInfoNCE(nn.Module):
         return 1.0 + self._extra_weight(geo_km)
 
     def log_weights(self, geo_km: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """log w (B, N) for distances g (B, N) km, with log w = 0 at each row's target (the positive is not a
+        """log w (B, N) for distances g (B, N) km (weighting="logit": lambda K(g / sigma) / tau), with log w = 0 at
+        each row's target (the positive is not a
         negative; rows with target -1 are ignored by the loss). Differentiable w.r.t. lambda and sigma only.
 
         Laplace kernel with fixed lambda and sigma (the default): log(1 + exp(log lambda - g/sigma)) in four
@@ -247,7 +259,9 @@ class GWHInfoNCE(nn.Module):
         Otherwise (learnable lambda/sigma or other kernels): log1p(lambda K(g/sigma)) with autograd.
         """
         g = geo_km.detach().float()
-        if self.kernel == "laplace" and not self.learn_weights:
+        if self.weighting == "logit":
+            log_w = self._extra_weight(g) / self.temperature()
+        elif self.kernel == "laplace" and not self.learn_weights:
             log_lam = self.log_lam.clamp(*self._log_lam_bounds)
             log_w = torch.addcmul(log_lam, g, -1.0 / self.sigma_km()).clamp_min_(EXP_FLOOR).exp_().add_(1.0)
             torch.log(log_w, out=log_w)
@@ -306,8 +320,8 @@ class GWHInfoNCE(nn.Module):
         c: float = 1.0,
     ) -> dict:
         """The same loss as ``forward`` (same dict), computed from the points on the Poincare ball without any
-        (B, N_l) tensor: hierloc.geometry._gwh_blocked (entity tiles folded into running log-sum-exp statistics, recomputed
-        tile by tile in backward). Memory O((B + N_l) D) instead of several (B, N_l) buffers.
+        (B, N_l) tensor: hierloc.geometry._gwh_blocked (entity tiles folded into running log-sum-exp statistics,
+        recomputed tile by tile in backward). Memory O((B + N_l) D) instead of several (B, N_l) buffers.
 
         Args:
             points: (B, D) image points; entity_points: n_levels tensors (N_l, D) (autograd to both).
@@ -392,4 +406,5 @@ class GWHInfoNCE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, kernel={self.kernel!r}, learn_tau={self.learn_tau}, "
-                f"learn_weights={self.learn_weights}, betas={self.betas.tolist()}, blocked={self.blocked}")
+                f"learn_weights={self.learn_weights}, betas={self.betas.tolist()}, blocked={self.blocked}, "
+                f"weighting={self.weighting!r}")

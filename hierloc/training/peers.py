@@ -1,4 +1,4 @@
-r"""Peer objectives for the side-by-side benchmark (issue 6), trained exactly like HierLoc except for the head.
+r"""Peer objectives for the side-by-side benchmark (scripts/bench_peers.py), trained like HierLoc except for the head.
 
 Shared with `hierloc.training.train`, so that only the objective differs between a peer and HierLoc: the image encoder
 (`build_encoder`, "tiny-vit" by default), the data pipeline (`read_image_table`, `ImageDataset` with the same
@@ -10,6 +10,8 @@ train.max_steps). z (B, D) below is the image head's output; y the true city (th
 image, `Gazetteer.locate`); N the number of city entities; c_j the coordinate of city j.
 
 kinds:
+  country-ce classification over the countries, the encoder's floor at the coarsest level:
+                L = CE(W z + b, country(y));  answer: the country's coordinate (its path stops at the country).
   flat-ce   OSV5M/PlaNet-style classification over the cities:  L = CE(W z + b, y);  answer: c_argmax.
   geo-ls    the same classifier with geo label smoothing (the Los Angeles street-level study's GLS):
                 q = (1 - eps) onehot(y) + eps softmax_j(-D(c_y, c_j) / t),   L = -sum_j q_j log softmax(W z + b)_j
@@ -55,6 +57,7 @@ from torch import nn
 
 from gazetteer import Gazetteer
 from gazetteer.atomic import atomic_directory
+from gazetteer.schema import LEVELS
 from hierloc.config import Config, from_dict
 from hierloc.data import tables
 from hierloc.device import encoder_autocast, resolve_device
@@ -66,10 +69,11 @@ from hierloc.training.train import base_learning_rates, build_encoder, plan_step
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat-ce", "geo-ls", "geoclip", "swclip")
+KINDS = ("country-ce", "flat-ce", "geo-ls", "geoclip", "swclip")
 CITY_KINDS = ("flat-ce", "geo-ls", "swclip")     # answer a city entity
 CONTRASTIVE_KINDS = ("geoclip", "swclip")        # cosine logits with a learnable scale
 CITY_LEVEL = 3
+COUNTRY_LEVEL = 0
 FORMAT_VERSION = 1
 META_NAME = "baseline.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -147,29 +151,29 @@ def unit_vectors(lat_deg: torch.Tensor, lon_deg: torch.Tensor) -> torch.Tensor:
     return latlon_to_unit(lat_deg.double(), lon_deg.double())
 
 
-def geo_label_smoothing_targets(true_city: torch.Tensor, city_lat_deg: torch.Tensor, city_lon_deg: torch.Tensor,
-                                eps: float, t_km: float, city_units: torch.Tensor | None = None) -> torch.Tensor:
+def geo_label_smoothing_targets(true_city: torch.Tensor, class_lat_deg: torch.Tensor, class_lon_deg: torch.Tensor,
+                                eps: float, t_km: float, class_units: torch.Tensor | None = None) -> torch.Tensor:
     """q = (1 - eps) onehot(y) + eps softmax(-D(c_y, .) / t): true_city (B,) int64 in [0, N), city coordinates
-    (N,) degrees (city_units: their (N, 3) `unit_vectors` when cached) -> (B, N) float32, every row summing to 1
+    (N,) degrees (class_units: their (N, 3) `unit_vectors` when cached) -> (B, N) float32, every row summing to 1
     (one-hot at eps = 0)."""
-    if city_units is None:
-        city_units = unit_vectors(city_lat_deg, city_lon_deg)
-    dist_km = great_circle_km(city_units[true_city], city_units, dtype=torch.float32)
+    if class_units is None:
+        class_units = unit_vectors(class_lat_deg, class_lon_deg)
+    dist_km = great_circle_km(class_units[true_city], class_units, dtype=torch.float32)
     targets = torch.softmax(dist_km.mul_(-1.0 / t_km), dim=-1).mul_(eps)
     targets[torch.arange(len(true_city), device=targets.device), true_city] += 1.0 - eps
     return targets
 
 
 def geo_soft_targets(lat_deg: torch.Tensor, lon_deg: torch.Tensor, true_city: torch.Tensor,
-                     city_lat_deg: torch.Tensor, city_lon_deg: torch.Tensor, mix: float, scale_km: float,
-                     radius_km: float, city_units: torch.Tensor | None = None) -> torch.Tensor:
+                     class_lat_deg: torch.Tensor, class_lon_deg: torch.Tensor, mix: float, scale_km: float,
+                     radius_km: float, class_units: torch.Tensor | None = None) -> torch.Tensor:
     """SW-CLIP-style targets q = (1 - mix) onehot(y) + mix K / sum K, K_j = exp(-g_j / scale) for g_j <= radius
     (g: km from the image's GPS to city j), else 0. lat_deg, lon_deg, true_city (B,); city coordinates (N,)
-    -> (B, N) float32, rows summing to 1; a row with no city within the radius is one-hot. city_units: the
+    -> (B, N) float32, rows summing to 1; a row with no city within the radius is one-hot. class_units: the
     cities' (N, 3) `unit_vectors` when cached."""
-    if city_units is None:
-        city_units = unit_vectors(city_lat_deg, city_lon_deg)
-    dist_km = great_circle_km(unit_vectors(lat_deg, lon_deg), city_units, dtype=torch.float32)
+    if class_units is None:
+        class_units = unit_vectors(class_lat_deg, class_lon_deg)
+    dist_km = great_circle_km(unit_vectors(lat_deg, lon_deg), class_units, dtype=torch.float32)
     kernel = dist_km.mul(-1.0 / scale_km).exp_().masked_fill_(dist_km > radius_km, 0.0)   # in place: (B, N)
     total = kernel.sum(dim=-1, keepdim=True)
     has_near = total > 0
@@ -183,11 +187,11 @@ def geo_soft_targets(lat_deg: torch.Tensor, lon_deg: torch.Tensor, true_city: to
 class BaselineModel(nn.Module):
     """Encoder + image head + the kind's head.
 
-    city_lat_deg, city_lon_deg: (N,) the gazetteer's city entities; gallery_lat_deg, gallery_lon_deg: (G,) the
+    class_lat_deg, class_lon_deg: (N,) the gazetteer's city entities; gallery_lat_deg, gallery_lon_deg: (G,) the
     GPS gallery (geoclip only). Buffers are float64 (coordinates).
     """
 
-    def __init__(self, kind: str, cfg: Config, encoder: nn.Module, city_lat_deg, city_lon_deg,
+    def __init__(self, kind: str, cfg: Config, encoder: nn.Module, class_lat_deg, class_lon_deg,
                  options: BaselineOptions | None = None, gallery_lat_deg=None, gallery_lon_deg=None):
         super().__init__()
 
@@ -198,14 +202,15 @@ class BaselineModel(nn.Module):
         self.encoder = encoder
         dim = cfg.model.embed_dim
         self.image_head = mlp(encoder.feature_dim, cfg.model.head_hidden, dim, cfg.model.dropout)
-        self.register_buffer("city_lat_deg", torch.as_tensor(np.asarray(city_lat_deg), dtype=torch.float64))
-        self.register_buffer("city_lon_deg", torch.as_tensor(np.asarray(city_lon_deg), dtype=torch.float64))
-        self.register_buffer("city_units", unit_vectors(self.city_lat_deg, self.city_lon_deg), persistent=False)
-        n_cities = int(self.city_lat_deg.shape[0])
-        if kind in ("flat-ce", "geo-ls"):
-            self.classifier = nn.Linear(dim, n_cities)
+        self.register_buffer("class_lat_deg", torch.as_tensor(np.asarray(class_lat_deg), dtype=torch.float64))
+        self.register_buffer("class_lon_deg", torch.as_tensor(np.asarray(class_lon_deg), dtype=torch.float64))
+        self.register_buffer("class_units", unit_vectors(self.class_lat_deg, self.class_lon_deg), persistent=False)
+        n_classes = int(self.class_lat_deg.shape[0])
+        self.level = class_level(kind)   # the classes are the gazetteer's entities of this level
+        if kind in ("country-ce", "flat-ce", "geo-ls"):
+            self.classifier = nn.Linear(dim, n_classes)
         if kind == "swclip":
-            self.city_embeddings = nn.Parameter(torch.randn(n_cities, dim) * dim ** -0.5)   # unit norm on average
+            self.city_embeddings = nn.Parameter(torch.randn(n_classes, dim) * dim ** -0.5)   # unit norm on average
         if kind == "geoclip":
             if gallery_lat_deg is None or len(gallery_lat_deg) == 0:
                 raise InputError("geoclip baseline: the GPS gallery is empty")
@@ -216,8 +221,8 @@ class BaselineModel(nn.Module):
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.options.init_temperature)))
 
     @property
-    def n_cities(self) -> int:
-        return int(self.city_lat_deg.shape[0])
+    def n_classes(self) -> int:
+        return int(self.class_lat_deg.shape[0])
 
     def logit_scale(self) -> torch.Tensor:
         """s = exp(clamp(log s, 0, ln 100)), a 0-dim tensor."""
@@ -235,7 +240,7 @@ class BaselineModel(nn.Module):
         encoded = _sphere_encoding(lat_deg, lon_deg, cfg)
         return F.normalize(self.gps_encoder(encoded), dim=-1)
 
-    def city_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def class_logits(self, z: torch.Tensor) -> torch.Tensor:
         """City kinds: z (B, D) -> logits (B, N)."""
         if self.kind == "swclip":
             return self.logit_scale() * F.normalize(z, dim=-1) @ F.normalize(self.city_embeddings, dim=-1).T
@@ -246,19 +251,19 @@ class BaselineModel(nn.Module):
         """One batch: pixels (B, 3, S, S), lat/lon (B,) degrees, true_city (B,) int64 in [0, N) -> {"loss": ()}."""
         z = self.embed_images(pixel_values, amp)
         opts = self.options
-        if self.kind == "flat-ce":
-            return {"loss": F.cross_entropy(self.city_logits(z), true_city)}
+        if self.kind in ("country-ce", "flat-ce"):
+            return {"loss": F.cross_entropy(self.class_logits(z), true_city)}
         if self.kind == "geo-ls":
             with torch.no_grad():
-                targets = geo_label_smoothing_targets(true_city, self.city_lat_deg, self.city_lon_deg,
-                                                      opts.geo_ls_eps, opts.geo_ls_t_km, self.city_units)
-            return {"loss": soft_cross_entropy(self.city_logits(z), targets)}
+                targets = geo_label_smoothing_targets(true_city, self.class_lat_deg, self.class_lon_deg,
+                                                      opts.geo_ls_eps, opts.geo_ls_t_km, self.class_units)
+            return {"loss": soft_cross_entropy(self.class_logits(z), targets)}
         if self.kind == "swclip":
             with torch.no_grad():
-                targets = geo_soft_targets(lat_deg, lon_deg, true_city, self.city_lat_deg, self.city_lon_deg,
+                targets = geo_soft_targets(lat_deg, lon_deg, true_city, self.class_lat_deg, self.class_lon_deg,
                                            opts.soft_mix, opts.soft_scale_km, opts.soft_radius_km,
-                                           self.city_units)
-            return {"loss": soft_cross_entropy(self.city_logits(z), targets), "logit_scale": self.logit_scale()}
+                                           self.class_units)
+            return {"loss": soft_cross_entropy(self.class_logits(z), targets), "logit_scale": self.logit_scale()}
         # geoclip: the batch's own points, then random gallery negatives
         cand_lat, cand_lon = lat_deg.double(), lon_deg.double()
         if opts.gps_negatives:
@@ -272,6 +277,11 @@ class BaselineModel(nn.Module):
         same_place[rows, rows] = False
         logits = logits.masked_fill(same_place, float("-inf"))
         return {"loss": F.cross_entropy(logits, rows), "logit_scale": self.logit_scale()}
+
+
+def class_level(kind: str) -> int:
+    """The gazetteer level whose entities a classifier kind answers: countries for country-ce, else cities."""
+    return COUNTRY_LEVEL if kind == "country-ce" else CITY_LEVEL
 
 
 def _sphere_encoding(lat_deg: torch.Tensor, lon_deg: torch.Tensor, model_cfg) -> torch.Tensor:
@@ -317,15 +327,16 @@ class TrainedBaseline:
 
     @property
     def device(self) -> torch.device:
-        return self.model.city_lat_deg.device
+        return self.model.class_lat_deg.device
 
 
 def _as_gazetteer(gazetteer):
     return gazetteer if isinstance(gazetteer, Gazetteer) else Gazetteer.load(gazetteer)
 
 
-def _city_coordinates(gaz) -> tuple[np.ndarray, np.ndarray, int]:
-    sl = gaz.level_slice(CITY_LEVEL)
+def _class_coordinates(gaz, level: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The coordinates (N,), (N,) of the gazetteer's entities of ``level`` and the level's first global id."""
+    sl = gaz.level_slice(level)
     return np.asarray(gaz.lat_deg[sl]), np.asarray(gaz.lon_deg[sl]), int(sl.start)
 
 
@@ -345,27 +356,28 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     does not resolve to a city of the gazetteer are skipped (counted in the summary). Budget, seed, encoder,
     learning rates and schedule come from `cfg` (see the module docstring). out_dir: also save the model there
     (`save_baseline`). Summary keys: kind, steps, epochs, seconds (the training loop only, as HierLoc's
-    train_summary), images_per_second, n_train, n_skipped, n_cities, gallery_size, final_loss, first_loss.
+    train_summary), images_per_second, n_train, n_skipped, n_classes, gallery_size, final_loss, first_loss.
     """
     if kind not in KINDS:
         raise InputError(f"baseline kind {kind!r}: expected one of {', '.join(KINDS)}")
     options = (options or BaselineOptions()).validate()
     dev = resolve_device(device)
     seed_everything(cfg.train.seed)
-    table, gaz, located, n_skipped = _city_rows(train_csv, image_root, gazetteer)
-    city_lat, city_lon, city_offset = _city_coordinates(gaz)
+    level = class_level(kind)
+    table, gaz, located, n_skipped = _class_rows(train_csv, image_root, gazetteer, level)
+    class_lat, class_lon, class_offset = _class_coordinates(gaz, level)
     gallery = (None, None)
     if kind == "geoclip":
-        gallery = gps_gallery(table.lat_deg, table.lon_deg) if options.gallery == "train" else (city_lat, city_lon)
+        gallery = gps_gallery(table.lat_deg, table.lon_deg) if options.gallery == "train" else (class_lat, class_lon)
     encoder = build_encoder(cfg, allow_download)
-    model = BaselineModel(kind, cfg, encoder, city_lat, city_lon, options, *gallery).to(dev)
+    model = BaselineModel(kind, cfg, encoder, class_lat, class_lon, options, *gallery).to(dev)
     optimizers = {"adamw": build_optimizer(model, cfg)}
     dataset = tables.ImageDataset(table, encoder.preprocessor, targets=located, train=cfg.train.augment,
                                   seed=cfg.train.seed, shift_frac=cfg.train.shift_frac)
-    loop = _train_loop(model, optimizers, dataset, cfg, train_csv, city_offset, dev, progress)
+    loop = _train_loop(model, optimizers, dataset, cfg, train_csv, class_offset, dev, progress)
     summary = {"kind": kind, "steps": loop["steps"], "epochs": loop["epochs"], "seconds": loop["seconds"],
                "images_per_second": loop["images_per_second"], "n_train": int(len(table)),
-               "n_skipped": int(n_skipped + table.n_skipped), "n_cities": model.n_cities,
+               "n_skipped": int(n_skipped + table.n_skipped), "n_classes": model.n_classes,
                "gallery_size": int(len(gallery[0])) if gallery[0] is not None else 0,
                "first_loss": loop["first_loss"], "final_loss": loop["final_loss"]}
     trained = TrainedBaseline(kind, cfg, options, model, gaz, summary)
@@ -374,23 +386,24 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     return trained
 
 
-def _city_rows(train_csv: str, image_root: str | None, gazetteer) -> tuple[Any, Gazetteer, np.ndarray, int]:
-    """The training CSV's rows whose point falls in a city of the gazetteer (a `Gazetteer` or its directory) ->
-    (table, gazetteer, their entities (n, 4), number of rows skipped for falling outside)."""
+def _class_rows(train_csv: str, image_root: str | None, gazetteer, level: int = CITY_LEVEL
+                ) -> tuple[Any, Gazetteer, np.ndarray, int]:
+    """The training CSV's rows whose point falls in an entity of ``level`` of the gazetteer (a `Gazetteer` or its
+    directory) -> (table, gazetteer, their entities (n, 4), number of rows skipped for falling outside)."""
     table = tables.read_image_table(train_csv, image_root=image_root, on_bad="skip")
     gaz = _as_gazetteer(gazetteer)
     located = gaz.locate(table.lat_deg, table.lon_deg).astype(np.int64)
-    keep = np.flatnonzero(located[:, CITY_LEVEL] >= 0)
+    keep = np.flatnonzero(located[:, level] >= 0)
     if keep.size == 0:
-        raise InputError(f"{train_csv}: no training image falls in a city of the gazetteer")
+        raise InputError(f"{train_csv}: no training image falls in a {LEVELS[level]} of the gazetteer")
     n_skipped = len(table) - keep.size
     if n_skipped:
-        log.warning("%s: %d training images fall outside the gazetteer's cities and are skipped", train_csv,
-                    n_skipped)
+        log.warning("%s: %d training images fall outside the gazetteer's %s entities and are skipped", train_csv,
+                    n_skipped, LEVELS[level])
     return table.subset(keep), gaz, located[keep], n_skipped
 
 
-def _train_loop(model: BaselineModel, optimizers: dict, dataset, cfg: Config, train_csv: str, city_offset: int,
+def _train_loop(model: BaselineModel, optimizers: dict, dataset, cfg: Config, train_csv: str, class_offset: int,
                 dev: torch.device, progress: bool) -> dict:
     """train.epochs epochs (at most train.max_steps steps) of `hierloc.training.train.train_step` on the peer's
     loss -> {steps, epochs, seconds, images_per_second, first_loss, final_loss}."""
@@ -412,7 +425,7 @@ def _train_loop(model: BaselineModel, optimizers: dict, dataset, cfg: Config, tr
         for batch in loader:
             if step >= total_steps:
                 break
-            true_city = (batch["targets"][:, CITY_LEVEL] - city_offset).to(dev)
+            true_city = (batch["targets"][:, model.level] - class_offset).to(dev)
             forward = functools.partial(model.loss, batch["pixel_values"].to(dev), batch["lat_deg"].to(dev),
                                         batch["lon_deg"].to(dev), true_city, generator=negatives, amp=cfg.train.amp)
             out, _ = train_step(forward, optimizers, base_lrs, model.parameters(), cfg.train, step, total_steps)
@@ -451,7 +464,7 @@ def predict(obj: TrainedBaseline, table, batch_size: int = 128, num_workers: int
         if index.size == 0:
             continue
         z = model.embed_images(batch["pixel_values"].to(dev), obj.cfg.train.amp)
-        scores = F.normalize(z, dim=-1) @ gallery.T if gallery is not None else model.city_logits(z)
+        scores = F.normalize(z, dim=-1) @ gallery.T if gallery is not None else model.class_logits(z)
         answer[index] = scores.argmax(dim=-1).cpu().numpy()
     ok = answer >= 0
     lat = np.full(n, np.nan)
@@ -463,9 +476,9 @@ def predict(obj: TrainedBaseline, table, batch_size: int = 128, num_workers: int
         if ok.any():
             paths[ok] = obj.gazetteer.locate(lat[ok], lon[ok])
     else:
-        lat[ok] = model.city_lat_deg.cpu().numpy()[answer[ok]]
-        lon[ok] = model.city_lon_deg.cpu().numpy()[answer[ok]]
-        offset = int(obj.gazetteer.level_offsets[CITY_LEVEL])
+        lat[ok] = model.class_lat_deg.cpu().numpy()[answer[ok]]
+        lon[ok] = model.class_lon_deg.cpu().numpy()[answer[ok]]
+        offset = int(obj.gazetteer.level_offsets[model.level])
         paths[ok] = np.asarray(obj.gazetteer.paths)[answer[ok] + offset]
     return {"pred_lat_deg": lat, "pred_lon_deg": lon, "paths": paths, "ok": ok}
 
@@ -483,9 +496,9 @@ def size_megabytes(obj: TrainedBaseline) -> dict[str, float]:
     model = obj.model
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     dim = obj.cfg.model.embed_dim
-    index = model.n_cities * 2 * 8
+    index = model.n_classes * 2 * 8
     if obj.kind == "swclip":
-        index += model.n_cities * dim * 4
+        index += model.n_classes * dim * 4
     if obj.kind == "geoclip":
         index = len(model.gallery_lat_deg) * (dim * 4 + 2 * 8)
     return {"params_mb": params / 1e6, "index_mb": index / 1e6}
@@ -522,7 +535,7 @@ def load_baseline(model_dir: str | Path, device: str = "cpu") -> TrainedBaseline
         raise InputError(f"{root}: gazetteer content hash {gaz.content_hash} differs from the one trained on")
     state = ckpt.load_tensors(root / WEIGHTS_NAME)
     encoder = build_encoder(cfg, allow_download=False)
-    model = BaselineModel(meta["kind"], cfg, encoder, state["city_lat_deg"], state["city_lon_deg"], options,
+    model = BaselineModel(meta["kind"], cfg, encoder, state["class_lat_deg"], state["class_lon_deg"], options,
                           state.get("gallery_lat_deg"), state.get("gallery_lon_deg"))
     try:
         model.load_state_dict(state, strict=True)

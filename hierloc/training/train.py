@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> metrics (see `train`)
 Validator = Callable[[str, Config, nn.Module, dict, nn.Module, Any, torch.device], dict]
+# calibrate(model_dir, val_csv, device) -> modeldir.Calibration, written into model_dir (see `train`)
+Calibrator = Callable[[str, str, torch.device], modeldir.Calibration]
 
 
 @dataclass
@@ -78,6 +80,7 @@ class TrainInputs:
     cache_dir: str | None = None
     progress: bool = True
     allow_download: bool = False
+    on_bad: str = "skip"              # training CSV rows with a bad coordinate: "skip" (counted) or "error"
 
 
 class TrainingInterrupted(SystemExit):
@@ -106,6 +109,7 @@ class TrainSummary:
     n_entities: list = field(default_factory=list)
     final_loss: float = float("nan")
     validation: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)    # the fitted calibration.json (with --val-csv), else {}
     train_csv: str = ""
     rank_param_divergence: float = 0.0   # max |difference| of any parameter between ranks (0 = in sync)
 
@@ -260,17 +264,24 @@ def build_optimizers(module: TrainModule, cfg: Config) -> dict[str, torch.optim.
 
 
 @torch.no_grad()
-def entity_feature_means(features: np.ndarray | torch.Tensor, targets: np.ndarray, n_entities: int) -> torch.Tensor:
-    """Mean feature of each entity's images at every level. features (N, F), targets (N, 4) global ids -> (E, F)."""
-    feats = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    sums = torch.zeros(n_entities, feats.shape[1], dtype=torch.float64)
+def entity_feature_means(features, targets: np.ndarray, n_entities: int, chunk_rows: int = 65_536) -> torch.Tensor:
+    """Mean feature of each entity's images at every level. features (N, F): an array, a tensor, or a
+    `FeatureCache` (anything sliced by row ranges, with `.shape` or `.feature_dim`), read `chunk_rows` rows at a
+    time, so memory does not grow with N; rows with a non-finite value (failed images) are left out.
+    targets (N, 4) global ids -> (E, F) float32."""
+    n_rows = len(features)
+    dim = int(features.shape[1]) if hasattr(features, "shape") else int(features.feature_dim)
+    sums = torch.zeros(n_entities, dim, dtype=torch.float64)
     counts = torch.zeros(n_entities, dtype=torch.float64)
-    valid_rows = torch.isfinite(feats).all(dim=1)
-    for level in range(N_LEVELS):
-        ids = torch.as_tensor(targets[:, level])
-        keep = (ids >= 0) & valid_rows
-        sums.index_add_(0, ids[keep], feats[keep])
-        counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(n_rows, start + chunk_rows)
+        feats = torch.as_tensor(np.asarray(features[start:stop]), dtype=torch.float64)
+        valid_rows = torch.isfinite(feats).all(dim=1)
+        for level in range(N_LEVELS):
+            ids = torch.as_tensor(np.asarray(targets[start:stop, level]))
+            keep = (ids >= 0) & valid_rows
+            sums.index_add_(0, ids[keep], feats[keep])
+            counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
     return (sums / counts.clamp_min(1).unsqueeze(1)).to(torch.float32)
 
 
@@ -368,35 +379,53 @@ def build_encoder(cfg: Config, allow_download: bool):
                                         allow_download=allow_download)
 
 
-def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None) -> TrainSummary:
+def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None,
+          calibrate: Calibrator | None = None) -> TrainSummary:
     """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers).
 
     validate: with `inputs.val_csv`, called after every epoch on rank 0 as
     ``validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> {metric: value}`` (the CLI passes
-    `hierloc.inference.predictor.HierLoc.validation_metrics`; training itself does not depend on inference)."""
+    `hierloc.inference.predictor.HierLoc.validation_metrics`; training itself does not depend on inference).
+    calibrate: with `inputs.val_csv`, called once on rank 0 after the model directory is written, as
+    ``calibrate(model_dir, val_csv, device)``: fits the per-level temperatures of the reported probabilities and
+    writes calibration.json (the CLI passes `HierLoc.calibrate_model_dir`)."""
     runtime = init_runtime(inputs.device)
     if runtime.device.type == "cpu" and cfg.train.reuse_cpu_memory:
         reuse_freed_cpu_memory()
     try:
-        return _train(cfg, inputs, runtime, validate)
+        return _train(cfg, inputs, runtime, validate, calibrate)
     finally:
         shutdown(runtime)
 
 
-def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> Path:
+def _check_out_dir(inputs: TrainInputs) -> Path:
+    """--out may be written: InputError when it holds a run and neither --resume nor --overwrite was given.
+    Creates nothing (the directory is made only after every input has been validated)."""
     out = Path(inputs.out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out exists and is a file; expected a directory")
+    if out.exists() and any(out.iterdir()) and not (inputs.resume or inputs.overwrite):
+        raise InputError(f"{out}: output directory exists and is not empty; pass --resume to continue its "
+                         "training or --overwrite to replace it")
+    return out
+
+
+def _prepare_out_dir(inputs: TrainInputs, runtime: Runtime) -> tuple[Path, int | None]:
+    """Create --out (rank 0) and lock it against a second `hierloc train` -> (out, lock handle or None).
+    With --overwrite, the directory's contents are replaced, not the directory (the lock stays on it)."""
+    out = _check_out_dir(inputs)
+    lock = None
     if runtime.is_main:
-        if out.exists() and any(out.iterdir()) and not (inputs.resume or inputs.overwrite):
-            raise InputError(f"{out}: output directory exists and is not empty; pass --resume to continue its "
-                             "training or --overwrite to replace it")
-        if out.exists() and inputs.overwrite and not inputs.resume:
-            shutil.rmtree(out)
         with ckpt.writing(out, "output directory"):
             out.mkdir(parents=True, exist_ok=True)
             if not os.access(out, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied", str(out))
+        lock = ckpt.lock_directory(out)
+        if inputs.overwrite and not inputs.resume:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     barrier(runtime)
-    return out
+    return out, lock
 
 
 @dataclass
@@ -426,6 +455,7 @@ class _Run:
     optimizers: dict[str, torch.optim.Optimizer]
     base_lrs: dict[str, list[float]]
     validate: Validator | None
+    calibrate: Calibrator | None = None
     writer: Any = None                        # TensorBoard SummaryWriter (rank 0)
 
 
@@ -445,32 +475,45 @@ class _Loop:
     stop_signal: int = 0                      # the signal that asked the run to stop (0: none)
 
 
-def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validator | None) -> TrainSummary:
-    out = _prepare_out_dir(inputs, runtime)
-    seed_everything(cfg.train.seed)
-    data = _read_data(inputs, runtime, out)
-    encoder = build_encoder(cfg, inputs.allow_download)
-    model, dataset = _build_model_and_dataset(cfg, inputs, runtime, out, data, encoder)
-    loss_fn = GWHInfoNCE.from_config(cfg)
-    module = TrainModule(model, loss_fn).to(runtime.device)
-    optimizers = build_optimizers(module, cfg)
-    base_lrs = base_learning_rates(optimizers)
-    steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, inputs.train_csv, runtime.world_size)
-    step, start_epoch = _resume(inputs, out, module, optimizers)
-    run = _Run(cfg, inputs, runtime, out, data, encoder, dataset, cfg.model.freeze_backbone, module,
-               _distributed(module, runtime), optimizers, base_lrs, validate)
-    run.writer = _open_run_outputs(out, cfg, data.gaz, runtime)
-    loop = _Loop(step, start_epoch, steps_per_epoch, total_steps,
-                 saved_step=step if inputs.resume and step > 0 else -1)
-    _run_epochs(run, loop)
-    return _finish(run, loop)
+def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validator | None,
+           calibrate: Calibrator | None = None) -> TrainSummary:
+    # Everything cheap is checked before the long work (the gazetteer, feature extraction) and before --out exists.
+    _check_out_dir(inputs)
+    encoders.check_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, allow_download=inputs.allow_download)
+    table = _read_table(inputs)
+    out, lock = _prepare_out_dir(inputs, runtime)
+    try:
+        seed_everything(cfg.train.seed)
+        data = _read_data(inputs, runtime, out, table)
+        encoder = build_encoder(cfg, inputs.allow_download)
+        model, dataset = _build_model_and_dataset(cfg, inputs, runtime, out, data, encoder)
+        loss_fn = GWHInfoNCE.from_config(cfg)
+        module = TrainModule(model, loss_fn).to(runtime.device)
+        optimizers = build_optimizers(module, cfg)
+        base_lrs = base_learning_rates(optimizers)
+        steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, inputs.train_csv, runtime.world_size)
+        step, start_epoch = _resume(inputs, out, module, optimizers)
+        run = _Run(cfg, inputs, runtime, out, data, encoder, dataset, cfg.model.freeze_backbone, module,
+                   _distributed(module, runtime), optimizers, base_lrs, validate, calibrate)
+        run.writer = _open_run_outputs(out, cfg, data.gaz, runtime)
+        loop = _Loop(step, start_epoch, steps_per_epoch, total_steps,
+                     saved_step=step if inputs.resume and step > 0 else -1)
+        _run_epochs(run, loop)
+        return _finish(run, loop)
+    finally:
+        ckpt.unlock_directory(lock)
 
 
-def _read_data(inputs: TrainInputs, runtime: Runtime, out: Path) -> _Data:
-    """The training CSV (bad rows skipped), the gazetteer, and each image's entities; images outside the
-    gazetteer are dropped (counted). With --resume, the gazetteer is checked against the checkpoint's first."""
-    table = tables.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
-                                    lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad="skip")
+def _read_table(inputs: TrainInputs):
+    """The training CSV, bad rows skipped or refused (inputs.on_bad); an unreadable or empty CSV is an InputError
+    here, before --out exists."""
+    return tables.read_image_table(inputs.train_csv, image_root=inputs.image_root, image_col=inputs.image_col,
+                                   lat_col=inputs.lat_col, lon_col=inputs.lon_col, on_bad=inputs.on_bad)
+
+
+def _read_data(inputs: TrainInputs, runtime: Runtime, out: Path, table) -> _Data:
+    """The gazetteer and each training image's entities; images outside the gazetteer are dropped (counted).
+    With --resume, the gazetteer is checked against the checkpoint's first."""
     gaz = prepare_gazetteer(inputs, table, runtime)
     if inputs.resume:
         _check_resume_gazetteer(out, gaz, inputs)   # before the encoder and any feature extraction
@@ -525,9 +568,8 @@ def _cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, 
                                            world_size=runtime.world_size, progress=inputs.progress)
     if cache is None:
         raise RuntimeError("feature extraction did not complete on every rank")
-    all_feats = cache[np.arange(len(cache))]
-    valid = np.asarray(cache.valid_mask, dtype=bool)  # rows of unreadable images are NaN: leave them out
-    ent_feats = entity_feature_means(all_feats[valid], data.targets[valid], n_entities)
+    # read in chunks from the memory-mapped cache (rows of unreadable images are NaN and left out)
+    ent_feats = entity_feature_means(cache, data.targets, n_entities)
     if cfg.model.entity_image_features == "none":
         ent_feats = torch.zeros_like(ent_feats)
     dataset = feature_cache.CachedFeatureDataset(cache, targets=data.targets, lat_deg=data.table.lat_deg,
@@ -691,16 +733,19 @@ def _place_prototypes(run: _Run) -> None:
 
 
 def _finish(run: _Run, loop: _Loop) -> TrainSummary:
-    """Place the prototypes, write the model directory and train_summary.json (rank 0) -> the summary."""
+    """Place the prototypes, write the model directory, fit its calibration (with --val-csv) and write
+    train_summary.json (rank 0) -> the summary."""
     _place_prototypes(run)
     seconds = time.perf_counter() - loop.started
     runtime, out, gaz = run.runtime, run.out, run.data.gaz
     rank_divergence = _rank_divergence(run.module, runtime)
+    calibration: dict = {}
     if runtime.is_main:
         with ckpt.writing(out, "model directory"):
             modeldir.save_model_dir(out, run.cfg, run.module.model, run.module.loss.state_dict(), run.encoder, gaz)
         if run.writer is not None:
             run.writer.close()
+        calibration = _calibrate(run)
     barrier(runtime)
     counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
     summary = TrainSummary(out_dir=str(out), train_csv=str(Path(run.inputs.train_csv).resolve()), steps=loop.step,
@@ -708,11 +753,23 @@ def _finish(run: _Run, loop: _Loop) -> TrainSummary:
                            images_per_second=loop.images_seen / max(seconds, 1e-9), n_train=len(run.data.targets),
                            n_skipped=int(run.data.table.n_skipped) + run.data.n_unreached, n_entities=counts,
                            final_loss=loop.last_loss, validation=loop.validation,
+                           calibration=calibration,
                            rank_param_divergence=rank_divergence)
     if runtime.is_main:
         with ckpt.writing(out / modeldir.TRAIN_SUMMARY_NAME):
             atomic_write_text(out / modeldir.TRAIN_SUMMARY_NAME, json.dumps(summary.__dict__, indent=2))
     return summary
+
+
+def _calibrate(run: _Run) -> dict:
+    """With --val-csv and a `calibrate` function: fit and write the model directory's calibration.json -> its
+    fields ({} otherwise)."""
+    if not (run.inputs.val_csv and run.calibrate is not None):
+        return {}
+    fitted = run.calibrate(str(run.out), run.inputs.val_csv, run.runtime.device)
+    log.info("calibration on %s: temperatures %s", run.inputs.val_csv,
+             ", ".join(f"{t:.3g}" for t in fitted.temperatures))
+    return asdict(fitted)
 
 
 def _format_metrics(metrics: dict) -> str:

@@ -68,6 +68,47 @@ def test_hand_computed_value_for_each_kernel_with_the_positive_in_the_middle(ker
     assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("kernel, k_of_ratio", [("laplace", lambda r: math.exp(-r)),
+                                                 ("gaussian", lambda r: math.exp(-0.5 * r * r))])
+def test_logit_weighting_is_a_margin_of_lambda_k_in_squared_distance_units(kernel, k_of_ratio):
+    # logit_k = -(d_k - lambda K(g_k / sigma)) / tau for the negatives, -d_p / tau for the positive (float64 by hand)
+    d = torch.tensor([[1.5, 0.2, 0.9, 3.0]], dtype=torch.float64)
+    g = torch.tensor([[50.0, 7.0, 400.0, 1200.0]], dtype=torch.float64)
+    tau, lam, sigma = 0.3, 2.5, 150.0
+    z = [-(d[0, k].item() - (lam * k_of_ratio(g[0, k].item() / sigma) if k != 1 else 0.0)) / tau for k in range(4)]
+    expected = -(z[1] - math.log(sum(math.exp(v) for v in z)))
+    loss = make_loss(tau=tau, lam=lam, sigma_km=sigma, kernel=kernel, weighting="logit", learn_weights=False)
+    out = loss([d], torch.tensor([[1]]), [g])
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    paper = make_loss(tau=tau, lam=lam, sigma_km=sigma, kernel=kernel, learn_weights=False)([d], torch.tensor([[1]]), [g])
+    assert out["loss"].item() > paper["loss"].item()   # the near negative (7 km... 50 km) now weighs exp(~8), not ~3
+
+
+def test_logit_weighting_gradients_near_the_boundary_match_the_composed_formula():
+    # points at |x| ~ 1 - 1e-5: the loss's gradient (float64) against cross-entropy of the logits written out
+    gen = torch.Generator().manual_seed(3)
+    x = hyperbolic.project(torch.randn(5, 4, generator=gen, dtype=torch.float64) * 3.0)
+    y = hyperbolic.project(torch.randn(7, 4, generator=gen, dtype=torch.float64) * 3.0)
+    assert x.norm(dim=1).min() > 0.999
+    g = torch.rand(5, 7, generator=gen, dtype=torch.float64) * 800.0
+    targets = torch.randint(0, 7, (5, 1), generator=gen)
+    tau, lam, sigma = 0.4, 1.5, 200.0
+    loss = make_loss(tau=tau, lam=lam, sigma_km=sigma, weighting="logit", learn_weights=False, learn_tau=False)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss([hyperbolic.pairwise_sqdist(xa, y)], targets, [g])["loss"].backward()
+    margin = (lam * torch.exp(-g / sigma)).scatter(1, targets, 0.0)
+    F.cross_entropy(-(hyperbolic.pairwise_sqdist(xb, y) - margin) / tau, targets[:, 0]).backward()
+    assert torch.isfinite(xa.grad).all()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_logit_weighting_is_refused_with_the_blocked_kernel_and_unknown_names():
+    with pytest.raises(ValueError, match="blocked"):
+        make_loss(weighting="logit", blocked=True)
+    with pytest.raises(ValueError, match="weighting"):
+        make_loss(weighting="margin")
+
+
 def test_lambda_zero_is_exactly_plain_hyperbolic_infonce():
     sqdists, targets, geo = random_batch()
     loss = GWHInfoNCE(tau=0.2, lam=0.0, learn_weights=False)

@@ -32,17 +32,17 @@ class MatrixDistances:
         return self.full[points[rows, 0].long(), ids]
 
 
-def fast_search(level_sqdists, parents, offsets, tau, beam, top_k, chunk=256):
+def fast_search(level_sqdists, parents, offsets, tau, beam, top_k, chunk=256, temperatures=None):
     """`beam_search` on the same distances as `beam_search_dense(level_sqdists, ...)`."""
     batch = level_sqdists[0].shape[0]
     queries = torch.arange(batch, dtype=torch.float32).unsqueeze(1)
     return beam_search(queries, MatrixDistances(level_sqdists), child_index(parents, offsets), tau, beam=beam,
-                       top_k=top_k, chunk=chunk)
+                       top_k=top_k, chunk=chunk, temperatures=temperatures)
 
 
-def dense_search(level_sqdists, parents, offsets, tau, beam, top_k):
+def dense_search(level_sqdists, parents, offsets, tau, beam, top_k, temperatures=None):
     return beam_search_dense(level_sqdists, local_parents(torch.as_tensor(parents), offsets), offsets, tau,
-                             beam=beam, top_k=top_k)
+                             beam=beam, top_k=top_k, temperatures=temperatures)
 
 
 SEARCHES = {"dense": dense_search, "fast": fast_search}
@@ -235,6 +235,63 @@ def test_fast_beam_search_answers_do_not_depend_on_the_chunk():
         parts = fast_search(sq, parents, offsets, 0.2, 10, 5, chunk=chunk)
         assert torch.equal(parts.paths, whole.paths) and torch.equal(parts.scores, whole.scores)
         assert torch.equal(parts.level_probs, whole.level_probs)
+
+
+# ------------------------------------------------------------------------- temperatures of reported probabilities
+TEMPERATURES = [0.5, 2.0, 1.0, 3.0]
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_temperatures_change_reported_probabilities_only(search):
+    parents, offsets = random_tree([4, 9, 20, 60], seed=5)
+    sq = _random_sqdists(19, seed=5, offsets=offsets)
+    plain = SEARCHES[search](sq, parents, offsets, 0.5, 3, 3)
+    hot = SEARCHES[search](sq, parents, offsets, 0.5, 3, 3, temperatures=TEMPERATURES)
+    assert torch.equal(hot.paths, plain.paths) and torch.equal(hot.scores, plain.scores)
+    assert torch.equal(hot.level_probs[..., 2], plain.level_probs[..., 2])          # T = 1: bit for bit
+    at_one = SEARCHES[search](sq, parents, offsets, 0.5, 3, 3, temperatures=[1.0] * 4)
+    assert torch.equal(at_one.level_probs, plain.level_probs)
+    found = plain.paths[..., 3] >= 0
+    assert not torch.allclose(hot.level_probs[..., 3][found], plain.level_probs[..., 3][found])
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_reported_probability_is_the_softmax_at_tau_times_t_among_the_candidates(search):
+    """A beam covering the tree: level l's candidates are the whole level, so p_l = softmax(-d^2 / (tau T_l))."""
+    sq = _random_sqdists(4, 7)
+    result = SEARCHES[search](sq, _tree(), OFFSETS, 0.5, beam=100, top_k=1, temperatures=TEMPERATURES)
+    for row in range(4):
+        for level, t in enumerate(TEMPERATURES):
+            expected = torch.softmax(-sq[level][row].double() / (0.5 * t), 0)
+            local = int(result.paths[row, 0, level]) - OFFSETS[level]
+            assert float(result.level_probs[row, 0, level]) == pytest.approx(float(expected[local]), abs=1e-6)
+
+
+@pytest.mark.parametrize("tree", ["pruned", "shuffled", "bushy"])
+def test_fast_beam_search_with_temperatures_equals_the_dense_reference(tree):
+    sizes, shuffle = TREES[tree]
+    parents, offsets = random_tree(sizes, seed=11, shuffle=shuffle)
+    sq = _random_sqdists(23, seed=11, offsets=offsets)
+    dense = dense_search(sq, parents, offsets, 0.5, 4, 3, temperatures=TEMPERATURES)
+    assert_same_result(fast_search(sq, parents, offsets, 0.5, 4, 3, chunk=5, temperatures=TEMPERATURES), dense)
+
+
+def test_flat_search_reports_each_ancestor_at_its_level_temperature():
+    sq = _random_sqdists(5, 8)
+    plain = flat_search(sq, _tree(), OFFSETS, tau=0.5, top_k=3)
+    hot = flat_search(sq, _tree(), OFFSETS, tau=0.5, top_k=3, temperatures=TEMPERATURES)
+    assert torch.equal(hot.paths, plain.paths) and torch.equal(hot.scores, plain.scores)
+    for level, t in enumerate(TEMPERATURES):
+        expected = torch.softmax(-sq[level].double() / (0.5 * t), 1)
+        local = hot.paths[..., level] - OFFSETS[level]
+        torch.testing.assert_close(hot.level_probs[..., level].double(), expected.gather(1, local), atol=1e-6,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("bad", [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0], [1.0, float("nan"), 1.0, 1.0]])
+def test_temperatures_must_be_four_positive_numbers(bad):
+    with pytest.raises(ValueError, match="temperatures"):
+        flat_search(_random_sqdists(2, 0), _tree(), OFFSETS, tau=0.5, temperatures=bad)
 
 
 def test_no_queries_give_empty_results():

@@ -1,0 +1,88 @@
+"""Peak memory of reading a training CSV of millions of rows: `hierloc build-gazetteer --from-csv` and the data
+pipeline's table (`hierloc.data.tables.read_image_table`, what `train`, `eval` and feature extraction read).
+
+    .venv/bin/python scripts/bench_csv_memory.py [--rows 1000000,2000000]
+
+For each row count: writes a CSV `image,lat,lon` (paths like `images/000/000123.jpg`, uniform points on land and
+sea), then runs each reader in a fresh subprocess and prints its peak RSS (ru_maxrss) next to the same process's
+RSS before reading (imports included), so the table shows what the rows cost. Flat = the growth per million rows
+is the size of the arrays the result must hold (coordinates, paths), not Python objects per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+READERS = {
+    "build-gazetteer --from-csv": """
+import resource, sys, time
+from gazetteer import Gazetteer, csvio
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+lat, lon, _ = csvio.read_coordinates(sys.argv[1], "lat", "lon", on_bad="error")
+gaz = Gazetteer.build_from_points(lat, lon, progress=False)
+gaz.save(sys.argv[2])
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start, gaz.n_entities)
+""",
+    "read_image_table (train/eval/features)": """
+import resource, sys, time
+from hierloc.data import tables
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+table = tables.read_image_table(sys.argv[1])
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start, len(table))
+""",
+}
+
+
+def write_csv(path: Path, n_rows: int, seed: int = 0, chunk: int = 250_000) -> None:
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as handle:
+        handle.write("image,lat,lon\n")
+        for start in range(0, n_rows, chunk):
+            k = min(chunk, n_rows - start)
+            lat = np.degrees(np.arcsin(rng.uniform(-1, 1, k)))
+            lon = rng.uniform(-180, 180, k)
+            ids = np.arange(start, start + k)
+            handle.write("".join(f"images/{i // 1000:04d}/{i:08d}.jpg,{a:.6f},{b:.6f}\n"
+                                 for i, a, b in zip(ids.tolist(), lat.tolist(), lon.tolist())))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1000000,2000000", help="comma-separated row counts")
+    args = ap.parse_args()
+    counts = [int(x) for x in args.rows.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            csv_path = Path(tmp) / f"rows-{n}.csv"
+            write_csv(csv_path, n)
+            size_mb = csv_path.stat().st_size / 2 ** 20
+            for name, code in READERS.items():
+                out_dir = Path(tmp) / f"gaz-{n}-{len(results)}"
+                done = subprocess.run([sys.executable, "-c", code, str(csv_path), str(out_dir)], check=True,
+                                      capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                before_kb, peak_kb, seconds, size = done.stdout.split()
+                results.append((n, size_mb, name, int(before_kb) / 1024, int(peak_kb) / 1024, float(seconds)))
+            csv_path.unlink()
+    print(f"python {sys.version.split()[0]}; peak RSS of a fresh process per reader (ru_maxrss)")
+    print("| rows | CSV MB | reader | RSS before reading MB | peak RSS MB | peak - before MB | bytes per row | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, size_mb, name, before, peak, seconds in results:
+        print(f"| {n:,} | {size_mb:.0f} | {name} | {before:.0f} | {peak:.0f} | {peak - before:.0f} | "
+              f"{(peak - before) * 2 ** 20 / n:.0f} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - start:.0f} s")
