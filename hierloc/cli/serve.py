@@ -11,7 +11,7 @@ from hierloc.errors import InputError
 
 log = logging.getLogger(__name__)
 
-# What `pip install hierloc[serve]` adds (module names).
+# The packages only the server uses (module names).
 SERVER_PACKAGES = ("uvicorn", "starlette", "multipart", "python_multipart", "anyio")
 
 EPILOG = """\
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if exc.name not in SERVER_PACKAGES:
             raise
-        raise InputError(f"hierloc serve needs {exc.name} (and uvicorn, starlette, python-multipart): "
-                         "pip install 'hierloc[serve]'") from None
+        raise InputError(f"hierloc serve needs {exc.name}, which hierloc requires: reinstall it "
+                         "(pip install starlette uvicorn python-multipart)") from None
     from hierloc.inference.predictor import HierLoc
 
     limits = limits_from(args)
