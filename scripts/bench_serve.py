@@ -45,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict_load import train_tiny_model, write_images  # noqa: E402  (a sibling script)
 
 
+TOP_K = 3   # paths kept per image, in process and through the server alike
+
+
 def train_vit_s16_model(work: Path, steps: int) -> Path:
     """A model with a ViT-S/16-sized backbone (224 px, 12 layers of width 384; random weights), trained for a
     few steps on the demo world: what a real backbone costs per image, without downloading one."""
@@ -102,11 +105,11 @@ def in_process_rates(model, images: list[tuple[str, bytes]], seconds: float, bat
         torch.set_num_threads(threads)
         for batch in batches:
             chunks = [[items[(start + i) % len(items)] for i in range(batch)] for start in range(0, len(items), batch)]
-            model.predict(chunks[0], top_k=3, batch_size=batch)      # warm-up
+            model.predict(chunks[0], top_k=TOP_K, batch_size=batch)      # warm-up
             done, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 for chunk in chunks:
-                    done += len(model.predict(chunk, top_k=3, batch_size=batch))
+                    done += len(model.predict(chunk, top_k=TOP_K, batch_size=batch))
             rates[batch, threads] = done / (time.perf_counter() - start)
     torch.set_num_threads(default_threads)
     return rates
@@ -118,7 +121,7 @@ def client(port: int, bodies: list[tuple[bytes, str]], offset: int, stop_at: lis
     latencies, errors, i = [], 0, offset
 
     def post(body, content_type) -> int:
-        conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+        conn.request("POST", f"/predict?top_k={TOP_K}", body=body, headers={"Content-Type": content_type})
         response = conn.getresponse()
         response.read()
         return response.status
