@@ -17,7 +17,7 @@ from gazetteer.errors import InputError
 from hierloc.version import __version__
 
 # Order = order in `hierloc --help`.
-COMMAND_MODULES = ("gazetteer", "demo_data", "train", "calibrate", "predict", "eval", "explain", "config")
+COMMAND_MODULES = ("gazetteer", "demo_data", "train", "calibrate", "predict", "eval", "explain", "serve", "config")
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 1

@@ -6,14 +6,13 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 from gazetteer.atomic import atomic_open
 from hierloc.cli import HelpFormatter
 from hierloc.config import InferenceConfig
 from hierloc.errors import InputError
 from hierloc.inference.answers import check_options
-from hierloc.inference.outputs import make_writer, summary_line
+from hierloc.inference.outputs import RunSummary, make_writer, search_settings, summary_line
 
 TOP_K = InferenceConfig.top_k  # one default for every command that keeps alternatives (predict, explain)
 
@@ -101,10 +100,8 @@ def run(args: argparse.Namespace) -> int:
                                     allow_download=args.allow_download)
     beam = args.beam if args.beam is not None else model.cfg.inference.beam
     description = model.describe()
-    description["search"] = {"mode": "flat" if args.flat else "beam", "beam": beam, "top_k": args.top_k,
-                             "min_prob": args.min_prob, "max_level": args.max_level, "exif": args.exif}
-    counts = {"n_images": 0, "n_predicted": 0, "n_from_exif": 0, "n_failed": 0}
-    start = time.perf_counter()
+    description["search"] = search_settings(args.flat, beam, args.top_k, args.min_prob, args.max_level, args.exif)
+    summary = RunSummary()
     output = atomic_open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout)
     try:
         with output as stream:
@@ -114,20 +111,14 @@ def run(args: argparse.Namespace) -> int:
                                              batch_size=args.batch_size, num_workers=args.workers,
                                              progress=not args.no_progress):
                 writer.write(record)
-                counts["n_images"] += 1
-                if record.ok:
-                    counts["n_predicted"] += 1
-                    counts["n_from_exif"] += record.source == "exif"
-                else:
-                    counts["n_failed"] += 1
-            seconds = time.perf_counter() - start
-            summary = dict(counts, seconds=seconds, images_per_second=counts["n_images"] / max(seconds, 1e-9))
-            writer.close(summary)
+                summary.add(record)
+            totals = summary.as_dict()
+            writer.close(totals)
     except BrokenPipeError:  # `hierloc predict ... | head`: the reader is gone, nothing more to say
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not args.quiet:
-        print(f"hierloc predict: {summary_line(summary)}" + (f"; wrote {out}" if out else ""),
+        print(f"hierloc predict: {summary_line(totals)}" + (f"; wrote {out}" if out else ""),
               file=sys.stderr)
-    return 0 if counts["n_predicted"] else 1
+    return 0 if summary.counts["n_predicted"] else 1

@@ -19,6 +19,7 @@ fraction of loading the image.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hierloc.data import shards
+from hierloc.data.encoded import EncodedImage, source_name
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +114,25 @@ def gps_from_exif(exif: Any, where: str = "image") -> ExifGPS | None:
     return ExifGPS(lat_deg=lat, lon_deg=lon, altitude_m=altitude)
 
 
-def read_gps(path: str | os.PathLike) -> ExifGPS | None:
-    """The EXIF GPS position of an image file, or None (no EXIF, no GPS, unusable GPS, or not a readable image:
-    the pixel loader reports unreadable files). The file is only opened for reading and never written."""
+def read_gps(path: str | os.PathLike | EncodedImage) -> ExifGPS | None:
+    """The EXIF GPS position of an image file (or an in-memory `EncodedImage`), or None (no EXIF, no GPS, unusable
+    GPS, or not a readable image: the pixel loader reports unreadable files). The file is only opened for reading
+    and never written."""
     import warnings
 
     from PIL import Image
 
+    name = source_name(path)
     try:
+        source = io.BytesIO(path.data) if isinstance(path, EncodedImage) else shards.open_image_bytes(path) or path
         # Pillow only *warns* about images between 1x and 2x its pixel limit: as the pixel loader does, treat it
         # as an error (here: no GPS), so that no Python warning reaches the user's terminal.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(shards.open_image_bytes(path) or path) as image:  # lazy: the headers, not the pixels
-                return gps_from_exif(image.getexif(), where=os.fspath(path))
+            with Image.open(source) as image:  # lazy: reads the headers, not the pixels
+                return gps_from_exif(image.getexif(), where=name)
     except Exception as error:  # noqa: BLE001 - reading metadata must never fail a prediction
-        logger.debug("%s: no EXIF read (%s)", os.fspath(path), error)
+        logger.debug("%s: no EXIF read (%s)", name, error)
         return None
 
 

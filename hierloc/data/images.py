@@ -15,6 +15,7 @@ the strongest geolocation cues, so a flip creates training images of places that
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,13 +23,14 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hierloc.data import shards
+from hierloc.data.encoded import EncodedImage
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -74,8 +76,8 @@ TRAIN_CONTRAST = 0.2  # scale deviations from the mean grey level by a factor in
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Read an image file as an upright RGB `PIL.Image` (fully loaded, file closed).
+def load_image(path: str | os.PathLike | EncodedImage, min_side: int | None = None) -> Image.Image:
+    """Read an image file (or an `EncodedImage`) as an upright RGB `PIL.Image` (fully loaded, file closed).
 
     - EXIF orientation is applied (`ImageOps.exif_transpose`), so phone photos are upright (a malformed EXIF
       block is logged and the stored orientation kept).
@@ -94,32 +96,41 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     Pillow issues between 1x and 2x the limit is treated as an error too). Truncated images are never accepted:
     this function does not rely on (or set) `ImageFile.LOAD_TRUNCATED_IMAGES`.
     """
+    if isinstance(path, EncodedImage):
+        if not path.data:
+            raise InputError(f"{path.name}: empty file (0 bytes), expected an image")
+        return decode_image(io.BytesIO(path.data), path.name, min_side)
     path_str = os.fspath(path)
-    handle = _open_image_file(path_str)
+    with _open_image_file(path_str) as handle:
+        return decode_image(handle, path_str, min_side)
+
+
+def decode_image(handle: BinaryIO, name: str, min_side: int | None = None) -> Image.Image:
+    """An open binary stream of an image file -> upright RGB `PIL.Image`, with the guards and rules of
+    `load_image` (errors are one-line `InputError`s starting with `name`). The stream is read, never written."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with handle:
-                image = Image.open(handle)
-                if min_side is not None and image.format == "JPEG":
-                    _draft_jpeg(image, min_side)
-                image.load()
+            image = Image.open(handle)
+            if min_side is not None and image.format == "JPEG":
+                _draft_jpeg(image, min_side)
+            image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InputError(f"{path_str}: {_too_large(error)}") from None
+        raise InputError(f"{name}: {_too_large(error)}") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path_str}: not a recognised image file") from None
+        raise InputError(f"{name}: not a recognised image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Pillow reports truncated/corrupt data as OSError ("image file is truncated"), SyntaxError or EOFError.
-        raise InputError(f"{path_str}: truncated or corrupt image data ({_one_line(error)})") from None
+        raise InputError(f"{name}: truncated or corrupt image data ({_one_line(error)})") from None
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - malformed EXIF must not make a readable image unusable
-        logger.warning("%s: cannot apply the EXIF orientation (%s); using the stored orientation", path_str,
+        logger.warning("%s: cannot apply the EXIF orientation (%s); using the stored orientation", name,
                        _one_line(error))
     try:
         return to_rgb(image)
     except ValueError as error:
-        raise InputError(f"{path_str}: unsupported colour mode {image.mode!r} ({_one_line(error)})") from None
+        raise InputError(f"{name}: unsupported colour mode {image.mode!r} ({_one_line(error)})") from None
 
 
 def _open_image_file(path_str: str):
@@ -317,7 +328,7 @@ class Preprocessor:
             return self.resize_size
         return int(np.ceil(self.resize_size / TRAIN_CROP_SCALE[0]))
 
-    def load(self, path: str | os.PathLike, train: bool = False) -> Image.Image:
+    def load(self, path: str | os.PathLike | EncodedImage, train: bool = False) -> Image.Image:
         """`load_image` with JPEG draft decoding at `decode_min_side(train)`: faster on photos much larger
         than the input size. Use it for every file that feeds this preprocessor (training, feature extraction,
         prediction), so that the same file gives the same pixels on every path."""

@@ -16,6 +16,7 @@ import torch
 
 from gazetteer import csvio
 from hierloc.data import shards, tables
+from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import read_gps
 from hierloc.errors import InputError
 
@@ -106,13 +107,14 @@ def _paths_from_list(path: Path, image_root) -> list[str]:
     return out
 
 # ------------------------------------------------------------------------------------------ datasets
-def load_pixels(preprocessor, path: str) -> tuple[torch.Tensor | None, str | None]:
-    """(3, S, S) pixels or (None, reason without the path)."""
+def load_pixels(preprocessor, path: str | EncodedImage) -> tuple[torch.Tensor | None, str | None]:
+    """A file (or an in-memory `EncodedImage`) -> (3, S, S) pixels or (None, reason without the name)."""
+    name = source_name(path)
     try:
         return preprocessor.preprocess_one(preprocessor.load(path, train=False), train=False), None
     except InputError as error:
         message = str(error)
-        return None, message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+        return None, message[len(name) + 2:] if message.startswith(f"{name}: ") else message
     except Exception as error:  # noqa: BLE001 - one odd file must not end a long run; it is reported
         return None, f"{type(error).__name__}: {' '.join(str(error).split())}"
 

@@ -35,6 +35,7 @@ import torch
 
 from gazetteer.geo import haversine_km
 from gazetteer.schema import LEVELS, N_LEVELS
+from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import read_gps
 from hierloc.device import encoder_autocast
 from hierloc.errors import InputError
@@ -339,7 +340,7 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
                    beam: int | None = None, n_reasons: int = 3, n_runners_up: int = 2, batch_size: int = 16,
                    candidates: str = "siblings", vocabulary=None, profiles: np.ndarray | None = None,
                    exif: str = "compare", min_prob: float | None = None) -> list[Explanation]:
-    """Explain where each image (path, PIL image) was taken with a loaded `hierloc.HierLoc`.
+    """Explain where each image (path, `EncodedImage`, PIL image) was taken with a loaded `hierloc.HierLoc`.
 
     candidates: "siblings" (children of the chosen parent, see the module docstring) or "paths" (the entities
     of the search's top-k paths). vocabulary, profiles (E, K): override what `load_concept_parts` finds in the
@@ -367,7 +368,8 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
     images = list(images)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        names = [str(item) if isinstance(item, (str, Path)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
+        names = [source_name(item) if isinstance(item, (str, Path, EncodedImage)) else f"<image {start + i}>"
+                 for i, item in enumerate(chunk)]
         sqdists, result, concept_probs = _search_batch(hl, hl.preprocess(chunk), beam, top_k, vocabulary)
         paths = result.paths.cpu().numpy()
         level_probs = result.level_probs.cpu().numpy()
@@ -445,7 +447,7 @@ def _alternatives(gaz, paths_row: np.ndarray, scores_row: np.ndarray) -> list[di
 
 def _exif_gps(item) -> tuple[float, float] | None:
     """(lat, lon) from the file's EXIF GPS tags, or None (no file, no tags, unreadable)."""
-    if not isinstance(item, (str, Path)):
+    if not isinstance(item, (str, Path, EncodedImage)):
         return None
     try:
         gps = read_gps(item)

@@ -59,7 +59,7 @@ def output_path(path: str | Path, kinds: Sequence[str]) -> Path:
     return path
 
 
-def _png_bytes(image) -> bytes:
+def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
@@ -372,7 +372,7 @@ def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list) -
 
 
 def _write_map(image, out_path: Path, text: str) -> None:
-    png = _png_bytes(image)
+    png = png_bytes(image)
     if out_path.suffix.lower() == ".png":
         atomic_write_bytes(out_path, png)
         return
@@ -472,7 +472,7 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
     draw.text((14 * s, 38 * s), subtitle, fill=(90, 90, 90), font=small)
     image = image.resize((image.width // s, image.height // s), Image.Resampling.LANCZOS)
     if out_path is not None:
-        atomic_write_bytes(out_path, _png_bytes(image))
+        atomic_write_bytes(out_path, png_bytes(image))
     return image
 
 

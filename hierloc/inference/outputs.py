@@ -19,9 +19,11 @@ JSON never contains NaN (written as null).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-from typing import Any, TextIO
+import time
+from typing import Any, Iterable, TextIO
 
 import numpy as np
 
@@ -212,3 +214,46 @@ def summary_line(summary: dict) -> str:
     if summary.get("seconds") is not None:
         text += f", in {summary['seconds']:.1f} s ({summary.get('images_per_second', 0.0):.1f} images/s)"
     return text
+
+
+# ------------------------------------------------------------------------------------------ one prediction run
+def search_settings(flat: bool, beam: int | None, top_k: int, min_prob: float | None, max_level: str,
+                    exif: str) -> dict:
+    """The "search" entry of a run's model description (what `hierloc predict` and `hierloc serve` answer with)."""
+    return {"mode": "flat" if flat else "beam", "beam": beam, "top_k": top_k, "min_prob": min_prob,
+            "max_level": max_level, "exif": exif}
+
+
+class RunSummary:
+    """Counts of one prediction run, timed from construction: the summary every output format closes with."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.counts = {"n_images": 0, "n_predicted": 0, "n_from_exif": 0, "n_failed": 0}
+
+    def add(self, record) -> None:
+        """Count one `Prediction` or `Failure`."""
+        self.counts["n_images"] += 1
+        if record.ok:
+            self.counts["n_predicted"] += 1
+            self.counts["n_from_exif"] += record.source == "exif"
+        else:
+            self.counts["n_failed"] += 1
+
+    def as_dict(self) -> dict:
+        """n_images, n_predicted, n_from_exif, n_failed, seconds and images_per_second (every input counted)."""
+        seconds = time.perf_counter() - self.start
+        return dict(self.counts, seconds=seconds, images_per_second=self.counts["n_images"] / max(seconds, 1e-9))
+
+
+def json_document(description: dict, records: Iterable, summary: RunSummary | None = None) -> str:
+    """The whole `hierloc predict --format json` document of some records, as a string. summary: the run's
+    counts so far (default: counted here, timed from this call)."""
+    summary = summary if summary is not None else RunSummary()
+    stream = io.StringIO()
+    writer = JsonWriter(stream, description)
+    for record in records:
+        writer.write(record)
+        summary.add(record)
+    writer.close(summary.as_dict())
+    return stream.getvalue()

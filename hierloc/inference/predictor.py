@@ -44,6 +44,7 @@ from gazetteer.geo import haversine_km
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.config import Config
 from hierloc.data import tables
+from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import gps_from_image, read_gps
 from hierloc.data.images import to_rgb
 from hierloc.data.prediction import is_path_like, load_pixels, make_item, path_batches, with_progress
@@ -187,7 +188,7 @@ class HierLoc:
         return self._entity_points
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        """Paths or PIL images -> (B, 3, S, S) normalised pixels for this model's encoder."""
+        """Paths, `EncodedImage`s or PIL images -> (B, 3, S, S) normalised pixels for this model's encoder."""
         pre = self.encoder.preprocessor
         return torch.stack([pre.preprocess_one(img if isinstance(img, Image.Image) else pre.load(img))
                             for img in images]) if len(images) else torch.empty(0, 3, pre.image_size,
@@ -260,7 +261,8 @@ class HierLoc:
         """Stream one `Prediction` or `Failure` per image, in input order, batch by batch (memory stays flat).
 
         images: a path, a sequence of paths (read by a DataLoader with `num_workers` worker processes), PIL
-        images, or a (B, 3, H, W) / (3, H, W) tensor of pixels already preprocessed for this model
+        images, `hierloc.data.encoded.EncodedImage`s (image files held in memory: decoded in this process, with
+        the same guards and pixels as the files, answers named by their `name`), or a (B, 3, H, W) / (3, H, W) tensor of pixels already preprocessed for this model
         (`preprocess`). top_k: number of paths kept (the answer + top_k - 1 alternatives); beam: beam width
         (default: the model's inference.beam); flat: nearest city over all cities instead of the beam;
         min_prob / max_level / exif: see the module docstring. progress: a tqdm bar on stderr.
@@ -278,7 +280,7 @@ class HierLoc:
                                         for i in range(len(chunk))])
                 yield from self._batch_records(batch, options)
             return
-        items = [images] if is_path_like(images) else list(images)
+        items = [images] if is_path_like(images) or isinstance(images, EncodedImage) else list(images)
         if all(is_path_like(item) for item in items):
             batches = path_batches(items, self.encoder.preprocessor, exif, batch_size, num_workers,
                                    pin_memory=self.device.type == "cuda")
@@ -304,16 +306,16 @@ class HierLoc:
                 except Exception as exc:  # noqa: BLE001 - reported as a Failure like an unreadable file
                     pixels, error = None, f"cannot use this PIL image ({type(exc).__name__}: {exc})"
                 out.append(make_item(index, f"<PIL image {index}>", pixels, error, gps, pre.image_size, True))
-            elif is_path_like(item):
-                path = os.fspath(item)
+            elif is_path_like(item) or isinstance(item, EncodedImage):
+                path = item if isinstance(item, EncodedImage) else os.fspath(item)
                 gps = read_gps(path) if exif != "ignore" else None
                 if exif == "use" and gps is not None:
-                    out.append(make_item(index, path, None, None, gps, pre.image_size, False))
+                    out.append(make_item(index, source_name(path), None, None, gps, pre.image_size, False))
                     continue
                 pixels, error = load_pixels(pre, path)
-                out.append(make_item(index, path, pixels, error, gps, pre.image_size, True))
+                out.append(make_item(index, source_name(path), pixels, error, gps, pre.image_size, True))
             else:
-                raise InputError(f"image {index}: expected a path, a PIL image or a tensor, got "
+                raise InputError(f"image {index}: expected a path, an EncodedImage, a PIL image or a tensor, got "
                                  f"{type(item).__name__}")
         return tables.collate(out)
 
