@@ -200,20 +200,12 @@ def _parse_chunk(columns: dict, rows: np.ndarray, path: Path, names: tuple[str, 
 
 
 def _concatenate_releasing(parts: list[tuple]) -> list:
-    """Concatenate the chunks' columns (paths as PathArray; lat, lon, rows as arrays) into preallocated arrays,
-    releasing each chunk once copied: peak memory is the result plus one chunk, not twice the result. `parts` is
-    emptied."""
-    total = sum(len(part[0]) for part in parts)
-    columns = [np.empty(total, dtype=np.result_type(*[part[i].dtype for part in parts])) for i in range(1, 4)]
-    path_parts = []
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        path_parts.append(part[0])
-        for column, values in zip(columns, part[1:]):
-            column[start:start + len(values)] = values
-        start += len(part[0])
-    return [PathArray.concatenate(path_parts), *columns]
+    """Concatenate the chunks' columns (paths as PathArray; lat, lon, rows as arrays), releasing each chunk once
+    copied: peak memory is the result plus one chunk, not twice the result. `parts` is emptied."""
+    path_parts = [part[0] for part in parts]
+    numbers = [part[1:] for part in parts]
+    parts.clear()
+    return [PathArray.concatenate(path_parts), *csvio.concatenate_releasing(numbers)]
 
 
 def _without_path(message: str | None, path: Path) -> str:
