@@ -275,7 +275,8 @@ class _DuplicateCounter:
         """(number of duplicate rows, the first duplicate's row number, the row it repeats); zeros if none."""
         if not self.chunks:
             return 0, 0, 0
-        ordered = np.sort(np.concatenate([hashes for hashes, _ in self.chunks]))
+        ordered = np.concatenate([hashes for hashes, _ in self.chunks])
+        ordered.sort()                                        # in place: one copy of the hashes, not two
         repeated = ordered[1:][ordered[1:] == ordered[:-1]]   # one entry per row that repeats an earlier one
         del ordered
         if repeated.size == 0:
