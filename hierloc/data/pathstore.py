@@ -1,14 +1,14 @@
 """A compact array of N strings (image paths): one UTF-8 byte buffer plus N + 1 offsets.
 
-`PathArray` behaves like the 1-D numpy string array the tables used to hold (`paths[i]` -> str, `paths[indices]`
-and `paths[a:b]` -> PathArray, `len`, iteration, `tolist()`, `np.asarray(paths)`), but costs the bytes of the
-strings plus 8 bytes of offset per string instead of 4 bytes per character of the longest string per row, and
-holds no Python object per row (DataLoader worker processes share it without copying it page by page through
-reference counting).
+`PathArray` behaves like a 1-D numpy string array (`paths[i]` -> str, `paths[indices]` and `paths[a:b]` ->
+PathArray, `len`, iteration, `tolist()`, `np.asarray(paths)`), but costs the UTF-8 bytes of the strings plus 8
+bytes of offset per string, where a numpy '<U' array costs 4 bytes per character of the longest string for every
+row, and it holds no Python object per row (DataLoader worker processes share it without copying it page by
+page through reference counting).
 
 `width` is the number of characters of the numpy unicode dtype the same strings would have (`dtype`,
 '<U{width}'): the longest string when built, and unchanged by selecting rows, as with numpy, so that
-`np.asarray(paths)` and the digests computed from it are what they were for the numpy array.
+`np.asarray(paths)` and the digests computed from it are those of the equivalent numpy array.
 """
 
 from __future__ import annotations
