@@ -32,6 +32,9 @@ from gazetteer.schema import DEFAULT_H3_RES, FIELDS, FORMAT_VERSION, KEY_SEPARAT
 logger = logging.getLogger(__name__)
 
 MIN_H3_RES, MAX_H3_RES = 0, 7
+# Points labelled and aggregated at a time by build_from_points (bounds its temporaries; the result is the same
+# for any value).
+POINT_CHUNK = 1 << 18
 PLACEHOLDER_SUFFIX = {1: " (no region)", 2: " (no subregion)", 3: " (unnamed place)"}
 
 
@@ -121,20 +124,21 @@ def _assemble(entity_components: list[list[tuple[int, str]]]) -> dict[str, np.nd
     }
 
 
-def _counts_and_means(item_entity: np.ndarray, item_lat: np.ndarray, item_lon: np.ndarray, n_entities: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """counts int64 (E,) and spherical-mean (lat, lon) float64 (E,) of items (n,) with entity paths (n, 4)."""
+def _counts_and_means(chunks, n_entities: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """counts int64 (E,) and spherical-mean (lat, lon) float64 (E,) of items given in chunks, each chunk
+    (item entity paths (k, 4) int, -1 below the item's level; lat_deg (k,); lon_deg (k,)).
+
+    Only per-entity sums are kept, and each entity's sum is accumulated item by item in the order given, so the
+    result is the same bit for bit whatever the chunking."""
     counts = np.zeros(n_entities, dtype=np.int64)
-    lat = np.full(n_entities, np.nan)
-    lon = np.full(n_entities, np.nan)
-    for level in range(N_LEVELS):
-        ids = item_entity[:, level]
-        valid = ids >= 0
-        counts += np.bincount(ids[valid], minlength=n_entities)
-        mean_lat, mean_lon = geo.grouped_spherical_mean(item_lat[valid], item_lon[valid], ids[valid], n_entities)
-        present = np.isfinite(mean_lat)
-        lat[present] = mean_lat[present]
-        lon[present] = mean_lon[present]
+    means = geo.GroupedSphericalMean(n_entities)   # entity ids of different levels never collide
+    for item_entity, item_lat, item_lon in chunks:
+        for level in range(N_LEVELS):
+            ids = item_entity[:, level]
+            valid = ids >= 0
+            counts += np.bincount(ids[valid], minlength=n_entities)
+            means.add(item_lat[valid], item_lon[valid], ids[valid])
+    lat, lon = means.means()
     return counts, lat, lon
 
 
@@ -270,7 +274,7 @@ def build_global(h3_res: int = DEFAULT_H3_RES, within=None, bbox=None, progress:
     entity_components, member_entity = _tree_from_places(components[members])
     arrays = _assemble(entity_components)
     lat, lon = places["lat_deg"][members], places["lon_deg"][members]
-    counts, mean_lat, mean_lon = _counts_and_means(member_entity, lat, lon, len(arrays["keys"]))
+    counts, mean_lat, mean_lon = _counts_and_means([(member_entity, lat, lon)], len(arrays["keys"]))
     # A city with a single place keeps the GeoNames coordinate exactly (the mean would round it).
     single = np.zeros(len(counts), dtype=bool)
     single[arrays["level_offsets"][3]:] = counts[arrays["level_offsets"][3]:] == 1
@@ -285,14 +289,15 @@ def build_global(h3_res: int = DEFAULT_H3_RES, within=None, bbox=None, progress:
 
 
 def build_from_points(lat_deg, lon_deg, min_images: int = 1, within=None, bbox=None, h3_res: int = DEFAULT_H3_RES,
-                      progress: bool = True, source: dict | None = None) -> dict:
+                      progress: bool = True, source: dict | None = None, chunk_points: int = POINT_CHUNK) -> dict:
     """A gazetteer of the entities that training points reach, as the keyword arguments of `Gazetteer(...)`
     (`Gazetteer.build_from_points` builds the object).
 
     lat_deg, lon_deg: (N,) degrees. Each point is labelled exactly as `reverse_geocoder` would; points outside
     the restriction are ignored. count = number of points in the subtree; coordinate = spherical mean of
     those points. Entities with fewer than `min_images` points are pruned (their points still count for the
-    ancestors that remain).
+    ancestors that remain). Points are processed `chunk_points` at a time: beyond the inputs, memory grows by
+    4 bytes per point (its place), and the result does not depend on the chunk size.
     """
     started = time.perf_counter()
     lat, lon = geo.check_coordinates(lat_deg, lon_deg, what="point")
@@ -300,21 +305,26 @@ def build_from_points(lat_deg, lon_deg, min_images: int = 1, within=None, bbox=N
     h3_res = check_h3_res(h3_res)
     within = parse_country_codes(within, available_country_codes())
     bbox = geo.parse_bbox(bbox)
+    if chunk_points < 1:
+        raise ValueError("chunk_points must be >= 1")
     components = place_components()
-    point_place = global_place_index().nearest(lat, lon)
-    keep = np.ones(len(lat), dtype=bool)
-    if within:
-        keep &= np.isin(components[point_place, 0], list(within))
-    if bbox is not None:
-        keep &= bbox.contains(lat, lon)
-    if not keep.any():
+    point_place = _label_points(lat, lon, components, within, bbox, chunk_points)
+    reached = np.zeros(len(components), dtype=bool)
+    n_used = 0
+    for start in range(0, len(lat), chunk_points):
+        places = point_place[start:start + chunk_points]
+        places = places[places >= 0]
+        reached[places] = True
+        n_used += len(places)
+    if n_used == 0:
         raise InputError(f"none of the {len(lat)} points lies inside the restriction (within={within}, bbox={bbox})")
-    lat, lon, point_place = lat[keep], lon[keep], point_place[keep]
-    members, point_member = np.unique(point_place, return_inverse=True)
+    members = np.flatnonzero(reached)
     entity_components, member_entity = _tree_from_places(components[members])
     arrays = _assemble(entity_components)
-    point_entity = member_entity[point_member]
-    counts, mean_lat, mean_lon = _counts_and_means(point_entity, lat, lon, len(arrays["keys"]))
+    place_paths = np.full((len(components), N_LEVELS), -1, dtype=member_entity.dtype)
+    place_paths[members] = member_entity
+    chunks = _point_chunks(point_place, place_paths, lat, lon, chunk_points)
+    counts, mean_lat, mean_lon = _counts_and_means(chunks, len(arrays["keys"]))
     arrays.update(counts=counts, lat_deg=mean_lat, lon_deg=mean_lon)
     if min_images > 1:
         survivors = counts >= min_images
@@ -325,7 +335,35 @@ def build_from_points(lat_deg, lon_deg, min_images: int = 1, within=None, bbox=N
     place_entity = _place_entities(arrays["keys"], arrays["level_offsets"])
     source = dict(source or {})
     source.setdefault("kind", "points")
-    source["n_points"] = int(len(keep))
-    source["n_points_used"] = int(keep.sum())
+    source["n_points"] = int(len(lat))
+    source["n_points_used"] = n_used
     source["count_means"] = "number of points (images) in the subtree, including pruned descendants"
     return _finish(arrays, place_entity, h3_res, within, bbox, source, int(min_images), progress, started)
+
+
+def _label_points(lat: np.ndarray, lon: np.ndarray, components: np.ndarray, within, bbox, chunk_points: int
+                  ) -> np.ndarray:
+    """Place row of each point (N,) (`reverse_geocoder`'s answer), -1 outside the restriction: int32 (N,),
+    computed chunk by chunk."""
+    index = global_place_index()
+    point_place = np.empty(len(lat), dtype=np.int32)
+    for start in range(0, len(lat), chunk_points):
+        stop = min(start + chunk_points, len(lat))
+        place = index.nearest(lat[start:stop], lon[start:stop])
+        keep = np.ones(stop - start, dtype=bool)
+        if within:
+            keep &= np.isin(components[place, 0], list(within))
+        if bbox is not None:
+            keep &= bbox.contains(lat[start:stop], lon[start:stop])
+        point_place[start:stop] = np.where(keep, place, -1)
+    return point_place
+
+
+def _point_chunks(point_place: np.ndarray, place_paths: np.ndarray, lat: np.ndarray, lon: np.ndarray,
+                  chunk_points: int):
+    """Yield (entity paths (k, 4), lat (k,), lon (k,)) of the kept points, chunk by chunk in point order."""
+    for start in range(0, len(lat), chunk_points):
+        stop = start + chunk_points
+        places = point_place[start:stop]
+        keep = places >= 0
+        yield place_paths[places[keep]], lat[start:stop][keep], lon[start:stop][keep]

@@ -110,11 +110,12 @@ class Gazetteer:
 
     @classmethod
     def build_from_points(cls, lat_deg, lon_deg, min_images: int = 1, within=None, bbox=None,
-                          h3_res: int = DEFAULT_H3_RES, progress: bool = True, source: dict | None = None
-                          ) -> "Gazetteer":
+                          h3_res: int = DEFAULT_H3_RES, progress: bool = True, source: dict | None = None,
+                          chunk_points: int = build.POINT_CHUNK) -> "Gazetteer":
         """Gazetteer of the entities that points (N,) reach; see `gazetteer.build.build_from_points`."""
         return cls(**build.build_from_points(lat_deg, lon_deg, min_images=min_images, within=within, bbox=bbox,
-                                             h3_res=h3_res, progress=progress, source=source))
+                                             h3_res=h3_res, progress=progress, source=source,
+                                             chunk_points=chunk_points))
 
     # ------------------------------------------------------------------ basic accessors
     @property

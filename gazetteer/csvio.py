@@ -275,7 +275,8 @@ class _DuplicateCounter:
         """(number of duplicate rows, the first duplicate's row number, the row it repeats); zeros if none."""
         if not self.chunks:
             return 0, 0, 0
-        ordered = np.sort(np.concatenate([hashes for hashes, _ in self.chunks]))
+        ordered = np.concatenate([hashes for hashes, _ in self.chunks])
+        ordered.sort()                                        # in place: one copy of the hashes, not two
         repeated = ordered[1:][ordered[1:] == ordered[:-1]]   # one entry per row that repeats an earlier one
         del ordered
         if repeated.size == 0:
@@ -420,23 +421,39 @@ def read_coordinates(path, lat_col: str | None = None, lon_col: str | None = Non
     Returns arrays of kept rows only; the number skipped is ``last data row - len(rows)`` but is also logged.
     """
     lat_name, lon_name = resolve_coordinate_columns(path, lat_col, lon_col)
-    lats, lons, numbers = [], [], []
+    parts: list[tuple[np.ndarray, ...]] = []   # per chunk: lat, lon, row numbers of the kept rows
     n_rows = n_skipped = 0
     for chunk, rows in iter_chunks(path, [lat_name, lon_name], chunk_rows, duplicate_rows=None):
         lat, lon, keep, skipped = parse_coordinates(chunk[lat_name], chunk[lon_name], rows, path,
                                                     lat_name, lon_name, on_bad)
         n_rows += len(rows)
         n_skipped += skipped
-        lats.append(lat[keep])
-        lons.append(lon[keep])
-        numbers.append(rows[keep])
+        parts.append((lat[keep], lon[keep], rows[keep]))
     if n_rows == 0:
         raise InputError(f"{path}: no data rows (only a header)")
     if n_skipped:
         logger.warning("%s: skipped %d of %d rows with bad coordinates", path, n_skipped, n_rows)
     if n_skipped == n_rows:
         raise InputError(f"{path}: all {n_rows} rows have bad coordinates in {lat_name!r}/{lon_name!r}")
-    return np.concatenate(lats), np.concatenate(lons), np.concatenate(numbers)
+    lat, lon, numbers = concatenate_releasing(parts)
+    return lat, lon, numbers
+
+
+def concatenate_releasing(parts: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    """Per-chunk columns [(col_0 (k,), col_1 (k,), ...), ...] -> the whole columns [(n,), ...], copied into
+    preallocated arrays and each chunk released once copied: peak memory is the result plus one chunk, not twice
+    the result. `parts` is emptied."""
+    total = sum(len(part[0]) for part in parts)
+    n_columns = len(parts[0]) if parts else 0
+    columns = [np.empty(total, dtype=np.result_type(*[part[i].dtype for part in parts])) for i in range(n_columns)]
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        for column, values in zip(columns, part):
+            column[start:start + len(values)] = values
+        start += len(part[0])
+        del part
+    return columns
 
 
 def file_sha256(path, block: int = 1 << 20) -> str:

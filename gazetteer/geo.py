@@ -81,29 +81,59 @@ def grouped_spherical_mean(lat_deg, lon_deg, groups, n_groups: int, weights=None
     Returns (lat_deg, lon_deg), each shape (n_groups,); NaN for empty groups; a group whose resultant
     vanishes (e.g. two antipodal points) gets its first point.
     """
-    groups = np.asarray(groups, dtype=np.int64)
-    vectors = to_unit_vectors(lat_deg, lon_deg)
-    w = np.ones(groups.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
-    sums = np.stack([np.bincount(groups, weights=vectors[:, k] * w, minlength=n_groups) for k in range(3)], axis=1)
-    total = np.bincount(groups, weights=w, minlength=n_groups)
-    norms = np.linalg.norm(sums, axis=1)
-    empty = total <= 0
-    degenerate = ~empty & (norms <= _DEGENERATE_RESULTANT * np.maximum(total, 1e-300))
-    if degenerate.any():
-        first = np.full(n_groups, -1, dtype=np.int64)
-        present, first_member = np.unique(groups, return_index=True)
-        first[present] = first_member
-        sums[degenerate] = vectors[first[degenerate]]
-    lat_out, lon_out = from_vectors(sums)
-    lat_out[empty] = np.nan
-    lon_out[empty] = np.nan
-    return lat_out, lon_out
+    accumulator = GroupedSphericalMean(n_groups)
+    accumulator.add(lat_deg, lon_deg, groups, weights)
+    return accumulator.means()
 
 
-def check_coordinates(lat_deg, lon_deg, what: str = "point") -> tuple[np.ndarray, np.ndarray]:
+class GroupedSphericalMean:
+    """`grouped_spherical_mean` over points given in chunks: `add` each chunk in order, then `means()`.
+
+    Holds per group only the running vector sum (n_groups, 3), total weight and first point, never the points:
+    memory does not grow with their number. Each group's sum is accumulated point by point in the order given,
+    so the result is bit for bit the same whatever the chunking.
+    """
+
+    def __init__(self, n_groups: int) -> None:
+        self.n_groups = int(n_groups)
+        self.sums = np.zeros((3, self.n_groups))           # x, y, z sums (rows contiguous for np.add.at)
+        self.total = np.zeros(self.n_groups)
+        self.first = np.zeros((self.n_groups, 3))          # unit vector of each group's first point
+        self.has_first = np.zeros(self.n_groups, dtype=bool)
+
+    def add(self, lat_deg, lon_deg, groups, weights=None) -> None:
+        """One chunk: lat_deg, lon_deg, groups (int in [0, n_groups)), weights (>= 0; default 1), shape (k,)."""
+        groups = np.asarray(groups, dtype=np.int64)
+        vectors = to_unit_vectors(lat_deg, lon_deg)
+        w = np.ones(groups.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+        for k in range(3):   # np.add.at adds in point order, exactly as np.bincount(groups, weights) does
+            np.add.at(self.sums[k], groups, vectors[:, k] * w)
+        np.add.at(self.total, groups, w)
+        new = ~self.has_first[groups]
+        if new.any():
+            present, first_member = np.unique(groups[new], return_index=True)
+            self.first[present] = vectors[new][first_member]
+            self.has_first[present] = True
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lat_deg, lon_deg), each (n_groups,); NaN for empty groups, the first point where the resultant
+        vanishes."""
+        sums = np.ascontiguousarray(self.sums.T)
+        norms = np.linalg.norm(sums, axis=1)
+        empty = self.total <= 0
+        degenerate = ~empty & (norms <= _DEGENERATE_RESULTANT * np.maximum(self.total, 1e-300))
+        sums[degenerate] = self.first[degenerate]
+        lat_out, lon_out = from_vectors(sums)
+        lat_out[empty] = np.nan
+        lon_out[empty] = np.nan
+        return lat_out, lon_out
+
+
+def check_coordinates(lat_deg, lon_deg, what: str = "point", block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Validate coordinates: float64 1-D arrays (N,) out, InputError naming the first bad index.
 
-    Requires equal shapes, finite values, |lat| <= 90 and |lon| <= 180. Scalars become shape (1,).
+    Requires equal shapes, finite values, |lat| <= 90 and |lon| <= 180. Scalars become shape (1,). Float64
+    inputs are returned as they are (no copy) and checked `block` values at a time (no temporaries of size N).
     """
     try:
         lat = np.atleast_1d(np.asarray(lat_deg, dtype=np.float64))
@@ -113,11 +143,13 @@ def check_coordinates(lat_deg, lon_deg, what: str = "point") -> tuple[np.ndarray
     if lat.shape != lon.shape or lat.ndim != 1:
         raise InputError(f"{what} latitudes and longitudes must be 1-D arrays of equal length, "
                          f"got shapes {lat.shape} and {lon.shape}")
-    bad = ~(np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90.0) & (np.abs(lon) <= 180.0))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise InputError(f"{what} {i}: (lat, lon) = ({lat[i]!r}, {lon[i]!r}) is not a valid coordinate "
-                         "(expected finite lat in [-90, 90] and lon in [-180, 180] degrees)")
+    for start in range(0, lat.shape[0], block):
+        a, b = lat[start:start + block], lon[start:start + block]
+        bad = ~(np.isfinite(a) & np.isfinite(b) & (np.abs(a) <= 90.0) & (np.abs(b) <= 180.0))
+        if bad.any():
+            i = start + int(np.argmax(bad))
+            raise InputError(f"{what} {i}: (lat, lon) = ({lat[i]!r}, {lon[i]!r}) is not a valid coordinate "
+                             "(expected finite lat in [-90, 90] and lon in [-180, 180] degrees)")
     return lat, lon
 
 

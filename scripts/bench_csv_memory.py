@@ -72,14 +72,23 @@ def main() -> None:
                 done = subprocess.run([sys.executable, "-c", code, str(csv_path), str(out_dir)], check=True,
                                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
                 before_kb, peak_kb, seconds, size = done.stdout.split()
-                results.append((n, size_mb, name, int(before_kb) / 1024, int(peak_kb) / 1024, float(seconds)))
+                results.append((n, size_mb, name, int(before_kb) / 1024, int(peak_kb) / 1024, float(seconds),
+                                int(size)))
             csv_path.unlink()
     print(f"python {sys.version.split()[0]}; peak RSS of a fresh process per reader (ru_maxrss)")
-    print("| rows | CSV MB | reader | RSS before reading MB | peak RSS MB | peak - before MB | bytes per row | s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, size_mb, name, before, peak, seconds in results:
-        print(f"| {n:,} | {size_mb:.0f} | {name} | {before:.0f} | {peak:.0f} | {peak - before:.0f} | "
+    print("| rows | CSV MB | reader | result | RSS before reading MB | peak RSS MB | peak - before MB | bytes per row "
+          "| s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, size_mb, name, before, peak, seconds, size in results:
+        result = f"{size:,} entities" if name.startswith("build-gazetteer") else f"{size:,} rows"
+        print(f"| {n:,} | {size_mb:.0f} | {name} | {result} | {before:.0f} | {peak:.0f} | {peak - before:.0f} | "
               f"{(peak - before) * 2 ** 20 / n:.0f} | {seconds:.1f} |")
+    print("growth per extra million rows (peak RSS):")
+    for name in dict.fromkeys(r[2] for r in results):
+        runs = [r for r in results if r[2] == name]
+        if len(runs) > 1:
+            (n0, *_, peak0, _, _), (n1, *_, peak1, _, _) = runs[0], runs[-1]
+            print(f"  {name}: {(peak1 - peak0) / ((n1 - n0) / 1e6):.0f} MB")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from gazetteer import csvio
 from hierloc.data import shards, tables
 from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import read_gps
+from hierloc.data.pathstore import PathArray
 from hierloc.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -133,20 +134,21 @@ class PredictDataset(torch.utils.data.Dataset):
     """Image files -> items with pixels (3, S, S), the EXIF GPS (NaN when absent) and has_pixels.
 
     With exif="use", files carrying GPS are not decoded (has_pixels False): their answer comes from the GPS.
-    Paths are held as a fixed-width numpy string array (cheap to share with DataLoader workers).
+    Paths are held as a `PathArray` (one UTF-8 buffer plus offsets: cheap to share with DataLoader workers); a
+    table's `PathArray` is used as is.
     """
 
-    def __init__(self, paths: Sequence[str], preprocessor, exif: str = "compare"):
-        self.paths = np.asarray([os.fspath(p) for p in paths], dtype=str)
+    def __init__(self, paths: Sequence[str] | PathArray, preprocessor, exif: str = "compare"):
+        self.paths = paths if isinstance(paths, PathArray) else PathArray.from_strings([os.fspath(p) for p in paths])
         self.preprocessor = preprocessor
         self.exif = exif
 
     def __len__(self) -> int:
-        return int(self.paths.shape[0])
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
-        path = str(self.paths[index])
+        path = self.paths[index]
         gps = read_gps(path) if self.exif != "ignore" else None
         if self.exif == "use" and gps is not None:
             return make_item(index, path, None, None, gps, self.preprocessor.image_size, has_pixels=False)

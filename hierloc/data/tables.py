@@ -11,8 +11,9 @@
     - GeoCLIP's `IMG_FILE,LAT,LON`: paths relative to `image_root` (default: the CSV's directory).
   The CSV is streamed in chunks through the shared `gazetteer.csvio` layer; the file is never modified.
 * `ImageDataset`: loads and preprocesses one image per `__getitem__` (nothing but the table's numpy arrays is held,
-  so memory does not grow with the dataset; paths are a fixed-width numpy string array, not a list of Python
-  strings, so DataLoader worker processes do not copy them page by page through reference counting).
+  so memory does not grow with the dataset; paths are a `hierloc.data.pathstore.PathArray`, one UTF-8 buffer plus
+  offsets, not a list of Python strings, so DataLoader worker processes do not copy them page by page through
+  reference counting).
 * `make_loader`: a `torch.utils.data.DataLoader` with worker processes, a deterministic (seed, epoch) order
   sharded across ranks like `DistributedSampler`, and `collate`, which drops images that failed to load.
 
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gazetteer import csvio
 from hierloc.data import shards
+from hierloc.data.pathstore import PathArray
 from hierloc.data.images import Preprocessor
 from hierloc.errors import InputError
 
@@ -64,19 +66,24 @@ MAX_SUBSTITUTE_TRIES = 16
 
 @dataclass
 class ImageTable:
-    """N geotagged images. paths (N,) str absolute; lat_deg, lon_deg (N,) float64; rows (N,) int64 1-based CSV
+    """N geotagged images. paths (N,) absolute paths as a `PathArray` (`paths[i]` -> str; a numpy or list of str
+    given here is converted); lat_deg, lon_deg (N,) float64; rows (N,) int64 1-based CSV
     data row numbers (`gazetteer.csvio`: data row r is line r + 1 of the file); n_skipped: rows dropped while
     reading (bad coordinates or empty image field, on_bad="skip")."""
 
-    paths: np.ndarray
+    paths: PathArray
     lat_deg: np.ndarray
     lon_deg: np.ndarray
     rows: np.ndarray
     n_skipped: int = 0
     source: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.paths, PathArray):
+            self.paths = PathArray.from_numpy(np.asarray(self.paths, dtype=str))
+
     def __len__(self) -> int:
-        return int(self.paths.shape[0])
+        return len(self.paths)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageTable":
         """Rows `indices` (in that order) as a new table; n_skipped and source are kept."""
@@ -88,7 +95,7 @@ class ImageTable:
     def from_arrays(cls, paths: Sequence[str], lat_deg: Sequence[float], lon_deg: Sequence[float],
                     source: str = "<arrays>") -> "ImageTable":
         """A table from in-memory lists (paths made absolute; rows numbered 1..N)."""
-        path_array = np.asarray([os.path.abspath(os.fspath(p)) for p in paths], dtype=str)
+        path_array = PathArray.from_strings([os.path.abspath(os.fspath(p)) for p in paths])
         lat = np.asarray(lat_deg, dtype=np.float64).reshape(-1)
         lon = np.asarray(lon_deg, dtype=np.float64).reshape(-1)
         if not (len(path_array) == len(lat) == len(lon)):
@@ -192,18 +199,13 @@ def _parse_chunk(columns: dict, rows: np.ndarray, path: Path, names: tuple[str, 
     return kept, n_bad, why
 
 
-def _concatenate_releasing(parts: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
-    """Concatenate the chunks' columns (paths, lat, lon, rows) into preallocated arrays, releasing each chunk once
+def _concatenate_releasing(parts: list[tuple]) -> list:
+    """Concatenate the chunks' columns (paths as PathArray; lat, lon, rows as arrays), releasing each chunk once
     copied: peak memory is the result plus one chunk, not twice the result. `parts` is emptied."""
-    total = sum(len(part[0]) for part in parts)
-    columns = [np.empty(total, dtype=np.result_type(*[part[i].dtype for part in parts])) for i in range(4)]
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        for column, values in zip(columns, part):
-            column[start:start + len(values)] = values
-        start += len(part[0])
-    return columns
+    path_parts = [part[0] for part in parts]
+    numbers = [part[1:] for part in parts]
+    parts.clear()
+    return [PathArray.concatenate(path_parts), *csvio.concatenate_releasing(numbers)]
 
 
 def _without_path(message: str | None, path: Path) -> str:
@@ -227,14 +229,14 @@ def osv5m_resolver(root: Path, split: str, first_id: str):
     return lambda names: [os.path.join(base_str, name + OSV5M_EXTENSION) for name in names]
 
 
-def _resolve_paths(names: np.ndarray, root: Path, resolve=None) -> np.ndarray:
-    """Image field values (k,) str -> absolute normalised paths (k,) str; `resolve` (OSV5M ids) when given."""
+def _resolve_paths(names: np.ndarray, root: Path, resolve=None) -> PathArray:
+    """Image field values (k,) str -> absolute normalised paths (k,); `resolve` (OSV5M ids) when given."""
     root_str = str(root)
     if resolve is not None:
         resolved = resolve(names.tolist())
     else:
         resolved = [os.path.normpath(os.path.join(root_str, name)) for name in names.tolist()]
-    return np.asarray(resolved, dtype=str) if resolved else np.empty(0, dtype=str)
+    return PathArray.from_strings(resolved)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from gazetteer.atomic import atomic_open, atomic_write_text
+from hierloc.data.pathstore import BLOCK_ROWS, PathArray
 from hierloc.data.tables import make_loader
 from hierloc.errors import InputError
 
@@ -56,18 +57,27 @@ def shard_names(rank: int, world_size: int) -> dict[str, str]:
 
 def cache_identity(encoder: Any, dataset: Any, dtype: np.dtype) -> tuple[str, dict[str, Any]]:
     """-> (sha256 hex, the JSON-able components it hashes). dataset: an ImageDataset (table + preprocessor)."""
-    paths = np.ascontiguousarray(np.asarray(dataset.table.paths, dtype=str))
-    images_hash = hashlib.sha256(str(paths.dtype).encode() + paths.tobytes()).hexdigest()
+    paths = dataset.table.paths
     components = {
         "format": CACHE_FORMAT_VERSION,
         "encoder": encoder.fingerprint(),
         "preprocessing": dataset.preprocessor.describe(),
-        "images": images_hash,
+        "images": paths_digest(paths),
         "n_rows": int(len(paths)),
         "dtype": np.dtype(dtype).name,
     }
     digest = hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
     return digest, components
+
+
+def paths_digest(paths: PathArray, block_rows: int = BLOCK_ROWS) -> str:
+    """SHA-256 hex of the paths (N,) as the fixed-width numpy array `np.asarray(paths)` ('<U{width}' dtype name,
+    then its bytes), computed block by block: no N x width temporary."""
+    digest = hashlib.sha256(str(paths.dtype).encode())
+    for start in range(0, len(paths), block_rows):
+        block = np.asarray(paths[start:start + block_rows])
+        digest.update(np.ascontiguousarray(block.astype(paths.dtype, copy=False)).tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------

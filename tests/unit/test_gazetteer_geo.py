@@ -127,3 +127,41 @@ def test_malformed_bbox_is_a_one_line_input_error(text, fragment):
     with pytest.raises(InputError) as info:
         geo.parse_bbox(text)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_grouped_spherical_mean_in_chunks_is_bit_for_bit_the_one_shot_mean():
+    rng = np.random.default_rng(5)
+    lat = rng.uniform(-89, 89, 1000)
+    lon = rng.uniform(-180, 180, 1000)
+    groups = rng.integers(0, 40, 1000)
+    # group 40: an antipodal pair split across chunks -> its first point, which comes from the first chunk
+    lat[[3, 900]], lon[[3, 900]], groups[[3, 900]] = [10.0, -10.0], [20.0, -160.0], 40
+    weights = rng.uniform(0, 2, 1000)
+    results = []
+    for w in (None, weights):
+        one_shot = geo.grouped_spherical_mean(lat, lon, groups, 42, w)
+        results.append(one_shot)
+        accumulator = geo.GroupedSphericalMean(42)
+        for start in range(0, 1000, 97):
+            part = slice(start, start + 97)
+            accumulator.add(lat[part], lon[part], groups[part], None if w is None else w[part])
+        chunked = accumulator.means()
+        for a, b in zip(one_shot, chunked):
+            assert a.tobytes() == b.tobytes()
+    unweighted, one_shot = results
+    assert (unweighted[0][40], unweighted[1][40]) == pytest.approx((10.0, 20.0))
+    assert np.isnan(unweighted[0][41]) and np.isnan(one_shot[0][41])
+    # reference: the float64 resultant of each group, normalised
+    vectors = geo.to_unit_vectors(lat, lon) * weights[:, None]
+    for g in (0, 17, 39):
+        expected = [float(x) for x in geo.from_vectors(vectors[groups == g].sum(axis=0))]
+        assert (one_shot[0][g], one_shot[1][g]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_check_coordinates_in_blocks_names_the_first_bad_index_of_the_whole_array():
+    lat = np.zeros(50)
+    lat[[23, 41]] = 95.0
+    with pytest.raises(InputError, match=r"point 23: "):
+        geo.check_coordinates(lat, np.zeros(50), block=8)
+    ok_lat, _ = geo.check_coordinates(np.zeros(50), np.zeros(50), block=8)
+    assert ok_lat.shape == (50,)

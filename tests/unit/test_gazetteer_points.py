@@ -150,3 +150,16 @@ def test_placeholder_city_for_a_place_without_name():
     if gaz.keys[city].endswith(KEY_SEPARATOR):  # the place is reachable (not a duplicate)
         assert gaz.is_placeholder[city] and gaz.names[city].endswith("(unnamed place)")
         assert gaz.names[city] != " (unnamed place)"
+
+
+@pytest.mark.parametrize("options", [{}, {"min_images": 5}, {"within": "FR,LU"}])
+def test_gazetteer_does_not_depend_on_the_chunk_size(points, options):
+    rng = np.random.default_rng(11)
+    lat = np.concatenate([points[0], np.degrees(np.arcsin(rng.uniform(-1, 1, 400)))])
+    lon = np.concatenate([points[1], rng.uniform(-180, 180, 400)])
+    whole = Gazetteer.build_from_points(lat, lon, progress=False, chunk_points=len(lat), **options)
+    for chunk_points in (1, 7, 100):
+        chunked = Gazetteer.build_from_points(lat, lon, progress=False, chunk_points=chunk_points, **options)
+        assert chunked.content_hash == whole.content_hash
+        assert chunked.lat_deg.tobytes() == whole.lat_deg.tobytes()   # the means bit for bit, not approximately
+        assert chunked.metadata["source"] == whole.metadata["source"]
