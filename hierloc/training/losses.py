@@ -249,9 +249,9 @@ class GWHInfoNCE(nn.Module):
         return 1.0 + self._extra_weight(geo_km)
 
     def log_weights(self, geo_km: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """log w (B, N) for distances g (B, N) km (weighting="logit": lambda K(g / sigma) / tau), with log w = 0 at
-        each row's target (the positive is not a
-        negative; rows with target -1 are ignored by the loss). Differentiable w.r.t. lambda and sigma only.
+        """log w (B, N) for distances g (B, N) km, with log w = 0 at each row's target (the positive is not a
+        negative; rows with target -1 are ignored by the loss). Differentiable w.r.t. lambda and sigma only
+        (weighting="logit": log w = lambda K(g / sigma) / tau, also w.r.t. tau).
 
         Laplace kernel with fixed lambda and sigma (the default): log(1 + exp(log lambda - g/sigma)) in four
         in-place passes over (B, N) (log1p and softplus are 3-7x slower than log on CPU); log(1 + e) instead of
