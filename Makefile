@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, from the index pip is configured with (PyPI's Linux wheel is a CUDA build; see TORCH_PIP_ARGS).
 	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,lite]'
 	touch $(STAMP)
 
 install: $(STAMP)

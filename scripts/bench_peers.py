@@ -277,7 +277,8 @@ def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, t
         note(f"seed {seed}: training {row}")
         cfg = row_config(args, seed, [])
         trained = baselines.train_baseline(row, cfg, train_csv, gaz, out / f"seed-{seed}" / row, options=options,
-                                           device=args.device, progress=progress, overwrite=True)
+                                           device=args.device, progress=progress, overwrite=True,
+                                           cache_dir=out / "feature_cache")
         extra = {"train_s": trained.summary["seconds"], **baselines.size_megabytes(trained)}
         note(f"seed {seed}: {row}: {trained.summary['steps']} steps in {trained.summary['seconds']:.0f} s "
              f"(loss {trained.summary['first_loss']:.3f} -> {trained.summary['final_loss']:.3f}); evaluating")
@@ -291,8 +292,10 @@ def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, t
         note(f"seed {seed}: training {row}")
         cfg = row_config(args, seed, [*args.overrides, *HIERLOC_SWITCHES[row]])
         model_dir = out / f"seed-{seed}" / row
+        # one feature cache for every row and seed (a frozen backbone's features of train.csv, extracted once)
         summary = train(cfg, TrainInputs(train_csv=train_csv, out_dir=str(model_dir), gazetteer_dir=str(gaz_dir),
-                                         device=args.device, overwrite=True, progress=progress))
+                                         device=args.device, overwrite=True, progress=progress,
+                                         cache_dir=str(out / "feature_cache")))
         model = HierLoc.from_pretrained(model_dir, device=args.device)
         if model.gazetteer.content_hash != gaz.content_hash:
             raise RuntimeError(f"{model_dir}: the model's gazetteer differs from the benchmark's")

@@ -172,6 +172,9 @@ def pretrained_state(name: str) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling refusal is the same user-facing problem
         raise InputError(f"{path}: not a plain state dict of tensors ({type(error).__name__})") from None
+    if not (isinstance(state, dict) and all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                            for key, value in state.items())):
+        raise InputError(f"{path}: not a plain state dict of tensors (a {type(state).__name__})")
     return {key: value for key, value in state.items() if not key.startswith("_fc.")}
 
 

@@ -65,6 +65,7 @@ from hierloc.errors import InputError
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model.network import mlp, sphere_encoding
 from hierloc.training import checkpoint as ckpt
+from hierloc.training import features as feature_cache
 from hierloc.training.train import base_learning_rates, build_encoder, plan_steps, seed_everything, train_step
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,12 @@ class BaselineModel(nn.Module):
         """s = exp(clamp(log s, 0, ln 100)), a 0-dim tensor."""
         return self.log_logit_scale.clamp(0.0, math.log(MAX_LOGIT_SCALE)).exp()
 
-    def embed_images(self, pixel_values: torch.Tensor, amp: bool = True) -> torch.Tensor:
-        """(B, 3, S, S) pixels -> z (B, D) float32 (bf16 autocast around the encoder on CUDA, as HierLoc)."""
+    def embed_images(self, pixel_values: torch.Tensor, amp: bool = True,
+                     inputs_are_features: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) pixels, or (B, F) cached features of a frozen encoder (inputs_are_features) -> z (B, D)
+        float32 (bf16 autocast around the encoder on CUDA, as HierLoc)."""
+        if inputs_are_features:
+            return self.image_head(pixel_values.float())
         with encoder_autocast(pixel_values.device, amp):
             features = self.encoder(pixel_values)
         return self.image_head(features.float())
@@ -247,9 +252,11 @@ class BaselineModel(nn.Module):
         return self.classifier(z)
 
     def loss(self, pixel_values: torch.Tensor, lat_deg: torch.Tensor, lon_deg: torch.Tensor,
-             true_city: torch.Tensor, generator: torch.Generator | None = None, amp: bool = True) -> dict:
-        """One batch: pixels (B, 3, S, S), lat/lon (B,) degrees, true_city (B,) int64 in [0, N) -> {"loss": ()}."""
-        z = self.embed_images(pixel_values, amp)
+             true_city: torch.Tensor, generator: torch.Generator | None = None, amp: bool = True,
+             inputs_are_features: bool = False) -> dict:
+        """One batch: pixels (B, 3, S, S) or cached features (B, F), lat/lon (B,) degrees, true_city (B,) int64 in
+        [0, N) -> {"loss": ()}."""
+        z = self.embed_images(pixel_values, amp, inputs_are_features)
         opts = self.options
         if self.kind in ("country-ce", "flat-ce"):
             return {"loss": F.cross_entropy(self.class_logits(z), true_city)}
@@ -348,8 +355,8 @@ def gps_gallery(lat_deg: np.ndarray, lon_deg: np.ndarray) -> tuple[np.ndarray, n
 
 def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: str | Path | None = None, *,
                    options: BaselineOptions | None = None, image_root: str | None = None, device: str = "auto",
-                   progress: bool = False, allow_download: bool = False, overwrite: bool = False
-                   ) -> TrainedBaseline:
+                   progress: bool = False, allow_download: bool = False, overwrite: bool = False,
+                   cache_dir: str | Path | None = None) -> TrainedBaseline:
     """Train one peer objective on a CSV of geotagged images (layouts of `hierloc.data.tables.read_image_table`).
 
     gazetteer: a `Gazetteer` or its directory; its city entities are the classes. Training images whose point
@@ -357,6 +364,9 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     learning rates and schedule come from `cfg` (see the module docstring). out_dir: also save the model there
     (`save_baseline`). Summary keys: kind, steps, epochs, seconds (the training loop only, as HierLoc's
     train_summary), images_per_second, n_train, n_skipped, n_classes, gallery_size, final_loss, first_loss.
+    A frozen backbone (model.freeze_backbone) trains on its cached features, as HierLoc does: cache_dir (default
+    OUT_DIR-feature_cache beside OUT_DIR; required without out_dir) is shared with HierLoc's --cache-dir when the images are the
+    same, so a benchmark extracts them once.
     """
     if kind not in KINDS:
         raise InputError(f"baseline kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -372,9 +382,15 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     encoder = build_encoder(cfg, allow_download)
     model = BaselineModel(kind, cfg, encoder, class_lat, class_lon, options, *gallery).to(dev)
     optimizers = {"adamw": build_optimizer(model, cfg)}
-    dataset = tables.ImageDataset(table, encoder.preprocessor, targets=located, train=cfg.train.augment,
-                                  seed=cfg.train.seed, shift_frac=cfg.train.shift_frac)
-    loop = _train_loop(model, optimizers, dataset, cfg, train_csv, class_offset, dev, progress)
+    frozen = bool(cfg.model.freeze_backbone)
+    if frozen:
+        # beside the model directory, which save_baseline replaces whole
+        default_cache = Path(out_dir).with_name(Path(out_dir).name + "-feature_cache") if out_dir is not None else None
+        dataset = _cached_dataset(encoder, table, located, cfg, cache_dir or default_cache, progress)
+    else:
+        dataset = tables.ImageDataset(table, encoder.preprocessor, targets=located, train=cfg.train.augment,
+                                      seed=cfg.train.seed, shift_frac=cfg.train.shift_frac)
+    loop = _train_loop(model, optimizers, dataset, cfg, train_csv, class_offset, dev, progress, frozen)
     summary = {"kind": kind, "steps": loop["steps"], "epochs": loop["epochs"], "seconds": loop["seconds"],
                "images_per_second": loop["images_per_second"], "n_train": int(len(table)),
                "n_skipped": int(n_skipped + table.n_skipped), "n_classes": model.n_classes,
@@ -384,6 +400,17 @@ def train_baseline(kind: str, cfg: Config, train_csv: str, gazetteer, out_dir: s
     if out_dir is not None:
         save_baseline(trained, out_dir, overwrite=overwrite)
     return trained
+
+
+def _cached_dataset(encoder, table, located: np.ndarray, cfg: Config, cache_dir, progress: bool):
+    """A frozen encoder's features of the training rows, extracted once into cache_dir (or reused) ->
+    CachedFeatureDataset with the rows' entities and coordinates."""
+    if not cache_dir:
+        raise InputError("a peer with a frozen backbone needs a feature cache directory (cache_dir or out_dir)")
+    images = tables.ImageDataset(table, encoder.preprocessor, train=False)
+    cache = feature_cache.extract_features(encoder, images, cache_dir, batch_size=cfg.train.batch_size,
+                                           num_workers=cfg.train.num_workers, progress=progress)
+    return feature_cache.CachedFeatureDataset(cache, targets=located, lat_deg=table.lat_deg, lon_deg=table.lon_deg)
 
 
 def _class_rows(train_csv: str, image_root: str | None, gazetteer, level: int = CITY_LEVEL
@@ -404,7 +431,7 @@ def _class_rows(train_csv: str, image_root: str | None, gazetteer, level: int = 
 
 
 def _train_loop(model: BaselineModel, optimizers: dict, dataset, cfg: Config, train_csv: str, class_offset: int,
-                dev: torch.device, progress: bool) -> dict:
+                dev: torch.device, progress: bool, frozen: bool = False) -> dict:
     """train.epochs epochs (at most train.max_steps steps) of `hierloc.training.train.train_step` on the peer's
     loss -> {steps, epochs, seconds, images_per_second, first_loss, final_loss}."""
     base_lrs = base_learning_rates(optimizers)
@@ -426,8 +453,10 @@ def _train_loop(model: BaselineModel, optimizers: dict, dataset, cfg: Config, tr
             if step >= total_steps:
                 break
             true_city = (batch["targets"][:, model.level] - class_offset).to(dev)
-            forward = functools.partial(model.loss, batch["pixel_values"].to(dev), batch["lat_deg"].to(dev),
-                                        batch["lon_deg"].to(dev), true_city, generator=negatives, amp=cfg.train.amp)
+            inputs = batch["features"] if frozen else batch["pixel_values"]
+            forward = functools.partial(model.loss, inputs.to(dev), batch["lat_deg"].to(dev),
+                                        batch["lon_deg"].to(dev), true_city, generator=negatives, amp=cfg.train.amp,
+                                        inputs_are_features=frozen)
             out, _ = train_step(forward, optimizers, base_lrs, model.parameters(), cfg.train, step, total_steps)
             step += 1
             images += int(true_city.shape[0])
