@@ -137,6 +137,23 @@ def weighted_cross_entropy(d: torch.Tensor, log_w: torch.Tensor | None, tau: tor
     return _WeightedCrossEntropy.apply(d, log_w, tau, target)
 
 
+def geo_soft_cross_entropy(d: torch.Tensor, tau: torch.Tensor, geo_km: torch.Tensor, target: torch.Tensor,
+                           scale_km: float) -> torch.Tensor:
+    """The geo-soft part of a level's target: -sum_k K_k log softmax(-d / tau)_k, K = softmax_k(-g_k / scale_km)
+    (no gradient), averaged over the rows with a target.
+
+    d (B, N) squared distances, tau a 0-dim tensor, geo_km (B, N) km from each image's GPS to every entity of the
+    level, target (B,) (-1: row ignored), scale_km > 0 -> scalar. K spreads the target over the entities near the
+    image's own point (most of it within ~2 scale_km), so nearby places are pulled together rather than only
+    apart: what the peers' geo label smoothing does for a flat classifier.
+    """
+    valid = target >= 0
+    with torch.no_grad():
+        kernel = torch.softmax(-geo_km[valid].float() / scale_km, dim=-1)
+    log_p = torch.log_softmax(-d[valid].float() / tau, dim=-1)
+    return -(kernel * log_p).sum(dim=-1).mean()
+
+
 def _check_range(name: str, value: float, bounds: Sequence[float], allow_zero: bool = False) -> tuple[float, float]:
     low, high = (float(b) for b in bounds)
     if not (0.0 < low < high and math.isfinite(high)):
@@ -182,6 +199,8 @@ class GWHInfoNCE(nn.Module):
         sigma_range_km: Sequence[float] = (10.0, 5000.0),
         blocked: bool = False,
         weighting: str = "paper",
+        geo_soft: float = 0.0,
+        geo_soft_km: float = 150.0,
     ) -> None:
         super().__init__()
         if n_levels < 1:
@@ -194,6 +213,11 @@ class GWHInfoNCE(nn.Module):
             raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
         if weighting != "paper" and blocked:
             raise ValueError(f"weighting={weighting!r} has no blocked kernel; use blocked=False")
+        if not (0.0 <= geo_soft < 1.0) or not geo_soft_km > 0:
+            raise ValueError(f"geo_soft must be in [0, 1) and geo_soft_km > 0, got {geo_soft}, {geo_soft_km}")
+        if geo_soft > 0 and blocked:
+            raise ValueError("geo_soft > 0 has no blocked kernel; use blocked=False")
+        self.geo_soft, self.geo_soft_km = float(geo_soft), float(geo_soft_km)
         if lam == 0.0 and learn_weights:
             raise ValueError("lam=0 with learn_weights=True: a log-parametrised lambda cannot leave 0; "
                              "use learn_weights=False for plain hyperbolic InfoNCE")
@@ -216,7 +240,8 @@ class GWHInfoNCE(nn.Module):
         loss = cfg.loss
         return cls(n_levels=N_LEVELS, tau=loss.tau, lam=loss.lam, sigma_km=loss.sigma_km, betas=tuple(loss.betas),
                    learn_tau=loss.learn_tau, learn_weights=loss.learn_weights, kernel=loss.kernel,
-                   blocked=loss.blocked, weighting=loss.weighting)
+                   blocked=loss.blocked, weighting=loss.weighting, geo_soft=loss.geo_soft,
+                   geo_soft_km=loss.geo_soft_km)
 
     def _register(self, name: str, value: float, learnable: bool) -> None:
         tensor = torch.tensor(value, dtype=torch.float32)
@@ -306,7 +331,13 @@ class GWHInfoNCE(nn.Module):
                 level_losses.append(tau.new_zeros(()))
                 continue
             log_w = self.log_weights(geo_km[level], target) if use_weights else None
-            level_losses.append(weighted_cross_entropy(d.float(), log_w, tau, target))
+            level_loss = weighted_cross_entropy(d.float(), log_w, tau, target)
+            if self.geo_soft > 0:
+                if geo_km is None:
+                    raise ValueError("geo_soft > 0 needs geo_km (the images' distances to the entities)")
+                soft = geo_soft_cross_entropy(d, tau, geo_km[level], target, self.geo_soft_km)
+                level_loss = (1.0 - self.geo_soft) * level_loss + self.geo_soft * soft
+            level_losses.append(level_loss)
         return self._summary(level_losses, counts, tau)
 
     def forward_points(
