@@ -24,6 +24,7 @@ Rows (--rows, comma-separated; default all but hierloc-finetune):
   hierloc-no-fusion                  model.entity_fusion=false
   hierloc-entity-means               model.entity_image_features=auto: entities fuse their training images' mean
                                      feature (the paper's entity branch; "none" in the shipped frozen recipe)
+  hierloc-no-geo-soft                loss.geo_soft=0: the paper's one-hot targets (the shipped recipe sets 0.3)
   hierloc-no-concepts                model.concepts=false
   hierloc-finetune                   the shared pretrained backbone fine-tuned (model.freeze_backbone=false,
                                      train.backbone_lr=2e-4, train.shift_frac=0.25); only when asked for
@@ -67,6 +68,7 @@ HIERLOC_SWITCHES = {
     "hierloc-logit": ["loss.weighting=logit"],
     "hierloc-no-fusion": ["model.entity_fusion=false"],
     "hierloc-entity-means": ["model.entity_image_features=auto"],
+    "hierloc-no-geo-soft": ["loss.geo_soft=0"],
     "hierloc-no-concepts": ["model.concepts=false"],
     # fine-tuning: the shared pretrained backbone unfrozen, at a tenth of the head's learning rate, with the
     # translation augmentation a trained backbone needs on the demo patches (not in the default rows: ~5x the cost)
@@ -74,7 +76,8 @@ HIERLOC_SWITCHES = {
     "hierloc": [],
 }
 ROWS = ORACLE_ROWS + BASELINE_ROWS + ("hierloc-euclidean", "hierloc-lam0", "hierloc-gaussian", "hierloc-inverse",
-                        "hierloc-logit", "hierloc-no-fusion", "hierloc-entity-means", "hierloc-no-concepts",
+                        "hierloc-logit", "hierloc-no-fusion", "hierloc-entity-means", "hierloc-no-geo-soft",
+                        "hierloc-no-concepts",
                         "hierloc-finetune", "hierloc-flat", "hierloc")
 DEFAULT_ROWS = tuple(row for row in ROWS if row != "hierloc-finetune")
 LABELS = {
@@ -91,6 +94,7 @@ LABELS = {
     "hierloc-logit": "HierLoc logit-scale weights",
     "hierloc-no-fusion": "HierLoc no entity fusion",
     "hierloc-entity-means": "HierLoc entities fuse mean image features",
+    "hierloc-no-geo-soft": "HierLoc without geo-soft targets",
     "hierloc-no-concepts": "HierLoc no concepts",
     "hierloc-finetune": "HierLoc fine-tuned backbone",
     "hierloc-flat": "HierLoc flat nearest city",
