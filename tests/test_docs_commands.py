@@ -73,7 +73,7 @@ FRAGMENTS = _collect(fragments_in)
 def test_the_readme_shows_commands_and_they_are_collected():
     readme = [line for source, line in COMMANDS if source == "README.md"]
     # the two demo steps, the tour and the config command are all found (a broken extractor would find none)
-    assert any(line.startswith("hierloc train ") and "model.backbone=tiny-resnet" in line for line in readme)
+    assert any(line.startswith("hierloc train ") and "model.backbone=efficientnet-lite0" in line for line in readme)
     assert any(line.startswith("hierloc eval ") for line in readme)
     assert any(line.startswith("hierloc config") for line in readme)
     assert len(readme) >= 8
