@@ -7,6 +7,7 @@ the children of an entity are contiguous. The on-disk format is described in doc
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -14,6 +15,7 @@ import functools
 import io
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,9 +272,9 @@ class Gazetteer:
         values: cc, admin1, admin2 or '', GeoNames name; '' where unresolved), country_name and entity_id
         (key of the deepest resolved entity), each name prefixed by `prefix`.
 
-        Streams the input in chunks (memory flat), writes `out_path` atomically. on_bad="skip" drops rows with
-        bad coordinates (counted in the report); "error" raises InputError naming the first. The input is
-        never modified (InputError if out_path is the input file).
+        Streams the input in chunks (memory flat), writes `out_path` atomically, or to standard output when
+        `out_path` is "-". on_bad="skip" drops rows with bad coordinates (counted in the report); "error" raises
+        InputError naming the first. The input is never modified (InputError if out_path is the input file).
         """
         from tqdm.auto import tqdm
 
@@ -283,12 +285,13 @@ class Gazetteer:
         if clash:
             raise InputError(f"{in_path} already has column(s) {', '.join(clash)}; pass a prefix for the new "
                              f"columns (e.g. --prefix gz_ gives {', '.join('gz_' + c for c in LOCATE_COLUMNS[:2])}, ...)")
-        if is_same_file(in_path, out_path):
+        to_stdout = str(out_path) == "-"
+        if not to_stdout and is_same_file(in_path, out_path):
             raise InputError(f"output {out_path} is the input file; choose another --out (inputs are never modified)")
         lat_pos, lon_pos = header.index(lat_name), header.index(lon_name)
         report = LocateReport(out_path=Path(out_path))
         resolved = np.zeros(4, dtype=np.int64)
-        with atomic_open(out_path, "w", newline="") as handle:
+        with (contextlib.nullcontext(sys.stdout) if to_stdout else atomic_open(out_path, "w", newline="")) as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(header + new_columns)
             bar = tqdm(desc="locating", unit=" rows", unit_scale=True, disable=None if progress else True)

@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     locate.add_argument("--gazetteer", default=DEFAULT_OUT, metavar="DIR", help="gazetteer directory")
     locate.add_argument("--csv", help="input CSV with coordinates (instead of points on the command line)")
     locate.add_argument("--out", default="-",
-                        help="output CSV (written atomically; never the input); - is standard output")
+                        help="output CSV (written atomically; never the input); - is standard output (the default)")
     locate.add_argument("--lat-col",
                         help="latitude column; when omitted, the first of lat, latitude, LAT, true_lat, ... present")
     locate.add_argument("--lon-col",
@@ -143,8 +143,6 @@ def run_locate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if bool(args.points) == bool(args.csv):
         raise InputError("give points (LAT,LON ...) or --csv FILE, not both and not neither")
-    if args.csv and args.out == "-":
-        raise InputError("--csv: give --out FILE (the labelled CSV is written atomically to a file)")
     if args.points:
         parse_points(args.points)  # a typo costs nothing: checked before the gazetteer is loaded
     gaz = Gazetteer.load(args.gazetteer)
@@ -152,11 +150,14 @@ def run_locate(args: argparse.Namespace) -> int:
         return _locate_points(gaz, args)
     report = gaz.locate_csv(args.csv, args.out, lat_col=args.lat_col, lon_col=args.lon_col, on_bad=args.on_bad,
                             prefix=args.prefix, progress=not args.no_progress)
+    # the summary goes to stderr when the CSV itself is on stdout, so that stdout stays a clean CSV
+    summary = sys.stderr if args.out == "-" else sys.stdout
     resolved = ", ".join(f"{name} {n:,}" for name, n in report.resolved_per_level.items())
-    print(f"wrote {report.n_written:,} of {report.n_rows:,} rows to {report.out_path} "
-          f"in {time.perf_counter() - started:.1f} s (resolved: {resolved})")
+    where = "standard output" if args.out == "-" else report.out_path
+    print(f"wrote {report.n_written:,} of {report.n_rows:,} rows to {where} "
+          f"in {time.perf_counter() - started:.1f} s (resolved: {resolved})", file=summary)
     if report.n_skipped:
         more = ", ..." if report.n_skipped > len(report.skipped_rows) else ""
         rows = ", ".join(map(str, report.skipped_rows))
-        print(f"skipped {report.n_skipped:,} rows with bad coordinates (rows {rows}{more})")
+        print(f"skipped {report.n_skipped:,} rows with bad coordinates (rows {rows}{more})", file=summary)
     return 0

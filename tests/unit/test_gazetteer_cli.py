@@ -56,6 +56,20 @@ def test_locate_appends_osv5m_columns_equal_to_reverse_geocoder(small_gazetteer_
     assert rows[3]["image"] == "d.jpg" and rows[3]["country"] == ""
 
 
+def test_locate_csv_to_standard_output_is_the_same_csv_with_the_summary_on_stderr(small_gazetteer_dir, points_csv,
+                                                                                   tmp_path, capsys):
+    out_csv = tmp_path / "out.csv"
+    assert run(["locate", "--gazetteer", str(small_gazetteer_dir), "--csv", str(points_csv), "--out", str(out_csv)],
+               capsys)[0] == 0
+    for argv_tail in (["--out", "-"], []):  # "-" is also the default
+        code, out, err = run(["locate", "--gazetteer", str(small_gazetteer_dir), "--csv", str(points_csv),
+                              *argv_tail], capsys)
+        assert code == 0
+        assert out == out_csv.read_text(encoding="utf-8")          # stdout is exactly the CSV, nothing else
+        assert "wrote 5 of 5 rows to standard output" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "points.csv"]   # no stray file named "-"
+
+
 def test_locate_skip_reports_skipped_rows(small_gazetteer_dir, tmp_path, capsys):
     src = write_csv(tmp_path / "in.csv", ["lat", "lon"], [["49.6", "6.1"], ["nan", "6.1"], ["49.6", "500"], ["49.5", "6.0"]])
     out_csv = tmp_path / "out.csv"
