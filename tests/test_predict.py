@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,17 @@ def test_text_output_is_an_indented_hierarchy_with_the_model_it_came_from(tiny_m
     assert indents == sorted(indents) and len(set(indents)) == 4
     assert all("p=" in line for line in level_lines)
     assert "1 image: 1 predicted, 0 failed" in err
+
+
+def test_the_summary_is_printed_once_when_stdout_and_stderr_share_a_terminal(tiny_model_dir, images, capsys,
+                                                                              monkeypatch):
+    for stream in ("stdout", "stderr"):
+        monkeypatch.setattr(getattr(sys, stream), "isatty", lambda: True, raising=False)
+    code, out, err = run(capsys, "--model", tiny_model_dir, "--workers", "0", "--top-k", "1", images[0])
+    assert code == 0 and "# 1 image: 1 predicted, 0 failed" in out
+    assert "predicted" not in err                                    # not a second time on the same screen
+    code, out, err = run(capsys, "--format", "jsonl", "--model", tiny_model_dir, "--workers", "0", images[0])
+    assert code == 0 and "1 image: 1 predicted, 0 failed" in err    # JSON lines carry no summary: stderr does
 
 
 def test_unreadable_images_are_reported_counted_and_skipped(tiny_model_dir, images, tmp_path, capsys, caplog):

@@ -118,7 +118,13 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    if not args.quiet:
+    if not args.quiet and not _summary_already_on_screen(args.format, out):
         print(f"hierloc predict: {summary_line(totals)}" + (f"; wrote {out}" if out else ""),
               file=sys.stderr)
     return 0 if summary.counts["n_predicted"] else 1
+
+
+def _summary_already_on_screen(fmt: str, out: str | None) -> bool:
+    """True when the text output, which ends with the run's summary line, went to the terminal that stderr also
+    shows: the same line on stderr would be printed twice on one screen. Redirected, either stream keeps it."""
+    return fmt == "text" and out is None and sys.stdout.isatty() and sys.stderr.isatty()
