@@ -28,6 +28,7 @@ from typing import Any
 
 from hierloc.data import shards
 from hierloc.data.encoded import EncodedImage, source_name
+from hierloc.data.formats import enable_extra_formats
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def read_gps(path: str | os.PathLike | EncodedImage) -> ExifGPS | None:
     from PIL import Image
 
     name = source_name(path)
+    enable_extra_formats()
     try:
         source = io.BytesIO(path.data) if isinstance(path, EncodedImage) else shards.open_image_bytes(path) or path
         # Pillow only *warns* about images between 1x and 2x its pixel limit: as the pixel loader does, treat it

@@ -31,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hierloc.data import shards
 from hierloc.data.encoded import EncodedImage
+from hierloc.data.formats import enable_extra_formats
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def load_image(path: str | os.PathLike | EncodedImage, min_side: int | None = No
 def decode_image(handle: BinaryIO, name: str, min_side: int | None = None) -> Image.Image:
     """An open binary stream of an image file -> upright RGB `PIL.Image`, with the guards and rules of
     `load_image` (errors are one-line `InputError`s starting with `name`). The stream is read, never written."""
+    enable_extra_formats()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -18,10 +18,10 @@ from gazetteer import csvio
 from hierloc.data import shards, tables
 from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import read_gps
+from hierloc.data.formats import IMAGE_EXTENSIONS
 from hierloc.data.pathstore import PathArray
 from hierloc.errors import InputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 
