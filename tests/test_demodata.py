@@ -136,7 +136,8 @@ def small_dataset(tmp_path_factory):
 
 def test_dataset_files_csv_format_and_labels(small_dataset):
     out, summary = small_dataset
-    assert summary["counts"] == {"train": 200, "val": 10, "test_nearby": 20, "test_unseen": 20}
+    assert summary["counts"] == {"train": 200, "val": 10, "val_nearby": 10, "test_nearby": 20, "test_unseen": 20,
+                                 "test_shifted": 20}
     image = demodata.load_blue_marble()
     for split, count in summary["counts"].items():
         header, rows = _read_csv(out / f"{split}.csv")
@@ -149,8 +150,10 @@ def test_dataset_files_csv_format_and_labels(small_dataset):
             with Image.open(out / row["image"]) as jpeg:
                 assert jpeg.format == "JPEG" and jpeg.size == (32, 32) and jpeg.mode == "RGB"
                 decoded = np.asarray(jpeg, dtype=np.float64)
-            expected = demodata.extract_patch(image, lat, lon, 32).astype(np.float64)
-            assert np.abs(decoded - expected).mean() < 6.0  # same patch, up to JPEG loss
+            expected = demodata.extract_patch(image, lat, lon, 32)
+            if split == "test_shifted":       # the same patch, rendered unlike the others
+                expected = demodata.render_shifted(expected, demodata.draw_shifts(SMALL["seed"], count)[int(Path(row["image"]).stem)])
+            assert np.abs(decoded - expected.astype(np.float64)).mean() < 6.0  # same patch, up to JPEG loss
     metadata = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["kind"] == "hierloc-demo-data" and metadata["counts"] == summary["counts"]
     assert metadata["parameters"]["patch_px"] == 32 and "Blue Marble" in metadata["source"]["image"]
@@ -174,9 +177,9 @@ def test_held_out_split_keeps_every_training_and_nearby_centre_a_quarter_patch_f
         small_dataset):
     out, summary = small_dataset
     held_out = np.concatenate([_centres(out, "test_unseen"), _centres(out, "val")])
-    for split in ("train", "test_nearby"):
+    for split in ("train", "test_nearby", "val_nearby"):
         assert _grid_distances(_centres(out, split), held_out).min() >= 8 - 1e-9   # P/4 for 32 px patches
-    assert summary["counts"] == {"train": 200, "val": 10, "test_nearby": 20, "test_unseen": 20}  # keeps n_train
+    assert summary["counts"]["train"] == 200  # keeps n_train
     assert summary["thinned"] == "train" and 0 < summary["acceptance"] < 1
 
 
@@ -295,7 +298,47 @@ def test_cli_writes_the_dataset_and_refuses_to_overwrite(tmp_path, capsys):
             "--patch-px", "16", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "wrote 39 patches" in printed and "test_unseen" in printed and "nearest training centre" in printed
+    assert "wrote 44 patches" in printed and "test_unseen" in printed and "nearest training centre" in printed
     assert len(_read_csv(out / "train.csv")[1]) == 30
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_val_nearby_and_test_shifted_leave_the_other_splits_byte_identical(tmp_path):
+    """val_nearby is drawn last and test_shifted from its own generator: a dataset without them has the same
+    train / val / test files; test_shifted has test_nearby's centres and other pixels; val_nearby is not trained on
+    and lies near training centres like test_nearby."""
+    with_new, without = tmp_path / "with", tmp_path / "without"
+    small = {**SMALL, "n_train": 60, "n_test": 6, "n_unseen": 5, "n_val": 4}
+    demodata.make_demo_dataset(with_new, **small)
+    demodata.make_demo_dataset(without, **small, n_val_nearby=0)
+    for split in ("train", "val", "test_nearby", "test_unseen"):
+        assert (with_new / f"{split}.csv").read_bytes() == (without / f"{split}.csv").read_bytes()
+        first = _read_csv(with_new / f"{split}.csv")[1][0]["image"]
+        assert (with_new / first).read_bytes() == (without / first).read_bytes()
+    assert not (without / "val_nearby.csv").exists() and len(_read_csv(with_new / "val_nearby.csv")[1]) == 4
+    np.testing.assert_array_equal(_centres(with_new, "test_shifted"), _centres(with_new, "test_nearby"))
+    nearby_rows, shifted_rows = _read_csv(with_new / "test_nearby.csv")[1], _read_csv(with_new / "test_shifted.csv")[1]
+    for a, b in zip(nearby_rows, shifted_rows):
+        pa = np.asarray(Image.open(with_new / a["image"]), dtype=np.float64)
+        pb = np.asarray(Image.open(with_new / b["image"]), dtype=np.float64)
+        assert pa.shape == pb.shape and np.abs(pa - pb).mean() > 10      # visibly another rendering
+    train = set(map(tuple, _centres(with_new, "train")))
+    assert not set(map(tuple, _centres(with_new, "val_nearby"))) & set(map(tuple, _centres(with_new, "test_unseen")))
+    assert len(train) == 60
+
+
+def test_render_shifted_permutes_channels_scales_contrast_and_blurs():
+    """A flat two-colour patch: the permutation moves the channels, contrast < 1 pulls both colours to the mean,
+    blur softens the edge; draw_shifts is deterministic per seed."""
+    patch = np.zeros((16, 16, 3), dtype=np.uint8)
+    patch[:, :8] = (200, 40, 10)
+    patch[:, 8:] = (20, 60, 220)
+    order, contrast, blur = 1, 0.5, 1.5
+    out = demodata.render_shifted(patch, (order, contrast, blur)).astype(np.float64)
+    channels = demodata._CHANNEL_ORDERS[order]
+    left = out[:, 1].mean(axis=0)
+    assert np.argmax(left) == int(np.argmax(np.asarray(patch[0, 0])[list(channels)]))
+    assert np.ptp(out[0, :, 0]) < np.ptp(patch[0, :, channels[0]].astype(np.float64))
+    assert 0 < np.abs(np.diff(out[0, :, 0])).max() < np.ptp(out[0, :, 0])       # no hard edge left
+    assert demodata.draw_shifts(3, 5) == demodata.draw_shifts(3, 5) != demodata.draw_shifts(4, 5)

@@ -38,6 +38,12 @@ Two definitions of the held-out split (``unseen``):
   20,000 training patches cover nearly every populated area, so these are remote places (Siberia, northern
   Canada, the outback, small islands, ...).
 
+Two more splits serve calibration and its check: ``val_nearby`` (``n_val_nearby``) is drawn last, exactly like
+test_nearby (never trained on: with ``val`` it makes a calibration set with both familiar and held-out places);
+``test_shifted`` holds test_nearby's centres rendered unlike any training patch (channels permuted, contrast
+scaled, blurred by a per-image random amount from its own generator: `render_shifted`), an out-of-distribution
+check of the reported probabilities.
+
 Everything is drawn from one ``numpy.random.default_rng(seed)`` in a fixed order, and JPEG encoding is
 deterministic, so the same seed and parameters give byte-identical CSVs, images and metadata.
 """
@@ -69,10 +75,15 @@ BLUE_MARBLE_FILE = "bmng.jpg"
 PX_PER_DEG = 15
 HEIGHT_PX, WIDTH_PX = 180 * PX_PER_DEG, 360 * PX_PER_DEG  # 2700, 5400
 DEFAULT_JITTER_DEG = 0.25
-SPLITS = ("train", "val", "test_nearby", "test_unseen")
+SPLITS = ("train", "val", "val_nearby", "test_nearby", "test_unseen", "test_shifted")
 UNSEEN_RULES = ("held-out", "remote")
 DEFAULT_N_UNSEEN = 500
 DEFAULT_N_VAL = 500
+# test_shifted: test_nearby's centres rendered unlike any training patch (out-of-distribution check of the
+# calibrated probabilities): channels permuted, contrast scaled, blurred, each by a per-image random amount.
+SHIFT_CONTRAST = ((0.35, 0.6), (1.7, 2.4))   # contrast factor drawn from one of these ranges
+SHIFT_BLUR_PX = (1.0, 2.5)                    # Gaussian blur radius, pixels
+_CHANNEL_ORDERS = ((1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 0, 2))  # every non-identity RGB permutation
 DATASET_KIND = "hierloc-demo-data"
 METADATA_FILE = "metadata.json"
 _MAX_CANDIDATES = 5_000_000  # rejection-sampling budget per split (defaults need ~50k-200k) before giving up
@@ -249,8 +260,10 @@ def nearest_km(query_lat_deg, query_lon_deg, ref_lat_deg, ref_lon_deg) -> np.nda
 
 
 def draw_splits(rng: np.random.Generator, n_train: int, n_test: int, n_unseen: int, n_val: int, patch_px: int,
-                jitter_deg: float, unseen: str, sep_px: float) -> tuple[dict, float]:
+                jitter_deg: float, unseen: str, sep_px: float, n_val_nearby: int = 0) -> tuple[dict, float]:
     """Centres of every split, drawn in a fixed order from ``rng`` (see the module docstring for the rules).
+    ``val_nearby`` is drawn last, like test_nearby, so adding it leaves every other split unchanged;
+    ``test_shifted`` has test_nearby's centres.
 
     Returns ({split: (lat_deg (n,), lon_deg (n,))}, acceptance rate of the thinned draw: training candidates kept
     for "held-out", test_unseen candidates kept for "remote").
@@ -266,12 +279,16 @@ def draw_splits(rng: np.random.Generator, n_train: int, n_test: int, n_unseen: i
         held_out = tuple(np.concatenate([centres["test_unseen"][i], centres["val"][i]]) for i in range(2))
         centres["train"], acceptance = separated(n_train, held_out, "train")
         centres["test_nearby"], _ = separated(n_test, held_out, "test_nearby")
+        centres["val_nearby"] = (separated(n_val_nearby, held_out, "val_nearby")[0] if n_val_nearby else
+                                 sample_centres(rng, 0, patch_px, jitter_deg))
     else:
         centres["train"] = sample_centres(rng, n_train, patch_px, jitter_deg)
         centres["test_nearby"] = sample_centres(rng, n_test, patch_px, jitter_deg)
         centres["test_unseen"], acceptance = separated(n_unseen, centres["train"], "test_unseen")
         centres["val"] = separated(n_val, centres["train"], "val")[0] if n_val else \
             sample_centres(rng, 0, patch_px, jitter_deg)
+        centres["val_nearby"] = sample_centres(rng, n_val_nearby, patch_px, jitter_deg)
+    centres["test_shifted"] = centres["test_nearby"]
     return {split: centres[split] for split in SPLITS}, acceptance
 
 
@@ -308,13 +325,38 @@ def _encode_jpeg(patch: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def draw_shifts(seed: int, count: int) -> list[tuple[int, float, float]]:
+    """The test_shifted rendering of each of ``count`` patches: (channel order index into _CHANNEL_ORDERS,
+    contrast factor, blur radius px), from their own generator (the centres' stream is untouched)."""
+    rng = np.random.default_rng([seed, 0x5417])
+    order = rng.integers(0, len(_CHANNEL_ORDERS), size=count)
+    low = rng.random(count) < 0.5
+    contrast = np.where(low, rng.uniform(*SHIFT_CONTRAST[0], size=count), rng.uniform(*SHIFT_CONTRAST[1], size=count))
+    blur = rng.uniform(*SHIFT_BLUR_PX, size=count)
+    return [(int(o), round(float(c), 4), round(float(b), 4)) for o, c, b in zip(order, contrast, blur)]
+
+
+def render_shifted(patch: np.ndarray, shift: tuple[int, float, float]) -> np.ndarray:
+    """(P, P, 3) uint8 -> (P, P, 3) uint8: channels permuted, contrast scaled about the mean grey, blurred."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    order, contrast, blur = shift
+    image = Image.fromarray(np.ascontiguousarray(patch[:, :, list(_CHANNEL_ORDERS[order])]))
+    image = ImageEnhance.Contrast(image).enhance(contrast).filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(image)
+
+
 def _write_patches(job: tuple) -> int:
     """Cut, encode and write one chunk of patches; returns how many. Runs in worker processes too (picklable
-    arguments only; the image is decoded once per process)."""
-    root, names, lats, lons, patch_px, quality = job
+    arguments only; the image is decoded once per process). shifts: None, or one `render_shifted` rendering per
+    patch."""
+    root, names, lats, lons, patch_px, quality, shifts = job
     image = load_blue_marble()
-    for name, lat_deg, lon_deg in zip(names, lats, lons):
-        data = _encode_jpeg(extract_patch(image, lat_deg, lon_deg, patch_px), quality)
+    for index, (name, lat_deg, lon_deg) in enumerate(zip(names, lats, lons)):
+        patch = extract_patch(image, lat_deg, lon_deg, patch_px)
+        if shifts is not None:
+            patch = render_shifted(patch, shifts[index])
+        data = _encode_jpeg(patch, quality)
         with open(os.path.join(root, name), "wb") as handle:
             handle.write(data)
     return len(names)
@@ -345,8 +387,8 @@ def _csv_text(names: list[str], lat_deg: np.ndarray, lon_deg: np.ndarray) -> str
     return buffer.getvalue()
 
 
-def _validate(n_train: int, n_test: int, n_unseen: int, n_val: int, patch_px: int, jitter_deg: float, seed: int, quality: int,
-              unseen: str, sep_px: float, workers: int) -> None:
+def _validate(n_train: int, n_test: int, n_unseen: int, n_val: int, patch_px: int, jitter_deg: float, seed: int,
+              quality: int, unseen: str, sep_px: float, workers: int, n_val_nearby: int = 0) -> None:
     def _int_in(name: str, option: str, value, low: int, high: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
             raise InputError(f"{name} ({option}) = {value!r}: expected an integer in [{low}, {high}]")
@@ -355,6 +397,7 @@ def _validate(n_train: int, n_test: int, n_unseen: int, n_val: int, patch_px: in
     _int_in("n_test", "--n-test", n_test, 1, 10_000_000)
     _int_in("n_unseen", "--n-unseen", n_unseen, 1, 10_000_000)
     _int_in("n_val", "--n-val", n_val, 0, 10_000_000)
+    _int_in("n_val_nearby", "--n-val-nearby", n_val_nearby, 0, 10_000_000)
     _int_in("patch_px", "--patch-px", patch_px, 8, 1024)
     _int_in("seed", "--seed", seed, 0, 2**63 - 1)
     _int_in("quality", "--quality", quality, 1, 100)
@@ -391,6 +434,12 @@ def _readme_text(metadata: dict) -> str:
     return "\n".join(lines)
 
 
+_SHIFTED_DEFINITION = (
+    f"test_nearby's centres rendered unlike any training patch (out-of-distribution): RGB channels permuted, "
+    f"contrast x{SHIFT_CONTRAST[0][0]}-{SHIFT_CONTRAST[0][1]} or x{SHIFT_CONTRAST[1][0]}-{SHIFT_CONTRAST[1][1]}, "
+    f"Gaussian blur {SHIFT_BLUR_PX[0]}-{SHIFT_BLUR_PX[1]} px, each drawn per image")
+
+
 def _split_definitions(unseen: str, sep_px: float) -> dict[str, str]:
     """The metadata's one-line definition of each split under the held-out rule ``unseen``."""
     draw = ("GeoNames place drawn uniformly over places, centre jittered by U(-jitter_deg, jitter_deg) in lat and "
@@ -402,6 +451,9 @@ def _split_definitions(unseen: str, sep_px: float) -> dict[str, str]:
             "train": f"drawn like test_unseen; a candidate whose grid distance to any test_unseen or val centre is "
                      f"below {sep_px} px is rejected and redrawn",
             "test_nearby": "drawn exactly like the final train (same rejection), independent draws",
+            "val_nearby": "drawn last, exactly like test_nearby (never trained on: the familiar half of the "
+                          "calibration set)",
+            "test_shifted": _SHIFTED_DEFINITION,
         }
     return {
         "train": draw,
@@ -409,6 +461,8 @@ def _split_definitions(unseen: str, sep_px: float) -> dict[str, str]:
         "test_unseen": f"out-of-distribution stress test: drawn like train, kept only if its grid distance to "
                        f"every train centre is >= {sep_px} px",
         "val": "drawn exactly like test_unseen, after it",
+        "val_nearby": "drawn last, exactly like test_nearby",
+        "test_shifted": _SHIFTED_DEFINITION,
     }
 
 
@@ -416,11 +470,14 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
                       jitter_deg: float = DEFAULT_JITTER_DEG, seed: int = 0, quality: int = 90,
                       overwrite: bool = False, progress: bool = True, unseen_sep_px: float | None = None,
                       workers: int = 1, n_unseen: int = DEFAULT_N_UNSEEN, unseen: str = "held-out",
-                      n_val: int = DEFAULT_N_VAL) -> dict:
+                      n_val: int = DEFAULT_N_VAL, n_val_nearby: int | None = None) -> dict:
     """Write the demo dataset to ``out_dir`` (atomically) and return a summary.
 
-    Layout: ``train.csv``, ``val.csv`` (``n_val`` held-out rows; not written when 0), ``test_nearby.csv``
-    (``n_test`` rows), ``test_unseen.csv`` (``n_unseen`` rows) with
+    Layout: ``train.csv``, ``val.csv`` (``n_val`` held-out rows; not written when 0), ``val_nearby.csv``
+    (``n_val_nearby`` rows drawn like test_nearby, for calibration; default: as many as val; not written when 0),
+    ``test_nearby.csv``
+    (``n_test`` rows), ``test_unseen.csv`` (``n_unseen`` rows), ``test_shifted.csv`` (test_nearby's centres
+    rendered unlike the training patches: `render_shifted`) with
     columns ``image,lat,lon``, ``images/<split>/<index>.jpg``, ``metadata.json``, ``README.txt``. ``unseen``:
     "held-out" (default) or "remote", the two definitions of test_unseen in the module docstring;
     ``unseen_sep_px`` its separation in grid pixels (default P/4 for "held-out", P/2 for "remote"). ``workers`` > 1
@@ -438,7 +495,9 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     if unseen_sep_px is None:
         unseen_sep_px = patch_px / (4 if unseen == "held-out" else 2)
     unseen_sep_px = float(unseen_sep_px)
-    _validate(n_train, n_test, n_unseen, n_val, patch_px, jitter_deg, seed, quality, unseen, unseen_sep_px, workers)
+    n_val_nearby = n_val if n_val_nearby is None else n_val_nearby
+    _validate(n_train, n_test, n_unseen, n_val, patch_px, jitter_deg, seed, quality, unseen, unseen_sep_px, workers,
+              n_val_nearby)
     workers = workers or os.cpu_count() or 1
     out_dir = Path(out_dir).expanduser().absolute()
     _check_target(out_dir, overwrite)
@@ -446,7 +505,7 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
 
     rng = np.random.default_rng(seed)
     centres, acceptance = draw_splits(rng, n_train, n_test, n_unseen, n_val, patch_px, jitter_deg, unseen,
-                                      unseen_sep_px)
+                                      unseen_sep_px, n_val_nearby)
     counts = {split: int(centres[split][0].shape[0]) for split in SPLITS if len(centres[split][0])}
     nearest = nearest_km(*centres["test_unseen"], *centres["train"])
     nearest_stats = {"median": round(float(np.median(nearest)), 1), "p10": round(float(np.percentile(nearest, 10)), 1),
@@ -455,7 +514,8 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
     logger.info("sampled centres: %s (%s kept %.1f%% of candidates; held-out centre to nearest training centre: "
                 "median %.0f km)", counts, thinned, 100 * acceptance, nearest_stats["median"])
 
-    parameters = {"n_train": n_train, "n_test": n_test, "n_unseen": n_unseen, "n_val": n_val, "patch_px": patch_px,
+    parameters = {"n_train": n_train, "n_test": n_test, "n_unseen": n_unseen, "n_val": n_val,
+                  "n_val_nearby": n_val_nearby, "patch_px": patch_px,
                   "jitter_deg": float(jitter_deg), "seed": seed, "quality": quality, "unseen": unseen,
                   "unseen_sep_px": unseen_sep_px}
     metadata = {
@@ -490,8 +550,10 @@ def make_demo_dataset(out_dir, n_train: int = 20000, n_test: int = 1000, patch_p
             digits = max(6, len(str(len(lat) - 1)))
             names = [f"images/{split}/{index:0{digits}d}.jpg" for index in range(len(lat))]
             _write_text(temp_dir / f"{split}.csv", _csv_text(names, lat, lon))
+            shifts = draw_shifts(seed, len(names)) if split == "test_shifted" else None
             jobs += [(str(temp_dir), names[start:start + _CHUNK], lat[start:start + _CHUNK].tolist(),
-                      lon[start:start + _CHUNK].tolist(), patch_px, quality)
+                      lon[start:start + _CHUNK].tolist(), patch_px, quality,
+                      None if shifts is None else shifts[start:start + _CHUNK])
                      for start in range(0, len(names), _CHUNK)]
         with tqdm(total=total, desc="demo-data", unit="img", disable=not progress) as bar:
             for written in _run_jobs(jobs, workers):
