@@ -32,6 +32,19 @@ def haversine_km(lat1_deg, lon1_deg, lat2_deg, lon2_deg) -> np.ndarray:
     return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
+def destination_deg(lat_deg: float, lon_deg: float, bearing_deg, dist_km: float) -> tuple[np.ndarray, np.ndarray]:
+    """The points ``dist_km`` away from (lat, lon) along the initial bearings (degrees clockwise from north,
+    array) on the sphere -> (lat_deg, lon_deg) arrays, longitudes in [-180, 180)."""
+    lat1, lon1 = math.radians(lat_deg), math.radians(lon_deg)
+    bearing = np.radians(np.asarray(bearing_deg, dtype=np.float64))
+    delta = float(dist_km) / EARTH_RADIUS_KM
+    lat2 = np.arcsin(np.clip(math.sin(lat1) * math.cos(delta)
+                             + math.cos(lat1) * math.sin(delta) * np.cos(bearing), -1.0, 1.0))
+    lon2 = lon1 + np.arctan2(np.sin(bearing) * math.sin(delta) * math.cos(lat1),
+                             math.cos(delta) - math.sin(lat1) * np.sin(lat2))
+    return np.degrees(lat2), (np.degrees(lon2) + 180.0) % 360.0 - 180.0
+
+
 def to_unit_vectors(lat_deg, lon_deg) -> np.ndarray:
     """(lat, lon) degrees, shape (N,) -> unit vectors (N, 3): x = cos(lat) cos(lon), y = cos(lat) sin(lon), z = sin(lat)."""
     lat = np.radians(np.asarray(lat_deg, dtype=np.float64))

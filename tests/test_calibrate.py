@@ -30,7 +30,7 @@ def calibrated_dir(tiny_model_dir, tiny_demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrated") / "model"
     shutil.copytree(tiny_model_dir, out)
     code = main(["-q", "calibrate", "--model", str(out), "--csv", str(tiny_demo_dir / FIT_CSV), "--workers", "0",
-                 "--no-progress"])
+                 "--no-progress", "--temperatures-only"])
     assert code == 0
     return out
 
@@ -53,7 +53,7 @@ def _points_and_truth(model, tiny_demo_dir):
 def test_calibrate_writes_the_file_and_its_temperatures_lower_the_nll_on_the_fitting_data(calibrated_dir,
                                                                                           tiny_demo_dir):
     data = json.loads((calibrated_dir / modeldir.CALIBRATION_NAME).read_text())
-    assert data["fitted_on"] == FIT_CSV and data["n"] == 40 and data["format_version"] == 1
+    assert data["fitted_on"] == FIT_CSV and data["n"] == 40 and data["format_version"] == modeldir.CALIBRATION_FORMAT_VERSION
     assert data["weights_sha256"] == modeldir.weights_digest(calibrated_dir)
     for key in ("temperatures", "flat_temperatures"):
         assert len(data[key]) == 4 and all(t > 0 for t in data[key])
@@ -102,7 +102,7 @@ def test_the_cli_prints_before_and_after_per_level(tiny_model_dir, tiny_demo_dir
     out = tmp_path / "model"
     shutil.copytree(tiny_model_dir, out)
     assert main(["-q", "calibrate", "--model", str(out), "--csv", str(tiny_demo_dir / "val.csv"), "--workers", "0",
-                 "--no-progress", "--no-flat"]) == 0
+                 "--no-progress", "--no-flat", "--temperatures-only"]) == 0
     text = capsys.readouterr().out
     assert "ECE before" in text and text.count("beam    ") == 4 and "flat    " not in text
     assert modeldir.read_calibration(out).flat_temperatures is None

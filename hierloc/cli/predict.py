@@ -62,6 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--image-root", default=None,
                    help="directory that relative paths in CSV/list inputs are relative to (default: the file's)")
     p.add_argument("--image-col", default=None, help="image column of CSV inputs (default: detected)")
+    p.add_argument("--coverage", type=float, default=None,
+                   help="also print, per level, the prediction set: the fewest candidates whose probabilities "
+                        "reach this coverage, e.g. 0.9 (calibrate the model first, see docs/calibration.md)")
     p.add_argument("--no-calibration", action="store_true",
                    help="report the model's raw probabilities, ignoring its calibration.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             for record in model.iter_predict(paths, top_k=args.top_k, beam=beam, flat=args.flat,
                                              min_prob=args.min_prob, max_level=args.max_level, exif=args.exif,
                                              batch_size=args.batch_size, num_workers=args.workers,
-                                             progress=not args.no_progress):
+                                             progress=not args.no_progress, coverage=args.coverage):
                 writer.write(record)
                 summary.add(record)
             totals = summary.as_dict()

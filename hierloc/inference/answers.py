@@ -14,6 +14,7 @@ from gazetteer.schema import LEVELS
 from hierloc.errors import InputError
 
 EXIF_MODES = ("compare", "use", "ignore")
+SET_SEPARATOR = ";"  # between the entity ids of a prediction set in one CSV / GeoJSON cell
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -49,6 +50,15 @@ class Alternative:
 
 
 @dataclass
+class SetMember:
+    """One candidate of a prediction set (`Prediction.sets`)."""
+
+    entity_id: str
+    name: str
+    probability: float
+
+
+@dataclass
 class Prediction:
     """The answer for one image: the best path (possibly cut short by min_prob/max_level), and alternatives."""
 
@@ -60,6 +70,10 @@ class Prediction:
     alternatives: list[Alternative] = field(default_factory=list)
     source: str = "model"                    # "model", or "exif" (answered from the file's GPS, exif="use")
     exif: ExifPosition | None = None         # the file's GPS position, if it has one and EXIF was read
+    radius90_km: float | None = None         # the truth lies within this distance of the point with 90 %
+    #                                          probability (models calibrated with `hierloc calibrate`)
+    sets: dict[str, list[SetMember]] | None = None  # per level, the prediction set (with a coverage)
+    coverage: float | None = None            # the coverage the sets were built for
 
     ok = True
 
@@ -95,7 +109,11 @@ class Prediction:
                 "levels": [asdict(lv) for lv in self.levels],
                 "alternatives": [{"levels": [asdict(lv) for lv in alt.levels], "score_logprob": alt.score,
                                   "lat_deg": alt.lat_deg, "lon_deg": alt.lon_deg} for alt in self.alternatives],
-                "exif": asdict(self.exif) if self.exif is not None else None}
+                "exif": asdict(self.exif) if self.exif is not None else None,
+                "radius90_km": self.radius90_km,
+                **({} if self.sets is None else {
+                    "coverage": self.coverage,
+                    "sets": {level: [asdict(m) for m in members] for level, members in self.sets.items()}})}
 
     def flat(self) -> dict:
         """One flat row (the `--format csv` row and the GeoJSON properties); missing levels are empty strings."""
@@ -110,6 +128,10 @@ class Prediction:
         row["exif_lat_deg"] = self.exif.lat_deg if self.exif else ""
         row["exif_lon_deg"] = self.exif.lon_deg if self.exif else ""
         row["exif_dist_km"] = self.exif.dist_km if self.exif and self.exif.dist_km is not None else ""
+        row["radius90_km"] = self.radius90_km if self.radius90_km is not None else ""
+        for name in LEVELS:
+            members = (self.sets or {}).get(name)
+            row[f"{name}_set"] = SET_SEPARATOR.join(m.entity_id for m in members) if members else ""
         row["error"] = ""
         return row
 
@@ -137,7 +159,8 @@ class Failure:
                                "precision": "", "score_logprob": ""}
         for name in LEVELS:
             row.update({f"{name}_id": "", f"{name}_name": "", f"{name}_prob": ""})
-        row.update({"exif_lat_deg": "", "exif_lon_deg": "", "exif_dist_km": "", "error": self.error})
+        row.update({"exif_lat_deg": "", "exif_lon_deg": "", "exif_dist_km": "", "radius90_km": "",
+                    **{f"{name}_set": "" for name in LEVELS}, "error": self.error})
         return row
 
     def to_geojson(self) -> dict:

@@ -44,7 +44,7 @@ from gazetteer.atomic import atomic_open, is_same_file
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.data.prediction import path_batches, with_progress
 from hierloc.errors import InputError
-from hierloc.inference import calibration, metrics
+from hierloc.inference import calibration, familiarity, metrics, unlike
 from hierloc.inference.answers import cut_paths
 from hierloc.model import modeldir
 
@@ -56,30 +56,40 @@ DEFAULT_PREDICTION_COLUMNS = {"pred_lat": "pred_lat", "pred_lon": "pred_lon", "t
                               "true_lon": "true_lon"}
 PER_SAMPLE_SCORE_COLUMNS = ("distance_km", "geoscore") + tuple(f"hit_{level}" for level in LEVELS)
 OUTSIDE_GAZETTEER_KEY = "<outside the gazetteer>"
+UNLIKE_SHARE = 0.5   # degraded copies added to a familiarity calibration, as a share of the calibration images
 
 
 # ------------------------------------------------------------------------------------------- prediction
-def embed_table(model, table, batch_size: int = 64, num_workers: int = 0, progress: bool = False
-                ) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+def embed_table(model, table, batch_size: int = 64, num_workers: int = 0, progress: bool = False,
+                features: bool = False, transform=None) -> tuple:
     """Image points of every row of an ImageTable: (N, D) float32 (zeros where unreadable), ok (N,) bool, and
-    {row index: reason} for the unreadable images."""
-    points = None
+    {row index: reason} for the unreadable images; with ``features`` also the (N, F) backbone features.
+    transform: applied to each batch of normalised pixels (b, 3, S, S) -> (b, 3, S, S) before the encoder."""
+    points, feats = None, None
     ok = np.zeros(len(table), dtype=bool)
     errors: dict[int, str] = {}
-    for index, embedded in _embedded_batches(model, table, errors, batch_size, num_workers, progress):
-        embedded = embedded.cpu()
+    for batch in _batches(model, table, batch_size, num_workers, progress):
+        errors.update({int(index): str(reason) for index, _path, reason in batch["failed"]})
+        index = batch["index"].numpy()
+        if not index.size:
+            continue
+        pixels = batch["pixel_values"] if transform is None else transform(batch["pixel_values"], index)
+        embedded, batch_feats = model.embed_pixels(pixels, features=True)
         if points is None:
             points = torch.zeros(len(table), embedded.shape[1], dtype=torch.float32)
-        points[torch.from_numpy(index)] = embedded.float()
+            feats = torch.zeros(len(table), batch_feats.shape[1], dtype=torch.float32)
+        points[torch.from_numpy(index)] = embedded.float().cpu()
+        feats[torch.from_numpy(index)] = batch_feats.float().cpu()
         ok[index] = True
     if points is None:
         points = torch.zeros(len(table), int(model.cfg.model.embed_dim), dtype=torch.float32)
-    return points, ok, errors
+        feats = torch.zeros(len(table), 0, dtype=torch.float32)
+    return (points, ok, errors, feats) if features else (points, ok, errors)
 
 
 def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat: bool = False,
-                      min_prob: float | None = None, max_level: str = "city", batch_size: int = 256
-                      ) -> dict[str, np.ndarray]:
+                      min_prob: float | None = None, max_level: str = "city", batch_size: int = 256,
+                      novelty: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Best answers for (N, D) image points: paths (N, 4) global ids after the backoff cut (-1 = not answered),
     best_paths (N, 4) the best full paths before the cut, probs (N, 4) level probabilities of the best path,
     pred_lat_deg / pred_lon_deg (N,) (deepest answered entity's coordinate, NaN for an empty path)."""
@@ -91,7 +101,8 @@ def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat
     probs = np.zeros((n, N_LEVELS), dtype=np.float32)
     for start in range(0, n, batch_size):
         chunk = points[start:start + batch_size].to(model.device)
-        result = model.search_points(chunk, beam=beam, top_k=1, flat=flat)
+        result = model.search_points(chunk, beam=beam, top_k=1, flat=flat,
+                                     novelty=None if novelty is None else novelty[start:start + batch_size])
         best = result.paths[:, 0].cpu().numpy()
         best_probs = result.level_probs[:, 0].cpu().numpy()
         paths[start:start + len(chunk)] = cut_paths(best, best_probs, min_prob, LEVELS.index(max_level))
@@ -120,9 +131,13 @@ def predict_table(model, table, beam: int | None = None, flat: bool = False, min
                            "errors": {}}
     if keep_points:
         out["points"] = torch.zeros(n, int(model.cfg.model.embed_dim), dtype=torch.float32)
-    for index, embedded in _embedded_batches(model, table, out["errors"], batch_size, num_workers, progress):
+        out["novelty"] = np.full(n, np.nan)
+    for index, embedded, novelty in _embedded_batches(model, table, out["errors"], batch_size, num_workers,
+                                                      progress):
         answer = paths_from_points(model, embedded, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
-                                   batch_size=len(index))
+                                   batch_size=len(index), novelty=novelty)
+        if keep_points and novelty is not None:
+            out["novelty"][index] = novelty
         for key in ("paths", "best_paths", "probs"):
             out[key][index] = answer[key]
         out["ok"][index] = True
@@ -132,13 +147,14 @@ def predict_table(model, table, beam: int | None = None, flat: bool = False, min
 
 
 def _embedded_batches(model, table, errors: dict[int, str], batch_size: int, num_workers: int, progress: bool):
-    """Yield (row indices (b,) int64, image points (b, D)) per batch of readable images; the unreadable ones go
-    into ``errors`` {row index: reason}."""
+    """Yield (row indices (b,) int64, image points (b, D), their `feature_novelty` (b,) or None) per batch of
+    readable images; the unreadable ones go into ``errors`` {row index: reason}."""
     for batch in _batches(model, table, batch_size, num_workers, progress):
         errors.update({int(index): str(reason) for index, _path, reason in batch["failed"]})
         index = batch["index"].numpy()
         if index.size:
-            yield index, model.embed_pixels(batch["pixel_values"])
+            points, feats = model.embed_pixels(batch["pixel_values"], features=True)
+            yield index, points, model.feature_novelty(feats)
 
 
 def _batches(model, table, batch_size: int, num_workers: int, progress: bool):
@@ -236,11 +252,15 @@ def evaluate_model(model, table, beam: int | None = None, flat: bool = False, mi
         raise InputError(f"reliability diagram {reliability}: expected a .png file name")
     predictions = predict_table(model, table, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
                                 batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                keep_points=reliability is not None)
+                                keep_points=True)
     summary, per_row = summarize_model_predictions(model, predictions, table, missing=missing)
     scored = per_row["scored"]
     summary.update(calibration.calibration_summary(predictions["best_paths"][scored], predictions["probs"][scored],
                                                    per_row["true_paths"]))
+    summary.update(familiarity.sets_and_radius_summary(
+        model, predictions["points"][torch.from_numpy(scored)], per_row["true_paths"],
+        np.asarray(table.lat_deg)[scored], np.asarray(table.lon_deg)[scored], beam=beam, flat=flat,
+        novelty=predictions["novelty"][scored]))
     if per_sample is not None:
         _write_model_per_sample(per_sample, model.gazetteer, table, predictions, per_row)
     if reliability is not None:
@@ -252,24 +272,47 @@ def evaluate_model(model, table, beam: int | None = None, flat: bool = False, mi
 
 
 def calibrate_table(model, table, beam: int | None = None, flat: bool = True, batch_size: int = 64,
-                    num_workers: int = 0, progress: bool = False) -> modeldir.Calibration:
-    """Fit per-level temperatures of a `HierLoc` model's reported probabilities on a labelled ImageTable.
+                    num_workers: int = 0, progress: bool = False, train_table=None,
+                    unlike_share: float = UNLIKE_SHARE) -> modeldir.Calibration:
+    """Fit the calibration of a `HierLoc` model's reported probabilities on labelled ImageTables.
 
-    The images are embedded once; beam search (and, with ``flat``, the flat search) is then re-run on the points
-    at each trial temperature (`calibration.fit_search_temperatures`). A row counts at level l when its best path
-    answers that level; it is correct when that entity is the true point's (`Gazetteer.locate`). Returns the
-    `modeldir.Calibration` (weights_sha256 unset: the caller knows which weights file it belongs to).
+    table: one ImageTable or a list of them (pooled: e.g. held-out places plus held-out images of familiar places).
+    The images are embedded once. Always: one temperature per level for beam search (and, with ``flat``, the flat
+    search), re-running the search at each trial temperature (`calibration.fit_search_temperatures`). With a
+    ``train_table`` (a sample of the training images): also the calibration conditioned on familiarity, the
+    prediction-set references and the error radius (`familiarity.fit_familiarity`), which then replace the
+    temperatures; that fit also sees degraded copies of a share ``unlike_share`` of the calibration images
+    (`hierloc.inference.unlike`). A row counts at level l when its best path answers that level; it is correct when that entity
+    is the true point's (`Gazetteer.locate`). Returns the `modeldir.Calibration` (weights_sha256 unset: the caller
+    knows which weights file it belongs to).
     """
-    predictions = predict_table(model, table, beam=beam, batch_size=batch_size, num_workers=num_workers,
-                                progress=progress, keep_points=True)
-    ok = predictions["ok"]
-    if not ok.any():
-        raise InputError(f"{table.source or 'calibration table'}: none of the {len(table)} images could be read")
-    points = predictions["points"][torch.from_numpy(ok)]
-    true_paths = model.gazetteer.locate(np.asarray(table.lat_deg)[ok], np.asarray(table.lon_deg)[ok])
-    fits = {"": calibration.fit_search_temperatures(model, points, true_paths, beam=beam, flat=False)}
+    tables_in = table if isinstance(table, (list, tuple)) else [table]
+    parts, unlike_parts = [], []
+    pre = model.encoder.preprocessor
+    for one in tables_in:
+        points, ok, _, feats = embed_table(model, one, batch_size=batch_size, num_workers=num_workers,
+                                           progress=progress, features=True)
+        if not ok.any():
+            raise InputError(f"{one.source or 'calibration table'}: none of the {len(one)} images could be read")
+        parts.append((points[torch.from_numpy(ok)], feats[torch.from_numpy(ok)], np.asarray(one.lat_deg)[ok],
+                      np.asarray(one.lon_deg)[ok]))
+        if train_table is not None and unlike_share > 0:
+            rows = np.sort(np.random.default_rng(len(unlike_parts)).permutation(np.flatnonzero(ok))[
+                :int(round(unlike_share * ok.sum()))])
+            if rows.size:
+                sub = one.subset(rows)
+                u_points, u_ok, _, u_feats = embed_table(
+                    model, sub, batch_size=batch_size, num_workers=num_workers, progress=progress, features=True,
+                    transform=lambda pixels, index, r=rows: unlike.degrade(pixels, pre.mean, pre.std, r[index]))
+                unlike_parts.append((u_points[torch.from_numpy(u_ok)], u_feats[torch.from_numpy(u_ok)],
+                                     np.asarray(sub.lat_deg)[u_ok], np.asarray(sub.lon_deg)[u_ok]))
+    points = torch.cat([p[0] for p in parts])
+    true_lat, true_lon = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+    true_paths = model.gazetteer.locate(true_lat, true_lon)
+    searcher = familiarity.CachedSearch(model, points)
+    fits = {"": calibration.fit_search_temperatures(searcher, searcher.points, true_paths, beam=beam, flat=False)}
     if flat:
-        fits["flat_"] = calibration.fit_search_temperatures(model, points, true_paths, flat=True)
+        fits["flat_"] = calibration.fit_search_temperatures(searcher, searcher.points, true_paths, flat=True)
     fields: dict[str, Any] = {}
     for prefix, fit in fits.items():
         fields[f"{prefix}temperatures"] = [float(t) for t in fit["temperatures"]]
@@ -278,8 +321,24 @@ def calibrate_table(model, table, beam: int | None = None, flat: bool = True, ba
     for name in ("ece_before", "ece_after"):
         logger.info("calibration %s (beam, %s): %s", name, ", ".join(LEVELS),
                     ", ".join(f"{e:.4f}" for e in fields[name]))
-    return modeldir.Calibration(**fields, fitted_on=Path(table.source).name if table.source else "",
-                                n=int(ok.sum()), beam=int(beam or model.cfg.inference.beam))
+    n_unlike = 0
+    if train_table is not None:
+        train_points, train_ok, _, train_feats = embed_table(model, train_table, batch_size=batch_size,
+                                                             num_workers=num_workers, progress=progress,
+                                                             features=True)
+        if train_ok.sum() < 3:
+            raise InputError(f"{train_table.source or 'training table'}: fewer than 3 readable training images")
+        every = parts + unlike_parts
+        n_unlike = sum(len(p[0]) for p in unlike_parts)
+        all_lat, all_lon = np.concatenate([p[2] for p in every]), np.concatenate([p[3] for p in every])
+        fitted = familiarity.fit_familiarity(
+            model, torch.cat([p[0] for p in every]), torch.cat([p[1] for p in every]).double().numpy(),
+            model.gazetteer.locate(all_lat, all_lon), all_lat, all_lon, train_points[torch.from_numpy(train_ok)],
+            train_feats[torch.from_numpy(train_ok)].double().numpy(), beam=beam, flat=flat)
+        fields["familiarity"] = fitted.to_dict()
+    names = [Path(one.source).name if one.source else "<table>" for one in tables_in]
+    return modeldir.Calibration(**fields, fitted_on=", ".join(names), n=int(points.shape[0]), n_unlike=n_unlike,
+                                beam=int(beam or model.cfg.inference.beam))
 
 
 def _write_model_per_sample(out_path, gaz, table, predictions: dict, per_row: dict) -> None:
@@ -429,4 +488,20 @@ def format_table(summary: dict, title: str = "") -> str:
             kept = (f"{_pct(summary[f'coverage90_{level}'])}  (--min-prob {threshold:.3g})"
                     if math.isfinite(threshold) else "none")
             lines.append(f"  {level:<11}{'-' if not math.isfinite(ece) else f'{ece:.3f}':<26}{kept}")
+    if "set_coverage_country" in summary:
+        lines.append("")
+        lines.append(f"  {'level':<11}{'mean p':<10}{'90% sets: coverage, mean size':<32}"
+                     + ("conformal reference" if "conformal_set_coverage_country" in summary else ""))
+        for level in LEVELS:
+            sets = f"{_pct(summary[f'set_coverage_{level}'])}, {summary[f'set_size_{level}']:.1f}"
+            reference = (f"{_pct(summary[f'conformal_set_coverage_{level}'])}, "
+                         f"{summary[f'conformal_set_size_{level}']:.1f}"
+                         if f"conformal_set_coverage_{level}" in summary else "")
+            mean_p = summary[f"mean_prob_{level}"]
+            lines.append(f"  {level:<11}{'-' if not math.isfinite(mean_p) else f'{mean_p:.3f}':<10}{sets:<32}"
+                         f"{reference}")
+    if "radius90_coverage" in summary:
+        lines.append(f"  radius90_km        truth within it {_pct(summary['radius90_coverage']).strip()}, median "
+                     f"{summary['radius90_median_km']:,.0f} km (fixed {summary['fixed_radius_km']:,.0f} km: "
+                     f"{_pct(summary['fixed_radius_coverage']).strip()})")
     return "\n".join(line.rstrip() for line in lines)

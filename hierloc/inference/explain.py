@@ -39,6 +39,7 @@ from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import read_gps
 from hierloc.device import encoder_autocast
 from hierloc.errors import InputError
+from hierloc.inference import familiarity
 from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Explanation:
     concepts_available: bool = True
     gps_lat_deg: float | None = None             # GPS position stored in the file's EXIF, when there is one
     gps_lon_deg: float | None = None
+    radius90_km: float | None = None             # the truth lies within this distance with 90 % probability
 
     def to_dict(self) -> dict:
         return dict(asdict(self), levels=[level.to_dict() for level in self.levels])
@@ -379,6 +381,9 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
             if candidates == "siblings":
                 cands = sibling_candidates([d[row] for d in sqdists], path, gaz.level_offsets, gaz.parents, hl.tau,
                                            hl.report_temperatures())
+                if hl.search_calibration() is not None:  # the chosen entity at its calibrated probability
+                    cands = [familiarity.calibrated_members(ids, probs, int(path[lv]), float(level_probs[row, 0, lv]))
+                             if path[lv] >= 0 else (ids, probs) for lv, (ids, probs) in enumerate(cands)]
             else:
                 cands = candidates_from_paths(paths[row], level_probs[row])
             probs_row = None if concept_probs is None else concept_probs[row]
@@ -387,11 +392,17 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
             levels = cut_levels(levels, min_prob)
             deepest = levels[-1].chosen if levels else None
             gps = _exif_gps(chunk[row]) if exif == "compare" else None
+            radius = None
+            if result.radius90_km is not None and deepest is not None:   # from the full path's point, widened
+                tip = int(path.max())                                     # by how far a cut moved the answer
+                radius = float(result.radius90_km[row]) + float(haversine_km(
+                    gaz.lat_deg[tip], gaz.lon_deg[tip], deepest.lat_deg, deepest.lon_deg))
             out.append(Explanation(name, deepest.lat_deg if deepest else float("nan"),
                                    deepest.lon_deg if deepest else float("nan"), levels,
                                    _image_concepts(probs_row, vocabulary), _alternatives(gaz, paths[row], scores[row]),
                                    prov, concepts_available=vocabulary is not None,
-                                   gps_lat_deg=gps[0] if gps else None, gps_lon_deg=gps[1] if gps else None))
+                                   gps_lat_deg=gps[0] if gps else None, gps_lon_deg=gps[1] if gps else None,
+                                   radius90_km=radius))
     return out
 
 
@@ -415,7 +426,7 @@ def _search_batch(hl, pixels: torch.Tensor, beam: int | None, top_k: int, vocabu
     features = features.float()
     points = model.embed_features(features)
     sqdists = [d.cpu().numpy() for d in model.level_sqdists(points, hl.entity_points())]
-    result = hl.search_points(points, beam=beam, top_k=top_k)
+    result = hl.search_points(points, beam=beam, top_k=top_k, novelty=hl.feature_novelty(features))
     concept_probs = None
     if vocabulary is not None:
         logits, _ = model.concept_head(features)
@@ -464,6 +475,8 @@ def format_text(explanation: Explanation, show_against: bool = True) -> str:
     if e.gps_lat_deg is not None:
         km = float(haversine_km(e.lat_deg, e.lon_deg, e.gps_lat_deg, e.gps_lon_deg))
         lines[0] += f"   [EXIF GPS {e.gps_lat_deg:.4f}, {e.gps_lon_deg:.4f}: {km:.0f} km away]"
+    if e.radius90_km is not None:
+        lines.append(f"  within {e.radius90_km:,.0f} km of the point with 90 % probability")
     for depth, lv in enumerate(e.levels):
         pad = "  " * (depth + 1)
         runners = ", ".join(f"{r.name} {r.probability:.3f}" + (" (higher at this level alone)"

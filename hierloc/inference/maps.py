@@ -29,6 +29,7 @@ import numpy as np
 
 from gazetteer.atomic import atomic_write_bytes, atomic_write_text
 from gazetteer.concepts import basemap_file
+from gazetteer.geo import destination_deg
 from hierloc.errors import InputError
 from hierloc.inference.explain import format_text, provenance_line
 
@@ -227,6 +228,8 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
         x, y = region.to_pixels(lat, lon, w, h)
         return float(x), float(y)
 
+    if getattr(e, "radius90_km", None) is not None and e.levels:
+        _draw_radius(draw, e.lat_deg, e.lon_deg, e.radius90_km, xy, w, s, small)
     _draw_country_discs(draw, countries, xy, 0.09 * h, s, medium)
     _draw_alternatives(draw, e.alternatives[:4], xy, s, small)
     _draw_answer(draw, e, path_nodes, truth, xy, s, large)
@@ -263,6 +266,21 @@ def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, fo
         colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (70,), outline=colour + (230,), width=2 * s)
         _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
+
+
+def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int, s: int, font) -> None:
+    """The 90 % error radius: the geodesic circle around the answer (dashed outline, faint inside when it is
+    drawn whole), labelled at its northernmost point. Segments that cross the map's seam are not drawn."""
+    lats, lons = destination_deg(lat, lon, np.arange(0.0, 361.0, 2.0), radius_km)
+    points = [xy(a, b) for a, b in zip(lats.tolist(), lons.tolist())]
+    jumps = [abs(points[i + 1][0] - points[i][0]) > width / 2 for i in range(len(points) - 1)]
+    if not any(jumps):
+        draw.polygon(points, fill=PIN_COLOUR + (22,))
+    for i, jump in enumerate(jumps):
+        if not jump and i % 2 == 0:
+            draw.line([points[i], points[i + 1]], fill=PIN_COLOUR + (200,), width=2 * s)
+    top = min(points, key=lambda p: p[1])
+    _label(draw, (top[0] + 4 * s, top[1] + 8 * s), f"90 %: {radius_km:,.0f} km", font, s, fill=(120, 0, 0))
 
 
 def _draw_alternatives(draw, alternatives: list, xy, s: int, font) -> None:

@@ -33,7 +33,11 @@ FORMATS = ("text", "json", "jsonl", "csv", "geojson")
 CSV_COLUMNS = (["image", "status", "source", "lat_deg", "lon_deg", "precision", "score_logprob"]
                + [f"{level}_{part}" for level in ("country", "region", "subregion", "city")
                   for part in ("id", "name", "prob")]
-               + ["exif_lat_deg", "exif_lon_deg", "exif_dist_km", "error"])
+               + ["exif_lat_deg", "exif_lon_deg", "exif_dist_km", "radius90_km"]
+               + [f"{level}_set" for level in ("country", "region", "subregion", "city")] + ["error"])
+
+
+SET_SHOWN = 6  # prediction-set members printed per level in the text format
 
 
 def _dumps(value: Any, indent: int | None = None) -> str:
@@ -97,6 +101,12 @@ def format_text(record) -> str:
         label = f"{'  ' * (depth + 1)}{answer.level:<10}{answer.name}"
         prob = "p=1 (EXIF)" if record.source == "exif" else f"p={answer.probability:.3f}"
         lines.append(f"{label:<60} {prob}")
+    if record.radius90_km is not None:
+        lines.append(f"  within {record.radius90_km:,.0f} km of the point with 90 % probability")
+    for level, members in (record.sets or {}).items():
+        shown = ", ".join(f"{m.name} {m.probability:.2f}" for m in members[:SET_SHOWN])
+        more = f", ... ({len(members) - SET_SHOWN} more)" if len(members) > SET_SHOWN else ""
+        lines.append(f"  {level} set ({100 * record.coverage:g} %, {len(members)}): {shown}{more}")
     if record.exif is not None:
         dist = (f", {record.exif.dist_km:.1f} km from the answer" if record.exif.dist_km is not None else "")
         lines.append(f"  EXIF GPS: {_fmt_point(record.exif.lat_deg, record.exif.lon_deg)}{dist}")

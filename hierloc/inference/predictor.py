@@ -51,8 +51,9 @@ from hierloc.data.prediction import is_path_like, load_pixels, make_item, path_b
 from hierloc.device import encoder_autocast
 from hierloc.errors import InputError
 from hierloc.inference import evaluate
-from hierloc.inference.answers import (Alternative, ExifPosition, Failure, LevelAnswer, Prediction, check_options,
-                                       cut_paths, deepest_entity)
+from hierloc.inference.familiarity import FamiliarityCalibration, calibrate_result, point_signals
+from hierloc.inference.answers import (Alternative, ExifPosition, Failure, LevelAnswer, Prediction, SetMember,
+                                       check_options, cut_paths, deepest_entity)
 from hierloc.inference.search import EntityDistances, beam_search, child_index, flat_search
 from hierloc.model import modeldir
 from hierloc.version import __version__
@@ -72,6 +73,9 @@ class HierLoc:
         self.cfg = cfg
         self.calibration = calibration
         self.calibrated = calibrated
+        self.familiarity = (None if calibration is None or calibration.familiarity is None else
+                            FamiliarityCalibration.from_dict(calibration.familiarity,
+                                                             f"{source}/{modeldir.CALIBRATION_NAME}"))
         self.model = model
         self.loss_state = loss_state
         self.tau = modeldir.temperature_of(loss_state)
@@ -104,29 +108,49 @@ class HierLoc:
         return predictor.evaluate_csv(csv_path, image_root=None, beam=cfg.inference.beam, progress=False)
 
     @classmethod
-    def calibrate_model_dir(cls, model_dir: str | Path, csv_path: str | Path, device: torch.device | str = "auto",
+    def calibrate_model_dir(cls, model_dir: str | Path, csv_path, device: torch.device | str = "auto",
                             image_root: str | None = None, beam: int | None = None, flat: bool = True,
                             batch_size: int = 64, num_workers: int = 0, progress: bool = False,
-                            on_bad: str = "error") -> modeldir.Calibration:
-        """`hierloc calibrate`: fit the model directory's per-level temperatures on a labelled CSV (`calibrate`)
-        and write them to its calibration.json (atomically), tied to its weights. Returns the calibration.
-        Also what `hierloc train --val-csv` runs on the model it has just written."""
-        model = cls.from_pretrained(model_dir, device=str(device))
+                            on_bad: str = "error", train_csv: str | Path | None = None,
+                            train_sample: int = 2000) -> modeldir.Calibration:
+        """`hierloc calibrate`: fit the model directory's calibration on labelled CSVs (`calibrate`) and write it
+        to its calibration.json (atomically), tied to its weights. Returns the calibration. Also what
+        `hierloc train --val-csv` runs on the model it has just written (temperatures only)."""
+        parts = modeldir.load_model_dir(model_dir, device=str(device))   # an old calibration is not read:
+        model = cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer,  # it is replaced
+                    device=parts.device, source=parts.source)
         result = model.calibrate(csv_path, image_root=image_root, beam=beam, flat=flat, batch_size=batch_size,
-                                 num_workers=num_workers, progress=progress, on_bad=on_bad)
+                                 num_workers=num_workers, progress=progress, on_bad=on_bad, train_csv=train_csv,
+                                 train_sample=train_sample)
         result.weights_sha256 = modeldir.weights_digest(model_dir)
         modeldir.write_calibration(model_dir, result)
         return result
 
-    def calibrate(self, csv_path: str | Path, image_root: str | None = None, beam: int | None = None,
+    def calibrate(self, csv_path, image_root: str | None = None, beam: int | None = None,
                   flat: bool = True, batch_size: int = 64, num_workers: int = 0, progress: bool = False,
-                  on_bad: str = "error") -> modeldir.Calibration:
-        """Fit per-level temperatures of the reported probabilities on a labelled CSV (a validation split, not the
-        test set) and use them from now on (`evaluate.calibrate_table`; `save_pretrained` keeps them). beam: the
-        beam width fitted for (default: the model's); flat: also fit the flat search's."""
-        table = tables.read_image_table(csv_path, image_root=image_root, on_bad=on_bad)
+                  on_bad: str = "error", train_csv: str | Path | None = None,
+                  train_sample: int = 2000) -> modeldir.Calibration:
+        """Fit the calibration of the reported probabilities on labelled CSVs (one path or a list: validation
+        splits, never the test set) and use it from now on (`evaluate.calibrate_table`; `save_pretrained` keeps
+        it). beam: the beam width fitted for (default: the model's); flat: also fit the flat search's. train_csv:
+        the training CSV, of which ``train_sample`` rows (a seeded draw) tell what a familiar image looks like:
+        with it, the calibration is conditioned on familiarity and adds prediction sets and an error radius
+        (docs/calibration.md); without it, one temperature per level."""
+        paths = [csv_path] if isinstance(csv_path, (str, os.PathLike)) else list(csv_path)
+        table = [tables.read_image_table(path, image_root=image_root, on_bad=on_bad) for path in paths]
+        train_table = None
+        if train_csv is not None:
+            if train_sample < 3:
+                raise InputError(f"train_sample {train_sample!r}: expected an integer >= 3")
+            train_table = tables.read_image_table(train_csv, on_bad="skip")
+            if len(train_table) > train_sample:
+                chosen = np.sort(np.random.default_rng(0).choice(len(train_table), train_sample, replace=False))
+                train_table = train_table.subset(chosen)
         self.calibration = evaluate.calibrate_table(self, table, beam=beam, flat=flat, batch_size=batch_size,
-                                                    num_workers=num_workers, progress=progress)
+                                                    num_workers=num_workers, progress=progress,
+                                                    train_table=train_table)
+        self.familiarity = (None if self.calibration.familiarity is None else
+                            FamiliarityCalibration.from_dict(self.calibration.familiarity, "the fitted calibration"))
         self.calibrated = True
         return self.calibration
 
@@ -169,6 +193,24 @@ class HierLoc:
             return None
         return self.calibration.flat_temperatures if flat else self.calibration.temperatures
 
+    def search_calibration(self, flat: bool = False):
+        """The familiarity calibration of this search (`familiarity.SearchCalibration`), None when the model has
+        none or reports uncalibrated probabilities."""
+        if not self.calibrated or self.familiarity is None:
+            return None
+        return self.familiarity.search(flat)
+
+    @torch.no_grad()
+    def familiarity_features(self, points: torch.Tensor, novelty) -> np.ndarray:
+        """(B, D) image points and their (B,) `feature_novelty` -> (B, F) standardised familiarity features
+        (`familiarity.FamiliarityCalibration.features`)."""
+        if novelty is None or len(novelty) != points.shape[0]:
+            raise ValueError("this model's calibration needs each image's feature novelty: pass "
+                             "novelty=model.feature_novelty(features) with the features of embed_pixels(..., "
+                             "features=True)")
+        c = float(self.cfg.model.curvature) if self.model.is_hyperbolic else None
+        return self.familiarity.features(point_signals(points, self.entity_points(), c), np.asarray(novelty))
+
     def _read_train_summary(self) -> dict:
         if self._train_summary is None:
             path = Path(self.source) / modeldir.TRAIN_SUMMARY_NAME
@@ -195,14 +237,23 @@ class HierLoc:
                                                                                  pre.image_size)
 
     @torch.no_grad()
-    def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, D) image points."""
+    def embed_pixels(self, pixel_values: torch.Tensor, features: bool = False):
+        """(B, 3, H, W) normalised pixels -> (B, D) image points, or with ``features`` (points, (B, F) backbone
+        features)."""
         self.model.eval()
         with encoder_autocast(self.device):
             # the predictor's encoder: the model's own, or the frozen backbone a model trained on cached
             # features was trained beside (validation during training)
-            feats = self.encoder(pixel_values.to(self.device))
-        return self.model.embed_features(feats.float())
+            feats = self.encoder(pixel_values.to(self.device)).float()
+        points = self.model.embed_features(feats)
+        return (points, feats) if features else points
+
+    def feature_novelty(self, features: torch.Tensor) -> np.ndarray | None:
+        """(B, F) backbone features -> (B,) how unlike the training images they are (`familiarity.FeatureNovelty`),
+        None when the model's calibration does not use it."""
+        if not self.calibrated or self.familiarity is None:
+            return None
+        return self.familiarity.feature_novelty(features.cpu().double().numpy())
 
     def search_index(self):
         """(search.EntityDistances, search.ChildIndex) of this model (`hierloc.inference.search`), built once (with
@@ -218,28 +269,38 @@ class HierLoc:
 
     @torch.no_grad()
     def search_points(self, points: torch.Tensor, beam: int | None = None, top_k: int = 5, flat: bool = False,
-                      temperatures: Sequence[float] | None = None):
+                      temperatures=None, coverage=None, novelty=None):
         """(B, D) image points -> `hierloc.inference.search.SearchResult` (paths (B, K, 4) global ids, level_probs,
-        scores).
+        scores, and with a calibration by familiarity radius90_km (B,)).
 
         Beam: `search.beam_search`, distances measured for the candidates only. Flat: all cities (and every level,
-        for the ancestors' probabilities) in matrix form. temperatures: (4,) per-level temperatures of the
-        reported probabilities (default: `report_temperatures(flat)`, the model's calibration); they never
-        change the paths or the scores."""
-        if temperatures is None:
+        for the ancestors' probabilities) in matrix form. temperatures: (4,) per-level temperatures of the reported probabilities (default: the model's calibration: by familiarity
+        (`familiarity.calibrate_result`, which also sets radius90_km) when it has one, else
+        `report_temperatures(flat)`); they never change the paths or the scores. coverage: prediction sets
+        (`SearchResult.sets`) of that coverage (one value or one per level). novelty: (B,) the images'
+        `feature_novelty`, which a familiarity calibration needs."""
+        fitted = self.search_calibration(flat) if temperatures is None else None
+        if fitted is not None:   # the model's own probabilities, recalibrated below (`familiarity`)
+            temperatures = [1.0] * N_LEVELS
+        elif temperatures is None:
             temperatures = self.report_temperatures(flat)
+        search_coverage = 1.0 if fitted is not None and coverage is not None else coverage
         if flat:
             sq = self.model.level_sqdists(points, self.entity_points())
-            return flat_search(sq, self.model.entity_parents, self.model.level_offsets, self.tau, top_k=top_k,
-                               temperatures=temperatures)
-        distances, children = self.search_index()
-        return beam_search(points, distances, children, self.tau, beam=beam or self.cfg.inference.beam,
-                           top_k=top_k, temperatures=temperatures)
+            result = flat_search(sq, self.model.entity_parents, self.model.level_offsets, self.tau, top_k=top_k,
+                                 temperatures=temperatures, coverage=search_coverage)
+        else:
+            distances, children = self.search_index()
+            result = beam_search(points, distances, children, self.tau, beam=beam or self.cfg.inference.beam,
+                                 top_k=top_k, temperatures=temperatures, coverage=search_coverage)
+        if fitted is not None and points.shape[0]:
+            calibrate_result(fitted, result, self.familiarity_features(points, novelty), coverage)
+        return result
 
     def predict(self, images, top_k: int = 5, beam: int | None = None, flat: bool = False,
                 min_prob: float | None = None, max_level: str = "city", exif: str = "compare",
                 batch_size: int = 64, num_workers: int = 0, on_error: str = "raise",
-                progress: bool = False) -> list:
+                progress: bool = False, coverage: float | None = None) -> list:
         """Paths, PIL images or a (B, 3, H, W) tensor of preprocessed pixels -> one Prediction per image.
 
         on_error="raise": InputError naming the first unreadable image; "return": a `Failure` in its place.
@@ -250,7 +311,7 @@ class HierLoc:
         out = []
         for record in self.iter_predict(images, top_k=top_k, beam=beam, flat=flat, min_prob=min_prob,
                                         max_level=max_level, exif=exif, batch_size=batch_size,
-                                        num_workers=num_workers, progress=progress):
+                                        num_workers=num_workers, progress=progress, coverage=coverage):
             if not record.ok and on_error == "raise":
                 raise InputError(f"{record.image}: {record.error}")
             out.append(record)
@@ -258,8 +319,8 @@ class HierLoc:
 
     def iter_predict(self, images, top_k: int = 5, beam: int | None = None, flat: bool = False,
                      min_prob: float | None = None, max_level: str = "city", exif: str = "compare",
-                     batch_size: int = 64, num_workers: int = 0, progress: bool = False
-                     ) -> Iterator[Prediction | Failure]:
+                     batch_size: int = 64, num_workers: int = 0, progress: bool = False,
+                     coverage: float | None = None) -> Iterator[Prediction | Failure]:
         """Stream one `Prediction` or `Failure` per image, in input order, batch by batch (memory stays flat).
 
         images: a path, a sequence of paths (read by a DataLoader with `num_workers` worker processes), PIL
@@ -267,12 +328,16 @@ class HierLoc:
         the same guards and pixels as the files, answers named by their `name`), or a (B, 3, H, W) / (3, H, W) tensor of pixels already preprocessed for this model
         (`preprocess`). top_k: number of paths kept (the answer + top_k - 1 alternatives); beam: beam width
         (default: the model's inference.beam); flat: nearest city over all cities instead of the beam;
-        min_prob / max_level / exif: see the module docstring. progress: a tqdm bar on stderr.
+        min_prob / max_level / exif: see the module docstring. progress: a tqdm bar on stderr. coverage: per
+        level down to max_level, the prediction set of that coverage (`Prediction.sets`: the smallest set of
+        candidates whose reported probabilities reach it; calibrate the model for sets that keep their promise).
         """
         max_level_index = check_options(min_prob, max_level, exif, beam, top_k)
+        if coverage is not None and not (isinstance(coverage, (int, float)) and 0.0 < float(coverage) < 1.0):
+            raise InputError(f"coverage {coverage!r}: expected a probability in (0, 1), e.g. 0.9")
         if batch_size < 1:
             raise InputError(f"batch_size {batch_size!r}: expected an integer >= 1")
-        options = {"top_k": int(top_k), "beam": beam, "flat": flat, "min_prob": min_prob,
+        options = {"top_k": int(top_k), "beam": beam, "flat": flat, "min_prob": min_prob, "coverage": coverage,
                    "max_level": max_level_index}
         if isinstance(images, torch.Tensor):
             pixels = images if images.ndim == 4 else images.unsqueeze(0)
@@ -335,11 +400,13 @@ class HierLoc:
             answers: list[Prediction | None] = [None] * len(indices)
             rows = np.flatnonzero(has_pixels)
             if rows.size:
-                points = self.embed_pixels(batch["pixel_values"][torch.from_numpy(rows)])
+                points, feats = self.embed_pixels(batch["pixel_values"][torch.from_numpy(rows)], features=True)
                 result = self.search_points(points, beam=options["beam"], top_k=options["top_k"],
-                                            flat=options["flat"])
+                                            flat=options["flat"], coverage=options["coverage"],
+                                            novelty=self.feature_novelty(feats))
                 for row, answer in zip(rows.tolist(), self._answers(result, [names[r] for r in rows.tolist()],
-                                                                    options["min_prob"], options["max_level"])):
+                                                                    options["min_prob"], options["max_level"],
+                                                                    options["coverage"])):
                     answers[row] = answer
             rows = np.flatnonzero(~has_pixels)
             if rows.size:
@@ -359,8 +426,11 @@ class HierLoc:
         return LevelAnswer(LEVELS[level], str(gaz.keys[idx]), str(gaz.names[idx]), float(prob),
                            float(gaz.lat_deg[idx]), float(gaz.lon_deg[idx]))
 
-    def _answers(self, result, names: list[str], min_prob: float | None, max_level: int) -> list[Prediction]:
-        """SearchResult (B rows) -> Predictions: best path cut by the backoff rules, alternatives cut at max_level."""
+    def _answers(self, result, names: list[str], min_prob: float | None, max_level: int,
+                 coverage: float | None = None) -> list[Prediction]:
+        """SearchResult (B rows) -> Predictions: best path cut by the backoff rules, alternatives cut at max_level;
+        the error radius (from the best full path's point, widened by the distance to the answered point when the
+        backoff moved it) and the prediction sets down to max_level."""
         gaz = self.gazetteer
         paths = result.paths.cpu().numpy()            # (B, K, 4)
         probs = result.level_probs.cpu().numpy()      # (B, K, 4)
@@ -386,9 +456,19 @@ class HierLoc:
                     [self._level_answer(lv, int(capped[row, k, lv]), probs[row, k, lv])
                      for lv in range(N_LEVELS) if capped[row, k, lv] >= 0],
                     float(scores[row, k]), float(gaz.lat_deg[tip]), float(gaz.lon_deg[tip])))
-            answers.append(Prediction(name, levels, float(gaz.lat_deg[deepest]) if deepest >= 0 else math.nan,
-                                      float(gaz.lon_deg[deepest]) if deepest >= 0 else math.nan,
-                                      float(scores[row, 0]), alternatives))
+            answer = Prediction(name, levels, float(gaz.lat_deg[deepest]) if deepest >= 0 else math.nan,
+                                float(gaz.lon_deg[deepest]) if deepest >= 0 else math.nan,
+                                float(scores[row, 0]), alternatives)
+            if result.radius90_km is not None and deepest >= 0:
+                full = int(deepest_entity(paths[row:row + 1, 0])[0])
+                moved = float(haversine_km(gaz.lat_deg[full], gaz.lon_deg[full], answer.lat_deg, answer.lon_deg))
+                answer.radius90_km = float(result.radius90_km[row]) + moved
+            if result.sets is not None:
+                answer.coverage = float(coverage)
+                answer.sets = {LEVELS[lv]: [SetMember(str(gaz.keys[i]), str(gaz.names[i]), float(p))
+                                            for i, p in zip(*result.sets[row][lv])]
+                               for lv in range(max_level + 1)}
+            answers.append(answer)
         return answers
 
     def _exif_answers(self, names: list[str], lat_deg: np.ndarray, lon_deg: np.ndarray,

@@ -46,11 +46,16 @@ class SearchResult:
     that level's candidates; 0 where absent); scores: (B, K) float32 sum of log-probabilities (-inf = no path,
     e.g. when the beam is wider than the tree: such rows have paths -1 and level_probs 0).
     K = min(top_k, final beam width), the final width being min(beam, N_3 + min(beam, N_2 + ...)).
+    sets (only when a coverage was asked): per query, per level, (ids (S,) int64 global, probs (S,) float64) the
+    prediction set: that level's candidates by decreasing reported probability until their mass reaches the
+    coverage (`mass_sets`). radius90_km (B,): set by the predictor when its calibration has an error radius.
     """
 
     paths: torch.Tensor
     level_probs: torch.Tensor
     scores: torch.Tensor
+    sets: list | None = None
+    radius90_km: np.ndarray | None = None
 
 
 def local_parents(parents: torch.Tensor, level_offsets: list[int]) -> list[torch.Tensor]:
@@ -213,9 +218,53 @@ def _reported(logits: torch.Tensor, logp: torch.Tensor, temperature: float, norm
     return logp if temperature == 1.0 else normalise(logits / temperature)
 
 
+def _check_coverage(coverage) -> list[float] | None:
+    """None, one coverage in (0, 1] or one per level -> a list of 4 floats (or None)."""
+    if coverage is None:
+        return None
+    values = [float(coverage)] * N_LEVELS if np.ndim(coverage) == 0 else [float(c) for c in coverage]
+    if len(values) != N_LEVELS or not all(0.0 < c <= 1.0 for c in values):
+        raise ValueError(f"coverage must be in (0, 1] (one value or one per level), got {coverage!r}")
+    return values
+
+
+def mass_sets(logp: torch.Tensor, ids: torch.Tensor, segment: torch.Tensor, n_segments: int, coverage: float
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Prediction sets: per segment (query), its candidates by decreasing probability until their mass reaches
+    ``coverage`` (the candidate that crosses it is included; 1.0 keeps every candidate).
+
+    logp, ids, segment: (P,) log-probabilities, global ids and segment of each candidate. Returns n_segments
+    (ids (S,) int64, probs (S,) float64), best first (empty for a segment without candidates).
+    """
+    p = logp.detach().double().exp().cpu().numpy()
+    entity = ids.detach().cpu().numpy().astype(np.int64)
+    seg = segment.detach().cpu().numpy().astype(np.int64)
+    order = np.lexsort((-p, seg))
+    p, entity, seg = p[order], entity[order], seg[order]
+    starts = np.searchsorted(seg, np.arange(n_segments + 1))
+    cum = np.cumsum(p)
+    before = cum - p - np.repeat(np.concatenate([[0.0], cum])[starts[:-1]], np.diff(starts))
+    keep = before < coverage - 1e-12
+    out = []
+    for q in range(n_segments):
+        lo, hi = starts[q], starts[q + 1]
+        k = lo + int(keep[lo:hi].sum())   # keep is a prefix within each segment (mass before grows)
+        out.append((entity[lo:k], p[lo:k]))
+    return out
+
+
+def _dense_sets(logp: torch.Tensor, offset: int, coverage: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`mass_sets` over a whole level: logp (b, N) -> b sets of global ids offset + column (one sort per row)."""
+    p, order = logp.detach().double().exp().sort(dim=1, descending=True, stable=True)
+    size = ((p.cumsum(dim=1) - p) < coverage - 1e-12).sum(dim=1).cpu().numpy()
+    p, order = p.cpu().numpy(), order.cpu().numpy() + offset
+    return [(order[q, :size[q]], p[q, :size[q]]) for q in range(p.shape[0])]
+
+
 @torch.no_grad()
 def beam_search(points: torch.Tensor, distances: CandidateDistances, children: ChildIndex, tau: float,
-                beam: int = 10, top_k: int = 5, chunk: int = 256, temperatures=None) -> SearchResult:
+                beam: int = 10, top_k: int = 5, chunk: int = 256, temperatures=None,
+                coverage=None) -> SearchResult:
     """Beam search down the tree, measuring only the candidates.
 
     points: (B, D) query points; distances: e.g. `EntityDistances(entity_points, c)` (or anything with the
@@ -223,16 +272,20 @@ def beam_search(points: torch.Tensor, distances: CandidateDistances, children: C
     Queries are searched `chunk` at a time (temporaries ~ chunk x beam x max children per entity).
     Returns the best K = min(top_k, final_width(...)) paths per query, best first; the same `SearchResult` as
     `beam_search_dense` on the same distances. temperatures: None or (4,) per-level temperatures of the reported
-    probabilities only (module docstring).
+    probabilities only (module docstring). coverage: None, or the prediction sets'
+    coverage (one value or one per level): `SearchResult.sets` over each level's candidates.
     """
     if beam < 1 or top_k < 1 or chunk < 1:
         raise ValueError(f"beam, top_k and chunk must be >= 1, got {beam}, {top_k}, {chunk}")
-    temperatures = _check_temperatures(temperatures)
+    temperatures = _check_temperatures(temperatures) or [1.0] * N_LEVELS
+    coverage = _check_coverage(coverage)
     k = min(top_k, final_width(children.level_sizes, beam))
     device = points.device
-    parts = []
+    parts, sets = [], [] if coverage is not None else None
     for x in points.split(chunk):
-        paths, path_logp, cum = _search_chunk(x, distances, children, tau, beam, temperatures)
+        paths, path_logp, cum, chunk_sets = _search_chunk(x, distances, children, tau, beam, temperatures, coverage)
+        if sets is not None:
+            sets += chunk_sets
         width = min(k, paths.shape[1])
         pad = k - width  # a chunk whose beam had no child at some level stayed narrower: pad with dead entries
         found = torch.isfinite(cum[:, :width])
@@ -246,16 +299,17 @@ def beam_search(points: torch.Tensor, distances: CandidateDistances, children: C
         parts.append((paths, probs, scores))
     if not parts:
         return SearchResult(torch.full((0, k, N_LEVELS), -1, dtype=torch.int64, device=device),
-                            torch.zeros(0, k, N_LEVELS, device=device), torch.zeros(0, k, device=device))
-    return SearchResult(*(torch.cat(tensors) for tensors in zip(*parts)))
+                            torch.zeros(0, k, N_LEVELS, device=device), torch.zeros(0, k, device=device), sets)
+    return SearchResult(*(torch.cat(tensors) for tensors in zip(*parts)), sets=sets)
 
 
 def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: ChildIndex, tau: float,
-                  beam: int, temperatures: list[float] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  beam: int, temperatures: list[float], coverage: list[float] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]:
     """One chunk of queries x (b, D) -> paths (b, W, 4) global ids (-1 absent), per-level reported
-    log-probabilities (b, W, 4) (at `temperatures`, if given), cumulative scores (b, W) sorted descending (always
-    at T = 1); W <= beam (only as wide as the candidates allow).
+    log-probabilities (b, W, 4) (at the per-level `temperatures`), cumulative scores (b, W)
+    sorted descending (always at T = 1), and (with a coverage) the b queries' prediction sets per level; W <= beam
+    (only as wide as the candidates allow).
 
     Level l >= 1 works on the flat list of P (query, candidate) pairs, query-major: beam entry (r, w) owns
     count[r, w] consecutive pairs, its children in CSR order. Per query, log-softmax over its pairs (segment
@@ -264,15 +318,17 @@ def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: Chil
     """
     offsets = children.level_offsets
     b, device = x.shape[0], x.device
-    temperatures = temperatures or [1.0] * N_LEVELS
     logits0 = -distances.level_sqdist(x, offsets[0], offsets[1]).float() / tau
     logp0 = torch.log_softmax(logits0, dim=1)
     cum, idx = logp0.topk(min(beam, logp0.shape[1]), dim=1)                   # (b, W)
     paths = torch.full((b, cum.shape[1], N_LEVELS), -1, dtype=torch.int64, device=device)
     path_logp = torch.full((b, cum.shape[1], N_LEVELS), float("-inf"), device=device)
     paths[:, :, 0] = idx + offsets[0]
-    path_logp[:, :, 0] = _reported(logits0, logp0, temperatures[0], lambda z: torch.log_softmax(z, dim=1)
-                                   ).gather(1, idx)
+    report0 = _reported(logits0, logp0, temperatures[0], lambda z: torch.log_softmax(z, dim=1))
+    path_logp[:, :, 0] = report0.gather(1, idx)
+    level_sets = None
+    if coverage is not None:
+        level_sets = [_dense_sets(report0, offsets[0], coverage[0])]
     for level in range(1, N_LEVELS):
         prev = paths[:, :, level - 1]                                          # (b, W) global ids or -1
         width_prev = prev.shape[1]
@@ -282,6 +338,8 @@ def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: Chil
         total = count.view(b, width_prev).sum(1)                               # (b,) candidates per query
         n_cand = int(total.max()) if b else 0
         if n_cand == 0:                                                        # nothing to expand: all carried
+            if level_sets is not None:
+                level_sets.append([(np.empty(0, np.int64), np.empty(0))] * b)
             continue
         # the pairs: entry e = r W + w repeated count_e times; the k-th pair of an entry is its k-th child
         entry = torch.repeat_interleave(torch.arange(b * width_prev, device=device), count)  # (P,)
@@ -293,6 +351,8 @@ def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: Chil
         logits = -distances.pair_sqdist(x, pair_row, candidate).float() / tau
         logp = _segment_log_softmax(logits, pair_row, b)                       # (P,)
         report = _reported(logits, logp, temperatures[level], lambda z: _segment_log_softmax(z, pair_row, b))
+        if level_sets is not None:
+            level_sets.append(mass_sets(report, candidate, pair_row, b, coverage[level]))
         # one top-k per query over its candidates (columns 0..total-1, the rest -inf) and carried entries (T + w)
         row_start = total.cumsum(0) - total
         column = torch.arange(n_pairs, device=device) - row_start.index_select(0, pair_row)
@@ -309,7 +369,8 @@ def _search_chunk(x: torch.Tensor, distances: CandidateDistances, children: Chil
         path_logp = path_logp.gather(1, source)
         paths[:, :, level] = torch.where(is_new, _take(candidate, picked, sel.shape), -1)
         path_logp[:, :, level] = torch.where(is_new, _take(report, picked, sel.shape), float("-inf"))
-    return paths, path_logp, cum
+    sets = None if level_sets is None else [[level_sets[lv][q] for lv in range(N_LEVELS)] for q in range(b)]
+    return paths, path_logp, cum, sets
 
 
 def _take(values: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
@@ -394,19 +455,25 @@ def beam_search_dense(level_sqdists: list[torch.Tensor], parents_local: list[tor
 
 @torch.no_grad()
 def flat_search(level_sqdists: list[torch.Tensor], parents: torch.Tensor, level_offsets: list[int], tau: float,
-                top_k: int = 5, temperatures=None) -> SearchResult:
+                top_k: int = 5, temperatures=None, coverage=None) -> SearchResult:
     """Ablation: the nearest cities over all cities; the path is each city's ancestors.
 
     Level probabilities are each ancestor's softmax over its whole level (at `temperatures`, if given: they change
     the reported probabilities only). parents: (E,) global parent indices.
+    coverage: prediction sets over each whole level (`SearchResult.sets`).
     """
     temperatures = _check_temperatures(temperatures) or [1.0] * N_LEVELS
+    coverage = _check_coverage(coverage)
     device = level_sqdists[0].device
     logits = [-d.float() / tau for d in level_sqdists]
     logps = [torch.log_softmax(z, dim=1) for z in logits]
     city_logp, city_local = logps[-1].topk(min(top_k, logps[-1].shape[1]), dim=1)   # ranked at T = 1
     logps = [_reported(z, logp, t, lambda y: torch.log_softmax(y, dim=1))
              for z, logp, t in zip(logits, logps, temperatures)]
+    sets = None
+    if coverage is not None:
+        per_level = [_dense_sets(logps[lv], level_offsets[lv], coverage[lv]) for lv in range(N_LEVELS)]
+        sets = [[per_level[lv][q] for lv in range(N_LEVELS)] for q in range(city_local.shape[0])]
     k = city_local.shape[1]
     batch = city_local.shape[0]
     paths = torch.full((batch, k, N_LEVELS), -1, dtype=torch.int64, device=device)
@@ -418,4 +485,4 @@ def flat_search(level_sqdists: list[torch.Tensor], parents: torch.Tensor, level_
         local = current - level_offsets[level]
         probs[:, :, level] = logps[level].gather(1, local).exp()
         current = parents[current.clamp_min(0)]
-    return SearchResult(paths, probs, city_logp)
+    return SearchResult(paths, probs, city_logp, sets)

@@ -52,7 +52,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TRAIN_SUMMARY_NAME = "train_summary.json"
 CALIBRATION_NAME = "calibration.json"
-CALIBRATION_FORMAT_VERSION = 1
+CALIBRATION_FORMAT_VERSION = 2
 CHECKSUM_KEY = "hierloc_sha256"
 LOSS_PREFIX = "loss."   # the loss's tensors in model.safetensors (inference reads loss.log_tau: the temperature)
 
@@ -139,6 +139,8 @@ class Calibration:
     weights_sha256: the `tensors_digest` of the model.safetensors it was fitted for (a calibration of other
     weights is refused on load). The rest records the fit: the CSV's file name, the rows used, the beam width,
     and the expected calibration error per level before and after (`hierloc.inference.calibration`).
+    familiarity: the per-image temperatures, prediction-set references and error radius fitted by
+    `hierloc calibrate` (`hierloc.inference.familiarity`); when present they replace the temperatures.
     """
 
     temperatures: list[float]
@@ -151,6 +153,10 @@ class Calibration:
     ece_after: list[float | None] = field(default_factory=list)
     flat_ece_before: list[float | None] = field(default_factory=list)
     flat_ece_after: list[float | None] = field(default_factory=list)
+    # the calibration conditioned on familiarity, prediction sets and error radius
+    # (`hierloc.inference.familiarity.FamiliarityCalibration.to_dict`; None: the temperatures alone)
+    familiarity: dict | None = None
+    n_unlike: int = 0
 
     def to_json(self) -> str:
         def clean(value):

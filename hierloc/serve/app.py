@@ -60,10 +60,11 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Options and their defaults, as `hierloc predict` and `hierloc explain` have them (a test compares the two);
 # beam None: the model's inference.beam.
 PREDICT_DEFAULTS = {"top_k": InferenceConfig.top_k, "beam": None, "min_prob": None, "max_level": "city",
-                    "exif": "compare", "flat": False}
+                    "exif": "compare", "flat": False, "coverage": None}
 EXPLAIN_DEFAULTS = {"top_k": InferenceConfig.top_k, "beam": None, "runners_up": 2, "reasons": 3,
                     "candidates": "siblings", "min_prob": None, "exif": "compare", "map": True, "map_width": 900}
 OPTION_TYPES = {"top_k": int, "beam": int, "min_prob": float, "max_level": str, "exif": str, "flat": bool,
+                "coverage": float,
                 "runners_up": int, "reasons": int, "candidates": str, "map": bool, "map_width": int}
 MAP_WIDTH_RANGE = (300, 2000)
 
@@ -178,6 +179,8 @@ def predict_options(fields: dict[str, str]) -> dict:
         check_options(options["min_prob"], options["max_level"], options["exif"], options["beam"], options["top_k"])
     except InputError as exc:
         raise ApiError(400, f"option {exc}") from None
+    if options["coverage"] is not None and not 0.0 < options["coverage"] < 1.0:
+        raise ApiError(400, f"option coverage={options['coverage']}: expected a probability in (0, 1), e.g. 0.9")
     return options
 
 

@@ -1,0 +1,721 @@
+"""Calibration conditioned on how familiar an image is, prediction sets and an error radius.
+
+One temperature per level, fitted on held-out places, cannot serve an image close to the training data (the model
+is right far more often than it says) and an image far from it at once; a temperature per image cannot either (the
+confidently wrong answers of familiar images keep the best temperature under-confident). This module recalibrates
+the answer's probability itself, per level, as a function of the model's probability and of how familiar the image
+is:
+
+* Signals of one image point x (`point_signals`, (N, 2)): ``radius``, its distance from the origin (hyperbolic:
+  d(0, x); Euclidean: |x|; points near the origin are the uncertain ones), and ``nearest``, its distance to the
+  nearest entity of any level. ``novelty`` (`Novelty`) is how atypical (radius, nearest) is of the training
+  images: the Mahalanobis distance sqrt((s - mu)^T S^-1 (s - mu)) under their mean mu and covariance S.
+  ``feature_novelty`` (`FeatureNovelty`) looks before the head, at the backbone's features f: the log of the share
+  of f - mean outside the 32 principal directions of the training images' features, relative to theirs. The head
+  maps unlike images to ordinary-looking points; their features are off the training images' subspace.
+* Features z = the four signals standardised by the calibration set's mean and standard deviation, (N, 4). The
+  calibration set holds held-out places, held-out images of familiar places and degraded copies of some of them
+  (`hierloc.inference.unlike`), so that the fit has seen unlike images too.
+* The answer's calibrated probability at level l (`LevelCalibrator`):
+  p = sigmoid(exp(alpha_l + v_l . z) logit(q) + b_l + w_l . z), q the model's own probability of the answer at
+  that level (softmax of -d^2/tau over the level's candidates). The slope exp(.) is positive for every image, so
+  p is monotone in the model's own score; the search never sees p, so answers, rankings and accuracy are those of
+  the uncalibrated model. Fitted by the binary NLL of "the answer at level l is right" on the calibration set.
+* The other candidates of a level share 1 - p in proportion to the model's probabilities (`calibrated_members`).
+  A prediction set is the answer, then the other candidates by decreasing probability, until the calibrated mass
+  reaches the coverage c. The split-conformal reference replaces c by the quantile of the mass at which the truth
+  enters on the calibration set (finite-sample marginal guarantee); the top-k reference takes a fixed k per level.
+* Error radius (`RadiusModel`): a linear 0.9-quantile regression of log(1 + error km) on z and the calibrated
+  probability logits per level (fitted exactly, as a linear program, on half the calibration set), shifted by the
+  split-conformal correction measured on the other half: radius90_km = exp(q(x) + delta) - 1, at most half the
+  Earth's circumference.
+
+Everything fitted is plain numbers (`FamiliarityCalibration.to_dict`), stored in calibration.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.special import expit
+
+from gazetteer.schema import N_LEVELS
+from hierloc.errors import InputError
+from hierloc.geometry import hyperbolic
+from hierloc.inference.search import flat_search
+
+SIGNALS = ("radius", "nearest", "novelty", "feature_novelty")
+N_FEATURES = len(SIGNALS)
+RADIUS_QUANTILE = 0.9
+RADIUS_BINS = 8                # Mondrian bins of the predicted radius, each with its own conformal offset
+NOVELTY_COMPONENTS = 32        # principal directions of the training images' backbone features kept by FeatureNovelty
+HALF_EARTH_KM = 20_015.1       # the largest distance on the sphere (R = 6371 km): a radius never needs more
+_PROB_FLOOR = 1e-6
+_L2 = 1e-3                     # ridge on the calibrators' parameters (keeps them finite on small or separable sets)
+
+
+# ------------------------------------------------------------------------------------------------- signals
+@torch.no_grad()
+def point_signals(points: torch.Tensor, entity_points: torch.Tensor, c: float | None, chunk: int = 128
+                  ) -> np.ndarray:
+    """(N, D) image points, (E, D) entity points, curvature c (None: Euclidean) -> (N, 2) float64:
+    [distance from the origin, distance to the nearest entity]."""
+    out = np.zeros((points.shape[0], 2), dtype=np.float64)
+    for start in range(0, points.shape[0], chunk):
+        x = points[start:start + chunk].to(entity_points.device)
+        if c is None:
+            radius = x.double().norm(dim=1)
+            sq = hyperbolic.euclidean_pairwise_sqdist(x, entity_points)
+        else:
+            radius = hyperbolic.dist0(x.double(), c=c)
+            sq = hyperbolic.pairwise_sqdist(x, entity_points, c=c)
+        out[start:start + len(x), 0] = radius.cpu().numpy()
+        out[start:start + len(x), 1] = sq.min(dim=1).values.clamp_min(0).double().sqrt().cpu().numpy()
+    return out
+
+
+@dataclass
+class Novelty:
+    """How atypical an image's (radius, nearest) pair is of the training images: the Mahalanobis distance under
+    their mean (2,) and inverse covariance (2, 2)."""
+
+    mean: list[float]
+    inverse_cov: list[list[float]]
+    n: int = 0
+
+    @classmethod
+    def fit(cls, train_signals: np.ndarray) -> "Novelty":
+        """(N, 2) signals of training images -> Novelty (covariance ridged by 1e-6 so it always inverts)."""
+        s = np.asarray(train_signals, dtype=np.float64)
+        if s.ndim != 2 or s.shape[0] < 3:
+            raise InputError(f"novelty needs the signals of at least 3 training images, got {s.shape[0]}")
+        cov = np.cov(s, rowvar=False) + 1e-6 * np.eye(s.shape[1])
+        return cls(s.mean(axis=0).tolist(), np.linalg.inv(cov).tolist(), int(s.shape[0]))
+
+    def __call__(self, signals: np.ndarray) -> np.ndarray:
+        """(N, 2) -> (N,) Mahalanobis distances."""
+        d = np.asarray(signals, dtype=np.float64) - np.asarray(self.mean)
+        return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", d, np.asarray(self.inverse_cov), d), 0.0))
+
+
+@dataclass
+class FeatureNovelty:
+    """log(|r(f)|^2 / |f - mean|^2 / scale): r(f) the part of f - mean outside the principal directions (k, F) of
+    the training images' backbone features, as a share of f - mean, relative to its mean over those images."""
+
+    mean: list[float]
+    components: list[list[float]]
+    scale: float
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, k: int = NOVELTY_COMPONENTS) -> "FeatureNovelty":
+        """(M, F) backbone features of training images -> FeatureNovelty (k <= min(M - 1, F) directions)."""
+        f = np.asarray(train_features, dtype=np.float64)
+        centred = f - f.mean(axis=0)
+        k = max(0, min(k, f.shape[0] - 1, f.shape[1] - 1))
+        components = np.linalg.svd(centred, full_matrices=False)[2][:k]
+        scale = float(cls._share(centred, components).mean())
+        return cls(f.mean(axis=0).tolist(), components.tolist(), scale if scale > 0 else 1.0)
+
+    @staticmethod
+    def _share(centred: np.ndarray, components: np.ndarray) -> np.ndarray:
+        residual = centred - centred @ components.T @ components
+        return (residual ** 2).sum(axis=1) / np.maximum((centred ** 2).sum(axis=1), 1e-12)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) -> (N,)."""
+        d = np.asarray(features, dtype=np.float64) - np.asarray(self.mean)
+        components = np.asarray(self.components, dtype=np.float64).reshape(-1, d.shape[1])
+        return np.log(np.maximum(self._share(d, components) / self.scale, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------- the answer's p
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.nan_to_num(np.asarray(p, dtype=np.float64), nan=_PROB_FLOOR), _PROB_FLOOR, 1 - _PROB_FLOOR)
+    return np.log(p) - np.log1p(-p)
+
+
+@dataclass
+class LevelCalibrator:
+    """p = sigmoid(exp(alpha + v . z) logit(q) + b + w . z): params = [alpha, v (F), b, w (F)]."""
+
+    params: list[float]
+
+    def __call__(self, q: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """(N,) model probabilities of the answers, (N, F) features -> (N,) calibrated probabilities."""
+        theta = np.asarray(self.params, dtype=np.float64)
+        f = features.shape[1]
+        slope = np.exp(np.clip(theta[0] + features @ theta[1:1 + f], -20.0, 20.0))
+        return expit(slope * _logit(q) + theta[1 + f] + features @ theta[2 + f:])
+
+    @classmethod
+    def identity(cls, n_features: int = N_FEATURES + 1) -> "LevelCalibrator":
+        return cls([0.0] * (2 + 2 * n_features))
+
+    @classmethod
+    def fit(cls, q: np.ndarray, correct: np.ndarray, features: np.ndarray, iterations: int = 300
+            ) -> "LevelCalibrator":
+        """Minimise the binary NLL (+ a small ridge) over (N,) model probabilities, (N,) correctness, (N, F)
+        features, from the identity (alpha = 0, v = 0, b = 0, w = 0)."""
+        z = torch.as_tensor(features, dtype=torch.float64)
+        x = torch.as_tensor(_logit(q))
+        y = torch.as_tensor(np.asarray(correct, dtype=np.float64))
+        f = z.shape[1]
+        theta = torch.zeros(2 + 2 * f, dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([theta], max_iter=iterations, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            slope = torch.exp((theta[0] + z @ theta[1:1 + f]).clamp(-20.0, 20.0))
+            logits = slope * x + theta[1 + f] + z @ theta[2 + f:]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + _L2 * (theta ** 2).sum()
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        return cls([float(v) for v in theta.detach()])
+
+
+def calibrated_members(ids: np.ndarray, q: np.ndarray, answer: int, p_answer: float, rest_t: float = 1.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """A level's candidates (ids (S,), model probabilities q (S,), best first) with the answer's calibrated
+    probability -> (ids, calibrated probabilities): the answer first with p_answer, then the others, in the
+    model's order, sharing 1 - p_answer in proportion to q^(1 / rest_t)."""
+    at = np.flatnonzero(ids == answer)
+    others = np.ones(len(ids), dtype=bool)
+    if at.size:
+        others[at[0]] = False
+    rest = q[others]
+    if rest_t != 1.0 and rest.size:
+        logs = np.log(np.maximum(rest, 1e-300)) / rest_t
+        rest = np.exp(logs - logs.max())
+    total = rest.sum()
+    share = rest / total * (1.0 - p_answer) if total > 0 else np.zeros_like(rest)
+    if not at.size:
+        return ids[others], share
+    return np.concatenate([[answer], ids[others]]), np.concatenate([[p_answer], share])
+
+
+def cut_at(ids: np.ndarray, probs: np.ndarray, coverage: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shortest prefix whose mass reaches ``coverage`` (all of it when it never does)."""
+    before = np.cumsum(probs) - probs
+    k = int((before < coverage - 1e-12).sum())
+    return ids[:k], probs[:k]
+
+
+# ------------------------------------------------------------------------------------------------- radius
+def radius_design(features: np.ndarray, level_probs: np.ndarray) -> np.ndarray:
+    """(N, F) features and (N, 4) the answer's calibrated probability per level (NaN/0: level not answered) ->
+    (N, 1 + F + 4) design matrix [1, z, logit p_country .. logit p_city]."""
+    n = features.shape[0]
+    return np.concatenate([np.ones((n, 1)), np.asarray(features, dtype=np.float64), _logit(level_probs)], axis=1)
+
+
+def fit_quantile_regression(design: np.ndarray, target: np.ndarray, quantile: float) -> np.ndarray:
+    """Linear quantile regression, exactly (a linear program, HiGHS): (N, K) design, (N,) target -> (K,) coefs
+    minimising sum_i rho_q(target_i - design_i . beta) (rho_q the pinball loss)."""
+    from scipy.optimize import linprog
+
+    n, k = design.shape
+    # variables: beta (k, free), u+ (n, >= 0), u- (n, >= 0); design beta + u+ - u- = target
+    cost = np.concatenate([np.zeros(k), np.full(n, quantile), np.full(n, 1.0 - quantile)])
+    equality = np.concatenate([design, np.eye(n), -np.eye(n)], axis=1)
+    bounds = [(None, None)] * k + [(0, None)] * (2 * n)
+    result = linprog(cost, A_eq=equality, b_eq=target, bounds=bounds, method="highs")
+    if not result.success:
+        raise InputError(f"the error-radius regression did not converge ({result.message})")
+    return result.x[:k]
+
+
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The split-conformal quantile: the ceil((n + 1) coverage)-th smallest score (inf when n is too small)."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(scores) + 1) * coverage)
+    return float(scores[rank - 1]) if 1 <= rank <= len(scores) else math.inf
+
+
+def _bin_key(level_probs: np.ndarray) -> np.ndarray:
+    """(N, 4) calibrated answer probabilities -> (N,) the Mondrian bin key of the radius: the country's."""
+    return np.nan_to_num(np.asarray(level_probs, dtype=np.float64)[:, 0], nan=0.0)
+
+
+@dataclass
+class RadiusModel:
+    """radius90_km = exp(u + offset_b) - 1, u = design . coefs (`radius_design`), offset_b the conformal offset of
+    the image's bin b of calibrated country probability (``edges``: ascending inner edges), clipped to
+    [floor_km, HALF_EARTH_KM]. One offset per bin (Mondrian conformal): the 90 % holds within each bin, so for
+    confident, familiar images as for unfamiliar ones, not only on average."""
+
+    coefs: list[float]
+    offsets: list[float]
+    edges: list[float] = field(default_factory=list)
+    floor_km: float = 1.0
+
+    def __call__(self, features: np.ndarray, level_probs: np.ndarray) -> np.ndarray:
+        u = radius_design(features, level_probs) @ np.asarray(self.coefs)
+        key = _bin_key(level_probs)
+        log_radius = u + np.asarray(self.offsets)[np.searchsorted(np.asarray(self.edges), key, side="right")]
+        return np.clip(np.expm1(np.clip(log_radius, 0.0, 10.0)), self.floor_km, HALF_EARTH_KM)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, level_probs: np.ndarray, error_km: np.ndarray, fit_rows: np.ndarray,
+            coverage: float = RADIUS_QUANTILE, n_bins: int = RADIUS_BINS) -> "RadiusModel":
+        """Quantile regression on the rows ``fit_rows`` (bool (N,)); on the others, bins of equal count of the
+        predicted u and one split-conformal offset per bin (the pooled offset when a bin is too small for one)."""
+        design = radius_design(features, level_probs)
+        target = np.log1p(np.asarray(error_km, dtype=np.float64))
+        coefs = fit_quantile_regression(design[fit_rows], target[fit_rows], coverage)
+        u = design[~fit_rows] @ coefs
+        residual = target[~fit_rows] - u
+        pooled = conformal_quantile(residual, coverage)
+        pooled = pooled if math.isfinite(pooled) else float(residual.max())
+        key = _bin_key(level_probs[~fit_rows])
+        edges = np.quantile(key, np.linspace(0, 1, n_bins + 1)[1:-1]) if len(u) >= n_bins * 10 else np.empty(0)
+        bins = np.searchsorted(edges, key, side="right")
+        offsets = []
+        for b in range(len(edges) + 1):
+            value = conformal_quantile(residual[bins == b], coverage)
+            offsets.append(float(value) if math.isfinite(value) else pooled)
+        return cls([float(v) for v in coefs], offsets, [float(e) for e in edges])
+
+
+# ---------------------------------------------------------------------------------------------- the whole
+@dataclass
+class SearchCalibration:
+    """What one search (beam or flat) reports with: a `LevelCalibrator` per level (features: z and the logit of
+    the level above's calibrated probability; 0 for the country), the remainder temperatures ``rest`` (4, 1 + F + 1)
+    (`rest_temperatures`), the radius model and the simple references measured on the calibration set (conformal
+    set mass, fixed top-k, fixed radius)."""
+
+    levels: list[LevelCalibrator]
+    radius: RadiusModel
+    rest: list[list[float]] = field(default_factory=lambda: [[0.0] * (2 + N_FEATURES)] * N_LEVELS)
+    conformal_mass: list[float] = field(default_factory=lambda: [1.0] * N_LEVELS)
+    top_k: list[int] = field(default_factory=lambda: [1] * N_LEVELS)
+    fixed_radius_km: float = math.nan
+
+    def answer_probs(self, q: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """(N, 4) model probabilities of the answer per level (NaN/0 where not answered), (N, F) -> (N, 4)."""
+        out = np.zeros(q.shape)
+        parent = np.zeros(q.shape[0])
+        for level in range(N_LEVELS):
+            out[:, level] = self.levels[level](q[:, level], level_features(features, parent, level))
+            parent = _logit(out[:, level])
+        return out
+
+    def rest_temperatures(self, features: np.ndarray, p_answer: np.ndarray) -> np.ndarray:
+        """(N, F), (N, 4) -> (N, 4) temperatures of the other candidates' shares: exp(c0 + c . [z, logit p])."""
+        rest = np.asarray(self.rest)
+        out = np.ones(p_answer.shape)
+        for level in range(N_LEVELS):
+            design = np.concatenate([np.ones((len(features), 1)), features, _logit(p_answer[:, level])[:, None]], 1)
+            out[:, level] = np.exp(np.clip(design @ rest[level], math.log(1e-2), math.log(1e2)))
+        return out
+
+
+def level_features(features: np.ndarray, parent_logit: np.ndarray, level: int) -> np.ndarray:
+    """(N, F) features and (N,) the level above's calibrated logit -> (N, F + 1) (the extra column 0 at level 0)."""
+    extra = np.zeros(len(features)) if level == 0 else parent_logit
+    return np.concatenate([features, extra[:, None]], axis=1)
+
+
+def fit_rest_temperature(full_sets: list, paths: np.ndarray, true_paths: np.ndarray, level: int,
+                         features: np.ndarray, p_answer: np.ndarray, top: int = 512) -> list[float]:
+    """Fit log T = c . [1, z, logit p] of the other candidates' shares at one level by the NLL of the true entity
+    among them, on the rows whose answer is wrong and whose truth is among the ``top`` best candidates."""
+    rows, logq, truth_at = [], [], []
+    for row, levels in enumerate(full_sets):
+        truth, answer = int(true_paths[row, level]), int(paths[row, level])
+        if truth < 0 or truth == answer:
+            continue
+        ids, q = levels[level]
+        keep = ids != answer
+        ids, q = ids[keep][:top], q[keep][:top]
+        where = np.flatnonzero(ids == truth)
+        if not where.size or (q <= 0).all():
+            continue
+        padded = np.full(top, -1e30)   # finite: -inf would make the gradient NaN
+        padded[:len(q)] = np.log(np.maximum(q, 1e-300))
+        rows.append(row)
+        logq.append(padded)
+        truth_at.append(int(where[0]))
+    width = 2 + features.shape[1]
+    if len(rows) < 10:
+        return [0.0] * width
+    design = torch.as_tensor(np.concatenate([np.ones((len(rows), 1)), features[rows],
+                                             _logit(p_answer[rows, level])[:, None]], 1))
+    logq_t = torch.as_tensor(np.stack(logq))
+    truth_t = torch.as_tensor(truth_at)
+    theta = torch.zeros(width, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        inverse_t = torch.exp(-(design @ theta).clamp(math.log(1e-2), math.log(1e2)))
+        scaled = logq_t * inverse_t[:, None]
+        nll = -(scaled.gather(1, truth_t[:, None])[:, 0] - torch.logsumexp(scaled, dim=1)).mean()
+        loss = nll + _L2 * (theta ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return [float(v) for v in theta.detach()]
+
+
+@dataclass
+class FamiliarityCalibration:
+    """The fitted calibration: novelty, feature standardisation and one `SearchCalibration` per search."""
+
+    novelty: Novelty
+    feature_novelty: FeatureNovelty
+    feature_mean: list[float]
+    feature_std: list[float]
+    searches: dict[str, SearchCalibration]
+
+    def raw_features(self, signals: np.ndarray, feature_novelty: np.ndarray) -> np.ndarray:
+        """(N, 2) point signals and (N,) `feature_novelty` -> (N, 4) [radius, nearest, novelty, feature_novelty]."""
+        return np.concatenate([signals, self.novelty(signals)[:, None],
+                               np.asarray(feature_novelty, dtype=np.float64)[:, None]], axis=1)
+
+    def features(self, signals: np.ndarray, feature_novelty: np.ndarray) -> np.ndarray:
+        """(N, 2) point signals and (N,) feature novelty -> (N, 4) standardised features."""
+        raw = self.raw_features(signals, feature_novelty)
+        return (raw - np.asarray(self.feature_mean)) / np.asarray(self.feature_std)
+
+    def search(self, flat: bool) -> SearchCalibration | None:
+        return self.searches.get("flat" if flat else "beam")
+
+    def to_dict(self) -> dict:
+        def search_dict(s: SearchCalibration) -> dict:
+            return {"levels": [c.params for c in s.levels], "rest": s.rest,
+                    "radius": {"coefs": s.radius.coefs, "offsets": s.radius.offsets, "edges": s.radius.edges,
+                               "floor_km": s.radius.floor_km},
+                    "conformal_mass": s.conformal_mass, "top_k": s.top_k,
+                    "fixed_radius_km": s.fixed_radius_km if math.isfinite(s.fixed_radius_km) else None}
+        fn = self.feature_novelty
+        return {"signals": list(SIGNALS), "novelty": {"mean": self.novelty.mean,
+                                                     "inverse_cov": self.novelty.inverse_cov, "n": self.novelty.n},
+                "feature_novelty": {"mean": [round(v, 7) for v in fn.mean], "scale": fn.scale,
+                                    "components": [[round(v, 7) for v in row] for row in fn.components]},
+                "feature_mean": self.feature_mean, "feature_std": self.feature_std,
+                "searches": {name: search_dict(s) for name, s in self.searches.items()}}
+
+    @classmethod
+    def from_dict(cls, data, where: str) -> "FamiliarityCalibration":
+        """Parse `to_dict`'s output; a malformed field is a one-line InputError naming ``where`` and the field."""
+        def numbers(value, shape: tuple, name: str) -> np.ndarray:
+            try:
+                array = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                array = None
+            if array is None or array.shape != shape or not np.isfinite(array).all():
+                raise InputError(f"{where}: field '{name}': expected finite numbers of shape {shape}, got "
+                                 f"{str(value)[:60]}; fit it again with `hierloc calibrate`")
+            return array
+
+        if not isinstance(data, dict) or list(data.get("signals", [])) != list(SIGNALS):
+            raise InputError(f"{where}: field 'familiarity': expected signals {list(SIGNALS)}; fit it again with "
+                             "`hierloc calibrate`")
+        novelty = data.get("novelty") or {}
+        searches = {}
+        for name, s in (data.get("searches") or {}).items():
+            if name not in ("beam", "flat") or not isinstance(s, dict):
+                raise InputError(f"{where}: field 'familiarity.searches': unknown search {name!r}")
+            prefix = f"familiarity.searches.{name}"
+            radius = s.get("radius") or {}
+            k = 1 + N_FEATURES + N_LEVELS
+            n_edges = len(radius.get("edges") or []) if isinstance(radius.get("edges"), list) else -1
+            searches[name] = SearchCalibration(
+                [LevelCalibrator(row) for row in numbers(s.get("levels"), (N_LEVELS, 2 + 2 * (N_FEATURES + 1)),
+                                                         f"{prefix}.levels").tolist()],
+                RadiusModel(numbers(radius.get("coefs"), (k,), f"{prefix}.radius.coefs").tolist(),
+                            numbers(radius.get("offsets"), (n_edges + 1,), f"{prefix}.radius.offsets").tolist(),
+                            numbers(radius.get("edges"), (n_edges,), f"{prefix}.radius.edges").tolist(),
+                            float(numbers(radius.get("floor_km", 1.0), (), f"{prefix}.radius.floor_km"))),
+                numbers(s.get("rest"), (N_LEVELS, 1 + N_FEATURES + 1), f"{prefix}.rest").tolist(),
+                numbers(s.get("conformal_mass", [1.0] * N_LEVELS), (N_LEVELS,), f"{prefix}.conformal_mass").tolist(),
+                [int(v) for v in numbers(s.get("top_k", [1] * N_LEVELS), (N_LEVELS,), f"{prefix}.top_k")],
+                float(s["fixed_radius_km"]) if isinstance(s.get("fixed_radius_km"), (int, float)) else math.nan)
+        if "beam" not in searches:
+            raise InputError(f"{where}: field 'familiarity.searches': expected at least the beam search")
+        std = numbers(data.get("feature_std"), (N_FEATURES,), "familiarity.feature_std")
+        if (std <= 0).any():
+            raise InputError(f"{where}: field 'familiarity.feature_std': expected positive numbers")
+        fn = data.get("feature_novelty") or {}
+        fn_mean = numbers(fn.get("mean"), (len(fn.get("mean") or []),), "familiarity.feature_novelty.mean")
+        if fn_mean.size == 0:
+            raise InputError(f"{where}: field 'familiarity.feature_novelty.mean': expected the feature mean")
+        rows = fn.get("components") or []
+        components = numbers(rows, (len(rows), fn_mean.size) if rows else (0,),
+                             "familiarity.feature_novelty.components")
+        scale = float(numbers(fn.get("scale"), (), "familiarity.feature_novelty.scale"))
+        if scale <= 0:
+            raise InputError(f"{where}: field 'familiarity.feature_novelty.scale': expected a positive number")
+        return cls(Novelty(numbers(novelty.get("mean"), (2,), "familiarity.novelty.mean").tolist(),
+                           numbers(novelty.get("inverse_cov"), (2, 2), "familiarity.novelty.inverse_cov").tolist(),
+                           int(novelty.get("n", 0) or 0)),
+                   FeatureNovelty(fn_mean.tolist(), components.reshape(len(rows), fn_mean.size).tolist(), scale),
+                   numbers(data.get("feature_mean"), (N_FEATURES,), "familiarity.feature_mean").tolist(),
+                   std.tolist(), searches)
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+class CachedSearch:
+    """A `HierLoc` model's `search_points` for the fits, which re-run the search on the same points at dozens of
+    temperatures: the flat search's distance matrices of each chunk of ``points`` (N, D) are computed once (keyed
+    by the chunk's address in ``points``; any other tensor goes to the model unchanged)."""
+
+    def __init__(self, model, points: torch.Tensor):
+        self._predictor = model
+        self.device = model.device
+        self.gazetteer = model.gazetteer
+        self.points = points.to(model.device)
+        self._distances: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self._predictor, name)
+
+    def search_points(self, points: torch.Tensor, beam=None, top_k: int = 5, flat: bool = False, temperatures=None,
+                      coverage=None, novelty=None):
+        mine = points.device == self.points.device and \
+            points.untyped_storage().data_ptr() == self.points.untyped_storage().data_ptr()
+        if not (flat and mine and temperatures is not None):
+            return self._predictor.search_points(points, beam=beam, top_k=top_k, flat=flat, temperatures=temperatures,
+                                                 coverage=coverage, novelty=novelty)
+        key = (points.data_ptr(), tuple(points.shape))
+        if key not in self._distances:
+            self._distances[key] = self._predictor.model.level_sqdists(points, self._predictor.entity_points())
+        model = self._predictor.model
+        return flat_search(self._distances[key], model.entity_parents, model.level_offsets, self._predictor.tau,
+                           top_k=top_k, temperatures=temperatures, coverage=coverage)
+
+
+def entry_statistics(sets: list, true_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the truth enters each full prediction set (coverage 1): per row and level, the mass of the
+    candidates at least as probable as the true entity (its own included) and its rank (1 = the answer).
+    sets: N x 4 (ids, probs) best first; true_paths (N, 4). Returns mass (N, 4) and rank (N, 4) float64, inf where
+    the true entity is not among the candidates, NaN where the truth has no entity at that level."""
+    n = len(sets)
+    mass = np.full((n, N_LEVELS), np.inf)
+    rank = np.full((n, N_LEVELS), np.inf)
+    for row in range(n):
+        for level in range(N_LEVELS):
+            truth = int(true_paths[row, level])
+            if truth < 0:
+                mass[row, level] = rank[row, level] = np.nan
+                continue
+            ids, probs = sets[row][level]
+            where = np.flatnonzero(ids == truth)
+            if where.size:
+                position = int(where[0])
+                mass[row, level] = float(probs[:position + 1].sum())
+                rank[row, level] = position + 1
+    return mass, rank
+
+
+def smallest_k(rank: np.ndarray, coverage: float) -> int:
+    """(N,) ranks of the truth (inf: absent) -> the smallest k whose top-k sets cover a fraction >= coverage
+    of the rows (the largest finite rank + 1 when no k does)."""
+    finite = np.sort(rank[np.isfinite(rank)])
+    need = math.ceil(coverage * len(rank))
+    if need <= len(finite) and need > 0:
+        return int(finite[need - 1])
+    return int(finite[-1]) + 1 if len(finite) else 1
+
+
+def search_full(model, points: torch.Tensor, beam: int | None, flat: bool, chunk: int = 512
+                ) -> tuple[np.ndarray, np.ndarray, list]:
+    """The model's own answers on (N, D) points: best paths (N, 4), their uncalibrated level probabilities q (N, 4)
+    (0 where not answered) and every level's full candidate list (N x 4 (ids, q), best first)."""
+    paths = np.full((len(points), N_LEVELS), -1, dtype=np.int64)
+    q = np.zeros((len(points), N_LEVELS))
+    sets: list = []
+    for start in range(0, len(points), chunk):   # the chunks of `search_outcomes`: CachedSearch reuses them
+        result = model.search_points(points[start:start + chunk].to(model.device), beam=beam, top_k=1, flat=flat,
+                                     temperatures=[1.0] * N_LEVELS, coverage=1.0)
+        paths[start:start + chunk] = result.paths[:, 0].cpu().numpy()
+        q[start:start + chunk] = result.level_probs[:, 0].cpu().double().numpy()
+        sets += result.sets
+    return paths, np.where(paths >= 0, q, 0.0), sets
+
+
+def calibrated_sets(full_sets: list, paths: np.ndarray, p_answer: np.ndarray, coverage,
+                    rest_t: np.ndarray | None = None) -> list:
+    """Full candidate lists (N x 4 (ids, q)), best paths (N, 4), the answers' calibrated probabilities (N, 4) and
+    the remainder temperatures (N, 4) (None: 1) -> N x 4 (ids, calibrated probs) prediction sets cut at
+    ``coverage`` (one value or one per level; 1.0 keeps every candidate)."""
+    cover = [float(coverage)] * N_LEVELS if np.ndim(coverage) == 0 else [float(c) for c in coverage]
+    rest_t = np.ones(p_answer.shape) if rest_t is None else rest_t
+    return [[cut_at(*calibrated_members(ids, q, int(paths[row, level]), float(p_answer[row, level]),
+                                        float(rest_t[row, level])), cover[level])
+             for level, (ids, q) in enumerate(levels)] for row, levels in enumerate(full_sets)]
+
+
+def calibrate_result(fitted: SearchCalibration, result, features: np.ndarray, coverage=None) -> None:
+    """Replace a `SearchResult`'s uncalibrated level probabilities (B, K, 4) by the calibrated ones, in place:
+    the answer's by `SearchCalibration.answer_probs`, any other entity's by its share of the rest; with a coverage,
+    cut the full candidate lists of ``result.sets`` into calibrated prediction sets; set radius90_km (B,)."""
+    paths = result.paths.cpu().numpy()
+    q = result.level_probs.cpu().double().numpy()
+    answered = paths[:, 0] >= 0
+    p_answer = np.where(answered, fitted.answer_probs(np.where(answered, q[:, 0], 0.0), features), 0.0)
+    is_answer = paths == paths[:, :1]
+    rest = (1.0 - p_answer[:, None]) * q / np.maximum(1.0 - q[:, :1], 1e-12)
+    probs = np.where(paths >= 0, np.where(is_answer, p_answer[:, None], np.minimum(rest, 1.0)), 0.0)
+    result.level_probs = torch.as_tensor(probs, dtype=result.level_probs.dtype, device=result.level_probs.device)
+    if coverage is not None and result.sets is not None:
+        result.sets = calibrated_sets(result.sets, paths[:, 0], p_answer, coverage,
+                                      fitted.rest_temperatures(features, p_answer))
+    result.radius90_km = fitted.radius(features, p_answer)
+
+
+def fit_search(model, points: torch.Tensor, true_paths: np.ndarray, true_lat: np.ndarray, true_lon: np.ndarray,
+               features: np.ndarray, fit_rows: np.ndarray, beam: int | None, flat: bool,
+               coverage: float = RADIUS_QUANTILE) -> SearchCalibration:
+    """Fit one search's `SearchCalibration` on calibration points (N, D) with true paths (N, 4) and true
+    coordinates (N,), standardised features (N, 3); the radius regression on ``fit_rows``, its conformal offset on
+    the others."""
+    from gazetteer.geo import haversine_km
+    from hierloc.inference.calibration import level_outcomes
+
+    paths, q, full = search_full(model, points, beam, flat)
+    _, correct, valid = level_outcomes(paths, q, true_paths)
+    levels, parent = [], np.zeros(len(points))
+    for lv in range(N_LEVELS):
+        z = level_features(features, parent, lv)
+        keep = valid[:, lv]
+        levels.append(LevelCalibrator.fit(q[keep, lv], correct[keep, lv], z[keep]) if keep.any()
+                      else LevelCalibrator.identity())
+        parent = _logit(levels[-1](q[:, lv], z))
+    fitted = SearchCalibration(levels, RadiusModel([0.0] * (1 + N_FEATURES + N_LEVELS), [0.0]))
+    p_answer = np.where(paths >= 0, fitted.answer_probs(q, features), 0.0)
+    fitted.rest = [fit_rest_temperature(full, paths, true_paths, lv, features, p_answer) for lv in range(N_LEVELS)]
+    gaz = model.gazetteer
+    deepest = paths.max(axis=1)
+    error_km = np.asarray(haversine_km(np.asarray(gaz.lat_deg)[deepest], np.asarray(gaz.lon_deg)[deepest],
+                                       true_lat, true_lon), dtype=np.float64)
+    fitted.radius = RadiusModel.fit(features, p_answer, error_km, fit_rows, coverage)
+    mass, rank = entry_statistics(calibrated_sets(full, paths, p_answer, 1.0,
+                                                  fitted.rest_temperatures(features, p_answer)), true_paths)
+    for level in range(N_LEVELS):
+        known = ~np.isnan(mass[:, level])
+        if known.any():
+            fitted.conformal_mass[level] = min(1.0, conformal_quantile(mass[known, level], coverage))
+            fitted.top_k[level] = smallest_k(rank[known, level], coverage)
+    fitted.fixed_radius_km = float(np.quantile(error_km, coverage))
+    return fitted
+
+
+def fit_familiarity(model, points: torch.Tensor, features: np.ndarray, true_paths: np.ndarray,
+                    true_lat: np.ndarray, true_lon: np.ndarray, train_points: torch.Tensor,
+                    train_features: np.ndarray, beam: int | None = None, flat: bool = True,
+                    seed: int = 0) -> FamiliarityCalibration:
+    """The whole calibration of a `HierLoc` model (or a `CachedSearch` of it on ``points``): both novelties from
+    its training images' points (M, D) and backbone features (M, F), then per search (`fit_search`) on the
+    calibration images' points (N, D) and features (N, F), split in two halves by a seeded permutation."""
+    c = float(model.cfg.model.curvature) if model.model.is_hyperbolic else None
+    entities = model.entity_points()
+    searcher = model if isinstance(model, CachedSearch) else CachedSearch(model, points)
+    signals = point_signals(searcher.points, entities, c)
+    calibration = FamiliarityCalibration(Novelty.fit(point_signals(train_points, entities, c)),
+                                         FeatureNovelty.fit(train_features), [0.0] * N_FEATURES,
+                                         [1.0] * N_FEATURES, {})
+    raw = calibration.raw_features(signals, calibration.feature_novelty(features))
+    std = raw.std(axis=0)
+    calibration.feature_mean, calibration.feature_std = raw.mean(axis=0).tolist(), np.where(std > 0, std, 1.0).tolist()
+    z = calibration.features(signals, calibration.feature_novelty(features))
+    fit_rows = np.zeros(len(signals), dtype=bool)
+    fit_rows[np.random.default_rng(seed).permutation(len(signals))[:len(signals) // 2]] = True
+    for name, is_flat in (("beam", False), ("flat", True))[:2 if flat else 1]:
+        calibration.searches[name] = fit_search(searcher, searcher.points, true_paths, true_lat, true_lon, z,
+                                                fit_rows, beam, is_flat)
+    return calibration
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _set_metrics(prefix: str, sets: list, true_paths: np.ndarray) -> dict[str, float]:
+    """<prefix>coverage_<level>, <prefix>size_<level>: the share of rows (with a true entity) whose set holds it,
+    and the mean set size."""
+    from gazetteer.schema import LEVELS
+
+    out = {}
+    for level, name in enumerate(LEVELS):
+        rows = np.flatnonzero(true_paths[:, level] >= 0)
+        hits = [bool((sets[r][level][0] == true_paths[r, level]).any()) for r in rows]
+        out[f"{prefix}coverage_{name}"] = float(np.mean(hits)) if len(rows) else math.nan
+        out[f"{prefix}size_{name}"] = float(np.mean([len(sets[r][level][0]) for r in rows])) if len(rows) else math.nan
+    return out
+
+
+def sets_and_radius_summary(model, points: torch.Tensor, true_paths: np.ndarray, true_lat: np.ndarray,
+                            true_lon: np.ndarray, beam: int | None = None, flat: bool = False,
+                            coverage: float = RADIUS_QUANTILE, novelty: np.ndarray | None = None
+                            ) -> dict[str, float]:
+    """What a user acts on, measured on labelled points (N, D) (keys in docs/calibration.md):
+
+    set_coverage_<level>, set_size_<level>: the ``coverage`` prediction sets of the reported probabilities;
+    mean_prob_<level>: the mean reported probability of the answer; with a familiarity calibration also
+    radius90_coverage, radius90_median_km, and the references fitted beside it: conformal_set_*, topk_set_*
+    (fixed k per level), fixed_radius_coverage / fixed_radius_km, ece_temperature_<level> (the ECE with one
+    temperature per level).
+    """
+    from gazetteer.geo import haversine_km
+    from gazetteer.schema import LEVELS
+    from hierloc.inference.calibration import expected_calibration_error, level_outcomes
+
+    fitted = model.search_calibration(flat)
+    paths, q, full = search_full(model, points, beam, flat)
+    if fitted is None:   # the reported probabilities are the model's (at its temperatures, if any)
+        temperatures = model.report_temperatures(flat)
+        if temperatures is not None:
+            _, q, full = search_full(_AtTemperatures(model, temperatures), points, beam, flat)
+        p_answer = q
+    else:
+        z = model.familiarity_features(points, novelty)
+        p_answer = np.where(paths >= 0, fitted.answer_probs(q, z), 0.0)
+    ranked = calibrated_sets(full, paths, p_answer, 1.0,
+                             None if fitted is None else fitted.rest_temperatures(z, p_answer))
+    out = _set_metrics("set_", [[cut_at(ids, p, coverage) for ids, p in row] for row in ranked], true_paths)
+    for level, name in enumerate(LEVELS):
+        answered = paths[:, level] >= 0
+        out[f"mean_prob_{name}"] = float(p_answer[answered, level].mean()) if answered.any() else math.nan
+    if fitted is None:
+        return out
+    gaz = model.gazetteer
+    deepest = paths.max(axis=1)
+    error_km = np.asarray(haversine_km(np.asarray(gaz.lat_deg)[deepest], np.asarray(gaz.lon_deg)[deepest],
+                                       true_lat, true_lon), dtype=np.float64)
+    radius = fitted.radius(z, p_answer)
+    out["radius90_coverage"] = float(np.mean(error_km <= radius))
+    out["radius90_median_km"] = float(np.median(radius))
+    out.update(_set_metrics("conformal_set_", [[cut_at(ids, p, fitted.conformal_mass[lv])
+                                                for lv, (ids, p) in enumerate(row)] for row in ranked], true_paths))
+    out.update(_set_metrics("topk_set_", [[(ids[:fitted.top_k[lv]], p[:fitted.top_k[lv]])
+                                           for lv, (ids, p) in enumerate(row)] for row in ranked], true_paths))
+    out["fixed_radius_coverage"] = float(np.mean(error_km <= fitted.fixed_radius_km))
+    out["fixed_radius_km"] = float(fitted.fixed_radius_km)
+    temperatures = model.report_temperatures(flat)
+    if temperatures is not None:
+        _, t_q, _ = search_full(_AtTemperatures(model, temperatures), points, beam, flat)
+        confidence, correct, valid = level_outcomes(paths, t_q, true_paths)
+        for level, name in enumerate(LEVELS):
+            out[f"ece_temperature_{name}"] = expected_calibration_error(confidence[:, level], correct[:, level],
+                                                                        valid[:, level])
+    return out
+
+
+class _AtTemperatures:
+    """A model whose searches report at fixed per-level temperatures (the one-temperature reference)."""
+
+    def __init__(self, model, temperatures):
+        self._model, self._temperatures = model, temperatures
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def search_points(self, points, beam=None, top_k=5, flat=False, temperatures=None, coverage=None, novelty=None):
+        return self._model.search_points(points, beam=beam, top_k=top_k, flat=flat,
+                                         temperatures=self._temperatures, coverage=coverage)
