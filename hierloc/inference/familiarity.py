@@ -42,9 +42,11 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from gazetteer.schema import N_LEVELS
+from gazetteer.geo import haversine_km
+from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.errors import InputError
 from hierloc.geometry import hyperbolic
+from hierloc.inference.calibration import expected_calibration_error, level_outcomes
 from hierloc.inference.search import flat_search
 
 SIGNALS = ("radius", "nearest", "novelty", "feature_novelty")
@@ -578,9 +580,6 @@ def fit_search(model, points: torch.Tensor, true_paths: np.ndarray, true_lat: np
     """Fit one search's `SearchCalibration` on calibration points (N, D) with true paths (N, 4) and true
     coordinates (N,), standardised features (N, 3); the radius regression on ``fit_rows``, its conformal offset on
     the others."""
-    from gazetteer.geo import haversine_km
-    from hierloc.inference.calibration import level_outcomes
-
     paths, q, full = search_full(model, points, beam, flat)
     _, correct, valid = level_outcomes(paths, q, true_paths)
     levels, parent = [], np.zeros(len(points))
@@ -639,8 +638,6 @@ def fit_familiarity(model, points: torch.Tensor, features: np.ndarray, true_path
 def _set_metrics(prefix: str, sets: list, true_paths: np.ndarray) -> dict[str, float]:
     """<prefix>coverage_<level>, <prefix>size_<level>: the share of rows (with a true entity) whose set holds it,
     and the mean set size."""
-    from gazetteer.schema import LEVELS
-
     out = {}
     for level, name in enumerate(LEVELS):
         rows = np.flatnonzero(true_paths[:, level] >= 0)
@@ -662,10 +659,6 @@ def sets_and_radius_summary(model, points: torch.Tensor, true_paths: np.ndarray,
     (fixed k per level), fixed_radius_coverage / fixed_radius_km, ece_temperature_<level> (the ECE with one
     temperature per level).
     """
-    from gazetteer.geo import haversine_km
-    from gazetteer.schema import LEVELS
-    from hierloc.inference.calibration import expected_calibration_error, level_outcomes
-
     fitted = model.search_calibration(flat)
     paths, q, full = search_full(model, points, beam, flat)
     if fitted is None:   # the reported probabilities are the model's (at its temperatures, if any)

@@ -246,13 +246,18 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
 
 
 def _window_points(e, countries: list, truth) -> tuple[list[float], list[float]]:
-    """(lats, lons) the map window must hold: the answer, the alternatives, the truth and the country candidates
-    that matter (p >= 0.1 and at least a quarter of the chosen one's); smaller discs may fall outside it."""
+    """(lats, lons) the map window must hold: the answer, the alternatives, the truth, the country candidates
+    that matter (p >= 0.1 and at least a quarter of the chosen one's; smaller discs may fall outside it) and the
+    90 % error circle when it is at most RADIUS_IN_WINDOW_KM."""
     shown = [c for c in countries if c.probability >= max(0.1, 0.25 * countries[0].probability)] if countries else []
     lats = [e.lat_deg] + [c.lat_deg for c in shown] + [a["lat_deg"] for a in e.alternatives[:4]] + \
         ([truth[0]] if truth else [])
     lons = [e.lon_deg] + [c.lon_deg for c in shown] + [a["lon_deg"] for a in e.alternatives[:4]] + \
         ([truth[1]] if truth else [])
+    radius = getattr(e, "radius90_km", None)
+    if radius is not None and radius <= RADIUS_IN_WINDOW_KM and e.levels:
+        circle_lat, circle_lon = destination_deg(e.lat_deg, e.lon_deg, np.arange(0.0, 360.0, 45.0), radius)
+        lats, lons = lats + circle_lat.tolist(), lons + circle_lon.tolist()
     return lats, lons
 
 
@@ -268,9 +273,13 @@ def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, fo
         _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
 
 
+RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
+
+
 def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int, s: int, font) -> None:
     """The 90 % error radius: the geodesic circle around the answer (dashed outline, faint inside when it is
-    drawn whole), labelled at its northernmost point. Segments that cross the map's seam are not drawn."""
+    drawn whole), labelled at its northernmost point when that is on the map (the header always states the
+    radius). Segments that cross the map's seam are not drawn."""
     lats, lons = destination_deg(lat, lon, np.arange(0.0, 361.0, 2.0), radius_km)
     points = [xy(a, b) for a, b in zip(lats.tolist(), lons.tolist())]
     jumps = [abs(points[i + 1][0] - points[i][0]) > width / 2 for i in range(len(points) - 1)]
@@ -280,7 +289,9 @@ def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int,
         if not jump and i % 2 == 0:
             draw.line([points[i], points[i + 1]], fill=PIN_COLOUR + (200,), width=2 * s)
     top = min(points, key=lambda p: p[1])
-    _label(draw, (top[0] + 4 * s, top[1] + 8 * s), f"90 %: {radius_km:,.0f} km", font, s, fill=(120, 0, 0))
+    height = draw.im.size[1]
+    if 0 <= top[0] <= width and 0 <= top[1] <= height - 20 * s:   # else the header says it (the circle is
+        _label(draw, (top[0] + 4 * s, top[1] + 8 * s), f"90 %: {radius_km:,.0f} km", font, s, fill=(120, 0, 0))
 
 
 def _draw_alternatives(draw, alternatives: list, xy, s: int, font) -> None:
@@ -348,7 +359,9 @@ def _draw_header(head, e, truth, s: int, fonts: tuple) -> None:
     small, medium, large = fonts
     answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
     head.text((10 * s, 8 * s), f"{Path(str(e.source)).name}:  {answer}", fill=(10, 10, 10), font=large)
+    radius = getattr(e, "radius90_km", None)
     head.text((10 * s, 34 * s), f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
+              + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
               + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""), fill=(40, 40, 40), font=medium)
     head.text((10 * s, 56 * s), _ellipsis(provenance_line(e.model), 170), fill=(90, 90, 90), font=small)
 
