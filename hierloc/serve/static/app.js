@@ -59,6 +59,14 @@ function showExplanation(e) {
   const alternatives = $("alternatives");
   alternatives.replaceChildren();
   for (const a of e.alternatives) alternatives.append(text("li", a.names.join(" › ")));
+  const radius = $("radius");
+  if (e.radius90_km !== null && e.radius90_km !== undefined) {
+    radius.textContent = `Within ${Math.round(e.radius90_km).toLocaleString("en")} km of the answer's point with ` +
+      "90 % probability (the dashed circle on the map)";
+    radius.hidden = false;
+  } else {
+    radius.hidden = true;
+  }
   const exif = $("exif");
   if (e.gps_lat_deg !== null && e.gps_lat_deg !== undefined) {
     exif.textContent = `Position stored in the photo (EXIF GPS): ${e.gps_lat_deg.toFixed(4)}, ` +
