@@ -299,3 +299,16 @@ def test_calibrate_without_a_reachable_training_csv_says_what_to_pass(tiny_model
                  "--workers", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--train-csv" in err and "gone.csv" in err and not (moved / modeldir.CALIBRATION_NAME).exists()
+
+
+def test_unlike_share_sets_how_many_degraded_copies_join_the_fit(tiny_model_dir, tiny_demo_dir, tmp_path, capsys):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    args = ["-q", "calibrate", "--model", str(out), "--csv", str(tiny_demo_dir / "val.csv"), "--workers", "0",
+            "--no-progress", "--train-sample", "50"]
+    assert main([*args, "--unlike-share", "1.5"]) == 2
+    assert "--unlike-share" in capsys.readouterr().err
+    assert main([*args, "--unlike-share", "0"]) == 0
+    assert modeldir.read_calibration(out).n_unlike == 0
+    assert main([*args, "--unlike-share", "1"]) == 0
+    assert modeldir.read_calibration(out).n_unlike == 20

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--train-csv", default=None,
                    help="the model's training CSV (default: the one its training summary records)")
     p.add_argument("--train-sample", type=int, default=2000, help="training images sampled to measure familiarity")
+    p.add_argument("--unlike-share", type=float, default=0.5,
+                   help="degraded copies of this share of the calibration images join the fit (0: none)")
     p.add_argument("--temperatures-only", action="store_true",
                    help="one temperature per level, not conditioned on familiarity (no sets reference, no radius)")
     p.add_argument("--image-root", default=None, help="directory image paths are relative to (default: the CSV's)")
@@ -63,11 +65,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--beam and --batch-size must be >= 1 and --workers >= 0")
     if args.train_sample < 3:
         raise InputError(f"--train-sample {args.train_sample}: expected an integer >= 3")
+    if not 0.0 <= args.unlike_share <= 1.0:
+        raise InputError(f"--unlike-share {args.unlike_share}: expected a share in [0, 1]")
     train_csv = None if args.temperatures_only else (args.train_csv or _recorded_training_csv(args.model))
     fitted = HierLoc.calibrate_model_dir(args.model, args.csv, device=args.device, image_root=args.image_root,
                                          beam=args.beam, flat=not args.no_flat, batch_size=args.batch_size,
                                          num_workers=args.workers, progress=not args.no_progress,
-                                         on_bad=args.on_bad, train_csv=train_csv, train_sample=args.train_sample)
+                                         on_bad=args.on_bad, train_csv=train_csv, train_sample=args.train_sample,
+                                         unlike_share=args.unlike_share)
     print(f"calibrated on {fitted.n} images of {', '.join(args.csv)} (beam {fitted.beam})")
     print(f"  {'search':<8}{'level':<11}{'temperature':>12}{'ECE before':>12}{'ECE after':>11}")
     searches = [("beam", fitted.temperatures, fitted.ece_before, fitted.ece_after)]

@@ -112,7 +112,8 @@ class HierLoc:
                             image_root: str | None = None, beam: int | None = None, flat: bool = True,
                             batch_size: int = 64, num_workers: int = 0, progress: bool = False,
                             on_bad: str = "error", train_csv: str | Path | None = None,
-                            train_sample: int = 2000) -> modeldir.Calibration:
+                            train_sample: int = 2000, unlike_share: float = evaluate.UNLIKE_SHARE
+                            ) -> modeldir.Calibration:
         """`hierloc calibrate`: fit the model directory's calibration on labelled CSVs (`calibrate`) and write it
         to its calibration.json (atomically), tied to its weights. Returns the calibration. Also what
         `hierloc train --val-csv` runs on the model it has just written (temperatures only)."""
@@ -121,7 +122,7 @@ class HierLoc:
                     device=parts.device, source=parts.source)
         result = model.calibrate(csv_path, image_root=image_root, beam=beam, flat=flat, batch_size=batch_size,
                                  num_workers=num_workers, progress=progress, on_bad=on_bad, train_csv=train_csv,
-                                 train_sample=train_sample)
+                                 train_sample=train_sample, unlike_share=unlike_share)
         result.weights_sha256 = modeldir.weights_digest(model_dir)
         modeldir.write_calibration(model_dir, result)
         return result
@@ -129,26 +130,29 @@ class HierLoc:
     def calibrate(self, csv_path, image_root: str | None = None, beam: int | None = None,
                   flat: bool = True, batch_size: int = 64, num_workers: int = 0, progress: bool = False,
                   on_bad: str = "error", train_csv: str | Path | None = None,
-                  train_sample: int = 2000) -> modeldir.Calibration:
+                  train_sample: int = 2000, unlike_share: float = evaluate.UNLIKE_SHARE) -> modeldir.Calibration:
         """Fit the calibration of the reported probabilities on labelled CSVs (one path or a list: validation
         splits, never the test set) and use it from now on (`evaluate.calibrate_table`; `save_pretrained` keeps
         it). beam: the beam width fitted for (default: the model's); flat: also fit the flat search's. train_csv:
         the training CSV, of which ``train_sample`` rows (a seeded draw) tell what a familiar image looks like:
         with it, the calibration is conditioned on familiarity and adds prediction sets and an error radius
-        (docs/calibration.md); without it, one temperature per level."""
+        (docs/calibration.md), fitted with degraded copies of a share ``unlike_share`` of the calibration images;
+        without it, one temperature per level."""
         paths = [csv_path] if isinstance(csv_path, (str, os.PathLike)) else list(csv_path)
         table = [tables.read_image_table(path, image_root=image_root, on_bad=on_bad) for path in paths]
         train_table = None
         if train_csv is not None:
             if train_sample < 3:
                 raise InputError(f"train_sample {train_sample!r}: expected an integer >= 3")
+            if not 0.0 <= unlike_share <= 1.0:
+                raise InputError(f"unlike_share {unlike_share!r}: expected a share in [0, 1]")
             train_table = tables.read_image_table(train_csv, on_bad="skip")
             if len(train_table) > train_sample:
                 chosen = np.sort(np.random.default_rng(0).choice(len(train_table), train_sample, replace=False))
                 train_table = train_table.subset(chosen)
         self.calibration = evaluate.calibrate_table(self, table, beam=beam, flat=flat, batch_size=batch_size,
                                                     num_workers=num_workers, progress=progress,
-                                                    train_table=train_table)
+                                                    train_table=train_table, unlike_share=unlike_share)
         self.familiarity = (None if self.calibration.familiarity is None else
                             FamiliarityCalibration.from_dict(self.calibration.familiarity, "the fitted calibration"))
         self.calibrated = True
