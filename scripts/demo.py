@@ -18,6 +18,7 @@ Steps whose output already exists are reused (delete runs/ to start over).
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,15 @@ def step(title: str, argv: list[str]) -> None:
     print(f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
+def _calibrated_by_familiarity(model_dir: Path) -> bool:
+    """Whether the model directory's calibration.json holds a calibration by familiarity (`hierloc calibrate`'s
+    default; `train --val-csv` writes temperatures only)."""
+    try:
+        return bool(json.loads((model_dir / "calibration.json").read_text(encoding="utf-8")).get("familiarity"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main_demo() -> None:
     t0 = time.perf_counter()
     if not all((DATA / f"{split}.csv").is_file() for split in ("train", "val", "val_nearby", *SPLITS)):
@@ -61,7 +71,7 @@ def main_demo() -> None:
              ["train", "--csv", str(DATA / "train.csv"), "--gazetteer", str(GAZ), "--out", str(MODEL),
               "--overwrite", "--val-csv", str(DATA / "val.csv"), "model.backbone=efficientnet-lite0",
               "model.entity_image_features=none", "loss.geo_soft=0.3", f"train.epochs={EPOCHS}"])
-    if not (MODEL / "calibration.json").is_file() or "familiarity" not in (MODEL / "calibration.json").read_text():
+    if not _calibrated_by_familiarity(MODEL):
         step("4. calibrate by familiarity on val (held-out places) + val_nearby (familiar places)",
              ["calibrate", "--model", str(MODEL), "--csv", str(DATA / "val.csv"), "--csv",
               str(DATA / "val_nearby.csv"), "--no-progress"])
