@@ -456,6 +456,14 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{100.0 * value:5.1f}%"
 
 
+def _set_cell(summary: dict, prefix: str, level: str) -> str:
+    """"coverage, mean size" of one kind of prediction set at one level ("-" when no row has a true entity)."""
+    size = summary[f"{prefix}size_{level}"]
+    if not math.isfinite(size):
+        return "-"
+    return f"{_pct(summary[f'{prefix}coverage_{level}'])}, {size:.1f}"
+
+
 def format_table(summary: dict, title: str = "") -> str:
     """A human-readable table of a summary (what `hierloc eval` prints by default)."""
     lines = [title] if title else []
@@ -493,9 +501,8 @@ def format_table(summary: dict, title: str = "") -> str:
         lines.append(f"  {'level':<11}{'mean p':<10}{'90% sets: coverage, mean size':<32}"
                      + ("conformal reference" if "conformal_set_coverage_country" in summary else ""))
         for level in LEVELS:
-            sets = f"{_pct(summary[f'set_coverage_{level}'])}, {summary[f'set_size_{level}']:.1f}"
-            reference = (f"{_pct(summary[f'conformal_set_coverage_{level}'])}, "
-                         f"{summary[f'conformal_set_size_{level}']:.1f}"
+            sets = _set_cell(summary, "set_", level)
+            reference = (_set_cell(summary, "conformal_set_", level)
                          if f"conformal_set_coverage_{level}" in summary else "")
             mean_p = summary[f"mean_prob_{level}"]
             lines.append(f"  {level:<11}{'-' if not math.isfinite(mean_p) else f'{mean_p:.3f}':<10}{sets:<32}"
