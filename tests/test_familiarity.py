@@ -17,6 +17,7 @@ from gazetteer.geo import destination_deg, haversine_km
 from hierloc import HierLoc
 from hierloc.cli import main
 from hierloc.inference import familiarity as fam
+from hierloc.inference import familiarity_fit as fit
 from hierloc.inference import unlike
 from hierloc.inference.search import mass_sets
 from hierloc.model import modeldir
@@ -47,7 +48,7 @@ def test_level_calibrator_fit_matches_a_float64_reference_optimum():
     def loss(theta):
         slope = np.exp(theta[0] + z @ theta[1:1 + f])
         logits = slope * np.log(q / (1 - q)) + theta[1 + f] + z @ theta[2 + f:]
-        return np.mean(np.logaddexp(0, logits) - y * logits) + fam._L2 * np.sum(theta ** 2)
+        return np.mean(np.logaddexp(0, logits) - y * logits) + fam.RIDGE * np.sum(theta ** 2)
 
     reference = minimize(loss, np.zeros(2 + 2 * f), method="BFGS", options={"gtol": 1e-10}).x
     assert loss(np.array(fitted.params)) <= loss(reference) + 1e-7
@@ -90,8 +91,8 @@ def test_conformal_quantile_and_smallest_k():
     scores = np.arange(1, 20, dtype=float)                       # n = 19: ceil(20 * 0.9) = 18th smallest
     assert fam.conformal_quantile(scores, 0.9) == 18.0
     assert math.isinf(fam.conformal_quantile(np.arange(5.0), 0.9))   # too few scores for a finite guarantee
-    assert fam.smallest_k(np.array([1, 1, 2, 3, np.inf, 1, 1, 2, 1, 5.0]), 0.8) == 3
-    assert fam.smallest_k(np.array([1, np.inf, np.inf, np.inf]), 0.9) == 2
+    assert fit.smallest_k(np.array([1, 1, 2, 3, np.inf, 1, 1, 2, 1, 5.0]), 0.8) == 3
+    assert fit.smallest_k(np.array([1, np.inf, np.inf, np.inf]), 0.9) == 2
 
 
 def test_quantile_regression_is_the_exact_pinball_optimum():

@@ -44,7 +44,7 @@ from gazetteer.atomic import atomic_open, is_same_file
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.data.prediction import path_batches, with_progress
 from hierloc.errors import InputError
-from hierloc.inference import calibration, familiarity, metrics, unlike
+from hierloc.inference import calibration, familiarity_fit, metrics, unlike
 from hierloc.inference.answers import cut_paths
 from hierloc.model import modeldir
 
@@ -257,7 +257,7 @@ def evaluate_model(model, table, beam: int | None = None, flat: bool = False, mi
     scored = per_row["scored"]
     summary.update(calibration.calibration_summary(predictions["best_paths"][scored], predictions["probs"][scored],
                                                    per_row["true_paths"]))
-    summary.update(familiarity.sets_and_radius_summary(
+    summary.update(familiarity_fit.sets_and_radius_summary(
         model, predictions["points"][torch.from_numpy(scored)], per_row["true_paths"],
         np.asarray(table.lat_deg)[scored], np.asarray(table.lon_deg)[scored], beam=beam, flat=flat,
         novelty=predictions["novelty"][scored]))
@@ -280,7 +280,7 @@ def calibrate_table(model, table, beam: int | None = None, flat: bool = True, ba
     The images are embedded once. Always: one temperature per level for beam search (and, with ``flat``, the flat
     search), re-running the search at each trial temperature (`calibration.fit_search_temperatures`). With a
     ``train_table`` (a sample of the training images): also the calibration conditioned on familiarity, the
-    prediction-set references and the error radius (`familiarity.fit_familiarity`), which then replace the
+    prediction-set references and the error radius (`familiarity_fit.fit_familiarity`), which then replace the
     temperatures; that fit also sees degraded copies of a share ``unlike_share`` of the calibration images
     (`hierloc.inference.unlike`). A row counts at level l when its best path answers that level; it is correct when that entity
     is the true point's (`Gazetteer.locate`). Returns the `modeldir.Calibration` (weights_sha256 unset: the caller
@@ -309,7 +309,7 @@ def calibrate_table(model, table, beam: int | None = None, flat: bool = True, ba
     points = torch.cat([p[0] for p in parts])
     true_lat, true_lon = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
     true_paths = model.gazetteer.locate(true_lat, true_lon)
-    searcher = familiarity.CachedSearch(model, points)
+    searcher = familiarity_fit.CachedSearch(model, points)
     fits = {"": calibration.fit_search_temperatures(searcher, searcher.points, true_paths, beam=beam, flat=False)}
     if flat:
         fits["flat_"] = calibration.fit_search_temperatures(searcher, searcher.points, true_paths, flat=True)
@@ -331,7 +331,7 @@ def calibrate_table(model, table, beam: int | None = None, flat: bool = True, ba
         every = parts + unlike_parts
         n_unlike = sum(len(p[0]) for p in unlike_parts)
         all_lat, all_lon = np.concatenate([p[2] for p in every]), np.concatenate([p[3] for p in every])
-        fitted = familiarity.fit_familiarity(
+        fitted = familiarity_fit.fit_familiarity(
             model, torch.cat([p[0] for p in every]), torch.cat([p[1] for p in every]).double().numpy(),
             model.gazetteer.locate(all_lat, all_lon), all_lat, all_lon, train_points[torch.from_numpy(train_ok)],
             train_feats[torch.from_numpy(train_ok)].double().numpy(), beam=beam, flat=flat)

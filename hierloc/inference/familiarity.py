@@ -30,7 +30,8 @@ is:
   split-conformal correction measured on the other half: radius90_km = exp(q(x) + delta) - 1, at most half the
   Earth's circumference.
 
-Everything fitted is plain numbers (`FamiliarityCalibration.to_dict`), stored in calibration.json.
+Everything fitted is plain numbers (`FamiliarityCalibration.to_dict`), stored in calibration.json. The fitting
+and the measuring live in `hierloc.inference.familiarity_fit`.
 """
 
 from __future__ import annotations
@@ -42,12 +43,9 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from gazetteer.geo import haversine_km
-from gazetteer.schema import LEVELS, N_LEVELS
+from gazetteer.schema import N_LEVELS
 from hierloc.errors import InputError
 from hierloc.geometry import hyperbolic
-from hierloc.inference.calibration import expected_calibration_error, level_outcomes
-from hierloc.inference.search import flat_search
 
 SIGNALS = ("radius", "nearest", "novelty", "feature_novelty")
 N_FEATURES = len(SIGNALS)
@@ -56,7 +54,7 @@ RADIUS_BINS = 8                # Mondrian bins of the predicted radius, each wit
 NOVELTY_COMPONENTS = 32        # principal directions of the training images' backbone features kept by FeatureNovelty
 HALF_EARTH_KM = 20_015.1       # the largest distance on the sphere (R = 6371 km): a radius never needs more
 _PROB_FLOOR = 1e-6
-_L2 = 1e-3                     # ridge on the calibrators' parameters (keeps them finite on small or separable sets)
+RIDGE = 1e-3                   # ridge on the calibrators' parameters (keeps them finite on small or separable sets)
 
 
 # ------------------------------------------------------------------------------------------------- signals
@@ -135,7 +133,8 @@ class FeatureNovelty:
 
 
 # ---------------------------------------------------------------------------------------- the answer's p
-def _logit(p) -> np.ndarray:
+def logit(p) -> np.ndarray:
+    """log(p / (1 - p)), elementwise, p clipped to [1e-6, 1 - 1e-6] (NaN: the floor)."""
     p = np.clip(np.nan_to_num(np.asarray(p, dtype=np.float64), nan=_PROB_FLOOR), _PROB_FLOOR, 1 - _PROB_FLOOR)
     return np.log(p) - np.log1p(-p)
 
@@ -151,7 +150,7 @@ class LevelCalibrator:
         theta = np.asarray(self.params, dtype=np.float64)
         f = features.shape[1]
         slope = np.exp(np.clip(theta[0] + features @ theta[1:1 + f], -20.0, 20.0))
-        return expit(slope * _logit(q) + theta[1 + f] + features @ theta[2 + f:])
+        return expit(slope * logit(q) + theta[1 + f] + features @ theta[2 + f:])
 
     @classmethod
     def identity(cls, n_features: int = N_FEATURES + 1) -> "LevelCalibrator":
@@ -163,7 +162,7 @@ class LevelCalibrator:
         """Minimise the binary NLL (+ a small ridge) over (N,) model probabilities, (N,) correctness, (N, F)
         features, from the identity (alpha = 0, v = 0, b = 0, w = 0)."""
         z = torch.as_tensor(features, dtype=torch.float64)
-        x = torch.as_tensor(_logit(q))
+        x = torch.as_tensor(logit(q))
         y = torch.as_tensor(np.asarray(correct, dtype=np.float64))
         f = z.shape[1]
         theta = torch.zeros(2 + 2 * f, dtype=torch.float64, requires_grad=True)
@@ -173,7 +172,7 @@ class LevelCalibrator:
             optimiser.zero_grad()
             slope = torch.exp((theta[0] + z @ theta[1:1 + f]).clamp(-20.0, 20.0))
             logits = slope * x + theta[1 + f] + z @ theta[2 + f:]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + _L2 * (theta ** 2).sum()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + RIDGE * (theta ** 2).sum()
             loss.backward()
             return loss
 
@@ -213,7 +212,7 @@ def radius_design(features: np.ndarray, level_probs: np.ndarray) -> np.ndarray:
     """(N, F) features and (N, 4) the answer's calibrated probability per level (NaN/0: level not answered) ->
     (N, 1 + F + 4) design matrix [1, z, logit p_country .. logit p_city]."""
     n = features.shape[0]
-    return np.concatenate([np.ones((n, 1)), np.asarray(features, dtype=np.float64), _logit(level_probs)], axis=1)
+    return np.concatenate([np.ones((n, 1)), np.asarray(features, dtype=np.float64), logit(level_probs)], axis=1)
 
 
 def fit_quantile_regression(design: np.ndarray, target: np.ndarray, quantile: float) -> np.ndarray:
@@ -305,7 +304,7 @@ class SearchCalibration:
         parent = np.zeros(q.shape[0])
         for level in range(N_LEVELS):
             out[:, level] = self.levels[level](q[:, level], level_features(features, parent, level))
-            parent = _logit(out[:, level])
+            parent = logit(out[:, level])
         return out
 
     def rest_temperatures(self, features: np.ndarray, p_answer: np.ndarray) -> np.ndarray:
@@ -313,7 +312,7 @@ class SearchCalibration:
         rest = np.asarray(self.rest)
         out = np.ones(p_answer.shape)
         for level in range(N_LEVELS):
-            design = np.concatenate([np.ones((len(features), 1)), features, _logit(p_answer[:, level])[:, None]], 1)
+            design = np.concatenate([np.ones((len(features), 1)), features, logit(p_answer[:, level])[:, None]], 1)
             out[:, level] = np.exp(np.clip(design @ rest[level], math.log(1e-2), math.log(1e2)))
         return out
 
@@ -322,49 +321,6 @@ def level_features(features: np.ndarray, parent_logit: np.ndarray, level: int) -
     """(N, F) features and (N,) the level above's calibrated logit -> (N, F + 1) (the extra column 0 at level 0)."""
     extra = np.zeros(len(features)) if level == 0 else parent_logit
     return np.concatenate([features, extra[:, None]], axis=1)
-
-
-def fit_rest_temperature(full_sets: list, paths: np.ndarray, true_paths: np.ndarray, level: int,
-                         features: np.ndarray, p_answer: np.ndarray, top: int = 512) -> list[float]:
-    """Fit log T = c . [1, z, logit p] of the other candidates' shares at one level by the NLL of the true entity
-    among them, on the rows whose answer is wrong and whose truth is among the ``top`` best candidates."""
-    rows, logq, truth_at = [], [], []
-    for row, levels in enumerate(full_sets):
-        truth, answer = int(true_paths[row, level]), int(paths[row, level])
-        if truth < 0 or truth == answer:
-            continue
-        ids, q = levels[level]
-        keep = ids != answer
-        ids, q = ids[keep][:top], q[keep][:top]
-        where = np.flatnonzero(ids == truth)
-        if not where.size or (q <= 0).all():
-            continue
-        padded = np.full(top, -1e30)   # finite: -inf would make the gradient NaN
-        padded[:len(q)] = np.log(np.maximum(q, 1e-300))
-        rows.append(row)
-        logq.append(padded)
-        truth_at.append(int(where[0]))
-    width = 2 + features.shape[1]
-    if len(rows) < 10:
-        return [0.0] * width
-    design = torch.as_tensor(np.concatenate([np.ones((len(rows), 1)), features[rows],
-                                             _logit(p_answer[rows, level])[:, None]], 1))
-    logq_t = torch.as_tensor(np.stack(logq))
-    truth_t = torch.as_tensor(truth_at)
-    theta = torch.zeros(width, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        inverse_t = torch.exp(-(design @ theta).clamp(math.log(1e-2), math.log(1e2)))
-        scaled = logq_t * inverse_t[:, None]
-        nll = -(scaled.gather(1, truth_t[:, None])[:, 0] - torch.logsumexp(scaled, dim=1)).mean()
-        loss = nll + _L2 * (theta ** 2).sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return [float(v) for v in theta.detach()]
 
 
 @dataclass
@@ -464,86 +420,7 @@ class FamiliarityCalibration:
                    std.tolist(), searches)
 
 
-# ------------------------------------------------------------------------------------------------ fitting
-class CachedSearch:
-    """A `HierLoc` model's `search_points` for the fits, which re-run the search on the same points at dozens of
-    temperatures: the flat search's distance matrices of each chunk of ``points`` (N, D) are computed once (keyed
-    by the chunk's address in ``points``; any other tensor goes to the model unchanged)."""
-
-    def __init__(self, model, points: torch.Tensor):
-        self._predictor = model
-        self.device = model.device
-        self.gazetteer = model.gazetteer
-        self.points = points.to(model.device)
-        self._distances: dict = {}
-
-    def __getattr__(self, name):
-        return getattr(self._predictor, name)
-
-    def search_points(self, points: torch.Tensor, beam=None, top_k: int = 5, flat: bool = False, temperatures=None,
-                      coverage=None, novelty=None):
-        mine = points.device == self.points.device and \
-            points.untyped_storage().data_ptr() == self.points.untyped_storage().data_ptr()
-        if not (flat and mine and temperatures is not None):
-            return self._predictor.search_points(points, beam=beam, top_k=top_k, flat=flat, temperatures=temperatures,
-                                                 coverage=coverage, novelty=novelty)
-        key = (points.data_ptr(), tuple(points.shape))
-        if key not in self._distances:
-            self._distances[key] = self._predictor.model.level_sqdists(points, self._predictor.entity_points())
-        model = self._predictor.model
-        return flat_search(self._distances[key], model.entity_parents, model.level_offsets, self._predictor.tau,
-                           top_k=top_k, temperatures=temperatures, coverage=coverage)
-
-
-def entry_statistics(sets: list, true_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where the truth enters each full prediction set (coverage 1): per row and level, the mass of the
-    candidates at least as probable as the true entity (its own included) and its rank (1 = the answer).
-    sets: N x 4 (ids, probs) best first; true_paths (N, 4). Returns mass (N, 4) and rank (N, 4) float64, inf where
-    the true entity is not among the candidates, NaN where the truth has no entity at that level."""
-    n = len(sets)
-    mass = np.full((n, N_LEVELS), np.inf)
-    rank = np.full((n, N_LEVELS), np.inf)
-    for row in range(n):
-        for level in range(N_LEVELS):
-            truth = int(true_paths[row, level])
-            if truth < 0:
-                mass[row, level] = rank[row, level] = np.nan
-                continue
-            ids, probs = sets[row][level]
-            where = np.flatnonzero(ids == truth)
-            if where.size:
-                position = int(where[0])
-                mass[row, level] = float(probs[:position + 1].sum())
-                rank[row, level] = position + 1
-    return mass, rank
-
-
-def smallest_k(rank: np.ndarray, coverage: float) -> int:
-    """(N,) ranks of the truth (inf: absent) -> the smallest k whose top-k sets cover a fraction >= coverage
-    of the rows (the largest finite rank + 1 when no k does)."""
-    finite = np.sort(rank[np.isfinite(rank)])
-    need = math.ceil(coverage * len(rank))
-    if need <= len(finite) and need > 0:
-        return int(finite[need - 1])
-    return int(finite[-1]) + 1 if len(finite) else 1
-
-
-def search_full(model, points: torch.Tensor, beam: int | None, flat: bool, chunk: int = 512
-                ) -> tuple[np.ndarray, np.ndarray, list]:
-    """The model's own answers on (N, D) points: best paths (N, 4), their uncalibrated level probabilities q (N, 4)
-    (0 where not answered) and every level's full candidate list (N x 4 (ids, q), best first)."""
-    paths = np.full((len(points), N_LEVELS), -1, dtype=np.int64)
-    q = np.zeros((len(points), N_LEVELS))
-    sets: list = []
-    for start in range(0, len(points), chunk):   # the chunks of `search_outcomes`: CachedSearch reuses them
-        result = model.search_points(points[start:start + chunk].to(model.device), beam=beam, top_k=1, flat=flat,
-                                     temperatures=[1.0] * N_LEVELS, coverage=1.0)
-        paths[start:start + chunk] = result.paths[:, 0].cpu().numpy()
-        q[start:start + chunk] = result.level_probs[:, 0].cpu().double().numpy()
-        sets += result.sets
-    return paths, np.where(paths >= 0, q, 0.0), sets
-
-
+# --------------------------------------------------------------------------------------------- applying
 def calibrated_sets(full_sets: list, paths: np.ndarray, p_answer: np.ndarray, coverage,
                     rest_t: np.ndarray | None = None) -> list:
     """Full candidate lists (N x 4 (ids, q)), best paths (N, 4), the answers' calibrated probabilities (N, 4) and
@@ -572,143 +449,3 @@ def calibrate_result(fitted: SearchCalibration, result, features: np.ndarray, co
         result.sets = calibrated_sets(result.sets, paths[:, 0], p_answer, coverage,
                                       fitted.rest_temperatures(features, p_answer))
     result.radius90_km = fitted.radius(features, p_answer)
-
-
-def fit_search(model, points: torch.Tensor, true_paths: np.ndarray, true_lat: np.ndarray, true_lon: np.ndarray,
-               features: np.ndarray, fit_rows: np.ndarray, beam: int | None, flat: bool,
-               coverage: float = RADIUS_QUANTILE) -> SearchCalibration:
-    """Fit one search's `SearchCalibration` on calibration points (N, D) with true paths (N, 4) and true
-    coordinates (N,), standardised features (N, 3); the radius regression on ``fit_rows``, its conformal offset on
-    the others."""
-    paths, q, full = search_full(model, points, beam, flat)
-    _, correct, valid = level_outcomes(paths, q, true_paths)
-    levels, parent = [], np.zeros(len(points))
-    for lv in range(N_LEVELS):
-        z = level_features(features, parent, lv)
-        keep = valid[:, lv]
-        levels.append(LevelCalibrator.fit(q[keep, lv], correct[keep, lv], z[keep]) if keep.any()
-                      else LevelCalibrator.identity())
-        parent = _logit(levels[-1](q[:, lv], z))
-    fitted = SearchCalibration(levels, RadiusModel([0.0] * (1 + N_FEATURES + N_LEVELS), [0.0]))
-    p_answer = np.where(paths >= 0, fitted.answer_probs(q, features), 0.0)
-    fitted.rest = [fit_rest_temperature(full, paths, true_paths, lv, features, p_answer) for lv in range(N_LEVELS)]
-    gaz = model.gazetteer
-    deepest = paths.max(axis=1)
-    error_km = np.asarray(haversine_km(np.asarray(gaz.lat_deg)[deepest], np.asarray(gaz.lon_deg)[deepest],
-                                       true_lat, true_lon), dtype=np.float64)
-    fitted.radius = RadiusModel.fit(features, p_answer, error_km, fit_rows, coverage)
-    mass, rank = entry_statistics(calibrated_sets(full, paths, p_answer, 1.0,
-                                                  fitted.rest_temperatures(features, p_answer)), true_paths)
-    for level in range(N_LEVELS):
-        known = ~np.isnan(mass[:, level])
-        if known.any():
-            fitted.conformal_mass[level] = min(1.0, conformal_quantile(mass[known, level], coverage))
-            fitted.top_k[level] = smallest_k(rank[known, level], coverage)
-    fitted.fixed_radius_km = float(np.quantile(error_km, coverage))
-    return fitted
-
-
-def fit_familiarity(model, points: torch.Tensor, features: np.ndarray, true_paths: np.ndarray,
-                    true_lat: np.ndarray, true_lon: np.ndarray, train_points: torch.Tensor,
-                    train_features: np.ndarray, beam: int | None = None, flat: bool = True,
-                    seed: int = 0) -> FamiliarityCalibration:
-    """The whole calibration of a `HierLoc` model (or a `CachedSearch` of it on ``points``): both novelties from
-    its training images' points (M, D) and backbone features (M, F), then per search (`fit_search`) on the
-    calibration images' points (N, D) and features (N, F), split in two halves by a seeded permutation."""
-    c = float(model.cfg.model.curvature) if model.model.is_hyperbolic else None
-    entities = model.entity_points()
-    searcher = model if isinstance(model, CachedSearch) else CachedSearch(model, points)
-    signals = point_signals(searcher.points, entities, c)
-    calibration = FamiliarityCalibration(Novelty.fit(point_signals(train_points, entities, c)),
-                                         FeatureNovelty.fit(train_features), [0.0] * N_FEATURES,
-                                         [1.0] * N_FEATURES, {})
-    raw = calibration.raw_features(signals, calibration.feature_novelty(features))
-    std = raw.std(axis=0)
-    calibration.feature_mean, calibration.feature_std = raw.mean(axis=0).tolist(), np.where(std > 0, std, 1.0).tolist()
-    z = calibration.features(signals, calibration.feature_novelty(features))
-    fit_rows = np.zeros(len(signals), dtype=bool)
-    fit_rows[np.random.default_rng(seed).permutation(len(signals))[:len(signals) // 2]] = True
-    for name, is_flat in (("beam", False), ("flat", True))[:2 if flat else 1]:
-        calibration.searches[name] = fit_search(searcher, searcher.points, true_paths, true_lat, true_lon, z,
-                                                fit_rows, beam, is_flat)
-    return calibration
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-def _set_metrics(prefix: str, sets: list, true_paths: np.ndarray) -> dict[str, float]:
-    """<prefix>coverage_<level>, <prefix>size_<level>: the share of rows (with a true entity) whose set holds it,
-    and the mean set size."""
-    out = {}
-    for level, name in enumerate(LEVELS):
-        rows = np.flatnonzero(true_paths[:, level] >= 0)
-        hits = [bool((sets[r][level][0] == true_paths[r, level]).any()) for r in rows]
-        out[f"{prefix}coverage_{name}"] = float(np.mean(hits)) if len(rows) else math.nan
-        out[f"{prefix}size_{name}"] = float(np.mean([len(sets[r][level][0]) for r in rows])) if len(rows) else math.nan
-    return out
-
-
-def sets_and_radius_summary(model, points: torch.Tensor, true_paths: np.ndarray, true_lat: np.ndarray,
-                            true_lon: np.ndarray, beam: int | None = None, flat: bool = False,
-                            coverage: float = RADIUS_QUANTILE, novelty: np.ndarray | None = None
-                            ) -> dict[str, float]:
-    """What a user acts on, measured on labelled points (N, D) (keys in docs/calibration.md):
-
-    set_coverage_<level>, set_size_<level>: the ``coverage`` prediction sets of the reported probabilities;
-    mean_prob_<level>: the mean reported probability of the answer; with a familiarity calibration also
-    radius90_coverage, radius90_median_km, and the references fitted beside it: conformal_set_*, topk_set_*
-    (fixed k per level), fixed_radius_coverage / fixed_radius_km, ece_temperature_<level> (the ECE with one
-    temperature per level).
-    """
-    fitted = model.search_calibration(flat)
-    paths, q, full = search_full(model, points, beam, flat)
-    if fitted is None:   # the reported probabilities are the model's (at its temperatures, if any)
-        temperatures = model.report_temperatures(flat)
-        if temperatures is not None:
-            _, q, full = search_full(_AtTemperatures(model, temperatures), points, beam, flat)
-        p_answer = q
-    else:
-        z = model.familiarity_features(points, novelty)
-        p_answer = np.where(paths >= 0, fitted.answer_probs(q, z), 0.0)
-    ranked = calibrated_sets(full, paths, p_answer, 1.0,
-                             None if fitted is None else fitted.rest_temperatures(z, p_answer))
-    out = _set_metrics("set_", [[cut_at(ids, p, coverage) for ids, p in row] for row in ranked], true_paths)
-    for level, name in enumerate(LEVELS):
-        answered = paths[:, level] >= 0
-        out[f"mean_prob_{name}"] = float(p_answer[answered, level].mean()) if answered.any() else math.nan
-    if fitted is None:
-        return out
-    gaz = model.gazetteer
-    deepest = paths.max(axis=1)
-    error_km = np.asarray(haversine_km(np.asarray(gaz.lat_deg)[deepest], np.asarray(gaz.lon_deg)[deepest],
-                                       true_lat, true_lon), dtype=np.float64)
-    radius = fitted.radius(z, p_answer)
-    out["radius90_coverage"] = float(np.mean(error_km <= radius))
-    out["radius90_median_km"] = float(np.median(radius))
-    out.update(_set_metrics("conformal_set_", [[cut_at(ids, p, fitted.conformal_mass[lv])
-                                                for lv, (ids, p) in enumerate(row)] for row in ranked], true_paths))
-    out.update(_set_metrics("topk_set_", [[(ids[:fitted.top_k[lv]], p[:fitted.top_k[lv]])
-                                           for lv, (ids, p) in enumerate(row)] for row in ranked], true_paths))
-    out["fixed_radius_coverage"] = float(np.mean(error_km <= fitted.fixed_radius_km))
-    out["fixed_radius_km"] = float(fitted.fixed_radius_km)
-    temperatures = model.report_temperatures(flat)
-    if temperatures is not None:
-        _, t_q, _ = search_full(_AtTemperatures(model, temperatures), points, beam, flat)
-        confidence, correct, valid = level_outcomes(paths, t_q, true_paths)
-        for level, name in enumerate(LEVELS):
-            out[f"ece_temperature_{name}"] = expected_calibration_error(confidence[:, level], correct[:, level],
-                                                                        valid[:, level])
-    return out
-
-
-class _AtTemperatures:
-    """A model whose searches report at fixed per-level temperatures (the one-temperature reference)."""
-
-    def __init__(self, model, temperatures):
-        self._model, self._temperatures = model, temperatures
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def search_points(self, points, beam=None, top_k=5, flat=False, temperatures=None, coverage=None, novelty=None):
-        return self._model.search_points(points, beam=beam, top_k=top_k, flat=flat,
-                                         temperatures=self._temperatures, coverage=coverage)
