@@ -27,8 +27,8 @@ is:
   enters on the calibration set (finite-sample marginal guarantee); the top-k reference takes a fixed k per level.
 * Error radius (`RadiusModel`): a linear 0.9-quantile regression of log(1 + error km) on z and the calibrated
   probability logits per level (fitted exactly, as a linear program, on half the calibration set), shifted by the
-  split-conformal correction measured on the other half: radius90_km = exp(q(x) + delta) - 1, at most half the
-  Earth's circumference.
+  split-conformal correction measured on the other half, one per bin of calibrated city probability:
+  radius90_km = exp(q(x) + delta_bin) - 1, at most half the Earth's circumference.
 
 Everything fitted is plain numbers (`FamiliarityCalibration.to_dict`), stored in calibration.json. The fitting
 and the measuring live in `hierloc.inference.familiarity_fit`.
@@ -239,14 +239,16 @@ def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
 
 
 def _bin_key(level_probs: np.ndarray) -> np.ndarray:
-    """(N, 4) calibrated answer probabilities -> (N,) the Mondrian bin key of the radius: the country's."""
-    return np.nan_to_num(np.asarray(level_probs, dtype=np.float64)[:, 0], nan=0.0)
+    """(N, 4) calibrated answer probabilities -> (N,) the Mondrian bin key of the radius: the city's (the finest
+    level says best how close the model believes it is; keyed on the country's, nearby images share bins with
+    held-out places and their radii come out too wide: coverage 0.951 instead of 0.936 on test_nearby, seed 0)."""
+    return np.nan_to_num(np.asarray(level_probs, dtype=np.float64)[:, -1], nan=0.0)
 
 
 @dataclass
 class RadiusModel:
     """radius90_km = exp(u + offset_b) - 1, u = design . coefs (`radius_design`), offset_b the conformal offset of
-    the image's bin b of calibrated country probability (``edges``: ascending inner edges), clipped to
+    the image's bin b of calibrated city probability (``edges``: ascending inner edges), clipped to
     [floor_km, HALF_EARTH_KM]. One offset per bin (Mondrian conformal): the 90 % holds within each bin, so for
     confident, familiar images as for unfamiliar ones, not only on average."""
 
