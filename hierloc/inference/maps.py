@@ -229,12 +229,14 @@ def render_prediction_map(explanation, out_path: str | Path | None = None, basem
         return float(x), float(y)
 
     if getattr(e, "radius90_km", None) is not None and e.levels:
-        _draw_radius(draw, e.lat_deg, e.lon_deg, e.radius90_km, xy, w, s, small)
+        _draw_radius(draw, e.lat_deg, e.lon_deg, e.radius90_km, xy, w, s)
     _draw_country_discs(draw, countries, xy, 0.09 * h, s, medium)
     _draw_alternatives(draw, e.alternatives[:4], xy, s, small)
     _draw_answer(draw, e, path_nodes, truth, xy, s, large)
     truth_xy = xy(*truth) if truth else None
-    _draw_legend(draw, e, w, h, s, small, truth_xy, avoid=[xy(e.lat_deg, e.lon_deg)] if e.levels else [])
+    shown = [xy(c.lat_deg, c.lon_deg) for c in countries if c.probability >= 0.1]   # discs worth seeing
+    _draw_legend(draw, e, w, h, s, small, truth_xy, avoid=[xy(e.lat_deg, e.lon_deg)] if e.levels else [],
+                 prefer_clear=shown)
     if truth_xy is not None:
         _draw_truth(draw, truth_xy, s)  # again, on top: nothing drawn later may hide the truth
     canvas.paste(layer, (0, header_px * s), layer)
@@ -273,13 +275,14 @@ def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, fo
         _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
 
 
+COMPACT_LEGEND_PX = 600        # maps narrower than this show the legend's key only (no alternatives, no reasons)
 RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
 
 
-def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int, s: int, font) -> None:
+def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int, s: int) -> None:
     """The 90 % error radius: the geodesic circle around the answer (dashed outline, faint inside when it is
-    drawn whole), labelled at its northernmost point when that is on the map (the header always states the
-    radius). Segments that cross the map's seam are not drawn."""
+    drawn whole); the header states the radius (a label on the map would cover candidates). Segments that cross
+    the map's seam are not drawn."""
     lats, lons = destination_deg(lat, lon, np.arange(0.0, 361.0, 2.0), radius_km)
     points = [xy(a, b) for a, b in zip(lats.tolist(), lons.tolist())]
     jumps = [abs(points[i + 1][0] - points[i][0]) > width / 2 for i in range(len(points) - 1)]
@@ -288,10 +291,7 @@ def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int,
     for i, jump in enumerate(jumps):
         if not jump and i % 2 == 0:
             draw.line([points[i], points[i + 1]], fill=PIN_COLOUR + (200,), width=2 * s)
-    top = min(points, key=lambda p: p[1])
-    height = draw.im.size[1]
-    if 0 <= top[0] <= width and 0 <= top[1] <= height - 20 * s:   # else the header says it (the circle is
-        _label(draw, (top[0] + 4 * s, top[1] + 8 * s), f"90 %: {radius_km:,.0f} km", font, s, fill=(120, 0, 0))
+
 
 
 def _draw_alternatives(draw, alternatives: list, xy, s: int, font) -> None:
@@ -333,11 +333,12 @@ def _draw_truth(draw, point: tuple[float, float], s: int) -> None:
         draw.line([(x - r, y + r), (x + r, y - r)], fill=fill, width=width)
 
 
-def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_clear: list, avoid: list
-                  ) -> tuple[float, float]:
+def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_clear: list, avoid: list,
+                  prefer_clear: list = ()) -> tuple[float, float]:
     """Top-left (x0, y0) of a legend box of size `box` in a w x h map: the first of bottom-left, bottom-right,
-    top-left, top-right that covers none of `keep_clear` (the truth) nor `avoid` (the answer), else the first
-    that covers none of `keep_clear`, else bottom-left. Points are (x, y) pixels; a 12 % box margin counts."""
+    top-left, top-right that covers none of `keep_clear` (the truth), `avoid` (the answer) and `prefer_clear`
+    (country discs), else none of the first two, else none of `keep_clear`, else bottom-left. Points are (x, y)
+    pixels; a 12 % box margin counts."""
     bw, bh = box
     corners = [(margin, h - bh - margin), (w - bw - margin, h - bh - margin), (margin, margin),
                (w - bw - margin, margin)]
@@ -347,7 +348,7 @@ def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_
         pad = 0.12 * max(bw, bh)
         return any(x0 - pad <= x <= x0 + bw + pad and y0 - pad <= y <= y0 + bh + pad for x, y in points)
 
-    for points in (keep_clear + avoid, keep_clear):
+    for points in (keep_clear + avoid + list(prefer_clear), keep_clear + avoid, keep_clear):
         for corner in corners:
             if not covers(corner, points):
                 return corner
@@ -355,39 +356,60 @@ def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_
 
 
 def _draw_header(head, e, truth, s: int, fonts: tuple) -> None:
-    """The band above the map: image and answer, predicted (and true) point, the model's provenance."""
+    """The band above the map: image and answer, predicted (and true) point and the 90 % radius, the model's
+    provenance; each line shortened with an ellipsis to the canvas width, so none runs off the edge."""
     small, medium, large = fonts
+    width = head.im.size[0] - 20 * s
     answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
-    head.text((10 * s, 8 * s), f"{Path(str(e.source)).name}:  {answer}", fill=(10, 10, 10), font=large)
     radius = getattr(e, "radius90_km", None)
-    head.text((10 * s, 34 * s), f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
-              + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
-              + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""), fill=(40, 40, 40), font=medium)
-    head.text((10 * s, 56 * s), _ellipsis(provenance_line(e.model), 170), fill=(90, 90, 90), font=small)
+    point = (f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
+             + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
+             + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""))
+    for y, text, fill, font in ((8, f"{Path(str(e.source)).name}:  {answer}", (10, 10, 10), large),
+                                (34, point, (40, 40, 40), medium),
+                                (56, provenance_line(e.model), (90, 90, 90), small)):
+        head.text((10 * s, y * s), _fit_width(text, font, width), fill=fill, font=font)
+
+
+def _fit_width(text: str, font, width: float) -> str:
+    """``text``, or its longest prefix + "…" that ``font`` draws within ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    low, high = 0, len(text)
+    while low < high:                       # the longest prefix that fits with the ellipsis
+        middle = (low + high + 1) // 2
+        if font.getlength(text[:middle].rstrip() + "…") <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low].rstrip() + "…"
 
 
 def _ellipsis(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list) -> None:
-    """The key, in the first map corner where it hides neither the truth nor the answer (`legend_corner`)."""
+def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list, prefer_clear: list = ()) -> None:
+    """The key, in the first map corner where it hides neither the truth nor the answer (nor, where a corner
+    allows, a country disc worth seeing: `prefer_clear`) (`legend_corner`)."""
     with_truth = truth_xy is not None
-    rows = [("disc", LEVEL_COLOURS[0], "country candidates (area = probability)"),
-            ("dot", PIN_COLOUR, "predicted path: country > region > subregion > city"),
-            ("dot", ALT_COLOUR, "2., 3., ...: other top paths (city)")]
+    compact = w < COMPACT_LEGEND_PX * s   # a narrow map keeps only a short key: the rest would cover the answer
+    rows = [("disc", LEVEL_COLOURS[0],
+             "countries (area = p)" if compact else "country candidates (area = probability)"),
+            ("dot", PIN_COLOUR, "predicted path" if compact else "predicted path: country > region > subregion > city"),
+            ("dot", ALT_COLOUR, "other top paths" if compact else "2., 3., ...: other top paths (city)")]
     if with_truth:
         rows.append(("cross", TRUTH_COLOUR, "true location"))
-    for k, alt in enumerate(e.alternatives[:4], start=2):
+    for k, alt in enumerate([] if compact else e.alternatives[:4], start=2):
         rows.append(("text", None, f"{k}. " + _ellipsis(", ".join(reversed(alt["names"])), 60)))
-    for lv in e.levels[:2]:  # why the country and the region: the top concept reasons
+    for lv in [] if compact else e.levels[:2]:  # why the country and the region: the top concept reasons
         if lv.supporting:
             reasons = ", ".join(f"{r.name} {r.contribution:+.2f}" for r in lv.supporting[:3])
             rows.append(("text", None, _ellipsis(f"why {lv.chosen.name} over {lv.compared_with}: {reasons}", 90)))
     line_h = 17 * s
-    box_w = max(380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
+    box_w = max(0 if compact else 380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
     box_h = (len(rows) + 0.6) * line_h
-    x0, y0 = legend_corner((box_w, box_h), w, h, 8 * s, [truth_xy] if with_truth else [], avoid)
+    x0, y0 = legend_corner((box_w, box_h), w, h, 8 * s, [truth_xy] if with_truth else [], avoid, prefer_clear)
     draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=(255, 255, 255, 215), outline=(80, 80, 80, 200))
     for i, (kind, colour, label) in enumerate(rows):
         cy = y0 + (i + 0.8) * line_h
