@@ -275,7 +275,7 @@ def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, fo
         _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
 
 
-COMPACT_LEGEND_PX = 600        # maps narrower than this show the legend's key only (no alternatives, no reasons)
+COMPACT_LEGEND_PX = 1000       # maps narrower than this (serve: 900) show a short key only (no alternatives, no reasons)
 RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
 
 
