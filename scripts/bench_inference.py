@@ -67,7 +67,7 @@ def build_global_hierloc(dim: int, seed: int):
     cfg = Config(model=ModelConfig(embed_dim=dim))
     torch.manual_seed(seed)
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), feature_dim=dim, seed=seed).eval()
-    loss = GWHInfoNCE.from_config(cfg).eval()
+    loss = GWHInfoNCE(cfg.loss).eval()
     hierloc = HierLoc(cfg, model, loss.state_dict(), encoder=None, gaz=gaz, device="cpu",
                       source="<random, global gazetteer>")
     start = time.perf_counter()

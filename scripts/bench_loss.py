@@ -14,7 +14,7 @@ target city (a tangent offset of norm ~0.1), its GPS ~30 km from the city.
 
 - reference: what the training step did before (`loss.blocked=false`): `pairwise_sqdist` per level, the (B, N)
   great-circle km (`hierloc.geometry.geodesy.great_circle_km`), `GWHInfoNCE.forward` (fused weighted cross-entropy).
-- blocked: `GWHInfoNCE.forward_points` (`hierloc.geometry._gwh_blocked`), no (B, N) tensor.
+- blocked: `GWHInfoNCE.forward_points` (`hierloc.training.blocked_loss`), no (B, N) tensor.
 
 Printed (text table, or one JSON object with --format json):
 - *_ms: forward + backward wall time, median (and min) over --repeats interleaved runs after a warm-up each;
@@ -94,7 +94,7 @@ def make_inputs(batch: int, dim: int, coords, seed: int) -> dict:
 
 
 def make_loss(args, n_levels: int = N_LEVELS) -> GWHInfoNCE:
-    return GWHInfoNCE(n_levels=n_levels, betas=(1.0,) * n_levels, learn_weights=args.learn_weights)
+    return GWHInfoNCE(LossConfig(betas=[1.0] * n_levels, learn_weights=args.learn_weights))
 
 
 def leaves(inputs: dict, dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -242,7 +242,7 @@ def hierloc_size(model) -> dict:
     from hierloc.training.losses import GWHInfoNCE
 
     params = sum(p.numel() * p.element_size() for p in model.model.parameters())
-    params += sum(p.numel() * p.element_size() for p in GWHInfoNCE.from_config(model.cfg).parameters())
+    params += sum(p.numel() * p.element_size() for p in GWHInfoNCE(model.cfg.loss).parameters())
     points = model.entity_points()
     index = points.numel() * points.element_size() + points.shape[0] * 2 * 8
     return {"params_mb": params / 1e6, "index_mb": index / 1e6}
@@ -275,7 +275,8 @@ def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, t
     """-> {row: {split: metrics}} for one seed."""
     from hierloc.training import peers as baselines
     from hierloc.inference.predictor import HierLoc
-    from hierloc.training.train import TrainInputs, train
+    from hierloc.training.run import TrainInputs
+    from hierloc.training.train import train
     from hierloc.data.tables import read_image_table
 
     train_csv = str(data / "train.csv")

@@ -41,7 +41,7 @@ def main() -> None:
     from gazetteer.schema import N_LEVELS
     from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
     from hierloc.training.losses import GWHInfoNCE
-    from hierloc.training.train import entity_labels
+    from hierloc.training.run import entity_labels
 
     hl = HierLoc.from_pretrained(args.model, device="cpu")
     root = args.image_root or str(Path(args.csv).parent)
@@ -57,7 +57,7 @@ def main() -> None:
         lon = torch.as_tensor(table.lon_deg[ok], dtype=torch.float32)
         model = hl.model
         sqdists = model.level_sqdists(points, model.entity_points())
-        loss_fn = GWHInfoNCE.from_config(hl.cfg)
+        loss_fn = GWHInfoNCE(hl.cfg.loss)
         loss_fn.load_state_dict(hl.loss_state)
         tau = float(loss_fn.temperature())
         image_units = latlon_to_unit(lat, lon).float()

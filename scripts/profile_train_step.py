@@ -70,11 +70,10 @@ def main() -> None:
 
     from gazetteer.core import Gazetteer
     from hierloc.config import load_config
-    from hierloc.training.losses import GWHInfoNCE
     from hierloc.model.network import EntityTable, HierLocModel
     from gazetteer.schema import N_LEVELS
-    from hierloc.training.train import (TrainModule, base_learning_rates, build_encoder, build_optimizers,
-                                        seed_everything, train_step)
+    from hierloc.training.run import build_encoder, build_module
+    from hierloc.training.step import base_learning_rates, build_optimizers, seed_everything, train_step
 
     # the tiny ViT unless told (the library's default, a hub id, needs its weights in the local cache)
     overrides = ["model.backbone=tiny-vit", *args.overrides]
@@ -102,8 +101,7 @@ def main() -> None:
     else:
         feature_dim = encoder.feature_dim
         model = HierLocModel(cfg.model, table, feature_dim, encoder=encoder)
-    loss_fn = GWHInfoNCE.from_config(cfg)
-    module = TrainModule(model, loss_fn)
+    module = build_module(cfg, model, torch.device("cpu"))
     optimizers = build_optimizers(module, cfg)
     base_lrs = base_learning_rates(optimizers)
     total_steps = 2 * args.steps + 1   # warm-up step, timed steps, profiled steps: the schedule of a short run

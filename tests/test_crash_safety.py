@@ -286,7 +286,7 @@ def test_graceful_stop_outside_the_main_thread_leaves_signals_alone():
 
 
 def test_resume_command_repeats_the_command_line_with_resume():
-    from hierloc.training.train import resume_command
+    from hierloc.training.interrupt import resume_command
 
     assert resume_command(["/x/bin/hierloc", "train", "--csv", "a b.csv", "--out", "r"]) == \
         "hierloc train --csv 'a b.csv' --out r --resume"

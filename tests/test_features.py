@@ -248,7 +248,7 @@ def test_torch_distributed_ranks_write_shards_and_rank_zero_the_manifest(encoder
 
 def test_entity_feature_means_in_chunks_equal_the_whole(tmp_path):
     """Chunked accumulation (memory independent of N) equals one pass; NaN rows (failed images) are left out."""
-    from hierloc.training.train import entity_feature_means
+    from hierloc.training.module import entity_feature_means
 
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(103, 5)).astype(np.float32)

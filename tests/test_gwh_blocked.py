@@ -1,4 +1,4 @@
-"""The blocked GWH-InfoNCE (hierloc._gwh_blocked, GWHInfoNCE.forward_points) against references.
+"""The blocked GWH-InfoNCE (hierloc.training.blocked_loss, GWHInfoNCE.forward_points) against references.
 
 References: (1) the loss written out with composed float64 ops here - distances from the elementwise arsinh formula
 (``hyperbolic.dist`` broadcast, no matrix product), great-circle km from |u - v|, log1p of the kernel, and
@@ -17,12 +17,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gazetteer.geo import EARTH_RADIUS_KM
-from hierloc.config import Config
-from hierloc.geometry import _gwh_blocked, hyperbolic
+from hierloc.config import Config, LossConfig
+from hierloc.geometry import hyperbolic
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model.network import EntityTable, HierLocModel
+from hierloc.training import blocked_loss
 from hierloc.training.losses import EXP_FLOOR, GWHInfoNCE
-from hierloc.training.train import TrainModule, build_optimizers
+from hierloc.training.module import TrainModule
+from hierloc.training.step import build_optimizers
 
 KERNEL_FUNCTIONS = {"laplace": lambda r: torch.exp(-r), "gaussian": lambda r: torch.exp(-0.5 * r * r),
                     "inverse": lambda r: 1.0 / (1.0 + r)}
@@ -77,7 +79,7 @@ def rel_err(got, want) -> float:
 
 
 def blocked(x, y, target, tau, lam, sigma, kernel, units_i, units_e, **kwargs):
-    return hyperbolic.blocked_level_loss(x, y, target, tau, c=kwargs.pop("c", 1.0), floor=EXP_FLOOR,
+    return blocked_loss.blocked_level_loss(x, y, target, tau, c=kwargs.pop("c", 1.0), floor=EXP_FLOOR,
                                            image_units=units_i, entity_units=units_e, lam=lam, sigma=sigma,
                                            kernel=kernel, **kwargs)
 
@@ -245,7 +247,7 @@ def test_no_batch_by_entities_tensor_forward_or_backward():
     finally:
         torch.set_num_threads(threads)
     assert "aten.addmm_" in probe.ops  # the backward's products ran under the probe
-    assert probe.largest <= max(n * (dim + 3), _gwh_blocked._TILE_ELEMENTS)  # the (N, D + 3) operands at most
+    assert probe.largest <= max(n * (dim + 3), blocked_loss._TILE_ELEMENTS)  # the (N, D + 3) operands at most
     with LargestTensor() as probe:
         hyperbolic.pairwise_sqdist(x, y).sum().backward()
     assert probe.largest == batch * n  # the probe sees a (B, N) tensor where there is one
@@ -274,7 +276,7 @@ def level_inputs(sizes=(3, 0, 17, 40), batch=12, dim=8, seed=10):
                                      dict(kernel="inverse", learn_tau=False)])
 def test_forward_points_equals_the_reference_forward(options):
     points, entities, targets, image_units, entity_units = level_inputs()
-    loss = GWHInfoNCE(tau=0.2, **options)
+    loss = GWHInfoNCE(LossConfig(tau=0.2, **options))
     params = [points, *[e for e in entities if e.numel()], *loss.parameters()]
     reference = loss([hyperbolic.pairwise_sqdist(points, e) for e in entities], targets,
                      [great_circle_km(image_units, u) for u in entity_units])
@@ -291,7 +293,7 @@ def test_forward_points_equals_the_reference_forward(options):
 
 def test_forward_points_rejects_bad_shapes():
     points, entities, targets, image_units, entity_units = level_inputs()
-    loss = GWHInfoNCE()
+    loss = GWHInfoNCE(LossConfig())
     with pytest.raises(ValueError, match="levels of entity points"):
         loss.forward_points(points, entities[:3], targets, image_units, entity_units)
     bad = targets.clone()
@@ -307,7 +309,7 @@ def test_forward_points_rejects_bad_shapes():
 # ----------------------------------------------------------------------------------- training steps
 
 
-def _train(blocked_loss: bool, steps: int = 3):
+def _train(blocked: bool, steps: int = 3):
     rng = np.random.default_rng(0)
     offsets = np.array([0, 3, 9, 21, 61])
     parents = np.concatenate([[-1] * 3, rng.integers(0, 3, 6), 3 + rng.integers(0, 6, 12), 9 + rng.integers(0, 12, 40)])
@@ -317,8 +319,8 @@ def _train(blocked_loss: bool, steps: int = 3):
     cfg.model.dropout = 0.0
     torch.manual_seed(0)
     model = HierLocModel(cfg.model, table, feature_dim=12, entity_features=torch.randn(61, 12))
-    loss = GWHInfoNCE(n_levels=4, learn_weights=True, blocked=blocked_loss)
-    module = TrainModule(model, loss)
+    cfg.loss.learn_weights = True
+    module = TrainModule(model, GWHInfoNCE(cfg.loss), blocked=blocked)
     optimizers = build_optimizers(module, cfg)
     gen = torch.Generator().manual_seed(1)
     losses = []

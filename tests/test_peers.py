@@ -125,7 +125,8 @@ def tiny_gazetteer_dir(tiny_demo_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("kind", baselines.KINDS)
 def test_each_baseline_overfits_a_repeated_batch(kind, tiny_cfg):
-    from hierloc.training.train import build_encoder, seed_everything
+    from hierloc.training.run import build_encoder
+    from hierloc.training.step import seed_everything
 
     seed_everything(0)
     rng = np.random.default_rng(0)

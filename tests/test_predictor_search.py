@@ -22,7 +22,7 @@ def _random_hierloc(gaz, geometry: str):
     cfg = Config(model=ModelConfig(embed_dim=16, geometry=geometry, curvature=1.5 if geometry == "poincare" else 1.0,
                                    head_hidden=32, entity_hidden=32, coord_scales=4))
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), feature_dim=16, seed=0).eval()
-    loss = GWHInfoNCE.from_config(cfg).eval()
+    loss = GWHInfoNCE(cfg.loss).eval()
     return HierLoc(cfg, model, loss.state_dict(), encoder=None, gaz=gaz, device="cpu")
 
 

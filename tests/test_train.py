@@ -81,7 +81,7 @@ def test_resume_mid_cosine_ends_bitwise_equal(tiny_demo_dir: Path, tiny_backbone
     ends with every parameter and buffer bitwise equal to the uninterrupted run's."""
     from safetensors.torch import load_file
 
-    import hierloc.training.train as train_mod
+    import hierloc.training.step as train_mod
     from hierloc.config import load_config
 
     total, every, crash_at = 8, 3, 5

@@ -49,7 +49,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
     from hierloc.inference.predictor import HierLoc
-    from hierloc.training.train import TrainInputs, TrainingInterrupted, train
+    from hierloc.training.interrupt import TrainingInterrupted
+    from hierloc.training.run import TrainInputs
+    from hierloc.training.train import train
 
     overrides = list(args.overrides)
     if args.seed is not None:

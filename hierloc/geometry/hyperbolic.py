@@ -41,8 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hierloc.geometry._gwh_blocked import blocked_level_loss
-from hierloc.geometry._kernels import PairwiseEuclidean, PairwisePoincare, conformal_denominator, work_dtype
+from hierloc.geometry.kernels import PairwiseEuclidean, PairwisePoincare, conformal_denominator, work_dtype
 
 if TYPE_CHECKING:
     import geoopt
@@ -205,7 +204,7 @@ def paired_sqdist(x: torch.Tensor, y: torch.Tensor, *, c: float | None = 1.0,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pairwise distances: one matrix product + exact recomputation of the ill-conditioned pairs (hierloc.geometry._kernels).
+# Pairwise distances: one matrix product + exact recomputation of the ill-conditioned pairs (hierloc.geometry.kernels).
 # ---------------------------------------------------------------------------------------------------------------
 
 

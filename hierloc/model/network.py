@@ -20,14 +20,9 @@ from torch import nn
 
 from gazetteer.geo import EARTH_RADIUS_KM
 from gazetteer.schema import N_LEVELS
-from hierloc.config import ModelConfig
+from hierloc.config import TAU_RANGE, ModelConfig
 from hierloc.geometry import hyperbolic
 from hierloc.model.concepts import ConceptHead
-
-# The temperature's range: 0.01 is CLIP/MERU's cap (logit scale 100), 10 keeps even the far end of the ball
-# (d^2 ~ 150) at a spread of 15 logits (see `hierloc.training.losses` for the scale of d^2).
-TAU_RANGE = (0.01, 10.0)
-
 
 @dataclass
 class EntityTable:

@@ -22,9 +22,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
+
+import torch
+
+from hierloc.device import Runtime
+from hierloc.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +105,57 @@ class GracefulStop:
             previous(signum, frame)       # SIGINT's default: raises KeyboardInterrupt here
         elif previous != signal.SIG_IGN:
             signal.raise_signal(signum)   # the default action: end the process now
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped by SIGINT/SIGTERM after a checkpoint was written. A SystemExit whose code is 128 + the
+    signal number (130 SIGINT, 143 SIGTERM), so the process ends with the shell's status for the signal;
+    `message` is the one-line notice that says how to resume (`hierloc train` prints it as `hierloc: <message>`
+    on stderr; the library only logs it at debug level)."""
+
+    def __init__(self, code: int, message: str, checkpoint: Path | None, step: int):
+        super().__init__(code)
+        self.message, self.checkpoint, self.step = message, checkpoint, step
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def stop_signal(stop: GracefulStop, runtime: Runtime) -> int:
+    """The signal number that asked this run to stop (0: none). Under torchrun the largest over all ranks, so
+    that every rank stops after the same step even if only one of them received the signal."""
+    signum = int(stop.signum or 0)
+    if runtime.distributed:
+        flag = torch.tensor([signum], dtype=torch.int64, device=runtime.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signum
+
+
+def resume_command(argv: list[str] | None = None) -> str | None:
+    """The command line that continues this run: the `hierloc train ...` command that started it with --resume
+    added (None when the process was not started as `hierloc train`, e.g. from Python)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or "train" not in argv[1:]:
+        return None
+    program = Path(argv[0]).name
+    if program == "hierloc":
+        head = ["hierloc"]
+    elif program == "__main__.py" and Path(argv[0]).parent.name == "hierloc":
+        head = [sys.executable, "-m", "hierloc"]
+    else:
+        return None
+    return shlex.join(head + argv[1:] + ([] if "--resume" in argv else ["--resume"]))
+
+
+def interrupted(signum: int, out: Path, step: int, total_steps: int, runtime: Runtime) -> TrainingInterrupted:
+    """Build the exception that ends the run (exit status 128 + signum), whose message says how to resume (the
+    CLI prints it; here it is only logged at debug level, so that it does not appear twice)."""
+    latest = ckpt.latest_checkpoint(out) if runtime.is_main else None
+    command = None if runtime.distributed else resume_command()
+    how = f"to continue, run: {command}" if command else "to continue, re-run the same command with --resume"
+    message = (f"training stopped by {signal.Signals(signum).name} after step {step} of {total_steps}; "
+               f"checkpoint {latest if latest is not None else out / ckpt.CHECKPOINTS_DIR} is complete; {how}")
+    if runtime.is_main:
+        log.debug("%s", message)
+    return TrainingInterrupted(128 + signum, message, latest, step)

@@ -45,13 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gazetteer.schema import N_LEVELS
-from hierloc.config import Config
-from hierloc.geometry.hyperbolic import blocked_level_loss
-from hierloc.model.network import TAU_RANGE, temperature
-
-KERNELS = ("laplace", "gaussian", "inverse")
-WEIGHTINGS = ("paper", "logit")
+from hierloc.config import KERNELS, LAM_RANGE, SIGMA_RANGE_KM, TAU_RANGE, Config, LossConfig
+from hierloc.model.network import temperature
+from hierloc.training.blocked_loss import blocked_level_loss
 # exp() arguments are clamped at this floor: exp(-60) ~ 9e-27 is invisible next to the terms it is summed with
 # (float32 resolves 6e-8 relative, and 1e5 such terms still add only 1e-21). Without it, on CPU: PyTorch's exp is
 # 50-100x slower for arguments below about -88 (measured 1.9 ms vs 110 ms for 5M values spread over [-1500, 0];
@@ -154,94 +150,68 @@ def geo_soft_cross_entropy(d: torch.Tensor, tau: torch.Tensor, geo_km: torch.Ten
     return -(kernel * log_p).sum(dim=-1).mean()
 
 
-def _check_range(name: str, value: float, bounds: Sequence[float], allow_zero: bool = False) -> tuple[float, float]:
-    low, high = (float(b) for b in bounds)
-    if not (0.0 < low < high and math.isfinite(high)):
-        raise ValueError(f"{name} range must satisfy 0 < low < high < inf, got {tuple(bounds)}")
-    if not (low <= value <= high) and not (allow_zero and value == 0.0):
-        raise ValueError(f"{name}={value} is outside its range [{low}, {high}]")
-    return low, high
+# loss.blocked=auto: the reference's (B, N) buffers of the largest level above this many bytes -> the blocked loss.
+# ~6 float32 (B, N) buffers live at once in the reference's step (distances, km, log-weights, the softmax, its
+# gradient, the distances' gradient): at B = 128 the demo world's 15k cities need ~47 MB, the world gazetteer's
+# ~165k entities at B = 256 ~1 GB.
+BLOCKED_AUTO_BUDGET_BYTES = 512 * 2**20
+REFERENCE_BUFFERS = 6
+
+
+def use_blocked_loss(cfg: Config, level_sizes: Sequence[int], device: torch.device) -> tuple[bool, str]:
+    """Resolve loss.blocked ("auto", "true", "false") for a run -> (blocked, why), the reason said in words.
+
+    auto: the reference whenever the blocked kernel does not apply (logit weighting, geo-soft targets, the
+    Euclidean ablation); else blocked on CUDA, and elsewhere when the reference's buffers of the largest level
+    (REFERENCE_BUFFERS x train.batch_size x entities x 4 bytes) exceed BLOCKED_AUTO_BUDGET_BYTES.
+    """
+    choice = cfg.loss.blocked
+    if choice != "auto":
+        return choice == "true", f"loss.blocked={choice}"
+    if cfg.loss.weighting != "paper" or cfg.loss.geo_soft > 0 or cfg.model.geometry != "poincare":
+        return False, "loss.blocked=auto: no blocked kernel for this loss (logit weighting, geo-soft or euclidean)"
+    if device.type == "cuda":
+        return True, "loss.blocked=auto: on CUDA the reference's (B, N) buffers limit the batch size"
+    need = REFERENCE_BUFFERS * 4 * cfg.train.batch_size * max(level_sizes)
+    blocked = need > BLOCKED_AUTO_BUDGET_BYTES
+    return blocked, (f"loss.blocked=auto: the reference's buffers would take {need / 2**20:.0f} MB "
+                     f"({'over' if blocked else 'within'} the {BLOCKED_AUTO_BUDGET_BYTES // 2**20} MB budget)")
 
 
 class GWHInfoNCE(nn.Module):
     """Geo-weighted hyperbolic InfoNCE over the levels of the entity tree (see the module docstring).
 
-    Args:
-        n_levels: number of levels (country, region, subregion, city: 4).
-        tau, lam, sigma_km: initial temperature, weight strength lambda (0 = plain InfoNCE, then
-            ``learn_weights`` must be False) and kernel scale sigma in km.
-        betas: per-level weights beta_l (>= 0), length n_levels.
-        learn_tau, learn_weights: make tau / (lambda, sigma) learnable; otherwise they are fixed buffers.
-        kernel: "laplace" (paper), "gaussian" or "inverse".
-        weighting: how the kernel enters the logits. "paper": w = 1 + lambda K(g / sigma), i.e. a negative's logit
-            moves by log(1 + lambda K) <= log(1 + lambda) (~0.7 at lambda = 1, while -d^2 / tau spans hundreds).
-            "logit": log w = lambda K(g / sigma) / tau, a margin of lambda K in squared-distance units, so the
-            weighting acts at the logits' own scale: logit = -(d^2 - lambda K(g / sigma)) / tau. Reference path
-            only (not with blocked=True).
-        tau_range, lam_range, sigma_range_km: clamping ranges (the parameters are log-parametrised).
-        blocked: what the training step calls (``hierloc.training.train.TrainModule``): True = ``forward_points``, the
-            blocked loss that never forms a (B, N) tensor; False = ``forward`` on full distance matrices (the
-            reference, the default: config loss.blocked). Both give the same values and gradients.
+    Built from a run's `[loss]` section (`hierloc.config.LossConfig`), which owns every default and valid range
+    (validated there): tau, lam (0 = plain InfoNCE), sigma_km, betas (one per level: their number is the number
+    of levels), learn_tau / learn_weights (tau / (lambda, sigma) learnable, else fixed buffers), kernel, weighting
+    ("paper": w = 1 + lambda K(g / sigma) multiplies a negative's exp(logit), a logit shift of at most
+    log(1 + lambda); "logit": log w = lambda K(g / sigma) / tau, a margin in squared-distance units), geo_soft and
+    geo_soft_km. The clamping ranges of the log-parametrised tau, lambda and sigma are the config's TAU_RANGE,
+    LAM_RANGE, SIGMA_RANGE_KM. Two ways to compute the same values and gradients: ``forward`` on full (B, N)
+    distance matrices (the reference) and ``forward_points`` from the points, blocked (no (B, N) tensor; paper
+    weighting without geo-soft only); which one a training step calls is `hierloc.training.module.TrainModule`'s
+    `blocked` (`use_blocked_loss` resolves loss.blocked).
     """
 
-    def __init__(
-        self,
-        n_levels: int = 4,
-        tau: float = 0.1,
-        lam: float = 1.0,
-        sigma_km: float = 300.0,
-        betas: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-        learn_tau: bool = True,
-        learn_weights: bool = True,
-        kernel: str = "laplace",
-        tau_range: Sequence[float] = TAU_RANGE,
-        lam_range: Sequence[float] = (0.1, 10.0),
-        sigma_range_km: Sequence[float] = (10.0, 5000.0),
-        blocked: bool = False,
-        weighting: str = "paper",
-        geo_soft: float = 0.0,
-        geo_soft_km: float = 150.0,
-    ) -> None:
+    def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        if n_levels < 1:
-            raise ValueError(f"n_levels must be >= 1, got {n_levels}")
-        if len(betas) != n_levels or any(not (float(b) >= 0.0 and math.isfinite(float(b))) for b in betas):
-            raise ValueError(f"betas must be {n_levels} finite values >= 0, got {tuple(betas)}")
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
-        if weighting != "paper" and blocked:
-            raise ValueError(f"weighting={weighting!r} has no blocked kernel; use blocked=False")
-        if not (0.0 <= geo_soft < 1.0) or not geo_soft_km > 0:
-            raise ValueError(f"geo_soft must be in [0, 1) and geo_soft_km > 0, got {geo_soft}, {geo_soft_km}")
-        if geo_soft > 0 and blocked:
-            raise ValueError("geo_soft > 0 has no blocked kernel; use blocked=False")
-        self.geo_soft, self.geo_soft_km = float(geo_soft), float(geo_soft_km)
-        if lam == 0.0 and learn_weights:
-            raise ValueError("lam=0 with learn_weights=True: a log-parametrised lambda cannot leave 0; "
-                             "use learn_weights=False for plain hyperbolic InfoNCE")
-        self.n_levels, self.kernel, self.weighting = n_levels, kernel, weighting
-        self.learn_tau, self.learn_weights = learn_tau, learn_weights
-        self._tau_range = _check_range("tau", float(tau), tau_range)
-        self.blocked = bool(blocked)
-        self._log_lam_bounds = tuple(math.log(b) for b in _check_range("lam", float(lam), lam_range, allow_zero=True))
-        self._log_sigma_bounds = tuple(math.log(b) for b in _check_range("sigma_km", float(sigma_km), sigma_range_km))
-        self.register_buffer("betas", torch.tensor([float(b) for b in betas], dtype=torch.float32))
-        self._plain = lam == 0.0  # lambda == 0: the weights are all 1
-        self._register("log_tau", math.log(tau), learn_tau)
-        self._register("log_lam", math.log(lam) if lam > 0 else 0.0, learn_weights)
-        self._register("log_sigma", math.log(sigma_km), learn_weights)
+        self.n_levels = len(cfg.betas)
+        self.kernel, self.weighting = cfg.kernel, cfg.weighting
+        self.learn_tau, self.learn_weights = cfg.learn_tau, cfg.learn_weights
+        self.geo_soft, self.geo_soft_km = float(cfg.geo_soft), float(cfg.geo_soft_km)
+        self._tau_range = TAU_RANGE
+        self._log_lam_bounds = tuple(math.log(b) for b in LAM_RANGE)
+        self._log_sigma_bounds = tuple(math.log(b) for b in SIGMA_RANGE_KM)
+        self.register_buffer("betas", torch.tensor([float(b) for b in cfg.betas], dtype=torch.float32))
+        self._plain = cfg.lam == 0.0  # lambda == 0: the weights are all 1
+        self._register("log_tau", math.log(cfg.tau), cfg.learn_tau)
+        self._register("log_lam", math.log(cfg.lam) if cfg.lam > 0 else 0.0, cfg.learn_weights)
+        self._register("log_sigma", math.log(cfg.sigma_km), cfg.learn_weights)
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> "GWHInfoNCE":
-        """The loss of a run configuration (its `[loss]` section: tau, lam, sigma_km, betas, learn_tau,
-        learn_weights, kernel) over the gazetteer's four levels: the one place a run's loss is built."""
-        loss = cfg.loss
-        return cls(n_levels=N_LEVELS, tau=loss.tau, lam=loss.lam, sigma_km=loss.sigma_km, betas=tuple(loss.betas),
-                   learn_tau=loss.learn_tau, learn_weights=loss.learn_weights, kernel=loss.kernel,
-                   blocked=loss.blocked, weighting=loss.weighting, geo_soft=loss.geo_soft,
-                   geo_soft_km=loss.geo_soft_km)
+    @property
+    def has_blocked_kernel(self) -> bool:
+        """Whether ``forward_points`` computes this loss (the paper's weighting, no geo-soft term)."""
+        return self.weighting == "paper" and self.geo_soft == 0
 
     def _register(self, name: str, value: float, learnable: bool) -> None:
         tensor = torch.tensor(value, dtype=torch.float32)
@@ -351,7 +321,7 @@ class GWHInfoNCE(nn.Module):
         c: float = 1.0,
     ) -> dict:
         """The same loss as ``forward`` (same dict), computed from the points on the Poincare ball without any
-        (B, N_l) tensor: hierloc.geometry._gwh_blocked (entity tiles folded into running log-sum-exp statistics,
+        (B, N_l) tensor: hierloc.training.blocked_loss (entity tiles folded into running log-sum-exp statistics,
         recomputed tile by tile in backward). Memory O((B + N_l) D) instead of several (B, N_l) buffers.
 
         Args:
@@ -362,6 +332,8 @@ class GWHInfoNCE(nn.Module):
                 great-circle distance 2 R asin(|u - v| / 2) feeds the weights, as in the training step.
             c: the ball's curvature magnitude.
         """
+        if not self.has_blocked_kernel:
+            raise ValueError("the blocked loss implements the paper's weighting without geo-soft targets")
         self._check_points(points, entity_points, targets, image_units, entity_units)
         tau = self.temperature()
         use_weights = image_units is not None and not self._plain
@@ -437,5 +409,5 @@ class GWHInfoNCE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, kernel={self.kernel!r}, learn_tau={self.learn_tau}, "
-                f"learn_weights={self.learn_weights}, betas={self.betas.tolist()}, blocked={self.blocked}, "
+                f"learn_weights={self.learn_weights}, betas={self.betas.tolist()}, "
                 f"weighting={self.weighting!r}")

@@ -66,7 +66,8 @@ from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model.network import mlp, sphere_encoding
 from hierloc.training import checkpoint as ckpt
 from hierloc.training import features as feature_cache
-from hierloc.training.train import base_learning_rates, build_encoder, plan_steps, seed_everything, train_step
+from hierloc.training.run import build_encoder
+from hierloc.training.step import base_learning_rates, plan_steps, seed_everything, train_step
 
 log = logging.getLogger(__name__)
 

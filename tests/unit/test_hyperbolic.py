@@ -16,7 +16,7 @@ import mpmath
 import pytest
 import torch
 
-from hierloc.geometry import _kernels, hyperbolic
+from hierloc.geometry import hyperbolic, kernels
 
 # geoopt's jit-scripted helpers warn on import under torch >= 2.9; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -291,7 +291,7 @@ def test_blocks_of_columns_do_not_change_values_or_gradients(monkeypatch, dtype,
     y = with_close_pairs(x, ball_points(45, 16, dtype, c))
     y = y[torch.randperm(y.shape[0])]
     weights = torch.rand(x.shape[0], y.shape[0], dtype=torch.float64)
-    monkeypatch.setattr(_kernels, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(kernels, "_BLOCK_ELEMENTS", block_elements)
     reference = reference_dist(x[:, None, :], y[None, :, :], c)
     xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
     d2 = hyperbolic.pairwise_sqdist(xg, yg, c=c)
@@ -331,7 +331,7 @@ def test_the_search_for_pairs_to_recompute_finds_exactly_the_entries_below_their
     torch.manual_seed(n_cols)
     values = torch.rand(9, n_cols) + 1.0
     limits = torch.tensor([1.0, 1.002, 1.5, 0.0, 2.5, 1.01, 1.3, 1.0, 1.05]).unsqueeze(1)
-    found = _kernels._below(values, limits)
+    found = kernels._below(values, limits)
     expected = (values < limits).nonzero()
     got = torch.stack(found, 1) if found is not None else torch.empty(0, 2, dtype=torch.long)
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))

@@ -17,15 +17,23 @@ import torch.nn.functional as F
 
 from hierloc.geometry import geodesy
 from hierloc.geometry import hyperbolic
-from hierloc.training.losses import KERNELS, GWHInfoNCE, kernel_values, level_log_probs, weighted_cross_entropy
+from hierloc.config import KERNELS, LAM_RANGE, SIGMA_RANGE_KM, TAU_RANGE, LossConfig
+from hierloc.training.losses import GWHInfoNCE, kernel_values, level_log_probs, weighted_cross_entropy
 
 # ================================================================================================ GWH-InfoNCE
 
 
+def gwh(n_levels: int = 4, **options) -> GWHInfoNCE:
+    """The loss of a `[loss]` section with these values; lambda and sigma learnable unless told (the tests check
+    their gradients), `n_levels` levels of weight 1 unless betas are given."""
+    options = {"learn_weights": True, "betas": [1.0] * n_levels, **options}
+    return GWHInfoNCE(LossConfig(**options))
+
+
 def make_loss(**kwargs) -> GWHInfoNCE:
-    defaults = dict(n_levels=1, tau=0.5, lam=1.0, sigma_km=200.0, betas=(1.0,))
+    defaults = dict(n_levels=1, tau=0.5, lam=1.0, sigma_km=200.0)
     defaults.update(kwargs)
-    return GWHInfoNCE(**defaults)
+    return gwh(**defaults)
 
 
 def random_batch(batch=6, sizes=(3, 5, 8, 13), seed=0):
@@ -102,16 +110,9 @@ def test_logit_weighting_gradients_near_the_boundary_match_the_composed_formula(
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-8)
 
 
-def test_logit_weighting_is_refused_with_the_blocked_kernel_and_unknown_names():
-    with pytest.raises(ValueError, match="blocked"):
-        make_loss(weighting="logit", blocked=True)
-    with pytest.raises(ValueError, match="weighting"):
-        make_loss(weighting="margin")
-
-
 def test_lambda_zero_is_exactly_plain_hyperbolic_infonce():
     sqdists, targets, geo = random_batch()
-    loss = GWHInfoNCE(tau=0.2, lam=0.0, learn_weights=False)
+    loss = gwh(tau=0.2, lam=0.0, learn_weights=False)
     out = loss(sqdists, targets, geo)
     tau = loss.temperature()
     expected = [F.cross_entropy(-d / tau, targets[:, level]) for level, d in enumerate(sqdists)]
@@ -125,7 +126,7 @@ def test_lambda_zero_is_exactly_plain_hyperbolic_infonce():
 
 def test_without_distances_the_weights_are_one():
     sqdists, targets, _ = random_batch()
-    loss = GWHInfoNCE(tau=0.2, lam=3.0)
+    loss = gwh(tau=0.2, lam=3.0)
     tau = loss.temperature()
     expected = sum(F.cross_entropy(-d / tau, targets[:, level]) for level, d in enumerate(sqdists))
     torch.testing.assert_close(loss(sqdists, targets, None)["loss"], expected)
@@ -135,10 +136,10 @@ def test_ignored_targets_are_left_out_of_the_average():
     sqdists, targets, geo = random_batch(batch=8)
     targets[[1, 4, 6], 2] = -1  # three images without a subregion
     targets[:, 3] = -1  # no image has a city
-    loss = GWHInfoNCE(tau=0.3, lam=1.5)
+    loss = gwh(tau=0.3, lam=1.5)
     out = loss(sqdists, targets, geo)
     keep = torch.tensor([0, 2, 3, 5, 7])
-    single = GWHInfoNCE(n_levels=1, tau=0.3, lam=1.5, betas=(1.0,))
+    single = gwh(n_levels=1, tau=0.3, lam=1.5, betas=(1.0,))
     expected_level2 = single([sqdists[2][keep]], targets[keep][:, 2:3], [geo[2][keep]])["loss"]
     torch.testing.assert_close(out["level_losses"][2], expected_level2)
     assert out["level_losses"][3].item() == 0.0
@@ -158,15 +159,15 @@ def test_a_level_with_a_single_entity_costs_nothing():
 def test_betas_weight_the_level_losses():
     sqdists, targets, geo = random_batch()
     betas = (1.0, 0.0, 2.0, 0.5)
-    out = GWHInfoNCE(betas=betas, lam=1.0)(sqdists, targets, geo)
-    unweighted = GWHInfoNCE(lam=1.0)(sqdists, targets, geo)
+    out = gwh(betas=betas, lam=1.0)(sqdists, targets, geo)
+    unweighted = gwh(lam=1.0)(sqdists, targets, geo)
     torch.testing.assert_close(out["level_losses"], unweighted["level_losses"])
     torch.testing.assert_close(out["loss"], sum(b * l for b, l in zip(betas, unweighted["level_losses"])))
 
 
 def test_float64_inputs_agree_with_float32():
     sqdists, targets, geo = random_batch(seed=3)
-    loss = GWHInfoNCE(tau=0.07, lam=4.0, sigma_km=80.0)
+    loss = gwh(tau=0.07, lam=4.0, sigma_km=80.0)
     out32 = loss(sqdists, targets, geo)
     out64 = loss([d.double() for d in sqdists], targets, [g.double() for g in geo])
     assert out64["loss"].dtype == torch.float32  # computed in float32 whatever the input
@@ -212,7 +213,7 @@ def test_gradients_are_finite_through_pairwise_sqdist_near_the_boundary():
     images.requires_grad_()
     entity_params = [e.clone().requires_grad_() for e in entities]
     geo = [torch.rand(6, n) * 2000.0 for n in sizes]
-    loss = GWHInfoNCE(tau=0.05, lam=1.0)
+    loss = gwh(tau=0.05, lam=1.0)
     out = loss([hyperbolic.pairwise_sqdist(images, e) for e in entity_params], targets, geo)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
@@ -221,9 +222,9 @@ def test_gradients_are_finite_through_pairwise_sqdist_near_the_boundary():
 
 
 def test_learnable_and_fixed_parameters():
-    learn = GWHInfoNCE()
+    learn = gwh()
     assert {name for name, _ in learn.named_parameters()} == {"log_tau", "log_lam", "log_sigma"}
-    fixed = GWHInfoNCE(learn_tau=False, learn_weights=False)
+    fixed = gwh(learn_tau=False, learn_weights=False)
     assert list(fixed.parameters()) == []
     assert {"log_tau", "log_lam", "log_sigma", "betas"} <= {name for name, _ in fixed.named_buffers()}
     assert fixed.temperature().item() == pytest.approx(0.1)
@@ -234,38 +235,32 @@ def test_learnable_and_fixed_parameters():
 def test_lambda_and_sigma_gradients_push_towards_plain_infonce():
     # Documented caveat: w >= 1 only adds to the denominator, so dL/dlambda >= 0 and dL/dsigma >= 0.
     for kernel in KERNELS:
-        loss = GWHInfoNCE(lam=1.0, kernel=kernel)
+        loss = gwh(lam=1.0, kernel=kernel)
         loss(*random_batch(seed=5))["loss"].backward()
         assert loss.log_lam.grad.item() > 0
         assert loss.log_sigma.grad.item() > 0
 
 
-def test_parameters_are_clamped_to_their_ranges():
-    loss = GWHInfoNCE(tau_range=(0.05, 2.0), lam_range=(0.5, 4.0), sigma_range_km=(20.0, 900.0))
+@pytest.mark.parametrize("end", [0, 1])
+def test_parameters_are_clamped_to_the_configs_ranges(end):
+    """The config owns the ranges (hierloc.config TAU_RANGE, LAM_RANGE, SIGMA_RANGE_KM): a parameter pushed past
+    either end is read at that end and receives no gradient there."""
+    loss = gwh()
+    beyond = 30.0 if end else -30.0
     with torch.no_grad():
-        loss.log_tau.fill_(10.0)
-        loss.log_lam.fill_(-10.0)
-        loss.log_sigma.fill_(10.0)
-    assert loss.temperature().item() == pytest.approx(2.0)
-    assert loss.lam().item() == pytest.approx(0.5)
-    assert loss.sigma_km().item() == pytest.approx(900.0)
+        for name in ("log_tau", "log_lam", "log_sigma"):
+            getattr(loss, name).fill_(beyond)
+    assert loss.temperature().item() == pytest.approx(TAU_RANGE[end])
+    assert loss.lam().item() == pytest.approx(LAM_RANGE[end])
+    assert loss.sigma_km().item() == pytest.approx(SIGMA_RANGE_KM[end])
     loss(*random_batch())["loss"].backward()
-    assert loss.log_tau.grad.item() == 0.0  # stuck at the bound: no gradient
-    with pytest.raises(ValueError, match="outside its range"):
-        GWHInfoNCE(tau=20.0)
-    with pytest.raises(ValueError, match="range"):
-        GWHInfoNCE(lam_range=(0.0, 1.0))
+    for name in ("log_tau", "log_lam", "log_sigma"):
+        assert getattr(loss, name).grad.item() == 0.0  # stuck at the bound: no gradient
 
 
-def test_bad_arguments_and_inputs_are_rejected():
-    with pytest.raises(ValueError, match="kernel"):
-        GWHInfoNCE(kernel="cauchy")
-    with pytest.raises(ValueError, match="learn_weights"):
-        GWHInfoNCE(lam=0.0)
-    with pytest.raises(ValueError, match="betas"):
-        GWHInfoNCE(betas=(1.0, 1.0))
+def test_bad_inputs_are_rejected():
     sqdists, targets, geo = random_batch()
-    loss = GWHInfoNCE()
+    loss = gwh()
     with pytest.raises(ValueError, match="levels"):
         loss(sqdists[:3], targets, geo)
     bad = targets.clone()
@@ -284,7 +279,7 @@ def test_level_log_probs_is_a_plain_log_softmax_over_negative_squared_distances(
     torch.testing.assert_close(log_p, F.log_softmax(-d / 0.25, dim=1))
     torch.testing.assert_close(log_p.exp().sum(1), torch.ones(2))
     assert log_p.argmax(1).tolist() == [0, 2]  # the nearest entity is the most probable
-    loss = GWHInfoNCE(tau=0.25)
+    loss = gwh(tau=0.25)
     torch.testing.assert_close(level_log_probs(d.double(), loss.temperature()), log_p)
 
 
@@ -430,7 +425,7 @@ def test_laplace_log_weights_are_log1p_of_the_extra_weight_with_the_positive_at_
     torch.manual_seed(4)
     g = torch.cat([torch.rand(5, 7) * 3000, torch.zeros(5, 1), torch.full((5, 1), 2e4)], dim=1)
     target = torch.tensor([0, 6, -1, 3, 2])
-    loss = GWHInfoNCE(lam=2.5, sigma_km=250.0, learn_weights=learn_weights)
+    loss = gwh(lam=2.5, sigma_km=250.0, learn_weights=learn_weights)
     got = loss.log_weights(g, target)
     want = torch.log1p(2.5 * torch.exp(-g.double() / 250.0))
     want[torch.arange(5), target.clamp_min(0)] = 0.0
@@ -520,11 +515,13 @@ def _geo_soft_reference_t(d, tau, geo, target, scale_km):
     return -(kernel * torch.log_softmax(-d[valid] / tau, dim=-1)).sum(-1).mean()
 
 
-def test_geo_soft_is_refused_with_the_blocked_kernel_and_out_of_range():
-    with pytest.raises(ValueError, match="geo_soft"):
-        make_loss(geo_soft=0.5, blocked=True)
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="geo_soft"):
-            make_loss(geo_soft=bad)
-    with pytest.raises(ValueError, match="geo_soft"):
-        make_loss(geo_soft=0.5, geo_soft_km=0.0)
+def test_the_blocked_kernel_refuses_the_losses_it_does_not_implement():
+    """The config refuses loss.blocked=true with these (and geo_soft out of range; tests/test_config.py); the class
+    refuses them too."""
+    points = hyperbolic.expmap0(torch.randn(3, 4) * 0.3)
+    for options in (dict(weighting="logit"), dict(geo_soft=0.2)):
+        loss = make_loss(**options)
+        assert not loss.has_blocked_kernel
+        with pytest.raises(ValueError, match="blocked loss"):
+            loss.forward_points(points, [points], torch.tensor([[0], [1], [2]]))
+    assert make_loss().has_blocked_kernel

@@ -48,7 +48,8 @@ import math
 import torch
 
 from gazetteer.geo import EARTH_RADIUS_KM
-from hierloc.geometry import _kernels as kern
+from hierloc.config import KERNELS
+from hierloc.geometry import kernels as kern
 
 _TILE_ELEMENTS = 1 << 17  # elements per tile (rows x columns): 512 KB per float32 buffer
 _LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
@@ -59,7 +60,7 @@ _ROW_TILE = 256  # rows per tile (larger batches are tiled in rows too: the colu
 def blocked_level_loss(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, *, c: float,
                        floor: float, image_units: torch.Tensor | None = None,
                        entity_units: torch.Tensor | None = None, lam: torch.Tensor | None = None,
-                       sigma: torch.Tensor | None = None, kernel: str = "laplace",
+                       sigma: torch.Tensor | None = None, kernel: str,
                        block: int | None = None, row_block: int | None = None) -> torch.Tensor:
     """One level's GWH-InfoNCE from the points -> scalar, the mean over the rows with a target (0 if none).
 
@@ -106,8 +107,8 @@ class _Tiles:
         self._zero, self._minus_one = (torch.full((), v, dtype=self.dtype, device=x.device) for v in (0.0, -1.0))
         self.weighted = lam is not None
         if self.weighted:
-            if kernel not in ("laplace", "gaussian", "inverse"):
-                raise ValueError(f"unknown kernel {kernel!r}")
+            if kernel not in KERNELS:
+                raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
             self.image_units, self.entity_units = image_units.to(self.dtype), entity_units.to(self.dtype)
             self.lam, self.log_lam = lam, math.log(lam)
             self.k = 2.0 * EARTH_RADIUS_KM / sigma  # g / sigma = k asin(sqrt((1 - u.v) / 2))
