@@ -175,7 +175,10 @@ def setting(default: Any, check: Any) -> Any:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A number as written: integral values without ".0", others in full (repr)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 POSITIVE = Range(0.0, low_open=True)
@@ -301,7 +304,7 @@ class TrainConfig:
     warmup_frac: float = setting(0.05, FRACTION)        # linear warm-up over this fraction of the steps, then cosine to 0
     grad_clip: float = setting(1.0, POSITIVE)
     num_workers: int = setting(2, Range(0, 256, integer=True))
-    seed: int = setting(0, Range(0, 2**63 - 1, integer=True))
+    seed: int = setting(0, Range(0, None, integer=True))
     checkpoint_every: int = setting(0, Range(0, None, integer=True, meaning="0: once per epoch"))        # steps between checkpoints (0: once per epoch and at the end)
     log_every: int = setting(20, POSITIVE_INT)
     amp: bool = setting(True, Flag())                 # bf16 autocast around the encoder on CUDA only; hyperbolic maths stays fp32
@@ -519,7 +522,12 @@ def from_dict(data: dict, source: str = "config") -> Config:
                 close = difflib.get_close_matches(key, list(types), n=1)
                 hint = f" (did you mean {section}.{close[0]}?)" if close else ""
                 raise InputError(f"{source}: unknown key {section}.{key}{hint}")
-            setattr(target, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+            try:
+                setattr(target, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+            except InputError:
+                check = {f.name: f.metadata["check"] for f in dataclasses.fields(target)}[key]
+                raise InputError(f"{source}: {section}.{key}={_show(value)} is not valid: expected "
+                                 f"{check.describe()}") from None
     model_keys = data.get("model")
     cfg.model.apply_backbone_rules(set(model_keys) if isinstance(model_keys, dict) else set())
     return cfg.validate(source)

@@ -325,7 +325,7 @@ def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, t
                 continue
             results[name] = {}
             for split, (table, truth) in tests.items():
-                pred = model.predict_table(table, beam=cfg.inference.beam, flat=flat, progress=False)
+                pred = model.predict_table(table, flat=flat, progress=False)
                 results[name][split] = {**score(pred, truth, table, path_metrics), **extra}
         del model
     return {row: results[row] for row in rows}

@@ -14,9 +14,10 @@ import pytest
 
 from gazetteer import Gazetteer
 from hierloc.cli import build_parser, main, parse_args
-from hierloc.config import Config, InferenceConfig, load_config
+from hierloc.config import Config, load_config
 from hierloc.inference import explain as X
 from hierloc.inference.predictor import HierLoc
+from hierloc.serve.app import EXPLAIN_DEFAULTS, PREDICT_DEFAULTS
 from hierloc.training import checkpoint as ckpt
 from hierloc.version import __version__
 from tests.conftest import TINY_OVERRIDES
@@ -64,10 +65,13 @@ def test_bad_rows_are_one_option_everywhere():
 
 
 def test_one_top_k_default():
+    """Every command that keeps alternatives defaults --top-k to the model's inference.top_k (None here, resolved
+    once by `HierLoc.search_options`), as serve's options do."""
     defaults = {name: c._option_string_actions["--top-k"].default for name, c in _commands().items()
                 if "--top-k" in c._option_string_actions}
     assert set(defaults) >= {"predict", "explain"}
-    assert set(defaults.values()) == {InferenceConfig.top_k}
+    assert set(defaults.values()) == {None}
+    assert PREDICT_DEFAULTS["top_k"] is EXPLAIN_DEFAULTS["top_k"] is None
 
 
 def test_beam_defaults_to_the_model():

@@ -186,7 +186,7 @@ def test_read_concept_columns_aligns_with_requested_rows(tmp_path):
 # ------------------------------------------------------------------------------------------- head and loss
 def test_concept_head_shapes_and_zero_bottleneck_at_initialisation():
     torch.manual_seed(0)
-    head = C.ConceptHead(feature_dim=12, n_concepts=5, embed_dim=4, hidden=8)
+    head = C.ConceptHead(feature_dim=12, n_concepts=5, embed_dim=4, hidden=8, dropout=0.1)
     logits, delta = head(torch.randn(3, 12))
     assert logits.shape == (3, 5) and delta.shape == (3, 4)
     assert torch.equal(delta, torch.zeros(3, 4))
@@ -194,7 +194,7 @@ def test_concept_head_shapes_and_zero_bottleneck_at_initialisation():
 
 def test_tangent_delta_is_a_linear_map_of_centred_concept_probabilities():
     torch.manual_seed(0)
-    head = C.ConceptHead(feature_dim=6, n_concepts=3, embed_dim=2, hidden=8).eval()
+    head = C.ConceptHead(feature_dim=6, n_concepts=3, embed_dim=2, hidden=8, dropout=0.1).eval()
     with torch.no_grad():
         head.to_tangent.weight.copy_(torch.randn(2, 3))
     feats = torch.randn(4, 6)
@@ -204,7 +204,7 @@ def test_tangent_delta_is_a_linear_map_of_centred_concept_probabilities():
 
 
 def test_bottleneck_weight_receives_gradient_from_the_tangent_path():
-    head = C.ConceptHead(feature_dim=6, n_concepts=3, embed_dim=2, hidden=8)
+    head = C.ConceptHead(feature_dim=6, n_concepts=3, embed_dim=2, hidden=8, dropout=0.1)
     _, delta = head(torch.randn(4, 6))
     delta.sum().backward()
     assert head.to_tangent.weight.grad.abs().sum() > 0

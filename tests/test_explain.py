@@ -133,7 +133,8 @@ def test_explain_images_with_a_concept_head_gives_reasons_from_the_profiles(tiny
     hl = HierLoc.from_pretrained(tiny_model_dir, device="cpu")
     vocab = ConceptVocabulary.load()
     torch.manual_seed(0)
-    hl.model.concept_head = ConceptHead(hl.model.feature_dim, len(vocab), hl.cfg.model.embed_dim, hidden=16)
+    hl.model.concept_head = ConceptHead(hl.model.feature_dim, len(vocab), hl.cfg.model.embed_dim, hidden=16,
+                                        dropout=0.0)
     rng = np.random.default_rng(0)
     profiles = rng.uniform(0, 1, (hl.model.n_entities, len(vocab))).astype(np.float32)
     images = _photos(shared_data_dir)

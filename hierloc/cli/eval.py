@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                                         lat_col=args.lat_col, lon_col=args.lon_col, on_bad=on_bad)
         model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration,
                                         allow_download=args.allow_download)
-        beam = args.beam if args.beam is not None else model.cfg.inference.beam
+        beam = model.search_options(args.beam)[0]
         summary = evaluate.evaluate_model(model, table, beam=beam, flat=args.flat, min_prob=args.min_prob,
                                           max_level=args.max_level, missing=args.missing,
                                           batch_size=args.batch_size, num_workers=args.workers,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from gazetteer.atomic import atomic_write_text
 from hierloc.cli import HelpFormatter, parse_point
-from hierloc.cli.predict import TOP_K
 from hierloc.errors import InputError
 from hierloc.inference.answers import check_options
 
@@ -32,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes), or a hub id of one in the local cache")
     p.add_argument("--allow-download", action="store_true",
                    help="fetch a --model hub id that is not in the local cache (off: never download silently)")
-    p.add_argument("--top-k", type=int, default=TOP_K, help="top paths to search (alternatives on the map and in JSON)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="top paths to search (alternatives on the map and in JSON; default: the model's)")
     p.add_argument("--beam", type=int, default=None, help="beam width per level (default: the model's)")
     p.add_argument("--runners-up", type=int, default=2, help="runner-ups shown per level")
     p.add_argument("--reasons", type=int, default=3, help="supporting concepts shown per level")
@@ -87,7 +87,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from hierloc.inference.predictor import HierLoc
 
     truth = _parse_truth(args.truth)
-    check_options(args.min_prob, "city", "ignore", args.beam or 1, args.top_k)
+    check_options(args.min_prob, "city", "ignore", args.beam, args.top_k)
     paths = expand_inputs(args.images, image_root=args.image_root, image_col=args.image_col)
     if truth is not None and len(paths) != 1:
         raise InputError("--truth: give exactly one image with it")

@@ -9,12 +9,10 @@ import sys
 
 from gazetteer.atomic import atomic_open
 from hierloc.cli import HelpFormatter
-from hierloc.config import InferenceConfig
 from hierloc.errors import InputError
 from hierloc.inference.answers import check_options
 from hierloc.inference.outputs import RunSummary, make_writer, search_settings, summary_line
 
-TOP_K = InferenceConfig.top_k  # one default for every command that keeps alternatives (predict, explain)
 
 EPILOG = """\
 inputs: image files, directories (searched recursively), glob patterns ('photos/**/*.jpg', quoted), CSV files
@@ -42,8 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="trained model directory (what `hierloc train` writes), or a hub id of one in the local cache")
     p.add_argument("--allow-download", action="store_true",
                    help="fetch a --model hub id that is not in the local cache (off: never download silently)")
-    p.add_argument("--top-k", type=int, default=TOP_K,
-                   help="paths kept per image: the answer + top-k - 1 alternatives")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="paths kept per image: the answer + top-k - 1 alternatives (default: the model's "
+                        "inference.top_k)")
     p.add_argument("--beam", type=int, default=None, help="beam width per level (default: the model's inference.beam)")
     p.add_argument("--flat", action="store_true", help="nearest city over all cities instead of beam search "
                                                        "(ablation)")
@@ -94,22 +93,22 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: expected an integer >= 0")
-    check_options(args.min_prob, args.max_level, args.exif, args.beam or 1, args.top_k)
+    check_options(args.min_prob, args.max_level, args.exif, args.beam, args.top_k)
     paths = expand_inputs(args.images, image_root=args.image_root, image_col=args.image_col)
     out = None if args.out == "-" else args.out
     if out:
         _check_output_is_not_an_input(out, args.images, paths)
     model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration,
                                     allow_download=args.allow_download)
-    beam = args.beam if args.beam is not None else model.cfg.inference.beam
+    beam, top_k = model.search_options(args.beam, args.top_k)
     description = model.describe()
-    description["search"] = search_settings(args.flat, beam, args.top_k, args.min_prob, args.max_level, args.exif)
+    description["search"] = search_settings(args.flat, beam, top_k, args.min_prob, args.max_level, args.exif)
     summary = RunSummary()
     output = atomic_open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout)
     try:
         with output as stream:
             writer = make_writer(args.format, stream, description)
-            for record in model.iter_predict(paths, top_k=args.top_k, beam=beam, flat=args.flat,
+            for record in model.iter_predict(paths, top_k=top_k, beam=beam, flat=args.flat,
                                              min_prob=args.min_prob, max_level=args.max_level, exif=args.exif,
                                              batch_size=args.batch_size, num_workers=args.workers,
                                              progress=not args.no_progress, coverage=args.coverage):

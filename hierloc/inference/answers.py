@@ -190,8 +190,9 @@ def deepest_entity(paths: np.ndarray) -> np.ndarray:
     return np.asarray(paths).max(axis=1)
 
 
-def check_options(min_prob: float | None, max_level: str, exif: str, beam: int | None, top_k: int) -> int:
-    """InputError for an invalid prediction option; returns the index of `max_level`."""
+def check_options(min_prob: float | None, max_level: str, exif: str, beam: int | None, top_k: int | None) -> int:
+    """InputError for an invalid prediction option (beam, top_k None: the model's); returns the index of
+    `max_level`."""
     if max_level not in LEVELS:
         raise InputError(f"max_level {max_level!r}: expected one of {', '.join(LEVELS)}")
     if min_prob is not None and not 0.0 <= float(min_prob) <= 1.0:
@@ -200,6 +201,6 @@ def check_options(min_prob: float | None, max_level: str, exif: str, beam: int |
         raise InputError(f"exif {exif!r}: expected one of {', '.join(EXIF_MODES)}")
     if beam is not None and int(beam) < 1:
         raise InputError(f"beam {beam!r}: expected an integer >= 1")
-    if int(top_k) < 1:
+    if top_k is not None and int(top_k) < 1:
         raise InputError(f"top_k {top_k!r}: expected an integer >= 1")
     return LEVELS.index(max_level)

@@ -338,7 +338,7 @@ def calibrate_table(model, table, beam: int | None = None, flat: bool = True, ba
         fields["familiarity"] = fitted.to_dict()
     names = [Path(one.source).name if one.source else "<table>" for one in tables_in]
     return modeldir.Calibration(**fields, fitted_on=", ".join(names), n=int(points.shape[0]), n_unlike=n_unlike,
-                                beam=int(beam or model.cfg.inference.beam))
+                                beam=model.search_options(beam)[0])
 
 
 def _write_model_per_sample(out_path, gaz, table, predictions: dict, per_row: dict) -> None:

@@ -338,7 +338,7 @@ def load_concept_parts(hl, model_dir: str | Path | None):
     return vocabulary, profiles
 
 
-def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, top_k: int = 5,
+def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, top_k: int | None = None,
                    beam: int | None = None, n_reasons: int = 3, n_runners_up: int = 2, batch_size: int = 16,
                    candidates: str = "siblings", vocabulary=None, profiles: np.ndarray | None = None,
                    exif: str = "compare", min_prob: float | None = None) -> list[Explanation]:
@@ -417,7 +417,7 @@ def cut_levels(levels: list[LevelExplanation], min_prob: float | None) -> list[L
 
 
 @torch.no_grad()
-def _search_batch(hl, pixels: torch.Tensor, beam: int | None, top_k: int, vocabulary):
+def _search_batch(hl, pixels: torch.Tensor, beam: int | None, top_k: int | None, vocabulary):
     """(B, 3, S, S) pixels -> (per level (B, N_l) squared distances as numpy, the search's SearchResult, concept
     probabilities (B, K) as numpy or None without a vocabulary)."""
     model = hl.model

@@ -82,7 +82,8 @@ class CachedSearch:
     def __getattr__(self, name):
         return getattr(self._predictor, name)
 
-    def search_points(self, points: torch.Tensor, beam=None, top_k: int = 5, flat: bool = False, temperatures=None,
+    def search_points(self, points: torch.Tensor, beam=None, top_k: int | None = None, flat: bool = False,
+                      temperatures=None,
                       coverage=None, novelty=None):
         mine = points.device == self.points.device and \
             points.untyped_storage().data_ptr() == self.points.untyped_storage().data_ptr()
@@ -94,7 +95,7 @@ class CachedSearch:
             self._distances[key] = self._predictor.model.level_sqdists(points, self._predictor.entity_points())
         model = self._predictor.model
         return flat_search(self._distances[key], model.entity_parents, model.level_offsets, self._predictor.tau,
-                           top_k=top_k, temperatures=temperatures, coverage=coverage)
+                           top_k=self._predictor.search_options(beam, top_k)[1], temperatures=temperatures, coverage=coverage)
 
 
 def entry_statistics(sets: list, true_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -281,6 +282,6 @@ class _AtTemperatures:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def search_points(self, points, beam=None, top_k=5, flat=False, temperatures=None, coverage=None, novelty=None):
+    def search_points(self, points, beam=None, top_k=None, flat=False, temperatures=None, coverage=None, novelty=None):
         return self._model.search_points(points, beam=beam, top_k=top_k, flat=flat,
                                          temperatures=self._temperatures, coverage=coverage)

@@ -105,7 +105,7 @@ class HierLoc:
         """Metrics of a model in training on a labelled CSV (what `hierloc train --val-csv` reports per epoch;
         passed to `hierloc.training.train.train` as its `validate`)."""
         predictor = cls(cfg, model, loss_state, encoder.to(device), gaz, device=device)
-        return predictor.evaluate_csv(csv_path, image_root=None, beam=cfg.inference.beam, progress=False)
+        return predictor.evaluate_csv(csv_path, image_root=None, progress=False)
 
     @classmethod
     def calibrate_model_dir(cls, model_dir: str | Path, csv_path, device: torch.device | str = "auto",
@@ -271,8 +271,16 @@ class HierLoc:
             self._search_index = (EntityDistances(points, c=c), children)
         return self._search_index
 
+    def search_options(self, beam: int | None = None, top_k: int | None = None) -> tuple[int, int]:
+        """(beam, top_k) as given, or this model's inference.beam / inference.top_k where None: the one place the
+        search's defaults are applied (the commands, serve, explain, eval and calibration pass None for "the
+        model's")."""
+        return (self.cfg.inference.beam if beam is None else int(beam),
+                self.cfg.inference.top_k if top_k is None else int(top_k))
+
     @torch.no_grad()
-    def search_points(self, points: torch.Tensor, beam: int | None = None, top_k: int = 5, flat: bool = False,
+    def search_points(self, points: torch.Tensor, beam: int | None = None, top_k: int | None = None,
+                      flat: bool = False,
                       temperatures=None, coverage=None, novelty=None):
         """(B, D) image points -> `hierloc.inference.search.SearchResult` (paths (B, K, 4) global ids, level_probs,
         scores, and with a calibration by familiarity radius90_km (B,)).
@@ -283,6 +291,7 @@ class HierLoc:
         `report_temperatures(flat)`); they never change the paths or the scores. coverage: prediction sets
         (`SearchResult.sets`) of that coverage (one value or one per level). novelty: (B,) the images'
         `feature_novelty`, which a familiarity calibration needs."""
+        beam, top_k = self.search_options(beam, top_k)
         fitted = self.search_calibration(flat) if temperatures is None else None
         if fitted is not None:   # the model's own probabilities, recalibrated below (`familiarity`)
             temperatures = [1.0] * N_LEVELS
@@ -295,13 +304,13 @@ class HierLoc:
                                  temperatures=temperatures, coverage=search_coverage)
         else:
             distances, children = self.search_index()
-            result = beam_search(points, distances, children, self.tau, beam=beam or self.cfg.inference.beam,
+            result = beam_search(points, distances, children, self.tau, beam=beam,
                                  top_k=top_k, temperatures=temperatures, coverage=search_coverage)
         if fitted is not None and points.shape[0]:
             calibrate_result(fitted, result, self.familiarity_features(points, novelty), coverage)
         return result
 
-    def predict(self, images, top_k: int = 5, beam: int | None = None, flat: bool = False,
+    def predict(self, images, top_k: int | None = None, beam: int | None = None, flat: bool = False,
                 min_prob: float | None = None, max_level: str = "city", exif: str = "compare",
                 batch_size: int = 64, num_workers: int = 0, on_error: str = "raise",
                 progress: bool = False, coverage: float | None = None) -> list:
@@ -321,7 +330,7 @@ class HierLoc:
             out.append(record)
         return out
 
-    def iter_predict(self, images, top_k: int = 5, beam: int | None = None, flat: bool = False,
+    def iter_predict(self, images, top_k: int | None = None, beam: int | None = None, flat: bool = False,
                      min_prob: float | None = None, max_level: str = "city", exif: str = "compare",
                      batch_size: int = 64, num_workers: int = 0, progress: bool = False,
                      coverage: float | None = None) -> Iterator[Prediction | Failure]:
@@ -331,17 +340,18 @@ class HierLoc:
         images, `hierloc.data.encoded.EncodedImage`s (image files held in memory: decoded in this process, with
         the same guards and pixels as the files, answers named by their `name`), or a (B, 3, H, W) / (3, H, W) tensor of pixels already preprocessed for this model
         (`preprocess`). top_k: number of paths kept (the answer + top_k - 1 alternatives); beam: beam width
-        (default: the model's inference.beam); flat: nearest city over all cities instead of the beam;
+        (None: the model's inference.top_k / inference.beam, `search_options`); flat: nearest city over all cities instead of the beam;
         min_prob / max_level / exif: see the module docstring. progress: a tqdm bar on stderr. coverage: per
         level down to max_level, the prediction set of that coverage (`Prediction.sets`: the smallest set of
         candidates whose reported probabilities reach it; calibrate the model for sets that keep their promise).
         """
         max_level_index = check_options(min_prob, max_level, exif, beam, top_k)
+        beam, top_k = self.search_options(beam, top_k)
         if coverage is not None and not (isinstance(coverage, (int, float)) and 0.0 < float(coverage) < 1.0):
             raise InputError(f"coverage {coverage!r}: expected a probability in (0, 1), e.g. 0.9")
         if batch_size < 1:
             raise InputError(f"batch_size {batch_size!r}: expected an integer >= 1")
-        options = {"top_k": int(top_k), "beam": beam, "flat": flat, "min_prob": min_prob, "coverage": coverage,
+        options = {"top_k": top_k, "beam": beam, "flat": flat, "min_prob": min_prob, "coverage": coverage,
                    "max_level": max_level_index}
         if isinstance(images, torch.Tensor):
             pixels = images if images.ndim == 4 else images.unsqueeze(0)

@@ -263,7 +263,7 @@ def _dense_sets(logp: torch.Tensor, offset: int, coverage: float) -> list[tuple[
 
 @torch.no_grad()
 def beam_search(points: torch.Tensor, distances: CandidateDistances, children: ChildIndex, tau: float,
-                beam: int = 10, top_k: int = 5, chunk: int = 256, temperatures=None,
+                beam: int, top_k: int, chunk: int = 256, temperatures=None,
                 coverage=None) -> SearchResult:
     """Beam search down the tree, measuring only the candidates.
 
@@ -393,7 +393,7 @@ def _segment_log_softmax(logits: torch.Tensor, segment: torch.Tensor, n_segments
 
 @torch.no_grad()
 def beam_search_dense(level_sqdists: list[torch.Tensor], parents_local: list[torch.Tensor], level_offsets: list[int],
-                      tau: float, beam: int = 10, top_k: int = 5, temperatures=None) -> SearchResult:
+                      tau: float, beam: int, top_k: int, temperatures=None) -> SearchResult:
     """Reference beam search on full distance matrices (every entity of every level measured, then masked).
 
     level_sqdists: per level (B, N_l) squared distances; parents_local: from `local_parents`.
@@ -455,7 +455,7 @@ def beam_search_dense(level_sqdists: list[torch.Tensor], parents_local: list[tor
 
 @torch.no_grad()
 def flat_search(level_sqdists: list[torch.Tensor], parents: torch.Tensor, level_offsets: list[int], tau: float,
-                top_k: int = 5, temperatures=None, coverage=None) -> SearchResult:
+                top_k: int, temperatures=None, coverage=None) -> SearchResult:
     """Ablation: the nearest cities over all cities; the path is each city's ancestors.
 
     Level probabilities are each ancestor's softmax over its whole level (at `temperatures`, if given: they change

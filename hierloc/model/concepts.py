@@ -375,7 +375,7 @@ class ConceptHead(nn.Module):
     grows as training finds it useful (the gradient of W is (p - 1/2) times the tangent gradient: non-zero).
     """
 
-    def __init__(self, feature_dim: int, n_concepts: int, embed_dim: int, hidden: int = 256, dropout: float = 0.1):
+    def __init__(self, feature_dim: int, n_concepts: int, embed_dim: int, *, hidden: int, dropout: float):
         super().__init__()
         if n_concepts < 1:
             raise ValueError("ConceptHead needs at least one concept")

@@ -44,7 +44,6 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from hierloc.config import InferenceConfig
 from hierloc.data.encoded import EncodedImage
 from hierloc.errors import InputError
 from hierloc.inference import explain, maps
@@ -58,10 +57,10 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # Options and their defaults, as `hierloc predict` and `hierloc explain` have them (a test compares the two);
-# beam None: the model's inference.beam.
-PREDICT_DEFAULTS = {"top_k": InferenceConfig.top_k, "beam": None, "min_prob": None, "max_level": "city",
+# beam, top_k None: the model's inference.beam / inference.top_k (`HierLoc.search_options`).
+PREDICT_DEFAULTS = {"top_k": None, "beam": None, "min_prob": None, "max_level": "city",
                     "exif": "compare", "flat": False, "coverage": None}
-EXPLAIN_DEFAULTS = {"top_k": InferenceConfig.top_k, "beam": None, "runners_up": 2, "reasons": 3,
+EXPLAIN_DEFAULTS = {"top_k": None, "beam": None, "runners_up": 2, "reasons": 3,
                     "candidates": "siblings", "min_prob": None, "exif": "compare", "map": True, "map_width": 900}
 OPTION_TYPES = {"top_k": int, "beam": int, "min_prob": float, "max_level": str, "exif": str, "flat": bool,
                 "coverage": float,
@@ -294,8 +293,8 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
         summary = RunSummary()      # timed from here: the summary's seconds are the request's
         images, fields = await read_upload(request, limits)
         options = predict_options(fields)
-        if options["beam"] is None:     # as `hierloc predict`: the model's beam, named in the answer's header
-            options["beam"] = service.model.cfg.inference.beam
+        # as `hierloc predict`: the model's beam and top_k unless given, named in the answer's header
+        options["beam"], options["top_k"] = service.model.search_options(options["beam"], options["top_k"])
         records = await submit("predict", options, images)
         failed = [record for record in records if not record.ok]
         if failed:

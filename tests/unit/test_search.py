@@ -291,7 +291,7 @@ def test_flat_search_reports_each_ancestor_at_its_level_temperature():
 @pytest.mark.parametrize("bad", [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0], [1.0, float("nan"), 1.0, 1.0]])
 def test_temperatures_must_be_four_positive_numbers(bad):
     with pytest.raises(ValueError, match="temperatures"):
-        flat_search(_random_sqdists(2, 0), _tree(), OFFSETS, tau=0.5, temperatures=bad)
+        flat_search(_random_sqdists(2, 0), _tree(), OFFSETS, tau=0.5, top_k=5, temperatures=bad)
 
 
 def test_no_queries_give_empty_results():
