@@ -258,6 +258,32 @@ def test_no_script_imports_from_tests():
     assert scripts_importing_tests() == []
 
 
+MAX_MODULE_LINES = 600
+
+
+def oversized_modules(root: Path = ROOT, limit: int = MAX_MODULE_LINES) -> list[str]:
+    """The package modules longer than `limit` lines ("path: N lines")."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            n = len(path.read_text(encoding="utf-8").splitlines())
+            if n > limit:
+                found.append(f"{path.relative_to(root)}: {n} lines")
+    return found
+
+
+def test_no_module_is_over_600_lines():
+    """A module that grows past 600 lines holds more than one concern: split it along its seams."""
+    assert oversized_modules() == []
+
+
+def test_the_size_rule_reports_a_long_module(tmp_path):
+    (tmp_path / "hierloc").mkdir()
+    (tmp_path / "hierloc" / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (tmp_path / "hierloc" / "short.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    assert oversized_modules(tmp_path) == [f"hierloc/long.py: {MAX_MODULE_LINES + 1} lines"]
+
+
 @pytest.mark.parametrize("code", [
     "import hierloc; hierloc.__version__",
     "from hierloc.cli import build_parser; build_parser()",   # every command's parser: `hierloc --help`

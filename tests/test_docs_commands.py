@@ -140,3 +140,25 @@ def test_docs_have_no_machine_paths_or_diary(path):
     text = path.read_text(encoding="utf-8")
     for needle in ("/tmp/", "/work/", "this session", "design.md", "papers.md", "../shared"):
         assert needle not in text, f"{path.name} mentions {needle!r}"
+
+
+def _code_block_after(text: str, heading: str) -> list[str]:
+    """The command lines (comments dropped) of the first ```bash block after `heading`."""
+    rest = text[text.index(heading):]
+    block = rest[rest.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_readmes_two_commands_are_the_ones_ci_runs():
+    """README's "two commands" are `make demo` and `make test`; CI (.ci/run) runs `make test`, whose target
+    installs first (the install stamp) and then runs the suite: a missing install step fails CI, not a user."""
+    assert _code_block_after((ROOT / "README.md").read_text(encoding="utf-8"), "## The two commands") == [
+        "make demo", "make test"]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.strip().startswith("#")]
+    assert ci[-1] == "make test"
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile[makefile.index("\ntest: "):].splitlines()
+    assert recipe[1].strip() == "test: $(STAMP)" and "-m pytest" in recipe[2]
+    assert "pip install --quiet -e" in makefile[makefile.index("$(STAMP):"):makefile.index("\ninstall:")]
