@@ -19,9 +19,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -124,8 +125,8 @@ def basemap_crop(region: Region, width: int, kind: str = "relief"):
     files = {"relief": "shadedrelief.jpg", "bluemarble": "bmng.jpg"}
     if kind not in files:
         raise InputError(f"basemap {kind!r}: expected one of {', '.join(files)}")
-    lon_span, lat_span = region.max_lon - region.min_lon, region.max_lat - region.min_lat
-    height = max(1, int(round(width * lat_span / lon_span)))
+    lon_span = region.max_lon - region.min_lon
+    height = crop_height(region, width)
     with Image.open(basemap_file(files[kind])) as source:
         full_width, full_height = source.size
         needed = width / lon_span * 360.0 / full_width          # fraction of the full resolution needed
@@ -193,144 +194,215 @@ def _label(draw, xy, text: str, font, scale: int, fill=(20, 20, 20), anchor="lm"
 
 
 # ------------------------------------------------------------------------------------------- prediction map
-def render_prediction_map(explanation, out_path: str | Path | None = None, basemap: str = "relief",
-                          width: int = 1200, truth: tuple[float, float] | None = None,
-                          region: Region | None = None, text: str | None = None):
-    """Draw one `hierloc.inference.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
+HEADER_PX = 78                 # the band above the map: image and answer, points and radius, provenance
+COMPACT_LEGEND_PX = 1000       # maps narrower than this (serve: 900) show a short key only (no alternatives, no reasons)
+RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
 
-    Returns the Pillow image. truth: the true (lat, lon) when known (default: the EXIF GPS of the image). text:
-    the explanation as text, for the HTML page (default `hierloc.inference.explain.format_text`).
-    """
-    from PIL import Image, ImageDraw
+Box = tuple  # (x0, y0, x1, y1)
 
-    if out_path is not None:
-        out_path = output_path(out_path, (".png", ".html", ".htm"))
+
+@dataclass
+class _Plan:
+    """What `render_prediction_map` draws and where, in supersampled pixels: markers in the map's own coordinates
+    (the map starts `top` pixels below the picture's top), header lines and the key in the picture's."""
+
+    s: int
+    region: Region
+    w: int
+    h: int
+    top: int
+    band: int                   # height of the key's band under the map; 0 when the key sits on the map
+    fonts: tuple                # small, medium, large
+    header: list                # (xy, text, fill, font)
+    discs: list                 # (x, y, r, colour, (xy, text, anchor))
+    alternatives: list          # (x, y, r, rank)
+    path: list                  # [(x, y, r, colour)] country -> city
+    pin: tuple | None           # (x, y, r, flipped, (xy, text, anchor))
+    truth: tuple | None         # (x, y)
+    radius: tuple | None        # (lat, lon, km)
+    legend: dict                # rows, box (x0, y0, x1, y1), columns, col_w, line_h, on_map
+
+
+@dataclass
+class MapLayout:
+    """Where `render_prediction_map` draws each thing, computed before any drawing (`prediction_map_layout`) and
+    used by the drawing; boxes are (x0, y0, x1, y1) in pixels of the returned picture (render_prediction_map
+    leaves it in ``image.info["layout"]``)."""
+
+    size: tuple                 # (width, height) of the picture
+    map_box: Box                # the map, under the header band (and above the key's band, when there is one)
+    header: list                # one box per header line
+    legend: Box | None          # the key
+    legend_place: str           # bottom-left, bottom-right, top-left, top-right, or below (a band under the map)
+    answer: list                # the pin and its name, the predicted path's dots and line
+    candidates: list            # the country discs and the other top paths' dots
+    truth: list                 # the true point's cross
+    labels: list                # the country discs' names
+    pin: Box | None             # the answer's pin (also in `answer`)
+    pin_label: Box | None       # the answer's name beside it (also in `answer`)
+    plan: _Plan = field(repr=False, compare=False)
+
+
+def crop_height(region: Region, width: int) -> int:
+    """Height in pixels of `region` drawn `width` pixels wide (equirectangular: degrees of latitude and of
+    longitude take the same length)."""
+    return max(1, round(width * (region.max_lat - region.min_lat) / (region.max_lon - region.min_lon)))
+
+
+def _text_box(font, xy, text: str, anchor: str = "la", stroke: int = 0) -> Box:
+    x0, y0, x1, y1 = font.getbbox(text, anchor=anchor, stroke_width=stroke)
+    return (xy[0] + x0, xy[1] + y0, xy[0] + x1, xy[1] + y1)
+
+
+def _stroke_boxes(points: list, half: float, step: float) -> list:
+    """Small boxes covering a polyline drawn `2 half` wide (one box every `step` pixels along it)."""
+    boxes = []
+    for (xa, ya), (xb, yb) in itertools.pairwise(points):
+        n = max(1, math.ceil(math.hypot(xb - xa, yb - ya) / step))
+        for t in np.linspace(0.0, 1.0, n + 1).tolist():
+            x, y = xa + t * (xb - xa), ya + t * (yb - ya)
+            boxes.append((x - half, y - half, x + half, y + half))
+    return boxes
+
+
+def _visible(box: Box, w: float, h: float) -> bool:
+    return box[0] < w and box[2] > 0 and box[1] < h and box[3] > 0
+
+
+def prediction_map_layout(explanation, width: int = 1200, truth: tuple[float, float] | None = None,
+                          region: Region | None = None) -> MapLayout:
+    """The layout of `render_prediction_map(explanation, width=width, truth=truth, region=region)` without
+    drawing: the map window, the header lines, every marker and the key's place."""
     e = explanation
     if truth is None and getattr(e, "gps_lat_deg", None) is not None:
         truth = (e.gps_lat_deg, e.gps_lon_deg)
     countries = [e.levels[0].chosen] + list(e.levels[0].runners_up) if e.levels else []
     path_nodes = [lv.chosen for lv in e.levels]
-    header_px = 78
     if region is None:
         region = fit_region(*_window_points(e, countries, truth))
-    base = basemap_crop(region, width * SUPERSAMPLE, basemap)
     s = SUPERSAMPLE
-    w, h = base.size
-    canvas = Image.new("RGB", (w, h + header_px * s), (250, 250, 247))
-    canvas.paste(base, (0, header_px * s))
-    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer, "RGBA")
-    small, medium, large = _font(12 * s), _font(15 * s), _font(19 * s)
-    _draw_graticule(draw, region, w, h, s, small)
-    _draw_borders(draw, region, w, h, s)
+    w = width * s
+    h = crop_height(region, w)
+    top = HEADER_PX * s
+    small, medium, large = fonts = _font(12 * s), _font(15 * s), _font(19 * s)
 
     def xy(lat, lon):
         x, y = region.to_pixels(lat, lon, w, h)
         return float(x), float(y)
 
-    if getattr(e, "radius90_km", None) is not None and e.levels:
-        _draw_radius(draw, e.lat_deg, e.lon_deg, e.radius90_km, xy, w, s)
-    _draw_country_discs(draw, countries, xy, 0.09 * h, s, medium)
-    _draw_alternatives(draw, e.alternatives[:4], xy, s, small)
-    _draw_answer(draw, e, path_nodes, truth, xy, s, large)
-    truth_xy = xy(*truth) if truth else None
-    shown = [xy(c.lat_deg, c.lon_deg) for c in countries if c.probability >= 0.1]   # discs worth seeing
-    _draw_legend(draw, e, w, h, s, small, truth_xy, avoid=[xy(e.lat_deg, e.lon_deg)] if e.levels else [],
-                 prefer_clear=shown)
-    if truth_xy is not None:
-        _draw_truth(draw, truth_xy, s)  # again, on top: nothing drawn later may hide the truth
-    canvas.paste(layer, (0, header_px * s), layer)
-    _draw_header(ImageDraw.Draw(canvas), e, truth, s, (small, medium, large))
-    image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
-    if out_path is not None:
-        _write_map(image, out_path, text if text is not None else format_text(e))
-    return image
-
-
-def _window_points(e, countries: list, truth) -> tuple[list[float], list[float]]:
-    """(lats, lons) the map window must hold: the answer, the alternatives, the truth, the country candidates
-    that matter (p >= 0.1 and at least a quarter of the chosen one's; smaller discs may fall outside it) and the
-    90 % error circle when it is at most RADIUS_IN_WINDOW_KM."""
-    shown = [c for c in countries if c.probability >= max(0.1, 0.25 * countries[0].probability)] if countries else []
-    lats = [e.lat_deg] + [c.lat_deg for c in shown] + [a["lat_deg"] for a in e.alternatives[:4]] + \
-        ([truth[0]] if truth else [])
-    lons = [e.lon_deg] + [c.lon_deg for c in shown] + [a["lon_deg"] for a in e.alternatives[:4]] + \
-        ([truth[1]] if truth else [])
-    radius = getattr(e, "radius90_km", None)
-    if radius is not None and radius <= RADIUS_IN_WINDOW_KM and e.levels:
-        circle_lat, circle_lon = destination_deg(e.lat_deg, e.lon_deg, np.arange(0.0, 360.0, 45.0), radius)
-        lats, lons = lats + circle_lat.tolist(), lons + circle_lon.tolist()
-    return lats, lons
-
-
-def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, font) -> None:
-    """Country candidates: disc area proportional to probability, the chosen one in the country colour."""
-    for cand in countries:
+    answer, candidates, truth_boxes, labels = [], [], [], []
+    discs = []
+    for cand in countries:  # country candidates: disc area proportional to probability
         if not (math.isfinite(cand.probability) and cand.probability > 0.005):
             continue
         x, y = xy(cand.lat_deg, cand.lon_deg)
-        r = max(4 * s, max_radius * math.sqrt(cand.probability))
+        r = max(4 * s, 0.09 * h * math.sqrt(cand.probability))
         colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (70,), outline=colour + (230,), width=2 * s)
-        _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
-
-
-COMPACT_LEGEND_PX = 1000       # maps narrower than this (serve: 900) show a short key only (no alternatives, no reasons)
-RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
-
-
-def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int, s: int) -> None:
-    """The 90 % error radius: the geodesic circle around the answer (dashed outline, faint inside when it is
-    drawn whole); the header states the radius (a label on the map would cover candidates). Segments that cross
-    the map's seam are not drawn."""
-    lats, lons = destination_deg(lat, lon, np.arange(0.0, 361.0, 2.0), radius_km)
-    points = [xy(a, b) for a, b in zip(lats.tolist(), lons.tolist())]
-    jumps = [abs(points[i + 1][0] - points[i][0]) > width / 2 for i in range(len(points) - 1)]
-    if not any(jumps):
-        draw.polygon(points, fill=PIN_COLOUR + (22,))
-    for i, jump in enumerate(jumps):
-        if not jump and i % 2 == 0:
-            draw.line([points[i], points[i + 1]], fill=PIN_COLOUR + (200,), width=2 * s)
-
-
-
-def _draw_alternatives(draw, alternatives: list, xy, s: int, font) -> None:
-    """The other paths' end points, numbered from 2."""
-    for rank, alt in enumerate(alternatives, start=2):
+        label = _place_label(f"{cand.name} {100 * cand.probability:.0f}%", medium, x, y, r + 4 * s, w, s)
+        discs.append((x, y, r, colour, label[:3]))
+        candidates.append((x - r, y - r, x + r, y + r))
+        labels.append(label[3])
+    alternatives = []
+    for rank, alt in enumerate(e.alternatives[:4], start=2):  # the other paths' end points, numbered from 2
         x, y = xy(alt["lat_deg"], alt["lon_deg"])
-        r = 7 * s
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=ALT_COLOUR + (255,), outline=(60, 40, 0, 255), width=s)
-        draw.text((x, y), str(rank), fill=(0, 0, 0), font=font, anchor="mm")
-
-
-def _draw_answer(draw, e, path_nodes: list, truth, xy, s: int, font) -> None:
-    """The predicted path coarse to fine, the truth's cross, and last (on top) the pin with the answer's name."""
-    points = [xy(node.lat_deg, node.lon_deg) for node in path_nodes]
-    if len(points) > 1:
-        draw.line(points, fill=(255, 255, 255, 230), width=5 * s)
-        draw.line(points, fill=PIN_COLOUR + (255,), width=2 * s)
-    for level, (node, (x, y)) in enumerate(zip(path_nodes, points)):
+        alternatives.append((x, y, 7 * s, rank))
+        candidates.append((x - 7 * s, y - 7 * s, x + 7 * s, y + 7 * s))
+    path = []
+    for level, node in enumerate(path_nodes):
+        x, y = xy(node.lat_deg, node.lon_deg)
         r = (7 - level) * s
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=LEVEL_COLOURS[level] + (255,), outline=(255, 255, 255, 255),
-                     width=s)
-    if truth:
-        _draw_truth(draw, xy(*truth), s)
-    if points:
+        path.append((x, y, r, LEVEL_COLOURS[level]))
+        answer.append((x - r, y - r, x + r, y + r))
+    answer += _stroke_boxes([(x, y) for x, y, _, _ in path], 2.5 * s, 4 * s)
+    pin = pin_box = pin_label = None
+    if path_nodes:
         x, y = xy(e.lat_deg, e.lon_deg)
         r = 9 * s
-        draw.polygon([(x, y), (x - r * 0.8, y - 2.2 * r), (x + r * 0.8, y - 2.2 * r)], fill=PIN_COLOUR + (255,))
-        draw.ellipse([x - r, y - 3 * r, x + r, y - r], fill=PIN_COLOUR + (255,), outline=(255, 255, 255, 255),
-                     width=2 * s)
-        _label(draw, (x + r + 4 * s, y - 2 * r), path_nodes[-1].name, font, s, fill=(120, 0, 0))
+        flipped = _flip_pin(y, r)
+        label = _place_label(path_nodes[-1].name, large, x, y + (2 * r if flipped else -2 * r), r + 4 * s, w, s)
+        pin = (x, y, r, flipped, label[:3])
+        pin_box, pin_label = (x - r, y, x + r, y + 3 * r) if flipped else (x - r, y - 3 * r, x + r, y), label[3]
+        answer += [pin_box, pin_label]
+    truth_xy = xy(*truth) if truth else None
+    if truth_xy is not None:
+        x, y = truth_xy
+        r = 12 * s                                          # the cross's arms and its white halo
+        truth_boxes.append((x - r, y - r, x + r, y + r))
+    answer, candidates, truth_boxes, labels = ([b for b in boxes if _visible(b, w, h)]
+                                               for boxes in (answer, candidates, truth_boxes, labels))
+    header = _header_lines(e, truth, w, s, fonts)
+    legend = _legend_layout(e, w, h, top, s, small, truth_xy, answer, candidates, truth_boxes, labels,
+                            [xy(c.lat_deg, c.lon_deg) for c in countries if c.probability >= 0.1],
+                            [xy(e.lat_deg, e.lon_deg)] if e.levels else [])
+    radius = getattr(e, "radius90_km", None)
+    plan = _Plan(s, region, w, h, top, legend["band"], fonts, header, discs, alternatives, path, pin, truth_xy,
+                 (e.lat_deg, e.lon_deg, radius) if radius is not None and e.levels else None, legend)
+
+    def out(box, dy=0.0):
+        return (box[0] / s, (box[1] + dy) / s, box[2] / s, (box[3] + dy) / s)
+
+    return MapLayout((width, (top + h + plan.band) // s), out((0, 0, w, h), top),
+                     [out(_text_box(font, xy_, text)) for xy_, text, _, font in header],
+                     out(legend["box"]), legend["place"], [out(b, top) for b in answer],
+                     [out(b, top) for b in candidates], [out(b, top) for b in truth_boxes],
+                     [out(b, top) for b in labels], pin_box and out(pin_box, top), pin_label and out(pin_label, top),
+                     plan)
 
 
-def _draw_truth(draw, point: tuple[float, float], s: int) -> None:
-    """The true location: a green cross with a white halo."""
-    x, y = point
-    r = 9 * s
-    for fill, width in (((255, 255, 255, 255), 6 * s), (TRUTH_COLOUR + (255,), 3 * s)):
-        draw.line([(x - r, y - r), (x + r, y + r)], fill=fill, width=width)
-        draw.line([(x - r, y + r), (x + r, y - r)], fill=fill, width=width)
+def _flip_pin(y: float, r: float) -> bool:
+    return False
+
+
+def _place_label(text: str, font, x: float, y: float, gap: float, w: float, s: int) -> tuple:
+    """(xy, text, anchor, box) of a marker's name: to the right of the marker at distance `gap`."""
+    xy = (x + gap, y)
+    return xy, text, "lm", _text_box(font, xy, text, "lm", 2 * s)
+
+
+def _header_lines(e, truth, w: int, s: int, fonts: tuple) -> list:
+    """The band above the map: image and answer, predicted (and true) point and the 90 % radius, the model's
+    provenance; each line shortened with an ellipsis to the canvas width, so none runs off the edge."""
+    small, medium, large = fonts
+    width = w - 20 * s
+    answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
+    radius = getattr(e, "radius90_km", None)
+    point = (f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
+             + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
+             + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""))
+    return [((10 * s, y * s), _fit_width(text, font, width), fill, font)
+            for y, text, fill, font in ((8, f"{Path(str(e.source)).name}:  {answer}", (10, 10, 10), large),
+                                        (34, point, (40, 40, 40), medium),
+                                        (56, provenance_line(e.model), (90, 90, 90), small))]
+
+
+def _legend_layout(e, w: int, h: int, top: int, s: int, font, truth_xy, answer: list, candidates: list,
+                   truth: list, labels: list, shown: list, avoid: list) -> dict:
+    """The key's rows and box: in the first map corner where it hides neither the truth nor the answer (nor,
+    where a corner allows, a country disc worth seeing) (`legend_corner`)."""
+    with_truth = truth_xy is not None
+    compact = w < COMPACT_LEGEND_PX * s   # a narrow map keeps only a short key: the rest would cover the answer
+    rows = [("disc", LEVEL_COLOURS[0],
+             "countries (area = p)" if compact else "country candidates (area = probability)"),
+            ("dot", PIN_COLOUR, "predicted path" if compact else "predicted path: country > region > subregion > city"),
+            ("dot", ALT_COLOUR, "other top paths" if compact else "2., 3., ...: other top paths (city)")]
+    if with_truth:
+        rows.append(("cross", TRUTH_COLOUR, "true location"))
+    for k, alt in enumerate([] if compact else e.alternatives[:4], start=2):
+        rows.append(("text", None, f"{k}. " + _ellipsis(", ".join(reversed(alt["names"])), 60)))
+    for lv in [] if compact else e.levels[:2]:  # why the country and the region: the top concept reasons
+        if lv.supporting:
+            reasons = ", ".join(f"{r.name} {r.contribution:+.2f}" for r in lv.supporting[:3])
+            rows.append(("text", None, _ellipsis(f"why {lv.chosen.name} over {lv.compared_with}: {reasons}", 90)))
+    line_h = 17 * s
+    box_w = max(0 if compact else 380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
+    box_h = (len(rows) + 0.6) * line_h
+    x0, y0 = legend_corner((box_w, box_h), w, h, 8 * s, [truth_xy] if with_truth else [], avoid, shown)
+    corners = {(8 * s, h - box_h - 8 * s): "bottom-left", (w - box_w - 8 * s, h - box_h - 8 * s): "bottom-right",
+               (8 * s, 8 * s): "top-left", (w - box_w - 8 * s, 8 * s): "top-right"}
+    return {"rows": rows, "box": (x0, y0 + top, x0 + box_w, y0 + top + box_h),
+            "cells": [(i, 0) for i in range(len(rows))], "col_w": box_w,
+            "line_h": line_h, "on_map": True, "band": 0, "place": corners.get((x0, y0), "bottom-left"),
+            "font": font}
 
 
 def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_clear: list, avoid: list,
@@ -355,20 +427,119 @@ def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_
     return corners[0]
 
 
-def _draw_header(head, e, truth, s: int, fonts: tuple) -> None:
-    """The band above the map: image and answer, predicted (and true) point and the 90 % radius, the model's
-    provenance; each line shortened with an ellipsis to the canvas width, so none runs off the edge."""
-    small, medium, large = fonts
-    width = head.im.size[0] - 20 * s
-    answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
+def render_prediction_map(explanation, out_path: str | Path | None = None, basemap: str = "relief",
+                          width: int = 1200, truth: tuple[float, float] | None = None,
+                          region: Region | None = None, text: str | None = None):
+    """Draw one `hierloc.inference.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
+
+    Returns the Pillow image, its `MapLayout` in ``image.info["layout"]``. truth: the true (lat, lon) when known
+    (default: the EXIF GPS of the image). text: the explanation as text, for the HTML page (default
+    `hierloc.inference.explain.format_text`).
+    """
+    from PIL import Image, ImageDraw
+
+    if out_path is not None:
+        out_path = output_path(out_path, (".png", ".html", ".htm"))
+    layout = prediction_map_layout(explanation, width, truth, region)
+    p = layout.plan
+    s, w, h = p.s, p.w, p.h
+    base = basemap_crop(p.region, w, basemap)
+    canvas = Image.new("RGB", (w, p.top + h + p.band), (250, 250, 247))
+    canvas.paste(base, (0, p.top))
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer, "RGBA")
+    small, medium, large = p.fonts
+    _draw_graticule(draw, p.region, w, h, s, small)
+    _draw_borders(draw, p.region, w, h, s)
+
+    def xy(lat, lon):
+        x, y = p.region.to_pixels(lat, lon, w, h)
+        return float(x), float(y)
+
+    if p.radius is not None:
+        _draw_radius(draw, *p.radius, xy, w, s)
+    for x, y, r, colour, (label_xy, label, anchor) in p.discs:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (70,), outline=colour + (230,), width=2 * s)
+        _label(draw, label_xy, label, medium, s, anchor=anchor)
+    for x, y, r, rank in p.alternatives:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=ALT_COLOUR + (255,), outline=(60, 40, 0, 255), width=s)
+        draw.text((x, y), str(rank), fill=(0, 0, 0), font=small, anchor="mm")
+    _draw_answer(draw, p, large)
+    if p.legend["on_map"]:
+        _draw_legend(draw, p.legend, s, dy=-p.top)
+    if p.truth is not None:
+        _draw_truth(draw, p.truth, s)  # again, on top: nothing drawn later may hide the truth
+    canvas.paste(layer, (0, p.top), layer)
+    if not p.legend["on_map"]:
+        _draw_legend(ImageDraw.Draw(canvas, "RGBA"), p.legend, s)
+    head = ImageDraw.Draw(canvas)
+    for xy_, line, fill, font in p.header:
+        head.text(xy_, line, fill=fill, font=font)
+    image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
+    image.info["layout"] = layout
+    if out_path is not None:
+        _write_map(image, out_path, text if text is not None else format_text(explanation))
+    return image
+
+
+def _window_points(e, countries: list, truth) -> tuple[list[float], list[float]]:
+    """(lats, lons) the map window must hold: the answer, the alternatives, the truth, the country candidates
+    that matter (p >= 0.1 and at least a quarter of the chosen one's; smaller discs may fall outside it) and the
+    90 % error circle when it is at most RADIUS_IN_WINDOW_KM."""
+    shown = [c for c in countries if c.probability >= max(0.1, 0.25 * countries[0].probability)] if countries else []
+    lats = [e.lat_deg] + [c.lat_deg for c in shown] + [a["lat_deg"] for a in e.alternatives[:4]] + \
+        ([truth[0]] if truth else [])
+    lons = [e.lon_deg] + [c.lon_deg for c in shown] + [a["lon_deg"] for a in e.alternatives[:4]] + \
+        ([truth[1]] if truth else [])
     radius = getattr(e, "radius90_km", None)
-    point = (f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
-             + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
-             + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""))
-    for y, text, fill, font in ((8, f"{Path(str(e.source)).name}:  {answer}", (10, 10, 10), large),
-                                (34, point, (40, 40, 40), medium),
-                                (56, provenance_line(e.model), (90, 90, 90), small)):
-        head.text((10 * s, y * s), _fit_width(text, font, width), fill=fill, font=font)
+    if radius is not None and radius <= RADIUS_IN_WINDOW_KM and e.levels:
+        circle_lat, circle_lon = destination_deg(e.lat_deg, e.lon_deg, np.arange(0.0, 360.0, 45.0), radius)
+        lats, lons = lats + circle_lat.tolist(), lons + circle_lon.tolist()
+    return lats, lons
+
+
+def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int, s: int) -> None:
+    """The 90 % error radius: the geodesic circle around the answer (dashed outline, faint inside when it is
+    drawn whole); the header states the radius (a label on the map would cover candidates). Segments that cross
+    the map's seam are not drawn."""
+    lats, lons = destination_deg(lat, lon, np.arange(0.0, 361.0, 2.0), radius_km)
+    points = [xy(a, b) for a, b in zip(lats.tolist(), lons.tolist())]
+    jumps = [abs(points[i + 1][0] - points[i][0]) > width / 2 for i in range(len(points) - 1)]
+    if not any(jumps):
+        draw.polygon(points, fill=PIN_COLOUR + (22,))
+    for i, jump in enumerate(jumps):
+        if not jump and i % 2 == 0:
+            draw.line([points[i], points[i + 1]], fill=PIN_COLOUR + (200,), width=2 * s)
+
+
+def _draw_answer(draw, p: _Plan, font) -> None:
+    """The predicted path coarse to fine, the truth's cross, and last (on top) the pin with the answer's name."""
+    s = p.s
+    points = [(x, y) for x, y, _, _ in p.path]
+    if len(points) > 1:
+        draw.line(points, fill=(255, 255, 255, 230), width=5 * s)
+        draw.line(points, fill=PIN_COLOUR + (255,), width=2 * s)
+    for x, y, r, colour in p.path:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (255,), outline=(255, 255, 255, 255), width=s)
+    if p.truth is not None:
+        _draw_truth(draw, p.truth, s)
+    if p.pin is not None:
+        x, y, r, flipped, (label_xy, label, anchor) = p.pin
+        tip, head = (1, (y + r, y + 3 * r)) if flipped else (-1, (y - 3 * r, y - r))
+        draw.polygon([(x, y), (x - r * 0.8, y + tip * 2.2 * r), (x + r * 0.8, y + tip * 2.2 * r)],
+                     fill=PIN_COLOUR + (255,))
+        draw.ellipse([x - r, head[0], x + r, head[1]], fill=PIN_COLOUR + (255,), outline=(255, 255, 255, 255),
+                     width=2 * s)
+        _label(draw, label_xy, label, font, s, fill=(120, 0, 0), anchor=anchor)
+
+
+def _draw_truth(draw, point: tuple[float, float], s: int) -> None:
+    """The true location: a green cross with a white halo."""
+    x, y = point
+    r = 9 * s
+    for fill, width in (((255, 255, 255, 255), 6 * s), (TRUTH_COLOUR + (255,), 3 * s)):
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=fill, width=width)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=fill, width=width)
 
 
 def _fit_width(text: str, font, width: float) -> str:
@@ -389,31 +560,17 @@ def _ellipsis(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list, prefer_clear: list = ()) -> None:
-    """The key, in the first map corner where it hides neither the truth nor the answer (nor, where a corner
-    allows, a country disc worth seeing: `prefer_clear`) (`legend_corner`)."""
-    with_truth = truth_xy is not None
-    compact = w < COMPACT_LEGEND_PX * s   # a narrow map keeps only a short key: the rest would cover the answer
-    rows = [("disc", LEVEL_COLOURS[0],
-             "countries (area = p)" if compact else "country candidates (area = probability)"),
-            ("dot", PIN_COLOUR, "predicted path" if compact else "predicted path: country > region > subregion > city"),
-            ("dot", ALT_COLOUR, "other top paths" if compact else "2., 3., ...: other top paths (city)")]
-    if with_truth:
-        rows.append(("cross", TRUTH_COLOUR, "true location"))
-    for k, alt in enumerate([] if compact else e.alternatives[:4], start=2):
-        rows.append(("text", None, f"{k}. " + _ellipsis(", ".join(reversed(alt["names"])), 60)))
-    for lv in [] if compact else e.levels[:2]:  # why the country and the region: the top concept reasons
-        if lv.supporting:
-            reasons = ", ".join(f"{r.name} {r.contribution:+.2f}" for r in lv.supporting[:3])
-            rows.append(("text", None, _ellipsis(f"why {lv.chosen.name} over {lv.compared_with}: {reasons}", 90)))
-    line_h = 17 * s
-    box_w = max(0 if compact else 380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
-    box_h = (len(rows) + 0.6) * line_h
-    x0, y0 = legend_corner((box_w, box_h), w, h, 8 * s, [truth_xy] if with_truth else [], avoid, prefer_clear)
-    draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=(255, 255, 255, 215), outline=(80, 80, 80, 200))
-    for i, (kind, colour, label) in enumerate(rows):
-        cy = y0 + (i + 0.8) * line_h
-        cx = x0 + 12 * s
+def _draw_legend(draw, legend: dict, s: int, dy: float = 0.0) -> None:
+    """The key of `_legend_layout` (its box in picture pixels, drawn `dy` lower)."""
+    x0, y0, x1, y1 = legend["box"]
+    y0, y1 = y0 + dy, y1 + dy
+    line_h, col_w, font = legend["line_h"], legend["col_w"], legend["font"]
+    draw.rectangle([x0, y0, x1, y1], fill=(255, 255, 255, 215), outline=(80, 80, 80, 200))
+    for i, (kind, colour, label) in enumerate(legend["rows"]):
+        line, column = legend["cells"][i]
+        cy = y0 + (line + 0.8) * line_h
+        left = x0 + column * col_w
+        cx = left + 12 * s
         if kind == "disc":
             draw.ellipse([cx - 6 * s, cy - 6 * s, cx + 6 * s, cy + 6 * s], fill=colour + (90,), outline=colour + (255,))
         elif kind == "dot":
@@ -421,7 +578,7 @@ def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list, p
         elif kind == "cross":
             draw.line([(cx - 5 * s, cy - 5 * s), (cx + 5 * s, cy + 5 * s)], fill=colour + (255,), width=2 * s)
             draw.line([(cx - 5 * s, cy + 5 * s), (cx + 5 * s, cy - 5 * s)], fill=colour + (255,), width=2 * s)
-        draw.text((x0 + (26 if kind != "text" else 8) * s, cy), label, fill=(20, 20, 20), font=font, anchor="lm")
+        draw.text((left + (26 if kind != "text" else 8) * s, cy), label, fill=(20, 20, 20), font=font, anchor="lm")
 
 
 def _write_map(image, out_path: Path, text: str) -> None:
