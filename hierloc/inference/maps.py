@@ -17,6 +17,7 @@ geoopt's convention, d = 2 artanh(sqrt(c) |x|) / sqrt(c)), and only the angles a
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import itertools
@@ -43,7 +44,9 @@ TRUTH_COLOUR = (0, 200, 60)
 SUPERSAMPLE = 2
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int):
+    """Pillow's built-in font at `size` pixels (one object per size: measuring text reuses its glyph cache)."""
     from PIL import ImageFont
 
     try:
@@ -94,8 +97,8 @@ class Region:
 def fit_region(lat_deg: Sequence[float], lon_deg: Sequence[float], aspect: float = 2.0, margin: float = 0.25,
                min_lon_span: float = 24.0) -> Region:
     """Smallest window (with `margin` of its span on every side) holding the points, width/height = aspect in
-    degrees, at least `min_lon_span` wide; the whole world when that would exceed 200 degrees of longitude.
-    Longitudes are unwrapped around the first point, so a window may cross the antimeridian."""
+    degrees, at least `min_lon_span` wide; the whole world (`world_window`) when that would exceed 200 degrees of
+    longitude. Longitudes are unwrapped around the first point, so a window may cross the antimeridian."""
     lat = np.asarray(lat_deg, dtype=np.float64)
     lon = np.asarray(lon_deg, dtype=np.float64)
     keep = np.isfinite(lat) & np.isfinite(lon)
@@ -108,11 +111,26 @@ def fit_region(lat_deg: Sequence[float], lon_deg: Sequence[float], aspect: float
     lat_span = max((lat.max() - lat.min()) * (1 + 2 * margin), lon_span / aspect)
     lon_span = max(lon_span, lat_span * aspect)
     if lon_span > 200 or lat_span > 150:
-        return Region.world()
+        return world_window(lon)
     mid_lat = float(np.clip((lat.max() + lat.min()) / 2, -90 + lat_span / 2, 90 - lat_span / 2))
     mid_lon = (lon.max() + lon.min()) / 2
     min_lon = (mid_lon - lon_span / 2 + 180.0) % 360.0 - 180.0
     return Region(mid_lat - lat_span / 2, mid_lat + lat_span / 2, min_lon, min_lon + lon_span)
+
+
+WORLD_SEAM_CLEAR_DEG = 15.0     # a world map's left/right edge stays this far from every point it shows
+
+
+def world_window(lon_deg) -> Region:
+    """The whole world; its left/right edge at 180 degrees unless a point lies within WORLD_SEAM_CLEAR_DEG of it
+    (the markers there would be cut in two), then in the middle of the widest empty stretch of longitudes."""
+    lon = np.sort((np.asarray(lon_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0)
+    if lon.size == 0 or (180.0 - np.abs(lon)).min() >= WORLD_SEAM_CLEAR_DEG:
+        return Region.world()
+    gaps = np.diff(np.append(lon, lon[0] + 360.0))
+    k = int(np.argmax(gaps))
+    seam = (lon[k] + gaps[k] / 2 + 180.0) % 360.0 - 180.0
+    return Region(-90.0, 90.0, seam, seam + 360.0)
 
 
 def basemap_crop(region: Region, width: int, kind: str = "relief"):
@@ -175,7 +193,8 @@ def _draw_borders(draw, region: Region, width: int, height: int, scale: int) -> 
 
 def _draw_graticule(draw, region: Region, width: int, height: int, scale: int, font) -> None:
     span = region.max_lon - region.min_lon
-    step = next(s for s in (1, 2, 5, 10, 15, 30, 60) if span / s <= 12)
+    most = min(12.0, width / (56 * scale))      # lines; at most 12, and their labels at least 56 px apart
+    step = next((st for st in (1, 2, 5, 10, 15, 30, 60) if span / st <= most), 90)
     for lon in np.arange(math.ceil(region.min_lon / step) * step, region.max_lon + 1e-9, step):
         x = (lon - region.min_lon) / span * width
         draw.line([(x, 0), (x, height)], fill=(255, 255, 255, 60), width=scale)
@@ -197,6 +216,8 @@ def _label(draw, xy, text: str, font, scale: int, fill=(20, 20, 20), anchor="lm"
 HEADER_PX = 78                 # the band above the map: image and answer, points and radius, provenance
 COMPACT_LEGEND_PX = 1000       # maps narrower than this (serve: 900) show a short key only (no alternatives, no reasons)
 RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
+LEGEND_MARGIN_PX = 8           # between the key and the map's edge
+CLEAR_PX = 4                   # the key keeps at least this far from what it must not cover
 
 Box = tuple  # (x0, y0, x1, y1)
 
@@ -290,50 +311,60 @@ def prediction_map_layout(explanation, width: int = 1200, truth: tuple[float, fl
         x, y = region.to_pixels(lat, lon, w, h)
         return float(x), float(y)
 
-    answer, candidates, truth_boxes, labels = [], [], [], []
-    discs = []
+    discs, alternatives, path, candidates, answer, truth_boxes = [], [], [], [], [], []
     for cand in countries:  # country candidates: disc area proportional to probability
         if not (math.isfinite(cand.probability) and cand.probability > 0.005):
             continue
         x, y = xy(cand.lat_deg, cand.lon_deg)
         r = max(4 * s, 0.09 * h * math.sqrt(cand.probability))
-        colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
-        label = _place_label(f"{cand.name} {100 * cand.probability:.0f}%", medium, x, y, r + 4 * s, w, s)
-        discs.append((x, y, r, colour, label[:3]))
-        candidates.append((x - r, y - r, x + r, y + r))
-        labels.append(label[3])
-    alternatives = []
+        if _visible((x - r, y - r, x + r, y + r), w, h):   # outside the window: neither the disc nor its name
+            colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
+            discs.append([x, y, r, colour, f"{cand.name} {100 * cand.probability:.0f}%"])
+            candidates.append((x - r, y - r, x + r, y + r))
     for rank, alt in enumerate(e.alternatives[:4], start=2):  # the other paths' end points, numbered from 2
         x, y = xy(alt["lat_deg"], alt["lon_deg"])
         alternatives.append((x, y, 7 * s, rank))
         candidates.append((x - 7 * s, y - 7 * s, x + 7 * s, y + 7 * s))
-    path = []
     for level, node in enumerate(path_nodes):
         x, y = xy(node.lat_deg, node.lon_deg)
         r = (7 - level) * s
         path.append((x, y, r, LEVEL_COLOURS[level]))
         answer.append((x - r, y - r, x + r, y + r))
     answer += _stroke_boxes([(x, y) for x, y, _, _ in path], 2.5 * s, 4 * s)
-    pin = pin_box = pin_label = None
+    pin_box = pin_at = None
     if path_nodes:
         x, y = xy(e.lat_deg, e.lon_deg)
         r = 9 * s
         flipped = _flip_pin(y, r)
-        label = _place_label(path_nodes[-1].name, large, x, y + (2 * r if flipped else -2 * r), r + 4 * s, w, s)
-        pin = (x, y, r, flipped, label[:3])
-        pin_box, pin_label = (x - r, y, x + r, y + 3 * r) if flipped else (x - r, y - 3 * r, x + r, y), label[3]
-        answer += [pin_box, pin_label]
+        pin_at = (x, y, r, flipped)
+        pin_box = (x - r, y, x + r, y + 3 * r) if flipped else (x - r, y - 3 * r, x + r, y)
     truth_xy = xy(*truth) if truth else None
     if truth_xy is not None:
         x, y = truth_xy
         r = 12 * s                                          # the cross's arms and its white halo
         truth_boxes.append((x - r, y - r, x + r, y + r))
+    # Names last, the answer's first: beside their marker, in the map, covering no other marker or name.
+    markers = candidates + answer + ([pin_box] if pin_box else []) + truth_boxes
+    pin = pin_label = None
+    if pin_at is not None:
+        x, y, r, flipped = pin_at
+        label = _place_label(path_nodes[-1].name, large, x, y + (2 * r if flipped else -2 * r), r + 4 * s, w, h, s,
+                             candidates + truth_boxes)
+        pin, pin_label = (x, y, r, flipped, label[:3]), label[3]
+        answer += [pin_box, pin_label]
+    labels = []
+    for disc in discs:
+        x, y, r, _, name = disc
+        own = (x - r, y - r, x + r, y + r)
+        label = _place_label(name, medium, x, y, r + 4 * s, w, h, s,
+                             [m for m in markers if m != own] + labels + ([pin_label] if pin_label else []))
+        disc[4] = label[:3]
+        labels.append(label[3])
     answer, candidates, truth_boxes, labels = ([b for b in boxes if _visible(b, w, h)]
                                                for boxes in (answer, candidates, truth_boxes, labels))
     header = _header_lines(e, truth, w, s, fonts)
-    legend = _legend_layout(e, w, h, top, s, small, truth_xy, answer, candidates, truth_boxes, labels,
-                            [xy(c.lat_deg, c.lon_deg) for c in countries if c.probability >= 0.1],
-                            [xy(e.lat_deg, e.lon_deg)] if e.levels else [])
+    legend = _legend_layout(e, w, h, top, s, small, truth_xy is not None,
+                            answer + candidates + truth_boxes + labels)
     radius = getattr(e, "radius90_km", None)
     plan = _Plan(s, region, w, h, top, legend["band"], fonts, header, discs, alternatives, path, pin, truth_xy,
                  (e.lat_deg, e.lon_deg, radius) if radius is not None and e.levels else None, legend)
@@ -350,18 +381,44 @@ def prediction_map_layout(explanation, width: int = 1200, truth: tuple[float, fl
 
 
 def _flip_pin(y: float, r: float) -> bool:
-    return False
+    """A pin whose head would be cut by the map's top edge hangs below its point instead."""
+    return y - 3 * r < 0
 
 
-def _place_label(text: str, font, x: float, y: float, gap: float, w: float, s: int) -> tuple:
-    """(xy, text, anchor, box) of a marker's name: to the right of the marker at distance `gap`."""
-    xy = (x + gap, y)
-    return xy, text, "lm", _text_box(font, xy, text, "lm", 2 * s)
+def _place_label(text: str, font, x: float, y: float, gap: float, w: float, h: float, s: int,
+                 avoid: Sequence = ()) -> tuple:
+    """(xy, text, anchor, box) of a marker's name in a w x h map, `gap` beside the marker: right of it, else left
+    of it, else shortened with an ellipsis on a side where the whole name does not fit: the first of these that
+    fits in the map and covers none of `avoid`, else the one covering fewest. Moved up or down into the map when
+    it pokes out of it."""
+    stroke, edge = 2 * s, 2 * s
+    sides = (((x + gap, y), "lm", w - edge - (x + gap)), ((x - gap, y), "rm", x - gap - edge))
+    whole, short = [], []
+    for xy, anchor, room in sides:
+        box = _text_box(font, xy, text, anchor, stroke)
+        if box[0] >= edge and box[2] <= w - edge:
+            whole.append((xy, text, anchor))
+        elif room >= font.getlength(text[:4] + "…") + 2 * stroke:
+            short.append((xy, _fit_width(text, font, room - 2 * stroke), anchor))
+    if not whole and not short:
+        xy, anchor, room = max(sides, key=lambda side: side[2])
+        short.append((xy, _fit_width(text, font, room - 2 * stroke), anchor))
+    placed = []
+    for xy, label, anchor in whole + short:
+        box = _text_box(font, xy, label, anchor, stroke)
+        shift = max(0.0, -box[1]) - max(0.0, box[3] - h)
+        placed.append(((xy[0], xy[1] + shift), label, anchor, (box[0], box[1] + shift, box[2], box[3] + shift)))
+    return min(placed, key=lambda option: sum(_overlaps(option[3], other) for other in avoid))
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _header_lines(e, truth, w: int, s: int, fonts: tuple) -> list:
     """The band above the map: image and answer, predicted (and true) point and the 90 % radius, the model's
-    provenance; each line shortened with an ellipsis to the canvas width, so none runs off the edge."""
+    provenance; each line shortened with an ellipsis to the canvas width, so none runs off the edge (a long file
+    name first gives up its middle, to leave room for the answer)."""
     small, medium, large = fonts
     width = w - 20 * s
     answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
@@ -370,17 +427,31 @@ def _header_lines(e, truth, w: int, s: int, fonts: tuple) -> list:
              + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
              + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""))
     return [((10 * s, y * s), _fit_width(text, font, width), fill, font)
-            for y, text, fill, font in ((8, f"{Path(str(e.source)).name}:  {answer}", (10, 10, 10), large),
+            for y, text, fill, font in ((8, _title(Path(str(e.source)).name, answer, large, width), (10, 10, 10),
+                                         large),
                                         (34, point, (40, 40, 40), medium),
                                         (56, provenance_line(e.model), (90, 90, 90), small))]
 
 
-def _legend_layout(e, w: int, h: int, top: int, s: int, font, truth_xy, answer: list, candidates: list,
-                   truth: list, labels: list, shown: list, avoid: list) -> dict:
-    """The key's rows and box: in the first map corner where it hides neither the truth nor the answer (nor,
-    where a corner allows, a country disc worth seeing) (`legend_corner`)."""
-    with_truth = truth_xy is not None
-    compact = w < COMPACT_LEGEND_PX * s   # a narrow map keeps only a short key: the rest would cover the answer
+def _title(name: str, answer: str, font, width: float) -> str:
+    """"name:  answer"; when it is too wide, the name's end gives way first (down to 40 % of the width; its
+    extension stays), then the answer's."""
+    rest = f":  {answer}"
+    if font.getlength(name + rest) <= width:
+        return name + rest
+    budget = max(width - font.getlength(rest), 0.4 * width)
+    if font.getlength(name) > budget:
+        suffix = Path(name).suffix[1:] if len(Path(name).suffix) <= 6 else ""
+        name = _fit_width(name[:len(name) - len(suffix)].rstrip("."), font, budget - font.getlength(suffix)) + suffix
+    return name + rest
+
+
+def _legend_layout(e, w: int, h: int, top: int, s: int, font, with_truth: bool, keep_clear: list) -> dict:
+    """The key's rows and box (picture pixels): in the first map corner where it covers none of `keep_clear` (the
+    answer, the candidates, the truth, their names) (`legend_corner`); when every corner covers something, in a
+    band under the map, the symbols side by side there."""
+    compact = w < COMPACT_LEGEND_PX * s   # a narrow map keeps only a short key: the rest is in the text
+    margin = LEGEND_MARGIN_PX * s
     rows = [("disc", LEVEL_COLOURS[0],
              "countries (area = p)" if compact else "country candidates (area = probability)"),
             ("dot", PIN_COLOUR, "predicted path" if compact else "predicted path: country > region > subregion > city"),
@@ -393,38 +464,48 @@ def _legend_layout(e, w: int, h: int, top: int, s: int, font, truth_xy, answer: 
         if lv.supporting:
             reasons = ", ".join(f"{r.name} {r.contribution:+.2f}" for r in lv.supporting[:3])
             rows.append(("text", None, _ellipsis(f"why {lv.chosen.name} over {lv.compared_with}: {reasons}", 90)))
+    rows = [(kind, colour, _fit_width(label, font, w - 2 * margin - (40 if kind != "text" else 16) * s))
+            for kind, colour, label in rows]
     line_h = 17 * s
     box_w = max(0 if compact else 380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
+    box_w = min(box_w, w - 2 * margin)
     box_h = (len(rows) + 0.6) * line_h
-    x0, y0 = legend_corner((box_w, box_h), w, h, 8 * s, [truth_xy] if with_truth else [], avoid, shown)
-    corners = {(8 * s, h - box_h - 8 * s): "bottom-left", (w - box_w - 8 * s, h - box_h - 8 * s): "bottom-right",
-               (8 * s, 8 * s): "top-left", (w - box_w - 8 * s, 8 * s): "top-right"}
-    return {"rows": rows, "box": (x0, y0 + top, x0 + box_w, y0 + top + box_h),
-            "cells": [(i, 0) for i in range(len(rows))], "col_w": box_w,
-            "line_h": line_h, "on_map": True, "band": 0, "place": corners.get((x0, y0), "bottom-left"),
-            "font": font}
+    legend = {"rows": rows, "cells": [(i, 0) for i in range(len(rows))], "col_w": box_w, "line_h": line_h,
+              "font": font, "on_map": True, "band": 0}
+    corner = legend_corner((box_w, box_h), w, h, margin, keep_clear)
+    if corner is not None:
+        place, (x0, y0) = corner
+        return dict(legend, place=place, box=(x0, y0 + top, x0 + box_w, y0 + top + box_h))
+    # Below the map: the symbol rows side by side as far as the width allows, the text rows one per line.
+    icons = [row for row in rows if row[0] != "text"]
+    col_w = max(font.getlength(row[2]) for row in icons) + 40 * s
+    columns = int(max(1, min(len(icons), (w - 2 * margin) // col_w)))
+    icon_lines = math.ceil(len(icons) / columns)
+    cells = [divmod(i, columns) if i < len(icons) else (icon_lines + i - len(icons), 0) for i in range(len(rows))]
+    texts = [font.getlength(row[2]) + 16 * s for row in rows if row[0] == "text"]
+    box_w = min(w - 2 * margin, max([columns * col_w] + texts))
+    box_h = (icon_lines + len(rows) - len(icons) + 0.6) * line_h
+    y0 = top + h + margin
+    return dict(legend, cells=cells, col_w=col_w, on_map=False, band=math.ceil(box_h + 2 * margin), place="below",
+                box=(margin, y0, margin + box_w, y0 + box_h))
 
 
-def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_clear: list, avoid: list,
-                  prefer_clear: list = ()) -> tuple[float, float]:
-    """Top-left (x0, y0) of a legend box of size `box` in a w x h map: the first of bottom-left, bottom-right,
-    top-left, top-right that covers none of `keep_clear` (the truth), `avoid` (the answer) and `prefer_clear`
-    (country discs), else none of the first two, else none of `keep_clear`, else bottom-left. Points are (x, y)
-    pixels; a 12 % box margin counts."""
+def legend_corner(box: tuple[float, float], w: float, h: float, margin: float,
+                  keep_clear: Sequence) -> tuple[str, tuple[float, float]] | None:
+    """(name, top-left (x0, y0)) of the first of bottom-left, bottom-right, top-left, top-right where a key of
+    size `box`, `margin` inside a w x h map, overlaps none of `keep_clear` (boxes (x0, y0, x1, y1), kept CLEAR_PX
+    apart); None when every corner covers one or the key does not fit in the map (it then goes under the map)."""
     bw, bh = box
-    corners = [(margin, h - bh - margin), (w - bw - margin, h - bh - margin), (margin, margin),
-               (w - bw - margin, margin)]
-
-    def covers(corner, points) -> bool:
-        x0, y0 = corner
-        pad = 0.12 * max(bw, bh)
-        return any(x0 - pad <= x <= x0 + bw + pad and y0 - pad <= y <= y0 + bh + pad for x, y in points)
-
-    for points in (keep_clear + avoid + list(prefer_clear), keep_clear + avoid, keep_clear):
-        for corner in corners:
-            if not covers(corner, points):
-                return corner
-    return corners[0]
+    if bw > w - 2 * margin or bh > h - 2 * margin:
+        return None
+    corners = (("bottom-left", (margin, h - bh - margin)), ("bottom-right", (w - bw - margin, h - bh - margin)),
+               ("top-left", (margin, margin)), ("top-right", (w - bw - margin, margin)))
+    pad = CLEAR_PX * margin / LEGEND_MARGIN_PX     # in the caller's pixels, whatever its supersampling
+    for name, (x0, y0) in corners:
+        if not any(x0 - pad < b[2] and b[0] < x0 + bw + pad and y0 - pad < b[3] and b[1] < y0 + bh + pad
+                   for b in keep_clear):
+            return name, (x0, y0)
+    return None
 
 
 def render_prediction_map(explanation, out_path: str | Path | None = None, basemap: str = "relief",
