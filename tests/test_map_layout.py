@@ -162,8 +162,9 @@ def _inside(box, frame, slack: float = 0.5) -> bool:
 
 
 def layout_problems(layout: maps.MapLayout) -> list[str]:
-    """What is wrong with one layout: a key or a title line covering a marker (the visible part of it), a box
-    outside the picture, the answer's pin or name cut by the map's edge."""
+    """What is wrong with one layout: a key or a title line covering a marker or a candidate's name (the visible
+    part of it), a key or title outside the picture, the answer's pin or name cut by the map's edge, the true
+    point outside the map."""
     width, height = layout.size
     canvas = (0, 0, width, height)
     problems = []
@@ -172,7 +173,7 @@ def layout_problems(layout: maps.MapLayout) -> list[str]:
     for name, box in covers:
         if not _inside(box, canvas):
             problems.append(f"{name} {box} outside the {width} x {height} picture")
-    for kind in ("answer", "candidates", "truth"):
+    for kind in ("answer", "candidates", "truth", "labels"):
         for name, box in covers:
             hidden = [m for m in getattr(layout, kind) if (seen := _clip(m, layout.map_box)) and _overlap(box, seen)]
             if hidden:

@@ -270,8 +270,19 @@ def crop_height(region: Region, width: int) -> int:
     return max(1, round(width * (region.max_lat - region.min_lat) / (region.max_lon - region.min_lon)))
 
 
+@functools.lru_cache(maxsize=8192)
+def _length(font, text: str) -> float:
+    """font.getlength(text), remembered: a layout measures the same names and prefixes again and again."""
+    return font.getlength(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _bbox(font, text: str, anchor: str, stroke: int) -> tuple:
+    return font.getbbox(text, anchor=anchor, stroke_width=stroke)
+
+
 def _text_box(font, xy, text: str, anchor: str = "la", stroke: int = 0) -> Box:
-    x0, y0, x1, y1 = font.getbbox(text, anchor=anchor, stroke_width=stroke)
+    x0, y0, x1, y1 = _bbox(font, text, anchor, stroke)
     return (xy[0] + x0, xy[1] + y0, xy[0] + x1, xy[1] + y1)
 
 
@@ -398,7 +409,7 @@ def _place_label(text: str, font, x: float, y: float, gap: float, w: float, h: f
         box = _text_box(font, xy, text, anchor, stroke)
         if box[0] >= edge and box[2] <= w - edge:
             whole.append((xy, text, anchor))
-        elif room >= font.getlength(text[:4] + "…") + 2 * stroke:
+        elif room >= _length(font, text[:4] + "…") + 2 * stroke:
             short.append((xy, _fit_width(text, font, room - 2 * stroke), anchor))
     if not whole and not short:
         xy, anchor, room = max(sides, key=lambda side: side[2])
@@ -437,12 +448,12 @@ def _title(name: str, answer: str, font, width: float) -> str:
     """"name:  answer"; when it is too wide, the name's end gives way first (down to 40 % of the width; its
     extension stays), then the answer's."""
     rest = f":  {answer}"
-    if font.getlength(name + rest) <= width:
+    if _length(font, name + rest) <= width:
         return name + rest
-    budget = max(width - font.getlength(rest), 0.4 * width)
-    if font.getlength(name) > budget:
+    budget = max(width - _length(font, rest), 0.4 * width)
+    if _length(font, name) > budget:
         suffix = Path(name).suffix[1:] if len(Path(name).suffix) <= 6 else ""
-        name = _fit_width(name[:len(name) - len(suffix)].rstrip("."), font, budget - font.getlength(suffix)) + suffix
+        name = _fit_width(name[:len(name) - len(suffix)].rstrip("."), font, budget - _length(font, suffix)) + suffix
     return name + rest
 
 
@@ -467,7 +478,7 @@ def _legend_layout(e, w: int, h: int, top: int, s: int, font, with_truth: bool, 
     rows = [(kind, colour, _fit_width(label, font, w - 2 * margin - (40 if kind != "text" else 16) * s))
             for kind, colour, label in rows]
     line_h = 17 * s
-    box_w = max(0 if compact else 380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
+    box_w = max(0 if compact else 380 * s, max(_length(font, row[2]) for row in rows) + 40 * s)
     box_w = min(box_w, w - 2 * margin)
     box_h = (len(rows) + 0.6) * line_h
     legend = {"rows": rows, "cells": [(i, 0) for i in range(len(rows))], "col_w": box_w, "line_h": line_h,
@@ -478,11 +489,11 @@ def _legend_layout(e, w: int, h: int, top: int, s: int, font, with_truth: bool, 
         return dict(legend, place=place, box=(x0, y0 + top, x0 + box_w, y0 + top + box_h))
     # Below the map: the symbol rows side by side as far as the width allows, the text rows one per line.
     icons = [row for row in rows if row[0] != "text"]
-    col_w = max(font.getlength(row[2]) for row in icons) + 40 * s
+    col_w = max(_length(font, row[2]) for row in icons) + 40 * s
     columns = int(max(1, min(len(icons), (w - 2 * margin) // col_w)))
     icon_lines = math.ceil(len(icons) / columns)
     cells = [divmod(i, columns) if i < len(icons) else (icon_lines + i - len(icons), 0) for i in range(len(rows))]
-    texts = [font.getlength(row[2]) + 16 * s for row in rows if row[0] == "text"]
+    texts = [_length(font, row[2]) + 16 * s for row in rows if row[0] == "text"]
     box_w = min(w - 2 * margin, max([columns * col_w] + texts))
     box_h = (icon_lines + len(rows) - len(icons) + 0.6) * line_h
     y0 = top + h + margin
@@ -625,12 +636,12 @@ def _draw_truth(draw, point: tuple[float, float], s: int) -> None:
 
 def _fit_width(text: str, font, width: float) -> str:
     """``text``, or its longest prefix + "…" that ``font`` draws within ``width`` pixels."""
-    if font.getlength(text) <= width:
+    if _length(font, text) <= width:
         return text
     low, high = 0, len(text)
     while low < high:                       # the longest prefix that fits with the ellipsis
         middle = (low + high + 1) // 2
-        if font.getlength(text[:middle].rstrip() + "…") <= width:
+        if _length(font, text[:middle].rstrip() + "…") <= width:
             low = middle
         else:
             high = middle - 1
