@@ -770,8 +770,10 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
         draw.text((x + 6 * s, y), str(names[idx]), fill=(90, 10, 20), font=small, anchor="lm",
                   stroke_width=s, stroke_fill=(255, 255, 255))
     _draw_depth_legend(draw, disk, levels, c, header * s + full - 26 * s * 4 - 10 * s, s, medium)
-    draw.text((14 * s, 10 * s), title or "Entity hierarchy in the Poincare disk", fill=(10, 10, 10), font=large)
-    draw.text((14 * s, 38 * s), subtitle, fill=(90, 90, 90), font=small)
+    fit = full - 28 * s                    # title and subtitle shortened with "…" to the picture's width
+    draw.text((14 * s, 10 * s), _fit_width(title or "Entity hierarchy in the Poincare disk", large, fit),
+              fill=(10, 10, 10), font=large)
+    draw.text((14 * s, 38 * s), _fit_width(subtitle, small, fit), fill=(90, 90, 90), font=small)
     image = image.resize((image.width // s, image.height // s), Image.Resampling.LANCZOS)
     if out_path is not None:
         atomic_write_bytes(out_path, png_bytes(image))
