@@ -241,7 +241,7 @@ class _Plan:
     pin: tuple | None           # (x, y, r, flipped, (xy, text, anchor))
     truth: tuple | None         # (x, y)
     radius: tuple | None        # (lat, lon, km)
-    legend: dict                # rows, box (x0, y0, x1, y1), columns, col_w, line_h, on_map
+    legend: dict                # rows, cells (line, column), box (x0, y0, x1, y1), col_w, line_h, on_map, place
 
 
 @dataclass
