@@ -128,12 +128,21 @@ def test_legend_never_hides_the_truth_marker():
     assert pixel[1] > 150 and pixel[0] < 120                                # the green cross, not the white key
 
 
-def test_legend_corner_avoids_truth_first_then_answer():
+def test_legend_corner_is_the_first_corner_clear_of_the_markers_else_none():
     box, w, h = (300.0, 100.0), 800, 400
-    bottom_left, bottom_right, top_left = (8, 292), (492, 292), (8, 8)
-    assert maps.legend_corner(box, w, h, 8, [], []) == bottom_left
-    assert maps.legend_corner(box, w, h, 8, [(50, 350)], []) == bottom_right
-    assert maps.legend_corner(box, w, h, 8, [(50, 350)], [(700, 350)]) == top_left
-    # every corner holds the answer: the truth still wins
-    everywhere = [(50, 350), (700, 350), (50, 50), (700, 50)]
-    assert maps.legend_corner(box, w, h, 8, [(50, 350)], everywhere[1:]) == bottom_right
+    bottom_left, bottom_right, top_left = ("bottom-left", (8, 292)), ("bottom-right", (492, 292)), ("top-left", (8, 8))
+    left, right, up_left, up_right = (40, 340, 60, 360), (700, 340, 720, 360), (40, 40, 60, 60), (700, 40, 720, 60)
+    assert maps.legend_corner(box, w, h, 8, []) == bottom_left
+    assert maps.legend_corner(box, w, h, 8, [left]) == bottom_right
+    assert maps.legend_corner(box, w, h, 8, [left, right]) == top_left
+    assert maps.legend_corner(box, w, h, 8, [left, right, up_left, up_right]) is None      # under the map, then
+    assert maps.legend_corner((300.0, 390.0), w, h, 8, []) is None                          # too tall for the map
+
+
+def test_world_map_moves_its_edge_away_from_the_points():
+    assert maps.world_window([2.0, 151.0, -74.0]) == maps.Region.world()
+    seam = maps.world_window([178.4, 16.4, -171.8])        # Fiji, Vienna, Samoa: the edge falls in the Atlantic
+    assert -171.8 < seam.min_lon < 16.4 and seam.max_lon - seam.min_lon == 360.0
+    x, _ = seam.to_pixels(np.array([0.0, 0.0, 0.0]), np.array([178.4, 16.4, -171.8]), 360, 180)
+    assert (x > 15).all() and (x < 345).all()
+    assert maps.fit_region([-18.1, 48.2], [178.4, 16.4]) == maps.world_window([178.4, 16.4])

@@ -1,5 +1,7 @@
 """The page of `hierloc serve` in a real browser: headless Chromium opens it on 127.0.0.1, uploads a real photo, and
-finds the country, the concepts, the map and the photo's EXIF position; an unreadable file shows the server's error.
+finds the country, the concepts, the map and the photo's EXIF position; on a phone's width the map is drawn for that
+width and fits the page; an unreadable file shows the server's error. Each page is left as a screenshot in the
+test's temporary directory.
 
 Skips with the reason when selenium, Chromium or chromedriver is missing (CI installs Debian's `chromium` and
 `chromium-driver`) or when the reference photos beside the repository are absent.
@@ -23,6 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 PAGE_WAIT_S = 120
+DESKTOP, PHONE = (1280, 1600), (390, 3200)      # window sizes (the phone's tall enough to show the whole page)
 
 
 def _executables() -> tuple[str, str]:
@@ -71,7 +74,7 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1280,1600"):
+                     f"--window-size={DESKTOP[0]},{DESKTOP[1]}"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
     yield driver
@@ -83,7 +86,15 @@ def _upload(browser, url: str, path: Path) -> None:
     browser.find_element(By.ID, "file").send_keys(str(path))
 
 
-def test_a_dropped_photo_shows_its_country_concepts_map_and_exif_position(server, browser, tiny_model_dir):
+def _map_size(browser) -> list[int]:
+    """[naturalWidth, naturalHeight] of the map once it is loaded."""
+    return WebDriverWait(browser, PAGE_WAIT_S).until(lambda d: d.execute_script(
+        "const m = document.getElementById('map'); return m.complete && m.naturalWidth ? "
+        "[m.naturalWidth, m.naturalHeight] : null;"))
+
+
+def test_a_dropped_photo_shows_its_country_concepts_map_and_exif_position(server, browser, tiny_model_dir,
+                                                                          tmp_path):
     from hierloc.data.exif import read_gps
     from hierloc.inference import explain
 
@@ -102,15 +113,38 @@ def test_a_dropped_photo_shows_its_country_concepts_map_and_exif_position(server
     concepts = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#concepts li.concept")]
     assert expected.image_concepts and [c.rsplit(" ", 1)[0] for c in concepts] == [
         c["name"] for c in expected.image_concepts]
-    map_size = wait.until(lambda d: d.execute_script(
-        "const m = document.getElementById('map'); return m.complete && m.naturalWidth ? "
-        "[m.naturalWidth, m.naturalHeight] : null;"))
+    map_size = _map_size(browser)
     assert map_size[0] == 900 and map_size[1] > 200
     gps = read_gps(photo)
     exif = browser.find_element(By.ID, "exif")
     assert exif.is_displayed() and f"{gps.lat_deg:.4f}" in exif.text and f"{gps.lon_deg:.4f}" in exif.text
     assert country in browser.find_element(By.ID, "status").text
     assert "gazetteer" in browser.find_element(By.ID, "provenance").text
+    browser.save_screenshot(str(tmp_path / f"page-{DESKTOP[0]}.png"))
+
+
+def test_on_a_phone_the_map_is_drawn_for_the_page_width_and_fits_it(server, browser, tmp_path):
+    """At 390 px the page asks for a map as wide as its column (its text then keeps its size instead of shrinking
+    to 40 % of the 900 px map's) and nothing runs off the side of the page."""
+    _model, url = server
+    photo = _photo()
+    browser.set_window_size(*PHONE)
+    try:
+        _upload(browser, url, photo)
+        WebDriverWait(browser, PAGE_WAIT_S).until(
+            lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").text)
+        assert browser.find_element(By.ID, "error").text == ""
+        natural_width, _ = _map_size(browser)
+        left, right, shown_width, page_width, scroll_width = browser.execute_script(
+            "const r = document.getElementById('map').getBoundingClientRect(); return [r.left, r.right, r.width, "
+            "document.documentElement.clientWidth, document.documentElement.scrollWidth];")
+        browser.save_screenshot(str(tmp_path / f"page-{PHONE[0]}.png"))
+        browser.find_element(By.ID, "map").screenshot(str(tmp_path / f"map-{PHONE[0]}.png"))
+        assert 300 <= natural_width <= page_width
+        assert abs(shown_width - 2 - natural_width) <= 1          # shown at its own size (plus its border)
+        assert 0 <= left and right <= page_width and scroll_width <= page_width
+    finally:
+        browser.set_window_size(*DESKTOP)
 
 
 def test_an_unreadable_file_shows_the_servers_error_on_the_page(server, browser, tmp_path):

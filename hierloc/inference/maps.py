@@ -17,11 +17,13 @@ geoopt's convention, d = 2 artanh(sqrt(c) |x|) / sqrt(c)), and only the angles a
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
+import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +44,9 @@ TRUTH_COLOUR = (0, 200, 60)
 SUPERSAMPLE = 2
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int):
+    """Pillow's built-in font at `size` pixels (one object per size: measuring text reuses its glyph cache)."""
     from PIL import ImageFont
 
     try:
@@ -93,8 +97,8 @@ class Region:
 def fit_region(lat_deg: Sequence[float], lon_deg: Sequence[float], aspect: float = 2.0, margin: float = 0.25,
                min_lon_span: float = 24.0) -> Region:
     """Smallest window (with `margin` of its span on every side) holding the points, width/height = aspect in
-    degrees, at least `min_lon_span` wide; the whole world when that would exceed 200 degrees of longitude.
-    Longitudes are unwrapped around the first point, so a window may cross the antimeridian."""
+    degrees, at least `min_lon_span` wide; the whole world (`world_window`) when that would exceed 200 degrees of
+    longitude. Longitudes are unwrapped around the first point, so a window may cross the antimeridian."""
     lat = np.asarray(lat_deg, dtype=np.float64)
     lon = np.asarray(lon_deg, dtype=np.float64)
     keep = np.isfinite(lat) & np.isfinite(lon)
@@ -107,11 +111,26 @@ def fit_region(lat_deg: Sequence[float], lon_deg: Sequence[float], aspect: float
     lat_span = max((lat.max() - lat.min()) * (1 + 2 * margin), lon_span / aspect)
     lon_span = max(lon_span, lat_span * aspect)
     if lon_span > 200 or lat_span > 150:
-        return Region.world()
+        return world_window(lon)
     mid_lat = float(np.clip((lat.max() + lat.min()) / 2, -90 + lat_span / 2, 90 - lat_span / 2))
     mid_lon = (lon.max() + lon.min()) / 2
     min_lon = (mid_lon - lon_span / 2 + 180.0) % 360.0 - 180.0
     return Region(mid_lat - lat_span / 2, mid_lat + lat_span / 2, min_lon, min_lon + lon_span)
+
+
+WORLD_SEAM_CLEAR_DEG = 15.0     # a world map's left/right edge stays this far from every point it shows
+
+
+def world_window(lon_deg) -> Region:
+    """The whole world; its left/right edge at 180 degrees unless a point lies within WORLD_SEAM_CLEAR_DEG of it
+    (the markers there would be cut in two), then in the middle of the widest empty stretch of longitudes."""
+    lon = np.sort((np.asarray(lon_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0)
+    if lon.size == 0 or (180.0 - np.abs(lon)).min() >= WORLD_SEAM_CLEAR_DEG:
+        return Region.world()
+    gaps = np.diff(np.append(lon, lon[0] + 360.0))
+    k = int(np.argmax(gaps))
+    seam = (lon[k] + gaps[k] / 2 + 180.0) % 360.0 - 180.0
+    return Region(-90.0, 90.0, seam, seam + 360.0)
 
 
 def basemap_crop(region: Region, width: int, kind: str = "relief"):
@@ -124,8 +143,8 @@ def basemap_crop(region: Region, width: int, kind: str = "relief"):
     files = {"relief": "shadedrelief.jpg", "bluemarble": "bmng.jpg"}
     if kind not in files:
         raise InputError(f"basemap {kind!r}: expected one of {', '.join(files)}")
-    lon_span, lat_span = region.max_lon - region.min_lon, region.max_lat - region.min_lat
-    height = max(1, int(round(width * lat_span / lon_span)))
+    lon_span = region.max_lon - region.min_lon
+    height = crop_height(region, width)
     with Image.open(basemap_file(files[kind])) as source:
         full_width, full_height = source.size
         needed = width / lon_span * 360.0 / full_width          # fraction of the full resolution needed
@@ -174,7 +193,8 @@ def _draw_borders(draw, region: Region, width: int, height: int, scale: int) -> 
 
 def _draw_graticule(draw, region: Region, width: int, height: int, scale: int, font) -> None:
     span = region.max_lon - region.min_lon
-    step = next(s for s in (1, 2, 5, 10, 15, 30, 60) if span / s <= 12)
+    most = min(12.0, width / (56 * scale))      # lines; at most 12, and their labels at least 56 px apart
+    step = next((st for st in (1, 2, 5, 10, 15, 30, 60) if span / st <= most), 90)
     for lon in np.arange(math.ceil(region.min_lon / step) * step, region.max_lon + 1e-9, step):
         x = (lon - region.min_lon) / span * width
         draw.line([(x, 0), (x, height)], fill=(255, 255, 255, 60), width=scale)
@@ -193,57 +213,364 @@ def _label(draw, xy, text: str, font, scale: int, fill=(20, 20, 20), anchor="lm"
 
 
 # ------------------------------------------------------------------------------------------- prediction map
-def render_prediction_map(explanation, out_path: str | Path | None = None, basemap: str = "relief",
-                          width: int = 1200, truth: tuple[float, float] | None = None,
-                          region: Region | None = None, text: str | None = None):
-    """Draw one `hierloc.inference.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
+HEADER_PX = 78                 # the band above the map: image and answer, points and radius, provenance
+COMPACT_LEGEND_PX = 1000       # maps narrower than this (serve: 900) show a short key only (no alternatives, no reasons)
+RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
+LEGEND_MARGIN_PX = 8           # between the key and the map's edge
+CLEAR_PX = 4                   # the key keeps at least this far from what it must not cover
 
-    Returns the Pillow image. truth: the true (lat, lon) when known (default: the EXIF GPS of the image). text:
-    the explanation as text, for the HTML page (default `hierloc.inference.explain.format_text`).
-    """
-    from PIL import Image, ImageDraw
+Box = tuple  # (x0, y0, x1, y1)
 
-    if out_path is not None:
-        out_path = output_path(out_path, (".png", ".html", ".htm"))
+
+@dataclass
+class _Plan:
+    """What `render_prediction_map` draws and where, in supersampled pixels: markers in the map's own coordinates
+    (the map starts `top` pixels below the picture's top), header lines and the key in the picture's."""
+
+    s: int
+    region: Region
+    w: int
+    h: int
+    top: int
+    band: int                   # height of the key's band under the map; 0 when the key sits on the map
+    fonts: tuple                # small, medium, large
+    header: list                # (xy, text, fill, font)
+    discs: list                 # (x, y, r, colour, (xy, text, anchor))
+    alternatives: list          # (x, y, r, rank)
+    path: list                  # [(x, y, r, colour)] country -> city
+    pin: tuple | None           # (x, y, r, flipped, (xy, text, anchor))
+    truth: tuple | None         # (x, y)
+    radius: tuple | None        # (lat, lon, km)
+    legend: dict                # rows, cells (line, column), box (x0, y0, x1, y1), col_w, line_h, on_map, place
+
+
+@dataclass
+class MapLayout:
+    """Where `render_prediction_map` draws each thing, computed before any drawing (`prediction_map_layout`) and
+    used by the drawing; boxes are (x0, y0, x1, y1) in pixels of the returned picture (render_prediction_map
+    leaves it in ``image.info["layout"]``)."""
+
+    size: tuple                 # (width, height) of the picture
+    map_box: Box                # the map, under the header band (and above the key's band, when there is one)
+    header: list                # one box per header line
+    legend: Box | None          # the key
+    legend_place: str           # bottom-left, bottom-right, top-left, top-right, or below (a band under the map)
+    answer: list                # the pin and its name, the predicted path's dots and line
+    candidates: list            # the country discs and the other top paths' dots
+    truth: list                 # the true point's cross
+    labels: list                # the country discs' names
+    pin: Box | None             # the answer's pin (also in `answer`)
+    pin_label: Box | None       # the answer's name beside it (also in `answer`)
+    plan: _Plan = field(repr=False, compare=False)
+
+
+def crop_height(region: Region, width: int) -> int:
+    """Height in pixels of `region` drawn `width` pixels wide (equirectangular: degrees of latitude and of
+    longitude take the same length)."""
+    return max(1, round(width * (region.max_lat - region.min_lat) / (region.max_lon - region.min_lon)))
+
+
+@functools.lru_cache(maxsize=8192)
+def _length(font, text: str) -> float:
+    """font.getlength(text), remembered: a layout measures the same names and prefixes again and again."""
+    return font.getlength(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _bbox(font, text: str, anchor: str, stroke: int) -> tuple:
+    return font.getbbox(text, anchor=anchor, stroke_width=stroke)
+
+
+def _text_box(font, xy, text: str, anchor: str = "la", stroke: int = 0) -> Box:
+    x0, y0, x1, y1 = _bbox(font, text, anchor, stroke)
+    return (xy[0] + x0, xy[1] + y0, xy[0] + x1, xy[1] + y1)
+
+
+def _stroke_boxes(points: list, half: float, step: float) -> list:
+    """Small boxes covering a polyline drawn `2 half` wide (one box every `step` pixels along it)."""
+    boxes = []
+    for (xa, ya), (xb, yb) in itertools.pairwise(points):
+        n = max(1, math.ceil(math.hypot(xb - xa, yb - ya) / step))
+        for t in np.linspace(0.0, 1.0, n + 1).tolist():
+            x, y = xa + t * (xb - xa), ya + t * (yb - ya)
+            boxes.append((x - half, y - half, x + half, y + half))
+    return boxes
+
+
+def _visible(box: Box, w: float, h: float) -> bool:
+    return box[0] < w and box[2] > 0 and box[1] < h and box[3] > 0
+
+
+def prediction_map_layout(explanation, width: int = 1200, truth: tuple[float, float] | None = None,
+                          region: Region | None = None) -> MapLayout:
+    """The layout of `render_prediction_map(explanation, width=width, truth=truth, region=region)` without
+    drawing: the map window, the header lines, every marker and the key's place."""
     e = explanation
     if truth is None and getattr(e, "gps_lat_deg", None) is not None:
         truth = (e.gps_lat_deg, e.gps_lon_deg)
     countries = [e.levels[0].chosen] + list(e.levels[0].runners_up) if e.levels else []
     path_nodes = [lv.chosen for lv in e.levels]
-    header_px = 78
     if region is None:
         region = fit_region(*_window_points(e, countries, truth))
-    base = basemap_crop(region, width * SUPERSAMPLE, basemap)
     s = SUPERSAMPLE
-    w, h = base.size
-    canvas = Image.new("RGB", (w, h + header_px * s), (250, 250, 247))
-    canvas.paste(base, (0, header_px * s))
-    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer, "RGBA")
-    small, medium, large = _font(12 * s), _font(15 * s), _font(19 * s)
-    _draw_graticule(draw, region, w, h, s, small)
-    _draw_borders(draw, region, w, h, s)
+    w = width * s
+    h = crop_height(region, w)
+    top = HEADER_PX * s
+    small, medium, large = fonts = _font(12 * s), _font(15 * s), _font(19 * s)
 
     def xy(lat, lon):
         x, y = region.to_pixels(lat, lon, w, h)
         return float(x), float(y)
 
-    if getattr(e, "radius90_km", None) is not None and e.levels:
-        _draw_radius(draw, e.lat_deg, e.lon_deg, e.radius90_km, xy, w, s)
-    _draw_country_discs(draw, countries, xy, 0.09 * h, s, medium)
-    _draw_alternatives(draw, e.alternatives[:4], xy, s, small)
-    _draw_answer(draw, e, path_nodes, truth, xy, s, large)
+    discs, alternatives, path, candidates, answer, truth_boxes = [], [], [], [], [], []
+    for cand in countries:  # country candidates: disc area proportional to probability
+        if not (math.isfinite(cand.probability) and cand.probability > 0.005):
+            continue
+        x, y = xy(cand.lat_deg, cand.lon_deg)
+        r = max(4 * s, 0.09 * h * math.sqrt(cand.probability))
+        if _visible((x - r, y - r, x + r, y + r), w, h):   # outside the window: neither the disc nor its name
+            colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
+            discs.append([x, y, r, colour, f"{cand.name} {100 * cand.probability:.0f}%"])
+            candidates.append((x - r, y - r, x + r, y + r))
+    for rank, alt in enumerate(e.alternatives[:4], start=2):  # the other paths' end points, numbered from 2
+        x, y = xy(alt["lat_deg"], alt["lon_deg"])
+        alternatives.append((x, y, 7 * s, rank))
+        candidates.append((x - 7 * s, y - 7 * s, x + 7 * s, y + 7 * s))
+    for level, node in enumerate(path_nodes):
+        x, y = xy(node.lat_deg, node.lon_deg)
+        r = (7 - level) * s
+        path.append((x, y, r, LEVEL_COLOURS[level]))
+        answer.append((x - r, y - r, x + r, y + r))
+    answer += _stroke_boxes([(x, y) for x, y, _, _ in path], 2.5 * s, 4 * s)
+    pin_box = pin_at = None
+    if path_nodes:
+        x, y = xy(e.lat_deg, e.lon_deg)
+        r = 9 * s
+        flipped = _flip_pin(y, r)
+        pin_at = (x, y, r, flipped)
+        pin_box = (x - r, y, x + r, y + 3 * r) if flipped else (x - r, y - 3 * r, x + r, y)
     truth_xy = xy(*truth) if truth else None
-    shown = [xy(c.lat_deg, c.lon_deg) for c in countries if c.probability >= 0.1]   # discs worth seeing
-    _draw_legend(draw, e, w, h, s, small, truth_xy, avoid=[xy(e.lat_deg, e.lon_deg)] if e.levels else [],
-                 prefer_clear=shown)
     if truth_xy is not None:
-        _draw_truth(draw, truth_xy, s)  # again, on top: nothing drawn later may hide the truth
-    canvas.paste(layer, (0, header_px * s), layer)
-    _draw_header(ImageDraw.Draw(canvas), e, truth, s, (small, medium, large))
-    image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
+        x, y = truth_xy
+        r = 12 * s                                          # the cross's arms and its white halo
+        truth_boxes.append((x - r, y - r, x + r, y + r))
+    # Names last, the answer's first: beside their marker, in the map, covering no other marker or name.
+    markers = candidates + answer + ([pin_box] if pin_box else []) + truth_boxes
+    pin = pin_label = None
+    if pin_at is not None:
+        x, y, r, flipped = pin_at
+        label = _place_label(path_nodes[-1].name, large, x, y + (2 * r if flipped else -2 * r), r + 4 * s, w, h, s,
+                             candidates + truth_boxes)
+        pin, pin_label = (x, y, r, flipped, label[:3]), label[3]
+        answer += [pin_box, pin_label]
+    labels = []
+    for disc in discs:
+        x, y, r, _, name = disc
+        own = (x - r, y - r, x + r, y + r)
+        label = _place_label(name, medium, x, y, r + 4 * s, w, h, s,
+                             [m for m in markers if m != own] + labels + ([pin_label] if pin_label else []))
+        disc[4] = label[:3]
+        labels.append(label[3])
+    answer, candidates, truth_boxes, labels = ([b for b in boxes if _visible(b, w, h)]
+                                               for boxes in (answer, candidates, truth_boxes, labels))
+    header = _header_lines(e, truth, w, s, fonts)
+    legend = _legend_layout(e, w, h, top, s, small, truth_xy is not None,
+                            answer + candidates + truth_boxes + labels)
+    radius = getattr(e, "radius90_km", None)
+    plan = _Plan(s, region, w, h, top, legend["band"], fonts, header, discs, alternatives, path, pin, truth_xy,
+                 (e.lat_deg, e.lon_deg, radius) if radius is not None and e.levels else None, legend)
+
+    def out(box, dy=0.0):
+        return (box[0] / s, (box[1] + dy) / s, box[2] / s, (box[3] + dy) / s)
+
+    return MapLayout((width, (top + h + plan.band) // s), out((0, 0, w, h), top),
+                     [out(_text_box(font, xy_, text)) for xy_, text, _, font in header],
+                     out(legend["box"]), legend["place"], [out(b, top) for b in answer],
+                     [out(b, top) for b in candidates], [out(b, top) for b in truth_boxes],
+                     [out(b, top) for b in labels], pin_box and out(pin_box, top), pin_label and out(pin_label, top),
+                     plan)
+
+
+def _flip_pin(y: float, r: float) -> bool:
+    """A pin whose head would be cut by the map's top edge hangs below its point instead."""
+    return y - 3 * r < 0
+
+
+def _place_label(text: str, font, x: float, y: float, gap: float, w: float, h: float, s: int,
+                 avoid: Sequence = ()) -> tuple:
+    """(xy, text, anchor, box) of a marker's name in a w x h map, `gap` beside the marker: right of it, else left
+    of it, else shortened with an ellipsis on a side where the whole name does not fit: the first of these that
+    fits in the map and covers none of `avoid`, else the one covering fewest. Moved up or down into the map when
+    it pokes out of it."""
+    stroke, edge = 2 * s, 2 * s
+    sides = (((x + gap, y), "lm", w - edge - (x + gap)), ((x - gap, y), "rm", x - gap - edge))
+    whole, short = [], []
+    for xy, anchor, room in sides:
+        box = _text_box(font, xy, text, anchor, stroke)
+        if box[0] >= edge and box[2] <= w - edge:
+            whole.append((xy, text, anchor))
+        elif room >= _length(font, text[:4] + "…") + 2 * stroke:
+            short.append((xy, _fit_width(text, font, room - 2 * stroke), anchor))
+    if not whole and not short:
+        xy, anchor, room = max(sides, key=lambda side: side[2])
+        short.append((xy, _fit_width(text, font, room - 2 * stroke), anchor))
+    placed = []
+    for xy, label, anchor in whole + short:
+        box = _text_box(font, xy, label, anchor, stroke)
+        shift = max(0.0, -box[1]) - max(0.0, box[3] - h)
+        placed.append(((xy[0], xy[1] + shift), label, anchor, (box[0], box[1] + shift, box[2], box[3] + shift)))
+    return min(placed, key=lambda option: sum(_overlaps(option[3], other) for other in avoid))
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _header_lines(e, truth, w: int, s: int, fonts: tuple) -> list:
+    """The band above the map: image and answer, predicted (and true) point and the 90 % radius, the model's
+    provenance; each line shortened with an ellipsis to the canvas width, so none runs off the edge (a long file
+    name first gives up its middle, to leave room for the answer)."""
+    small, medium, large = fonts
+    width = w - 20 * s
+    answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
+    radius = getattr(e, "radius90_km", None)
+    point = (f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
+             + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
+             + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""))
+    return [((10 * s, y * s), _fit_width(text, font, width), fill, font)
+            for y, text, fill, font in ((8, _title(Path(str(e.source)).name, answer, large, width), (10, 10, 10),
+                                         large),
+                                        (34, point, (40, 40, 40), medium),
+                                        (56, provenance_line(e.model), (90, 90, 90), small))]
+
+
+def _title(name: str, answer: str, font, width: float) -> str:
+    """"name:  answer"; when it is too wide, the name's end gives way first (down to 40 % of the width; its
+    extension stays), then the answer's."""
+    rest = f":  {answer}"
+    if _length(font, name + rest) <= width:
+        return name + rest
+    budget = max(width - _length(font, rest), 0.4 * width)
+    if _length(font, name) > budget:
+        suffix = Path(name).suffix[1:] if len(Path(name).suffix) <= 6 else ""
+        name = _fit_width(name[:len(name) - len(suffix)].rstrip("."), font, budget - _length(font, suffix)) + suffix
+    return name + rest
+
+
+def _legend_layout(e, w: int, h: int, top: int, s: int, font, with_truth: bool, keep_clear: list) -> dict:
+    """The key's rows and box (picture pixels): in the first map corner where it covers none of `keep_clear` (the
+    answer, the candidates, the truth, their names) (`legend_corner`); when every corner covers something, in a
+    band under the map, the symbols side by side there."""
+    compact = w < COMPACT_LEGEND_PX * s   # a narrow map keeps only a short key: the rest is in the text
+    margin = LEGEND_MARGIN_PX * s
+    rows = [("disc", LEVEL_COLOURS[0],
+             "countries (area = p)" if compact else "country candidates (area = probability)"),
+            ("dot", PIN_COLOUR, "predicted path" if compact else "predicted path: country > region > subregion > city"),
+            ("dot", ALT_COLOUR, "other top paths" if compact else "2., 3., ...: other top paths (city)")]
+    if with_truth:
+        rows.append(("cross", TRUTH_COLOUR, "true location"))
+    for k, alt in enumerate([] if compact else e.alternatives[:4], start=2):
+        rows.append(("text", None, f"{k}. " + _ellipsis(", ".join(reversed(alt["names"])), 60)))
+    for lv in [] if compact else e.levels[:2]:  # why the country and the region: the top concept reasons
+        if lv.supporting:
+            reasons = ", ".join(f"{r.name} {r.contribution:+.2f}" for r in lv.supporting[:3])
+            rows.append(("text", None, _ellipsis(f"why {lv.chosen.name} over {lv.compared_with}: {reasons}", 90)))
+    rows = [(kind, colour, _fit_width(label, font, w - 2 * margin - (40 if kind != "text" else 16) * s))
+            for kind, colour, label in rows]
+    line_h = 17 * s
+    box_w = max(0 if compact else 380 * s, max(_length(font, row[2]) for row in rows) + 40 * s)
+    box_w = min(box_w, w - 2 * margin)
+    box_h = (len(rows) + 0.6) * line_h
+    legend = {"rows": rows, "cells": [(i, 0) for i in range(len(rows))], "col_w": box_w, "line_h": line_h,
+              "font": font, "on_map": True, "band": 0}
+    corner = legend_corner((box_w, box_h), w, h, margin, keep_clear)
+    if corner is not None:
+        place, (x0, y0) = corner
+        return dict(legend, place=place, box=(x0, y0 + top, x0 + box_w, y0 + top + box_h))
+    # Below the map: the symbol rows side by side as far as the width allows, the text rows one per line.
+    icons = [row for row in rows if row[0] != "text"]
+    col_w = max(_length(font, row[2]) for row in icons) + 40 * s
+    columns = int(max(1, min(len(icons), (w - 2 * margin) // col_w)))
+    icon_lines = math.ceil(len(icons) / columns)
+    cells = [divmod(i, columns) if i < len(icons) else (icon_lines + i - len(icons), 0) for i in range(len(rows))]
+    texts = [_length(font, row[2]) + 16 * s for row in rows if row[0] == "text"]
+    box_w = min(w - 2 * margin, max([columns * col_w] + texts))
+    box_h = (icon_lines + len(rows) - len(icons) + 0.6) * line_h
+    y0 = top + h + margin
+    return dict(legend, cells=cells, col_w=col_w, on_map=False, band=math.ceil(box_h + 2 * margin), place="below",
+                box=(margin, y0, margin + box_w, y0 + box_h))
+
+
+def legend_corner(box: tuple[float, float], w: float, h: float, margin: float,
+                  keep_clear: Sequence) -> tuple[str, tuple[float, float]] | None:
+    """(name, top-left (x0, y0)) of the first of bottom-left, bottom-right, top-left, top-right where a key of
+    size `box`, `margin` inside a w x h map, overlaps none of `keep_clear` (boxes (x0, y0, x1, y1), kept CLEAR_PX
+    apart); None when every corner covers one or the key does not fit in the map (it then goes under the map)."""
+    bw, bh = box
+    if bw > w - 2 * margin or bh > h - 2 * margin:
+        return None
+    corners = (("bottom-left", (margin, h - bh - margin)), ("bottom-right", (w - bw - margin, h - bh - margin)),
+               ("top-left", (margin, margin)), ("top-right", (w - bw - margin, margin)))
+    pad = CLEAR_PX * margin / LEGEND_MARGIN_PX     # in the caller's pixels, whatever its supersampling
+    for name, (x0, y0) in corners:
+        if not any(x0 - pad < b[2] and b[0] < x0 + bw + pad and y0 - pad < b[3] and b[1] < y0 + bh + pad
+                   for b in keep_clear):
+            return name, (x0, y0)
+    return None
+
+
+def render_prediction_map(explanation, out_path: str | Path | None = None, basemap: str = "relief",
+                          width: int = 1200, truth: tuple[float, float] | None = None,
+                          region: Region | None = None, text: str | None = None):
+    """Draw one `hierloc.inference.explain.Explanation` on a map; write it to `out_path` (.png or .html) when given.
+
+    Returns the Pillow image, its `MapLayout` in ``image.info["layout"]``. truth: the true (lat, lon) when known
+    (default: the EXIF GPS of the image). text: the explanation as text, for the HTML page (default
+    `hierloc.inference.explain.format_text`).
+    """
+    from PIL import Image, ImageDraw
+
     if out_path is not None:
-        _write_map(image, out_path, text if text is not None else format_text(e))
+        out_path = output_path(out_path, (".png", ".html", ".htm"))
+    layout = prediction_map_layout(explanation, width, truth, region)
+    p = layout.plan
+    s, w, h = p.s, p.w, p.h
+    base = basemap_crop(p.region, w, basemap)
+    canvas = Image.new("RGB", (w, p.top + h + p.band), (250, 250, 247))
+    canvas.paste(base, (0, p.top))
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer, "RGBA")
+    small, medium, large = p.fonts
+    _draw_graticule(draw, p.region, w, h, s, small)
+    _draw_borders(draw, p.region, w, h, s)
+
+    def xy(lat, lon):
+        x, y = p.region.to_pixels(lat, lon, w, h)
+        return float(x), float(y)
+
+    if p.radius is not None:
+        _draw_radius(draw, *p.radius, xy, w, s)
+    for x, y, r, colour, (label_xy, label, anchor) in p.discs:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (70,), outline=colour + (230,), width=2 * s)
+        _label(draw, label_xy, label, medium, s, anchor=anchor)
+    for x, y, r, rank in p.alternatives:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=ALT_COLOUR + (255,), outline=(60, 40, 0, 255), width=s)
+        draw.text((x, y), str(rank), fill=(0, 0, 0), font=small, anchor="mm")
+    _draw_answer(draw, p, large)
+    if p.legend["on_map"]:
+        _draw_legend(draw, p.legend, s, dy=-p.top)
+    if p.truth is not None:
+        _draw_truth(draw, p.truth, s)  # again, on top: nothing drawn later may hide the truth
+    canvas.paste(layer, (0, p.top), layer)
+    if not p.legend["on_map"]:
+        _draw_legend(ImageDraw.Draw(canvas, "RGBA"), p.legend, s)
+    head = ImageDraw.Draw(canvas)
+    for xy_, line, fill, font in p.header:
+        head.text(xy_, line, fill=fill, font=font)
+    image = canvas.resize((canvas.width // s, canvas.height // s), Image.Resampling.LANCZOS)
+    image.info["layout"] = layout
+    if out_path is not None:
+        _write_map(image, out_path, text if text is not None else format_text(explanation))
     return image
 
 
@@ -263,22 +590,6 @@ def _window_points(e, countries: list, truth) -> tuple[list[float], list[float]]
     return lats, lons
 
 
-def _draw_country_discs(draw, countries: list, xy, max_radius: float, s: int, font) -> None:
-    """Country candidates: disc area proportional to probability, the chosen one in the country colour."""
-    for cand in countries:
-        if not (math.isfinite(cand.probability) and cand.probability > 0.005):
-            continue
-        x, y = xy(cand.lat_deg, cand.lon_deg)
-        r = max(4 * s, max_radius * math.sqrt(cand.probability))
-        colour = LEVEL_COLOURS[0] if cand is countries[0] else (60, 60, 160)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (70,), outline=colour + (230,), width=2 * s)
-        _label(draw, (x + r + 4 * s, y), f"{cand.name} {100 * cand.probability:.0f}%", font, s)
-
-
-COMPACT_LEGEND_PX = 1000       # maps narrower than this (serve: 900) show a short key only (no alternatives, no reasons)
-RADIUS_IN_WINDOW_KM = 1500.0   # a larger 90 % circle is not fitted into the map window (it would show a continent)
-
-
 def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int, s: int) -> None:
     """The 90 % error radius: the geodesic circle around the answer (dashed outline, faint inside when it is
     drawn whole); the header states the radius (a label on the map would cover candidates). Segments that cross
@@ -293,35 +604,25 @@ def _draw_radius(draw, lat: float, lon: float, radius_km: float, xy, width: int,
             draw.line([points[i], points[i + 1]], fill=PIN_COLOUR + (200,), width=2 * s)
 
 
-
-def _draw_alternatives(draw, alternatives: list, xy, s: int, font) -> None:
-    """The other paths' end points, numbered from 2."""
-    for rank, alt in enumerate(alternatives, start=2):
-        x, y = xy(alt["lat_deg"], alt["lon_deg"])
-        r = 7 * s
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=ALT_COLOUR + (255,), outline=(60, 40, 0, 255), width=s)
-        draw.text((x, y), str(rank), fill=(0, 0, 0), font=font, anchor="mm")
-
-
-def _draw_answer(draw, e, path_nodes: list, truth, xy, s: int, font) -> None:
+def _draw_answer(draw, p: _Plan, font) -> None:
     """The predicted path coarse to fine, the truth's cross, and last (on top) the pin with the answer's name."""
-    points = [xy(node.lat_deg, node.lon_deg) for node in path_nodes]
+    s = p.s
+    points = [(x, y) for x, y, _, _ in p.path]
     if len(points) > 1:
         draw.line(points, fill=(255, 255, 255, 230), width=5 * s)
         draw.line(points, fill=PIN_COLOUR + (255,), width=2 * s)
-    for level, (node, (x, y)) in enumerate(zip(path_nodes, points)):
-        r = (7 - level) * s
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=LEVEL_COLOURS[level] + (255,), outline=(255, 255, 255, 255),
-                     width=s)
-    if truth:
-        _draw_truth(draw, xy(*truth), s)
-    if points:
-        x, y = xy(e.lat_deg, e.lon_deg)
-        r = 9 * s
-        draw.polygon([(x, y), (x - r * 0.8, y - 2.2 * r), (x + r * 0.8, y - 2.2 * r)], fill=PIN_COLOUR + (255,))
-        draw.ellipse([x - r, y - 3 * r, x + r, y - r], fill=PIN_COLOUR + (255,), outline=(255, 255, 255, 255),
+    for x, y, r, colour in p.path:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour + (255,), outline=(255, 255, 255, 255), width=s)
+    if p.truth is not None:
+        _draw_truth(draw, p.truth, s)
+    if p.pin is not None:
+        x, y, r, flipped, (label_xy, label, anchor) = p.pin
+        tip, head = (1, (y + r, y + 3 * r)) if flipped else (-1, (y - 3 * r, y - r))
+        draw.polygon([(x, y), (x - r * 0.8, y + tip * 2.2 * r), (x + r * 0.8, y + tip * 2.2 * r)],
+                     fill=PIN_COLOUR + (255,))
+        draw.ellipse([x - r, head[0], x + r, head[1]], fill=PIN_COLOUR + (255,), outline=(255, 255, 255, 255),
                      width=2 * s)
-        _label(draw, (x + r + 4 * s, y - 2 * r), path_nodes[-1].name, font, s, fill=(120, 0, 0))
+        _label(draw, label_xy, label, font, s, fill=(120, 0, 0), anchor=anchor)
 
 
 def _draw_truth(draw, point: tuple[float, float], s: int) -> None:
@@ -333,52 +634,14 @@ def _draw_truth(draw, point: tuple[float, float], s: int) -> None:
         draw.line([(x - r, y + r), (x + r, y - r)], fill=fill, width=width)
 
 
-def legend_corner(box: tuple[float, float], w: int, h: int, margin: float, keep_clear: list, avoid: list,
-                  prefer_clear: list = ()) -> tuple[float, float]:
-    """Top-left (x0, y0) of a legend box of size `box` in a w x h map: the first of bottom-left, bottom-right,
-    top-left, top-right that covers none of `keep_clear` (the truth), `avoid` (the answer) and `prefer_clear`
-    (country discs), else none of the first two, else none of `keep_clear`, else bottom-left. Points are (x, y)
-    pixels; a 12 % box margin counts."""
-    bw, bh = box
-    corners = [(margin, h - bh - margin), (w - bw - margin, h - bh - margin), (margin, margin),
-               (w - bw - margin, margin)]
-
-    def covers(corner, points) -> bool:
-        x0, y0 = corner
-        pad = 0.12 * max(bw, bh)
-        return any(x0 - pad <= x <= x0 + bw + pad and y0 - pad <= y <= y0 + bh + pad for x, y in points)
-
-    for points in (keep_clear + avoid + list(prefer_clear), keep_clear + avoid, keep_clear):
-        for corner in corners:
-            if not covers(corner, points):
-                return corner
-    return corners[0]
-
-
-def _draw_header(head, e, truth, s: int, fonts: tuple) -> None:
-    """The band above the map: image and answer, predicted (and true) point and the 90 % radius, the model's
-    provenance; each line shortened with an ellipsis to the canvas width, so none runs off the edge."""
-    small, medium, large = fonts
-    width = head.im.size[0] - 20 * s
-    answer = " > ".join(f"{lv.chosen.name} ({100 * lv.chosen.probability:.0f}%)" for lv in e.levels) or "no answer"
-    radius = getattr(e, "radius90_km", None)
-    point = (f"predicted point {e.lat_deg:.3f}, {e.lon_deg:.3f}"
-             + (f", within {radius:,.0f} km with 90 % probability" if radius is not None and e.levels else "")
-             + (f"   true point {truth[0]:.3f}, {truth[1]:.3f}" if truth else ""))
-    for y, text, fill, font in ((8, f"{Path(str(e.source)).name}:  {answer}", (10, 10, 10), large),
-                                (34, point, (40, 40, 40), medium),
-                                (56, provenance_line(e.model), (90, 90, 90), small)):
-        head.text((10 * s, y * s), _fit_width(text, font, width), fill=fill, font=font)
-
-
 def _fit_width(text: str, font, width: float) -> str:
     """``text``, or its longest prefix + "…" that ``font`` draws within ``width`` pixels."""
-    if font.getlength(text) <= width:
+    if _length(font, text) <= width:
         return text
     low, high = 0, len(text)
     while low < high:                       # the longest prefix that fits with the ellipsis
         middle = (low + high + 1) // 2
-        if font.getlength(text[:middle].rstrip() + "…") <= width:
+        if _length(font, text[:middle].rstrip() + "…") <= width:
             low = middle
         else:
             high = middle - 1
@@ -389,31 +652,17 @@ def _ellipsis(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list, prefer_clear: list = ()) -> None:
-    """The key, in the first map corner where it hides neither the truth nor the answer (nor, where a corner
-    allows, a country disc worth seeing: `prefer_clear`) (`legend_corner`)."""
-    with_truth = truth_xy is not None
-    compact = w < COMPACT_LEGEND_PX * s   # a narrow map keeps only a short key: the rest would cover the answer
-    rows = [("disc", LEVEL_COLOURS[0],
-             "countries (area = p)" if compact else "country candidates (area = probability)"),
-            ("dot", PIN_COLOUR, "predicted path" if compact else "predicted path: country > region > subregion > city"),
-            ("dot", ALT_COLOUR, "other top paths" if compact else "2., 3., ...: other top paths (city)")]
-    if with_truth:
-        rows.append(("cross", TRUTH_COLOUR, "true location"))
-    for k, alt in enumerate([] if compact else e.alternatives[:4], start=2):
-        rows.append(("text", None, f"{k}. " + _ellipsis(", ".join(reversed(alt["names"])), 60)))
-    for lv in [] if compact else e.levels[:2]:  # why the country and the region: the top concept reasons
-        if lv.supporting:
-            reasons = ", ".join(f"{r.name} {r.contribution:+.2f}" for r in lv.supporting[:3])
-            rows.append(("text", None, _ellipsis(f"why {lv.chosen.name} over {lv.compared_with}: {reasons}", 90)))
-    line_h = 17 * s
-    box_w = max(0 if compact else 380 * s, max(font.getlength(row[2]) for row in rows) + 40 * s)
-    box_h = (len(rows) + 0.6) * line_h
-    x0, y0 = legend_corner((box_w, box_h), w, h, 8 * s, [truth_xy] if with_truth else [], avoid, prefer_clear)
-    draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=(255, 255, 255, 215), outline=(80, 80, 80, 200))
-    for i, (kind, colour, label) in enumerate(rows):
-        cy = y0 + (i + 0.8) * line_h
-        cx = x0 + 12 * s
+def _draw_legend(draw, legend: dict, s: int, dy: float = 0.0) -> None:
+    """The key of `_legend_layout` (its box in picture pixels, drawn `dy` lower)."""
+    x0, y0, x1, y1 = legend["box"]
+    y0, y1 = y0 + dy, y1 + dy
+    line_h, col_w, font = legend["line_h"], legend["col_w"], legend["font"]
+    draw.rectangle([x0, y0, x1, y1], fill=(255, 255, 255, 215), outline=(80, 80, 80, 200))
+    for i, (kind, colour, label) in enumerate(legend["rows"]):
+        line, column = legend["cells"][i]
+        cy = y0 + (line + 0.8) * line_h
+        left = x0 + column * col_w
+        cx = left + 12 * s
         if kind == "disc":
             draw.ellipse([cx - 6 * s, cy - 6 * s, cx + 6 * s, cy + 6 * s], fill=colour + (90,), outline=colour + (255,))
         elif kind == "dot":
@@ -421,7 +670,7 @@ def _draw_legend(draw, e, w: int, h: int, s: int, font, truth_xy, avoid: list, p
         elif kind == "cross":
             draw.line([(cx - 5 * s, cy - 5 * s), (cx + 5 * s, cy + 5 * s)], fill=colour + (255,), width=2 * s)
             draw.line([(cx - 5 * s, cy + 5 * s), (cx + 5 * s, cy - 5 * s)], fill=colour + (255,), width=2 * s)
-        draw.text((x0 + (26 if kind != "text" else 8) * s, cy), label, fill=(20, 20, 20), font=font, anchor="lm")
+        draw.text((left + (26 if kind != "text" else 8) * s, cy), label, fill=(20, 20, 20), font=font, anchor="lm")
 
 
 def _write_map(image, out_path: Path, text: str) -> None:
@@ -521,8 +770,10 @@ def render_poincare_disk(disk: np.ndarray, levels: np.ndarray, parents: np.ndarr
         draw.text((x + 6 * s, y), str(names[idx]), fill=(90, 10, 20), font=small, anchor="lm",
                   stroke_width=s, stroke_fill=(255, 255, 255))
     _draw_depth_legend(draw, disk, levels, c, header * s + full - 26 * s * 4 - 10 * s, s, medium)
-    draw.text((14 * s, 10 * s), title or "Entity hierarchy in the Poincare disk", fill=(10, 10, 10), font=large)
-    draw.text((14 * s, 38 * s), subtitle, fill=(90, 90, 90), font=small)
+    fit = full - 28 * s                    # title and subtitle shortened with "…" to the picture's width
+    draw.text((14 * s, 10 * s), _fit_width(title or "Entity hierarchy in the Poincare disk", large, fit),
+              fill=(10, 10, 10), font=large)
+    draw.text((14 * s, 38 * s), _fit_width(subtitle, small, fit), fill=(90, 90, 90), font=small)
     image = image.resize((image.width // s, image.height // s), Image.Resampling.LANCZOS)
     if out_path is not None:
         atomic_write_bytes(out_path, png_bytes(image))
