@@ -123,7 +123,7 @@ def test_fingerprint_changes_when_any_weight_changes(saved):
 
 
 def test_config_only_directory_trains_from_scratch_but_pretrained_needs_weights(tmp_path):
-    directory = encoders.default_backbone_dir(tmp_path / "tiny")
+    directory = encoders.write_backbone_config(tmp_path / "tiny")
     with pytest.raises(InputError, match="no weights") as error:
         encoders.load_backbone(directory, pretrained=True)
     assert str(tmp_path / "tiny") in str(error.value) and "\n" not in str(error.value)

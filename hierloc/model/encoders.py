@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BACKBONE = ModelConfig.backbone
 # Names reserved for the built-in configurations (no files needed; always randomly initialised). They take
 # precedence over a directory of the same name in the working directory: write "./tiny-vit" to mean the directory.
-TINY_VIT, TINY_RESNET = FROM_SCRATCH_BACKBONES
-BUILTIN_BACKBONES = FROM_SCRATCH_BACKBONES
+BUILTIN_BACKBONES = FROM_SCRATCH_BACKBONES     # ("tiny-vit", "tiny-resnet")
+TINY_RESNET = BUILTIN_BACKBONES[1]
 # Input side of the built-ins when model.image_size is 0 (see ModelConfig.image_size).
 BUILTIN_DEFAULT_SIZE = 32
 
@@ -163,11 +163,6 @@ def write_backbone_config(directory: str | os.PathLike, config: Any | None = Non
     atomic_write_text(directory / "preprocessor_config.json",
                        json.dumps(preprocessor.to_json_dict(), indent=2) + "\n")
     return directory
-
-
-def default_backbone_dir(directory: str | os.PathLike) -> Path:
-    """Write the built-in tiny ViT (`tiny_vit_config()`, no weights) to `directory`; return it."""
-    return write_backbone_config(directory)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -471,13 +466,6 @@ class ImageEncoder(nn.Module):
         self.preprocessor = preprocessor
         self._frozen = False
         self.frozen = frozen
-
-    @classmethod
-    def load(cls, name_or_path: str | os.PathLike = DEFAULT_BACKBONE, pretrained: bool = True,
-             allow_download: bool = False, frozen: bool = False) -> "ImageEncoder":
-        """`load_backbone` + the matching `Preprocessor` (preprocessor_config.json, else family defaults)."""
-        return build_image_encoder(name_or_path, pretrained=pretrained, freeze=frozen,
-                                   allow_download=allow_download)
 
     # -- properties -------------------------------------------------------------------------------------------
 
