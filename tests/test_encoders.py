@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -242,3 +243,28 @@ def test_forward_works_under_cpu_bf16_autocast(saved):
         features = encoder(pixels)
     assert features.dtype == torch.float32 and torch.isfinite(features).all()
     assert (features - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_save_pretrained_replaces_each_file_atomically_and_leaves_no_staging(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    encoder = encoders.build_image_encoder("tiny-vit", pretrained=False, image_size=32).eval()
+    target = tmp_path / "backbone"
+    encoder.save_pretrained(target)
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    assert sorted(before) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+    def half_written(directory, *args, **kwargs):  # a crash after the first file of the backbone's own save
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        next(iter(encoder.backbone.parameters())).view(-1)[0] += 1.0
+    monkeypatch.setattr(encoder.backbone, "save_pretrained", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        encoder.save_pretrained(target)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before   # the old files, untouched
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone"]         # no staging directory left
+    monkeypatch.undo()
+    encoder.save_pretrained(target)                                                  # a clean save replaces them
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone"]
+    assert encoders.load_image_encoder(target).fingerprint() == encoder.fingerprint()

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,7 +46,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from gazetteer.atomic import atomic_write_text
+from gazetteer.atomic import atomic_open, atomic_write_text
 from hierloc.config import FROM_SCRATCH_BACKBONES, ModelConfig
 from hierloc.errors import InputError
 from hierloc.data.images import Preprocessor
@@ -155,9 +156,7 @@ def write_backbone_config(directory: str | os.PathLike, config: Any | None = Non
     if config is None:
         config = tiny_vit_config()
         preprocessor = preprocessor or tiny_vit_preprocessor(config.image_size)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(directory)
+    directory = save_pretrained_atomically(config, directory)
     if preprocessor is None:
         preprocessor = Preprocessor.from_backbone_dir_or_config(None, config)
     atomic_write_text(directory / "preprocessor_config.json",
@@ -549,24 +548,10 @@ class ImageEncoder(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the backbone as a transformers directory (config.json, model.safetensors,
         preprocessor_config.json) that `load_image_encoder(directory)` reloads. Each file is replaced atomically
-        (written to a staging directory beside it, then renamed into place)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        try:
-            with _quiet_transformers():
-                self.backbone.save_pretrained(staging)
-            (staging / "preprocessor_config.json").write_text(
-                json.dumps(self.preprocessor.to_json_dict(), indent=2) + "\n", encoding="utf-8")
-            for path in sorted(staging.iterdir()):
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(path, directory / path.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        (`save_pretrained_atomically`, `gazetteer.atomic.atomic_write_text`)."""
+        directory = save_pretrained_atomically(self.backbone, directory)
+        atomic_write_text(directory / "preprocessor_config.json",
+                          json.dumps(self.preprocessor.to_json_dict(), indent=2) + "\n")
         return directory
 
 
@@ -650,3 +635,26 @@ def _hub_snapshot_dir(repo_id: str) -> str | None:
     except Exception:  # noqa: BLE001 - any cache lookup problem just means "use family defaults"
         return None
     return os.path.dirname(path) if isinstance(path, str) else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_pretrained_atomically(obj: Any, directory: str | os.PathLike) -> Path:
+    """`obj.save_pretrained` (a transformers model or config, or a `packaged.PackagedBackbone`) into `directory`,
+    each file replaced atomically: `obj` writes into a temporary directory beside `directory`, then each of its
+    files is published with `gazetteer.atomic.atomic_open` (temporary sibling, fsync, rename). Other files of
+    `directory` are left as they are. Returns `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.staging-",
+                                     ignore_cleanup_errors=True) as staging:
+        with _quiet_transformers():
+            obj.save_pretrained(staging)
+        for path in sorted(Path(staging).rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as source, atomic_open(directory / path.relative_to(staging), "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+    return directory
