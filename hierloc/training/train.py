@@ -44,7 +44,7 @@ from hierloc.device import Runtime, barrier, encoder_autocast, init_runtime, reu
 from hierloc.errors import InputError
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model import concepts as concept_lib
-from hierloc.model import encoders, modeldir
+from hierloc.model import backbones, encoders, modeldir
 from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training import checkpoint as ckpt
 from hierloc.training import features as feature_cache
@@ -374,7 +374,7 @@ def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime) -> Gazetteer
 
 def build_encoder(cfg: Config, allow_download: bool):
     """-> ImageEncoder for cfg.model.backbone, at model.image_size (0: the backbone's default side)."""
-    image_size = cfg.model.image_size or encoders.default_image_size(cfg.model.backbone)
+    image_size = cfg.model.image_size or backbones.default_image_size(cfg.model.backbone)
     return encoders.build_image_encoder(cfg.model.backbone, pretrained=cfg.model.pretrained,
                                         freeze=cfg.model.freeze_backbone, image_size=image_size,
                                         allow_download=allow_download)
@@ -480,7 +480,7 @@ def _train(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Validat
            calibrate: Calibrator | None = None) -> TrainSummary:
     # Everything cheap is checked before the long work (the gazetteer, feature extraction) and before --out exists.
     _check_out_dir(inputs)
-    encoders.check_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, allow_download=inputs.allow_download)
+    backbones.check_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, allow_download=inputs.allow_download)
     table = _read_table(inputs)
     out, lock = _prepare_out_dir(inputs, runtime)
     try:
