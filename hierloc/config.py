@@ -24,7 +24,7 @@ from hierloc.errors import InputError
 logger = logging.getLogger(__name__)
 
 CONFIG_FORMAT_VERSION = 1
-# The built-in backbones (hierloc.model.encoders builds them from a config, with no files): always from scratch.
+# The built-in backbones (hierloc.model.backbones builds them from a config, with no files): always from scratch.
 FROM_SCRATCH_BACKBONES = ("tiny-vit", "tiny-resnet")
 # The loss's kernels K(r) and how the weights enter the logits (hierloc.training.losses).
 KERNELS = ("laplace", "gaussian", "inverse")

@@ -52,7 +52,7 @@ def train_vit_s16_model(work: Path, steps: int) -> Path:
     """A model with a ViT-S/16-sized backbone (224 px, 12 layers of width 384; random weights), trained for a
     few steps on the demo world: what a real backbone costs per image, without downloading one."""
     from hierloc.data.demodata import make_demo_dataset
-    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+    from hierloc.model.backbones import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
 
     data, out = work / "demo-data", work / "model"
     make_demo_dataset(data, n_train=240, n_test=10, n_unseen=10, n_val=0, patch_px=64, seed=1, progress=False)

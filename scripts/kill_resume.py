@@ -43,7 +43,7 @@ def build_world(work: Path, n_images: int) -> dict[str, Path]:
     from gazetteer import Gazetteer
     from hierloc.data.tables import read_image_table
     from hierloc.data.demodata import make_demo_dataset
-    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+    from hierloc.model.backbones import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
 
     data, backbone, gazetteer = work / "data", work / "backbone", work / "gazetteer"
     if not (data / "train.csv").is_file():

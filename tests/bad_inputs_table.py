@@ -35,7 +35,7 @@ def build_world(root: Path):
     from gazetteer import Gazetteer
     from hierloc.cli import main
     from hierloc.data.demodata import make_demo_dataset
-    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+    from hierloc.model.backbones import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
     from tests.conftest import SMALL_WITHIN
     from tests.test_bad_inputs import TINY_MODEL_OVERRIDES, world_from
 

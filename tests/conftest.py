@@ -68,7 +68,7 @@ def tiny_demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A tiny ViT config (no weights) saved to disk: the path users take with their own local backbones."""
-    from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
+    from hierloc.model.backbones import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
 
     config = tiny_vit_config(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
     return write_backbone_config(tmp_path_factory.mktemp("backbone") / "tiny", config, tiny_vit_preprocessor(32))

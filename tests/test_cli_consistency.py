@@ -159,7 +159,7 @@ def test_eval_uses_the_models_beam_and_on_bad(beam_one_model, tiny_demo_dir, cap
 
 
 def test_loading_a_model_trained_here_says_trained_from_scratch(tiny_model_dir, caplog):
-    with caplog.at_level(logging.INFO, logger="hierloc.model.encoders"):
+    with caplog.at_level(logging.INFO, logger="hierloc.model.backbones"):
         HierLoc.from_pretrained(tiny_model_dir, device="cpu")
     text = caplog.text
     assert "trained from scratch" in text and "pretrained weights" not in text

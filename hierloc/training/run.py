@@ -23,7 +23,7 @@ from hierloc.data import tables
 from hierloc.device import Runtime, barrier
 from hierloc.errors import InputError
 from hierloc.model import concepts as concept_lib
-from hierloc.model import encoders, modeldir
+from hierloc.model import backbones, encoders, modeldir
 from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training import checkpoint as ckpt
 from hierloc.training import features as feature_cache
@@ -147,7 +147,7 @@ def prepare_gazetteer(inputs: TrainInputs, table, runtime: Runtime) -> Gazetteer
 
 def build_encoder(cfg: Config, allow_download: bool):
     """-> ImageEncoder for cfg.model.backbone, at model.image_size (0: the backbone's default side)."""
-    image_size = cfg.model.image_size or encoders.default_image_size(cfg.model.backbone)
+    image_size = cfg.model.image_size or backbones.default_image_size(cfg.model.backbone)
     return encoders.build_image_encoder(cfg.model.backbone, pretrained=cfg.model.pretrained,
                                         freeze=cfg.model.freeze_backbone, image_size=image_size,
                                         allow_download=allow_download)
@@ -278,7 +278,7 @@ def build_run(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Vali
     dataset, the trainable module and its optimisers, the step plan, a resumed checkpoint, and the run's outputs.
     The caller runs the loop and calls `Run.release()` at the end (on error here, --out is released already)."""
     check_out_dir(inputs)
-    encoders.check_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, allow_download=inputs.allow_download)
+    backbones.check_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, allow_download=inputs.allow_download)
     table = read_table(inputs)
     out, lock = prepare_out_dir(inputs, runtime)
     try:
