@@ -573,14 +573,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for message in cfg.without_effect(given):
         logger.warning("%s", message)
     return cfg
-
-
-def config_from_json(text: str, source: str) -> Config:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if isinstance(data, dict) and int(data.get("format_version", 1)) > CONFIG_FORMAT_VERSION:
-        raise InputError(f"{source}: format_version {data['format_version']} is newer than this hierloc supports "
-                         f"({CONFIG_FORMAT_VERSION}); upgrade hierloc")
-    return from_dict(data, source=source)

@@ -1,18 +1,19 @@
 """Config files, overrides and their errors."""
 
 import dataclasses
+import json
 import logging
 
 import pytest
 
 from hierloc.cli import main
-from hierloc.config import Config, config_from_json, load_config
+from hierloc.config import Config, from_dict, load_config
 from hierloc.errors import InputError
 
 
 def test_defaults_validate_and_round_trip_through_json():
     cfg = load_config()
-    again = config_from_json(cfg.to_json(), "x.json")
+    again = from_dict(json.loads(cfg.to_json()), "x.json")
     assert again == cfg
 
 
@@ -46,7 +47,7 @@ def test_newer_format_version_is_refused():
     cfg = Config()
     text = cfg.to_json().replace('"format_version": 1', '"format_version": 99')
     with pytest.raises(InputError, match="newer"):
-        config_from_json(text, "config.json")
+        from_dict(json.loads(text), "config.json")
 
 
 def test_unparseable_file_names_the_file(tmp_path):
@@ -150,5 +151,5 @@ def test_blocked_auto_follows_the_budget_and_the_device():
         assert use_blocked_loss(load_config(None, [override]), [10, 10**7], torch.device("cuda"))[0] is False
     assert use_blocked_loss(load_config(None, ["loss.blocked=false"]), [10**7], torch.device("cuda"))[0] is False
     assert use_blocked_loss(load_config(None, ["loss.blocked=true"]), [3], torch.device("cpu"))[0] is True
-    old = config_from_json(Config().to_json().replace('"blocked": "auto"', '"blocked": false'), "old.json")
+    old = from_dict(json.loads(Config().to_json().replace('"blocked": "auto"', '"blocked": false')), "old.json")
     assert old.loss.blocked == "false"                # model directories written before "auto" still load

@@ -30,12 +30,12 @@ def test_cli_training_writes_a_complete_model_directory(tiny_model_dir: Path):
 def test_training_moves_the_parameters(tiny_model_dir: Path, tiny_backbone_dir: Path):
     from safetensors.torch import load_file
 
-    from hierloc.config import config_from_json
+    from hierloc.config import from_dict
     from hierloc.model.network import EntityTable, HierLocModel
     from gazetteer import Gazetteer
 
     meta = json.loads((tiny_model_dir / "config.json").read_text())
-    cfg = config_from_json(json.dumps(meta["config"]), "config.json")
+    cfg = from_dict(meta["config"], "config.json")
     fresh = HierLocModel(cfg.model, EntityTable.from_gazetteer(Gazetteer.load(tiny_model_dir / "gazetteer")),
                          meta["feature_dim"], seed=cfg.train.seed)
     trained = load_file(str(tiny_model_dir / "model.safetensors"))

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from gazetteer import csvio

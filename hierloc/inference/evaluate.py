@@ -52,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("n", "mean_km", "median_km", "geoscore", "acc_1km", "acc_25km", "acc_200km", "acc_750km",
                  "acc_2500km", "acc_country", "acc_region", "acc_subregion", "acc_city")
-DEFAULT_PREDICTION_COLUMNS = {"pred_lat": "pred_lat", "pred_lon": "pred_lon", "true_lat": "true_lat",
-                              "true_lon": "true_lon"}
 PER_SAMPLE_SCORE_COLUMNS = ("distance_km", "geoscore") + tuple(f"hit_{level}" for level in LEVELS)
 OUTSIDE_GAZETTEER_KEY = "<outside the gazetteer>"
 UNLIKE_SHARE = 0.5   # degraded copies added to a familiarity calibration, as a share of the calibration images

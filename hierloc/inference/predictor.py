@@ -525,10 +525,6 @@ class HierLoc:
         "pred_lon_deg" (N,), "probs" (N, 4), "ok" (N,) bool (False = image unreadable)}."""
         return evaluate.predict_table(self, table, beam=beam, flat=flat, batch_size=batch_size, progress=progress)
 
-    def evaluate_table(self, table, beam: int | None = None, flat: bool = False, progress: bool = True) -> dict:
-        """Metrics on an ImageTable (numbers only; see `evaluate.evaluate_model`)."""
-        return evaluate.evaluate_model(self, table, beam=beam, flat=flat, progress=progress)
-
     def evaluate_csv(self, csv_path: str, image_root: str | None = None, beam: int | None = None,
                      flat: bool = False, progress: bool = True) -> dict:
         """Metrics on a labelled CSV, skipping bad rows (what training's validation calls)."""

@@ -42,7 +42,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hierloc.config import KERNELS, LAM_RANGE, SIGMA_RANGE_KM, TAU_RANGE, Config, LossConfig
@@ -54,16 +53,6 @@ from hierloc.training.blocked_loss import blocked_level_loss
 # softmax logits at tau = 0.1 reach -1500), and products of results near float32's smallest normal (1e-38)
 # with the backward's small factors fall into denormals, which are 10x slower again.
 EXP_FLOOR = -60.0
-
-
-def level_log_probs(sqdists: torch.Tensor, tau) -> torch.Tensor:
-    """Inference scores of one level: log_softmax(-d^2 / tau) over its entities, (B, N) -> (B, N) float32.
-
-    Plain softmax (no geo weights: there is no GPS at inference). ``tau`` is a float or a 0-dim tensor
-    (e.g. ``GWHInfoNCE.temperature()``).
-    """
-    tau = torch.as_tensor(tau, dtype=torch.float32, device=sqdists.device)
-    return F.log_softmax(-sqdists.float() / tau, dim=-1)
 
 
 def kernel_values(ratio: torch.Tensor, kernel: str) -> torch.Tensor:

@@ -72,7 +72,6 @@ from hierloc.training.step import base_learning_rates, plan_steps, seed_everythi
 log = logging.getLogger(__name__)
 
 KINDS = ("country-ce", "flat-ce", "geo-ls", "geoclip", "swclip")
-CITY_KINDS = ("flat-ce", "geo-ls", "swclip")     # answer a city entity
 CONTRASTIVE_KINDS = ("geoclip", "swclip")        # cosine logits with a learnable scale
 CITY_LEVEL = 3
 COUNTRY_LEVEL = 0

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hierloc.geometry import geodesy
 from hierloc.geometry import hyperbolic
 from hierloc.config import KERNELS, LAM_RANGE, SIGMA_RANGE_KM, TAU_RANGE, LossConfig
-from hierloc.training.losses import GWHInfoNCE, kernel_values, level_log_probs, weighted_cross_entropy
+from hierloc.training.losses import GWHInfoNCE, kernel_values, weighted_cross_entropy
 
 # ================================================================================================ GWH-InfoNCE
 
@@ -271,16 +271,6 @@ def test_bad_inputs_are_rejected():
         loss(sqdists, targets, [g[:, :-1] for g in geo])
     with pytest.raises(ValueError, match="integer"):
         loss(sqdists, targets.float(), geo)
-
-
-def test_level_log_probs_is_a_plain_log_softmax_over_negative_squared_distances():
-    d = torch.tensor([[0.1, 2.0, 0.5], [3.0, 3.0, 0.0]])
-    log_p = level_log_probs(d, 0.25)
-    torch.testing.assert_close(log_p, F.log_softmax(-d / 0.25, dim=1))
-    torch.testing.assert_close(log_p.exp().sum(1), torch.ones(2))
-    assert log_p.argmax(1).tolist() == [0, 2]  # the nearest entity is the most probable
-    loss = gwh(tau=0.25)
-    torch.testing.assert_close(level_log_probs(d.double(), loss.temperature()), log_p)
 
 
 # ================================================================================================ geodesy
