@@ -13,15 +13,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hierloc.inference import maps
+from hierloc.inference import map_layout, maps
 from hierloc.inference.explain import Candidate, ConceptReason, Explanation, LevelExplanation
 from hierloc.serve.app import EXPLAIN_DEFAULTS, MAP_WIDTH_RANGE
 
 LOW, HIGH = MAP_WIDTH_RANGE
 CLI_WIDTH = 1200                        # hierloc explain --map (render_prediction_map's default)
 SERVE_WIDTH = EXPLAIN_DEFAULTS["map_width"]
-WIDTHS = sorted({LOW, 320, 360, 375, 390, 414, 480, 600, 768, SERVE_WIDTH, maps.COMPACT_LEGEND_PX - 1,
-                 maps.COMPACT_LEGEND_PX, CLI_WIDTH, 1600, HIGH} | set(range(LOW, HIGH + 1, 200)))
+WIDTHS = sorted({LOW, 320, 360, 375, 390, 414, 480, 600, 768, SERVE_WIDTH, map_layout.COMPACT_LEGEND_PX - 1,
+                 map_layout.COMPACT_LEGEND_PX, CLI_WIDTH, 1600, HIGH} | set(range(LOW, HIGH + 1, 200)))
 MODEL = {"model_dir": "runs/osv5m-vit-small-hyperbolic", "backbone": "vit_small_patch16_224", "pretrained": True,
          "n_train_images": 120000, "steps": 30000,
          "gazetteer_entities_per_level": {"country": 210, "region": 3100, "subregion": 24000, "city": 51000}}
@@ -161,7 +161,7 @@ def _inside(box, frame, slack: float = 0.5) -> bool:
             and box[3] <= frame[3] + slack)
 
 
-def layout_problems(layout: maps.MapLayout) -> list[str]:
+def layout_problems(layout: map_layout.MapLayout) -> list[str]:
     """What is wrong with one layout: a key or a title line covering a marker or a candidate's name (the visible
     part of it), a key or title outside the picture, the answer's pin or name cut by the map's edge, the true
     point outside the map."""
@@ -193,7 +193,7 @@ def layout_problems(layout: maps.MapLayout) -> list[str]:
 def test_key_and_titles_cover_no_marker_at_any_width(scenario):
     explanation = SCENARIOS[scenario]()
     problems = [f"{width} px: {problem}" for width in WIDTHS
-                for problem in layout_problems(maps.prediction_map_layout(explanation, width=width))]
+                for problem in layout_problems(map_layout.prediction_map_layout(explanation, width=width))]
     assert not problems, f"{scenario}: {len(problems)} problems, e.g.\n" + "\n".join(problems[:12])
 
 
@@ -202,7 +202,7 @@ def test_the_picture_is_drawn_where_its_layout_says(scenario, width):
     """render_prediction_map draws from prediction_map_layout: same size, the key's white box and the red pin
     where the layout puts them."""
     explanation = SCENARIOS[scenario]()
-    layout = maps.prediction_map_layout(explanation, width=width)
+    layout = map_layout.prediction_map_layout(explanation, width=width)
     image = maps.render_prediction_map(explanation, width=width)
     assert image.size == layout.size and image.info["layout"] == layout
     pixels = np.asarray(image).astype(int)

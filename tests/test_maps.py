@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierloc.inference import maps
+from hierloc.inference import disk_plot, map_layout, maps
 from hierloc.inference.explain import Candidate, Explanation, LevelExplanation
 
 
@@ -20,7 +20,7 @@ def test_disk_projection_keeps_every_hyperbolic_distance_to_the_origin(c):
     tangent = rng.normal(size=(50, 16)) * rng.uniform(0.01, 1.0, size=(50, 1))  # d up to ~10, as in float64
     norm = np.linalg.norm(tangent, axis=1, keepdims=True)
     points = np.tanh(np.sqrt(c) * norm) * tangent / (np.sqrt(c) * norm)     # expmap0
-    disk = maps.project_to_disk(points, c=c)
+    disk = disk_plot.project_to_disk(points, c=c)
     assert disk.shape == (50, 2)
     assert (np.linalg.norm(disk, axis=1) < 1 / np.sqrt(c)).all()
     np.testing.assert_allclose(_depth(disk, c), _depth(points, c), rtol=1e-7)
@@ -30,7 +30,7 @@ def test_disk_projection_of_planar_points_is_an_isometry_and_keeps_the_origin():
     rng = np.random.default_rng(1)
     points = rng.uniform(-0.6, 0.6, size=(20, 2))
     points = np.vstack([np.zeros(2), points])
-    disk = maps.project_to_disk(points)
+    disk = disk_plot.project_to_disk(points)
     np.testing.assert_allclose(disk[0], [0, 0], atol=1e-12)
     before = np.linalg.norm(points[:, None] - points[None], axis=-1)
     after = np.linalg.norm(disk[:, None] - disk[None], axis=-1)
@@ -38,23 +38,25 @@ def test_disk_projection_of_planar_points_is_an_isometry_and_keeps_the_origin():
 
 
 def test_fitted_region_holds_the_points_with_a_two_to_one_aspect():
-    region = maps.fit_region([48.0, 52.0, 45.0], [2.0, 13.0, 7.0])
+    region = map_layout.fit_region([48.0, 52.0, 45.0], [2.0, 13.0, 7.0])
     assert region.max_lon - region.min_lon == pytest.approx(2 * (region.max_lat - region.min_lat))
     x, y = region.to_pixels(np.array([48.0, 52.0, 45.0]), np.array([2.0, 13.0, 7.0]), 1000, 500)
     assert ((0 < x) & (x < 1000) & (0 < y) & (y < 500)).all()
 
 
 def test_region_across_the_antimeridian_stays_narrow_and_far_points_give_the_world():
-    region = maps.fit_region([-40.0, -17.0], [175.0, -178.0])
-    assert region.max_lon - region.min_lon < 90 and region != maps.Region.world()
+    region = map_layout.fit_region([-40.0, -17.0], [175.0, -178.0])
+    assert region.max_lon - region.min_lon < 90 and region != map_layout.Region.world()
     x, _ = region.to_pixels(np.array([-40.0, -17.0]), np.array([175.0, -178.0]), 1000, 500)
     assert (0 < x).all() and (x < 1000).all()
-    assert maps.fit_region([48.0, -33.0], [2.0, 151.0]) == maps.Region.world()
+    assert map_layout.fit_region([48.0, -33.0], [2.0, 151.0]) == map_layout.Region.world()
 
 
 def test_basemap_crop_is_the_same_picture_whichever_way_longitudes_are_written():
-    east = np.asarray(maps.basemap_crop(maps.Region(-20.0, -10.0, 180.0, 200.0), 400, "bluemarble"), dtype=float)
-    west = np.asarray(maps.basemap_crop(maps.Region(-20.0, -10.0, -180.0, -160.0), 400, "bluemarble"), dtype=float)
+    east_window = map_layout.Region(-20.0, -10.0, 180.0, 200.0)
+    west_window = map_layout.Region(-20.0, -10.0, -180.0, -160.0)       # the same window, longitudes written west
+    east = np.asarray(maps.basemap_crop(east_window, 400, "bluemarble"), dtype=float)
+    west = np.asarray(maps.basemap_crop(west_window, 400, "bluemarble"), dtype=float)
     assert east.shape == (200, 400, 3)
     assert np.abs(east - west).mean() < 2.0
 
@@ -74,7 +76,7 @@ def _explanation(truth=None) -> Explanation:
 
 
 def test_prediction_map_puts_the_red_pin_on_the_predicted_point(tmp_path):
-    region = maps.Region(50.0, 70.0, -10.0, 30.0)
+    region = map_layout.Region(50.0, 70.0, -10.0, 30.0)
     out = tmp_path / "map.png"
     image = maps.render_prediction_map(_explanation(), out, width=800, region=region)
     assert out.is_file() and image.size == (800, 400 + 78)
@@ -84,7 +86,7 @@ def test_prediction_map_puts_the_red_pin_on_the_predicted_point(tmp_path):
 
 
 def test_truth_is_drawn_as_a_green_cross(tmp_path):
-    region = maps.Region(50.0, 70.0, -10.0, 30.0)
+    region = map_layout.Region(50.0, 70.0, -10.0, 30.0)
     image = maps.render_prediction_map(_explanation(), width=800, region=region, truth=(55.0, 20.0))
     x, y = region.to_pixels(55.0, 20.0, 800, 400)
     pixel = np.asarray(image)[int(round(float(y))) + 78, int(round(float(x)))]
@@ -109,7 +111,8 @@ def test_poincare_disk_picture_puts_countries_at_their_projected_positions(tmp_p
     points = np.array([[0.5, 0.0], [-0.3, 0.3], [0.7, 0.1], [-0.5, 0.5]])
     levels, parents = np.array([0, 0, 1, 1]), np.array([-1, -1, 0, 1])
     out = tmp_path / "disk.png"
-    image = maps.render_poincare_disk(points, levels, parents, ["A", "B", "a", "b"], out, size=400, label_countries=0)
+    image = disk_plot.render_poincare_disk(points, levels, parents, ["A", "B", "a", "b"], out, size=400,
+                                           label_countries=0)
     assert out.is_file() and image.size == (400, 470)
     with Image.open(out) as again:
         assert again.size == image.size
@@ -120,7 +123,7 @@ def test_poincare_disk_picture_puts_countries_at_their_projected_positions(tmp_p
 
 def test_legend_never_hides_the_truth_marker():
     """A truth in the bottom-left corner (where the key usually goes): the cross stays visible, the key moves."""
-    region = maps.Region(50.0, 70.0, -10.0, 30.0)
+    region = map_layout.Region(50.0, 70.0, -10.0, 30.0)
     truth = (51.5, -8.0)                                                    # bottom-left of the window
     image = maps.render_prediction_map(_explanation(), width=800, region=region, truth=truth)
     x, y = region.to_pixels(*truth, 800, 400)
@@ -132,17 +135,17 @@ def test_legend_corner_is_the_first_corner_clear_of_the_markers_else_none():
     box, w, h = (300.0, 100.0), 800, 400
     bottom_left, bottom_right, top_left = ("bottom-left", (8, 292)), ("bottom-right", (492, 292)), ("top-left", (8, 8))
     left, right, up_left, up_right = (40, 340, 60, 360), (700, 340, 720, 360), (40, 40, 60, 60), (700, 40, 720, 60)
-    assert maps.legend_corner(box, w, h, 8, []) == bottom_left
-    assert maps.legend_corner(box, w, h, 8, [left]) == bottom_right
-    assert maps.legend_corner(box, w, h, 8, [left, right]) == top_left
-    assert maps.legend_corner(box, w, h, 8, [left, right, up_left, up_right]) is None      # under the map, then
-    assert maps.legend_corner((300.0, 390.0), w, h, 8, []) is None                          # too tall for the map
+    assert map_layout.legend_corner(box, w, h, 8, []) == bottom_left
+    assert map_layout.legend_corner(box, w, h, 8, [left]) == bottom_right
+    assert map_layout.legend_corner(box, w, h, 8, [left, right]) == top_left
+    assert map_layout.legend_corner(box, w, h, 8, [left, right, up_left, up_right]) is None  # under the map, then
+    assert map_layout.legend_corner((300.0, 390.0), w, h, 8, []) is None                      # too tall for the map
 
 
 def test_world_map_moves_its_edge_away_from_the_points():
-    assert maps.world_window([2.0, 151.0, -74.0]) == maps.Region.world()
-    seam = maps.world_window([178.4, 16.4, -171.8])        # Fiji, Vienna, Samoa: the edge falls in the Atlantic
+    assert map_layout.world_window([2.0, 151.0, -74.0]) == map_layout.Region.world()
+    seam = map_layout.world_window([178.4, 16.4, -171.8])  # Fiji, Vienna, Samoa: the edge falls in the Atlantic
     assert -171.8 < seam.min_lon < 16.4 and seam.max_lon - seam.min_lon == 360.0
     x, _ = seam.to_pixels(np.array([0.0, 0.0, 0.0]), np.array([178.4, 16.4, -171.8]), 360, 180)
     assert (x > 15).all() and (x < 345).all()
-    assert maps.fit_region([-18.1, 48.2], [178.4, 16.4]) == maps.world_window([178.4, 16.4])
+    assert map_layout.fit_region([-18.1, 48.2], [178.4, 16.4]) == map_layout.world_window([178.4, 16.4])

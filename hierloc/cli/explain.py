@@ -9,6 +9,7 @@ from pathlib import Path
 from gazetteer.atomic import atomic_write_text
 from hierloc.cli import HelpFormatter, parse_point
 from hierloc.errors import InputError
+from hierloc.inference import disk_plot, pictures
 from hierloc.inference.answers import check_options
 
 HEADER = ("# p = probability among the level's candidates; the chosen entity lies on the best path (joint score); "
@@ -92,7 +93,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if truth is not None and len(paths) != 1:
         raise InputError("--truth: give exactly one image with it")
     if args.map is not None:
-        maps.output_path(args.map, (".png", ".html", ".htm"))
+        pictures.output_path(args.map, (".png", ".html", ".htm"))
     model = HierLoc.from_pretrained(args.model, device=args.device, calibrated=not args.no_calibration,
                                     allow_download=args.allow_download)
     results = explain.explain_images(model, paths, model_dir=args.model, top_k=args.top_k, beam=args.beam,
@@ -119,7 +120,6 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_plot_embeddings(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from hierloc.inference import maps
     from hierloc.inference.explain import model_provenance, provenance_line
     from hierloc.inference.predictor import HierLoc
 
@@ -130,12 +130,12 @@ def run_plot_embeddings(args: argparse.Namespace) -> int:
     if not model.model.is_hyperbolic:
         _euclidean_error(args.model)
     points = model.entity_points().cpu().double().numpy()[:keep]
-    disk = maps.project_to_disk(points, c=model.cfg.model.curvature)
+    disk = disk_plot.project_to_disk(points, c=model.cfg.model.curvature)
     names = [str(name) for name in gaz.names[:keep]]
-    maps.render_poincare_disk(disk, np.asarray(gaz.levels[:keep]), np.asarray(gaz.parents[:keep]), names,
-                              args.out, c=model.cfg.model.curvature, size=args.size, label_countries=args.labels,
-                              counts=np.asarray(gaz.counts[:keep]),
-                              subtitle=provenance_line(model_provenance(args.model)))
+    disk_plot.render_poincare_disk(disk, np.asarray(gaz.levels[:keep]), np.asarray(gaz.parents[:keep]), names,
+                                   args.out, c=model.cfg.model.curvature, size=args.size, label_countries=args.labels,
+                                   counts=np.asarray(gaz.counts[:keep]),
+                                   subtitle=provenance_line(model_provenance(args.model)))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

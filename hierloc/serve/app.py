@@ -46,7 +46,7 @@ from starlette.staticfiles import StaticFiles
 
 from hierloc.data.encoded import EncodedImage
 from hierloc.errors import InputError
-from hierloc.inference import explain, maps
+from hierloc.inference import explain, maps, pictures
 from hierloc.inference.answers import check_options
 from hierloc.inference.outputs import RunSummary, json_document, search_settings
 from hierloc.serve.batching import MicroBatcher, QueueFull
@@ -262,7 +262,7 @@ def _key(endpoint: str, options: dict) -> tuple:
 
 def _map_data_url(explanation, width: int) -> str:
     image = maps.render_prediction_map(explanation, width=width)
-    return "data:image/png;base64," + base64.b64encode(maps.png_bytes(image)).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(pictures.png_bytes(image)).decode("ascii")
 
 
 # ----------------------------------------------------------------------------------------------------- the app
