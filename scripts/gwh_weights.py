@@ -23,6 +23,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gazetteer.schema import LEVELS, N_LEVELS
+from hierloc.data import tables as data
+from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
+from hierloc.inference.evaluate import embed_table
+from hierloc.inference.predictor import HierLoc
+from hierloc.training.losses import GWHInfoNCE
+from hierloc.training.train import entity_labels
+
+
+def weighting_loss(lam: float, sigma_km: float) -> GWHInfoNCE:
+    """The library's GWH-InfoNCE with the paper's weighting (laplace kernel) at a fixed lambda and sigma: its
+    `weights` are w = 1 + lambda exp(-g / sigma). Its ranges are widened to hold whatever values are asked for."""
+    return GWHInfoNCE(n_levels=N_LEVELS, lam=lam, sigma_km=sigma_km, learn_weights=False, kernel="laplace",
+                      lam_range=(min(lam, 0.1) or 0.1, max(lam, 10.0)),
+                      sigma_range_km=(min(sigma_km, 10.0), max(sigma_km, 5000.0)))
+
+
+def level_effect(d: torch.Tensor, g: torch.Tensor, target: torch.Tensor, tau: float, loss: GWHInfoNCE,
+                 sigma_km: float) -> tuple[float, float, float, float]:
+    """(near, mass, dloss, dgrad) of one level (module docstring) for squared distances d (B, N), great-circle km
+    g (B, N) and the within-level targets (B,), at the trained temperature tau and the weights of ``loss``."""
+    rows = torch.arange(d.shape[0])
+    logits0 = -d / tau
+    log_w = torch.log(loss.weights(g))
+    log_w[rows, target] = 0.0                  # the positive is not a negative
+    p0, pw = torch.softmax(logits0, 1), torch.softmax(logits0 + log_w, 1)
+    onehot = torch.zeros_like(p0)
+    onehot[rows, target] = 1.0
+    near = (g < sigma_km)
+    near[rows, target] = False
+    neg0 = p0.clone()
+    neg0[rows, target] = 0.0
+    mass = float((neg0 * near).sum() / neg0.sum().clamp_min(1e-30))
+    loss0 = -torch.log_softmax(logits0, 1)[rows, target].mean()
+    lossw = -torch.log_softmax(logits0 + log_w, 1)[rows, target].mean()
+    dgrad = float((pw - p0).norm() / (p0 - onehot).norm())
+    return float(near.sum(1).float().mean()), mass, float(lossw - loss0), dgrad
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,14 +72,6 @@ def main() -> None:
     ap.add_argument("--sigmas", default="300,1000,3000", help="comma-separated sigma values (km)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-
-    from hierloc.data import tables as data
-    from hierloc.inference.predictor import HierLoc
-    from hierloc.inference.evaluate import embed_table
-    from gazetteer.schema import N_LEVELS
-    from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
-    from hierloc.training.losses import GWHInfoNCE
-    from hierloc.training.train import entity_labels
 
     hl = HierLoc.from_pretrained(args.model, device="cpu")
     root = args.image_root or str(Path(args.csv).parent)
@@ -65,34 +95,18 @@ def main() -> None:
               f"{float(loss_fn.lam()):.3g}, sigma {float(loss_fn.sigma_km()):.0f} km")
         print(f"{'lambda':>6} {'sigma km':>8} {'level':>9} {'entities':>8} {'near':>8} {'mass':>6} {'dloss':>7} "
               f"{'dgrad':>6}")
-        names = ("country", "region", "subregion", "city")
         for lam in (float(v) for v in args.lams.split(",")):
             for sigma in (float(v) for v in args.sigmas.split(",")):
+                weighting = weighting_loss(lam, sigma)
                 for level in range(N_LEVELS):
                     sl = model.level_slice(level)
-                    target = targets[:, level] - sl.start
                     keep = targets[:, level] >= 0
-                    d, target = sqdists[level][keep], target[keep]
+                    d, target = sqdists[level][keep], (targets[:, level] - sl.start)[keep]
                     units = latlon_to_unit(model.entity_lat_deg[sl], model.entity_lon_deg[sl]).float()
                     g = great_circle_km(image_units[keep], units)  # (b, N_l)
-                    rows = torch.arange(d.shape[0])
-                    logits0 = -d / tau
-                    log_w = torch.log1p(lam * torch.exp(-g / sigma))
-                    log_w[rows, target] = 0.0
-                    p0, pw = torch.softmax(logits0, 1), torch.softmax(logits0 + log_w, 1)
-                    onehot = torch.zeros_like(p0)
-                    onehot[rows, target] = 1.0
-                    near = (g < sigma)
-                    near[rows, target] = False
-                    neg0 = p0.clone()
-                    neg0[rows, target] = 0.0
-                    mass = float((neg0 * near).sum() / neg0.sum().clamp_min(1e-30))
-                    loss0 = -torch.log_softmax(logits0, 1)[rows, target].mean()
-                    lossw = -torch.log_softmax(logits0 + log_w, 1)[rows, target].mean()
-                    dgrad = float((pw - p0).norm() / (p0 - onehot).norm())
-                    print(f"{lam:>6g} {sigma:>8g} {names[level]:>9} {d.shape[1]:>8} "
-                          f"{float(near.sum(1).float().mean()):>8.1f} {mass:>6.3f} {float(lossw - loss0):>7.3f} "
-                          f"{dgrad:>6.3f}")
+                    near, mass, dloss, dgrad = level_effect(d, g, target, tau, weighting, sigma)
+                    print(f"{lam:>6g} {sigma:>8g} {LEVELS[level]:>9} {d.shape[1]:>8} {near:>8.1f} {mass:>6.3f} "
+                          f"{dloss:>7.3f} {dgrad:>6.3f}")
 
 
 if __name__ == "__main__":
