@@ -132,9 +132,15 @@ def write_tiny_vit_backbone(directory: Path, image_size: int, **sizes: int) -> P
     return write_backbone_config(directory, config, tiny_vit_preprocessor(image_size))
 
 
-def train_tiny_model(data: Path, out: Path, overrides: list[str]) -> Path:
-    """``hierloc -q train`` on data/train.csv into ``out`` in a subprocess (no progress, stdout discarded), with
-    the config ``overrides`` (backbone, batch size, steps, ...). -> out."""
+def train_demo_model(work: Path, steps: int, backbone: str = "tiny-vit", image_size: int | None = 64,
+                     batch_size: int = 16, patch_px: int = 64) -> Path:
+    """A model to benchmark with when none is given: `make_demo_world` (240 training patches of ``patch_px`` px) in
+    work/demo-data, then ``hierloc -q train`` for ``steps`` steps (one epoch at most, no DataLoader workers) in a
+    subprocess, stdout discarded. ``backbone``: a packaged name or a local directory (`write_tiny_vit_backbone`);
+    ``image_size``: model.image_size (None: the backbone's). -> work/model."""
+    data, out = make_demo_world(work / "demo-data", n_train=240, patch_px=patch_px), work / "model"
+    overrides = [f"model.backbone={backbone}", *([f"model.image_size={image_size}"] if image_size else []),
+                 f"train.batch_size={batch_size}", "train.epochs=1", f"train.max_steps={steps}", "train.num_workers=0"]
     command = hierloc_command("-q", "train", "--csv", str(data / "train.csv"), "--out", str(out), "--no-progress",
                               *overrides)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
