@@ -3,9 +3,11 @@ fresh process, the tiny demo world and model the benchmarks train when given non
 
 A script imports it as ``from _common import ...``: ``python scripts/<name>.py`` puts scripts/ first on sys.path.
 
-Only light modules are imported here (numpy, PIL, `hierloc.inference.metrics`, `hierloc.data.demodata`: no torch), so a
-script that measures its own peak memory, or only reads /proc, does not carry torch for it; `write_tiny_vit_backbone`
-imports the torch-heavy encoders when it is called.
+Imports: at the top only what costs a process no memory worth measuring (the standard library, numpy,
+`hierloc.inference.metrics`). The helpers that build the tiny world import what they need (PIL, the demo-data
+writer, the torch-heavy encoders) when they are called, so a script that measures its own peak memory
+(bench_gazetteer's child, bench_loss's probe) or only reads /proc does not carry them: PIL and the demo-data writer
+alone add ~2.5 MB to a process's peak RSS.
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from gazetteer.schema import LEVELS
-from hierloc.data.demodata import make_demo_dataset
 from hierloc.inference import metrics
 
 
@@ -117,6 +117,8 @@ def hierloc_command(*args: str) -> list[str]:
 def make_demo_world(directory: Path, n_train: int, patch_px: int, overwrite: bool = False) -> Path:
     """A small demo dataset (`hierloc.data.demodata`: Blue Marble patches of ``patch_px`` px, seed 1): ``n_train``
     training images, 10 per test split, no validation split. -> the directory (train.csv, test_*.csv, images/)."""
+    from hierloc.data.demodata import make_demo_dataset  # (see the module docstring: imports)
+
     make_demo_dataset(directory, n_train=n_train, n_test=10, n_unseen=10, n_val=0, patch_px=patch_px, seed=1,
                       progress=False, overwrite=overwrite)
     return directory
@@ -150,6 +152,8 @@ def train_demo_model(work: Path, steps: int, backbone: str = "tiny-vit", image_s
 def write_jpegs(root: Path, n: int, px: int, seed: int = 0) -> float:
     """n seeded JPEGs of px x px (smooth colour fields + noise, a few KB each) as root/<k>/<i>.jpg, 1,000 per
     sub-directory; -> seconds taken."""
+    from PIL import Image  # (see the module docstring: imports)
+
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:px, 0:px].astype(np.float32) / px
     with Stopwatch() as watch:
