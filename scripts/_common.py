@@ -3,18 +3,17 @@ fresh process, the tiny demo world and model the benchmarks train when given non
 
 A script imports it as ``from _common import ...``: ``python scripts/<name>.py`` puts scripts/ first on sys.path.
 
-Imports: at the top only what costs a process no memory worth measuring (the standard library, numpy,
-`hierloc.inference.metrics`). The helpers that build the tiny world import what they need (PIL, the demo-data
-writer, the torch-heavy encoders) when they are called, so a script that measures its own peak memory
-(bench_gazetteer's child, bench_loss's probe) or only reads /proc does not carry them: PIL and the demo-data writer
-alone add ~2.5 MB to a process's peak RSS.
+Imports: the standard library and numpy at the top, nothing else. Each helper that needs the library, PIL or torch
+imports it when called, because several scripts measure peak memory: their own (bench_gazetteer's child) or a
+child's, whose ru_maxrss starts at the parent's peak (exec after vfork keeps the parent's high-water mark:
+bench_csv_memory's "RSS before reading"). `hierloc.inference.metrics` alone adds ~7 MB to a process that has only
+numpy, PIL and the demo-data writer ~2.5 MB.
 """
 
 from __future__ import annotations
 
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -22,9 +21,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-from gazetteer.schema import LEVELS
-from hierloc.inference import metrics
 
 
 # ------------------------------------------------------------------------------------------------------ timers
@@ -60,7 +56,7 @@ def time_runs(fn: Callable[[], object], repeats: int, warmup: int = 1,
 def best_and_median(times: list[float]) -> tuple[float, float]:
     """(min, median) of timings: on a shared machine the minimum is the uncontended estimate, the median shows the
     noise."""
-    return min(times), statistics.median(times)
+    return min(times), float(np.median(times))
 
 
 # ------------------------------------------------------------------------------------------------------ memory
@@ -172,15 +168,20 @@ def write_jpegs(root: Path, n: int, px: int, seed: int = 0) -> float:
 def entity_keys(paths: np.ndarray) -> tuple[np.ndarray, ...]:
     """Paths (N, 4) of global entity ids -> per level (N,) keys for `hierloc.inference.metrics`' level accuracy:
     the id as text, `metrics.MISSING_KEY` where the id is -1 (no entity: not a truth, never a hit)."""
+    from hierloc.inference import metrics  # (see the module docstring: imports)
+
     paths = np.asarray(paths)
     return tuple(np.where(paths[:, level] >= 0, paths[:, level].astype(str), metrics.MISSING_KEY).astype(object)
-                 for level in range(len(LEVELS)))
+                 for level in range(paths.shape[1]))
 
 
 def path_metrics(pred_paths: np.ndarray, truth: np.ndarray, pred_lat, pred_lon, true_lat, true_lon) -> dict:
     """The demo's metrics of N predictions: OSV5M's distance metrics (`metrics.distance_metrics`: n, mean_km,
     median_km, geoscore, acc_1km ... acc_2500km) and acc_<level>, the share of rows whose predicted entity is the
     true point's (`Gazetteer.locate`), over the rows whose true point resolves at that level (NaN if none)."""
+    from gazetteer.schema import LEVELS  # (see the module docstring: imports)
+    from hierloc.inference import metrics
+
     out = metrics.distance_metrics(pred_lat, pred_lon, true_lat, true_lon)
     accuracy = metrics.osv5m_level_accuracy(entity_keys(pred_paths), entity_keys(truth), missing="skip")
     out.update({f"acc_{level}": accuracy[f"acc_{level}"] for level in LEVELS})
