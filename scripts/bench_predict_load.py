@@ -47,6 +47,13 @@ def _pss_kb(pid: int) -> int:
     return proc_kb("Pss", pid, file="smaps_rollup", default=0)
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name ([1] parent pid, [11] user and [12] system CPU time in
+    clock ticks); OSError once the process is gone."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+        return handle.read().rsplit(")", 1)[1].split()
+
+
 def _children(pid: int) -> list[int]:
     """Direct children of pid (DataLoader workers), from /proc/*/stat."""
     out = []
@@ -54,8 +61,7 @@ def _children(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+            fields = _stat_fields(entry)
         except OSError:
             continue
         if int(fields[1]) == pid:
@@ -68,8 +74,7 @@ def _cpu_s(pid: int) -> float:
     total = 0.0
     for process in [pid, *_children(pid)]:
         try:
-            with open(f"/proc/{process}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+            fields = _stat_fields(process)
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             continue
