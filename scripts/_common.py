@@ -7,7 +7,7 @@ Imports: the standard library and numpy at the top, nothing else. Each helper th
 imports it when called, because several scripts measure peak memory: their own (bench_gazetteer's child) or a
 child's, whose ru_maxrss starts at the parent's peak (exec after vfork keeps the parent's high-water mark:
 bench_csv_memory's "RSS before reading"). `hierloc.inference.metrics` alone adds ~7 MB to a process that has only
-numpy, PIL and the demo-data writer ~2.5 MB.
+numpy; PIL and the demo-data writer add ~2.5 MB.
 """
 
 from __future__ import annotations
