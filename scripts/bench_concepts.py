@@ -12,13 +12,13 @@ Trains two models with the same data, seed and budget (model.concepts=true / fal
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from _common import Stopwatch, path_metrics
 
 
 def concept_probs(model, table, batch_size: int = 128) -> np.ndarray:
@@ -46,19 +46,18 @@ def main() -> int:
     from hierloc.inference.predictor import HierLoc
     from hierloc.cli import main as cli
     from hierloc.data.tables import read_image_table
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from eval_demo import path_metrics
 
     data = Path(args.data)
     models = {}
     for name, flag in (("with concepts", "true"), ("without concepts", "false")):
         out = Path(args.out) / ("with" if flag == "true" else "without")
-        t0 = time.perf_counter()
-        code = cli(["-q", "train", "--csv", str(data / "train.csv"), "--out", str(out), "--overwrite",
-                    "--no-progress", "model.backbone=tiny-vit", f"model.concepts={flag}", *args.overrides])
-        if code:
-            return code
-        models[name] = (HierLoc.from_pretrained(out, device="cpu"), time.perf_counter() - t0)
+        with Stopwatch() as watch:
+            code = cli(["-q", "train", "--csv", str(data / "train.csv"), "--out", str(out), "--overwrite",
+                        "--no-progress", "model.backbone=tiny-vit", f"model.concepts={flag}", *args.overrides])
+            if code:
+                return code
+            model = HierLoc.from_pretrained(out, device="cpu")
+        models[name] = (model, watch.seconds)
 
     print(f"overrides: {args.overrides or 'defaults'}\n")
     print("| model | split | country % | region % | subregion % | median km | GeoScore | train s |")

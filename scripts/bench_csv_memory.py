@@ -13,37 +13,40 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-READERS = {
-    "build-gazetteer --from-csv": """
+from _common import Stopwatch, run_json_child
+
+# The child process of each reader: its imports, then its peak RSS before and after the reading (ru_maxrss, KiB),
+# the seconds and the result's size, as JSON (json is imported after the measurement, so it counts in neither).
+CHILD = """
 import resource, sys, time
-from gazetteer import Gazetteer, csvio
+{imports}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
+{read}
+peak, seconds = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start
+import json
+print(json.dumps([before, peak, seconds, size]))
+"""
+READERS = {
+    "build-gazetteer --from-csv": CHILD.format(imports="from gazetteer import Gazetteer, csvio", read="""
 lat, lon, _ = csvio.read_coordinates(sys.argv[1], "lat", "lon", on_bad="error")
 gaz = Gazetteer.build_from_points(lat, lon, progress=False)
 gaz.save(sys.argv[2])
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start, gaz.n_entities)
-""",
-    "read_image_table (train/eval/features)": """
-import resource, sys, time
-from hierloc.data import tables
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start = time.perf_counter()
+size = gaz.n_entities"""),
+    "read_image_table (train/eval/features)": CHILD.format(imports="from hierloc.data import tables", read="""
 table = tables.read_image_table(sys.argv[1])
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start, len(table))
-""",
+size = len(table)"""),
 }
 
 
 def write_csv(path: Path, n_rows: int, seed: int = 0, chunk: int = 250_000) -> None:
+    """A CSV image,lat,lon of n_rows uniform points on the sphere, written in chunks."""
     rng = np.random.default_rng(seed)
     with open(path, "w") as handle:
         handle.write("image,lat,lon\n")
@@ -57,6 +60,7 @@ def write_csv(path: Path, n_rows: int, seed: int = 0, chunk: int = 250_000) -> N
 
 
 def main() -> None:
+    """Write each CSV, run each reader on it in a fresh process, print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1000000,2000000", help="comma-separated row counts")
     args = ap.parse_args()
@@ -69,11 +73,9 @@ def main() -> None:
             size_mb = csv_path.stat().st_size / 2 ** 20
             for name, code in READERS.items():
                 out_dir = Path(tmp) / f"gaz-{n}-{len(results)}"
-                done = subprocess.run([sys.executable, "-c", code, str(csv_path), str(out_dir)], check=True,
-                                      capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-                before_kb, peak_kb, seconds, size = done.stdout.split()
-                results.append((n, size_mb, name, int(before_kb) / 1024, int(peak_kb) / 1024, float(seconds),
-                                int(size)))
+                before_kb, peak_kb, seconds, size = run_json_child(["-c", code, str(csv_path), str(out_dir)],
+                                                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+                results.append((n, size_mb, name, before_kb / 1024, peak_kb / 1024, seconds, size))
             csv_path.unlink()
     print(f"python {sys.version.split()[0]}; peak RSS of a fresh process per reader (ru_maxrss)")
     print("| rows | CSV MB | reader | result | RSS before reading MB | peak RSS MB | peak - before MB | bytes per row "
@@ -92,6 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    start = time.perf_counter()
-    main()
-    print(f"total {time.perf_counter() - start:.0f} s")
+    with Stopwatch() as total:
+        main()
+    print(f"total {total.seconds:.0f} s")

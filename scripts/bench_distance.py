@@ -37,6 +37,7 @@ import time
 import geoopt
 import torch
 
+from _common import Stopwatch
 from hierloc.geometry import hyperbolic
 
 
@@ -68,6 +69,7 @@ def reference_dist64(x: torch.Tensor, y: torch.Tensor, c: float, rows: int = 8) 
 
 
 def geoopt_dist64(x: torch.Tensor, y: torch.Tensor, c: float, rows: int = 8) -> torch.Tensor:
+    """geoopt's float64 d, in row chunks: (B, N)."""
     ball = geoopt.PoincareBall(c=c).double()
     x, y = x.double(), y.double()
     return torch.cat([ball.dist(x[s : s + rows, None, :], y[None]) for s in range(0, x.shape[0], rows)])
@@ -83,6 +85,7 @@ def max_rel_error(value: torch.Tensor, reference: torch.Tensor) -> tuple[float, 
 
 
 def make_points(kind: str, batch: int, entities: int, dim: int, c: float, seed: int = 0):
+    """(images (B, D), entities (N, D)) on the ball: "random", or "near-boundary" (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "random":
         x = hyperbolic.expmap0(0.15 * torch.randn(batch, dim, generator=gen), c=c)
@@ -107,14 +110,13 @@ def timed(fn, backward: bool, x, y):
     """Seconds for fn(x, y) (+ backward with a gradient of ones), on CLOCK."""
     if backward:
         xg, yg = x.detach().requires_grad_(), y.detach().requires_grad_()
-        start = CLOCK()
-        out = fn(xg, yg)
-        out.backward(torch.ones_like(out))
-        return CLOCK() - start
-    with torch.no_grad():
-        start = CLOCK()
+        with Stopwatch(CLOCK) as watch:
+            out = fn(xg, yg)
+            out.backward(torch.ones_like(out))
+        return watch.seconds
+    with torch.no_grad(), Stopwatch(CLOCK) as watch:
         fn(x, y)
-        return CLOCK() - start
+    return watch.seconds
 
 
 def main() -> None:

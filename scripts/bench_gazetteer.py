@@ -14,22 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
+from _common import Stopwatch, peak_rss_mib, run_json_child
 from gazetteer import LEVELS
 
 
 def sphere_points(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n points uniform on the sphere -> (lat, lon) degrees."""
     return np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n))), rng.uniform(-180.0, 180.0, n)
 
 
 def near_place_points(n: int, rng: np.random.Generator, places_lat: np.ndarray, places_lon: np.ndarray):
+    """n points each ~10 km (Gaussian) from a random place -> (lat, lon) degrees."""
     pick = rng.integers(0, len(places_lat), n)
     sigma_deg = 10.0 / 111.2  # ~10 km
     lat = np.clip(places_lat[pick] + rng.normal(0.0, sigma_deg, n), -90.0, 90.0)
@@ -38,42 +38,45 @@ def near_place_points(n: int, rng: np.random.Generator, places_lat: np.ndarray, 
 
 
 def dir_size_mb(path: str) -> float:
+    """Total size of the files of a directory, MB (1e6 bytes)."""
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 1e6
 
 
 def bench_one(h3_res: int, n_points: int, n_check: int, seed: int) -> dict:
+    """The child process (--single): build, save, load and query the world gazetteer at one base resolution ->
+    one column of the table (its peak memory is this process's)."""
     from gazetteer import Gazetteer
     from gazetteer.schema import FIELDS, KEY_SEPARATOR
     from gazetteer.geocoder import reverse_geocoder_reference
 
     result: dict = {"h3_res": h3_res}
-    started = time.perf_counter()
-    gaz = Gazetteer.build_global(h3_res=h3_res, progress=False)
-    result["build_s"] = time.perf_counter() - started
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    with Stopwatch() as watch:
+        gaz = Gazetteer.build_global(h3_res=h3_res, progress=False)
+    result["build_s"] = watch.seconds
+    result["peak_rss_mb"] = peak_rss_mib()
     result["counts"] = gaz.metadata["counts_per_level"]
     result["n_cells"] = int(len(gaz.cells))
     result["cities_with_cells"] = float((gaz.area_km2[gaz.level_slice(3)] > 0).mean())
     with tempfile.TemporaryDirectory() as tmp:
         directory = os.path.join(tmp, "gazetteer")
-        started = time.perf_counter()
-        gaz.save(directory)
-        result["save_s"] = time.perf_counter() - started
+        with Stopwatch() as watch:
+            gaz.save(directory)
+        result["save_s"] = watch.seconds
         result["size_mb"] = dir_size_mb(directory)
-        started = time.perf_counter()
-        loaded = Gazetteer.load(directory)
-        result["load_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        loaded.locate([0.0], [0.0])
-        result["first_locate_s"] = time.perf_counter() - started  # builds the KD tree
+        with Stopwatch() as watch:
+            loaded = Gazetteer.load(directory)
+        result["load_s"] = watch.seconds
+        with Stopwatch() as watch:
+            loaded.locate([0.0], [0.0])
+        result["first_locate_s"] = watch.seconds  # builds the KD tree
     rng = np.random.default_rng(seed)
     lat, lon = sphere_points(n_points, rng)
-    started = time.perf_counter()
-    exact = loaded.locate(lat, lon)
-    result["locate_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    cached = loaded.locate_cached(lat, lon)
-    result["locate_cached_s"] = time.perf_counter() - started
+    with Stopwatch() as watch:
+        exact = loaded.locate(lat, lon)
+    result["locate_s"] = watch.seconds
+    with Stopwatch() as watch:
+        cached = loaded.locate_cached(lat, lon)
+    result["locate_cached_s"] = watch.seconds
     result["agree_sphere"] = [float((exact[:, l] == cached[:, l]).mean()) for l in range(4)]
     near_lat, near_lon = near_place_points(n_points, rng, loaded.place_lat_deg, loaded.place_lon_deg)
     exact_near = loaded.locate(near_lat, near_lon)
@@ -90,6 +93,7 @@ def bench_one(h3_res: int, n_points: int, n_check: int, seed: int) -> dict:
 
 
 def print_table(results: list[dict], n_points: int) -> None:
+    """One Markdown table: a row per metric, a column per base resolution."""
     rows = [
         ("entities (country/region/subregion/city)",
          lambda r: "/".join(f"{r['counts'][name]:,}" for name in LEVELS)),
@@ -132,10 +136,8 @@ def main() -> int:
     results = []
     for res in resolutions:
         print(f"benchmarking base resolution {res} ...", file=sys.stderr, flush=True)
-        child = subprocess.run([sys.executable, __file__, "--single", "--h3-res", str(res), "--points", str(args.points),
-                                "--check", str(args.check), "--seed", str(args.seed)],
-                               check=True, capture_output=True, text=True)
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        results.append(run_json_child([__file__, "--single", "--h3-res", str(res), "--points", str(args.points),
+                                       "--check", str(args.check), "--seed", str(args.seed)]))
     print(f"machine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}")
     print_table(results, args.points)
     return 0

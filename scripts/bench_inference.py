@@ -25,29 +25,25 @@ Parts (each prints a Markdown table; docs/inference.md holds the numbers measure
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 
+from _common import Stopwatch, best_and_median, time_runs
+
 
 def timed(fn, repeats: int) -> tuple[float, float]:
     """(best, median) wall seconds of `fn()` over `repeats` runs (after one warm-up run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+    return best_and_median(time_runs(fn, repeats))
 
 
 def mib(n_bytes: int) -> str:
+    """A byte count as MiB, for the tables."""
     return f"{n_bytes / 2**20:,.1f} MiB"
 
 
 def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -55,24 +51,25 @@ def table(header: list[str], rows: list[list]) -> str:
 
 # -------------------------------------------------------------------------------------------- part 1: index
 def build_global_hierloc(dim: int, seed: int):
+    """A randomly initialised HierLoc (D = dim) over the global gazetteer, its entity points computed once ->
+    (HierLoc, gazetteer build seconds, entity points seconds)."""
     from gazetteer import Gazetteer
     from hierloc.inference.predictor import HierLoc
     from hierloc.config import Config, ModelConfig
     from hierloc.training.losses import GWHInfoNCE
     from hierloc.model.network import EntityTable, HierLocModel
 
-    start = time.perf_counter()
-    gaz = Gazetteer.build_global(progress=False)
-    build_s = time.perf_counter() - start
+    with Stopwatch() as build:
+        gaz = Gazetteer.build_global(progress=False)
     cfg = Config(model=ModelConfig(embed_dim=dim))
     torch.manual_seed(seed)
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), feature_dim=dim, seed=seed).eval()
     loss = GWHInfoNCE(cfg.loss).eval()
     hierloc = HierLoc(cfg, model, loss.state_dict(), encoder=None, gaz=gaz, device="cpu",
                       source="<random, global gazetteer>")
-    start = time.perf_counter()
-    hierloc.entity_points()
-    return hierloc, build_s, time.perf_counter() - start
+    with Stopwatch() as points:
+        hierloc.entity_points()
+    return hierloc, build.seconds, points.seconds
 
 
 def retrieval_top1(queries: torch.Tensor, gallery: torch.Tensor, gallery_sqnorm: torch.Tensor,
@@ -204,10 +201,9 @@ def bench_accuracy(args, hierloc, table_) -> None:
     true_paths = hierloc.gazetteer.locate(true_lat, true_lon)
     rows = []
     for mode in [("beam", width) for width in args.beams] + [("flat", None)]:
-        start = time.perf_counter()
-        answer = evaluate.paths_from_points(hierloc, points[torch.from_numpy(ok)], beam=mode[1],
-                                            flat=mode[0] == "flat")
-        seconds = time.perf_counter() - start
+        with Stopwatch() as search:
+            answer = evaluate.paths_from_points(hierloc, points[torch.from_numpy(ok)], beam=mode[1],
+                                                flat=mode[0] == "flat")
         summary, _ = evaluate.score_points(answer["pred_lat_deg"], answer["pred_lon_deg"], true_lat, true_lon,
                                            true_fields=true_fields)
         summary.update(evaluate.path_accuracy(answer["paths"], true_paths, true_fields))
@@ -216,7 +212,7 @@ def bench_accuracy(args, hierloc, table_) -> None:
                      *(f"{100 * summary[f'acc_{r}km']:.1f}" for r in (25, 200, 750, 2500)),
                      *(f"{100 * summary[f'acc_{lv}']:.1f} / {100 * summary[f'path_acc_{lv}']:.1f}"
                        for lv in metrics.LEVELS),
-                     f"{int(ok.sum()) / seconds:,.0f}"])
+                     f"{int(ok.sum()) / search.seconds:,.0f}"])
     print(table(["search", "mean km", "median km", "GeoScore", "<25 km %", "<200 km %", "<750 km %", "<2500 km %",
                  "country % (OSV5M / path)", "region %", "subregion %", "city %", "search q/s"], rows))
     if errors:

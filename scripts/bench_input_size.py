@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _common import Stopwatch
 from gazetteer import Gazetteer
 from hierloc.data import tables
 from hierloc.model.encoders import build_image_encoder
@@ -34,6 +34,7 @@ SPLITS = ("train", "val", "test_unseen", "test_nearby")
 
 
 def parse_args(argv=None):
+    """The command-line options (module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="runs/demo-data", help="`hierloc demo-data` directory")
     ap.add_argument("--gazetteer", default="runs/demo-gazetteer", help="gazetteer directory (countries of the points)")
@@ -62,10 +63,10 @@ def split_features(encoder, table, cache_dir: Path, args) -> np.ndarray:
 def time_extraction(encoder, table, args) -> float:
     """Seconds per image to decode, resize and encode the table's images (no cache), one pass."""
     images = tables.ImageDataset(table, encoder.preprocessor, train=False)
-    start = time.perf_counter()
-    for batch in tables.make_loader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers):
-        encoder(batch["pixel_values"])
-    return (time.perf_counter() - start) / len(table)
+    with Stopwatch() as watch:
+        for batch in tables.make_loader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers):
+            encoder(batch["pixel_values"])
+    return watch.seconds / len(table)
 
 
 def linear_probe(x_train, y_train, tests: dict, n_classes: int, epochs: int, seed: int = 0) -> dict:
@@ -98,6 +99,7 @@ def nearest_neighbour(x_train, y_train, tests: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    """Extract or reuse every combination's features, time them, fit the probes, print the table."""
     args = parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     gaz = Gazetteer.load(args.gazetteer)

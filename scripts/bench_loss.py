@@ -36,14 +36,13 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from _common import Stopwatch, peak_rss_mib, proc_kb, reset_peak_rss, rss_mib, run_json_child
+from hierloc.config import LossConfig
 from hierloc.device import reuse_freed_cpu_memory
 from hierloc.geometry import hyperbolic
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
@@ -157,9 +156,9 @@ def timings(args, inputs) -> dict:
     for _ in range(args.repeats + 1):  # the first round is the warm-up
         for name, fn in METHODS.items():
             points, entities = leaves(inputs)
-            start = time.perf_counter()
-            fn(losses[name], inputs, points, entities)
-            times[name].append(time.perf_counter() - start)
+            with Stopwatch() as watch:
+                fn(losses[name], inputs, points, entities)
+            times[name].append(watch.seconds)
             for p in losses[name].parameters():
                 p.grad = None
     return {name: values[1:] for name, values in times.items()}
@@ -175,44 +174,25 @@ def memory_probe(args) -> None:
     small = make_inputs(8, args.dim, [(lat[:50], lon[:50]) for lat, lon in coords], args.seed)
     fn(loss, small, *leaves(small))  # loads every kernel before the baseline
     points, entities = leaves(inputs)
-    reset = _reset_peak_rss()
-    baseline = _status_kb("VmRSS")
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn(loss, inputs, points, entities)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"extra_mb": (peak - baseline) / 1024, "peak_reset": reset, "wall_s": wall, "cpu_s": cpu}))
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    reset = reset_peak_rss()
+    baseline = rss_mib()
+    with Stopwatch() as wall, Stopwatch(time.process_time) as cpu:
+        fn(loss, inputs, points, entities)
+    peak = proc_kb("VmHWM") / 1024 if reset else peak_rss_mib()
+    print(json.dumps({"extra_mb": peak - baseline, "peak_reset": reset, "wall_s": wall.seconds,
+                      "cpu_s": cpu.seconds}))
 
 
 def probe(args, method: str, batch: int | None = None, sizes: list[int] | None = None) -> dict:
     """Run one method once in a fresh subprocess (``memory_probe``) -> its JSON result."""
     sizes = args.sizes if sizes is None else sizes
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", method, "--batch",
-               str(batch or args.batch), "--dim", str(args.dim), "--seed", str(args.seed), "--threads",
-               str(args.threads)]
+    command = [os.path.abspath(__file__), "--memory-probe", method, "--batch", str(batch or args.batch), "--dim",
+               str(args.dim), "--seed", str(args.seed), "--threads", str(args.threads)]
     if sizes is not None:
         command += ["--sizes", ",".join(map(str, sizes))]
     if args.learn_weights:
         command.append("--learn-weights")
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json_child(command)
 
 
 def peak_memory(args, method: str) -> float:

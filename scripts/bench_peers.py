@@ -35,7 +35,7 @@ Every row gets the --shared overrides (encoder, image size, batch size, learning
 a fair comparison); HierLoc rows also get the positional overrides (the recipe being tuned); then the row's
 own switch; then the budget (--epochs, --max-steps) and the seed, which always win.
 
-Metrics: `scripts/eval_demo.py`'s `path_metrics`: OSV5M distance metrics (`hierloc.inference.metrics`: mean/median km,
+Metrics: those of `scripts/eval_demo.py`: OSV5M distance metrics (`hierloc.inference.metrics`: mean/median km,
 GeoScore, accuracy at 1/25/200/750/2500 km) and level accuracy = the predicted path (HierLoc: the answered
 entity's path; city peers: the answered city's path; GeoCLIP: `Gazetteer.locate` of the answered point) against
 `Gazetteer.locate` of the true point, over the rows whose true point resolves at that level. train s: the
@@ -248,13 +248,24 @@ def hierloc_size(model) -> dict:
     return {"params_mb": params / 1e6, "index_mb": index / 1e6}
 
 
-def score(pred: dict, truth: np.ndarray, table, path_metrics) -> dict:
-    lat, lon = np.asarray(table.lat_deg), np.asarray(table.lon_deg)
+def score(pred: dict, truth: np.ndarray, table) -> dict:
+    """Metrics of one row's answers on a split (module docstring, Metrics), over the images it could predict:
+    `hierloc.inference.metrics`' distance metrics, and its level accuracy on entity ids (-1, no entity: the
+    metrics' missing key, so rows whose true point does not resolve at a level are left out of it). The same
+    numbers as scripts/eval_demo.py's (`_common.path_metrics`, which this file cannot import: the tests load it
+    by path)."""
+    from gazetteer import LEVELS
+    from hierloc.inference import metrics
+
     keep = np.isfinite(pred["pred_lat_deg"]) & np.isfinite(pred["pred_lon_deg"])
     if not keep.all():
         note(f"{int((~keep).sum())} images could not be predicted and are left out")
-    return path_metrics(pred["paths"][keep], truth[keep], pred["pred_lat_deg"][keep], pred["pred_lon_deg"][keep],
-                        lat[keep], lon[keep])
+    out = metrics.distance_metrics(pred["pred_lat_deg"][keep], pred["pred_lon_deg"][keep],
+                                   np.asarray(table.lat_deg)[keep], np.asarray(table.lon_deg)[keep])
+    pred_keys, true_keys = ([np.where(ids >= 0, ids.astype(str), metrics.MISSING_KEY).astype(object)
+                             for ids in paths[keep].T] for paths in (pred["paths"], truth))
+    accuracy = metrics.osv5m_level_accuracy(pred_keys, true_keys, missing="skip")
+    return {**out, **{f"acc_{level}": accuracy[f"acc_{level}"] for level in LEVELS}}
 
 
 def nearest_training_point(train, gaz, table, chunk: int = 1024) -> dict:
@@ -270,8 +281,7 @@ def nearest_training_point(train, gaz, table, chunk: int = 1024) -> dict:
     return {"pred_lat_deg": lat, "pred_lon_deg": lon, "paths": gaz.locate(lat, lon)}
 
 
-def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, tests: dict, out: Path,
-             path_metrics) -> dict:
+def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, tests: dict, out: Path) -> dict:
     """-> {row: {split: metrics}} for one seed."""
     from hierloc.training import peers as baselines
     from hierloc.inference.predictor import HierLoc
@@ -285,9 +295,9 @@ def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, t
     results: dict[str, dict] = {}
     if "oracle-nearest" in rows:
         train_table = read_image_table(data / "train.csv")
-        results["oracle-nearest"] = {split: {**score(nearest_training_point(train_table, gaz, table), truth, table,
-                                                     path_metrics), "train_s": 0.0, "params_mb": 0.0,
-                                             "index_mb": 0.0} for split, (table, truth) in tests.items()}
+        results["oracle-nearest"] = {split: {**score(nearest_training_point(train_table, gaz, table), truth, table),
+                                             "train_s": 0.0, "params_mb": 0.0, "index_mb": 0.0}
+                                     for split, (table, truth) in tests.items()}
     for row in rows:
         if row not in BASELINE_ROWS:
             continue
@@ -299,7 +309,7 @@ def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, t
         extra = {"train_s": trained.summary["seconds"], **baselines.size_megabytes(trained)}
         note(f"seed {seed}: {row}: {trained.summary['steps']} steps in {trained.summary['seconds']:.0f} s "
              f"(loss {trained.summary['first_loss']:.3f} -> {trained.summary['final_loss']:.3f}); evaluating")
-        results[row] = {split: {**score(baselines.predict(trained, table), truth, table, path_metrics), **extra}
+        results[row] = {split: {**score(baselines.predict(trained, table), truth, table), **extra}
                         for split, (table, truth) in tests.items()}
         del trained
     hierloc_rows = [row for row in rows if row in HIERLOC_SWITCHES]
@@ -326,7 +336,7 @@ def run_seed(args, seed: int, rows: list[str], data: Path, gaz, gaz_dir: Path, t
             results[name] = {}
             for split, (table, truth) in tests.items():
                 pred = model.predict_table(table, flat=flat, progress=False)
-                results[name][split] = {**score(pred, truth, table, path_metrics), **extra}
+                results[name][split] = {**score(pred, truth, table), **extra}
         del model
     return {row: results[row] for row in rows}
 
@@ -430,9 +440,6 @@ def run(args, argv) -> int:
     from hierloc.data.tables import read_image_table
     from hierloc.errors import InputError
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from eval_demo import path_metrics   # the one definition of the demo metrics
-
     rows, seeds = parse_rows(args.rows), parse_seeds(args.seeds)
     check_hierloc_overrides(args.overrides)
     parse_options([item for item in args.shared if item.startswith("baseline.")], "--shared")  # fail early
@@ -452,7 +459,7 @@ def run(args, argv) -> int:
         tests[split] = (table, gaz.locate(table.lat_deg, table.lon_deg))
     per_seed = {}
     for seed in seeds:
-        per_seed[seed] = run_seed(args, seed, rows, data, gaz, gaz_dir, tests, out, path_metrics)
+        per_seed[seed] = run_seed(args, seed, rows, data, gaz, gaz_dir, tests, out)
     results = {split: {row: aggregate([per_seed[s][row][split] for s in seeds]) for row in rows} for split in SPLITS}
 
     budget = (f"epochs={args.epochs if args.epochs is not None else row_config(args, seeds[0], []).train.epochs}"

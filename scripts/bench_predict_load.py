@@ -34,60 +34,24 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-
-def write_images(root: Path, n: int, px: int, seed: int = 0) -> float:
-    """n JPEGs under root/<k>/<i>.jpg; -> seconds taken."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    yy, xx = np.mgrid[0:px, 0:px].astype(np.float32) / px
-    for i in range(n):
-        folder = root / f"{i // 1000:03d}"
-        if i % 1000 == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        a, b, c = rng.uniform(0, 1, (3, 3, 1, 1)).astype(np.float32)
-        field = a * 255 * (0.5 + 0.5 * np.sin(6.28 * (b * xx + c * yy)))
-        pixels = np.clip(field.transpose(1, 2, 0) + rng.normal(0, 12, (px, px, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=85)
-    return time.perf_counter() - start
-
-
-def train_tiny_model(work: Path, steps: int, px: int) -> Path:
-    from hierloc.data.demodata import make_demo_dataset
-
-    data, out = work / "demo-data", work / "model"
-    make_demo_dataset(data, n_train=240, n_test=10, n_unseen=10, n_val=0, patch_px=px, seed=1, progress=False)
-    cmd = [sys.executable, "-m", "hierloc", "-q", "train", "--csv", str(data / "train.csv"), "--out", str(out),
-           "--no-progress", "model.backbone=tiny-vit", f"model.image_size={px}", "train.batch_size=16", "train.epochs=1",
-           f"train.max_steps={steps}", "train.num_workers=0"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return out
+from _common import hierloc_command, proc_kb, train_demo_model, write_jpegs
 
 
 def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    """A kB field of /proc/<pid>/status, 0 once the process is gone."""
+    return proc_kb(field, pid, default=0)
 
 
 def _pss_kb(pid: int) -> int:
     """Proportional set size (shared pages divided among the processes sharing them), 0 if unavailable."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    return proc_kb("Pss", pid, file="smaps_rollup", default=0)
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name ([1] parent pid, [11] user and [12] system CPU time in
+    clock ticks); OSError once the process is gone."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+        return handle.read().rsplit(")", 1)[1].split()
 
 
 def _children(pid: int) -> list[int]:
@@ -97,8 +61,7 @@ def _children(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+            fields = _stat_fields(entry)
         except OSError:
             continue
         if int(fields[1]) == pid:
@@ -111,8 +74,7 @@ def _cpu_s(pid: int) -> float:
     total = 0.0
     for process in [pid, *_children(pid)]:
         try:
-            with open(f"/proc/{process}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+            fields = _stat_fields(process)
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             continue
@@ -175,13 +137,13 @@ def main() -> int:
     try:
         if not images.is_dir() or sum(1 for _ in images.rglob("*.jpg")) != args.n:
             shutil.rmtree(images, ignore_errors=True)
-            seconds = write_images(images, args.n, args.px)
+            seconds = write_jpegs(images, args.n, args.px)
             print(f"wrote {args.n} JPEGs of {args.px} px in {seconds:.1f} s "
                   f"({sum(p.stat().st_size for p in images.rglob('*.jpg')) / 1e6:.1f} MB) to {images}")
-        model = Path(args.model) if args.model else train_tiny_model(work, args.train_steps, args.px)
-        cmd = [sys.executable, "-m", "hierloc", "predict", str(images), "--model", str(model),
-               "--format", "jsonl", "--no-progress", "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers)]
+        model = Path(args.model) if args.model else train_demo_model(work, args.train_steps, image_size=args.px,
+                                                                     patch_px=args.px)
+        cmd = hierloc_command("predict", str(images), "--model", str(model), "--format", "jsonl", "--no-progress",
+                              "--batch-size", str(args.batch_size), "--workers", str(args.workers))
         print("$ " + " ".join(cmd[1:]).replace(str(work), "$WORK"))
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1 << 16)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -28,12 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _common import best_and_median, time_runs
 from hierloc.data.images import Preprocessor
 
 WIDTH, HEIGHT = 682, 512  # the size of OSV5M photos (shorter side 512)
 
 
 def dinov2_small_config():
+    """The architecture of facebook/dinov2-small (a transformers Dinov2Config)."""
     from transformers import Dinov2Config
 
     return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
@@ -66,45 +66,37 @@ def write_photos(directory: Path, n: int, seed: int = 0) -> list[Path]:
 
 def time_decode(preprocessor: Preprocessor, paths: list[str], repeats: int) -> list[float]:
     """Seconds per image of load + preprocess, one value per repeat."""
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    def run() -> None:
         for path in paths:
             preprocessor([preprocessor.load(path)])
-        out.append((time.perf_counter() - start) / len(paths))
-    return out
+
+    return [seconds / len(paths) for seconds in time_runs(run, repeats, warmup=0)]
 
 
 def time_zipfile_raw(zip_path: Path, names: list[str], preprocessor: Preprocessor, repeats: int) -> list[float]:
     """Seconds per image reading the member with zipfile into memory and decoding it (no hierloc loader)."""
-    out = []
     with zipfile.ZipFile(zip_path) as archive:
-        for _ in range(repeats):
-            start = time.perf_counter()
+        def run() -> None:
             for name in names:
-                image = Image.open(io.BytesIO(archive.read(name))).convert("RGB")
-                preprocessor([image])
-            out.append((time.perf_counter() - start) / len(names))
-    return out
+                preprocessor([Image.open(io.BytesIO(archive.read(name))).convert("RGB")])
+
+        return [seconds / len(names) for seconds in time_runs(run, repeats, warmup=0)]
 
 
 @torch.no_grad()
 def time_backbone(batch: int, repeats: int) -> list[float]:
+    """Seconds per image of the DINOv2-small forward (random weights) on a random batch, one value per repeat,
+    after a warm-up."""
     from transformers import Dinov2Model
 
     torch.manual_seed(0)
     model = Dinov2Model(dinov2_small_config()).eval()
     pixels = torch.randn(batch, 3, 224, 224)
-    model(pixel_values=pixels)  # warm-up
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(pixel_values=pixels)
-        out.append((time.perf_counter() - start) / batch)
-    return out
+    return [seconds / batch for seconds in time_runs(lambda: model(pixel_values=pixels), repeats)]
 
 
 def main() -> None:
+    """Write the photos and the shard, time every cost interleaved, print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256, help="photos written and decoded per repeat")
     ap.add_argument("--batch", type=int, default=16, help="batch of the backbone forward")
@@ -145,7 +137,7 @@ def main() -> None:
     print("| cost per image | ms (min) | ms (median) | images/s per core (min) |")
     print("|---|---|---|---|")
     for label, values in rows:
-        best, median = min(values), statistics.median(values)
+        best, median = best_and_median(values)
         print(f"| {label} | {1e3 * best:.2f} | {1e3 * median:.2f} | {1 / best:.0f} |")
     backbone = min(rows[-1][1])
     print(f"DINOv2-small: {gflop:.2f} GFLOP per image (analytic); this CPU ran it at {gflop / backbone:.1f} GFLOP/s "

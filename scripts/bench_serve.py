@@ -41,41 +41,21 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict_load import train_tiny_model, write_images  # noqa: E402  (a sibling script)
-
+from _common import hierloc_command, rss_mib, train_demo_model, write_jpegs, write_tiny_vit_backbone
 
 TOP_K = 3   # paths kept per image, in process and through the server alike
 
 
-def train_vit_s16_model(work: Path, steps: int) -> Path:
+def vit_s16_model(work: Path, steps: int) -> Path:
     """A model with a ViT-S/16-sized backbone (224 px, 12 layers of width 384; random weights), trained for a
     few steps on the demo world: what a real backbone costs per image, without downloading one."""
-    from hierloc.data.demodata import make_demo_dataset
-    from hierloc.model.backbones import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
-
-    data, out = work / "demo-data", work / "model"
-    make_demo_dataset(data, n_train=240, n_test=10, n_unseen=10, n_val=0, patch_px=64, seed=1, progress=False)
-    config = tiny_vit_config(image_size=224, patch_size=16, hidden_size=384, num_layers=12, num_heads=6,
-                             mlp_dim=1536)
-    backbone = write_backbone_config(work / "vit-s16", config, tiny_vit_preprocessor(224))
-    cmd = [sys.executable, "-m", "hierloc", "-q", "train", "--csv", str(data / "train.csv"), "--out", str(out),
-           "--no-progress", f"model.backbone={backbone}", "train.batch_size=8", "train.epochs=1",
-           f"train.max_steps={steps}", "train.num_workers=0"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return out
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process (VmRSS), MiB."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    backbone = write_tiny_vit_backbone(work / "vit-s16", 224, patch_size=16, hidden_size=384, num_layers=12,
+                                       num_heads=6, mlp_dim=1536)
+    return train_demo_model(work, steps, backbone=str(backbone), image_size=None, batch_size=8)
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -173,6 +153,7 @@ def load_round(port: int, n_clients: int, bodies, seconds: float) -> dict:
 
 
 def wait_for_health(port: int, process: subprocess.Popen, timeout_s: float = 180) -> dict:
+    """GET /health until the server answers (-> its JSON); SystemExit if it exits or does not answer in time."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -210,14 +191,14 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="hierloc-bench-serve-") as work:
         work = Path(work)
-        write_images(work / "images", args.images, args.px)
+        write_jpegs(work / "images", args.images, args.px)
         images = [(p.name, p.read_bytes()) for p in sorted((work / "images").rglob("*.jpg"))]
         if args.model:
             model_dir = args.model
         elif args.backbone == "vit-s16":
-            model_dir = str(train_vit_s16_model(work, args.train_steps or 2))
+            model_dir = str(vit_s16_model(work, args.train_steps or 2))
         else:
-            model_dir = str(train_tiny_model(work, args.train_steps or 20, 64))
+            model_dir = str(train_demo_model(work, args.train_steps or 20))
         bodies = [multipart(name, data) for name, data in images]
         print(f"# {len(images)} JPEGs of {args.px} px (mean {np.mean([len(d) for _, d in images]) / 1024:.0f} KiB), "
               f"model {model_dir}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -230,9 +211,9 @@ def main() -> int:
         port = free_port()
         # the server gets the thread setting that was faster in process (at batch 8) just before
         server_threads = max({threads for _, threads in before}, key=lambda t: before[min(8, args.max_batch), t])
-        command = [sys.executable, "-m", "hierloc", "-q", "serve", "--model", model_dir, "--port", str(port),
-                   "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--device", "cpu",
-                   "--threads", str(server_threads)]
+        command = hierloc_command("-q", "serve", "--model", model_dir, "--port", str(port), "--max-batch",
+                                  str(args.max_batch), "--max-queue", str(args.max_queue), "--device", "cpu",
+                                  "--threads", str(server_threads))
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         try:
             wait_for_health(port, server)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 
+from _common import Stopwatch
 from hierloc.cli import main
 
 RUNS = Path("runs")
@@ -34,12 +34,13 @@ EPOCHS = 4
 
 
 def step(title: str, argv: list[str]) -> None:
+    """Print and run one `hierloc` command, then its duration; exit with its status if it fails."""
     print(f"\n=== {title}\n$ hierloc {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    code = main(argv)
+    with Stopwatch() as watch:
+        code = main(argv)
     if code:
         sys.exit(code)
-    print(f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(f"({watch.seconds:.1f} s)", flush=True)
 
 
 def _calibrated_by_familiarity(model_dir: Path) -> bool:
@@ -52,7 +53,14 @@ def _calibrated_by_familiarity(model_dir: Path) -> bool:
 
 
 def main_demo() -> None:
-    t0 = time.perf_counter()
+    """The demo's steps in order (module docstring), each skipped when its output exists."""
+    with Stopwatch() as total:
+        run_steps()
+    print(f"\ndemo finished in {total.seconds:.1f} s; model in {MODEL}/")
+
+
+def run_steps() -> None:
+    """Steps 1-6; a step whose output already exists is skipped."""
     if not all((DATA / f"{split}.csv").is_file() for split in ("train", "val", "val_nearby", *SPLITS)):
         # (an older demo dataset without the calibration splits is rewritten: its other splits stay identical)
         step("1. demo data (NASA Blue Marble patches)", ["demo-data", "--out", str(DATA), "--overwrite"])
@@ -85,7 +93,6 @@ def main_demo() -> None:
               *[str(DATA / row["image"]) for row in rows]])
         for row in rows:
             print(f"  truth for {row['image']}: {float(row['lat']):.4f}, {float(row['lon']):.4f}")
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; model in {MODEL}/")
 
 
 if __name__ == "__main__":

@@ -17,22 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from gazetteer import LEVELS  # noqa: E402 - the one definition of the levels
-
-
-def path_metrics(pred_paths: np.ndarray, truth: np.ndarray, pred_lat, pred_lon, true_lat, true_lon) -> dict:
-    from hierloc.inference import metrics
-
-    out = metrics.distance_metrics(pred_lat, pred_lon, true_lat, true_lon)
-    for level, name in enumerate(LEVELS):
-        valid = truth[:, level] >= 0
-        out[f"acc_{name}"] = float((pred_paths[valid, level] == truth[valid, level]).mean()) if valid.any() else np.nan
-    return out
+from _common import Stopwatch, path_metrics
+from gazetteer import LEVELS  # the one definition of the levels
 
 
 def baseline_rows(gaz, train_targets: np.ndarray, truth: np.ndarray, lat, lon, seed: int = 0) -> dict:
@@ -81,12 +71,12 @@ def main() -> int:
     if args.train:
         from hierloc.cli import main as cli
 
-        t0 = time.perf_counter()
-        code = cli(["train", "--csv", str(data / "train.csv"), "--out", args.out, "--overwrite", "model.backbone=tiny-vit",
-                    *args.overrides])
+        with Stopwatch() as watch:
+            code = cli(["train", "--csv", str(data / "train.csv"), "--out", args.out, "--overwrite",
+                        "model.backbone=tiny-vit", *args.overrides])
         if code:
             return code
-        train_info["wall_s"] = time.perf_counter() - t0
+        train_info["wall_s"] = watch.seconds
         args.model = args.out
     if not args.model:
         ap.error("give --model DIR or --train")
@@ -109,11 +99,10 @@ def main() -> int:
         truth = gaz.locate(lat, lon)
         rows = baseline_rows(gaz, train_targets, truth, lat, lon)
         for name, flat in (("HierLoc (beam 10)", False), ("HierLoc (flat)", True)):
-            t0 = time.perf_counter()
-            pred = model.predict_table(table, beam=10, flat=flat, progress=False)
-            secs = time.perf_counter() - t0
+            with Stopwatch() as watch:
+                pred = model.predict_table(table, beam=10, flat=flat, progress=False)
             rows[name] = path_metrics(pred["paths"], truth, pred["pred_lat_deg"], pred["pred_lon_deg"], lat, lon)
-            rows[name]["images_per_second"] = len(lat) / secs
+            rows[name]["images_per_second"] = len(lat) / watch.seconds
         results[split] = rows
         resolved = ", ".join(f"{lv} {100 * (truth[:, i] >= 0).mean():.0f}%" for i, lv in enumerate(LEVELS))
         print(f"\n{split}: n={len(lat)}; true points resolving in the gazetteer: {resolved}")

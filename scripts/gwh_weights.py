@@ -23,6 +23,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gazetteer.schema import LEVELS, N_LEVELS
+from hierloc.data import tables as data
+from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
+from hierloc.inference.evaluate import embed_table
+from hierloc.inference.predictor import HierLoc
+from hierloc.training.losses import GWHInfoNCE, kernel_values
+from hierloc.training.run import entity_labels
+
+
+def paper_weights(g: torch.Tensor, lam: float, sigma_km: float) -> torch.Tensor:
+    """The paper's weights w = 1 + lambda K(g / sigma) with the laplace kernel (the library's `kernel_values`) at
+    any lambda and sigma, also outside the ranges a training run may use (g (B, N) km -> (B, N))."""
+    return 1.0 + lam * kernel_values(g.float() / sigma_km, "laplace")
+
+
+def level_effect(d: torch.Tensor, g: torch.Tensor, target: torch.Tensor, tau: float, lam: float,
+                 sigma_km: float) -> tuple[float, float, float, float]:
+    """(near, mass, dloss, dgrad) of one level (module docstring) for squared distances d (B, N), great-circle km
+    g (B, N) and the within-level targets (B,), at the trained temperature tau and the weights at lambda, sigma (`paper_weights`)."""
+    rows = torch.arange(d.shape[0])
+    logits0 = -d / tau
+    log_w = torch.log(paper_weights(g, lam, sigma_km))
+    log_w[rows, target] = 0.0                  # the positive is not a negative
+    p0, pw = torch.softmax(logits0, 1), torch.softmax(logits0 + log_w, 1)
+    onehot = torch.zeros_like(p0)
+    onehot[rows, target] = 1.0
+    near = (g < sigma_km)
+    near[rows, target] = False
+    neg0 = p0.clone()
+    neg0[rows, target] = 0.0
+    mass = float((neg0 * near).sum() / neg0.sum().clamp_min(1e-30))
+    loss0 = -torch.log_softmax(logits0, 1)[rows, target].mean()
+    lossw = -torch.log_softmax(logits0 + log_w, 1)[rows, target].mean()
+    dgrad = float((pw - p0).norm() / (p0 - onehot).norm())
+    return float(near.sum(1).float().mean()), mass, float(lossw - loss0), dgrad
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,14 +70,6 @@ def main() -> None:
     ap.add_argument("--sigmas", default="300,1000,3000", help="comma-separated sigma values (km)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-
-    from hierloc.data import tables as data
-    from hierloc.inference.predictor import HierLoc
-    from hierloc.inference.evaluate import embed_table
-    from gazetteer.schema import N_LEVELS
-    from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
-    from hierloc.training.losses import GWHInfoNCE
-    from hierloc.training.run import entity_labels
 
     hl = HierLoc.from_pretrained(args.model, device="cpu")
     root = args.image_root or str(Path(args.csv).parent)
@@ -65,34 +93,17 @@ def main() -> None:
               f"{float(loss_fn.lam()):.3g}, sigma {float(loss_fn.sigma_km()):.0f} km")
         print(f"{'lambda':>6} {'sigma km':>8} {'level':>9} {'entities':>8} {'near':>8} {'mass':>6} {'dloss':>7} "
               f"{'dgrad':>6}")
-        names = ("country", "region", "subregion", "city")
         for lam in (float(v) for v in args.lams.split(",")):
             for sigma in (float(v) for v in args.sigmas.split(",")):
                 for level in range(N_LEVELS):
                     sl = model.level_slice(level)
-                    target = targets[:, level] - sl.start
                     keep = targets[:, level] >= 0
-                    d, target = sqdists[level][keep], target[keep]
+                    d, target = sqdists[level][keep], (targets[:, level] - sl.start)[keep]
                     units = latlon_to_unit(model.entity_lat_deg[sl], model.entity_lon_deg[sl]).float()
                     g = great_circle_km(image_units[keep], units)  # (b, N_l)
-                    rows = torch.arange(d.shape[0])
-                    logits0 = -d / tau
-                    log_w = torch.log1p(lam * torch.exp(-g / sigma))
-                    log_w[rows, target] = 0.0
-                    p0, pw = torch.softmax(logits0, 1), torch.softmax(logits0 + log_w, 1)
-                    onehot = torch.zeros_like(p0)
-                    onehot[rows, target] = 1.0
-                    near = (g < sigma)
-                    near[rows, target] = False
-                    neg0 = p0.clone()
-                    neg0[rows, target] = 0.0
-                    mass = float((neg0 * near).sum() / neg0.sum().clamp_min(1e-30))
-                    loss0 = -torch.log_softmax(logits0, 1)[rows, target].mean()
-                    lossw = -torch.log_softmax(logits0 + log_w, 1)[rows, target].mean()
-                    dgrad = float((pw - p0).norm() / (p0 - onehot).norm())
-                    print(f"{lam:>6g} {sigma:>8g} {names[level]:>9} {d.shape[1]:>8} "
-                          f"{float(near.sum(1).float().mean()):>8.1f} {mass:>6.3f} {float(lossw - loss0):>7.3f} "
-                          f"{dgrad:>6.3f}")
+                    near, mass, dloss, dgrad = level_effect(d, g, target, tau, lam, sigma)
+                    print(f"{lam:>6g} {sigma:>8g} {LEVELS[level]:>9} {d.shape[1]:>8} {near:>8.1f} {mass:>6.3f} "
+                          f"{dloss:>7.3f} {dgrad:>6.3f}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import Stopwatch, hierloc_command, make_demo_world, write_tiny_vit_backbone
+
 PROGRESS = re.compile(r"train:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
 
@@ -42,16 +44,12 @@ def build_world(work: Path, n_images: int) -> dict[str, Path]:
     """Demo patches, tiny backbone and gazetteer in `work` (reused when already there)."""
     from gazetteer import Gazetteer
     from hierloc.data.tables import read_image_table
-    from hierloc.data.demodata import make_demo_dataset
-    from hierloc.model.backbones import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
 
     data, backbone, gazetteer = work / "data", work / "backbone", work / "gazetteer"
     if not (data / "train.csv").is_file():
-        make_demo_dataset(data, n_train=n_images, n_test=10, n_unseen=10, n_val=0, patch_px=32, seed=1, progress=False,
-                          overwrite=True)
+        make_demo_world(data, n_train=n_images, patch_px=32, overwrite=True)
     if not (backbone / "config.json").is_file():
-        config = tiny_vit_config(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
-        write_backbone_config(backbone, config, tiny_vit_preprocessor(32))
+        write_tiny_vit_backbone(backbone, 32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
     if not (gazetteer / "metadata.json").is_file():
         table = read_image_table(str(data / "train.csv"))
         Gazetteer.build_from_points(table.lat_deg, table.lon_deg, progress=False).save(gazetteer, overwrite=True)
@@ -59,12 +57,14 @@ def build_world(work: Path, n_images: int) -> dict[str, Path]:
 
 
 def train_command(world: dict[str, Path], out: Path, args: argparse.Namespace, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "hierloc", "-q", "train", "--csv", str(world["csv"]), "--gazetteer",
-            str(world["gazetteer"]), "--out", str(out), f"model.backbone={world['backbone']}", "model.pretrained=false",
-            "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
-            "model.coord_scales=4", f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
-            f"train.num_workers={args.workers}", f"train.checkpoint_every={args.checkpoint_every}",
-            f"train.seed={args.train_seed}"] + (["--resume"] if resume else [])
+    """The `hierloc train` command of both runs (with --resume after a kill)."""
+    return hierloc_command(
+        "train", "--csv", str(world["csv"]), "--gazetteer", str(world["gazetteer"]), "--out", str(out),
+        f"model.backbone={world['backbone']}", "model.pretrained=false", "model.image_size=32", "model.embed_dim=16",
+        "model.head_hidden=32", "model.entity_hidden=32", "model.coord_scales=4", f"train.batch_size={args.batch_size}",
+        f"train.epochs={args.epochs}", f"train.num_workers={args.workers}",
+        f"train.checkpoint_every={args.checkpoint_every}", f"train.seed={args.train_seed}",
+        *(["--resume"] if resume else []))
 
 
 def environment() -> dict[str, str]:
@@ -180,22 +180,22 @@ def main() -> int:
     reference, run = work / "reference", work / "killed"
     for path in (reference, run):
         shutil.rmtree(path, ignore_errors=True)
-    start = time.perf_counter()
-    run_until(train_command(world, reference, args, resume=False), None)
-    print(f"uninterrupted run: {time.perf_counter() - start:.1f} s")
+    with Stopwatch() as watch:
+        run_until(train_command(world, reference, args, resume=False), None)
+    print(f"uninterrupted run: {watch.seconds:.1f} s")
 
-    start = time.perf_counter()
     lost = []
-    for i, target in enumerate(targets, 1):
-        code, seen = run_until(train_command(world, run, args, resume=i > 1), target)
-        if code != -signal.SIGKILL:
-            raise SystemExit(f"kill {i}: the run ended (status {code}) before step {target}")
-        resumed_from = latest_step(run)
-        lost.append(seen - resumed_from)
-        print(f"kill {i}: SIGKILL at step {seen} -> the next run resumes from checkpoint step {resumed_from}: "
-              f"{seen - resumed_from} step(s) redone")
-    run_until(train_command(world, run, args, resume=True), None)
-    print(f"killed {len(targets)} times and resumed: {time.perf_counter() - start:.1f} s in all")
+    with Stopwatch() as watch:
+        for i, target in enumerate(targets, 1):
+            code, seen = run_until(train_command(world, run, args, resume=i > 1), target)
+            if code != -signal.SIGKILL:
+                raise SystemExit(f"kill {i}: the run ended (status {code}) before step {target}")
+            resumed_from = latest_step(run)
+            lost.append(seen - resumed_from)
+            print(f"kill {i}: SIGKILL at step {seen} -> the next run resumes from checkpoint step {resumed_from}: "
+                  f"{seen - resumed_from} step(s) redone")
+        run_until(train_command(world, run, args, resume=True), None)
+    print(f"killed {len(targets)} times and resumed: {watch.seconds:.1f} s in all")
 
     rows = compare(run, reference)
     print("\nfinal parameters vs the uninterrupted run (same seed):")

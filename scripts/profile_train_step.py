@@ -35,13 +35,14 @@ import argparse
 import functools
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from _common import peak_rss_mib
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 
@@ -130,7 +131,7 @@ def main() -> None:
         one_step()
     per_step = (time.perf_counter() - t0) / args.steps
     cpu_per_step = (time.process_time() - cpu0) / args.steps  # every thread's CPU time: steadier on a busy machine
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = peak_rss_mib()
     t1 = time.perf_counter()
     try:  # every thread's ops (the blocked loss runs its tiles on worker threads)
         extra = {"experimental_config": torch._C._profiler._ExperimentalConfig(profile_all_threads=True)}
