@@ -16,7 +16,7 @@ from hierloc.data import tables as data
 from hierloc.errors import InputError
 from hierloc.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessor, load_image, to_tensor
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 
 
 def _sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
+PHOTOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "photos"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 PAGE_WAIT_S = 120
 

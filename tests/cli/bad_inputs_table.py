@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def build_world(root: Path):
@@ -37,7 +37,7 @@ def build_world(root: Path):
     from hierloc.data.demodata import make_demo_dataset
     from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
     from tests.conftest import SMALL_WITHIN
-    from tests.test_bad_inputs import TINY_MODEL_OVERRIDES, world_from
+    from tests.cli.test_bad_inputs import TINY_MODEL_OVERRIDES, world_from
 
     demo = root / "demo"
     if not (demo / "train.csv").is_file():
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addHandler(logging.NullHandler())
     logging.getLogger().setLevel(logging.WARNING)
 
-    from tests.test_bad_inputs import CASES, check_result, run_case
+    from tests.cli.test_bad_inputs import CASES, check_result, run_case
 
     only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="bad-inputs-") as tmp:

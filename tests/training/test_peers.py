@@ -14,7 +14,7 @@ from hierloc.training import peers as baselines
 from hierloc.errors import InputError
 from tests.conftest import TINY_OVERRIDES
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_peers.py"
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench_peers.py"
 
 
 def equator_km(lon_deg: float) -> float:
