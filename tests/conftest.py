@@ -1,20 +1,23 @@
-"""Shared fixtures: real reference data, a small restricted gazetteer built once per session, its saved copy."""
+"""Shared fixtures: real reference data, a small restricted gazetteer built once per session, its saved copy, the
+tiny demo world and model (constants and helper functions are in tests/helpers.py).
+
+Every fixture that trains a model (tiny_model_dir) makes the tests using it integration tests: mark them
+`pytest.mark.integration` (the fast loop, `pytest -m "not integration and not slow"`, leaves them out).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-# Small but varied: KI and NZ straddle the antimeridian, ME/WS lack some admin1, LU/ME lack some admin2.
-SMALL_WITHIN = "FJ,KI,LU,ME,NZ,WS"
+from tests.helpers import SHARED_DATA, SMALL_WITHIN, TINY_MODEL_OVERRIDES, sphere_points
 
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """../shared/data beside the repository (absent in a user's clone: tests using it skip)."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = SHARED_DATA
     if not path.is_dir():
         pytest.skip(f"reference data folder {path} is absent")
     return path
@@ -36,12 +39,6 @@ def small_gazetteer_dir(small_gazetteer, tmp_path_factory) -> Path:
     return directory
 
 
-def sphere_points(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n points uniform on the sphere: (lat_deg, lon_deg), each (n,)."""
-    rng = np.random.default_rng(seed)
-    return np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n))), rng.uniform(-180.0, 180.0, n)
-
-
 @pytest.fixture
 def random_sphere_points():
     """Factory fixture: random_sphere_points(n, seed=0) -> (lat_deg, lon_deg) uniform on the sphere."""
@@ -49,12 +46,6 @@ def random_sphere_points():
 
 
 # ------------------------------------------------------------------------------------- tiny demo world and model
-TINY_OVERRIDES = [
-    "model.pretrained=false", "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
-    "model.coord_scales=4", "train.batch_size=16", "train.epochs=1", "train.num_workers=0", "train.log_every=1",
-]
-
-
 @pytest.fixture(scope="session")
 def tiny_demo_dir(tmp_path_factory) -> Path:
     """A small demo dataset (Blue Marble patches, 32 px): 240 train, 20 val, 40 per test split."""
@@ -81,6 +72,6 @@ def tiny_model_dir(tiny_demo_dir, tiny_backbone_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("model") / "tiny"
     code = main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(out), "--no-progress",
-                 f"model.backbone={tiny_backbone_dir}", "train.max_steps=6", *TINY_OVERRIDES])
+                 f"model.backbone={tiny_backbone_dir}", *TINY_MODEL_OVERRIDES])
     assert code == 0
     return out

@@ -1,8 +1,8 @@
 """Run the bad-input battery through the CLI and print what the user sees, as a Markdown table.
 
-    .venv/bin/python tests/bad_inputs_table.py [--workdir DIR] [--only KEY,...] [--check]
+    .venv/bin/python tests/cli/bad_inputs_table.py [--workdir DIR] [--only KEY,...] [--check]
 
-The cases are the catalogue of tests/test_bad_inputs.py (`CASES`): every odd image, CSV, gazetteer and checkpoint,
+The cases are the catalogue of tests/cli/test_bad_inputs.py (`CASES`): every odd image, CSV, gazetteer and checkpoint,
 through every command that reads it, in this process through `hierloc.cli.main` with stdout, stderr and log
 records captured as a terminal shows them. The world they run against is built first in a temporary directory
 (or --workdir), like the test fixtures: a tiny Blue Marble demo dataset, a tiny ViT backbone config, a model
@@ -11,7 +11,7 @@ trained for 6 steps (~15 s in all) and a small gazetteer of other countries.
 Columns: input, command, exit code, message (the `hierloc: error:` or `internal error` line; else the warning
 lines and the command's summary line, joined by " / "; any other stderr line, such as a Python warning, is
 noted in brackets). Paths are shortened: inputs to their name in the case directory, MODEL for the world's model.
-With --check, each row is also checked against the test's contract (tests/test_bad_inputs.py: check_result);
+With --check, each row is also checked against the test's contract (tests/cli/test_bad_inputs.py: check_result);
 failures are listed at the end, and the exit status is 1 unless every failure is a known gap (an xfail of the
 test, with the owner's fix suggested in docs/reliability.md). ~70 s on the 2-core reference machine.
 """
@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def build_world(root: Path):
-    """The tiny world of tests/conftest.py, built with the same library calls."""
+    """The tiny world of tests/conftest.py, built with the same library calls and tests/helpers.py's settings."""
     from gazetteer import Gazetteer
     from hierloc.cli import main
     from hierloc.data.demodata import make_demo_dataset
     from hierloc.model.encoders import tiny_vit_config, tiny_vit_preprocessor, write_backbone_config
-    from tests.conftest import SMALL_WITHIN
-    from tests.cli.test_bad_inputs import TINY_MODEL_OVERRIDES, world_from
+    from tests.cli.test_bad_inputs import world_from
+    from tests.helpers import SMALL_WITHIN, TINY_MODEL_OVERRIDES
 
     demo = root / "demo"
     if not (demo / "train.csv").is_file():

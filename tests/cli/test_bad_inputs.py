@@ -30,12 +30,10 @@ import logging
 import pickle
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,9 +43,11 @@ import pytest
 from PIL import Image
 
 from hierloc.cli import main
+from tests.helpers import (TINY_MODEL_OVERRIDES, make_bomb_png, make_text_as_jpeg, make_truncated_jpeg,
+                           noise_image)
 
 # ------------------------------------------------------------------------------------------------ the world
-# Overrides of a 1-step training run on a few rows (like tests/conftest.py's TINY_OVERRIDES, smaller batch,
+# Overrides of a 1-step training run on a few rows (like tests/helpers.py's TINY_OVERRIDES, smaller batch,
 # no concept head: it needs >= 20 labelled images per concept and only warns about it here).
 TRAIN_OVERRIDES = ["model.pretrained=false", "model.image_size=32", "model.embed_dim=16", "model.head_hidden=32", "model.entity_hidden=32",
                    "model.coord_scales=4", "model.concepts=false", "train.batch_size=4", "train.epochs=1",
@@ -188,12 +188,6 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------- images
-def _noise(size=(48, 32), seed=0, mode="RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4}[mode]
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8), mode)
-
-
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **kwargs)
@@ -205,21 +199,9 @@ def make_zero_byte(d: Path) -> Path:
     return d / "empty.jpg"
 
 
-def make_truncated_jpeg(d: Path) -> Path:
-    buffer = io.BytesIO()
-    _noise((64, 64)).save(buffer, format="JPEG", quality=90)
-    (d / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    return d / "cut.jpg"
-
-
-def make_text_as_jpeg(d: Path) -> Path:
-    (d / "notes.jpg").write_text("this is a text file, not a photo\n", encoding="utf-8")
-    return d / "notes.jpg"
-
-
 def make_png_alpha(d: Path) -> Path:
     """RGBA noise, alpha 255 on a checkerboard and 0 elsewhere (so the expected composite is exact)."""
-    image = _noise(mode="RGBA")
+    image = noise_image(mode="RGBA")
     pixels = np.asarray(image).copy()
     yy, xx = np.mgrid[: pixels.shape[0], : pixels.shape[1]]
     pixels[..., 3] = np.where((yy // 4 + xx // 4) % 2 == 0, 255, 0)
@@ -227,22 +209,22 @@ def make_png_alpha(d: Path) -> Path:
 
 
 def make_palette_png(d: Path) -> Path:
-    return _save(_noise().quantize(colors=16), d / "palette.png")
+    return _save(noise_image().quantize(colors=16), d / "palette.png")
 
 
 def make_png_16bit(d: Path) -> Path:
-    grey = np.asarray(_noise().convert("L")).astype(np.uint16) * 257  # 8-bit values scaled to the 16-bit range
+    grey = np.asarray(noise_image().convert("L")).astype(np.uint16) * 257  # 8-bit values scaled to the 16-bit range
     image = Image.fromarray(grey)
     assert image.mode == "I;16"
     return _save(image, d / "deep16.png")
 
 
 def make_grey_jpeg(d: Path) -> Path:
-    return _save(_noise().convert("L"), d / "grey.jpg", quality=95)
+    return _save(noise_image().convert("L"), d / "grey.jpg", quality=95)
 
 
 def make_cmyk_jpeg(d: Path) -> Path:
-    return _save(_noise().convert("CMYK"), d / "cmyk.jpg", quality=95)
+    return _save(noise_image().convert("CMYK"), d / "cmyk.jpg", quality=95)
 
 
 EXIF_ORIENTATION = 0x0112
@@ -254,22 +236,7 @@ def make_exif_rotated(d: Path, orientation: int = 6) -> Path:
     """A landscape-stored JPEG whose EXIF says: rotate 90 degrees clockwise to display (a phone held upright)."""
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = orientation
-    return _save(_noise((48, 32), seed=3), d / f"rotated-{orientation}.jpg", exif=exif.tobytes(), quality=95)
-
-
-BOMB_SIDE = 100_000  # a 100000 x 100000 RGB PNG: 10^10 pixels, 30 GB decoded, from a 69-byte file
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def make_bomb_png(d: Path) -> Path:
-    header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, 8, 2, 0, 0, 0)  # width, height, 8-bit, RGB
-    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _png_chunk(b"IEND", b""))
-    (d / "bomb.png").write_bytes(data)
-    return d / "bomb.png"
+    return _save(noise_image((48, 32), seed=3), d / f"rotated-{orientation}.jpg", exif=exif.tobytes(), quality=95)
 
 
 def make_missing_image(d: Path) -> Path:
@@ -284,7 +251,7 @@ def make_dir_without_images(d: Path) -> Path:
 
 
 def make_unicode_path(d: Path) -> Path:
-    return _save(_noise(seed=5), d / "holiday photos" / "Zürich café 東京 ☀.jpg", quality=95)
+    return _save(noise_image(seed=5), d / "holiday photos" / "Zürich café 東京 ☀.jpg", quality=95)
 
 
 # ----------------------------------------------------------------------------------------------------- CSVs
@@ -579,11 +546,6 @@ def backbone_argv(command: str, backbone: Path, inputs: Path, outputs: Path, wor
                 "--no-progress", f"model.backbone={backbone}", *TRAIN_OVERRIDES, "model.pretrained=true"]
     raise ValueError(command)
 
-
-# tests/conftest.py's tiny_model_dir was trained with these (a resumed run must use the same configuration)
-from tests.conftest import TINY_OVERRIDES  # noqa: E402
-
-TINY_MODEL_OVERRIDES = [*TINY_OVERRIDES, "train.max_steps=6"]
 
 ARGV = {"image": image_argv, "csv": csv_argv, "model": model_argv, "gazetteer": gazetteer_argv,
         "backbone": backbone_argv}
@@ -937,7 +899,7 @@ def test_decompression_bomb_is_refused_from_its_header_without_decoding(tmp_path
 
 def test_image_just_over_the_pixel_limit_is_refused_without_a_python_warning(tmp_path, monkeypatch, world):
     """Between 1x and 2x Pillow's limit, Pillow only warns: hierloc refuses it, and EXIF reading stays quiet."""
-    image = _save(_noise((40, 30)), tmp_path / "big.png")  # 1,200 pixels
+    image = _save(noise_image((40, 30)), tmp_path / "big.png")  # 1,200 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     outcome = run_cli(image_argv("predict", image, tmp_path, tmp_path, world))
     assert outcome.code == 1 and all(KNOWN_LINE.match(line) for line in outcome.err_lines), outcome.err

@@ -19,7 +19,7 @@ from hierloc.inference import explain as X
 from hierloc.inference.predictor import HierLoc
 from hierloc.training import checkpoint as ckpt
 from hierloc.version import __version__
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers import TINY_OVERRIDES
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

@@ -15,8 +15,8 @@ from PIL import Image
 from hierloc.data import tables as data
 from hierloc.errors import InputError
 from hierloc.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessor, load_image, to_tensor
+from tests.helpers import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
 
 
 def _sha256(path: Path) -> str:
@@ -306,7 +306,7 @@ def test_table_subset_keeps_alignment(tmp_path):
 
 
 def test_shared_osv5m_photos_table_loads_every_image():
-    labels = SHARED / "data" / "photos" / "osv5m" / "labels.csv"
+    labels = SHARED_DATA / "photos" / "osv5m" / "labels.csv"
     if not labels.is_file():
         pytest.skip(f"shared test data not present ({labels})")
     table = data.read_image_table(labels)
@@ -319,7 +319,7 @@ def test_shared_osv5m_photos_table_loads_every_image():
 
 
 def test_shared_osv5m_select_is_read_as_osv5m_layout():
-    select = SHARED / "data" / "osv5m_select.csv"
+    select = SHARED_DATA / "osv5m_select.csv"
     if not select.is_file():
         pytest.skip(f"shared test data not present ({select})")
     table = data.read_image_table(select, image_root="/data/osv5m")

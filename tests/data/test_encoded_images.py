@@ -14,8 +14,7 @@ from hierloc.data.exif import read_gps
 from hierloc.data.images import Preprocessor, load_image
 from hierloc.data.prediction import load_pixels
 from hierloc.errors import InputError
-from tests.cli.test_bad_inputs import make_bomb_png, make_text_as_jpeg, make_truncated_jpeg
-from tests.data.test_exif import write_gps_jpeg
+from tests.helpers import make_bomb_png, make_text_as_jpeg, make_truncated_jpeg, write_gps_jpeg
 
 
 def encoded(path: Path, name: str | None = None) -> EncodedImage:

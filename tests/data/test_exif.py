@@ -12,16 +12,7 @@ import pytest
 from PIL import Image
 
 from hierloc.data.exif import ExifGPS, dms_to_degrees, gps_from_image, read_gps
-
-GPS_IFD = 0x8825
-
-
-def write_gps_jpeg(path: Path, gps_tags: dict, size=(40, 30), colour=(10, 120, 200)) -> Path:
-    """A small JPEG whose EXIF carries the given GPSInfo IFD tags (1..6, 9 as in the EXIF standard)."""
-    exif = Image.Exif()
-    exif[GPS_IFD] = gps_tags
-    Image.new("RGB", size, colour).save(path, exif=exif.tobytes())
-    return path
+from tests.helpers import GPS_IFD, write_gps_jpeg
 
 
 def sha256(path: Path) -> str:

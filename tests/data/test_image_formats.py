@@ -17,8 +17,7 @@ from hierloc.cli import main
 from hierloc.data.exif import read_gps
 from hierloc.data.images import load_image
 from hierloc.data.prediction import expand_inputs
-
-GPS_IFD = 0x8825
+from tests.helpers import GPS_IFD
 MILAN = {1: "N", 2: (45.0, 27.0, 51.0), 3: "E", 4: (9.0, 11.0, 25.0)}       # 45.4642 N, 9.1903 E
 MILAN_DEG = (45 + 27 / 60 + 51 / 3600, 9 + 11 / 60 + 25 / 3600)
 

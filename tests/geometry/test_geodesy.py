@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hierloc.geometry import geodesy
+from tests.helpers import sphere_points as sphere
 
 
 def numpy_haversine_km(lat1, lon1, lat2, lon2):
@@ -18,11 +19,6 @@ def numpy_haversine_km(lat1, lon1, lat2, lon2):
     lat1, lon1, lat2, lon2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
     a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
     return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-
-
-def sphere(n, seed):
-    rng = np.random.default_rng(seed)
-    return np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)
 
 
 def test_earth_radius_is_osv5ms():

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hierloc.geometry import _kernels, hyperbolic
+from tests.helpers import ball_points, random_directions
 
 # geoopt's jit-scripted helpers warn on import under torch >= 2.9; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -70,18 +71,6 @@ def mpmath_dist(x, y, c: float) -> float:
         nx, ny = sum(v * v for v in xs), sum(v * v for v in ys)
         diff = sum((u - v) ** 2 for u, v in zip(xs, ys))
         return float(mpmath.acosh(1 + 2 * c * diff / ((1 - c * nx) * (1 - c * ny))) / mpmath.sqrt(c))
-
-
-def random_directions(n: int, dim: int, dtype) -> torch.Tensor:
-    v = torch.randn(n, dim, dtype=torch.float64)
-    return (v / v.norm(dim=-1, keepdim=True)).to(dtype)
-
-
-def ball_points(n: int, dim: int, dtype, c: float, max_radius: float | None = None) -> torch.Tensor:
-    """n points with random directions and radii uniform in [0, max_radius) (default: the projection margin)."""
-    max_radius = (1.0 - hyperbolic.ball_eps(dtype)) if max_radius is None else max_radius
-    radii = torch.rand(n, 1, dtype=torch.float64) * max_radius
-    return (random_directions(n, dim, torch.float64) * radii / math.sqrt(c)).to(dtype)
 
 
 def boundary_points(n: int, dim: int, dtype, c: float, k: int) -> torch.Tensor:

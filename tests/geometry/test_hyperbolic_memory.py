@@ -8,7 +8,7 @@ import resource
 import torch
 
 from hierloc.geometry import hyperbolic
-from tests.geometry.test_hyperbolic import ball_points
+from tests.helpers import ball_points
 
 
 def test_large_entity_table_never_materialises_a_broadcast_tensor():

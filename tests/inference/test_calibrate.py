@@ -16,7 +16,7 @@ from hierloc.errors import InputError
 from hierloc.inference import calibration
 from hierloc.inference.predictor import HierLoc
 from hierloc.model import modeldir
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers import TINY_OVERRIDES
 
 FIT_CSV = "test_nearby.csv"      # the fitting data (a validation split's role)
 TEST_CSV = "test_unseen.csv"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hierloc.inference import metrics
 from hierloc.errors import InputError
+from tests.helpers import SHARED_DATA
 
-SELECT_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "osv5m_select.csv"
+SELECT_CSV = SHARED_DATA / "osv5m_select.csv"
 R_KM = 6371.0
 
 

@@ -16,7 +16,6 @@ from hierloc.data.prediction import expand_inputs
 from hierloc.inference.answers import Failure, Prediction
 from hierloc.inference.predictor import HierLoc
 from hierloc.errors import InputError
-from tests.data.test_exif import write_gps_jpeg
 
 LEVELS = ("country", "region", "subregion", "city")
 

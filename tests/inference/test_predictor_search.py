@@ -14,7 +14,7 @@ from hierloc.inference.predictor import HierLoc
 from hierloc.inference.search import beam_search_dense, local_parents
 from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training.losses import GWHInfoNCE
-from tests.inference.test_search import assert_same_result
+from tests.helpers import assert_same_result
 
 
 # ------------------------------------------------------------------------------------------------ HierLoc

@@ -11,6 +11,7 @@ import torch
 from hierloc.errors import InputError
 from hierloc.inference.search import (EntityDistances, beam_search, beam_search_dense, child_index, final_width,
                                       flat_search, local_parents)
+from tests.helpers import assert_same_result
 
 # Tree: 2 countries; 3 regions (0,0,1); 4 subregions (0,1,2,2); 6 cities (0,0,1,2,3,3)
 PARENTS = [-1, -1, 0, 0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8, 8]
@@ -174,36 +175,6 @@ def random_tree(sizes, seed, shuffle=False, childless=True):
         local[:len(choices)] = rng.permutation(choices)[:sizes[level]]  # most parents get at least one child
         parents += (offsets[level - 1] + (local if shuffle else np.sort(local))).tolist()
     return torch.tensor(parents), offsets
-
-
-def assert_same_result(fast, dense, atol=1e-5):
-    """Same shapes, scores and probabilities within atol, identical paths.
-
-    Paths are compared up to the order of (near-)tied scores: inside a run of consecutive scores closer than
-    atol both implementations must hold the same set of paths (float32 sums of log-probabilities do tie
-    exactly now and then, and torch.topk orders ties arbitrarily)."""
-    assert fast.paths.shape == dense.paths.shape and fast.scores.shape == dense.scores.shape
-    assert torch.equal(torch.isinf(fast.scores), torch.isinf(dense.scores))
-    finite = torch.isfinite(dense.scores)
-    torch.testing.assert_close(fast.scores[finite], dense.scores[finite], atol=atol, rtol=1e-6)
-    assert (fast.paths[~finite] == -1).all() and (fast.level_probs[~finite] == 0).all()
-    if torch.equal(fast.paths, dense.paths):  # the usual case: no ties to sort out
-        torch.testing.assert_close(fast.level_probs, dense.level_probs, atol=atol, rtol=0)
-        return
-    scores = dense.scores.numpy()
-    for row in range(scores.shape[0]):
-        start = 0
-        while start < scores.shape[1]:
-            stop = start + 1
-            while (stop < scores.shape[1] and math.isfinite(scores[row, stop])
-                   and abs(scores[row, stop] - scores[row, stop - 1]) < atol):
-                stop += 1
-            key = lambda r: sorted(map(tuple, r.paths[row, start:stop].tolist()))  # noqa: E731
-            assert key(fast) == key(dense), f"row {row}, paths {start}..{stop - 1}"
-            for k in range(start, stop):
-                match = (dense.paths[row, start:stop] == fast.paths[row, k]).all(-1).nonzero()[0, 0] + start
-                torch.testing.assert_close(fast.level_probs[row, k], dense.level_probs[row, match], atol=atol, rtol=0)
-            start = stop
 
 
 TREES = {

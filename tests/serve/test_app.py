@@ -23,10 +23,9 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from hierloc.cli import build_parser, main  # noqa: E402
 from hierloc.serve.app import EXPLAIN_DEFAULTS, PREDICT_DEFAULTS, Limits, create_app  # noqa: E402
-from tests.cli.test_bad_inputs import make_bomb_png, make_text_as_jpeg, make_truncated_jpeg  # noqa: E402
-from tests.data.test_exif import write_gps_jpeg  # noqa: E402
+from tests.helpers import REPO, make_bomb_png, make_text_as_jpeg, make_truncated_jpeg, write_gps_jpeg  # noqa: E402
 
-STATIC = Path(__file__).resolve().parents[2] / "hierloc" / "serve" / "static"
+STATIC = REPO / "hierloc" / "serve" / "static"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,9 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-PHOTOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "photos"
+from tests.helpers import SHARED_DATA  # noqa: E402
+
+PHOTOS = SHARED_DATA / "photos"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 PAGE_WAIT_S = 120
 

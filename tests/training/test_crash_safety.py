@@ -26,7 +26,7 @@ from hierloc.model import modeldir
 from hierloc.training import checkpoint as ckpt
 from hierloc.cli import main
 from hierloc.training.interrupt import GracefulStop, exit_code_for
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers import TINY_OVERRIDES
 
 TOTAL_STEPS = 30        # 240 images / batch 16 = 15 steps per epoch, 2 epochs
 CHECKPOINT_EVERY = 4

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers import TINY_OVERRIDES
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(tiny_demo_dir: Path, tiny_backbone_dir: Path, tmp_path):

@@ -12,9 +12,9 @@ import torch
 
 from hierloc.training import peers as baselines
 from hierloc.errors import InputError
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers import REPO, TINY_OVERRIDES
 
-BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench_peers.py"
+BENCH = REPO / "scripts" / "bench_peers.py"
 
 
 def equator_km(lon_deg: float) -> float:

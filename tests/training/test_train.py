@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hierloc.cli import main
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers import TINY_OVERRIDES
 
 
 def test_cli_training_writes_a_complete_model_directory(tiny_model_dir: Path):
