@@ -1,8 +1,9 @@
 """Shared fixtures: real reference data, a small restricted gazetteer built once per session, its saved copy, the
 tiny demo world and model (constants and helper functions are in tests/helpers.py).
 
-Every fixture that trains a model (tiny_model_dir) makes the tests using it integration tests: mark them
-`pytest.mark.integration` (the fast loop, `pytest -m "not integration and not slow"`, leaves them out).
+A test that uses the trained tiny model (tiny_model_dir, directly or through another fixture) is an integration
+test: pytest_collection_modifyitems below marks it so, and the fast loop (`-m "not integration and not slow"`)
+leaves it out. Tests that train, run a subprocess CLI, a server or a browser without it carry the mark themselves.
 """
 
 from __future__ import annotations
@@ -75,3 +76,11 @@ def tiny_model_dir(tiny_demo_dir, tiny_backbone_dir, tmp_path_factory) -> Path:
                  f"model.backbone={tiny_backbone_dir}", *TINY_MODEL_OVERRIDES])
     assert code == 0
     return out
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the trained tiny model is an integration test, whether or not its module says so."""
+    for item in items:
+        if "tiny_model_dir" in getattr(item, "fixturenames", ()) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)

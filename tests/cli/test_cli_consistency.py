@@ -244,6 +244,7 @@ def test_a_locked_out_dir_refuses_a_second_train(tiny_demo_dir, tmp_path, capsys
     ckpt.unlock_directory(ckpt.lock_directory(out))                           # released: free again
 
 
+@pytest.mark.integration  # trains twice
 def test_quiet_train_draws_no_progress_bar(tiny_demo_dir, tiny_backbone_dir, tmp_path, capsys):
     common = ["train", "--csv", str(tiny_demo_dir / "train.csv"), f"model.backbone={tiny_backbone_dir}",
               "train.max_steps=2", *TINY_OVERRIDES]

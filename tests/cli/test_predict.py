@@ -15,6 +15,9 @@ from hierloc.cli import main
 
 LEVELS = ("country", "region", "subregion", "city")
 
+# every test predicts with the trained tiny model
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def images(tiny_demo_dir) -> list[Path]:

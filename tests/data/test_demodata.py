@@ -183,6 +183,7 @@ def test_held_out_split_keeps_every_training_and_nearby_centre_a_quarter_patch_f
     assert summary["thinned"] == "train" and 0 < summary["acceptance"] < 1
 
 
+@pytest.mark.integration  # heavy: a demo dataset of 2,000 training patches
 def test_held_out_centres_come_from_the_training_distribution_not_only_remote_places(tmp_path):
     """Drawn first like train, the held-out centres lie where training centres are dense (places of people):
     most of them are closer to some training centre than the remote rule's half patch would allow."""

@@ -133,6 +133,7 @@ def test_predict_takes_a_shard_and_the_csv_without_unpacking(osv5m, tiny_model_d
     assert json.loads(capsys.readouterr().out)["summary"]["n_predicted"] == 9
 
 
+@pytest.mark.integration  # trains
 @pytest.mark.parametrize("frozen", [False, True])
 def test_train_reads_the_shards_in_place(osv5m, tmp_path, frozen):
     out = tmp_path / "model"

@@ -152,6 +152,7 @@ def test_placeholder_city_for_a_place_without_name():
         assert gaz.names[city] != " (unnamed place)"
 
 
+@pytest.mark.integration  # heavy: four gazetteer builds, down to one point per chunk
 @pytest.mark.parametrize("options", [{}, {"min_images": 5}, {"within": "FR,LU"}])
 def test_gazetteer_does_not_depend_on_the_chunk_size(points, options):
     rng = np.random.default_rng(11)

@@ -233,6 +233,7 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.integration  # heavy: a 256 x 20,000 loss forward and backward on one thread
 def test_no_batch_by_entities_tensor_forward_or_backward():
     batch, n, dim = 256, 20_000, 8
     x, y, target, units_i, units_e = make_case(batch=batch, n=n, dim=dim, seed=9, dtype=torch.float32)
@@ -341,6 +342,7 @@ def _train(blocked_loss: bool, steps: int = 3):
     return losses, {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
+@pytest.mark.integration  # trains a tiny model for three steps, twice
 def test_training_steps_match_the_reference_path():
     blocked_losses, blocked_params = _train(True)
     reference_losses, reference_params = _train(False)

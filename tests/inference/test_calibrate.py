@@ -18,6 +18,9 @@ from hierloc.inference.predictor import HierLoc
 from hierloc.model import modeldir
 from tests.helpers import TINY_OVERRIDES
 
+# every test calibrates the trained tiny model or trains one
+pytestmark = pytest.mark.integration
+
 FIT_CSV = "test_nearby.csv"      # the fitting data (a validation split's role)
 TEST_CSV = "test_unseen.csv"
 ECE_KEYS = [f"ece_{level}" for level in ("country", "region", "subregion", "city")]

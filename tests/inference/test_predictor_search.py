@@ -16,6 +16,9 @@ from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training.losses import GWHInfoNCE
 from tests.helpers import assert_same_result
 
+# both tests search with the trained tiny model
+pytestmark = pytest.mark.integration
+
 
 # ------------------------------------------------------------------------------------------------ HierLoc
 def _random_hierloc(gaz, geometry: str):

@@ -137,6 +137,7 @@ def _assert_no_pickle(directory) -> None:
 # ---------------------------------------------------------------------------------- equality with the reference
 
 
+@pytest.mark.integration  # heavy: the real weights through two implementations
 @pytest.mark.parametrize("name", NAMES)
 def test_features_and_logits_equal_the_upstream_reference_at_the_native_size(upstream, name):
     size = VARIANTS[name].native_size
@@ -161,6 +162,7 @@ def test_features_and_logits_equal_the_upstream_reference_at_the_native_size(ups
         assert (reference._fc(features64) - reference(pixels64)).abs().max() < 1e-10
 
 
+@pytest.mark.integration  # heavy: the real weights through two implementations
 @pytest.mark.parametrize("name", NAMES)
 def test_any_input_size_equals_upstream_built_with_static_padding_for_that_size(upstream, name):
     """Our padding is computed per input; upstream's is fixed when built (from_name(image_size=...)): they must
@@ -481,6 +483,7 @@ LITE_OVERRIDES = [
 ]
 
 
+@pytest.mark.integration  # trains
 def test_cli_trains_calibrates_predicts_and_evaluates_with_a_frozen_packaged_backbone(tiny_demo_dir, tmp_path,
                                                                                        capsys):
     """A frozen backbone + --val-csv used to fail after training ("this model has no image encoder attached")."""

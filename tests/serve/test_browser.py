@@ -26,6 +26,9 @@ PHOTOS = SHARED_DATA / "photos"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 PAGE_WAIT_S = 120
 
+# a server on a trained tiny model and a headless browser
+pytestmark = pytest.mark.integration
+
 
 def _executables() -> tuple[str, str]:
     browser = next((found for name in BROWSERS if (found := shutil.which(name))), None)

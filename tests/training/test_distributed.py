@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import TINY_OVERRIDES
+
+# torchrun starts two training processes
+pytestmark = pytest.mark.integration
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(tiny_demo_dir: Path, tiny_backbone_dir: Path, tmp_path):

@@ -123,6 +123,7 @@ def tiny_gazetteer_dir(tiny_demo_dir, tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.mark.integration  # trains a peer model
 @pytest.mark.parametrize("kind", baselines.KINDS)
 def test_each_baseline_overfits_a_repeated_batch(kind, tiny_cfg):
     from hierloc.training.train import build_encoder, seed_everything
@@ -154,6 +155,7 @@ def test_each_baseline_overfits_a_repeated_batch(kind, tiny_cfg):
     assert np.isfinite(before) and after < before - 0.05, (kind, before, after)
 
 
+@pytest.mark.integration  # trains a peer model
 @pytest.mark.parametrize("kind", baselines.KINDS)
 def test_train_baseline_predicts_valid_points_and_paths(kind, tiny_cfg, tiny_demo_dir, tiny_gazetteer_dir):
     from gazetteer import Gazetteer
@@ -184,6 +186,7 @@ def test_train_baseline_predicts_valid_points_and_paths(kind, tiny_cfg, tiny_dem
     assert sizes["params_mb"] > 0 and sizes["index_mb"] > 0
 
 
+@pytest.mark.integration  # trains a peer model
 def test_saved_baseline_reloads_to_identical_predictions(tiny_cfg, tiny_demo_dir, tiny_gazetteer_dir, tmp_path):
     from hierloc.data.tables import read_image_table
 
@@ -216,6 +219,7 @@ def table_rows(text: str, split: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
+@pytest.mark.integration  # runs the benchmark script: trains
 def test_bench_prints_one_table_per_split_and_writes_json(tiny_demo_dir, tiny_backbone_dir, tiny_gazetteer_dir,
                                                           tmp_path, capsys):
     bench = load_bench()
@@ -256,6 +260,7 @@ def _bench_payload(bench, seed: int, rows: dict, budget: str = "epochs=3") -> di
             "per_seed": {str(seed): {row: {split: metrics[split][row] for split in bench.SPLITS} for row in rows}}}
 
 
+@pytest.mark.integration  # the benchmark's gazetteer of the demo world (a build of several seconds)
 def test_oracle_answers_the_nearest_training_point_and_its_path(tiny_demo_dir, tiny_gazetteer_dir):
     from gazetteer import Gazetteer
     from hierloc.data.tables import read_image_table
@@ -307,6 +312,7 @@ def test_bench_merge_refuses_runs_of_different_budgets(tmp_path, capsys):
     assert "budget" in err and err.count("\n") == 1
 
 
+@pytest.mark.integration  # the benchmark's gazetteer of the demo world (a build of several seconds)
 @pytest.mark.parametrize("extra, message", [
     (["--rows", "flat-ce,planet"], "unknown row planet"),
     (["train.epochs=3"], "use --epochs"),

@@ -75,6 +75,7 @@ def test_points_stay_inside_the_ball_after_many_large_steps():
     assert float(norms.max()) < 1.0
 
 
+@pytest.mark.integration  # trains, interrupts and resumes
 def test_resume_mid_cosine_ends_bitwise_equal(tiny_demo_dir: Path, tiny_backbone_dir: Path, tmp_path, monkeypatch):
     """A run that crashes at step 5 of 8 (checkpoint every 3) and is resumed from step 3, where the cosine has
     already lowered the learning rate (factor < 1: a schedule applied twice, or a drifting optimiser, shows),
@@ -118,6 +119,7 @@ def test_resume_mid_cosine_ends_bitwise_equal(tiny_demo_dir: Path, tiny_backbone
     assert json.loads((tmp_path / "part" / "train_summary.json").read_text())["steps"] == total
 
 
+@pytest.mark.integration  # trains, then resumes
 def test_resume_refuses_a_checkpoint_of_another_gazetteer_or_configuration(tiny_demo_dir: Path,
                                                                            tiny_backbone_dir: Path, tmp_path,
                                                                            capsys):
@@ -220,6 +222,7 @@ def test_cross_attention_starts_as_identity_and_leaves_entities_alone():
     assert not torch.allclose(out, plain.embed_features(feats))
 
 
+@pytest.mark.integration  # trains a model per switch set
 @pytest.mark.parametrize("switches", [
     ["model.cross_attention=true", "model.attn_heads=4"],
     ["model.geometry=euclidean", "loss.lam=0", "loss.learn_weights=false"],
@@ -267,6 +270,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.integration  # two subprocesses allocate 1.4 GB each
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_reusing_freed_cpu_memory_stops_large_temporaries_from_faulting_in_again():
     # the training-speed fix of train.reuse_cpu_memory: a 64 MB temporary allocated twenty times costs its
