@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import SHARED_DATA, SMALL_WITHIN, TINY_MODEL_OVERRIDES, sphere_points
 
+INITIAL_PARAMETERS = "initial_parameters.safetensors"  # beside tiny_model_dir, not in it
+
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
@@ -68,14 +70,36 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_demo_dir, tiny_backbone_dir, tmp_path_factory) -> Path:
-    """A model trained for a few steps through the CLI (treat as read-only)."""
+    """A model trained for a few steps through the CLI (treat as read-only). The run's parameters as its optimisers
+    were built (the starting point of the steps) are saved beside it: tiny_model_initial_parameters."""
+    from safetensors.torch import save_file
+
     from hierloc.cli import main
+    from hierloc.training import train as training
 
     out = tmp_path_factory.mktemp("model") / "tiny"
-    code = main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(out), "--no-progress",
-                 f"model.backbone={tiny_backbone_dir}", *TINY_MODEL_OVERRIDES])
+    build_optimizers = training.build_optimizers
+
+    def recording(module, cfg):
+        state = {name: p.detach().clone().contiguous() for name, p in module.named_parameters()}
+        save_file(state, str(out.parent / INITIAL_PARAMETERS))
+        return build_optimizers(module, cfg)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "build_optimizers", recording)
+        code = main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--out", str(out), "--no-progress",
+                     f"model.backbone={tiny_backbone_dir}", *TINY_MODEL_OVERRIDES])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_initial_parameters(tiny_model_dir) -> dict:
+    """The parameters tiny_model_dir's training started from ({name: tensor}, names of TrainModule: `model.` +
+    the name in model.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_model_dir.parent / INITIAL_PARAMETERS))
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

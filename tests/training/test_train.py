@@ -27,20 +27,24 @@ def test_cli_training_writes_a_complete_model_directory(tiny_model_dir: Path):
     assert run_cfg["model"]["embed_dim"] == 16          # overrides are saved with the run
 
 
-def test_training_moves_the_parameters(tiny_model_dir: Path, tiny_backbone_dir: Path):
+def test_training_moves_the_parameters(tiny_model_dir: Path, tiny_model_initial_parameters: dict):
     from safetensors.torch import load_file
 
     from hierloc.config import config_from_json
-    from hierloc.model.network import EntityTable, HierLocModel
-    from gazetteer import Gazetteer
 
-    meta = json.loads((tiny_model_dir / "config.json").read_text())
-    cfg = config_from_json(json.dumps(meta["config"]), "config.json")
-    fresh = HierLocModel(cfg.model, EntityTable.from_gazetteer(Gazetteer.load(tiny_model_dir / "gazetteer")),
-                         meta["feature_dim"], seed=cfg.train.seed)
+    cfg = config_from_json(json.dumps(json.loads((tiny_model_dir / "config.json").read_text())["config"]), "config.json")
+    steps = json.loads((tiny_model_dir / "train_summary.json").read_text())["steps"]
     trained = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert not torch.allclose(fresh.image_head[0].weight, trained["image_head.0.weight"])
-    assert not torch.allclose(fresh.anchors.data, trained["anchors"])
+    start = {name: tiny_model_initial_parameters[f"model.{name}"] for name in ("image_head.0.weight", "anchors")}
+    moved = {name: (trained[name] - start[name]).abs() for name in start}
+    for name in start:
+        assert torch.isfinite(trained[name]).all(), name
+        assert (moved[name] > 1e-5).float().mean() > 0.9, name      # (nearly) every element took its steps
+    # AdamW moves an element by at most ~lr per step (|m_hat / sqrt(v_hat)| <= 1.02 over 6 steps at betas 0.9,
+    # 0.999; the schedule never exceeds lr): the steps of this run, not a different initialisation (which differs
+    # by up to 0.35 here)
+    assert float(moved["image_head.0.weight"].max()) <= 1.1 * steps * cfg.train.lr
+    assert float(trained["anchors"].norm(dim=-1).max()) < 1.0                # the entities stay in the ball
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tiny_model_dir: Path, tiny_demo_dir: Path, tmp_path):
@@ -219,7 +223,8 @@ def test_cross_attention_starts_as_identity_and_leaves_entities_alone():
     out = attn.embed_features(feats, tangent)
     grad = torch.autograd.grad(out.sum(), tangent, allow_unused=True)[0]
     assert grad is None or float(grad.abs().max()) == 0.0
-    assert not torch.allclose(out, plain.embed_features(feats))
+    assert torch.isfinite(out).all() and float(out.norm(dim=-1).max()) < 1.0              # points of the ball
+    assert float((out - plain.embed_features(feats)).norm(dim=-1).min()) > 0.1           # every image moved
 
 
 @pytest.mark.integration  # trains a model per switch set
