@@ -97,7 +97,7 @@ def test_min_images_that_prunes_everything_is_an_input_error(points):
 
 def test_within_keeps_only_points_in_those_countries(points):
     gaz = Gazetteer.build_from_points(*points, within="fr", progress=False)
-    assert gaz.keys[gaz.level_slice(0)].tolist() == ["FR"] and gaz.counts[0] == 52
+    assert gaz.keys[gaz.level_slice(0)].tolist() == ["FR"] and gaz.counts[0] == N_EACH[0] + N_EACH[1]  # Paris, Lyon
     located = gaz.locate(*points)
     assert ((located[:, 0] == 0) == (np.repeat(np.arange(6), N_EACH) < 2)).all()
 

@@ -222,8 +222,17 @@ def test_temperatures_change_reported_probabilities_only(search):
     assert torch.equal(hot.level_probs[..., 2], plain.level_probs[..., 2])          # T = 1: bit for bit
     at_one = SEARCHES[search](sq, parents, offsets, 0.5, 3, 3, temperatures=[1.0] * 4)
     assert torch.equal(at_one.level_probs, plain.level_probs)
+    # T = 3 at the cities: p is the softmax at tau * 3, so the log-ratio of any two cities reported in a row shrinks
+    # by exactly 3 (finite, and a visible change, up to 0.4 here)
     found = plain.paths[..., 3] >= 0
-    assert not torch.allclose(hot.level_probs[..., 3][found], plain.level_probs[..., 3][found])
+    log_plain, log_hot = plain.level_probs[..., 3].double().log(), hot.level_probs[..., 3].double().log()
+    assert torch.isfinite(log_hot[found]).all()
+    assert float((hot.level_probs[..., 3] - plain.level_probs[..., 3])[found].abs().max()) > 0.05
+    rows = [(row, found[row].nonzero().flatten()) for row in range(found.shape[0]) if int(found[row].sum()) >= 2]
+    assert rows
+    for row, k in rows:
+        torch.testing.assert_close(log_hot[row, k] - log_hot[row, k[0]],
+                                   (log_plain[row, k] - log_plain[row, k[0]]) / TEMPERATURES[3], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("search", SEARCHES)

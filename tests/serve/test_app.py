@@ -103,9 +103,9 @@ def test_exif_gps_is_compared_or_used_as_in_the_cli(client, tmp_path):
     photo = write_gps_jpeg(tmp_path / "gps.jpg", {1: "S", 2: (41.0, 17.0, 0.0), 3: "E", 4: (174.0, 46.0, 0.0)})
     compared = client.post("/predict", files=uploads([photo])).json()["predictions"][0]
     assert compared["source"] == "model"
-    assert compared["exif"]["lat_deg"] == pytest.approx(-41.2833, abs=1e-4)
+    assert compared["exif"]["lat_deg"] == pytest.approx(-(41 + 17 / 60), abs=1e-4)
     used = client.post("/predict", files=uploads([photo]), data={"exif": "use"}).json()["predictions"][0]
-    assert used["source"] == "exif" and used["lon_deg"] == pytest.approx(174.7667, abs=1e-4)
+    assert used["source"] == "exif" and used["lon_deg"] == pytest.approx(174 + 46 / 60, abs=1e-4)  # 41 17' S, 174 46' E
     assert client.post("/predict", files=uploads([photo]), data={"exif": "ignore"}).json()["predictions"][0][
         "exif"] is None
 
