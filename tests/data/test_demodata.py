@@ -245,6 +245,7 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(small_dat
     assert (other / "train.csv").read_bytes() != (out / "train.csv").read_bytes()
 
 
+@pytest.mark.integration  # worker processes
 def test_parallel_workers_write_the_same_files(small_dataset, tmp_path):
     out, _ = small_dataset
     parallel = tmp_path / "parallel"

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.integration  # a fresh interpreter
 def test_gazetteer_never_imports_torch_even_when_used():
     code = (
         "import sys\n"

@@ -47,6 +47,7 @@ print(json.dumps({"shape": list(out.shape), "finite": bool(torch.isfinite(out).a
 """
 
 
+@pytest.mark.integration  # a fresh interpreter at the scale of a global gazetteer
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_large_entity_table_never_materialises_a_broadcast_tensor():
     # A (B, N, D) float32 temporary would take 64 * 200_000 * 128 * 4 bytes = 6.5 GB; the matrix form needs the

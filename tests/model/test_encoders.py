@@ -156,7 +156,7 @@ def test_builtin_tiny_resnet_pools_its_feature_map_and_reloads_identically(tmp_p
     # global average pooling of the last stage's map: a feature depends on every part of the image
     shifted = pixels.clone()
     shifted[:, :, :8, :8] += 1.0
-    change = (encoder(shifted) - features).abs()
+    change = (encoder(shifted) - features).detach().abs()
     assert features.shape == (3, 192) and torch.isfinite(features).all() and torch.isfinite(change).all()
     assert float(change.max(dim=1).values.min()) > 1e-2  # every image's features move (float32 noise: ~1e-6)
     encoder.save_pretrained(tmp_path / "backbone")
