@@ -7,11 +7,11 @@ import ast
 import configparser
 import re
 import sys
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO as ROOT
+
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml"}
 

@@ -1,0 +1,264 @@
+"""Frozen-backbone feature cache: rows equal the encoder's outputs, reuse is free, ranks compose, stale caches
+are re-extracted, reads go through memory maps."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hierloc.data import tables as data
+from hierloc.model import backbones, encoders
+from hierloc.training import features
+from hierloc.errors import InputError
+from hierloc.data.images import load_image
+
+N_IMAGES = 11
+BROKEN = 6  # row whose file is not an image
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    """A saved tiny ViT (config.json + model.safetensors + preprocessor_config.json), 24 features at 16 px."""
+    from transformers import ViTConfig
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=48)
+    directory = backbones.write_backbone_config(tmp_path_factory.mktemp("backbone"), config,
+                                               backbones.tiny_vit_preprocessor(16))
+    encoders.build_image_encoder(directory, pretrained=False).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def encoder(encoder_dir):
+    return encoders.build_image_encoder(encoder_dir, freeze=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(N_IMAGES):
+        path = root / f"{i:02d}.png"
+        if i == BROKEN:
+            path.write_text("not an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (18 + i, 20, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    table = data.ImageTable.from_arrays(paths, np.linspace(-50, 50, N_IMAGES), np.linspace(0, 100, N_IMAGES))
+    return data.ImageDataset(table, backbones.tiny_vit_preprocessor(16), train=False)
+
+
+class ForwardCounter:
+    """Counts images passed through the encoder (a forward hook), to tell extraction from reuse."""
+
+    def __init__(self, module):
+        self.images = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _module, inputs, _output):
+        self.images += int(inputs[0].shape[0])
+
+    def close(self):
+        self.handle.remove()
+
+
+def _direct(encoder, dataset, index):
+    pixels = dataset.preprocessor([load_image(dataset.table.paths[index])])
+    with torch.no_grad():
+        return encoder(pixels)[0].numpy()
+
+
+def test_extracted_rows_equal_direct_encoder_outputs_and_failed_rows_are_nan(encoder, dataset, tmp_path):
+    cache = features.extract_features(encoder, dataset, tmp_path / "cache", batch_size=4, progress=False)
+    assert len(cache) == N_IMAGES and cache.feature_dim == 24
+    assert (tmp_path / "cache" / "features-rank000-of-001.npy").is_file()
+    rows = cache[np.arange(N_IMAGES)]
+    assert rows.shape == (N_IMAGES, 24) and rows.dtype == np.float32
+    for index in range(N_IMAGES):
+        if index == BROKEN:
+            continue
+        expected = _direct(encoder, dataset, index)
+        np.testing.assert_allclose(rows[index], expected, rtol=2e-3, atol=2e-3)  # float16 storage
+    assert np.isnan(rows[BROKEN]).all()
+    assert cache.valid_mask.tolist() == [i != BROKEN for i in range(N_IMAGES)]
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["n_rows"] == N_IMAGES and manifest["feature_dim"] == 24 and manifest["dtype"] == "float16"
+    assert manifest["n_failed"] == 1
+
+
+def test_second_call_reuses_the_cache_without_running_the_encoder(encoder, dataset, tmp_path):
+    counter = ForwardCounter(encoder)
+    try:
+        features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+        assert counter.images == N_IMAGES - 1
+        mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+        again = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+        assert counter.images == N_IMAGES - 1
+        assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
+        assert len(again) == N_IMAGES
+    finally:
+        counter.close()
+
+
+def test_two_sequential_ranks_build_the_same_cache_as_one_rank(encoder, dataset, tmp_path):
+    single = features.extract_features(encoder, dataset, tmp_path / "one", batch_size=4, progress=False)
+    first = features.extract_features(encoder, dataset, tmp_path / "two", batch_size=4, rank=0, world_size=2,
+                                      progress=False)
+    assert first is None  # rank 1's shard is still missing
+    assert not (tmp_path / "two" / "manifest.json").exists()
+    second = features.extract_features(encoder, dataset, tmp_path / "two", batch_size=4, rank=1, world_size=2,
+                                       progress=False)
+    assert sorted(p.name for p in (tmp_path / "two").glob("features-*.npy")) == [
+        "features-rank000-of-002.npy", "features-rank001-of-002.npy"]
+    assert second.identity == single.identity
+    np.testing.assert_allclose(second[np.arange(N_IMAGES)], single[np.arange(N_IMAGES)], rtol=1e-3, atol=1e-3,
+                               equal_nan=True)
+    assert np.array_equal(second.valid_mask, single.valid_mask)
+    shuffled = np.array([10, 0, 5, 6, 3])
+    np.testing.assert_array_equal(second[shuffled], second[np.arange(N_IMAGES)][shuffled])
+
+
+@pytest.mark.parametrize("damage", ["other_identity", "missing_shard", "garbage_shard_meta"])
+def test_mismatching_or_damaged_cache_is_re_extracted(encoder, dataset, tmp_path, damage, caplog):
+    features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    if damage == "other_identity":  # a cache made with another encoder / preprocessing / image list
+        for name in ("manifest.json", "shard-rank000-of-001.json"):
+            content = json.loads((tmp_path / name).read_text())
+            content["identity"] = "0" * 64
+            (tmp_path / name).write_text(json.dumps(content))
+    elif damage == "missing_shard":
+        (tmp_path / "features-rank000-of-001.npy").unlink()
+    else:
+        (tmp_path / "shard-rank000-of-001.json").write_text("{not json")
+    counter = ForwardCounter(encoder)
+    try:
+        with caplog.at_level("INFO", logger="hierloc.training.features"):
+            cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    finally:
+        counter.close()
+    assert counter.images == N_IMAGES - 1
+    assert "extracting" in caplog.text
+    assert len(cache) == N_IMAGES and np.isfinite(cache[0]).all()
+    assert features.FeatureCache.open(tmp_path).identity == cache.identity
+
+
+def test_corrupted_manifest_is_rebuilt_from_verified_shards_without_re_encoding(encoder, dataset, tmp_path,
+                                                                                  caplog):
+    first = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    expected = first[np.arange(N_IMAGES)]
+    (tmp_path / "manifest.json").write_text("{not json")
+    counter = ForwardCounter(encoder)
+    try:
+        with caplog.at_level("INFO", logger="hierloc.training.features"):
+            cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    finally:
+        counter.close()
+    assert "manifest.json unreadable" in caplog.text
+    assert counter.images == 0  # the shard's own metadata proves it was made by this encoder on these images
+    np.testing.assert_array_equal(cache[np.arange(N_IMAGES)], expected)
+
+
+def test_changed_encoder_weights_invalidate_the_cache(encoder, dataset, tmp_path):
+    first = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    saved = {k: v.clone() for k, v in encoder.state_dict().items()}
+    try:
+        with torch.no_grad():
+            weight = encoder.backbone.embeddings.patch_embeddings.projection.weight
+            weight.add_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+        second = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+        changed = _direct(encoder, dataset, 0)
+    finally:
+        encoder.load_state_dict(saved)
+    assert second.identity != first.identity
+    # re-extracted with the new weights (float16 storage), and the change is far beyond that rounding
+    np.testing.assert_allclose(second[0], changed, rtol=2e-3, atol=2e-3)
+    assert np.abs(changed - first[0]).max() > 0.05
+
+
+def test_open_reads_through_memory_maps_and_pickles_without_the_data(encoder, dataset, tmp_path):
+    features.extract_features(encoder, dataset, tmp_path, batch_size=4, dtype=np.float32, progress=False)
+    cache = features.FeatureCache.open(tmp_path)
+    assert cache.dtype == np.float32
+    cache[0]
+    assert all(isinstance(m, np.memmap) for m in cache._maps())
+    clone = pickle.loads(pickle.dumps(cache))
+    np.testing.assert_array_equal(clone[[1, 2]], cache[[1, 2]])
+    with pytest.raises(InputError, match="not a complete feature cache"):
+        features.FeatureCache.open(tmp_path / "nothing-here")
+
+
+def test_cached_feature_dataset_serves_valid_rows_in_batches(encoder, dataset, tmp_path):
+    cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    targets = np.arange(N_IMAGES * 4, dtype=np.int64).reshape(N_IMAGES, 4)
+    cached = features.CachedFeatureDataset(cache, targets=targets, lat_deg=dataset.table.lat_deg,
+                                           lon_deg=dataset.table.lon_deg)
+    assert len(cached) == N_IMAGES - 1
+    batches = list(data.make_loader(cached, batch_size=4, shuffle=True, seed=0))
+    indices = torch.cat([b["index"] for b in batches])
+    assert sorted(indices.tolist()) == [i for i in range(N_IMAGES) if i != BROKEN]
+    batch = batches[0]
+    assert batch["features"].shape == (4, 24) and batch["features"].dtype == torch.float32
+    rows = batch["index"].numpy()
+    np.testing.assert_array_equal(batch["features"].numpy(), cache[rows])
+    np.testing.assert_array_equal(batch["targets"].numpy(), targets[rows])
+    np.testing.assert_array_equal(batch["lat_deg"].numpy(), dataset.table.lat_deg[rows])
+
+
+def test_training_dataset_is_refused(encoder, dataset, tmp_path):
+    augmented = data.ImageDataset(dataset.table, dataset.preprocessor, train=True)
+    with pytest.raises(ValueError, match="train=False"):
+        features.extract_features(encoder, augmented, tmp_path, progress=False)
+
+
+def _distributed_worker(rank, world_size, init_file, encoder_dir, image_paths, cache_dir, result_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        encoder = encoders.load_image_encoder(encoder_dir, frozen=True)
+        table = data.ImageTable.from_arrays(image_paths, np.zeros(len(image_paths)), np.zeros(len(image_paths)))
+        dataset = data.ImageDataset(table, encoder.preprocessor)
+        cache = features.extract_features(encoder, dataset, cache_dir, batch_size=2, rank=rank,
+                                          world_size=world_size, progress=False)
+        np.save(f"{result_dir}/rank{rank}.npy", cache[np.arange(len(cache))])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_distributed_ranks_write_shards_and_rank_zero_the_manifest(encoder, encoder_dir, dataset, tmp_path):
+    import torch.multiprocessing as mp
+
+    paths = [str(p) for p in dataset.table.paths]
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(encoder_dir), paths, str(tmp_path / "cache"),
+                                        str(tmp_path)), nprocs=2, join=True)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["n_rows"] == N_IMAGES
+    rank0, rank1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    np.testing.assert_array_equal(rank0, rank1)  # both ranks open the same complete cache
+    assert np.isnan(rank0[BROKEN]).all() and np.isfinite(np.delete(rank0, BROKEN, axis=0)).all()
+    single = features.extract_features(encoder, dataset, tmp_path / "single", batch_size=4, progress=False)
+    np.testing.assert_allclose(rank0, single[np.arange(N_IMAGES)], rtol=1e-3, atol=1e-3, equal_nan=True)
+
+
+def test_entity_feature_means_in_chunks_equal_the_whole(tmp_path):
+    """Chunked accumulation (memory independent of N) equals one pass; NaN rows (failed images) are left out."""
+    from hierloc.training.module import entity_feature_means
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(103, 5)).astype(np.float32)
+    feats[[4, 50]] = np.nan
+    targets = np.stack([rng.integers(0, 3, 103), rng.integers(3, 9, 103), rng.integers(-1, 1, 103) + 9,
+                        np.full(103, -1)], axis=1)
+    whole = entity_feature_means(feats, targets, 12, chunk_rows=10_000)
+    assert torch.allclose(entity_feature_means(feats, targets, 12, chunk_rows=7), whole, atol=1e-6)
+    keep = np.isfinite(feats).all(axis=1) & (targets[:, 1] == 5)
+    assert np.allclose(whole[5].numpy(), feats[keep].astype(np.float64).mean(axis=0), atol=1e-6)
