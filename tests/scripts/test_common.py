@@ -86,7 +86,9 @@ def test_proc_readers_see_rss_grow_by_an_allocation_in_a_fresh_process(common):
     m = common.run_json_child(["-c", CHILD_MEMORY], env=child_env())   # also: the last line's JSON
     assert 5 < m["before"] < 4096                                       # a plausible interpreter + numpy
     assert m["grown"] - m["before"] > 90                                # the 96 MiB array
-    assert m["hwm"] >= m["grown"] and abs(m["peak"] - m["hwm"]) < 2     # VmHWM == ru_maxrss
+    # VmHWM is the child's own peak; ru_maxrss at least that (after a fork + exec it may also hold the parent's
+    # peak at the fork, e.g. a large pytest process's: not compared for equality)
+    assert m["hwm"] >= m["grown"] and m["peak"] >= m["hwm"] - 2
     assert m["grown"] - m["after_free"] > 90
     if m["reset"]:                                                      # the kernel allowed clear_refs
         assert m["hwm_after_reset"] < m["hwm"] - 90
