@@ -13,6 +13,8 @@
   handler is put back and called (SIGINT: KeyboardInterrupt; SIGTERM with the default action: the process ends).
   Repeats closer together are ignored: under torchrun a Ctrl-C reaches every worker twice within milliseconds
   (from the terminal and from the launcher), which must not count as "press again to abort".
+- `TrainingInterrupted` is how a stopped run ends (a SystemExit with that status and the resume command,
+  `resume_command`); `stop_signal` agrees on the signal across torchrun's ranks.
 - Handlers are installed only in the main thread (Python allows no other), and only act in the process that
   installed them: forked DataLoader workers inherit them and then ignore the signal, leaving the decision to
   the main process. The previous handlers are restored on exit.

@@ -1,18 +1,20 @@
 """`hierloc train`: fit a HierLoc model on geotagged images (one CPU, one GPU, or many GPUs under torchrun).
 
-Flow: read the CSV -> gazetteer (given, or built from the CSV's points) -> labels per level via `locate` ->
-encoder (trained, or frozen with an on-disk feature cache) -> HierLocModel + GWH-InfoNCE ->
-RiemannianAdam (entity anchors) + AdamW (the rest), warm-up + cosine, gradient clipping -> checkpoints,
-TensorBoard logs, and the final model directory (see `hierloc.model.modeldir` for its layout).
+This module is the loop, top to bottom: `train` builds the run (`hierloc.training.run.build_run`: the CSV ->
+gazetteer (given, or built from the CSV's points) -> labels per level via `locate` -> encoder (trained, or frozen
+with an on-disk feature cache) -> HierLocModel + GWH-InfoNCE -> RiemannianAdam (entity anchors) + AdamW (the
+rest)), then runs the epochs (`hierloc.training.step.train_step`: warm-up + cosine, gradient clipping),
+validates, checkpoints, places the prototypes and writes the model directory (see `hierloc.model.modeldir` for its
+layout), TensorBoard logs and train_summary.json.
 
 Crash safety: checkpoints are atomic with a `latest` pointer; `--resume` restores the model, both optimisers,
 the step (the learning rate is a function of the step: `lr_factor`), the RNG state and the data order (epoch-seeded
 sampler + skipped batches; augmentation is seeded per (seed, epoch, image index)), so an interrupted run ends with
-the same parameters as an uninterrupted one. A checkpoint records the content hash of the run's gazetteer, and
-`--resume` with another gazetteer (or a configuration whose tensors do not fit the checkpoint) is an InputError.
-The first SIGINT/SIGTERM finishes the current step, writes a checkpoint and ends with `TrainingInterrupted` (exit
-status 130 / 143) naming the command that resumes (`hierloc.training.interrupt`; the CLI prints it); under torchrun
-every rank stops after the same step.
+the same parameters as an uninterrupted one (`hierloc.training.resume`). A checkpoint records the content hash of
+the run's gazetteer, and `--resume` with another gazetteer (or a configuration whose tensors do not fit the
+checkpoint) is an InputError. The first SIGINT/SIGTERM finishes the current step, writes a checkpoint and ends with
+`TrainingInterrupted` (exit status 130 / 143) naming the command that resumes (`hierloc.training.interrupt`; the
+CLI prints it); under torchrun every rank stops after the same step.
 """
 
 from __future__ import annotations
