@@ -106,6 +106,7 @@ def test_config_error_is_one_line(capsys):
 
 
 # ----------------------------------------------------------------------------------------------- locate
+@pytest.mark.integration
 def test_locate_points_on_the_command_line_match_the_csv_route(small_gazetteer_dir, tmp_path, capsys):
     gaz = Gazetteer.load(small_gazetteer_dir)
     inside = gaz.lat_deg[gaz.level_offsets[3]], gaz.lon_deg[gaz.level_offsets[3]]  # a city of the gazetteer
@@ -204,6 +205,7 @@ def test_cut_levels_keeps_the_country():
 
 
 # ----------------------------------------------------------------------------------------------- train
+@pytest.mark.integration
 def test_train_checks_backbone_and_csv_before_creating_out(tiny_demo_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"

@@ -10,6 +10,8 @@ from gazetteer.csvio import file_sha256
 from gazetteer.geocoder import reverse_geocoder_reference
 from hierloc.cli import main
 
+pytestmark = pytest.mark.integration   # the gazetteer commands end to end, building gazetteers from real data
+
 
 def run(argv, capsys):
     code = main(argv)

@@ -50,6 +50,7 @@ def test_tree_and_entity_table_are_readable_without_hierloc(small_gazetteer, sma
     assert [int(r["parent"]) for r in rows] == small_gazetteer.parents.tolist()
 
 
+@pytest.mark.integration
 def test_content_hash_is_stable_across_builds_and_sensitive_to_content(small_gazetteer):
     again = Gazetteer.build_global(within="FJ,KI,LU,ME,NZ,WS", progress=False)
     assert again.content_hash == small_gazetteer.content_hash

@@ -7,6 +7,8 @@ import pytest
 
 from gazetteer import Gazetteer
 
+pytestmark = pytest.mark.integration   # real OSV5M rows and reverse geocoding
+
 LABEL_COLUMNS = ("country", "region", "area", "city")  # OSV5M: cc, admin1, admin2 (may be empty), GeoNames name
 
 

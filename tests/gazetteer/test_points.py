@@ -67,6 +67,7 @@ def test_mean_position_is_correct_across_the_antimeridian():
     assert abs(all_mean[1]) > 179.9 and all_mean[0] == pytest.approx(-16.5, abs=0.01)
 
 
+@pytest.mark.integration
 def test_min_images_prunes_rare_entities_into_their_parent(points):
     full = Gazetteer.build_from_points(*points, progress=False)
     pruned = Gazetteer.build_from_points(*points, min_images=10, progress=False)

@@ -90,6 +90,7 @@ def test_counts_add_up_and_equal_number_of_places(small_gazetteer):
     assert gaz.counts[gaz.level_slice(0)].sum() == n_places
 
 
+@pytest.mark.integration
 def test_city_coordinates_are_geonames_coordinates_and_levels_are_means(small_gazetteer):
     gaz = small_gazetteer
     places = load_places()

@@ -75,6 +75,7 @@ def _explanation(truth=None) -> Explanation:
                                                                   "steps": 3}, False)
 
 
+@pytest.mark.integration
 def test_prediction_map_puts_the_red_pin_on_the_predicted_point(tmp_path):
     region = map_layout.Region(50.0, 70.0, -10.0, 30.0)
     out = tmp_path / "map.png"
@@ -85,6 +86,7 @@ def test_prediction_map_puts_the_red_pin_on_the_predicted_point(tmp_path):
     assert head[0] > 170 and head[1] < 90 and head[2] < 90
 
 
+@pytest.mark.integration
 def test_truth_is_drawn_as_a_green_cross(tmp_path):
     region = map_layout.Region(50.0, 70.0, -10.0, 30.0)
     image = maps.render_prediction_map(_explanation(), width=800, region=region, truth=(55.0, 20.0))
@@ -93,6 +95,7 @@ def test_truth_is_drawn_as_a_green_cross(tmp_path):
     assert pixel[1] > 150 and pixel[0] < 120
 
 
+@pytest.mark.integration
 def test_html_map_inlines_the_picture_and_escapes_the_text(tmp_path):
     out = tmp_path / "map.html"
     maps.render_prediction_map(_explanation(), out, width=400, text="<b>Norway</b>")
@@ -121,6 +124,7 @@ def test_poincare_disk_picture_puts_countries_at_their_projected_positions(tmp_p
     assert pixel[0] > 150 and pixel[1] < 100
 
 
+@pytest.mark.integration
 def test_legend_never_hides_the_truth_marker():
     """A truth in the bottom-left corner (where the key usually goes): the cross stays visible, the key moves."""
     region = map_layout.Region(50.0, 70.0, -10.0, 30.0)

