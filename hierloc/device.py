@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -53,6 +54,11 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     raise InputError(f"--device {name!r}: expected auto, cpu or cuda")
 
 
+# How long a collective waits for the slowest rank before the job fails. torch's default (10 min) is shorter than a
+# frozen backbone's feature extraction over a large dataset, after which the ranks meet at a barrier.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
 def init_runtime(device: str = "auto") -> Runtime:
     """Set up this process. Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on CUDA, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -63,7 +69,7 @@ def init_runtime(device: str = "auto") -> Runtime:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        torch.distributed.init_process_group(backend=backend)
+        torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
         log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
     return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank)
 

@@ -54,7 +54,7 @@ def parse_args(argv=None):
 def split_features(encoder, table, cache_dir: Path, args) -> np.ndarray:
     """-> features (N, F) float32 of every image of the table (extracted into cache_dir, or reused from it)."""
     images = tables.ImageDataset(table, encoder.preprocessor, train=False)
-    cache = feature_cache.extract_features(encoder, images, cache_dir, batch_size=args.batch_size,
+    cache = feature_cache.extract_features(encoder, images, cache_dir, amp=False, batch_size=args.batch_size,
                                            num_workers=args.workers, progress=False)
     return np.asarray(cache[np.arange(len(cache))], dtype=np.float32)
 

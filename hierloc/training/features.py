@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, Subset
 from gazetteer.atomic import atomic_open, atomic_write_text
 from hierloc.data.pathstore import BLOCK_ROWS, PathArray
 from hierloc.data.tables import make_loader
+from hierloc.device import encoder_autocast
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ def shard_names(rank: int, world_size: int) -> dict[str, str]:
     return {"features": f"features-{suffix}.npy", "valid": f"valid-{suffix}.npy", "meta": f"shard-{suffix}.json"}
 
 
-def cache_identity(encoder: Any, dataset: Any, dtype: np.dtype) -> tuple[str, dict[str, Any]]:
-    """-> (sha256 hex, the JSON-able components it hashes). dataset: an ImageDataset (table + preprocessor)."""
+def cache_identity(encoder: Any, dataset: Any, dtype: np.dtype, autocast: bool = False) -> tuple[str, dict[str, Any]]:
+    """-> (sha256 hex, the JSON-able components it hashes). dataset: an ImageDataset (table + preprocessor).
+    autocast: the features were computed under the encoder's bf16 autocast (CUDA): part of the identity only then,
+    so that float32 caches keep the identity they always had."""
     paths = dataset.table.paths
     components = {
         "format": CACHE_FORMAT_VERSION,
@@ -66,6 +69,8 @@ def cache_identity(encoder: Any, dataset: Any, dtype: np.dtype) -> tuple[str, di
         "n_rows": int(len(paths)),
         "dtype": np.dtype(dtype).name,
     }
+    if autocast:
+        components["autocast"] = "bfloat16"
     digest = hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
     return digest, components
 
@@ -222,6 +227,14 @@ class CachedFeatureDataset(Dataset):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def encoder_device(encoder: Any) -> torch.device:
+    """The device of the encoder's parameters (CPU for an encoder without any): where extraction runs."""
+    try:
+        return next(encoder.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def extract_features(
     encoder: Any,
     dataset: Any,
@@ -232,6 +245,8 @@ def extract_features(
     world_size: int = 1,
     dtype: Any = np.float16,
     progress: bool = True,
+    *,
+    amp: bool,
 ) -> FeatureCache | None:
     """Encode every image of `dataset` once into `cache_dir` -> FeatureCache (layout in the module docstring).
 
@@ -244,6 +259,8 @@ def extract_features(
         completes the last missing shard writes the manifest; calls before it return None.
     dtype: float16 (default: half the disk and page cache; features are O(1) after the backbone's layernorm) or
         float32. Rows that overflow float16 are marked invalid with a warning.
+    amp: run the encoder under `hierloc.device.encoder_autocast` (bf16 on CUDA, nothing elsewhere; train.amp),
+        recorded in the cache's identity when active.
     Failed images (unreadable files) keep a NaN row and valid_mask False.
     A valid cache with the same identity is reused without running the encoder.
     """
@@ -256,7 +273,9 @@ def extract_features(
         raise InputError(f"feature cache dtype must be float16 or float32, got {dtype}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    identity, components = cache_identity(encoder, dataset, dtype)
+    device = encoder_device(encoder)
+    autocast = bool(amp) and device.type == "cuda"
+    identity, components = cache_identity(encoder, dataset, dtype, autocast)
     n_rows = len(dataset)
     feature_dim = int(encoder.feature_dim)
 
@@ -274,7 +293,7 @@ def extract_features(
         logger.info("feature cache %s: shard %s already extracted", cache_dir, names["features"])
     else:
         _extract_shard(encoder, dataset, cache_dir, names, expected_meta(rank), batch_size, num_workers, dtype,
-                       progress and rank == 0)
+                       progress and rank == 0, autocast)
     manifest = (identity, components, n_rows, feature_dim, dtype, world_size)
     return _publish(cache_dir, manifest, rank, [expected_meta(r) for r in range(world_size)])
 
@@ -317,7 +336,10 @@ def _publish(cache_dir: Path, manifest: tuple, rank: int, shard_metas: list[dict
 
 
 def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str, str], meta: dict[str, Any],
-                   batch_size: int, num_workers: int, dtype: np.dtype, progress: bool) -> None:
+                   batch_size: int, num_workers: int, dtype: np.dtype, progress: bool, autocast: bool) -> None:
+    """Encode rows [meta start, meta stop) of the dataset into this rank's shard (features, valid mask, meta),
+    each file written to a temporary name and renamed; autocast: under the encoder's bf16 autocast (CUDA)."""
+    device = encoder_device(encoder)
     start, stop = meta["start"], meta["stop"]
     n_local = stop - start
     features_path = cache_dir / names["features"]
@@ -328,10 +350,6 @@ def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str,
     n_failed = 0
     subset = Subset(dataset, range(start, stop))
     loader = make_loader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    try:
-        device = next(encoder.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
     was_training = encoder.training
     encoder.eval()
     batches = loader
@@ -346,7 +364,8 @@ def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str,
                 local = batch["index"].numpy() - start
                 if local.size == 0:
                     continue
-                values = encoder(batch["pixel_values"].to(device)).float().cpu().numpy()
+                with encoder_autocast(device, autocast):
+                    values = encoder(batch["pixel_values"].to(device)).float().cpu().numpy()
                 stored = values.astype(dtype)
                 finite = np.isfinite(stored).all(axis=1)
                 if not finite.all():

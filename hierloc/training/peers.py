@@ -408,7 +408,8 @@ def _cached_dataset(encoder, table, located: np.ndarray, cfg: Config, cache_dir,
     if not cache_dir:
         raise InputError("a peer with a frozen backbone needs a feature cache directory (cache_dir or out_dir)")
     images = tables.ImageDataset(table, encoder.preprocessor, train=False)
-    cache = feature_cache.extract_features(encoder, images, cache_dir, batch_size=cfg.train.batch_size,
+    cache = feature_cache.extract_features(encoder, images, cache_dir, amp=cfg.train.amp,
+                                           batch_size=cfg.train.batch_size,
                                            num_workers=cfg.train.num_workers, progress=progress)
     return feature_cache.CachedFeatureDataset(cache, targets=located, lat_deg=table.lat_deg, lon_deg=table.lon_deg)
 

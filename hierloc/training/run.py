@@ -242,7 +242,9 @@ def cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, o
     feature (E, F), zeros with model.entity_image_features="none")."""
     cache_dir = Path(inputs.cache_dir) if inputs.cache_dir else out / "feature_cache"
     image_ds = tables.ImageDataset(data.table, encoder.preprocessor, train=False)
-    cache = feature_cache.extract_features(encoder, image_ds, cache_dir, batch_size=cfg.train.batch_size,
+    encoder.to(runtime.device)    # once: the frozen encoder extracts (and validates) on the run's device
+    cache = feature_cache.extract_features(encoder, image_ds, cache_dir, amp=cfg.train.amp,
+                                           batch_size=cfg.train.batch_size,
                                            num_workers=cfg.train.num_workers, rank=runtime.rank,
                                            world_size=runtime.world_size, progress=inputs.progress)
     if cache is None:

@@ -3,6 +3,7 @@ are re-extracted, reads go through memory maps."""
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -77,7 +78,7 @@ def _direct(encoder, dataset, index):
 
 
 def test_extracted_rows_equal_direct_encoder_outputs_and_failed_rows_are_nan(encoder, dataset, tmp_path):
-    cache = features.extract_features(encoder, dataset, tmp_path / "cache", batch_size=4, progress=False)
+    cache = features.extract_features(encoder, dataset, tmp_path / "cache", amp=False, batch_size=4, progress=False)
     assert len(cache) == N_IMAGES and cache.feature_dim == 24
     assert (tmp_path / "cache" / "features-rank000-of-001.npy").is_file()
     rows = cache[np.arange(N_IMAGES)]
@@ -97,10 +98,10 @@ def test_extracted_rows_equal_direct_encoder_outputs_and_failed_rows_are_nan(enc
 def test_second_call_reuses_the_cache_without_running_the_encoder(encoder, dataset, tmp_path):
     counter = ForwardCounter(encoder)
     try:
-        features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+        features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
         assert counter.images == N_IMAGES - 1
         mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-        again = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+        again = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
         assert counter.images == N_IMAGES - 1
         assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
         assert len(again) == N_IMAGES
@@ -109,12 +110,12 @@ def test_second_call_reuses_the_cache_without_running_the_encoder(encoder, datas
 
 
 def test_two_sequential_ranks_build_the_same_cache_as_one_rank(encoder, dataset, tmp_path):
-    single = features.extract_features(encoder, dataset, tmp_path / "one", batch_size=4, progress=False)
-    first = features.extract_features(encoder, dataset, tmp_path / "two", batch_size=4, rank=0, world_size=2,
+    single = features.extract_features(encoder, dataset, tmp_path / "one", amp=False, batch_size=4, progress=False)
+    first = features.extract_features(encoder, dataset, tmp_path / "two", amp=False, batch_size=4, rank=0, world_size=2,
                                       progress=False)
     assert first is None  # rank 1's shard is still missing
     assert not (tmp_path / "two" / "manifest.json").exists()
-    second = features.extract_features(encoder, dataset, tmp_path / "two", batch_size=4, rank=1, world_size=2,
+    second = features.extract_features(encoder, dataset, tmp_path / "two", amp=False, batch_size=4, rank=1, world_size=2,
                                        progress=False)
     assert sorted(p.name for p in (tmp_path / "two").glob("features-*.npy")) == [
         "features-rank000-of-002.npy", "features-rank001-of-002.npy"]
@@ -128,7 +129,7 @@ def test_two_sequential_ranks_build_the_same_cache_as_one_rank(encoder, dataset,
 
 @pytest.mark.parametrize("damage", ["other_identity", "missing_shard", "garbage_shard_meta"])
 def test_mismatching_or_damaged_cache_is_re_extracted(encoder, dataset, tmp_path, damage, caplog):
-    features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
     if damage == "other_identity":  # a cache made with another encoder / preprocessing / image list
         for name in ("manifest.json", "shard-rank000-of-001.json"):
             content = json.loads((tmp_path / name).read_text())
@@ -141,7 +142,7 @@ def test_mismatching_or_damaged_cache_is_re_extracted(encoder, dataset, tmp_path
     counter = ForwardCounter(encoder)
     try:
         with caplog.at_level("INFO", logger="hierloc.training.features"):
-            cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+            cache = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
     finally:
         counter.close()
     assert counter.images == N_IMAGES - 1
@@ -152,13 +153,13 @@ def test_mismatching_or_damaged_cache_is_re_extracted(encoder, dataset, tmp_path
 
 def test_corrupted_manifest_is_rebuilt_from_verified_shards_without_re_encoding(encoder, dataset, tmp_path,
                                                                                   caplog):
-    first = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    first = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
     expected = first[np.arange(N_IMAGES)]
     (tmp_path / "manifest.json").write_text("{not json")
     counter = ForwardCounter(encoder)
     try:
         with caplog.at_level("INFO", logger="hierloc.training.features"):
-            cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+            cache = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
     finally:
         counter.close()
     assert "manifest.json unreadable" in caplog.text
@@ -167,13 +168,13 @@ def test_corrupted_manifest_is_rebuilt_from_verified_shards_without_re_encoding(
 
 
 def test_changed_encoder_weights_invalidate_the_cache(encoder, dataset, tmp_path):
-    first = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    first = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
     saved = {k: v.clone() for k, v in encoder.state_dict().items()}
     try:
         with torch.no_grad():
             weight = encoder.backbone.embeddings.patch_embeddings.projection.weight
             weight.add_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
-        second = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+        second = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
         changed = _direct(encoder, dataset, 0)
     finally:
         encoder.load_state_dict(saved)
@@ -184,7 +185,7 @@ def test_changed_encoder_weights_invalidate_the_cache(encoder, dataset, tmp_path
 
 
 def test_open_reads_through_memory_maps_and_pickles_without_the_data(encoder, dataset, tmp_path):
-    features.extract_features(encoder, dataset, tmp_path, batch_size=4, dtype=np.float32, progress=False)
+    features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, dtype=np.float32, progress=False)
     cache = features.FeatureCache.open(tmp_path)
     assert cache.dtype == np.float32
     cache[0]
@@ -196,7 +197,7 @@ def test_open_reads_through_memory_maps_and_pickles_without_the_data(encoder, da
 
 
 def test_cached_feature_dataset_serves_valid_rows_in_batches(encoder, dataset, tmp_path):
-    cache = features.extract_features(encoder, dataset, tmp_path, batch_size=4, progress=False)
+    cache = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
     targets = np.arange(N_IMAGES * 4, dtype=np.int64).reshape(N_IMAGES, 4)
     cached = features.CachedFeatureDataset(cache, targets=targets, lat_deg=dataset.table.lat_deg,
                                            lon_deg=dataset.table.lon_deg)
@@ -215,7 +216,7 @@ def test_cached_feature_dataset_serves_valid_rows_in_batches(encoder, dataset, t
 def test_training_dataset_is_refused(encoder, dataset, tmp_path):
     augmented = data.ImageDataset(dataset.table, dataset.preprocessor, train=True)
     with pytest.raises(ValueError, match="train=False"):
-        features.extract_features(encoder, augmented, tmp_path, progress=False)
+        features.extract_features(encoder, augmented, tmp_path, amp=False, progress=False)
 
 
 def _distributed_worker(rank, world_size, init_file, encoder_dir, image_paths, cache_dir, result_dir):
@@ -226,7 +227,7 @@ def _distributed_worker(rank, world_size, init_file, encoder_dir, image_paths, c
         encoder = encoders.load_image_encoder(encoder_dir, frozen=True)
         table = data.ImageTable.from_arrays(image_paths, np.zeros(len(image_paths)), np.zeros(len(image_paths)))
         dataset = data.ImageDataset(table, encoder.preprocessor)
-        cache = features.extract_features(encoder, dataset, cache_dir, batch_size=2, rank=rank,
+        cache = features.extract_features(encoder, dataset, cache_dir, amp=False, batch_size=2, rank=rank,
                                           world_size=world_size, progress=False)
         np.save(f"{result_dir}/rank{rank}.npy", cache[np.arange(len(cache))])
     finally:
@@ -245,7 +246,7 @@ def test_torch_distributed_ranks_write_shards_and_rank_zero_the_manifest(encoder
     rank0, rank1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     np.testing.assert_array_equal(rank0, rank1)  # both ranks open the same complete cache
     assert np.isnan(rank0[BROKEN]).all() and np.isfinite(np.delete(rank0, BROKEN, axis=0)).all()
-    single = features.extract_features(encoder, dataset, tmp_path / "single", batch_size=4, progress=False)
+    single = features.extract_features(encoder, dataset, tmp_path / "single", amp=False, batch_size=4, progress=False)
     np.testing.assert_allclose(rank0, single[np.arange(N_IMAGES)], rtol=1e-3, atol=1e-3, equal_nan=True)
 
 
@@ -262,3 +263,62 @@ def test_entity_feature_means_in_chunks_equal_the_whole(tmp_path):
     assert torch.allclose(entity_feature_means(feats, targets, 12, chunk_rows=7), whole, atol=1e-6)
     keep = np.isfinite(feats).all(axis=1) & (targets[:, 1] == 5)
     assert np.allclose(whole[5].numpy(), feats[keep].astype(np.float64).mean(axis=0), atol=1e-6)
+
+
+# ------------------------------------------------------------------- the frozen path on the run's device
+def test_autocast_off_cuda_changes_nothing_and_marks_the_identity_only_when_active(encoder, dataset, tmp_path):
+    """amp=True on a CPU encoder: the same features and the same cache identity as amp=False (float32 caches keep
+    the identity they always had); a cache made under CUDA's bf16 autocast would carry another identity."""
+    plain = features.extract_features(encoder, dataset, tmp_path / "plain", amp=False, batch_size=4, progress=False)
+    under = features.extract_features(encoder, dataset, tmp_path / "amp", amp=True, batch_size=4, progress=False)
+    assert under.identity == plain.identity == features.cache_identity(encoder, dataset, np.float16)[0]
+    rows = np.arange(len(plain))
+    np.testing.assert_array_equal(np.asarray(under[rows]), np.asarray(plain[rows]))
+    marked, components = features.cache_identity(encoder, dataset, np.float16, autocast=True)
+    assert marked != plain.identity and components["autocast"] == "bfloat16"
+
+
+def test_a_frozen_encoder_extracts_on_the_runs_device(encoder, dataset, tmp_path, monkeypatch):
+    """`build_run`'s frozen path moves the encoder to the runtime's device once, before extracting: asserted on a
+    device object other than the CPU (the meta device, where tensors have shapes but no data), so that an
+    encoder left on the CPU fails here although nothing runs on a GPU."""
+    from hierloc.config import load_config
+    from hierloc.device import Runtime
+    from hierloc.training import run
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(enc, *args, **kwargs):
+        seen["device"], seen["amp"] = features.encoder_device(enc), kwargs["amp"]
+        raise Stop
+
+    monkeypatch.setattr(features, "extract_features", spy)
+    cfg = load_config(None, ["model.backbone=tiny-vit", "model.freeze_backbone=true", "train.amp=true"])
+    inputs = run.TrainInputs(train_csv="train.csv", out_dir=str(tmp_path / "out"))
+    data_ = run.RunData(dataset.table, None, np.zeros((len(dataset), 4), dtype=np.int64), 0)
+    meta = torch.device("meta")
+    moved = copy.deepcopy(encoder)      # the module-scoped encoder stays where it is
+    with pytest.raises(Stop):
+        run.cached_feature_dataset(cfg, inputs, Runtime(device=meta, rank=0, world_size=1, local_rank=0),
+                                   tmp_path, data_, moved, 4, None)
+    assert seen == {"device": meta, "amp": True}
+
+
+def test_the_process_group_waits_longer_than_an_extraction(monkeypatch):
+    """torchrun: the process group is created with PROCESS_GROUP_TIMEOUT (torch's default 10 minutes is shorter
+    than a frozen backbone's extraction, after which the ranks meet at a barrier)."""
+    from datetime import timedelta
+
+    from hierloc import device
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    runtime = device.init_runtime("cpu")
+    assert calls == [{"backend": "gloo", "timeout": device.PROCESS_GROUP_TIMEOUT}]
+    assert device.PROCESS_GROUP_TIMEOUT >= timedelta(hours=1) and runtime.rank == 1 and runtime.world_size == 2
