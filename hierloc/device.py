@@ -59,12 +59,19 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (RANK), 0 when not launched by torchrun; readable before the process
+    group exists (the CLI configures logging with it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_runtime(device: str = "auto") -> Runtime:
     """Set up this process. Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on CUDA, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
+    log_from_main_only(rank)
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
@@ -72,6 +79,21 @@ def init_runtime(device: str = "auto") -> Runtime:
         torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
         log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
     return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+# The packages whose loggers only rank 0 lets through below WARNING.
+LOGGED_PACKAGES = ("hierloc", "gazetteer")
+
+
+def log_from_main_only(rank: int) -> None:
+    """On ranks other than 0, raise the project's loggers to WARNING: N ranks would otherwise print every info line
+    N times; warnings and errors still come from every rank. A no-op on rank 0."""
+    if rank == 0:
+        return
+    for name in LOGGED_PACKAGES:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
 
 
 def shutdown(runtime: Runtime) -> None:
@@ -82,6 +104,25 @@ def shutdown(runtime: Runtime) -> None:
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def all_reduce_sum(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over the ranks (itself in a single process), on the tensor's device: the
+    reduction runs on the runtime's device (NCCL reduces CUDA tensors only)."""
+    if not (runtime.distributed and torch.distributed.is_initialized()):
+        return tensor
+    work = tensor.to(runtime.device).contiguous()
+    torch.distributed.all_reduce(work)
+    return work.to(tensor.device)
+
+
+def all_gather_objects(runtime: Runtime, value) -> list:
+    """[value of rank 0, value of rank 1, ...] on every rank (picklable values; [value] in a single process)."""
+    if not (runtime.distributed and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * runtime.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from hierloc.cli import HelpFormatter
@@ -48,6 +47,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
+    from hierloc.device import launch_rank
     from hierloc.inference.predictor import HierLoc
     from hierloc.training.interrupt import TrainingInterrupted
     from hierloc.training.run import TrainInputs
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
     cfg = load_config(args.config, overrides)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = launch_rank() == 0
     try:
         summary = train(cfg, TrainInputs(
             train_csv=args.csv, out_dir=args.out, image_root=args.image_root, gazetteer_dir=args.gazetteer,

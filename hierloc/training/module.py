@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gazetteer.schema import N_LEVELS
-from hierloc.device import Runtime, encoder_autocast
+from hierloc.device import Runtime, all_reduce_sum, encoder_autocast
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model import concepts as concept_lib
 
@@ -82,24 +82,42 @@ class TrainModule(nn.Module):
 
 
 @torch.no_grad()
-def entity_feature_means(features, targets: np.ndarray, n_entities: int, chunk_rows: int = 65_536) -> torch.Tensor:
-    """Mean feature of each entity's images at every level. features (N, F): an array, a tensor, or a
-    `FeatureCache` (anything sliced by row ranges, with `.shape` or `.feature_dim`), read `chunk_rows` rows at a
-    time, so memory does not grow with N; rows with a non-finite value (failed images) are left out.
-    targets (N, 4) global ids -> (E, F) float32."""
-    n_rows = len(features)
+def entity_feature_sums(features, targets: np.ndarray, n_entities: int, rows: tuple[int, int] | None = None,
+                        chunk_rows: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of each entity's image features over rows [start, stop) (all rows when `rows` is None), at
+    every level. features (N, F): an array, a tensor, or a `FeatureCache` (anything sliced by row ranges, with
+    `.shape` or `.feature_dim`), read `chunk_rows` rows at a time, so memory does not grow with N; rows with a
+    non-finite value (failed images) are left out. targets (N, 4) global ids -> ((E, F) float64, (E,) float64)."""
+    start, stop = (0, len(features)) if rows is None else rows
     dim = int(features.shape[1]) if hasattr(features, "shape") else int(features.feature_dim)
     sums = torch.zeros(n_entities, dim, dtype=torch.float64)
     counts = torch.zeros(n_entities, dtype=torch.float64)
-    for start in range(0, n_rows, chunk_rows):
-        stop = min(n_rows, start + chunk_rows)
-        feats = torch.as_tensor(np.asarray(features[start:stop]), dtype=torch.float64)
+    for first in range(start, stop, chunk_rows):
+        last = min(stop, first + chunk_rows)
+        feats = torch.as_tensor(np.asarray(features[first:last]), dtype=torch.float64)
         valid_rows = torch.isfinite(feats).all(dim=1)
         for level in range(N_LEVELS):
-            ids = torch.as_tensor(np.asarray(targets[start:stop, level]))
+            ids = torch.as_tensor(np.asarray(targets[first:last, level]))
             keep = (ids >= 0) & valid_rows
             sums.index_add_(0, ids[keep], feats[keep])
             counts.index_add_(0, ids[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    return sums, counts
+
+
+def entity_feature_means(features, targets: np.ndarray, n_entities: int, runtime: Runtime | None = None,
+                         chunk_rows: int = 65_536) -> torch.Tensor:
+    """Mean feature of each entity's images at every level -> (E, F) float32 (see `entity_feature_sums`).
+
+    Under torchrun (`runtime` distributed) each rank reads only its contiguous share of the rows (the rows it
+    extracted into the feature cache) and the sums and counts are all-reduced: every row is read once in all, and
+    every rank ends with the same means."""
+    rows = None
+    if runtime is not None and runtime.distributed:
+        n = len(features)
+        rows = (n * runtime.rank // runtime.world_size, n * (runtime.rank + 1) // runtime.world_size)
+    sums, counts = entity_feature_sums(features, targets, n_entities, rows, chunk_rows)
+    if runtime is not None:
+        sums, counts = all_reduce_sum(runtime, sums), all_reduce_sum(runtime, counts)
     return (sums / counts.clamp_min(1).unsqueeze(1)).to(torch.float32)
 
 
@@ -114,17 +132,18 @@ def update_entity_features(model, features: torch.Tensor, targets: torch.Tensor,
     seen = model.entity_seen
     for level in range(N_LEVELS):
         ids = targets[:, level]
-        keep = ids >= 0
-        if not keep.any():
-            continue
-        ids, feats = ids[keep], features[keep].to(buf.dtype)
-        sums = torch.zeros(buf.shape[0], buf.shape[1], device=buf.device).index_add_(0, ids, feats)
-        counts = torch.zeros(buf.shape[0], device=buf.device).index_add_(0, ids, torch.ones_like(ids, dtype=buf.dtype))
+        keep = ids >= 0                       # masks, not boolean indexing: no host sync on a GPU
+        safe_ids = ids.clamp_min(0)
+        rows = torch.where(keep.unsqueeze(1), features.to(buf.dtype), 0.0)
+        sums = torch.zeros_like(buf).index_add_(0, safe_ids, rows)
+        counts = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device).index_add_(0, safe_ids,
+                                                                                          keep.to(buf.dtype))
         touched = counts > 0
-        means = sums[touched] / counts[touched].unsqueeze(1)
-        rate = torch.where(seen[touched], torch.full_like(counts[touched], momentum), torch.ones_like(counts[touched]))
-        buf[touched] += rate.unsqueeze(1) * (means - buf[touched])
-        seen[touched] = True
+        means = sums / counts.clamp_min(1).unsqueeze(1)
+        # untouched rows: rate 0 leaves them exactly as they were
+        rate = torch.where(touched, torch.where(seen, momentum, 1.0), 0.0).to(buf.dtype)
+        buf += rate.unsqueeze(1) * (means - buf)
+        seen |= touched
 
 
 def gather_ranks(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hierloc.device import Runtime
+from hierloc.device import Runtime, all_gather_objects
 from hierloc.errors import InputError
 from hierloc.model import modeldir
 from hierloc.training import checkpoint as ckpt
@@ -21,8 +21,10 @@ from hierloc.training import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 
-def resume_state(resume: bool, out: Path, module: nn.Module, optimizers: dict) -> tuple[int, int]:
-    """--resume: load the latest checkpoint's model, optimiser and RNG states -> (step, epoch); (0, 0) otherwise."""
+def resume_state(resume: bool, out: Path, module: nn.Module, optimizers: dict,
+                 runtime: Runtime) -> tuple[int, int]:
+    """--resume: load the latest checkpoint's model, optimiser and RNG states -> (step, epoch); (0, 0) otherwise.
+    Each rank restores its own RNG state (`rank_rng_state`)."""
     if not resume:
         return 0, 0
     latest = ckpt.latest_checkpoint(out)
@@ -32,7 +34,7 @@ def resume_state(resume: bool, out: Path, module: nn.Module, optimizers: dict) -
     model_state, opt_states, trainer_state = ckpt.load_training_checkpoint(latest)
     _load_resumed_state(latest, module, optimizers, model_state, opt_states)
     step, start_epoch = int(trainer_state["step"]), int(trainer_state["epoch"])
-    restore_rng(trainer_state.get("rng"))
+    restore_rng(rank_rng_state(trainer_state, runtime))
     log.info("resumed from %s (step %d, epoch %d)", latest, step, start_epoch)
     return step, start_epoch
 
@@ -41,6 +43,20 @@ def rng_state() -> dict:
     return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
             "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
             "torch": torch.get_rng_state().tolist()}
+
+
+def rank_rng_state(trainer_state: dict, runtime: Runtime) -> dict | None:
+    """The RNG state this rank saved in a checkpoint: `rng_ranks[rank]` when the checkpoint was written by as many
+    ranks as run now, else rank 0's `rng` (a single-process checkpoint, or another world size: then ranks other
+    than 0 continue with rank 0's streams, logged; dropout masks differ from an uninterrupted run)."""
+    per_rank = trainer_state.get("rng_ranks")
+    if isinstance(per_rank, list) and len(per_rank) == runtime.world_size:
+        return per_rank[runtime.rank]
+    if runtime.rank != 0 and trainer_state.get("rng"):
+        saved = len(per_rank) if isinstance(per_rank, list) else 1
+        log.warning("the checkpoint holds the random states of %d rank(s), this run has %d: rank %d continues with "
+                    "rank 0's", saved, runtime.world_size, runtime.rank)
+    return trainer_state.get("rng")
 
 
 def restore_rng(state: dict | None) -> None:
@@ -54,13 +70,17 @@ def restore_rng(state: dict | None) -> None:
 def save_checkpoint(out: Path, module: nn.Module, optimizers: dict, step: int, epoch: int, gazetteer_hash: str,
                      runtime: Runtime) -> None:
     """Write checkpoints/step-<step>/ (rank 0). trainer_state.json holds the step, the epoch, the RNG states and
-    the content hash of the run's gazetteer (checked by `--resume`)."""
+    the content hash of the run's gazetteer (checked by `--resume`). Under torchrun every rank calls it: each
+    rank's RNG state is gathered into `rng_ranks` (rank r's at index r; `rng` stays rank 0's)."""
+    states = all_gather_objects(runtime, rng_state())
     if not runtime.is_main:
         return
+    trainer_state = {"step": step, "epoch": epoch, "rng": states[0], "gazetteer_hash": gazetteer_hash}
+    if runtime.distributed:
+        trainer_state["rng_ranks"] = states
     state = {k: v for k, v in module.state_dict().items()}
     ckpt.save_training_checkpoint(out, step, state, {n: o.state_dict() for n, o in optimizers.items()},
-                                  {"step": step, "epoch": epoch, "rng": rng_state(),
-                                   "gazetteer_hash": gazetteer_hash})
+                                  trainer_state)
 
 
 def check_resume_gazetteer(out: Path, gaz, gazetteer_dir: str | None) -> None:

@@ -30,7 +30,7 @@ from hierloc.training import features as feature_cache
 from hierloc.training.losses import GWHInfoNCE, use_blocked_loss
 from hierloc.training.module import TrainModule, entity_feature_means, wrap_distributed
 from hierloc.training.resume import check_resume_gazetteer, resume_state
-from hierloc.training.step import base_learning_rates, build_optimizers, plan_steps, seed_everything
+from hierloc.training.step import base_learning_rates, build_optimizers, plan_steps, seed_everything, seed_rank
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,9 @@ def cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, o
                                            world_size=runtime.world_size, progress=inputs.progress)
     if cache is None:
         raise RuntimeError("feature extraction did not complete on every rank")
-    # read in chunks from the memory-mapped cache (rows of unreadable images are NaN and left out)
-    ent_feats = entity_feature_means(cache, data.targets, n_entities)
+    # read in chunks from the memory-mapped cache, each rank its own rows, all-reduced (rows of unreadable images
+    # are NaN and left out)
+    ent_feats = entity_feature_means(cache, data.targets, n_entities, runtime)
     if cfg.model.entity_image_features == "none":
         ent_feats = torch.zeros_like(ent_feats)
     dataset = feature_cache.CachedFeatureDataset(cache, targets=data.targets, lat_deg=data.table.lat_deg,
@@ -289,10 +290,11 @@ def build_run(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Vali
         encoder = build_encoder(cfg, inputs.allow_download)
         model, dataset = build_model_and_dataset(cfg, inputs, runtime, out, data, encoder)
         module = build_module(cfg, model, runtime.device)
+        seed_rank(cfg.train.seed, runtime.rank)    # same initial parameters, then per-rank dropout streams
         optimizers = build_optimizers(module, cfg)
         base_lrs = base_learning_rates(optimizers)
         steps_per_epoch, total_steps = plan_steps(len(dataset), cfg.train, inputs.train_csv, runtime.world_size)
-        step, start_epoch = resume_state(inputs.resume, out, module, optimizers)
+        step, start_epoch = resume_state(inputs.resume, out, module, optimizers, runtime)
         run = Run(cfg, inputs, runtime, out, lock, data, encoder, dataset, cfg.model.freeze_backbone, module,
                   wrap_distributed(module, runtime), optimizers, base_lrs, steps_per_epoch, total_steps, step,
                   start_epoch, validate, calibrate)

@@ -24,6 +24,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random streams (dropout, anything drawn from the global generators) once the model
+    exists: `seed` itself on rank 0, so that one process trains exactly as without torchrun; on other ranks a seed
+    derived from (seed, rank) by numpy's SeedSequence, so that ranks do not draw identical dropout masks."""
+    if rank == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(rank)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Re-seed the global generators with `rank_seed(seed, rank)`; a no-op on rank 0 (its streams continue). Called
+    after the model is built (every rank builds the same initial parameters from `seed`)."""
+    if rank != 0:
+        seed_everything(rank_seed(seed, rank))
+
+
 def lr_factor(step: int, total_steps: int, warmup_frac: float) -> float:
     """Linear warm-up over warmup_frac of the steps, then cosine decay to 0."""
     warmup = max(1, int(round(total_steps * warmup_frac))) if warmup_frac > 0 else 0
