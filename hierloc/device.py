@@ -30,6 +30,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    restarts: int = 0          # how many times torchrun has restarted the job (--max-restarts); 0 on the first run
 
     @property
     def distributed(self) -> bool:
@@ -78,7 +79,30 @@ def init_runtime(device: str = "auto") -> Runtime:
             torch.cuda.set_device(dev)
         torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
         log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
-    return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank)
+    return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank,
+                   restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def launcher_command() -> list[str]:
+    """The torchrun command (without its script) that started this process with its process counts:
+    ["torchrun", "--nnodes", N, "--nproc_per_node", P] ([] when not started by torchrun). Rendezvous options of a
+    multi-node job are not visible to a worker and are left out."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+    head = ["torchrun"] + (["--nnodes", nodes] if nodes != "1" else ["--standalone"])
+    return head + ["--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))]
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether `error`, raised by a collective, means another process of the job is gone (killed, crashed, its
+    machine lost): torch.distributed's errors, and gloo's and NCCL's runtime errors about the connection."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo/transport", "Connection reset", "Connection closed", "Broken pipe",
+                                      "NCCL communicator", "ncclRemoteError", "ncclSystemError"))
 
 
 # The packages whose loggers only rank 0 lets through below WARNING.

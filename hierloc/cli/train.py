@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     # torch-heavy: imported when the command runs, so that `hierloc --help` and the other commands stay fast
     from hierloc.device import launch_rank
     from hierloc.inference.predictor import HierLoc
-    from hierloc.training.interrupt import TrainingInterrupted
+    from hierloc.training.interrupt import RankLost, TrainingInterrupted
     from hierloc.training.run import TrainInputs
     from hierloc.training.train import train
 
@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
             on_bad=args.on_bad),
             validate=HierLoc.validation_metrics, calibrate=HierLoc.calibrate_model_dir)
     except TrainingInterrupted as stopped:
-        # SIGINT/SIGTERM: a checkpoint was written; say how to resume, exit 128 + the signal (130 / 143)
-        if is_main:
+        # SIGINT/SIGTERM: a checkpoint was written; say how to resume, exit 128 + the signal (130 / 143).
+        # Another rank lost: every survivor says so (rank 0 may be the lost one), exit 1.
+        if is_main or isinstance(stopped, RankLost):
             print(f"hierloc: {stopped.message}", file=sys.stderr, flush=True)
         return int(stopped.code)
     if is_main:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from hierloc.device import Runtime
+from hierloc.device import Runtime, launcher_command
 from hierloc.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,28 @@ class TrainingInterrupted(SystemExit):
         return self.message
 
 
+class RankLost(TrainingInterrupted):
+    """Another process of a torchrun job is gone (killed, crashed, its machine lost), so this one cannot take
+    another step. Exit status 1; `message` names the lost rank where it can be known (a job of two processes: the
+    other one; otherwise torchrun's failure report names it), the last complete checkpoint and the command that
+    resumes from it. Every surviving rank prints it (rank 0 may be the lost one)."""
+
+
+def lost_rank(error: BaseException, out: Path, step: int, total_steps: int, runtime: Runtime) -> RankLost:
+    """The exception that ends a surviving rank after a collective failed because another rank is gone."""
+    who = (f"rank {1 - runtime.rank}" if runtime.world_size == 2 else
+           "another rank (torchrun's failure report names it)")
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0]).split(". ")[0][:160]
+    latest = ckpt.latest_checkpoint(out)
+    where = f"the last complete checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
+    command = resume_command(distributed=True)
+    how = f"to continue, run: {command}" if command else "to continue, re-run the same command with --resume"
+    message = (f"rank {runtime.rank} lost contact with {who} of the {runtime.world_size} processes after step {step} "
+               f"of {total_steps} ({reason}); {where}; {how}")
+    log.debug("%s", message)
+    return RankLost(1, message, latest, step)
+
+
 def stop_signal(stop: GracefulStop, runtime: Runtime) -> int:
     """The signal number that asked this run to stop (0: none). Under torchrun the largest over all ranks, so
     that every rank stops after the same step even if only one of them received the signal."""
@@ -134,19 +157,22 @@ def stop_signal(stop: GracefulStop, runtime: Runtime) -> int:
     return signum
 
 
-def resume_command(argv: list[str] | None = None) -> str | None:
+def resume_command(argv: list[str] | None = None, distributed: bool = False) -> str | None:
     """The command line that continues this run: the `hierloc train ...` command that started it with --resume
-    added (None when the process was not started as `hierloc train`, e.g. from Python)."""
+    added (None when the process was not started as `hierloc train`, e.g. from Python). distributed: a worker of
+    torchrun, which sees only its own command: the torchrun command is rebuilt with the job's process counts
+    (`launcher_command`; a multi-node job's rendezvous options are not known here)."""
     argv = list(sys.argv if argv is None else argv)
     if not argv or "train" not in argv[1:]:
         return None
     program = Path(argv[0]).name
-    if program == "hierloc":
-        head = ["hierloc"]
-    elif program == "__main__.py" and Path(argv[0]).parent.name == "hierloc":
-        head = [sys.executable, "-m", "hierloc"]
-    else:
+    launcher = launcher_command() if distributed else []
+    if program != "hierloc" and not (program == "__main__.py" and Path(argv[0]).parent.name == "hierloc"):
         return None
+    if launcher:
+        head = launcher + ["-m", "hierloc"]
+    else:
+        head = ["hierloc"] if program == "hierloc" else [sys.executable, "-m", "hierloc"]
     return shlex.join(head + argv[1:] + ([] if "--resume" in argv else ["--resume"]))
 
 
@@ -154,7 +180,7 @@ def interrupted(signum: int, out: Path, step: int, total_steps: int, runtime: Ru
     """Build the exception that ends the run (exit status 128 + signum), whose message says how to resume (the
     CLI prints it; here it is only logged at debug level, so that it does not appear twice)."""
     latest = ckpt.latest_checkpoint(out) if runtime.is_main else None
-    command = None if runtime.distributed else resume_command()
+    command = resume_command(distributed=runtime.distributed)
     how = f"to continue, run: {command}" if command else "to continue, re-run the same command with --resume"
     message = (f"training stopped by {signal.Signals(signum).name} after step {step} of {total_steps}; "
                f"checkpoint {latest if latest is not None else out / ckpt.CHECKPOINTS_DIR} is complete; {how}")

@@ -4,6 +4,7 @@ from a feature cache, or running means while the encoder trains) and the helpers
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -173,6 +174,8 @@ def wrap_distributed(module: TrainModule, runtime: Runtime) -> nn.Module:
     """The module as the loop calls it: wrapped in DistributedDataParallel under torchrun."""
     if not runtime.distributed:
         return module
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-        broadcast_buffers=False)
+    with warnings.catch_warnings():   # torch deprecates broadcast_buffers, but its successor still syncs at init
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            broadcast_buffers=False)

@@ -32,6 +32,7 @@ def resume_state(resume: bool, out: Path, module: nn.Module, optimizers: dict,
         log.warning("--resume: %s has no checkpoint yet; starting from scratch", out)
         return 0, 0
     model_state, opt_states, trainer_state = ckpt.load_training_checkpoint(latest)
+    check_world_size(latest, trainer_state, runtime)
     _load_resumed_state(latest, module, optimizers, model_state, opt_states)
     step, start_epoch = int(trainer_state["step"]), int(trainer_state["epoch"])
     restore_rng(rank_rng_state(trainer_state, runtime))
@@ -43,6 +44,22 @@ def rng_state() -> dict:
     return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
             "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
             "torch": torch.get_rng_state().tolist()}
+
+
+def check_world_size(latest: Path, trainer_state: dict, runtime: Runtime) -> None:
+    """A checkpoint resumes only with as many processes as wrote it: each rank's share of the data, the steps per
+    epoch and the per-rank random streams depend on the number of processes, so another count could not continue
+    the run exactly. One-line InputError saying how many. (Checkpoints that do not record it are not checked; any
+    checkpoint's weights load for inference in any setup: the model directory has no world size.)"""
+    saved = trainer_state.get("world_size")
+    if saved is None or int(saved) == runtime.world_size:
+        return
+    how = ("in a single process (without torchrun)" if int(saved) == 1 else
+           f"under torchrun with {int(saved)} processes in all (e.g. torchrun --nproc_per_node {int(saved)} -m hierloc "
+           "train ... --resume)")
+    raise InputError(f"{latest / 'trainer_state.json'}: this checkpoint was written by a job of {int(saved)} "
+                     f"process(es), this one has {runtime.world_size}; the data order and the steps per epoch depend "
+                     f"on the number of processes, so resume it {how}")
 
 
 def rank_rng_state(trainer_state: dict, runtime: Runtime) -> dict | None:
@@ -75,7 +92,8 @@ def save_checkpoint(out: Path, module: nn.Module, optimizers: dict, step: int, e
     states = all_gather_objects(runtime, rng_state())
     if not runtime.is_main:
         return
-    trainer_state = {"step": step, "epoch": epoch, "rng": states[0], "gazetteer_hash": gazetteer_hash}
+    trainer_state = {"step": step, "epoch": epoch, "rng": states[0], "gazetteer_hash": gazetteer_hash,
+                     "world_size": runtime.world_size}
     if runtime.distributed:
         trainer_state["rng_ranks"] = states
     state = {k: v for k, v in module.state_dict().items()}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,10 +31,10 @@ from gazetteer.atomic import atomic_write_text
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.config import Config
 from hierloc.data import tables
-from hierloc.device import Runtime, barrier, init_runtime, reuse_freed_cpu_memory, shutdown
+from hierloc.device import Runtime, barrier, init_runtime, is_lost_peer, reuse_freed_cpu_memory, shutdown
 from hierloc.model import modeldir
 from hierloc.training import checkpoint as ckpt
-from hierloc.training.interrupt import GracefulStop, interrupted, stop_signal
+from hierloc.training.interrupt import GracefulStop, interrupted, lost_rank, stop_signal
 from hierloc.training.module import gather_ranks, rank_divergence, update_entity_features
 from hierloc.training.prototypes import parse_levels, refresh_prototypes
 from hierloc.training.resume import save_checkpoint
@@ -74,13 +74,20 @@ def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None,
     runtime = init_runtime(inputs.device)
     if runtime.device.type == "cpu" and cfg.train.reuse_cpu_memory:
         reuse_freed_cpu_memory()
+    if runtime.restarts and not inputs.resume:     # torchrun --max-restarts: continue from the last checkpoint
+        log.warning("torchrun restarted the job (restart %d): resuming from the last checkpoint", runtime.restarts)
+        inputs = replace(inputs, resume=True)
     try:
         run = build_run(cfg, inputs, runtime, validate, calibrate)
+        loop = _Loop(run.start_step, run.start_epoch, run.steps_per_epoch, run.total_steps,
+                     saved_step=run.start_step if inputs.resume and run.start_step > 0 else -1)
         try:
-            loop = _Loop(run.start_step, run.start_epoch, run.steps_per_epoch, run.total_steps,
-                         saved_step=run.start_step if inputs.resume and run.start_step > 0 else -1)
             _run_epochs(run, loop)
             return _finish(run, loop)
+        except RuntimeError as error:
+            if runtime.distributed and is_lost_peer(error):
+                raise lost_rank(error, run.out, loop.step, loop.total_steps, runtime) from None
+            raise
         finally:
             run.release()
     finally:
