@@ -98,7 +98,7 @@ class ShardIndex:
         stems, owner, position = [], [], []
         for number, shard in enumerate(self.shards):
             index = zipindex.index_of(shard)
-            kept = [(i, name) for i, name in enumerate(map(index.name_utf8, range(len(index))))
+            kept = [(i, name) for i, name in enumerate(index.names_utf8())
                     if not name.endswith(b"/") and name.lower().endswith(suffix)]
             stems.append(np.array([name[name.rfind(b"/") + 1:len(name) - len(suffix)] for _, name in kept],
                                   dtype=bytes))

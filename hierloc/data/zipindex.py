@@ -81,9 +81,14 @@ class MemberIndex:
         start = int(self.name_ends[position - 1]) if position > 0 else 0
         return self.name_bytes[start:int(self.name_ends[position])].tobytes()
 
+    def names_utf8(self) -> list[bytes]:
+        """All member names in archive order, UTF-8 (a list: for one pass, not to keep)."""
+        buffer, ends = self.name_bytes.tobytes(), self.name_ends.tolist()
+        return [buffer[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
     def names(self) -> list[str]:
-        """All member names in archive order (a list: for small archives or one pass, not to keep)."""
-        return [self.name(i) for i in range(len(self))]
+        """All member names in archive order (a list: for one pass, not to keep)."""
+        return [name.decode("utf-8") for name in self.names_utf8()]
 
     def find(self, name: str) -> int:
         """The position of the member `name` (the last one, if repeated), or -1: O(log M) name comparisons."""
