@@ -353,7 +353,9 @@ def test_items_have_documented_keys_and_shapes(image_table):
     dataset = data.ImageDataset(image_table, preprocessor, targets=targets, extras={"weight": weights})
     item = dataset[2]
     assert item["pixel_values"].shape == (3, 16, 16)
-    assert torch.equal(item["pixel_values"], preprocessor([preprocessor.load(image_table.paths[2])])[0])
+    assert item["pixel_values"].dtype == torch.uint8                           # normalised on the device
+    assert torch.equal(preprocessor.normalise(item["pixel_values"]),
+                       preprocessor([preprocessor.load(image_table.paths[2])])[0])
     assert item["lat_deg"].dtype == torch.float64 and float(item["lat_deg"]) == image_table.lat_deg[2]
     assert item["targets"].tolist() == [8, 9, 10, 11] and int(item["index"]) == 2 and item["ok"]
     batch = next(iter(data.make_loader(dataset, batch_size=3)))
