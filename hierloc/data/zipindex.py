@@ -49,7 +49,7 @@ _ENCRYPTED = 0x1
 _ARRAYS = (("name_bytes", "u1"), ("name_ends", "<i8"), ("header_offset", "<i8"), ("compressed_size", "<i8"),
            ("file_size", "<i8"), ("crc", "<u4"), ("method", "<u2"), ("flags", "<u2"), ("by_name", "<i8"))
 
-_indexes: dict[str, "MemberIndex"] = {}
+_indexes: dict[str, MemberIndex] = {}
 _descriptors: dict[str, int] = {}
 
 

@@ -529,7 +529,7 @@ def test_persistent_workers_give_the_epochs_of_a_new_loader_per_epoch(textured_t
     order and the same augmented pixels as a new loader without workers per epoch."""
     preprocessor = Preprocessor(image_size=16, resize_size=20)
     dataset = data.ImageDataset(textured_table, preprocessor, train=True, seed=11, shift_frac=0.1)
-    settings = dict(batch_size=3, shuffle=True, seed=11, drop_last=True)
+    settings = {"batch_size": 3, "shuffle": True, "seed": 11, "drop_last": True}
     skip = {0: 1}                                                            # the run resumes in epoch 0
     expected = _epochs(lambda e: data.make_loader(dataset, epoch=e, skip_batches=skip.get(e, 0), **settings), 3)
     loader = data.make_loader(dataset, num_workers=2, persistent=True, **settings)
