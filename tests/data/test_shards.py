@@ -142,6 +142,20 @@ def test_member_index_reads_every_member_as_zipfile_does(tmp_path, fresh_indexes
     assert (tmp_path / "00.zip.hlidx").is_file()                              # cached beside the shard
 
 
+@pytest.mark.integration  # writes 70,000 members
+def test_a_shard_of_more_than_65535_members_uses_zip64_and_is_read_correctly(tmp_path, fresh_indexes):
+    archive = tmp_path / "00.zip"
+    n = 70_000
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as writer:
+        for i in range(n):
+            writer.writestr(f"{i}.jpg", i.to_bytes(4, "little"))
+    assert b"PK\x06\x06" in archive.read_bytes()[-200:]                    # the zip64 end record is there
+    names = shards.image_members(archive, (".jpg",))
+    assert len(names) == n
+    for i in (0, 65_534, 65_535, 65_536, n - 1):
+        assert shards.read_member(archive / f"{i}.jpg") == i.to_bytes(4, "little")
+
+
 def test_a_cached_index_is_reused_without_parsing_the_central_directory(tmp_path, fresh_indexes, monkeypatch):
     archive = tmp_path / "00.zip"
     members = _members()
