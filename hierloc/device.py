@@ -174,6 +174,19 @@ def reuse_freed_cpu_memory() -> bool:
     return applied
 
 
+def pin_memory_for(device: torch.device | str) -> bool:
+    """Whether a DataLoader feeding `device` should return page-locked batches: only for CUDA, where pinned host
+    memory lets `to_device` copy asynchronously (elsewhere pinning only costs a copy)."""
+    return torch.device(device).type == "cuda"
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`. The copy is non-blocking for a CUDA target (it overlaps with the host's work when
+    the tensor is pinned; the stream orders it before any kernel that reads it); a no-op when already there."""
+    device = torch.device(device)
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
 def encoder_autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast for the image encoder on CUDA; a no-op elsewhere. Hyperbolic maths never runs under it."""
     if enabled and device.type == "cuda":

@@ -4,9 +4,11 @@ Two concerns:
 
 * `load_image(path)`: any file Pillow can read -> an RGB `PIL.Image`, upright (EXIF orientation applied), or an
   `InputError` with a one-line message naming the file and the reason. The file is only ever opened for reading.
-* `Preprocessor`: RGB images -> a normalised float tensor (B, 3, S, S) for a vision backbone, with the backbone's
-  own statistics. Evaluation: resize the shorter side to `resize_size`, centre-crop `image_size`. Training: a
-  small random-resized crop and mild brightness/contrast jitter, deterministic given a `torch.Generator`.
+* `Preprocessor`: RGB images -> uint8 pixels (3, S, S) (`pixels_one`, what datasets return) and their normalised
+  float32 form with the backbone's own statistics (`normalise`, applied on the device by the image encoder;
+  `preprocess_one`/`__call__` give it directly). Evaluation: resize the shorter side to `resize_size`, centre-crop
+  `image_size`. Training: a small random-resized crop and mild brightness/contrast jitter, deterministic given a
+  `torch.Generator` (rounded to uint8 in `pixels_one`).
 
 Why there is no horizontal flip (the usual ImageNet augmentation): a mirrored street photo drives on the other
 side of the road, reads its signs backwards and has the sun on the wrong side for its hemisphere. These are some of
@@ -357,19 +359,40 @@ class Preprocessor:
         self, image: Image.Image, train: bool = False, generator: torch.Generator | None = None,
         shift_frac: float = 0.0,
     ) -> torch.Tensor:
-        """One RGB image -> normalised float32 tensor (3, S, S); see `__call__`. ``shift_frac`` (training only):
-        after the random-resized crop, translate by up to that fraction of the side in x and y (see `_shift`)."""
+        """One RGB image -> normalised float32 tensor (3, S, S): `normalise(pixels_one(...))`; see `__call__`."""
+        return self.normalise(self.pixels_one(image, train=train, generator=generator, shift_frac=shift_frac))
+
+    def pixels_one(
+        self, image: Image.Image, train: bool = False, generator: torch.Generator | None = None,
+        shift_frac: float = 0.0,
+    ) -> torch.Tensor:
+        """One RGB image -> uint8 tensor (3, S, S), not normalised: what datasets return (4x less memory through
+        the DataLoader's shared memory and the host->device copy than float32); `normalise` (the image encoder
+        calls it, on the device) gives the float32 input. Eval: the resized centre crop's pixels as they are, so
+        normalise(pixels_one(x)) equals the float path bit for bit. Training: the random-resized crop, the shift
+        (``shift_frac``: translate by up to that fraction of the side, see `_shift`) and the brightness/contrast
+        jitter are computed on [0, 1] floats, then rounded to the nearest of the 256 levels: at most half a
+        quantum (0.5/255 before normalisation) from the float result."""
         image = to_rgb(image)
-        if train:
-            pixels = to_tensor(self._random_resized_crop(image, generator))
-            if shift_frac > 0:
-                pixels = self._shift(pixels, shift_frac, generator)
-            pixels = self._jitter(pixels, generator)
-        else:
-            pixels = to_tensor(self._resize_center_crop(image))
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (pixels - mean) / std
+        if not train:
+            array = np.asarray(self._resize_center_crop(image), dtype=np.uint8)
+            return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        pixels = to_tensor(self._random_resized_crop(image, generator))
+        if shift_frac > 0:
+            pixels = self._shift(pixels, shift_frac, generator)
+        pixels = self._jitter(pixels, generator)
+        return pixels.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (..., 3, H, W) -> float32 (pixel / 255 - mean) / std (`normalise_pixels` with this
+        preprocessor's statistics)."""
+        mean, std = self.statistics()
+        return normalise_pixels(pixels, mean.to(pixels.device), std.to(pixels.device))
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32 tensors (3, 1, 1), for `normalise_pixels`."""
+        return (torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1))
 
     def _resize_center_crop(self, image: Image.Image) -> Image.Image:
         width, height = image.size
@@ -420,6 +443,13 @@ class Preprocessor:
         pixels = (pixels * brightness).clamp_(0.0, 1.0)
         grey = (0.299 * pixels[0] + 0.587 * pixels[1] + 0.114 * pixels[2]).mean()
         return ((pixels - grey) * contrast + grey).clamp_(0.0, 1.0)
+
+
+def normalise_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32 (pixel / 255 - mean) / std, on the pixels' device; mean, std float32
+    (3, 1, 1). The one normalisation of the project (the same float32 operations as `to_tensor` followed by the
+    subtraction and division, hence bit-identical to normalising on the CPU before the copy)."""
+    return (pixels.to(torch.float32).div_(255.0) - mean) / std
 
 
 def _config_image_size(config: Any) -> int | None:

@@ -108,10 +108,11 @@ def _paths_from_list(path: Path, image_root) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ datasets
 def load_pixels(preprocessor, path: str | EncodedImage) -> tuple[torch.Tensor | None, str | None]:
-    """A file (or an in-memory `EncodedImage`) -> (3, S, S) pixels or (None, reason without the name)."""
+    """A file (or an in-memory `EncodedImage`) -> (3, S, S) uint8 pixels (`Preprocessor.pixels_one`; the image
+    encoder normalises them) or (None, reason without the name)."""
     name = source_name(path)
     try:
-        return preprocessor.preprocess_one(preprocessor.load(path, train=False), train=False), None
+        return preprocessor.pixels_one(preprocessor.load(path, train=False), train=False), None
     except InputError as error:
         message = str(error)
         return None, message[len(name) + 2:] if message.startswith(f"{name}: ") else message
@@ -122,7 +123,7 @@ def load_pixels(preprocessor, path: str | EncodedImage) -> tuple[torch.Tensor | 
 def make_item(index: int, name: str, pixels: torch.Tensor | None, error: str | None, gps, size: int,
           has_pixels: bool) -> dict:
     """A dataset item in the layout `hierloc.data.tables.collate` batches (failed items are dropped and listed)."""
-    return {"pixel_values": pixels if pixels is not None else torch.zeros((3, size, size), dtype=torch.float32),
+    return {"pixel_values": pixels if pixels is not None else torch.zeros((3, size, size), dtype=torch.uint8),
             "index": torch.tensor(index, dtype=torch.int64), "path": name, "ok": error is None, "error": error or "",
             "exif_lat_deg": torch.tensor(gps.lat_deg if gps else math.nan, dtype=torch.float64),
             "exif_lon_deg": torch.tensor(gps.lon_deg if gps else math.nan, dtype=torch.float64),
@@ -130,7 +131,7 @@ def make_item(index: int, name: str, pixels: torch.Tensor | None, error: str | N
 
 
 class PredictDataset(torch.utils.data.Dataset):
-    """Image files -> items with pixels (3, S, S), the EXIF GPS (NaN when absent) and has_pixels.
+    """Image files -> items with uint8 pixels (3, S, S), the EXIF GPS (NaN when absent) and has_pixels.
 
     With exif="use", files carrying GPS are not decoded (has_pixels False): their answer comes from the GPS.
     Paths are held as a `PathArray` (one UTF-8 buffer plus offsets: cheap to share with DataLoader workers); a

@@ -1,13 +1,14 @@
 """Images inside zip archives, read in place (OSV5M ships ~5M images as `images/<split>/NN.zip` shards).
 
 A path `<dir>/NN.zip/<member>` names the member `<member>` of the archive `<dir>/NN.zip`: everything that loads
-images by path (training, feature extraction, `predict`, `eval`, `explain`) reads it without unpacking. Each
-process keeps one open `zipfile.ZipFile` per archive (DataLoader workers open their own after the fork: a
-handle shared across processes would share its file offset), so a worker reading a shard seeks and reads
-only the member's bytes.
+images by path (training, feature extraction, `predict`, `eval`, `explain`) reads it without unpacking. Members
+are found through each archive's compact member index (`hierloc.data.zipindex`: parsed from the central
+directory once, cached beside the archive as `NN.zip.hlidx`) and read with positional reads of one descriptor per
+archive per process, which forked DataLoader workers share safely: a worker reads only the member's bytes and
+never parses a central directory the main process has already indexed.
 
-OSV5M's CSVs name images by `id`; `ShardIndex` maps ids to members by reading only the archives' central
-directories (no member is decompressed), kept as sorted numpy arrays (about 100 bytes per image).
+OSV5M's CSVs name images by `id`; `ShardIndex` maps ids to members from the same member indexes (no member is
+decompressed), kept as sorted numpy arrays (about 12 bytes + the id's length per image).
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ from __future__ import annotations
 import io
 import logging
 import os
-import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from hierloc.data import zipindex
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 ZIP_SUFFIX = ".zip"
-_handles: dict[str, zipfile.ZipFile] = {}
-_owner_pid = os.getpid()
 
 
 def split_zip_path(path: str | os.PathLike) -> tuple[str, str] | None:
@@ -47,33 +47,18 @@ def split_zip_path(path: str | os.PathLike) -> tuple[str, str] | None:
         start = cut + 1
 
 
-def archive(path: str) -> zipfile.ZipFile:
-    """This process's open handle on the archive `path` (opened on first use; a forked worker opens its own)."""
-    global _owner_pid
-    if os.getpid() != _owner_pid:  # a DataLoader worker after fork: never read through the parent's handles
-        _handles.clear()
-        _owner_pid = os.getpid()
-    handle = _handles.get(path)
-    if handle is None:
-        try:
-            handle = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as error:
-            raise InputError(f"{path}: cannot read zip archive ({error})") from None
-        _handles[path] = handle
-    return handle
-
-
 def read_member(path: str | os.PathLike) -> bytes:
-    """The bytes of `<archive>.zip/<member>`; InputError naming the path when the member is missing or corrupt."""
+    """The bytes of `<archive>.zip/<member>` (through the archive's cached member index, `hierloc.data.zipindex`);
+    InputError naming the path when the member is missing or corrupt."""
     parts = split_zip_path(path)
     if parts is None:
         raise InputError(f"{os.fspath(path)}: not a path inside a zip archive")
     archive_path, member = parts
     try:
-        return archive(archive_path).read(member)
+        return zipindex.read(archive_path, member)
     except KeyError:
         raise InputError(f"{os.fspath(path)}: image file not found (no member {member!r} in {archive_path})") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+    except (ValueError, zlib.error, OSError, EOFError) as error:
         raise InputError(f"{os.fspath(path)}: cannot read zip member ({error})") from None
 
 
@@ -87,7 +72,7 @@ def open_image_bytes(path: str | os.PathLike) -> io.BytesIO | None:
 def image_members(archive_path: str | os.PathLike, extensions: Sequence[str]) -> list[str]:
     """`<archive>/<member>` paths of the archive's members with one of `extensions`, in archive order."""
     archive_path = os.fspath(archive_path)
-    names = archive(archive_path).namelist()
+    names = zipindex.index_of(archive_path).names()
     return [os.path.join(archive_path, name) for name in names
             if not name.endswith("/") and name.lower().endswith(tuple(extensions))]
 
@@ -100,26 +85,30 @@ def find_shards(directory: Path) -> list[Path]:
 
 
 class ShardIndex:
-    """image stem -> `<shard>/<member>` over a set of zip shards, from their central directories only.
+    """image stem -> `<shard>/<member>` over a set of zip shards, from their cached member indexes
+    (`hierloc.data.zipindex`: each central directory is parsed once, ever).
 
-    stems (M,) bytes sorted, member ids (M,) int64 into the flat list of members; resolving k names costs
-    O(k log M)."""
+    stems (M,) fixed-width UTF-8 bytes, sorted; owner (M,) int32 shard number; position (M,) int64 member position
+    in its shard's index. About 12 bytes + the longest stem per image; resolving k names costs O(k log M)."""
 
     def __init__(self, shards: Sequence[Path], extension: str):
         self.shards = [str(p) for p in shards]
         self.extension = extension
-        stems, members, owner = [], [], []
+        suffix = extension.lower().encode("utf-8")
+        stems, owner, position = [], [], []
         for number, shard in enumerate(self.shards):
-            for name in archive(shard).namelist():
-                if name.endswith("/") or not name.lower().endswith(extension):
-                    continue
-                stems.append(os.path.basename(name)[:-len(extension)])
-                members.append(name)
-                owner.append(number)
-        order = np.argsort(np.asarray(stems, dtype=object), kind="stable")
-        self._stems = np.asarray(stems, dtype=object)[order]
-        self._members = np.asarray(members, dtype=object)[order]
-        self._owner = np.asarray(owner, dtype=np.int64)[order]
+            index = zipindex.index_of(shard)
+            kept = [(i, name) for i, name in enumerate(index.names_utf8())
+                    if not name.endswith(b"/") and name.lower().endswith(suffix)]
+            stems.append(np.array([name[name.rfind(b"/") + 1:len(name) - len(suffix)] for _, name in kept],
+                                  dtype=bytes))
+            position.append(np.fromiter((i for i, _ in kept), dtype=np.int64, count=len(kept)))
+            owner.append(np.full(len(kept), number, dtype=np.int32))
+        all_stems = np.concatenate(stems) if stems else np.zeros(0, dtype="S1")
+        order = np.argsort(all_stems, kind="stable")
+        self._stems = all_stems[order]
+        self._owner = np.concatenate(owner)[order] if owner else np.zeros(0, dtype=np.int32)
+        self._position = np.concatenate(position)[order] if position else np.zeros(0, dtype=np.int64)
         logger.info("zip shards: %d images in %d archives", len(self._stems), len(self.shards))
 
     def __len__(self) -> int:
@@ -128,11 +117,12 @@ class ShardIndex:
     def resolve(self, names: Sequence[str]) -> list[str]:
         """Image stems (OSV5M ids) -> `<shard>/<member>` paths; a stem no shard holds gives the path it would have
         in the first shard (so that loading it reports a missing member, naming the shard)."""
-        names = np.asarray(list(names), dtype=object)
+        names = [str(name) for name in names]
         if len(self._stems) == 0:
-            return [os.path.join(self.shards[0], str(name) + self.extension) for name in names]
-        where = np.clip(np.searchsorted(self._stems, names), 0, len(self._stems) - 1)
-        found = self._stems[where] == names
-        return [os.path.join(self.shards[self._owner[w]], self._members[w]) if ok
-                else os.path.join(self.shards[0], str(name) + self.extension)
-                for name, w, ok in zip(names.tolist(), where.tolist(), found.tolist())]
+            return [os.path.join(self.shards[0], name + self.extension) for name in names]
+        keys = np.array([name.encode("utf-8") for name in names], dtype=bytes) if names else np.zeros(0, "S1")
+        where = np.clip(np.searchsorted(self._stems, keys), 0, len(self._stems) - 1)
+        found = (self._stems[where] == keys) & (np.char.str_len(keys) <= self._stems.dtype.itemsize)
+        return [os.path.join(self.shards[self._owner[w]], zipindex.index_of(self.shards[self._owner[w]]).name(
+                    int(self._position[w]))) if ok else os.path.join(self.shards[0], name + self.extension)
+                for name, w, ok in zip(names, where.tolist(), found.tolist())]

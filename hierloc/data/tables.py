@@ -14,8 +14,9 @@
   so memory does not grow with the dataset; paths are a `hierloc.data.pathstore.PathArray`, one UTF-8 buffer plus
   offsets, not a list of Python strings, so DataLoader worker processes do not copy them page by page through
   reference counting).
-* `make_loader`: a `torch.utils.data.DataLoader` with worker processes, a deterministic (seed, epoch) order
-  sharded across ranks like `DistributedSampler`, and `collate`, which drops images that failed to load.
+* `make_loader`: a `torch.utils.data.DataLoader` with worker processes (kept across epochs with persistent=True and
+  `start_epoch`), a deterministic (seed, epoch) order sharded across ranks like `DistributedSampler`, and
+  `collate`, which drops images that failed to load.
 
 Unreadable images (missing, truncated, not an image, ...):
   - eval/predict (`train=False`): the item is a marker (`ok=False`); `collate` drops it, counts it in
@@ -256,13 +257,15 @@ def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator
 class ImageDataset(Dataset):
     """Lazily loaded, preprocessed images of an ImageTable.
 
-    Item (dict): pixel_values (3, S, S) float32; lat_deg, lon_deg () float64; targets (4,) int64 when `targets`
+    Item (dict): pixel_values (3, S, S) uint8 (`Preprocessor.pixels_one`: the image encoder normalises them on
+    its device; training augmentation is rounded to uint8); lat_deg, lon_deg () float64; targets (4,) int64 when `targets`
     (N, 4) was given; every array of `extras` (first axis N) at the row; index () int64 (the table row, also after
     a training substitution: it identifies the pixels returned); path str; ok bool; error str (the reason, without
     the path; "" when ok);
     substituted: list of (index, path, reason) of training images replaced by this one.
     train=True applies the preprocessor's augmentation with `augmentation_generator(seed, epoch, index)`, with
-    random translations up to ``shift_frac`` of the side.
+    random translations up to ``shift_frac`` of the side. The epoch is held in shared memory, so `set_epoch` reaches
+    the copies in DataLoader worker processes too (persistent workers: `make_loader(persistent=True)`).
     """
 
     def __init__(self, table: ImageTable, preprocessor: Preprocessor, targets: np.ndarray | None = None,
@@ -283,14 +286,20 @@ class ImageDataset(Dataset):
         self.train = bool(train)
         self.shift_frac = float(shift_frac)
         self.seed = int(seed)
-        self.epoch = int(epoch)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's augmentation (call before creating the epoch's DataLoader iterator)."""
-        self.epoch = int(epoch)
+        """Select the epoch's augmentation (call before creating the epoch's DataLoader iterator); workers
+        already started see it (shared memory)."""
+        self._epoch.fill_(int(epoch))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -312,8 +321,8 @@ class ImageDataset(Dataset):
         try:
             image = self.preprocessor.load(path, train=self.train)
             generator = augmentation_generator(self.seed, self.epoch, index) if self.train else None
-            return self.preprocessor.preprocess_one(image, train=self.train, generator=generator,
-                                                    shift_frac=self.shift_frac), None
+            return self.preprocessor.pixels_one(image, train=self.train, generator=generator,
+                                                shift_frac=self.shift_frac), None
         except InputError as error:
             message = str(error)
             return None, message[len(path) + 2:] if message.startswith(f"{path}: ") else message
@@ -324,7 +333,7 @@ class ImageDataset(Dataset):
               substituted: list[tuple[int, str, str]]) -> dict[str, Any]:
         size = self.preprocessor.image_size
         item: dict[str, Any] = {
-            "pixel_values": pixels if pixels is not None else torch.zeros((3, size, size), dtype=torch.float32),
+            "pixel_values": pixels if pixels is not None else torch.zeros((3, size, size), dtype=torch.uint8),
             "lat_deg": torch.tensor(float(self.table.lat_deg[index]), dtype=torch.float64),
             "lon_deg": torch.tensor(float(self.table.lon_deg[index]), dtype=torch.float64),
             "index": torch.tensor(index, dtype=torch.int64),
@@ -460,16 +469,22 @@ def make_loader(
     skip_batches: int = 0,
     even_shards: bool = True,
     pin_memory: bool = False,
+    persistent: bool = False,
 ) -> DataLoader:
-    """A DataLoader over `dataset` for one epoch: deterministic order (`ShardedOrderSampler`), `collate`.
+    """A DataLoader over `dataset`: deterministic order (`ShardedOrderSampler`), `collate`.
 
     distributed: (rank, world_size), or give rank=/world_size= (same meaning); None = a single process.
     drop_last: drop the last partial batch (and, with several ranks, the remainder so ranks stay equal).
     even_shards: with several ranks and not drop_last, pad so every rank gets as many items (training);
         False gives each index exactly once across ranks (evaluation; ranks may differ by one item).
     skip_batches: skip this many batches at the start of the epoch without loading them (resume).
-    Calls `dataset.set_epoch(epoch)` when the dataset has it. Workers are not persistent, so each epoch's
-    workers see the new epoch.
+    pin_memory: batches in page-locked memory (`hierloc.device.pin_memory_for`: CUDA runs), so host->device
+        copies can be asynchronous.
+    persistent: keep the worker processes between epochs (when num_workers > 0): reuse the loader, calling
+        `start_epoch(loader, epoch, skip_batches)` before iterating each epoch. The epoch reaches the workers'
+        dataset copies through the dataset's `set_epoch` (`ImageDataset` keeps it in shared memory), so the order
+        and the augmentation are those of a new loader per epoch.
+    Calls `dataset.set_epoch(epoch)` when the dataset has it.
     """
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -496,5 +511,17 @@ def make_loader(
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
         generator=generator,
-        persistent_workers=False,
+        persistent_workers=bool(persistent and num_workers > 0),
     )
+
+
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> DataLoader:
+    """Point a `make_loader` loader at `epoch` (its order, and the dataset's `set_epoch`), skipping its first
+    `skip_batches` batches; call before iterating it. -> the loader."""
+    sampler = loader.sampler
+    if not isinstance(sampler, ShardedOrderSampler):
+        raise TypeError("start_epoch needs a loader made by make_loader")
+    sampler.epoch, sampler.skip = int(epoch), max(0, int(skip_batches)) * int(loader.batch_size)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    return loader

@@ -43,6 +43,7 @@ from gazetteer import csvio
 from gazetteer.atomic import atomic_open, is_same_file
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.data.prediction import path_batches, with_progress
+from hierloc.device import pin_memory_for, to_device
 from hierloc.errors import InputError
 from hierloc.inference import calibration, familiarity_fit, metrics, unlike
 from hierloc.inference.answers import cut_paths
@@ -62,7 +63,8 @@ def embed_table(model, table, batch_size: int = 64, num_workers: int = 0, progre
                 features: bool = False, transform=None) -> tuple:
     """Image points of every row of an ImageTable: (N, D) float32 (zeros where unreadable), ok (N,) bool, and
     {row index: reason} for the unreadable images; with ``features`` also the (N, F) backbone features.
-    transform: applied to each batch of normalised pixels (b, 3, S, S) -> (b, 3, S, S) before the encoder."""
+    transform: applied to each batch of normalised pixels (b, 3, S, S) float32 (the loader's uint8 pixels through
+    the encoder's preprocessor's `normalise`) -> (b, 3, S, S) before the encoder."""
     points, feats = None, None
     ok = np.zeros(len(table), dtype=bool)
     errors: dict[int, str] = {}
@@ -71,7 +73,9 @@ def embed_table(model, table, batch_size: int = 64, num_workers: int = 0, progre
         index = batch["index"].numpy()
         if not index.size:
             continue
-        pixels = batch["pixel_values"] if transform is None else transform(batch["pixel_values"], index)
+        pixels = batch["pixel_values"]
+        if transform is not None:
+            pixels = transform(model.encoder.preprocessor.normalise(pixels), index)
         embedded, batch_feats = model.embed_pixels(pixels, features=True)
         if points is None:
             points = torch.zeros(len(table), embedded.shape[1], dtype=torch.float32)
@@ -98,7 +102,7 @@ def paths_from_points(model, points: torch.Tensor, beam: int | None = None, flat
     best_paths = paths.copy()
     probs = np.zeros((n, N_LEVELS), dtype=np.float32)
     for start in range(0, n, batch_size):
-        chunk = points[start:start + batch_size].to(model.device)
+        chunk = to_device(points[start:start + batch_size], model.device)
         result = model.search_points(chunk, beam=beam, top_k=1, flat=flat,
                                      novelty=None if novelty is None else novelty[start:start + batch_size])
         best = result.paths[:, 0].cpu().numpy()
@@ -157,7 +161,7 @@ def _embedded_batches(model, table, errors: dict[int, str], batch_size: int, num
 
 def _batches(model, table, batch_size: int, num_workers: int, progress: bool):
     batches = path_batches(table.paths, model.encoder.preprocessor, "ignore", batch_size, num_workers,
-                           pin_memory=model.device.type == "cuda")
+                           pin_memory=pin_memory_for(model.device))
     return with_progress(batches, len(table.paths), "evaluate", progress)
 
 

@@ -37,7 +37,7 @@ from gazetteer.geo import haversine_km
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import read_gps
-from hierloc.device import encoder_autocast
+from hierloc.device import encoder_autocast, to_device
 from hierloc.errors import InputError
 from hierloc.inference import familiarity
 from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
@@ -422,7 +422,7 @@ def _search_batch(hl, pixels: torch.Tensor, beam: int | None, top_k: int | None,
     probabilities (B, K) as numpy or None without a vocabulary)."""
     model = hl.model
     with encoder_autocast(hl.device):
-        features = model.encode_images(pixels.to(hl.device))
+        features = model.encode_images(to_device(pixels, hl.device))
     features = features.float()
     points = model.embed_features(features)
     sqdists = [d.cpu().numpy() for d in model.level_sqdists(points, hl.entity_points())]

@@ -48,7 +48,7 @@ from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import gps_from_image, read_gps
 from hierloc.data.images import to_rgb
 from hierloc.data.prediction import is_path_like, load_pixels, make_item, path_batches, with_progress
-from hierloc.device import encoder_autocast
+from hierloc.device import encoder_autocast, pin_memory_for, to_device
 from hierloc.errors import InputError
 from hierloc.inference import evaluate
 from hierloc.inference.familiarity import FamiliarityCalibration, calibrate_result, point_signals
@@ -242,13 +242,13 @@ class HierLoc:
 
     @torch.no_grad()
     def embed_pixels(self, pixel_values: torch.Tensor, features: bool = False):
-        """(B, 3, H, W) normalised pixels -> (B, D) image points, or with ``features`` (points, (B, F) backbone
+        """(B, 3, H, W) pixels, uint8 (the datasets') or float normalised (`preprocess`) -> (B, D) image points, or with ``features`` (points, (B, F) backbone
         features)."""
         self.model.eval()
         with encoder_autocast(self.device):
             # the predictor's encoder: the model's own, or the frozen backbone a model trained on cached
             # features was trained beside (validation during training)
-            feats = self.encoder(pixel_values.to(self.device)).float()
+            feats = self.encoder(to_device(pixel_values, self.device)).float()
         points = self.model.embed_features(feats)
         return (points, feats) if features else points
 
@@ -364,7 +364,7 @@ class HierLoc:
         items = [images] if is_path_like(images) or isinstance(images, EncodedImage) else list(images)
         if all(is_path_like(item) for item in items):
             batches = path_batches(items, self.encoder.preprocessor, exif, batch_size, num_workers,
-                                   pin_memory=self.device.type == "cuda")
+                                   pin_memory=pin_memory_for(self.device))
         else:
             batches = (self._memory_batch(items[start:start + batch_size], start, exif)
                        for start in range(0, len(items), batch_size))

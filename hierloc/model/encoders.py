@@ -19,12 +19,16 @@ import torch
 from torch import nn
 
 from gazetteer.atomic import atomic_write_text
-from hierloc.data.images import Preprocessor
+from hierloc.data.images import Preprocessor, normalise_pixels
 from hierloc.model import backbones, packaged
 
 
 class ImageEncoder(nn.Module):
     """A vision backbone + its pooling: pixel_values (B, 3, S, S) -> features (B, F) float32.
+
+    uint8 pixel_values (what the datasets return) are normalised here, on their device, with the preprocessor's
+    mean and std (`hierloc.data.images.normalise_pixels`; held as non-persistent buffers, so weights, checkpoints
+    and the fingerprint do not include them); floating-point pixel_values are taken as already normalised.
 
     frozen: parameters have requires_grad False, the backbone stays in eval mode (dropout off) even when the
     parent module is put in train mode, and forward runs without building a graph (unless the input itself
@@ -37,6 +41,9 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.info = info
+        mean, std = preprocessor.statistics()
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
         self.preprocessor = preprocessor
         self._frozen = False
         self.frozen = frozen
@@ -47,6 +54,18 @@ class ImageEncoder(nn.Module):
     def feature_dim(self) -> int:
         """F, the size of the pooled feature vector."""
         return self.info.feature_dim
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return self._preprocessor
+
+    @preprocessor.setter
+    def preprocessor(self, value: Preprocessor) -> None:
+        """A new preprocessor also replaces the normalisation statistics (on the buffers' device)."""
+        mean, std = value.statistics()
+        self.pixel_mean = mean.to(self.pixel_mean.device)
+        self.pixel_std = std.to(self.pixel_std.device)
+        self._preprocessor = value
 
     @property
     def frozen(self) -> bool:
@@ -71,7 +90,10 @@ class ImageEncoder(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------------
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, S, S) normalised -> features (B, F) float32 (pooling: `backbones.pooling_for`)."""
+        """pixel_values (B, 3, S, S) uint8, or float already normalised -> features (B, F) float32 (pooling:
+        `backbones.pooling_for`)."""
+        if not pixel_values.is_floating_point():
+            pixel_values = normalise_pixels(pixel_values, self.pixel_mean, self.pixel_std)
         no_graph = self._frozen and not pixel_values.requires_grad
         context = torch.no_grad() if no_graph else contextlib.nullcontext()
         with context:

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Subset
 from gazetteer.atomic import atomic_open, atomic_write_text
 from hierloc.data.pathstore import BLOCK_ROWS, PathArray
 from hierloc.data.tables import make_loader
-from hierloc.device import encoder_autocast
+from hierloc.device import encoder_autocast, pin_memory_for, to_device
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -349,7 +349,8 @@ def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str,
     valid = np.zeros(n_local, dtype=bool)
     n_failed = 0
     subset = Subset(dataset, range(start, stop))
-    loader = make_loader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = make_loader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                         pin_memory=pin_memory_for(device))
     was_training = encoder.training
     encoder.eval()
     batches = loader
@@ -365,7 +366,7 @@ def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str,
                 if local.size == 0:
                     continue
                 with encoder_autocast(device, autocast):
-                    values = encoder(batch["pixel_values"].to(device)).float().cpu().numpy()
+                    values = encoder(to_device(batch["pixel_values"], device)).float().cpu().numpy()
                 stored = values.astype(dtype)
                 finite = np.isfinite(stored).all(axis=1)
                 if not finite.all():

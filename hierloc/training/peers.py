@@ -60,7 +60,7 @@ from gazetteer.atomic import atomic_directory
 from gazetteer.schema import LEVELS
 from hierloc.config import Config, from_dict
 from hierloc.data import tables
-from hierloc.device import encoder_autocast, resolve_device
+from hierloc.device import encoder_autocast, pin_memory_for, resolve_device, to_device
 from hierloc.errors import InputError
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model.network import mlp, sphere_encoding
@@ -445,18 +445,19 @@ def _train_loop(model: BaselineModel, optimizers: dict, dataset, cfg: Config, tr
         bar = tqdm(total=total_steps, desc=f"train {model.kind}", unit="step", dynamic_ncols=True)
     step, epoch, images, first_loss, last_loss = 0, 0, 0, float("nan"), float("nan")
     started = time.perf_counter()
+    loader = tables.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                                num_workers=cfg.train.num_workers, seed=cfg.train.seed, drop_last=True,
+                                pin_memory=pin_memory_for(dev), persistent=True)
     while step < total_steps and epoch < cfg.train.epochs:
-        loader = tables.make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                    num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=epoch,
-                                    drop_last=True)
+        tables.start_epoch(loader, epoch)
         model.train()
         for batch in loader:
             if step >= total_steps:
                 break
-            true_city = (batch["targets"][:, model.level] - class_offset).to(dev)
+            true_city = to_device(batch["targets"][:, model.level] - class_offset, dev)
             inputs = batch["features"] if frozen else batch["pixel_values"]
-            forward = functools.partial(model.loss, inputs.to(dev), batch["lat_deg"].to(dev),
-                                        batch["lon_deg"].to(dev), true_city, generator=negatives, amp=cfg.train.amp,
+            forward = functools.partial(model.loss, to_device(inputs, dev), to_device(batch["lat_deg"], dev),
+                                        to_device(batch["lon_deg"], dev), true_city, generator=negatives, amp=cfg.train.amp,
                                         inputs_are_features=frozen)
             out, _ = train_step(forward, optimizers, base_lrs, model.parameters(), cfg.train, step, total_steps)
             step += 1
@@ -489,11 +490,12 @@ def predict(obj: TrainedBaseline, table, batch_size: int = 128, num_workers: int
         gallery = torch.cat([model.embed_gps(model.gallery_lat_deg[i:i + 65536], model.gallery_lon_deg[i:i + 65536])
                              for i in range(0, len(model.gallery_lat_deg), 65536)])
     dataset = tables.ImageDataset(table, model.encoder.preprocessor, train=False)
-    for batch in tables.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    for batch in tables.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                    pin_memory=pin_memory_for(dev)):
         index = batch["index"].numpy()
         if index.size == 0:
             continue
-        z = model.embed_images(batch["pixel_values"].to(dev), obj.cfg.train.amp)
+        z = model.embed_images(to_device(batch["pixel_values"], dev), obj.cfg.train.amp)
         scores = F.normalize(z, dim=-1) @ gallery.T if gallery is not None else model.class_logits(z)
         answer[index] = scores.argmax(dim=-1).cpu().numpy()
     ok = answer >= 0

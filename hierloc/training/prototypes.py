@@ -22,7 +22,7 @@ import torch
 
 from gazetteer.schema import LEVELS
 from hierloc.data import tables
-from hierloc.device import encoder_autocast
+from hierloc.device import encoder_autocast, pin_memory_for, to_device
 from hierloc.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def refresh_prototypes(model, dataset, levels: list[int], runtime, batch_size: i
     model.eval()
     sums = counts = None
     loader = tables.make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                              rank=runtime.rank, world_size=runtime.world_size, even_shards=False)
+                              rank=runtime.rank, world_size=runtime.world_size, even_shards=False,
+                              pin_memory=pin_memory_for(runtime.device))
     if progress:
         from tqdm import tqdm
 
@@ -86,15 +87,15 @@ def refresh_prototypes(model, dataset, levels: list[int], runtime, batch_size: i
     for batch in loader:
         keep = batch["ok"] if isinstance(batch.get("ok"), torch.Tensor) else None
         if inputs_are_features:
-            features = batch["features"].to(runtime.device).float()
+            features = to_device(batch["features"], runtime.device).float()
         else:
             with encoder_autocast(runtime.device, amp):
-                features = model.encode_images(batch["pixel_values"].to(runtime.device))
+                features = model.encode_images(to_device(batch["pixel_values"], runtime.device))
             features = features.float()
         tangents = model.point_tangents(model.embed_features(features))
-        targets = batch["targets"].to(runtime.device)
+        targets = to_device(batch["targets"], runtime.device)
         if keep is not None:
-            targets = torch.where(keep.to(runtime.device).unsqueeze(1), targets, -1)
+            targets = torch.where(to_device(keep, runtime.device).unsqueeze(1), targets, -1)
         batch_sums, batch_counts = tangent_sums(tangents, targets, levels, model.n_entities)
         sums = batch_sums if sums is None else sums + batch_sums
         counts = batch_counts if counts is None else counts + batch_counts

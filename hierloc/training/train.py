@@ -31,7 +31,8 @@ from gazetteer.atomic import atomic_write_text
 from gazetteer.schema import LEVELS, N_LEVELS
 from hierloc.config import Config
 from hierloc.data import tables
-from hierloc.device import Runtime, barrier, init_runtime, is_lost_peer, reuse_freed_cpu_memory, shutdown
+from hierloc.device import (Runtime, barrier, init_runtime, is_lost_peer, pin_memory_for, reuse_freed_cpu_memory,
+                            shutdown, to_device)
 from hierloc.model import modeldir
 from hierloc.training import checkpoint as ckpt
 from hierloc.training.interrupt import GracefulStop, interrupted, lost_rank, stop_signal
@@ -119,9 +120,10 @@ def _run_epochs(run: Run, loop: _Loop) -> None:
     progress = None
     if run.inputs.progress and run.runtime.is_main:
         progress = tqdm(total=loop.total_steps, initial=loop.step, desc="train", unit="step", dynamic_ncols=True)
+    loader = _train_loader(run, loop)
     with GracefulStop() as stop:
         while loop.step < loop.total_steps and loop.epoch < run.cfg.train.epochs and not loop.stop_signal:
-            _train_epoch(run, loop, stop, progress)
+            _train_epoch(run, loop, stop, progress, loader)
             if loop.stop_signal:
                 break
             loop.epoch += 1
@@ -133,13 +135,20 @@ def _run_epochs(run: Run, loop: _Loop) -> None:
         progress.close()
 
 
-def _train_epoch(run: Run, loop: _Loop, stop: GracefulStop, progress) -> None:
-    """The rest of epoch loop.epoch (a resumed run skips the batches it has done), one `train_step` per batch."""
+def _train_loader(run: Run, loop: _Loop):
+    """The run's one training DataLoader: its workers persist across epochs (`tables.start_epoch` moves it to
+    the next epoch, with the order and augmentation a new loader would have); pinned batches on CUDA."""
     cfg, runtime = run.cfg, run.runtime
-    loader = tables.make_loader(run.dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=loop.epoch,
-                                rank=runtime.rank, world_size=runtime.world_size, drop_last=True,
-                                skip_batches=max(0, loop.step - loop.epoch * loop.steps_per_epoch))
+    return tables.make_loader(run.dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                              num_workers=cfg.train.num_workers, seed=cfg.train.seed, epoch=loop.epoch,
+                              rank=runtime.rank, world_size=runtime.world_size, drop_last=True,
+                              pin_memory=pin_memory_for(runtime.device), persistent=True)
+
+
+def _train_epoch(run: Run, loop: _Loop, stop: GracefulStop, progress, loader) -> None:
+    """The rest of epoch loop.epoch (a resumed run skips the batches it has done), one `train_step` per batch."""
+    runtime = run.runtime
+    tables.start_epoch(loader, loop.epoch, skip_batches=max(0, loop.step - loop.epoch * loop.steps_per_epoch))
     run.module.train()
     for batch in loader:
         if loop.step >= loop.total_steps:
@@ -153,11 +162,11 @@ def _train_epoch(run: Run, loop: _Loop, stop: GracefulStop, progress) -> None:
 def _train_batch(run: Run, loop: _Loop, batch: dict, progress) -> None:
     """One step on one batch, then its bookkeeping: running entity features, logs, progress, checkpoint."""
     cfg, runtime = run.cfg, run.runtime
-    inputs = (batch["features"] if run.frozen else batch["pixel_values"]).to(runtime.device)
-    lat = batch["lat_deg"].to(runtime.device)
-    lon = batch["lon_deg"].to(runtime.device)
-    targets = batch["targets"].to(runtime.device)
-    concepts = batch["concepts"].to(runtime.device) if "concepts" in batch else None
+    inputs = to_device(batch["features"] if run.frozen else batch["pixel_values"], runtime.device)
+    lat = to_device(batch["lat_deg"], runtime.device)
+    lon = to_device(batch["lon_deg"], runtime.device)
+    targets = to_device(batch["targets"], runtime.device)
+    concepts = to_device(batch["concepts"], runtime.device) if "concepts" in batch else None
 
     def forward() -> dict:
         return run.wrapped(inputs, lat, lon, targets, inputs_are_features=run.frozen, amp=cfg.train.amp,

@@ -353,7 +353,9 @@ def test_items_have_documented_keys_and_shapes(image_table):
     dataset = data.ImageDataset(image_table, preprocessor, targets=targets, extras={"weight": weights})
     item = dataset[2]
     assert item["pixel_values"].shape == (3, 16, 16)
-    assert torch.equal(item["pixel_values"], preprocessor([preprocessor.load(image_table.paths[2])])[0])
+    assert item["pixel_values"].dtype == torch.uint8                           # normalised on the device
+    assert torch.equal(preprocessor.normalise(item["pixel_values"]),
+                       preprocessor([preprocessor.load(image_table.paths[2])])[0])
     assert item["lat_deg"].dtype == torch.float64 and float(item["lat_deg"]) == image_table.lat_deg[2]
     assert item["targets"].tolist() == [8, 9, 10, 11] and int(item["index"]) == 2 and item["ok"]
     batch = next(iter(data.make_loader(dataset, batch_size=3)))
@@ -447,3 +449,100 @@ def test_loader_length_matches_steps_per_epoch_and_skip_batches_resumes(image_ta
     resumed = [b["index"].tolist() for b in data.make_loader(dataset, batch_size=2, shuffle=True, seed=4,
                                                                epoch=1, skip_batches=2)]
     assert resumed == full[2:]
+
+
+# ----------------------------------------------------------------- uint8 pixels and persistent loader workers
+@pytest.fixture
+def textured_table(tmp_path):
+    """10 noise images of different sizes (every pixel differs: crops, shifts and jitter all show)."""
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(10):
+        path = tmp_path / f"noise{i}.png"
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40 - i, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return data.ImageTable.from_arrays(paths, np.linspace(-40, 40, 10), np.linspace(-100, 100, 10))
+
+
+def _old_float_eval(preprocessor: Preprocessor, image: Image.Image) -> torch.Tensor:
+    """The float path the datasets used before uint8: [0, 1] floats of the crop, normalised on the host."""
+    pixels = to_tensor(preprocessor._resize_center_crop(image))
+    mean = torch.tensor(preprocessor.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(preprocessor.std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def test_eval_pixels_are_uint8_and_normalise_bitwise_to_the_float_path(textured_table):
+    preprocessor = Preprocessor(image_size=16, resize_size=20, mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3))
+    dataset = data.ImageDataset(textured_table, preprocessor)
+    batch = next(iter(data.make_loader(dataset, batch_size=10)))
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (10, 3, 16, 16)
+    normalised = preprocessor.normalise(batch["pixel_values"])
+    for row, path in enumerate(textured_table.paths.tolist()):
+        image = preprocessor.load(path)
+        assert torch.equal(normalised[row], _old_float_eval(preprocessor, image))
+        crop = np.asarray(preprocessor._resize_center_crop(image), dtype=np.float64).transpose(2, 0, 1)
+        reference = (crop / 255 - np.array(preprocessor.mean)[:, None, None]) / np.array(preprocessor.std)[:, None,
+                                                                                                          None]
+        np.testing.assert_allclose(normalised[row].numpy(), reference, rtol=0, atol=1e-6)
+
+
+def test_training_pixels_are_rounded_to_half_a_quantum(textured_table):
+    preprocessor = Preprocessor(image_size=16, resize_size=20)
+    dataset = data.ImageDataset(textured_table, preprocessor, train=True, seed=7, shift_frac=0.1, epoch=3)
+    worst, rounded = 0.0, 0
+    for index, path in enumerate(textured_table.paths.tolist()):
+        pixels = dataset[index]["pixel_values"]
+        assert pixels.dtype == torch.uint8
+        generator = data.augmentation_generator(7, 3, index)   # the float path, same random numbers
+        image = preprocessor.load(path, train=True)
+        floats = to_tensor(preprocessor._random_resized_crop(image, generator))
+        floats = preprocessor._jitter(preprocessor._shift(floats, 0.1, generator), generator)
+        error = (pixels.double() / 255 - floats.double()).abs()
+        worst, rounded = max(worst, float(error.max())), rounded + int((error > 1e-9).sum())
+    assert worst <= 0.5 / 255 + 1e-7
+    assert rounded > 0                                  # jitter leaves off-grid values: the rounding is real
+
+
+def test_a_failed_image_is_a_uint8_placeholder(image_table):
+    preprocessor = Preprocessor(image_size=16)
+    item = data.ImageDataset(image_table, preprocessor)[4]                    # the truncated file
+    assert not item["ok"] and item["pixel_values"].dtype == torch.uint8
+    assert not item["pixel_values"].any()
+    from hierloc.data.prediction import PredictDataset
+
+    predicted = PredictDataset([str(image_table.paths[4])], preprocessor, exif="ignore")[0]
+    assert not predicted["ok"] and predicted["pixel_values"].dtype == torch.uint8
+
+
+def _epochs(loader_for_epoch, epochs: int) -> list[list[tuple[int, torch.Tensor]]]:
+    out = []
+    for epoch in range(epochs):
+        loader = loader_for_epoch(epoch)
+        out.append([(int(i), pixels) for batch in loader for i, pixels in zip(batch["index"],
+                                                                               batch["pixel_values"])])
+    return out
+
+
+def test_persistent_workers_give_the_epochs_of_a_new_loader_per_epoch(textured_table):
+    """One loader with 2 persistent workers, moved on by start_epoch (and resumed mid-epoch), gives the same
+    order and the same augmented pixels as a new loader without workers per epoch."""
+    preprocessor = Preprocessor(image_size=16, resize_size=20)
+    dataset = data.ImageDataset(textured_table, preprocessor, train=True, seed=11, shift_frac=0.1)
+    settings = {"batch_size": 3, "shuffle": True, "seed": 11, "drop_last": True}
+    skip = {0: 1}                                                            # the run resumes in epoch 0
+    expected = _epochs(lambda e: data.make_loader(dataset, epoch=e, skip_batches=skip.get(e, 0), **settings), 3)
+    loader = data.make_loader(dataset, num_workers=2, persistent=True, **settings)
+    got = _epochs(lambda e: data.start_epoch(loader, e, skip_batches=skip.get(e, 0)), 3)
+    assert loader.persistent_workers
+    for expected_epoch, got_epoch in zip(expected, got):
+        assert [i for i, _ in got_epoch] == [i for i, _ in expected_epoch]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got_epoch, expected_epoch))
+    assert len(got[0]) == 6 and len(got[1]) == 9                             # skipped batch; then a full epoch
+    first = {i: p for i, p in got[1]}
+    assert any(not torch.equal(first[i], p) for i, p in got[2] if i in first)  # epochs augment differently
+
+
+def test_start_epoch_needs_a_make_loader_loader(textured_table):
+    with pytest.raises(TypeError, match="make_loader"):
+        data.start_epoch(torch.utils.data.DataLoader([1, 2, 3]), 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing
+import os
 import zipfile
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hierloc.cli import main
-from hierloc.data import shards, tables
+from hierloc.data import shards, tables, zipindex
 from hierloc.data.images import Preprocessor, load_image
 from hierloc.data.prediction import expand_inputs
 from hierloc.errors import InputError
@@ -102,20 +102,156 @@ def test_loader_workers_read_the_shards(osv5m):
         assert torch.equal(pixels[row], in_process[index])
 
 
-def _child_has_its_own_handle(path: str, parent_id: int, queue) -> None:
-    queue.put(id(shards.archive(path)) != parent_id)
+def _write_archive(path: Path, members: dict[str, bytes], zip64: bool = False) -> None:
+    """A zip with every other member stored, the rest deflated (zip64 headers when asked)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for k, (name, data) in enumerate(members.items()):
+            info = zipfile.ZipInfo(name)
+            info.compress_type = zipfile.ZIP_STORED if k % 2 == 0 else zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=zip64) as handle:
+                handle.write(data)
 
 
-def test_a_forked_worker_opens_its_own_handle(osv5m):
-    path = str(next((osv5m / "images" / "train").glob("*.zip")))
-    parent = shards.archive(path)
-    assert shards.archive(path) is parent                                     # one handle per process
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_child_has_its_own_handle, args=(path, id(parent), queue))
-    child.start()
-    child.join(30)
-    assert queue.get(timeout=5) is True
+def _members(seed: int = 0, n: int = 12) -> dict[str, bytes]:
+    rng = np.random.default_rng(seed)
+    members = {f"train/{1_000_000 + i}.jpg": rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
+               for i in range(n)}
+    members["text/compressible.txt"] = b"hierloc " * 5000
+    members["empty.jpg"] = b""
+    return members
+
+
+@pytest.fixture
+def fresh_indexes():
+    zipindex.forget()
+    yield
+    zipindex.forget()
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_member_index_reads_every_member_as_zipfile_does(tmp_path, fresh_indexes, zip64):
+    archive = tmp_path / "00.zip"
+    _write_archive(archive, _members(), zip64=zip64)
+    with zipfile.ZipFile(archive) as reference:
+        expected = {name: reference.read(name) for name in reference.namelist()}
+        methods = {info.compress_type for info in reference.infolist()}
+    assert methods == {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+    for name, data in expected.items():
+        assert shards.read_member(archive / name) == data
+    assert shards.image_members(archive, (".jpg",)) == [str(archive / n) for n in expected if n.endswith(".jpg")]
+    assert (tmp_path / "00.zip.hlidx").is_file()                              # cached beside the shard
+
+
+@pytest.mark.integration  # writes 70,000 members
+def test_a_shard_of_more_than_65535_members_uses_zip64_and_is_read_correctly(tmp_path, fresh_indexes):
+    archive = tmp_path / "00.zip"
+    n = 70_000
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as writer:
+        for i in range(n):
+            writer.writestr(f"{i}.jpg", i.to_bytes(4, "little"))
+    assert b"PK\x06\x06" in archive.read_bytes()[-200:]                    # the zip64 end record is there
+    names = shards.image_members(archive, (".jpg",))
+    assert len(names) == n
+    for i in (0, 65_534, 65_535, 65_536, n - 1):
+        assert shards.read_member(archive / f"{i}.jpg") == i.to_bytes(4, "little")
+
+
+def test_a_cached_index_is_reused_without_parsing_the_central_directory(tmp_path, fresh_indexes, monkeypatch):
+    archive = tmp_path / "00.zip"
+    members = _members()
+    _write_archive(archive, members)
+    name = next(iter(members))
+    assert shards.read_member(archive / name) == members[name]
+    zipindex.forget()                                                         # a new process, in effect
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("central directory parsed again")
+
+    monkeypatch.setattr(zipfile, "ZipFile", no_parse)
+    assert [shards.read_member(archive / n) for n in members] == list(members.values())
+
+
+def test_a_changed_shard_is_indexed_again(tmp_path, fresh_indexes):
+    archive = tmp_path / "00.zip"
+    _write_archive(archive, _members(seed=0))
+    name = next(iter(_members()))
+    before = shards.read_member(archive / name)
+    stat = archive.stat()
+    _write_archive(archive, _members(seed=1))
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    zipindex.forget()
+    after = shards.read_member(archive / name)
+    assert after == _members(seed=1)[name] and after != before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_a_damaged_index_file_is_rebuilt(tmp_path, fresh_indexes, damage, caplog):
+    archive = tmp_path / "00.zip"
+    members = _members()
+    _write_archive(archive, members)
+    shards.read_member(archive / next(iter(members)))
+    index_file = tmp_path / "00.zip.hlidx"
+    data = bytearray(index_file.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-20] ^= 0xFF
+    else:
+        data = bytearray()
+    index_file.write_bytes(bytes(data))
+    zipindex.forget()
+    with caplog.at_level("INFO", logger="hierloc.data.zipindex"):
+        assert [shards.read_member(archive / n) for n in members] == list(members.values())
+    assert "rebuilding" in caplog.text
+    key = (archive.stat().st_size, archive.stat().st_mtime_ns)
+    assert len(zipindex.deserialise(index_file.read_bytes(), key)) == len(members)  # a valid index again
+
+
+def test_an_unwritable_directory_keeps_the_index_in_the_user_cache(tmp_path, fresh_indexes, monkeypatch):
+    archive = tmp_path / "00.zip"
+    members = _members()
+    _write_archive(archive, members)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_write = zipindex.atomic_write_bytes
+
+    def refuse_beside(path, data):
+        if Path(path).parent == tmp_path:
+            raise PermissionError("read-only")
+        real_write(path, data)
+
+    monkeypatch.setattr(zipindex, "atomic_write_bytes", refuse_beside)
+    assert [shards.read_member(archive / n) for n in members] == list(members.values())
+    assert not (tmp_path / "00.zip.hlidx").exists()
+    assert zipindex.cache_locations(str(archive))[1].is_file()
+
+
+def test_a_corrupt_member_is_a_one_line_error(tmp_path, fresh_indexes):
+    archive = tmp_path / "00.zip"
+    _write_archive(archive, {"a.jpg": b"x" * 1000, "b.jpg": b"y" * 1000})    # a.jpg stored
+    data = bytearray(archive.read_bytes())
+    data[data.index(b"x" * 1000) + 500] ^= 0x01
+    archive.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="cannot read zip member") as error:
+        shards.read_member(archive / "a.jpg")
+    assert "a.jpg" in str(error.value) and "\n" not in str(error.value)
+    assert shards.read_member(archive / "b.jpg") == b"y" * 1000
+
+
+def test_forked_workers_use_the_parents_indexes(osv5m, monkeypatch):
+    """Workers read through the indexes the main process loaded: none parses a central directory."""
+    table = tables.read_image_table(osv5m / "train.csv")                    # indexes every shard
+    dataset = tables.ImageDataset(table, Preprocessor.for_model_type("vit", 32))
+    expected = [dataset[i]["pixel_values"] for i in range(len(dataset))]
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("central directory parsed in a worker")
+
+    monkeypatch.setattr(zipfile, "ZipFile", no_parse)
+    batches = list(tables.make_loader(dataset, batch_size=5, num_workers=2))
+    assert sum(len(b["index"]) for b in batches) == len(dataset) and not any(b["n_failed"] for b in batches)
+    for batch in batches:
+        for row, index in enumerate(batch["index"].tolist()):
+            assert torch.equal(batch["pixel_values"][row], expected[index])
 
 
 def test_predict_takes_a_shard_and_the_csv_without_unpacking(osv5m, tiny_model_dir, tiny_demo_dir, capsys):

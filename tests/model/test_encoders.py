@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from hierloc.model import backbones, encoders  # noqa: E402
 from hierloc.errors import InputError  # noqa: E402
-from hierloc.data.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, IMAGENET_MEAN  # noqa: E402
+from hierloc.data.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, IMAGENET_MEAN, Preprocessor  # noqa: E402
 
 pytestmark = pytest.mark.integration   # builds and saves a transformers model of every supported family
 
@@ -273,3 +273,29 @@ def test_save_pretrained_replaces_each_file_atomically_and_leaves_no_staging(tmp
     encoder.save_pretrained(target)                                                  # a clean save replaces them
     assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone"]
     assert encoders.load_image_encoder(target).fingerprint() == encoder.fingerprint()
+
+
+@pytest.mark.parametrize("name, size", [("tiny-vit", 32), ("tiny-resnet", 32), ("efficientnet-lite0", 64)])
+def test_uint8_pixels_are_normalised_by_the_encoder_with_its_preprocessor(name, size):
+    """Every backbone family gets the datasets' uint8 pixels normalised the same way: (x / 255 - mean) / std with
+    its own preprocessor's statistics (float64 reference), equal to passing the normalised floats."""
+    encoder = encoders.build_image_encoder(name, pretrained=False, image_size=size).eval()
+    pixels = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    normalised = encoder.preprocessor.normalise(pixels)
+    mean = torch.tensor(encoder.preprocessor.mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(encoder.preprocessor.std, dtype=torch.float64).view(3, 1, 1)
+    torch.testing.assert_close(normalised.double(), (pixels.double() / 255 - mean) / std, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(encoder(pixels), encoder(normalised))
+    assert not any(key.startswith("pixel_") for key in encoder.state_dict())  # weights and checkpoints unchanged
+
+
+def test_a_new_preprocessor_replaces_the_normalisation_statistics_on_the_encoders_device():
+    encoder = encoders.build_image_encoder("tiny-resnet", pretrained=False).to("meta")
+    assert encoder.pixel_mean.device.type == "meta"                          # buffers move with the module
+    encoder.preprocessor = Preprocessor(image_size=32, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0))
+    assert encoder.pixel_mean.device.type == "meta" and encoder.pixel_std.shape == (3, 1, 1)
+    cpu = encoders.build_image_encoder("tiny-resnet", pretrained=False)
+    cpu.preprocessor = Preprocessor(image_size=32, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0))
+    assert cpu.pixel_std.flatten().tolist() == [1.0, 2.0, 3.0]
+    assert cpu.pixel_mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])

@@ -286,3 +286,22 @@ def test_reusing_freed_cpu_memory_stops_large_temporaries_from_faulting_in_again
               for mode in ("default", "reuse")}
     assert faults["default"] > 20 * 8000
     assert faults["reuse"] < faults["default"] / 5
+
+
+@pytest.mark.parametrize("device, pinned", [(torch.device("cuda", 0), True), (torch.device("cpu"), False),
+                                            (torch.device("meta"), False)])
+def test_the_training_loader_persists_and_pins_only_for_cuda_runs(device, pinned, monkeypatch):
+    """The run's one DataLoader (reused across epochs) asks for pinned batches only when the run's device is CUDA
+    (asserted on device objects: no GPU is needed)."""
+    from types import SimpleNamespace
+
+    from hierloc.device import Runtime
+    from hierloc.training import train
+
+    calls = []
+    monkeypatch.setattr(train.tables, "make_loader", lambda *args, **kwargs: calls.append(kwargs) or "loader")
+    cfg = SimpleNamespace(train=SimpleNamespace(batch_size=4, num_workers=3, seed=5))
+    run = SimpleNamespace(cfg=cfg, runtime=Runtime(device=device, rank=1, world_size=2), dataset=[0] * 8)
+    assert train._train_loader(run, SimpleNamespace(epoch=2)) == "loader"
+    assert len(calls) == 1 and calls[0]["pin_memory"] is pinned and calls[0]["persistent"] is True
+    assert (calls[0]["epoch"], calls[0]["rank"], calls[0]["world_size"], calls[0]["num_workers"]) == (2, 1, 2, 3)
