@@ -77,10 +77,26 @@ def init_runtime(device: str = "auto") -> Runtime:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+        torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT,
+                                             store=_attempt_store(rank, world_size), rank=rank, world_size=world_size)
         log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
     return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank,
                    restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def _attempt_store(rank: int, world_size: int) -> torch.distributed.Store:
+    """The key-value store the process group meets in, with keys private to this attempt of the job.
+
+    torchrun's agent keeps one store across `--max-restarts` attempts; with env:// the restarted processes can read
+    the addresses the previous attempt's processes published and fail to connect ("Connection refused", seen with
+    gloo). Prefixing every key with the attempt number (TORCHELASTIC_RESTART_COUNT) keeps attempts apart. The store
+    is the one env:// would open: a client of the agent's store under torchrun, else hosted by rank 0."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=not agent_store and rank == 0, timeout=PROCESS_GROUP_TIMEOUT, multi_tenant=not agent_store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch.distributed.PrefixStore(f"hierloc/attempt-{attempt}", base)
 
 
 def launcher_command() -> list[str]:
