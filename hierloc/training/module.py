@@ -47,6 +47,7 @@ class TrainModule(nn.Module):
         concept_output = model.concept_head(features) if model.concept_head is not None else None
         points = model.embed_features(features, entity_tangent, concept_output)
         entity_points = model.entity_points(entity_tangent)
+        # in range by construction (global ids of the model's own entity table, or -1): the loss need not read them
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():
             image_units = latlon_to_unit(lat_deg, lon_deg).float()
@@ -57,13 +58,13 @@ class TrainModule(nn.Module):
             levels = range(N_LEVELS)
             out = self.loss.forward_points(points, [entity_points[model.level_slice(level)] for level in levels],
                                            local_targets, image_units, [self._entity_units(level) for level in levels],
-                                           c=model.cfg.curvature)
+                                           c=model.cfg.curvature, check_targets=False)
         else:
             sqdists = model.level_sqdists(points, entity_points)
             with torch.no_grad():
                 # float32 units: immaterial for weights exp(-g / sigma), sigma >= 10 km (see great_circle_km)
                 geo_km = [great_circle_km(image_units, self._entity_units(level)) for level in range(N_LEVELS)]
-            out = self.loss(sqdists, local_targets, geo_km)
+            out = self.loss(sqdists, local_targets, geo_km, check_targets=False)
         if model.concept_head is not None and concepts is not None:
             out["concept_loss"] = concept_lib.concept_loss(concept_output[0], concepts)
             out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
