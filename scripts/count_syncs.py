@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hierloc.config import Config
+from hierloc.geometry import hyperbolic
 from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training.losses import GWHInfoNCE
 from hierloc.training.module import TrainModule
@@ -46,8 +47,7 @@ def build(sizes, blocked: bool, block: int | None, batch: int, feature_dim: int 
     model = HierLocModel(cfg.model, table, feature_dim=feature_dim,
                          entity_features=torch.randn(table.n_entities, feature_dim))
     loss = GWHInfoNCE(cfg.loss)
-    if block is not None and hasattr(loss, "block_columns"):
-        loss.block_columns = block
+    loss.block_columns = block
     module = TrainModule(model, loss, blocked=blocked)
     optimizers = build_optimizers(module, cfg)
     gen = torch.Generator().manual_seed(1)
@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--sizes", default="50,400,2000,8000")
-    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--block", type=int, default=256, help="entity columns per tile of the blocked loss")
     ap.add_argument("--show", action="store_true")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -83,12 +83,11 @@ def main() -> None:
         forward = functools.partial(module, *inputs, inputs_are_features=True)
         forward()["loss"].backward()   # warm-up (lazy caches)
         with count_host_syncs() as loss_syncs:
-            out = module.loss.forward_points if blocked else module.loss
             points, entity_points, local_targets = _loss_inputs(module, inputs)
-            if blocked:
-                result = module.loss.forward_points(points, entity_points, local_targets)
+            if blocked:  # (as the training step calls them: targets in range by construction)
+                result = module.loss.forward_points(points, entity_points, local_targets, check_targets=False)
             else:
-                result = module.loss([p for p in _sqdists(module, points, entity_points)], local_targets)
+                result = module.loss(_sqdists(points, entity_points), local_targets, check_targets=False)
             result["loss"].backward()
         step_counts = []
         for step in range(3):
@@ -119,22 +118,21 @@ def _loss_inputs(module, inputs):
         points = model.embed_features(features, tangent, None)
         entity_points = model.entity_points(tangent)
     points = points.detach().requires_grad_()
-    levels = range(len(model.cfg.betas) if hasattr(model.cfg, "betas") else 4)
-    slices = [model.level_slice(level) for level in levels]
+    slices = [model.level_slice(level) for level in range(targets.shape[1])]
     ys = [entity_points[sl].detach().requires_grad_() for sl in slices]
     local = torch.stack([torch.where(targets[:, level] >= 0, targets[:, level] - sl.start, -1)
                          for level, sl in enumerate(slices)], dim=1)
     return points, ys, local
 
 
-def _sqdists(module, points, ys):
-    from hierloc.geometry import hyperbolic
+def _sqdists(points, ys):
     return [hyperbolic.pairwise_sqdist(points, y) for y in ys]
 
 
 def _bookkeeping(result) -> None:
-    """What the loop does with a step's result outside logging steps (hierloc.training.train)."""
-    float(result["loss"].detach())
+    """What the loop does with a step's result outside logging steps (hierloc.training.train): keeps the loss as
+    a detached tensor (read at logging steps only)."""
+    result["loss"].detach()
 
 
 if __name__ == "__main__":

@@ -116,16 +116,19 @@ def update_entity_features(model, features: torch.Tensor, targets: torch.Tensor,
     for level in range(N_LEVELS):
         ids = targets[:, level]
         keep = ids >= 0
-        if not keep.any():
-            continue
-        ids, feats = ids[keep], features[keep].to(buf.dtype)
+        # without a host sync (no boolean selection): rows without a target stand in for the first row with one
+        # and write its value again (rows of one entity write the same value: deterministic)
+        first = keep.to(torch.int8).argmax()
+        ids = torch.where(keep, ids, ids[first].clamp_min(0))
+        feats = torch.where(keep.unsqueeze(1), features.to(buf.dtype), 0.0)
         sums = torch.zeros(buf.shape[0], buf.shape[1], device=buf.device).index_add_(0, ids, feats)
-        counts = torch.zeros(buf.shape[0], device=buf.device).index_add_(0, ids, torch.ones_like(ids, dtype=buf.dtype))
-        touched = counts > 0
-        means = sums[touched] / counts[touched].unsqueeze(1)
-        rate = torch.where(seen[touched], torch.full_like(counts[touched], momentum), torch.ones_like(counts[touched]))
-        buf[touched] += rate.unsqueeze(1) * (means - buf[touched])
-        seen[touched] = True
+        counts = torch.zeros(buf.shape[0], device=buf.device).index_add_(0, ids, keep.to(buf.dtype))
+        count, old = counts[ids], buf[ids]
+        touched = count > 0
+        means = sums[ids] / count.clamp_min(1).unsqueeze(1)
+        rate = torch.where(seen[ids], torch.full_like(count, momentum), torch.ones_like(count))
+        buf[ids] = torch.where(touched.unsqueeze(1), old + rate.unsqueeze(1) * (means - old), old)
+        seen[ids] = seen[ids] | touched
 
 
 def gather_ranks(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
