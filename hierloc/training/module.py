@@ -118,7 +118,7 @@ def update_entity_features(model, features: torch.Tensor, targets: torch.Tensor,
         keep = ids >= 0
         # without a host sync (no boolean selection): rows without a target stand in for the first row with one
         # and write its value again (rows of one entity write the same value: deterministic)
-        first = keep.to(torch.int8).argmax()
+        first = keep.to(torch.int8).argmax(dim=0, keepdim=True)  # (1,): a tensor index, never read
         ids = torch.where(keep, ids, ids[first].clamp_min(0))
         feats = torch.where(keep.unsqueeze(1), features.to(buf.dtype), 0.0)
         sums = torch.zeros(buf.shape[0], buf.shape[1], device=buf.device).index_add_(0, ids, feats)
