@@ -326,6 +326,25 @@ def test_the_search_for_pairs_to_recompute_finds_exactly_the_entries_below_their
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
 
 
+@pytest.mark.parametrize("capacity", [1, 5, 40])
+def test_flag_pairs_lists_the_pairs_below_their_threshold_with_a_fixed_shape(capacity):
+    torch.manual_seed(capacity)
+    x, y = ball_points(4, 6, torch.float32, 1.0), ball_points(10, 6, torch.float32, 1.0)
+    y = torch.cat([y, x[:3] + 1e-4, x[:1] * (1 + 1e-6)])  # close pairs: (0, 10), (1, 11), (2, 12), (0, 13)
+    nx, ny, a, b, alpha, beta, left, right = kernels.poincare_operands(x, y, 1.0, torch.float32)
+    w = left @ right.T  # 1 + m
+    rows, columns = kernels.flag_operands(nx, ny, alpha, beta, torch.float32)
+    flat, unique = kernels.flag_pairs(w, rows, columns, torch.empty_like(w), capacity)
+    threshold = (kernels._CANCEL_REL[torch.float32] * alpha * beta.T * (nx + ny.T)).clamp_min(
+        kernels._SMALL_M[torch.float32])
+    expected = ((w.double() - 1.0) < threshold).view(-1).nonzero()[:, 0].tolist()
+    assert {10, 11 + 14, 12 + 28, 13} <= set(expected)
+    assert flat.shape == unique.shape == (capacity,)
+    listed = flat[unique].tolist()
+    assert listed == expected[:capacity]  # the first pairs found, each once
+    assert (flat[~unique] == flat[0]).all()  # the rest: copies of the first entry
+
+
 # ------------------------------------------------------------------------------------------------- gradients
 
 
