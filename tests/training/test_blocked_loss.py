@@ -406,9 +406,10 @@ def test_more_pairs_to_recompute_than_room_stay_finite_and_close(monkeypatch):
     # every image on an entity and copies nearby: more pairs to recompute than a tile's capacity (1 per row here);
     # those beyond it keep their matrix-product value (w clamped at 1), still finite and close in float32
     x, y, target, units_i, units_e = make_case(batch=8, n=30, seed=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        y[:8] = x + 1e-4 * torch.randn_like(x)
-        y[8:16] = x + 1e-3 * torch.randn_like(x)
+        y[:8] = x + 1e-4 * torch.randn(x.shape, generator=gen)
+        y[8:16] = x + 1e-3 * torch.randn(x.shape, generator=gen)
     monkeypatch.setattr(kern, "FLAG_PAIRS_PER_ROW", 1)
     logs, (tau, lam, sigma) = scalar_params()
     got = blocked(x, y, target, tau.float(), lam.float(), sigma.float(), "laplace", units_i, units_e, block=30)
