@@ -200,6 +200,11 @@ def tile_view(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
 FLAG_PAIRS_PER_ROW = 8  # room for pairs to recompute exactly in a block: this many per row of the block, on average
 
 
+# w = 1 + m is floored here for the pairs beyond the capacity: 1 + eps keeps sinh(t) > 0, so t / sinh(t) (the
+# gradient's factor, ~1 there) stays finite; their d^2 is then ~2 eps instead of ~0.
+W_FLOOR = {torch.float32: 1.0 + torch.finfo(torch.float32).eps, torch.float64: 1.0 + torch.finfo(torch.float64).eps}
+
+
 def flag_capacity(n_rows: int, n_cols: int) -> int:
     """How many pairs of an (n_rows, n_cols) block can be recomputed exactly: FLAG_PAIRS_PER_ROW per row (every
     cell of a block narrower than that)."""
@@ -249,7 +254,7 @@ def arcosh_block(left, right, w, s, t, flag_rows, flag_columns, placeholder: flo
         fill(w)
     flat, unique = flag_pairs(w, flag_rows, flag_columns, s, flag_capacity(*w.shape))
     w.view(-1).index_fill_(0, flat, placeholder)
-    w.clamp_min_(1.0)  # pairs beyond the capacity (m may be < 0 there)
+    w.clamp_min_(W_FLOOR[w.dtype])  # pairs beyond the capacity (m may be < 0 there)
     torch.addcmul(w.new_full((), -1.0), w, w, out=s)  # w^2 - 1
     s.sqrt_()  # sinh(t)
     w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)

@@ -172,7 +172,7 @@ class _Tiles:
             torch.mm(tile.left, tile.right_t, out=w)
             tile.fill_cells(w, _PLACEHOLDER)
             w.view(-1).index_fill_(0, tile.flagged[0], _PLACEHOLDER)
-            w.clamp_min_(1.0)
+            w.clamp_min_(kern.W_FLOOR[w.dtype])
             torch.addcmul(self._minus_one, w, w, out=s).sqrt_()
             torch.log(w.add_(s), out=w)
             return tile.flagged

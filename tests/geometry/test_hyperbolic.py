@@ -345,6 +345,19 @@ def test_flag_pairs_lists_the_pairs_below_their_threshold_with_a_fixed_shape(cap
     assert (flat[~unique] == flat[0]).all()  # the rest: copies of the first entry
 
 
+def test_pairs_beyond_the_capacity_keep_finite_values_and_gradients(monkeypatch):
+    # 5 close copies of every row but room for one pair per row: the rest keep their matrix-product value
+    x = ball_points(6, 16, torch.float32, 1.0)
+    y = with_close_pairs(x, ball_points(20, 16, torch.float32, 1.0))
+    monkeypatch.setattr(kernels, "FLAG_PAIRS_PER_ROW", 1)
+    xg = x.clone().requires_grad_()
+    d2 = hyperbolic.pairwise_sqdist(xg, y)
+    d2.sum().backward()
+    reference = reference_dist(x[:, None, :], y[None, :, :], 1.0).square()
+    assert torch.isfinite(d2).all() and torch.isfinite(xg.grad).all()
+    assert (d2.double() - reference).abs().max() < 1e-3  # absolute: close pairs lose their relative accuracy
+
+
 # ------------------------------------------------------------------------------------------------- gradients
 
 
