@@ -14,17 +14,22 @@ exactly (float64, no matrix product), it never enters the sums, and L_i = softpl
 
 Forward (flash-attention style): the pairs are taken in tiles of ~``_TILE_ELEMENTS`` (rows x columns; a worker's
 3-5 tile buffers stay near its 2 MB L2). Per tile: one matrix product gives w = 1 + m and t = arcosh(w)
-(``hyperbolic._arcosh_block``; its few ill-conditioned pairs, and the rows' own targets, get a placeholder and are
+(``kernels.arcosh_block``; its few ill-conditioned pairs, and the rows' own targets, get a placeholder and are
 left out of the tile); a second, K = 3 product of unit vectors gives the great-circle distances and the weights;
 the tile is folded into a running shift m_i (a running max of the a_ij, started at z_ip) and a running float64 sum
-S_i. Only (B,)-sized statistics survive, plus the list of ill-conditioned pairs, which are then evaluated exactly
-in float64 (from the differences x_i - y_j, as ``pairwise_sqdist`` does) and added to the sums in one batch.
+S_i. Only (B,)-sized statistics survive, plus the fixed-length list of ill-conditioned pairs
+(``kernels.flag_pairs``), which are then evaluated exactly in float64 (from the differences x_i - y_j, as
+``pairwise_sqdist`` does) and added to the sums in one batch.
 Backward: every tile is recomputed exactly as in forward and the gradients accumulated tile by tile: two matrix
 products for the points (the row / column sums of ``hyperbolic._rows_grad`` / ``_columns_grad``), row sums for tau,
 lambda and sigma; the exact pairs and the positives get exact float64 gradients.
 
-Numerics: tiles work in base 2 (PyTorch's CPU exp2 is ~3x faster than exp): a2 = a log2(e) is formed by one fused
-op, and a row's shift is set with the same op, so the term that sets it is 2^0 = 1 exactly in forward and backward
+No host sync, forward or backward: every shape is fixed by the inputs' shapes (rows without a target take part and
+are masked out; the target cells are set by a gather and a scatter; the pairs to recompute fill a list of fixed
+length), and tau, lambda and sigma stay 0-dim tensors, never read as numbers.
+
+Numerics: tiles work in base 2 (PyTorch's CPU exp2 is ~3x faster than exp): a2 = a log2(e) is formed by the same
+ops for a row's shift and for its tile, so the term that sets it is 2^0 = 1 exactly in forward and backward
 alike and the softmax stays normalised to float32 rounding (a relative error of the shift would otherwise scale the
 whole row: at d^2 / tau ~ 1000 one float32 ulp is 1e-4). On CPU the tiles are split by columns over
 ``torch.get_num_threads()`` worker threads with PyTorch's intra-op threading off: tile-sized ops are too small to
