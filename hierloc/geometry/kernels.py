@@ -197,18 +197,18 @@ def tile_view(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     return buffer[: n_rows * n_cols].view(n_rows, n_cols)
 
 
-FLAG_PAIRS_PER_ROW = 8  # room for pairs to recompute exactly in a block: this many per row of the block, on average
-
-
+FLAG_PAIRS_PER_ROW = 8  # room for pairs to recompute exactly in a block: this many per row of the block on average,
+FLAG_CELLS_PER_PAIR = 2048  # and at least one per this many cells (wide blocks: a GPU's tile of a whole level)
 # w = 1 + m is floored here for the pairs beyond the capacity: 1 + eps keeps sinh(t) > 0, so t / sinh(t) (the
 # gradient's factor, ~1 there) stays finite; their d^2 is then ~2 eps instead of ~0.
 W_FLOOR = {torch.float32: 1.0 + torch.finfo(torch.float32).eps, torch.float64: 1.0 + torch.finfo(torch.float64).eps}
 
 
 def flag_capacity(n_rows: int, n_cols: int) -> int:
-    """How many pairs of an (n_rows, n_cols) block can be recomputed exactly: FLAG_PAIRS_PER_ROW per row (every
-    cell of a block narrower than that)."""
-    return max(1, min(n_rows * n_cols, FLAG_PAIRS_PER_ROW * n_rows))
+    """How many pairs of an (n_rows, n_cols) block can be recomputed exactly: FLAG_PAIRS_PER_ROW per row or one
+    per FLAG_CELLS_PER_PAIR cells, whichever is more (every cell of a block narrower than that)."""
+    cells = n_rows * n_cols
+    return max(1, min(cells, max(FLAG_PAIRS_PER_ROW * n_rows, cells // FLAG_CELLS_PER_PAIR)))
 
 
 def flag_operands(nx, ny, alpha, beta, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +229,7 @@ def flag_pairs(w: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, scrat
     ``unique`` (capacity,) bool: the first `capacity` pairs found (row-major), the rest of the list filled with
     copies of its first entry (or of cell 0 when none is found: recomputing a pair that needs it not is harmless),
     so that writing a value to every listed cell is deterministic, and a pair's gradient is added where
-    ``unique``. Pairs beyond the capacity keep their matrix-product value (the caller clamps w at 1).
+    ``unique``. Pairs beyond the capacity keep their matrix-product value (the caller floors w at W_FLOOR).
     """
     torch.addmm(w.new_ones(()), rows, columns, out=scratch).clamp_min_(1.0 + _SMALL_M[w.dtype])
     found = torch.nonzero_static((w < scratch).view(-1), size=capacity, fill_value=-1)[:, 0]
