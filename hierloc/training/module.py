@@ -47,6 +47,7 @@ class TrainModule(nn.Module):
         concept_output = model.concept_head(features) if model.concept_head is not None else None
         points = model.embed_features(features, entity_tangent, concept_output)
         entity_points = model.entity_points(entity_tangent)
+        # in range by construction (global ids of the model's own entity table, or -1): the loss need not read them
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():
             image_units = latlon_to_unit(lat_deg, lon_deg).float()
@@ -57,13 +58,13 @@ class TrainModule(nn.Module):
             levels = range(N_LEVELS)
             out = self.loss.forward_points(points, [entity_points[model.level_slice(level)] for level in levels],
                                            local_targets, image_units, [self._entity_units(level) for level in levels],
-                                           c=model.cfg.curvature)
+                                           c=model.cfg.curvature, check_targets=False)
         else:
             sqdists = model.level_sqdists(points, entity_points)
             with torch.no_grad():
                 # float32 units: immaterial for weights exp(-g / sigma), sigma >= 10 km (see great_circle_km)
                 geo_km = [great_circle_km(image_units, self._entity_units(level)) for level in range(N_LEVELS)]
-            out = self.loss(sqdists, local_targets, geo_km)
+            out = self.loss(sqdists, local_targets, geo_km, check_targets=False)
         if model.concept_head is not None and concepts is not None:
             out["concept_loss"] = concept_lib.concept_loss(concept_output[0], concepts)
             out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
@@ -115,16 +116,19 @@ def update_entity_features(model, features: torch.Tensor, targets: torch.Tensor,
     for level in range(N_LEVELS):
         ids = targets[:, level]
         keep = ids >= 0
-        if not keep.any():
-            continue
-        ids, feats = ids[keep], features[keep].to(buf.dtype)
+        # without a host sync (no boolean selection): rows without a target stand in for the first row with one
+        # and write its value again (rows of one entity write the same value: deterministic)
+        first = keep.to(torch.int8).argmax(dim=0, keepdim=True)  # (1,): a tensor index, never read
+        ids = torch.where(keep, ids, ids[first].clamp_min(0))
+        feats = torch.where(keep.unsqueeze(1), features.to(buf.dtype), 0.0)
         sums = torch.zeros(buf.shape[0], buf.shape[1], device=buf.device).index_add_(0, ids, feats)
-        counts = torch.zeros(buf.shape[0], device=buf.device).index_add_(0, ids, torch.ones_like(ids, dtype=buf.dtype))
-        touched = counts > 0
-        means = sums[touched] / counts[touched].unsqueeze(1)
-        rate = torch.where(seen[touched], torch.full_like(counts[touched], momentum), torch.ones_like(counts[touched]))
-        buf[touched] += rate.unsqueeze(1) * (means - buf[touched])
-        seen[touched] = True
+        counts = torch.zeros(buf.shape[0], device=buf.device).index_add_(0, ids, keep.to(buf.dtype))
+        count, old = counts[ids], buf[ids]
+        touched = count > 0
+        means = sums[ids] / count.clamp_min(1).unsqueeze(1)
+        rate = torch.where(seen[ids], torch.full_like(count, momentum), torch.ones_like(count))
+        buf[ids] = torch.where(touched.unsqueeze(1), old + rate.unsqueeze(1) * (means - old), old)
+        seen[ids] = seen[ids] | touched
 
 
 def gather_ranks(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,8 @@ class _Loop:
     saved_step: int                           # the step of the newest checkpoint on disk (-1: none)
     started: float = 0.0                      # perf_counter() when the loop began
     images_seen: int = 0
-    last_loss: float = float("nan")
+    last_loss: float = float("nan")           # read from the device at logging steps and at the end
+    loss_tensor: object = None                # the newest step's loss, a detached device tensor (not read per step)
     validation: dict = field(default_factory=dict)
     stop_signal: int = 0                      # the signal that asked the run to stop (0: none)
 
@@ -172,12 +173,17 @@ def _train_batch(run: Run, loop: _Loop, batch: dict, progress) -> None:
                                0.1)
     loop.step += 1
     loop.images_seen += int(targets.shape[0]) * runtime.world_size
-    loop.last_loss = float(result["loss"].detach())
-    if run.writer is not None and (loop.step % cfg.train.log_every == 0 or loop.step == 1):
-        _log_scalars(run.writer, loop.step, result, run.optimizers, grad_norm)
+    # the step's values stay on the device; they are read (a host sync) only at logging steps, every
+    # train.log_every steps and the first, where TensorBoard gets them and the progress bar's loss is refreshed
+    loop.loss_tensor = result["loss"].detach()
+    if loop.step % cfg.train.log_every == 0 or loop.step == 1:
+        loop.last_loss = float(loop.loss_tensor)
+        if run.writer is not None:
+            _log_scalars(run.writer, loop.step, result, run.optimizers, grad_norm)
+        if progress is not None:
+            rate = loop.images_seen / max(1e-9, time.perf_counter() - loop.started)
+            progress.set_postfix(epoch=loop.epoch, loss=f"{loop.last_loss:.3f}", img_s=f"{rate:.0f}")
     if progress is not None:
-        rate = loop.images_seen / max(1e-9, time.perf_counter() - loop.started)
-        progress.set_postfix(epoch=loop.epoch, loss=f"{loop.last_loss:.3f}", img_s=f"{rate:.0f}")
         progress.update(1)
     if loop.step % (cfg.train.checkpoint_every or loop.steps_per_epoch) == 0 or loop.step == loop.total_steps:
         save_checkpoint(run.out, run.module, run.optimizers, loop.step,
@@ -229,6 +235,8 @@ def _finish(run: Run, loop: _Loop) -> TrainSummary:
     """Place the prototypes, write the model directory, fit its calibration (with --val-csv) and write
     train_summary.json (rank 0) -> the summary."""
     _place_prototypes(run)
+    if loop.loss_tensor is not None:
+        loop.last_loss = float(loop.loss_tensor)  # the last step's loss (train_summary.json's final_loss)
     seconds = time.perf_counter() - loop.started
     runtime, out, gaz = run.runtime, run.out, run.data.gaz
     divergence = rank_divergence(run.module, runtime)
