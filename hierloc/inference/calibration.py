@@ -281,14 +281,14 @@ def fit_search_temperatures(model, points, true_paths, beam: int | None = None, 
     (`hierloc.device.all_gather_objects`): each rank searches its own points at each trial temperature, the
     outcomes are gathered, and every rank runs the same fit on all the rows (the one-process result).
     """
-    def outcomes(temperatures: np.ndarray) -> tuple[np.ndarray, ...]:
-        local = search_outcomes(model, points, true_paths, beam, flat, temperatures)
-        return local if gather is None else tuple(np.concatenate(gather(part)) for part in local)
+    def everyone(part: np.ndarray) -> np.ndarray:
+        return part if gather is None else np.concatenate(gather(part))
 
-    before, correct, valid = outcomes(np.ones(N_LEVELS))
+    before, correct, valid = (everyone(part) for part in search_outcomes(model, points, true_paths, beam, flat,
+                                                                          np.ones(N_LEVELS)))
 
     def probabilities_at(temperatures: np.ndarray) -> np.ndarray:
-        return outcomes(temperatures)[0]
+        return everyone(search_outcomes(model, points, true_paths, beam, flat, temperatures)[0])
 
     temperatures = fit_temperatures(probabilities_at, correct, valid)
     after = probabilities_at(temperatures)

@@ -63,6 +63,8 @@ def test_two_process_frozen_validation_and_calibration_equal_one_process(tiny_de
         assert got["validation"][key] == pytest.approx(value, rel=1e-5, abs=1e-9, nan_ok=True), key
     assert got["calibration"]["n"] == expected["calibration"]["n"] == 20
     for key in ("temperatures", "flat_temperatures", "ece_before", "ece_after"):
-        assert got["calibration"][key] == pytest.approx(expected["calibration"][key], rel=1e-5), key
+        # (rel 1e-3: other batches change the float32 points' last bits, which the flat NLL of 20 rows lets the
+        # fitted temperatures follow; tests/inference/test_sharded.py)
+        assert got["calibration"][key] == pytest.approx(expected["calibration"][key], rel=1e-3), key
     assert got["calibration"]["temperatures"] != [1.0] * 4
     assert json.loads((two / "calibration.json").read_text())["temperatures"] == got["calibration"]["temperatures"]
