@@ -38,7 +38,7 @@ def test_frozen_run_encodes_validation_once_then_calibrates_evaluates_predicts_a
     with caplog.at_level(logging.INFO, logger="hierloc.training.train"):
         assert main(["-q", "train", "--csv", str(tiny_demo_dir / "train.csv"), "--val-csv", str(val_csv),
                      "--out", str(out), "--no-progress", *frozen_overrides(tiny_backbone_dir),
-                     "train.epochs=2"]) == 0
+                     "train.epochs=2", "train.batch_size=48"]) == 0
     summary = json.loads((out / modeldir.TRAIN_SUMMARY_NAME).read_text())
     assert summary["epochs"] == 2
     validated = [r.getMessage() for r in caplog.records if " validation: " in r.getMessage()]
