@@ -5,8 +5,8 @@ Every rank takes its contiguous share of the table's rows (`hierloc.device.shard
 extraction), embeds it - from the rows' cached backbone features with a frozen backbone (no backbone forward), else
 from the images - and searches it. The per-row outcomes are gathered on every rank
 (`hierloc.device.all_gather_objects`; gloo and NCCL) and the metrics, or the temperatures, are computed on all the
-rows exactly as in one process (`evaluate.evaluate_model`, `evaluate.calibrate_table`). In a single process the
-share is the whole table.
+rows as in one process (`evaluate.evaluate_model`, `evaluate.calibrate_table`): the same numbers up to the float32
+rounding of embedding and searching in other batch shapes. In a single process the share is the whole table.
 
 features: an object with a feature cache's interface (`hierloc.training.features.FeatureCache`: len() = N,
 valid_mask (N,) bool, [rows] -> (k, F) float32) whose rows are the table's rows.
