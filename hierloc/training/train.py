@@ -66,12 +66,15 @@ def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None,
           calibrate: Calibrator | None = None) -> TrainSummary:
     """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers).
 
-    validate: with `inputs.val_csv`, called after every epoch on rank 0 as
-    ``validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> {metric: value}`` (the CLI passes
+    validate: with `inputs.val_csv`, called after every epoch on every rank as
+    ``validate(val_csv, cfg, model, loss_state, encoder, gazetteer, runtime, features) -> {metric: value}``
+    (rank 0's; {} on the others): each rank scores its share of the rows, from `features` (the CSV's cached
+    features, a frozen backbone; else None: the images) (the CLI passes
     `hierloc.inference.predictor.HierLoc.validation_metrics`; training itself does not depend on inference).
-    calibrate: with `inputs.val_csv`, called once on rank 0 after the model directory is written, as
-    ``calibrate(model_dir, val_csv, device)``: fits the per-level temperatures of the reported probabilities and
-    writes calibration.json (the CLI passes `HierLoc.calibrate_model_dir`)."""
+    calibrate: with `inputs.val_csv`, called once on every rank after rank 0 has written the model directory, as
+    ``calibrate(model_dir, val_csv, runtime, features)``: fits the per-level temperatures of the reported
+    probabilities, each rank searching its share of the rows, and rank 0 writes calibration.json (the CLI passes
+    `HierLoc.calibrate_in_training`)."""
     runtime = init_runtime(inputs.device)
     if runtime.device.type == "cpu" and cfg.train.reuse_cpu_memory:
         reuse_freed_cpu_memory()
@@ -193,11 +196,15 @@ def _train_batch(run: Run, loop: _Loop, batch: dict, progress) -> None:
 
 
 def _validate_epoch(run: Run, loop: _Loop) -> None:
-    """With --val-csv, rank 0 evaluates the model after the epoch (logged, and kept for the summary)."""
-    if not (run.inputs.val_csv and run.runtime.is_main):
+    """With --val-csv, every rank evaluates its share of the validation rows after the epoch; rank 0 gets the
+    metrics of all of them (logged, and kept for the summary)."""
+    if not run.inputs.val_csv:
         return
-    loop.validation = _validate(run.validate, run.module.model, run.module.loss, run.encoder, run.data.gaz,
-                                run.inputs, run.cfg, run.runtime)
+    metrics = _validate(run.validate, run.module.model, run.module.loss, run.encoder, run.data.gaz, run.inputs,
+                        run.cfg, run.runtime, run.val_features)
+    if not run.runtime.is_main:
+        return
+    loop.validation = metrics
     if run.writer is not None:
         for key, value in loop.validation.items():
             run.writer.add_scalar(f"val/{key}", value, loop.step)
@@ -246,7 +253,8 @@ def _finish(run: Run, loop: _Loop) -> TrainSummary:
             modeldir.save_model_dir(out, run.cfg, run.module.model, run.module.loss.state_dict(), run.encoder, gaz)
         if run.writer is not None:
             run.writer.close()
-        calibration = _calibrate(run)
+    barrier(runtime)
+    calibration = _calibrate(run)
     barrier(runtime)
     counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
     summary = TrainSummary(out_dir=str(out), train_csv=str(Path(run.inputs.train_csv).resolve()), steps=loop.step,
@@ -263,11 +271,14 @@ def _finish(run: Run, loop: _Loop) -> TrainSummary:
 
 
 def _calibrate(run: Run) -> dict:
-    """With --val-csv and a `calibrate` function: fit and write the model directory's calibration.json -> its
-    fields ({} otherwise)."""
+    """With --val-csv and a `calibrate` function: every rank searches its share of the validation rows (from the
+    cached features with a frozen backbone), rank 0 writes the model directory's calibration.json -> its fields
+    on rank 0 ({} otherwise)."""
     if not (run.inputs.val_csv and run.calibrate is not None):
         return {}
-    fitted = run.calibrate(str(run.out), run.inputs.val_csv, run.runtime.device)
+    fitted = run.calibrate(str(run.out), run.inputs.val_csv, run.runtime, run.val_features)
+    if not run.runtime.is_main:
+        return {}
     log.info("calibration on %s: temperatures %s", run.inputs.val_csv,
              ", ".join(f"{t:.3g}" for t in fitted.temperatures))
     return asdict(fitted)
@@ -291,7 +302,7 @@ def _log_scalars(writer, step: int, result: dict, optimizers: dict, grad_norm) -
 
 
 def _validate(validate: Validator | None, model, loss_fn, encoder, gaz, inputs: TrainInputs, cfg: Config,
-              runtime: Runtime) -> dict:
+              runtime: Runtime, features) -> dict:
     if validate is None:
         raise ValueError("train(): a val_csv needs a `validate` function (e.g. HierLoc.validation_metrics)")
-    return validate(inputs.val_csv, cfg, model, loss_fn.state_dict(), encoder, gaz, runtime.device)
+    return validate(inputs.val_csv, cfg, model, loss_fn.state_dict(), encoder, gaz, runtime, features)
