@@ -41,7 +41,7 @@ def test_all_formats_carry_the_same_answers_in_input_order(tiny_model_dir, image
     document = json.loads(out)
     records = document["predictions"]
     assert [r["image"] for r in records] == [str(p) for p in images]
-    assert document["summary"]["n_predicted"] == len(images) and document["model"]["model_dir"] == str(tiny_model_dir)
+    assert document["summary"]["n_predicted"] == len(images) and document["model"]["model_dir"] == tiny_model_dir.name
 
     _, out, _ = run(capsys, "--format", "jsonl", *common)
     assert [json.loads(line) for line in out.splitlines()] == records
