@@ -54,7 +54,7 @@ def register(subparsers) -> None:
                    help="seconds a request body may send nothing before it is refused (408)")
     p.add_argument("--body-timeout", type=float, default=120.0,
                    help="seconds a whole request body may take to arrive (then 408)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds SIGTERM or Ctrl-C waits for the requests in flight at most")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections at most (a request on one more: 503)")

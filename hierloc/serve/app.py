@@ -90,7 +90,7 @@ class Limits:
     retry_after_s: int = 1                     # the Retry-After of a 503
     stall_timeout_s: float = 10.0              # a request body sending nothing for this long -> 408, closed
     body_timeout_s: float = 120.0              # the whole request body within this -> else 408, closed
-    shutdown_timeout_s: float = 10.0           # after SIGTERM: queued requests answered for half of it, then 503;
+    shutdown_timeout_s: float = 5.0            # after SIGTERM: queued requests answered for half of it, then 503;
                                                # the server stops waiting for open connections after all of it
     max_connections: int = 256                 # open connections at most; a request on one more -> 503
 

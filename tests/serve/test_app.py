@@ -399,6 +399,21 @@ def test_a_request_that_waits_longer_than_the_timeout_is_504(model, tiny_model_d
         assert client.post("/predict", files=uploads(images[:1])).status_code == 200   # the worker lives on
 
 
+def test_once_the_server_is_stopping_health_and_new_requests_are_503_and_close_the_connection(model, tiny_model_dir,
+                                                                                               images):
+    app = create_app(model, tiny_model_dir)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/predict", files=uploads(images[:1])).status_code == 200
+        client.portal.call(app.state.begin_shutdown)     # what hierloc.serve.server calls on SIGTERM
+        health = client.get("/health")
+        refused = client.post("/predict", files=uploads(images[:1]))
+    assert health.status_code == 503 and health.json()["status"] == "shutting down"
+    assert health.headers["connection"] == "close"
+    assert_json_error(refused, 503, "shutting down")
+    assert refused.headers["connection"] == "close" and refused.headers["retry-after"] == "1"
+
+
 def test_an_internal_error_is_a_one_line_json_500_without_traceback(model, tiny_model_dir, images):
     app = create_app(model, tiny_model_dir)
     with TestClient(app, raise_server_exceptions=False) as client:
