@@ -22,6 +22,8 @@ from typing import Iterator
 
 import uvicorn
 
+from hierloc.serve.app import Limits
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -63,7 +65,7 @@ class DrainingServer(uvicorn.Server):
 def server_for(app, host: str, port: int, log_level: str = "warning") -> DrainingServer:
     """The server of `app` (from `create_app`: its limits and `begin_shutdown` are read from app.state) on
     host:port (port 0: a free one, read from ``server.servers[0].sockets`` once ``server.started``)."""
-    limits = app.state.limits
+    limits: Limits = app.state.limits
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             limit_concurrency=limits.max_connections,
                             timeout_graceful_shutdown=limits.shutdown_timeout_s)
