@@ -429,7 +429,11 @@ def test_an_internal_error_is_a_one_line_json_500_without_traceback(model, tiny_
 # ----------------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("argv, message", [(["--max-upload-mb", "0"], "--max-upload-mb"),
                                            (["--max-queue", "0"], "--max-queue"), (["--timeout", "-1"], "--timeout"),
-                                           (["--port", "70000"], "--port"), (["--threads", "-1"], "--threads")])
+                                           (["--port", "70000"], "--port"), (["--threads", "-1"], "--threads"),
+                                           (["--stall-timeout", "0"], "--stall-timeout"),
+                                           (["--body-timeout", "-5"], "--body-timeout"),
+                                           (["--shutdown-timeout", "0"], "--shutdown-timeout"),
+                                           (["--max-connections", "0"], "--max-connections")])
 def test_serve_refuses_bad_limits_in_one_line(tiny_model_dir, capsys, argv, message):
     code = main(["serve", "--model", str(tiny_model_dir), *argv])
     err = capsys.readouterr().err
