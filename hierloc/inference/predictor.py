@@ -51,6 +51,7 @@ from hierloc.data.prediction import is_path_like, load_pixels, make_item, path_b
 from hierloc.device import Runtime, encoder_autocast, pin_memory_for, to_device
 from hierloc.errors import InputError
 from hierloc.inference import evaluate, sharded
+from hierloc.inference.names import path_name
 from hierloc.inference.familiarity import FamiliarityCalibration, calibrate_result, point_signals
 from hierloc.inference.answers import (Alternative, ExifPosition, Failure, LevelAnswer, Prediction, SetMember,
                                        check_options, cut_paths, deepest_entity)
@@ -193,15 +194,19 @@ class HierLoc:
         return modeldir.write_model_dir(out_dir, parts, overwrite=overwrite)
 
     def describe(self) -> dict:
-        """Where the model comes from: model dir, backbone, geometry, gazetteer and training data (JSON-able)."""
+        """Where the model comes from: model dir, backbone, geometry, gazetteer and training data (JSON-able).
+        Files and directories are named by their base names (`names.path_name`), never by absolute paths: the
+        description is what `hierloc serve` shows its clients."""
         gaz = self.gazetteer
         counts = {name: int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i, name in enumerate(LEVELS)}
         source = gaz.metadata.get("source") or {}
         summary = self._read_train_summary()
-        training = {"csv": summary.get("train_csv") or (source.get("path") if source.get("kind") == "csv" else None),
+        train_csv = summary.get("train_csv") or (source.get("path") if source.get("kind") == "csv" else None)
+        training = {"csv": path_name(train_csv),
                     "n_images": summary.get("n_train", source.get("n_points")),
                     "epochs": summary.get("epochs"), "steps": summary.get("steps")}
-        return {"model_dir": self.source, "hierloc_version": __version__, "backbone": self.cfg.model.backbone,
+        return {"model_dir": path_name(self.source), "hierloc_version": __version__,
+                "backbone": path_name(self.cfg.model.backbone),
                 "feature_dim": int(self.model.feature_dim), "embed_dim": int(self.cfg.model.embed_dim),
                 "geometry": self.cfg.model.geometry, "gazetteer_hash": gaz.content_hash,
                 "gazetteer_entities": counts, "training": training, "calibration": self.describe_calibration()}
@@ -212,7 +217,8 @@ class HierLoc:
         if not (self.calibrated and self.calibration is not None):
             return None
         c = self.calibration
-        return {"temperatures": c.temperatures, "flat_temperatures": c.flat_temperatures, "fitted_on": c.fitted_on,
+        fitted_on = ", ".join(path_name(name) for name in c.fitted_on.split(", ")) if c.fitted_on else c.fitted_on
+        return {"temperatures": c.temperatures, "flat_temperatures": c.flat_temperatures, "fitted_on": fitted_on,
                 "n": c.n}
 
     def report_temperatures(self, flat: bool = False) -> list[float] | None:
