@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -156,13 +157,20 @@ def all_reduce_sum(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
     return work.to(tensor.device)
 
 
-def all_gather_objects(runtime: Runtime, value) -> list:
-    """[value of rank 0, value of rank 1, ...] on every rank (picklable values; [value] in a single process)."""
+def shard_bounds(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) rows of `rank` when n_rows are split over world_size ranks: contiguous, in rank order, sizes
+    differ by at most one (feature extraction, validation and calibration all split this way)."""
+    return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
+
+
+def all_gather_objects(runtime: Runtime, value: Any) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank ([value] in a single process). A collective:
+    every rank of the group must call it (gloo and NCCL)."""
     if not (runtime.distributed and torch.distributed.is_initialized()):
         return [value]
-    gathered = [None] * runtime.world_size
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
+    values: list = [None] * runtime.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             min_images=args.min_images, device=args.device, resume=args.resume, overwrite=args.overwrite,
             cache_dir=args.cache_dir, progress=not args.no_progress, allow_download=args.allow_download,
             on_bad=args.on_bad),
-            validate=HierLoc.validation_metrics, calibrate=HierLoc.calibrate_model_dir)
+            validate=HierLoc.validation_metrics, calibrate=HierLoc.calibrate_in_training)
     except TrainingInterrupted as stopped:
         # SIGINT/SIGTERM: a checkpoint was written; say how to resume, exit 128 + the signal (130 / 143).
         # Another rank lost: every survivor says so (rank 0 may be the lost one), exit 1.

@@ -247,10 +247,11 @@ def pairwise_sqdist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torc
     3. The matrix form is inaccurate where ||x - y||^2 is small compared with |x|^2 + |y|^2 (cancellation: an
        absolute error of ~6 eps (|x|^2 + |y|^2), amplified by 1/(1 - c|x|^2) near the boundary) and where m is
        so small that 1 + m drops its digits. Pairs with ||x - y||^2 < kappa (|x|^2 + |y|^2) or m < m_min
-       (kappa = 0.03, m_min = 1e-2 in float32; 1e-5, 1e-6 in float64) are located with min-reductions against
-       a per-row bound (one read pass over w when no row can contain such a pair, two otherwise), confirmed
-       with the exact per-pair threshold, and recomputed in float64 from the differences x_i - y_j with
-       d = (2/sqrt(c)) arsinh(sqrt(m/2)), which has no cancellation at all.
+       (kappa = 0.03, m_min = 1e-2 in float32; 1e-5, 1e-6 in float64) are located per block by comparing w with
+       the per-pair threshold (formed by a K = 2 matrix product) into a list of fixed length (8 pairs per row of
+       the block on average: no data-dependent shape, so no host sync), and recomputed in float64 from the
+       differences x_i - y_j with d = (2/sqrt(c)) arsinh(sqrt(m/2)), which has no cancellation at all. Pairs beyond
+       the list (more than that many close pairs in a block) keep their matrix-product value, w floored at 1 + eps.
 
     Accuracy contract: |d - d_ref| <= rtol max(d_ref, floor) for every pair, d_ref the exact distance of the
     (float32) inputs, rtol = 1e-4. A floor is natural for float32 inputs - one ulp of a coordinate near the float32
@@ -262,7 +263,7 @@ def pairwise_sqdist(x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0) -> torc
 
     Clamps: 1 - c|x|^2 is floored at 1e-15 (points on/outside the boundary give huge, in float32 possibly
     infinite, distances - project first); no clamp is needed under sqrt or log because every pair that reaches
-    them has w >= 1 + m_min (the others get a placeholder and their exact value).
+    them has w >= 1 + eps (the pairs to recompute get a placeholder and their exact value).
 
     Gradients are analytic (a custom autograd Function, first order only): two matrix products plus blocked
     elementwise passes, and exact float64 gradients for the recomputed pairs; finite everywhere inside the ball

@@ -197,64 +197,69 @@ def tile_view(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     return buffer[: n_rows * n_cols].view(n_rows, n_cols)
 
 
-def limit_rows(nx, ny, alpha, beta, dtype) -> torch.Tensor:
-    """Per row (B, 1) in ``dtype``: a bound on w = 1 + m below which a row may hold a pair to recompute exactly
-    (``_flag_block``): 1 + max(kappa alpha_i (|x_i|^2 + max|y|^2) max beta, m_min)."""
-    kappa, small_m = _CANCEL_REL[dtype], _SMALL_M[dtype]
-    return (1.0 + (kappa * alpha * (nx + ny.max()) * beta.max()).clamp_min(small_m)).to(dtype)
+FLAG_PAIRS_PER_ROW = 8  # room for pairs to recompute exactly in a block: this many per row of the block on average,
+FLAG_CELLS_PER_PAIR = 2048  # and at least one per this many cells (wide blocks: a GPU's tile of a whole level)
+# w = 1 + m is floored here for the pairs beyond the capacity: 1 + eps keeps sinh(t) > 0, so t / sinh(t) (the
+# gradient's factor, ~1 there) stays finite; their d^2 is then ~2 eps instead of ~0.
+W_FLOOR = {torch.float32: 1.0 + torch.finfo(torch.float32).eps, torch.float64: 1.0 + torch.finfo(torch.float64).eps}
 
 
-def arcosh_block(left, right, start: int, w, s, t, row_limit, nx, ny, alpha, beta, placeholder: float = 2.0,
-                  skip: torch.Tensor | None = None):
-    """One block of t = arcosh(1 + m) = sqrt(c) d from the matrix product: left (R, D + 3) and the block's rows
-    right (C, D + 3) of ``poincare_operands`` (columns start .. start + C of the level); nx, alpha, row_limit are
-    the R rows'; ny, beta every column's. Writes w (R, C) <- exp(t), s (R, C) <- sinh(t) = sqrt(w^2 - 1) and
-    t (R, C) (may be w itself) <- t. The pairs to recompute exactly (``_flag_block``) are returned as (i, j) with j
-    relative to the block (or None); they get the placeholder w = ``placeholder`` (their w may be < 1, where sqrt
-    would give NaN, which is also slow on some CPUs), so their t and s are meaningless until the caller writes
-    them. ``skip``: flat indices of cells the caller handles itself; they get the placeholder before the search.
+def flag_capacity(n_rows: int, n_cols: int) -> int:
+    """How many pairs of an (n_rows, n_cols) block can be recomputed exactly: FLAG_PAIRS_PER_ROW per row or one
+    per FLAG_CELLS_PER_PAIR cells, whichever is more (every cell of a block narrower than that)."""
+    cells = n_rows * n_cols
+    return max(1, min(cells, max(FLAG_PAIRS_PER_ROW * n_rows, cells // FLAG_CELLS_PER_PAIR)))
+
+
+def flag_operands(nx, ny, alpha, beta, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the threshold of ``flag_pairs``: rows (B, 2) = kappa alpha_i [|x_i|^2, 1] and columns
+    (2, N) = [beta_j, beta_j |y_j|^2], in ``dtype``: (rows @ columns)_ij = kappa alpha_i beta_j (|x_i|^2 + |y_j|^2)."""
+    rows = _CANCEL_REL[dtype] * alpha * torch.cat([nx, torch.ones_like(nx)], dim=1)
+    columns = torch.cat([beta, beta * ny], dim=1).T
+    return rows.to(dtype), columns.to(dtype).contiguous()
+
+
+def flag_pairs(w: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, scratch: torch.Tensor,
+               capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of a block w (R, C) of 1 + m to recompute exactly, found without a host sync (fixed shapes).
+
+    A pair is taken when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2), m_min) (its matrix-product value may be
+    inaccurate, see pairwise_sqdist), the threshold formed from ``flag_operands`` (the block's rows (R, 2) and
+    columns (2, C)) by one K = 2 product into scratch (R, C). Returns flat indices into the block (capacity,) and
+    ``unique`` (capacity,) bool: the first `capacity` pairs found (row-major), the rest of the list filled with
+    copies of its first entry (or of cell 0 when none is found: recomputing a pair that needs it not is harmless),
+    so that writing a value to every listed cell is deterministic, and a pair's gradient is added where
+    ``unique``. Pairs beyond the capacity keep their matrix-product value (the caller floors w at W_FLOOR).
     """
-    dtype = w.dtype
+    torch.addmm(w.new_ones(()), rows, columns, out=scratch).clamp_min_(1.0 + _SMALL_M[w.dtype])
+    found = torch.nonzero_static((w < scratch).view(-1), size=capacity, fill_value=-1)[:, 0]
+    real = found >= 0
+    flat = torch.where(real, found, found[:1].clamp_min(0))
+    unique = real.clone()
+    unique[0] = True
+    return flat, unique
+
+
+def arcosh_block(left, right, w, s, t, flag_rows, flag_columns, placeholder: float = 2.0, fill=None):
+    """One block of t = arcosh(1 + m) = sqrt(c) d from the matrix product: left (R, D + 3) and the block's rows
+    right (C, D + 3) of ``poincare_operands``; flag_rows (R, 2), flag_columns (2, C) the block's share of
+    ``flag_operands``. Writes w (R, C) <- exp(t), s (R, C) <- sinh(t) = sqrt(w^2 - 1) and t (R, C) (may be w
+    itself) <- t. The pairs to recompute exactly (``flag_pairs``) are returned as (flat indices, unique); they get
+    the placeholder w = ``placeholder`` (their w may be < 1, where sqrt would give NaN, which is also slow on some
+    CPUs), so their t and s are meaningless until the caller writes them. ``fill(w)``: the caller's own cells
+    (e.g. placeholders), applied before the search.
+    """
     torch.mm(left, right.T, out=w)
-    if skip is not None:
-        w.view(-1).index_fill_(0, skip, placeholder)
-    flagged = _flag_block(w, start, row_limit, nx, ny, alpha, beta, _CANCEL_REL[dtype], _SMALL_M[dtype])
-    if flagged is not None:
-        w[flagged] = placeholder
+    if fill is not None:
+        fill(w)
+    flat, unique = flag_pairs(w, flag_rows, flag_columns, s, flag_capacity(*w.shape))
+    w.view(-1).index_fill_(0, flat, placeholder)
+    w.clamp_min_(W_FLOOR[w.dtype])  # pairs beyond the capacity (m may be < 0 there)
     torch.addcmul(w.new_full((), -1.0), w, w, out=s)  # w^2 - 1
     s.sqrt_()  # sinh(t)
     w.add_(s)  # w + sqrt(w^2 - 1) = exp(t)
     torch.log(w, out=t)
-    return flagged
-
-
-def _flag_block(w, start, row_limit, nx, ny, alpha, beta, kappa, small_m):
-    """Pairs of a block w (B, C) of 1 + m (columns start .. start + C) to recompute exactly -> (i, j) with j
-    relative to the block, or None. A pair is recomputed when m < max(kappa alpha_i beta_j (|x_i|^2 + |y_j|^2),
-    m_min); candidates are found with min-reductions (``_below``) and confirmed in float64.
-
-    Rows are screened against ``row_limit``, which uses the largest beta of all columns: loose when some entities
-    sit near the boundary (beta up to ~125 at the float32 margin), where a third of all entries could pass. In the
-    rows that pass, the candidates are therefore searched in (w - 1) / beta_j = alpha_i |x_i - y_j|^2 (one more pass
-    over those rows) against alpha_i max(kappa (|x_i|^2 + max|y|^2), m_min), which holds every pair to recompute
-    (beta_j >= 1) and hardly any other."""
-    rows = (w.amin(dim=1, keepdim=True) < row_limit).nonzero()[:, 0]
-    if rows.numel() == 0:
-        return None
-    sub = w if rows.numel() == w.shape[0] else w.index_select(0, rows)
-    inv_beta = (1.0 / beta[start : start + w.shape[1], 0]).to(w.dtype)
-    scaled = torch.addcmul(-inv_beta, sub, inv_beta)  # (w - 1) / beta_j
-    limit = (kappa * alpha[rows] * (nx[rows] + ny.max())).clamp_min(small_m) * (1.0 + 1e-5)  # rounding margin
-    candidates = _below(scaled, limit.to(w.dtype))
-    if candidates is None:
-        return None
-    i, j = rows[candidates[0]], candidates[1]
-    jg = j + start
-    threshold = kappa * alpha[i, 0] * beta[jg, 0] * (nx[i, 0] + ny[jg, 0])
-    keep = w[i, j].double() - 1.0 < threshold.clamp_min(small_m)
-    if not bool(keep.any()):
-        return None
-    return i[keep], j[keep]
+    return flat, unique
 
 
 class PairwisePoincare(torch.autograd.Function):
@@ -271,10 +276,10 @@ class PairwisePoincare(torch.autograd.Function):
             pairs = []
             if out.numel():
                 pairs = _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared, c)
-            ii = torch.cat([p[0] for p in pairs]) if pairs else _no_pairs(x.device)[0]
-            jj = torch.cat([p[1] for p in pairs]) if pairs else _no_pairs(x.device)[1]
-            if ii.numel():
-                logger.debug("pairwise distance: %d of %d pairs recomputed exactly", ii.numel(), out.numel())
+            ii, jj = _no_pairs(x.device)
+            unique = torch.empty(0, dtype=torch.bool, device=x.device)
+            if pairs:  # every recomputed pair (duplicates of one pair get the same value: deterministic)
+                ii, jj, unique = (torch.cat(parts) for parts in zip(*pairs))
                 x64 = x.detach().double()
                 for i, j in pair_chunks(ii, jj):
                     t = exact_pairs(x64, y, a, b, i, j, c)[0]
@@ -283,13 +288,13 @@ class PairwisePoincare(torch.autograd.Function):
                     ratio[ii, jj] = 0.0  # exact gradients in backward
         if keep_for_backward:
             ctx.c, ctx.squared = c, squared
-            ctx.save_for_backward(x, y, left, right, ratio, nx, ny, ii, jj)
+            ctx.save_for_backward(x, y, left, right, ratio, nx, ny, ii, jj, unique)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, y, left, right, ratio, nx, ny, ii, jj = ctx.saved_tensors
+        x, y, left, right, ratio, nx, ny, ii, jj, unique = ctx.saved_tensors
         c, squared = ctx.c, ctx.squared
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_x or need_y):
@@ -323,22 +328,24 @@ class PairwisePoincare(torch.autograd.Function):
             grad_y = columns_grad(y, ny, b, u, c, k_s, dtype) if need_y else None
             if ii.numel():
                 x64 = x.detach().double()
-                for i, j in pair_chunks(ii, jj):
-                    add_exact_pair_grads(grad_x, grad_y, x64, y, a, b, i, j, grad[i, j].double(), c, squared)
+                for k, _ in pair_chunks(torch.arange(ii.numel(), device=x.device), ii):
+                    i, j = ii[k], jj[k]  # a pair listed more than once counts once
+                    pair_grad = torch.where(unique[k], grad[i, j].double(), 0.0)
+                    add_exact_pair_grads(grad_x, grad_y, x64, y, a, b, i, j, pair_grad, c, squared)
         return grad_x, grad_y, None, None, None, None
 
 
 def _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared: bool, c: float) -> list:
     """Fill ``out`` (B, N) (and ``ratio``, if given, with t / sinh(t) or 1 / sinh(t)) one block of columns at a
-    time, and return the pairs (i, j) to recompute exactly as a list of (i, j) index tensors.
+    time, and return the pairs to recompute exactly as a list of (i, j, unique) tensors per block (``flag_pairs``).
 
     Per block (B, C) of ~_BLOCK_ELEMENTS elements, everything stays in cache: the matrix product of ``left`` with
-    the block's rows of ``right`` gives w = 1 + m; the pairs to recompute (see ``_flag_block``) get the placeholder
+    the block's rows of ``right`` gives w = 1 + m; the pairs to recompute (see ``flag_pairs``) get the placeholder
     w = 2 (their w may be < 1, where sqrt would give NaN, which is also slow on some CPUs); then
     s = sqrt(w^2 - 1) = sinh(t), exp(t) = w + s, t = log(exp(t)) (= sqrt(c) d), written straight into ``out``.
     """
     dtype = out.dtype
-    row_limit = limit_rows(nx, ny, alpha, beta, dtype)
+    flag_rows, flag_columns = flag_operands(nx, ny, alpha, beta, dtype)
     n_rows, n_cols = out.shape
     width, blocks = _column_blocks(n_rows, n_cols)
     w_space, s_space = out.new_empty(n_rows * width), out.new_empty(n_rows * width)
@@ -347,9 +354,8 @@ def _poincare_columns(left, right, out, ratio, nx, ny, alpha, beta, squared: boo
     for start, stop in blocks:
         w, s = tile_view(w_space, n_rows, stop - start), tile_view(s_space, n_rows, stop - start)
         t = out[:, start:stop]
-        flagged = arcosh_block(left, right[start:stop], start, w, s, t, row_limit, nx, ny, alpha, beta)
-        if flagged is not None:
-            pairs.append((flagged[0], flagged[1] + start))
+        flat, unique = arcosh_block(left, right[start:stop], w, s, t, flag_rows, flag_columns[:, start:stop])
+        pairs.append((torch.div(flat, stop - start, rounding_mode="floor"), flat % (stop - start) + start, unique))
         if ratio is not None:
             if squared:
                 torch.div(t, s, out=ratio[:, start:stop])

@@ -30,6 +30,7 @@ true point has no entity at that level) are left out of that level.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -38,6 +39,8 @@ from gazetteer.schema import LEVELS, N_LEVELS
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
 
 N_BINS = 15
 # Temperatures are searched in [T_MIN, T_MAX]: wider than any useful correction (x100 sharper or flatter).
@@ -269,17 +272,23 @@ def search_outcomes(model, points, true_paths, beam: int | None = None, flat: bo
     return level_outcomes(paths, probs, true_paths)
 
 
-def fit_search_temperatures(model, points, true_paths, beam: int | None = None, flat: bool = False
-                            ) -> dict[str, np.ndarray]:
+def fit_search_temperatures(model, points, true_paths, beam: int | None = None, flat: bool = False,
+                            gather=None) -> dict[str, np.ndarray]:
     """Per-level temperatures of one search (beam or flat) fitted on (N, D) points with known true paths (N, 4).
 
     Returns {"temperatures" (4,), "ece_before", "ece_after", "nll_before", "nll_after" (4,)} (before = T = 1).
+    gather: when the points are one rank's share of the rows, ``gather(array)`` -> every rank's array in rank order
+    (`hierloc.device.all_gather_objects`): each rank searches its own points at each trial temperature, the
+    outcomes are gathered, and every rank runs the same fit on all the rows (the one-process result).
     """
-    ones = np.ones(N_LEVELS)
-    before, correct, valid = search_outcomes(model, points, true_paths, beam, flat, ones)
+    def everyone(part: np.ndarray) -> np.ndarray:
+        return part if gather is None else np.concatenate(gather(part))
+
+    before, correct, valid = (everyone(part) for part in search_outcomes(model, points, true_paths, beam, flat,
+                                                                          np.ones(N_LEVELS)))
 
     def probabilities_at(temperatures: np.ndarray) -> np.ndarray:
-        return search_outcomes(model, points, true_paths, beam, flat, temperatures)[0]
+        return everyone(search_outcomes(model, points, true_paths, beam, flat, temperatures)[0])
 
     temperatures = fit_temperatures(probabilities_at, correct, valid)
     after = probabilities_at(temperatures)
@@ -290,6 +299,25 @@ def fit_search_temperatures(model, points, true_paths, beam: int | None = None, 
 
     return {"temperatures": temperatures, "ece_before": eces(before), "ece_after": eces(after),
             "nll_before": binary_nll(before, correct, valid), "nll_after": binary_nll(after, correct, valid)}
+
+
+def search_temperature_fields(model, points, true_paths, beam: int | None = None, flat: bool = True,
+                              gather=None) -> dict[str, list[float]]:
+    """The temperature fields of a `modeldir.Calibration`: temperatures, ece_before, ece_after (4,) of beam search
+    and, with ``flat``, flat_temperatures, flat_ece_before, flat_ece_after (`fit_search_temperatures`, same
+    arguments; the flat fit uses the model's flat search)."""
+    fits = {"": fit_search_temperatures(model, points, true_paths, beam=beam, flat=False, gather=gather)}
+    if flat:
+        fits["flat_"] = fit_search_temperatures(model, points, true_paths, flat=True, gather=gather)
+    fields: dict[str, list[float]] = {}
+    for prefix, fit in fits.items():
+        fields[f"{prefix}temperatures"] = [float(t) for t in fit["temperatures"]]
+        fields[f"{prefix}ece_before"] = [float(e) for e in fit["ece_before"]]
+        fields[f"{prefix}ece_after"] = [float(e) for e in fit["ece_after"]]
+    for name in ("ece_before", "ece_after"):
+        logger.info("calibration %s (beam, %s): %s", name, ", ".join(LEVELS),
+                    ", ".join(f"{e:.4f}" for e in fields[name]))
+    return fields
 
 
 def search_reliability_tables(model, points, true_paths, beam: int | None = None, flat: bool = False,

@@ -122,10 +122,12 @@ def _points_of(gaz, paths: np.ndarray) -> dict[str, np.ndarray]:
 
 def predict_table(model, table, beam: int | None = None, flat: bool = False, min_prob: float | None = None,
                   max_level: str = "city", batch_size: int = 64, num_workers: int = 0, progress: bool = False,
-                  keep_points: bool = False) -> dict[str, Any]:
+                  keep_points: bool = False, embedded=None) -> dict[str, Any]:
     """Stream an ImageTable through the model: `paths_from_points`' arrays for all N rows plus ok (N,) bool
     (False = unreadable image; its path is all -1) and errors {row index: reason}. Memory: O(N) small arrays;
-    with keep_points also "points" (N, D) float32, the image points (zeros where unreadable)."""
+    with keep_points also "points" (N, D) float32, the image points (zeros where unreadable).
+    embedded: the image points already at hand, as `_embedded_batches` yields them (e.g. from cached backbone
+    features; rows never yielded count as unreadable): the images are then not read."""
     n = len(table)
     out: dict[str, Any] = {"paths": np.full((n, N_LEVELS), -1, dtype=np.int64),
                            "best_paths": np.full((n, N_LEVELS), -1, dtype=np.int64),
@@ -134,9 +136,10 @@ def predict_table(model, table, beam: int | None = None, flat: bool = False, min
     if keep_points:
         out["points"] = torch.zeros(n, int(model.cfg.model.embed_dim), dtype=torch.float32)
         out["novelty"] = np.full(n, np.nan)
-    for index, embedded, novelty in _embedded_batches(model, table, out["errors"], batch_size, num_workers,
-                                                      progress):
-        answer = paths_from_points(model, embedded, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
+    if embedded is None:
+        embedded = _embedded_batches(model, table, out["errors"], batch_size, num_workers, progress)
+    for index, points, novelty in embedded:
+        answer = paths_from_points(model, points, beam=beam, flat=flat, min_prob=min_prob, max_level=max_level,
                                    batch_size=len(index), novelty=novelty)
         if keep_points and novelty is not None:
             out["novelty"][index] = novelty
@@ -144,7 +147,7 @@ def predict_table(model, table, beam: int | None = None, flat: bool = False, min
             out[key][index] = answer[key]
         out["ok"][index] = True
         if keep_points:
-            out["points"][torch.from_numpy(index)] = embedded.float().cpu()
+            out["points"][torch.from_numpy(index)] = points.float().cpu()
     return {**out, **_points_of(model.gazetteer, out["paths"])}
 
 
@@ -312,17 +315,8 @@ def calibrate_table(model, table, beam: int | None = None, flat: bool = True, ba
     true_lat, true_lon = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
     true_paths = model.gazetteer.locate(true_lat, true_lon)
     searcher = familiarity_fit.CachedSearch(model, points)
-    fits = {"": calibration.fit_search_temperatures(searcher, searcher.points, true_paths, beam=beam, flat=False)}
-    if flat:
-        fits["flat_"] = calibration.fit_search_temperatures(searcher, searcher.points, true_paths, flat=True)
-    fields: dict[str, Any] = {}
-    for prefix, fit in fits.items():
-        fields[f"{prefix}temperatures"] = [float(t) for t in fit["temperatures"]]
-        fields[f"{prefix}ece_before"] = [float(e) for e in fit["ece_before"]]
-        fields[f"{prefix}ece_after"] = [float(e) for e in fit["ece_after"]]
-    for name in ("ece_before", "ece_after"):
-        logger.info("calibration %s (beam, %s): %s", name, ", ".join(LEVELS),
-                    ", ".join(f"{e:.4f}" for e in fields[name]))
+    fields: dict[str, Any] = calibration.search_temperature_fields(searcher, searcher.points, true_paths, beam=beam,
+                                                                   flat=flat)
     n_unlike = 0
     if train_table is not None:
         train_points, train_ok, _, train_feats = embed_table(model, train_table, batch_size=batch_size,

@@ -40,6 +40,7 @@ from hierloc.data.exif import read_gps
 from hierloc.device import encoder_autocast, to_device
 from hierloc.errors import InputError
 from hierloc.inference import familiarity
+from hierloc.inference.names import path_name
 from hierloc.model.concepts import VOCABULARY_FILE, ConceptVocabulary
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,9 @@ def table_of(gaz) -> dict:
 # ------------------------------------------------------------------------------------------------- provenance
 def model_provenance(model_dir: str | Path) -> dict:
     """What produced a model directory: backbone, training size and steps, gazetteer, training data (when
-    recorded), read from config.json/run_config.json, train_summary.json and gazetteer/metadata.json."""
+    recorded), read from config.json/run_config.json, train_summary.json and gazetteer/metadata.json. Files and
+    directories are named by their base names (`names.path_name`): the provenance is shown to the server's
+    clients and drawn in the map's header."""
     root = Path(model_dir)
 
     def read(name: str) -> dict:
@@ -275,14 +278,14 @@ def model_provenance(model_dir: str | Path) -> dict:
     summary = read("train_summary.json")
     gaz_meta = read("gazetteer/metadata.json")
     model_cfg = config.get("model", {}) if isinstance(config, dict) else {}
-    out = {"model_dir": str(root), "backbone": model_cfg.get("backbone"), "pretrained": model_cfg.get("pretrained"),
+    out = {"model_dir": path_name(root), "backbone": path_name(model_cfg.get("backbone")), "pretrained": model_cfg.get("pretrained"),
            "geometry": model_cfg.get("geometry"), "n_train_images": summary.get("n_train"),
            "steps": summary.get("steps"), "epochs": summary.get("epochs"),
            "gazetteer_entities_per_level": gaz_meta.get("counts_per_level"),
            "gazetteer_source": (gaz_meta.get("source") or {}).get("kind")}
     train_csv = summary.get("train_csv") or (config.get("data", {}) if isinstance(config, dict) else {}).get("train_csv")
     if train_csv:
-        out["train_csv"] = str(train_csv)
+        out["train_csv"] = path_name(train_csv)
         meta_path = Path(str(train_csv)).parent / "metadata.json"
         try:
             kind = json.loads(meta_path.read_text(encoding="utf-8")).get("kind")
@@ -362,7 +365,7 @@ def explain_images(hl, images: Sequence, model_dir: str | Path | None = None, to
         vocabulary, profiles = load_concept_parts(hl, model_dir)
     elif getattr(hl.model, "concept_head", None) is None:
         raise ValueError("concept vocabulary/profiles given but the model has no concept_head")
-    prov = model_provenance(model_dir) if model_dir is not None else {"model_dir": hl.source}
+    prov = model_provenance(model_dir) if model_dir is not None else {"model_dir": path_name(hl.source)}
     gaz = hl.gazetteer
     table = table_of(gaz)
     hl.model.eval()

@@ -208,22 +208,34 @@ def fit_familiarity(model, points: torch.Tensor, features: np.ndarray, true_path
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _set_metrics(prefix: str, sets: list, true_paths: np.ndarray) -> dict[str, float]:
+def _set_rows(sets: list, true_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and level: does the set hold the true entity (1/0), and the set's size; (N, 4) float64 each, NaN
+    where the row has no true entity at that level."""
+    hit = np.full((len(sets), N_LEVELS), np.nan)
+    size = np.full((len(sets), N_LEVELS), np.nan)
+    for row, levels in enumerate(sets):
+        for level in range(N_LEVELS):
+            if true_paths[row, level] >= 0:
+                hit[row, level] = float((levels[level][0] == true_paths[row, level]).any())
+                size[row, level] = float(len(levels[level][0]))
+    return hit, size
+
+
+def _set_metrics(prefix: str, hit: np.ndarray, size: np.ndarray) -> dict[str, float]:
     """<prefix>coverage_<level>, <prefix>size_<level>: the share of rows (with a true entity) whose set holds it,
-    and the mean set size."""
+    and the mean set size (`_set_rows`' arrays)."""
     out = {}
     for level, name in enumerate(LEVELS):
-        rows = np.flatnonzero(true_paths[:, level] >= 0)
-        hits = [bool((sets[r][level][0] == true_paths[r, level]).any()) for r in rows]
-        out[f"{prefix}coverage_{name}"] = float(np.mean(hits)) if len(rows) else math.nan
-        out[f"{prefix}size_{name}"] = float(np.mean([len(sets[r][level][0]) for r in rows])) if len(rows) else math.nan
+        rows = ~np.isnan(hit[:, level])
+        out[f"{prefix}coverage_{name}"] = float(np.mean(hit[rows, level])) if rows.any() else math.nan
+        out[f"{prefix}size_{name}"] = float(np.mean(size[rows, level])) if rows.any() else math.nan
     return out
 
 
 def sets_and_radius_summary(model, points: torch.Tensor, true_paths: np.ndarray, true_lat: np.ndarray,
                             true_lon: np.ndarray, beam: int | None = None, flat: bool = False,
-                            coverage: float = RADIUS_QUANTILE, novelty: np.ndarray | None = None
-                            ) -> dict[str, float]:
+                            coverage: float = RADIUS_QUANTILE, novelty: np.ndarray | None = None,
+                            gather=None) -> dict[str, float]:
     """What a user acts on, measured on labelled points (N, D) (keys in docs/calibration.md):
 
     set_coverage_<level>, set_size_<level>: the ``coverage`` prediction sets of the reported probabilities;
@@ -231,7 +243,39 @@ def sets_and_radius_summary(model, points: torch.Tensor, true_paths: np.ndarray,
     radius90_coverage, radius90_median_km, and the references fitted beside it: conformal_set_*, topk_set_*
     (fixed k per level), fixed_radius_coverage / fixed_radius_km, ece_temperature_<level> (the ECE with one
     temperature per level).
+    gather: when the rows are one rank's share of a table split across ranks, ``gather(array)`` -> every rank's
+    array in rank order (`hierloc.device.all_gather_objects`); the per-row outcomes are gathered and the summary
+    is that of all the rows, the same as in one process.
     """
+    rows = _summary_rows(model, points, true_paths, true_lat, true_lon, beam, flat, coverage, novelty)
+    if gather is not None:
+        rows = {name: np.concatenate(gather(values)) for name, values in rows.items()}
+    out = _set_metrics("set_", rows["set_hit"], rows["set_size"])
+    for level, name in enumerate(LEVELS):
+        answered = rows["paths"][:, level] >= 0
+        out[f"mean_prob_{name}"] = float(rows["p_answer"][answered, level].mean()) if answered.any() else math.nan
+    fitted = model.search_calibration(flat)
+    if fitted is None:
+        return out
+    out["radius90_coverage"] = float(np.mean(rows["error_km"] <= rows["radius"]))
+    out["radius90_median_km"] = float(np.median(rows["radius"]))
+    out.update(_set_metrics("conformal_set_", rows["conformal_hit"], rows["conformal_size"]))
+    out.update(_set_metrics("topk_set_", rows["topk_hit"], rows["topk_size"]))
+    out["fixed_radius_coverage"] = float(np.mean(rows["error_km"] <= fitted.fixed_radius_km))
+    out["fixed_radius_km"] = float(fitted.fixed_radius_km)
+    if "t_q" in rows:
+        confidence, correct, valid = level_outcomes(rows["paths"], rows["t_q"], rows["true_paths"])
+        for level, name in enumerate(LEVELS):
+            out[f"ece_temperature_{name}"] = expected_calibration_error(confidence[:, level], correct[:, level],
+                                                                        valid[:, level])
+    return out
+
+
+def _summary_rows(model, points: torch.Tensor, true_paths: np.ndarray, true_lat: np.ndarray, true_lon: np.ndarray,
+                  beam: int | None, flat: bool, coverage: float, novelty: np.ndarray | None) -> dict[str, np.ndarray]:
+    """`sets_and_radius_summary`'s per-row outcomes on (N, D) points: paths (N, 4), p_answer (N, 4), set_hit and
+    set_size (`_set_rows`); with a familiarity calibration also error_km, radius (N,), conformal_* and topk_*
+    (N, 4), and with its temperatures t_q (N, 4) and true_paths (N, 4)."""
     fitted = model.search_calibration(flat)
     paths, q, full = search_full(model, points, beam, flat)
     if fitted is None:   # the reported probabilities are the model's (at its temperatures, if any)
@@ -240,37 +284,30 @@ def sets_and_radius_summary(model, points: torch.Tensor, true_paths: np.ndarray,
             _, q, full = search_full(_AtTemperatures(model, temperatures), points, beam, flat)
         p_answer = q
     else:
-        z = model.familiarity_features(points, novelty)
-        p_answer = np.where(paths >= 0, fitted.answer_probs(q, z), 0.0)
+        z = model.familiarity_features(points, novelty) if len(points) else np.zeros((0, N_FEATURES))
+        p_answer = np.where(paths >= 0, fitted.answer_probs(q, z), 0.0) if len(points) else q
     ranked = calibrated_sets(full, paths, p_answer, 1.0,
-                             None if fitted is None else fitted.rest_temperatures(z, p_answer))
-    out = _set_metrics("set_", [[cut_at(ids, p, coverage) for ids, p in row] for row in ranked], true_paths)
-    for level, name in enumerate(LEVELS):
-        answered = paths[:, level] >= 0
-        out[f"mean_prob_{name}"] = float(p_answer[answered, level].mean()) if answered.any() else math.nan
+                             None if fitted is None or not len(points) else fitted.rest_temperatures(z, p_answer))
+    rows: dict[str, np.ndarray] = {"paths": paths, "p_answer": p_answer}
+    rows["set_hit"], rows["set_size"] = _set_rows([[cut_at(ids, p, coverage) for ids, p in row] for row in ranked],
+                                                  true_paths)
     if fitted is None:
-        return out
+        return rows
     gaz = model.gazetteer
     deepest = paths.max(axis=1)
-    error_km = np.asarray(haversine_km(np.asarray(gaz.lat_deg)[deepest], np.asarray(gaz.lon_deg)[deepest],
-                                       true_lat, true_lon), dtype=np.float64)
-    radius = fitted.radius(z, p_answer)
-    out["radius90_coverage"] = float(np.mean(error_km <= radius))
-    out["radius90_median_km"] = float(np.median(radius))
-    out.update(_set_metrics("conformal_set_", [[cut_at(ids, p, fitted.conformal_mass[lv])
-                                                for lv, (ids, p) in enumerate(row)] for row in ranked], true_paths))
-    out.update(_set_metrics("topk_set_", [[(ids[:fitted.top_k[lv]], p[:fitted.top_k[lv]])
-                                           for lv, (ids, p) in enumerate(row)] for row in ranked], true_paths))
-    out["fixed_radius_coverage"] = float(np.mean(error_km <= fitted.fixed_radius_km))
-    out["fixed_radius_km"] = float(fitted.fixed_radius_km)
+    rows["error_km"] = np.asarray(haversine_km(np.asarray(gaz.lat_deg)[deepest], np.asarray(gaz.lon_deg)[deepest],
+                                               true_lat, true_lon), dtype=np.float64).reshape(-1)
+    rows["radius"] = np.asarray(fitted.radius(z, p_answer) if len(points) else np.zeros(0), dtype=np.float64)
+    rows["conformal_hit"], rows["conformal_size"] = _set_rows(
+        [[cut_at(ids, p, fitted.conformal_mass[lv]) for lv, (ids, p) in enumerate(row)] for row in ranked], true_paths)
+    rows["topk_hit"], rows["topk_size"] = _set_rows(
+        [[(ids[:fitted.top_k[lv]], p[:fitted.top_k[lv]]) for lv, (ids, p) in enumerate(row)] for row in ranked],
+        true_paths)
     temperatures = model.report_temperatures(flat)
     if temperatures is not None:
-        _, t_q, _ = search_full(_AtTemperatures(model, temperatures), points, beam, flat)
-        confidence, correct, valid = level_outcomes(paths, t_q, true_paths)
-        for level, name in enumerate(LEVELS):
-            out[f"ece_temperature_{name}"] = expected_calibration_error(confidence[:, level], correct[:, level],
-                                                                        valid[:, level])
-    return out
+        rows["t_q"] = search_full(_AtTemperatures(model, temperatures), points, beam, flat)[1]
+        rows["true_paths"] = np.asarray(true_paths, dtype=np.int64)
+    return rows
 
 
 class _AtTemperatures:

@@ -48,9 +48,10 @@ from hierloc.data.encoded import EncodedImage, source_name
 from hierloc.data.exif import gps_from_image, read_gps
 from hierloc.data.images import to_rgb
 from hierloc.data.prediction import is_path_like, load_pixels, make_item, path_batches, with_progress
-from hierloc.device import encoder_autocast, pin_memory_for, to_device
+from hierloc.device import Runtime, encoder_autocast, pin_memory_for, to_device
 from hierloc.errors import InputError
-from hierloc.inference import evaluate
+from hierloc.inference import evaluate, sharded
+from hierloc.inference.names import path_name
 from hierloc.inference.familiarity import FamiliarityCalibration, calibrate_result, point_signals
 from hierloc.inference.answers import (Alternative, ExifPosition, Failure, LevelAnswer, Prediction, SetMember,
                                        check_options, cut_paths, deepest_entity)
@@ -101,11 +102,35 @@ class HierLoc:
 
     @classmethod
     def validation_metrics(cls, csv_path: str, cfg: Config, model, loss_state: dict[str, torch.Tensor], encoder,
-                           gaz, device: torch.device | str) -> dict:
+                           gaz, runtime: Runtime, features=None) -> dict:
         """Metrics of a model in training on a labelled CSV (what `hierloc train --val-csv` reports per epoch;
-        passed to `hierloc.training.train.train` as its `validate`)."""
-        predictor = cls(cfg, model, loss_state, encoder.to(device), gaz, device=device)
-        return predictor.evaluate_csv(csv_path, image_root=None, progress=False)
+        passed to `hierloc.training.train.train` as its `validate`). Every rank of the run calls it and scores
+        its share of the rows (`sharded.evaluate_sharded`): from ``features`` (the CSV's cached backbone features,
+        a frozen backbone) or from the images (cfg.train.num_workers loader workers). -> the metrics on rank 0,
+        {} on the others."""
+        predictor = cls(cfg, model, loss_state, encoder.to(runtime.device), gaz, device=runtime.device)
+        table = tables.read_image_table(csv_path, on_bad="skip")
+        return sharded.evaluate_sharded(predictor, table, runtime, features=features,
+                                        num_workers=cfg.train.num_workers)
+
+    @classmethod
+    def calibrate_in_training(cls, model_dir: str | Path, csv_path: str, runtime: Runtime,
+                              features=None) -> modeldir.Calibration:
+        """What `hierloc train --val-csv` runs on the model directory it has just written (its `calibrate`): every
+        rank loads the directory and searches its share of the CSV's rows (from ``features``, the CSV's cached
+        backbone features, when they come from this model's backbone), the per-level temperatures are fitted on
+        all the rows (`sharded.calibrate_sharded`) and rank 0 writes calibration.json. -> the calibration."""
+        parts = modeldir.load_model_dir(model_dir, device=str(runtime.device))
+        model = cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer,
+                    device=parts.device, source=parts.source)
+        table = tables.read_image_table(csv_path, on_bad="skip")
+        result = sharded.calibrate_sharded(model, table, runtime,
+                                           features=sharded.features_of_encoder(features, parts.encoder),
+                                           num_workers=parts.cfg.train.num_workers)
+        if runtime.is_main:
+            result.weights_sha256 = modeldir.weights_digest(model_dir)
+            modeldir.write_calibration(model_dir, result)
+        return result
 
     @classmethod
     def calibrate_model_dir(cls, model_dir: str | Path, csv_path, device: torch.device | str = "auto",
@@ -115,8 +140,8 @@ class HierLoc:
                             train_sample: int = 2000, unlike_share: float = evaluate.UNLIKE_SHARE
                             ) -> modeldir.Calibration:
         """`hierloc calibrate`: fit the model directory's calibration on labelled CSVs (`calibrate`) and write it
-        to its calibration.json (atomically), tied to its weights. Returns the calibration. Also what
-        `hierloc train --val-csv` runs on the model it has just written (temperatures only)."""
+        to its calibration.json (atomically), tied to its weights. Returns the calibration. (`hierloc train
+        --val-csv` fits the temperatures with `calibrate_in_training`, split across its ranks.)"""
         parts = modeldir.load_model_dir(model_dir, device=str(device))   # an old calibration is not read:
         model = cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer,  # it is replaced
                     device=parts.device, source=parts.source)
@@ -169,15 +194,19 @@ class HierLoc:
         return modeldir.write_model_dir(out_dir, parts, overwrite=overwrite)
 
     def describe(self) -> dict:
-        """Where the model comes from: model dir, backbone, geometry, gazetteer and training data (JSON-able)."""
+        """Where the model comes from: model dir, backbone, geometry, gazetteer and training data (JSON-able).
+        Files and directories are named by their base names (`names.path_name`), never by absolute paths: the
+        description is what `hierloc serve` shows its clients."""
         gaz = self.gazetteer
         counts = {name: int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i, name in enumerate(LEVELS)}
         source = gaz.metadata.get("source") or {}
         summary = self._read_train_summary()
-        training = {"csv": summary.get("train_csv") or (source.get("path") if source.get("kind") == "csv" else None),
+        train_csv = summary.get("train_csv") or (source.get("path") if source.get("kind") == "csv" else None)
+        training = {"csv": path_name(train_csv),
                     "n_images": summary.get("n_train", source.get("n_points")),
                     "epochs": summary.get("epochs"), "steps": summary.get("steps")}
-        return {"model_dir": self.source, "hierloc_version": __version__, "backbone": self.cfg.model.backbone,
+        return {"model_dir": path_name(self.source), "hierloc_version": __version__,
+                "backbone": path_name(self.cfg.model.backbone),
                 "feature_dim": int(self.model.feature_dim), "embed_dim": int(self.cfg.model.embed_dim),
                 "geometry": self.cfg.model.geometry, "gazetteer_hash": gaz.content_hash,
                 "gazetteer_entities": counts, "training": training, "calibration": self.describe_calibration()}
@@ -188,7 +217,8 @@ class HierLoc:
         if not (self.calibrated and self.calibration is not None):
             return None
         c = self.calibration
-        return {"temperatures": c.temperatures, "flat_temperatures": c.flat_temperatures, "fitted_on": c.fitted_on,
+        fitted_on = ", ".join(path_name(name) for name in c.fitted_on.split(", ")) if c.fitted_on else c.fitted_on
+        return {"temperatures": c.temperatures, "flat_temperatures": c.flat_temperatures, "fitted_on": fitted_on,
                 "n": c.n}
 
     def report_temperatures(self, flat: bool = False) -> list[float] | None:
@@ -249,8 +279,14 @@ class HierLoc:
             # the predictor's encoder: the model's own, or the frozen backbone a model trained on cached
             # features was trained beside (validation during training)
             feats = self.encoder(to_device(pixel_values, self.device)).float()
-        points = self.model.embed_features(feats)
+        points = self.embed_features(feats)
         return (points, feats) if features else points
+
+    @torch.no_grad()
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) backbone features (e.g. read from a feature cache) -> (B, D) image points (the model's head)."""
+        self.model.eval()
+        return self.model.embed_features(features.to(self.device).float())
 
     def feature_novelty(self, features: torch.Tensor) -> np.ndarray | None:
         """(B, F) backbone features -> (B,) how unlike the training images they are (`familiarity.FeatureNovelty`),

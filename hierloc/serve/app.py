@@ -18,9 +18,18 @@ when the queue is full, 504 on timeout, never a traceback):
 
 Safety defaults: the CLI binds 127.0.0.1; the request body is capped (`Limits.max_upload_bytes`, checked on the
 Content-Length header and again while reading, so a chunked upload cannot exceed it either) and held in memory
-(the multipart parser's spool never reaches its disk threshold); at most `Limits.max_files` images per request;
-the model's answer is awaited at most `Limits.timeout_s`; images pass the same guards as in the CLI
-(`hierloc.data.images.load_image`: decompression bombs refused from their header). Nothing is written to disk.
+(the multipart parser's spool never reaches its disk threshold); a body that stalls (`Limits.stall_timeout_s`
+without a byte) or takes too long in all (`Limits.body_timeout_s`) is answered 408 and its connection closed, and
+a slow uploader never holds up other requests (the event loop serves them meanwhile); at most `Limits.max_files`
+images per request; the model's answer is awaited at most `Limits.timeout_s`; images pass the same guards as in
+the CLI (`hierloc.data.images.load_image`: decompression bombs refused from their header). Nothing is written to
+disk. Nothing about the server's file system reaches a client: the model's description names files by their base
+names (`hierloc.inference.names`) and error messages have absolute paths reduced to base names.
+
+Stopping (`begin_shutdown`, called by `hierloc.serve.server` on SIGTERM or Ctrl-C once the listening socket is
+closed): requests already waiting for the model are still answered for half of `Limits.shutdown_timeout_s`, then
+the ones still waiting get 503; a request that reaches the model later gets 503 at once, and /health answers 503
+with status "shutting down".
 """
 
 from __future__ import annotations
@@ -48,8 +57,9 @@ from hierloc.data.encoded import EncodedImage
 from hierloc.errors import InputError
 from hierloc.inference import explain, maps, pictures
 from hierloc.inference.answers import check_options
+from hierloc.inference.names import scrub_paths
 from hierloc.inference.outputs import RunSummary, json_document, search_settings
-from hierloc.serve.batching import MicroBatcher, QueueFull
+from hierloc.serve.batching import MicroBatcher, QueueFull, ShuttingDown
 from hierloc.version import __version__
 
 log = logging.getLogger(__name__)
@@ -78,14 +88,21 @@ class Limits:
     max_queue: int = 64                        # requests waiting for the model; more -> 503
     max_batch: int = 32                        # images per model call
     retry_after_s: int = 1                     # the Retry-After of a 503
+    stall_timeout_s: float = 10.0              # a request body sending nothing for this long -> 408, closed
+    body_timeout_s: float = 120.0              # the whole request body within this -> else 408, closed
+    shutdown_timeout_s: float = 5.0            # after SIGTERM: queued requests answered for half of it, then 503;
+                                               # the server stops waiting for open connections after all of it
+    max_connections: int = 256                 # open connections at most; a request on one more -> 503
 
 
 class ApiError(Exception):
-    """A request the server refuses: HTTP status and a one-line message (plus optional JSON fields)."""
+    """A request the server refuses: HTTP status and a one-line message (plus optional JSON fields); close: the
+    answer asks to close the connection (``Connection: close``)."""
 
-    def __init__(self, status: int, message: str, **extra):
+    def __init__(self, status: int, message: str, close: bool = False, **extra):
         super().__init__(message)
         self.status = status
+        self.close = close
         self.extra = extra
 
 
@@ -98,13 +115,31 @@ class InMemoryMultiPartParser(MultiPartParser):
         self.spool_max_size = spool_max_size
 
 
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The request body's chunks, stopping with 413 as soon as more than `limit` bytes arrived."""
+async def _limited(stream: AsyncIterator[bytes], limits: Limits) -> AsyncIterator[bytes]:
+    """The request body's chunks, stopping with 413 as soon as more than `limits.max_upload_bytes` arrived, and
+    with 408 (connection closed) when no chunk came for `limits.stall_timeout_s` or the body is not complete after
+    `limits.body_timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout_s
+    chunks = stream.__aiter__()
     total = 0
-    async for chunk in stream:
+    while True:
+        left = deadline - loop.time()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(chunks.__anext__(), min(limits.stall_timeout_s, left))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:   # the builtin TimeoutError from Python 3.11
+            if loop.time() >= deadline:
+                raise ApiError(408, f"request body not complete after {limits.body_timeout_s:g} s "
+                                    f"({total:,} bytes received)", close=True) from None
+            raise ApiError(408, f"request body stalled: nothing received for {limits.stall_timeout_s:g} s "
+                                f"({total:,} bytes received)", close=True) from None
         total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"request body larger than the limit of {limit:,} bytes")
+        if total > limits.max_upload_bytes:
+            raise ApiError(413, f"request body larger than the limit of {limits.max_upload_bytes:,} bytes")
         yield chunk
 
 
@@ -119,7 +154,7 @@ async def read_upload(request: Request, limits: Limits) -> tuple[list[EncodedIma
     if declared is not None and declared.isdigit() and int(declared) > limits.max_upload_bytes:
         raise ApiError(413, f"request body of {int(declared):,} bytes is larger than the limit of "
                             f"{limits.max_upload_bytes:,} bytes")
-    parser = InMemoryMultiPartParser(request.headers, _limited(request.stream(), limits.max_upload_bytes),
+    parser = InMemoryMultiPartParser(request.headers, _limited(request.stream(), limits),
                                      max_files=limits.max_files, max_fields=32,
                                      spool_max_size=limits.max_upload_bytes + 1)
     try:
@@ -279,6 +314,8 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
         except QueueFull as exc:
             raise ApiError(503, f"the server is busy ({exc}); retry shortly",
                            retry_after_s=limits.retry_after_s) from None
+        except ShuttingDown as exc:
+            raise ApiError(503, str(exc), close=True, retry_after_s=limits.retry_after_s) from None
         except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
             raise ApiError(504, f"no answer from the model within {limits.timeout_s:g} s") from None
 
@@ -287,6 +324,10 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
         body["queue"] = {"pending": batcher.pending(), "max_queue": limits.max_queue,
                          "max_batch": limits.max_batch}
         body["limits"] = asdict(limits)
+        if batcher.closing:
+            body["status"] = "shutting down"
+            body["error"] = "the server is shutting down"
+            return JSONResponse(body, status_code=503, headers={"Connection": "close"})
         return JSONResponse(body)
 
     async def predict(request: Request) -> Response:
@@ -342,8 +383,18 @@ def create_app(model, model_dir: str | Path | None = None, limits: Limits | None
                             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")],
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
                     lifespan=lifespan)
+    drains: list[asyncio.Task] = []
+
+    def begin_shutdown() -> None:
+        """Stop taking requests to the model; answer the queued ones for half of the shutdown timeout, then 503
+        (called on the event loop)."""
+        if not drains:
+            drains.append(asyncio.get_running_loop().create_task(batcher.drain(limits.shutdown_timeout_s / 2),
+                                                                 name="hierloc-drain"))
+
     app.state.batcher = batcher
     app.state.limits = limits
+    app.state.begin_shutdown = begin_shutdown
     return app
 
 
@@ -355,9 +406,14 @@ def _failures_message(failed: list[tuple[str, str]]) -> str:
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
-    headers = {"Retry-After": str(exc.extra["retry_after_s"])} if "retry_after_s" in exc.extra else None
-    body = {"error": str(exc), "status": exc.status, **{k: v for k, v in exc.extra.items() if k != "retry_after_s"}}
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    headers = {"Retry-After": str(exc.extra["retry_after_s"])} if "retry_after_s" in exc.extra else {}
+    if exc.close:
+        headers["Connection"] = "close"
+    extra = {k: v for k, v in exc.extra.items() if k != "retry_after_s"}
+    if "images" in extra:      # the library's messages may name files of the server
+        extra["images"] = [{**item, "error": scrub_paths(str(item["error"]))} for item in extra["images"]]
+    body = {"error": scrub_paths(str(exc)), "status": exc.status, **extra}
+    return JSONResponse(body, status_code=exc.status, headers=headers or None)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -370,7 +426,7 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("%s %s: internal error: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    first_line = scrub_paths(str(exc).splitlines()[0]) if str(exc) else ""
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {first_line}", "status": 500},
                         status_code=500)
 

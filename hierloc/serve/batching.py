@@ -14,6 +14,10 @@ of intra-op threads instead of one per calling thread), and a batch of 8 request
 
 A job whose caller gave up (timeout, disconnect) before the worker reached it is dropped; an exception raised by
 `compute` fails every job of that group with the same exception.
+
+Shutting down: `close` refuses new jobs (`ShuttingDown`) while the worker goes on with the queued ones; `drain`
+waits for the queue to empty and, after its grace period, fails the jobs still waiting with `ShuttingDown`, so
+that every caller gets an answer before the process exits.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """The queue holds `max_queue` jobs already: try again later."""
+
+
+class ShuttingDown(Exception):
+    """The batcher was closed (the server is stopping): this job will not be computed."""
 
 
 @dataclass
@@ -59,6 +67,7 @@ class MicroBatcher:
         self.task: asyncio.Task | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.n_batches = 0       # compute calls so far (the tests read it to see that jobs were merged)
+        self.closing = False     # set by close(): new jobs are refused
 
     async def start(self) -> None:
         """Create the queue and the worker on the running event loop."""
@@ -83,15 +92,38 @@ class MicroBatcher:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.executor = None
 
+    def close(self) -> None:
+        """Refuse new jobs from now on (`submit` raises ShuttingDown); the queued ones are still computed."""
+        self.closing = True
+
+    async def drain(self, grace_s: float, poll_s: float = 0.05) -> int:
+        """Close, wait up to `grace_s` seconds for the queue to empty, then fail the jobs still waiting with
+        ShuttingDown (the batch being computed finishes). Returns the number of jobs failed so."""
+        self.close()
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.pending() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(poll_s)
+        failed = 0
+        while self.queue is not None and not self.queue.empty():
+            job = self.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown(f"the server is shutting down: the request waited "
+                                                      f"{grace_s:g} s after the stop signal"))
+                failed += 1
+        return failed
+
     def pending(self) -> int:
         """Jobs waiting in the queue."""
         return self.queue.qsize() if self.queue is not None else 0
 
     async def submit(self, key: Hashable, images: list, timeout: float | None = None) -> list:
-        """Queue one job and wait for its results (one per image). Raises QueueFull when the queue is full and
-        asyncio.TimeoutError after `timeout` seconds (the job is then dropped if it has not started)."""
+        """Queue one job and wait for its results (one per image). Raises QueueFull when the queue is full,
+        ShuttingDown once the batcher is closing, and asyncio.TimeoutError after `timeout` seconds (the job is then
+        dropped if it has not started)."""
         if self.queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
+        if self.closing:
+            raise ShuttingDown("the server is shutting down")
         job = Job(key, list(images), asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)

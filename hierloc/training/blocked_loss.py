@@ -14,17 +14,22 @@ exactly (float64, no matrix product), it never enters the sums, and L_i = softpl
 
 Forward (flash-attention style): the pairs are taken in tiles of ~``_TILE_ELEMENTS`` (rows x columns; a worker's
 3-5 tile buffers stay near its 2 MB L2). Per tile: one matrix product gives w = 1 + m and t = arcosh(w)
-(``hyperbolic._arcosh_block``; its few ill-conditioned pairs, and the rows' own targets, get a placeholder and are
+(``kernels.arcosh_block``; its few ill-conditioned pairs, and the rows' own targets, get a placeholder and are
 left out of the tile); a second, K = 3 product of unit vectors gives the great-circle distances and the weights;
 the tile is folded into a running shift m_i (a running max of the a_ij, started at z_ip) and a running float64 sum
-S_i. Only (B,)-sized statistics survive, plus the list of ill-conditioned pairs, which are then evaluated exactly
-in float64 (from the differences x_i - y_j, as ``pairwise_sqdist`` does) and added to the sums in one batch.
+S_i. Only (B,)-sized statistics survive, plus the fixed-length list of ill-conditioned pairs
+(``kernels.flag_pairs``), which are then evaluated exactly in float64 (from the differences x_i - y_j, as
+``pairwise_sqdist`` does) and added to the sums in one batch.
 Backward: every tile is recomputed exactly as in forward and the gradients accumulated tile by tile: two matrix
 products for the points (the row / column sums of ``hyperbolic._rows_grad`` / ``_columns_grad``), row sums for tau,
 lambda and sigma; the exact pairs and the positives get exact float64 gradients.
 
-Numerics: tiles work in base 2 (PyTorch's CPU exp2 is ~3x faster than exp): a2 = a log2(e) is formed by one fused
-op, and a row's shift is set with the same op, so the term that sets it is 2^0 = 1 exactly in forward and backward
+No host sync, forward or backward: every shape is fixed by the inputs' shapes (rows without a target take part and
+are masked out; the target cells are set by a gather and a scatter; the pairs to recompute fill a list of fixed
+length), and tau, lambda and sigma stay 0-dim tensors, never read as numbers.
+
+Numerics: tiles work in base 2 (PyTorch's CPU exp2 is ~3x faster than exp): a2 = a log2(e) is formed by the same
+ops for a row's shift and for its tile, so the term that sets it is 2^0 = 1 exactly in forward and backward
 alike and the softmax stays normalised to float32 rounding (a relative error of the shift would otherwise scale the
 whole row: at d^2 / tau ~ 1000 one float32 ulp is 1e-4). On CPU the tiles are split by columns over
 ``torch.get_num_threads()`` worker threads with PyTorch's intra-op threading off: tile-sized ops are too small to
@@ -41,7 +46,6 @@ lambda e^-60 g / sigma^2 where the reference's is 0 - again ~1e-26 relative.
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures
 import math
 
@@ -69,18 +73,14 @@ def blocked_level_loss(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, t
     image_units (B, 3) and entity_units (N, 3) (unit vectors of the GPS and the entity coordinates; no gradient)
     and lam, sigma (0-dim tensors, autograd; sigma in km) are given; kernel "laplace", "gaussian" or "inverse".
     block / row_block: columns / rows per tile (default: ~_TILE_ELEMENTS elements, at most _ROW_TILE rows).
-    Computed in the points' dtype (at least float32).
+    Computed in the points' dtype (at least float32). Without a host sync: every row is computed and the rows
+    without a target are masked out (no data-dependent shapes), tau, lambda and sigma stay tensors.
     """
     weighted = image_units is not None and lam is not None
     if weighted and (entity_units is None or sigma is None):
         raise ValueError("geo weights need image_units, entity_units, lam and sigma")
-    valid = target >= 0
-    rows = valid.nonzero()[:, 0]
-    if rows.numel() == 0:
+    if x.shape[0] == 0 or y.shape[0] == 0:  # (shapes only: no host sync)
         return tau.new_zeros(())
-    if rows.numel() != target.shape[0]:  # only the rows with a target take part
-        x, target = x.index_select(0, rows), target.index_select(0, rows)
-        image_units = image_units.index_select(0, rows) if weighted else None
     if not weighted:
         image_units = entity_units = lam = sigma = None
     options = (float(c), float(floor), kernel, block, row_block)
@@ -91,18 +91,20 @@ class _Tiles:
     """What every tile of one call needs: the augmented operands, the targets, the unit vectors, the scalars, the
     tile ranges, and the tile buffers (allocated once, reused by every tile)."""
 
-    def __init__(self, x, y, target, image_units, entity_units, tau: float, lam: float | None,
-                 sigma: float | None, options):
+    def __init__(self, x, y, target, image_units, entity_units, tau: torch.Tensor, lam: torch.Tensor | None,
+                 sigma: torch.Tensor | None, options):
         c, floor, kernel, block, row_block = options
         self.dtype = kern.work_dtype(x, y)
         self.c, self.floor, self.kernel = c, floor, kernel
-        self.x, self.y, self.target = x, y, target
+        # rows without a target (-1) take part with target 0 and are masked out of the loss and its gradients
+        self.x, self.y, self.valid, self.target = x, y, target >= 0, target.clamp_min(0)
         self.nx, self.ny, self.a, self.b, self.alpha, self.beta, self.left, self.right = \
             kern.poincare_operands(x, y, c, self.dtype)
-        self.row_limit = kern.limit_rows(self.nx, self.ny, self.alpha, self.beta, self.dtype)
-        self.tau = tau
+        self.flag_rows, flag_columns = kern.flag_operands(self.nx, self.ny, self.alpha, self.beta, self.dtype)
+        self.tau = tau  # 0-dim tensors (no host sync), detached
+        self.chunk = max(1, _TILE_ELEMENTS // x.shape[1])  # pairs per chunk of the exact recomputation
         # tiles work in base 2 (exp2 is ~3x faster than exp on CPU): a2 = a log2(e) = -t^2 log2(e) / (c tau)
-        self.neg_inv_ctau = -_LOG2E / (c * tau)
+        self.neg_inv_ctau = (-_LOG2E / (c * tau.double())).to(self.dtype)
         self.floor2 = floor * _LOG2E
         self._zero, self._minus_one = (torch.full((), v, dtype=self.dtype, device=x.device) for v in (0.0, -1.0))
         self.weighted = lam is not None
@@ -110,9 +112,12 @@ class _Tiles:
             if kernel not in KERNELS:
                 raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
             self.image_units, self.entity_units = image_units.to(self.dtype), entity_units.to(self.dtype)
-            self.lam, self.log_lam = lam, math.log(lam)
-            self.k = 2.0 * EARTH_RADIUS_KM / sigma  # g / sigma = k asin(sqrt((1 - u.v) / 2))
-            self._log2_lam = torch.full((), self.log_lam * _LOG2E, dtype=self.dtype, device=x.device)
+            self.lam, self.log_lam = lam, torch.log(lam.double())
+            self.k = 2.0 * EARTH_RADIUS_KM / sigma.double()  # g / sigma = k asin(sqrt((1 - u.v) / 2))
+            self._log2_lam = (self.log_lam * _LOG2E).to(self.dtype)
+            self._low = (self.log_lam + self.floor) * _LOG2E  # the kernel exponent's floor (base 2)
+            self._k_of = {dtype: (self.k.to(dtype), (-self.k * _LOG2E).to(dtype))
+                          for dtype in {self.dtype, torch.float64}}
             self._half = torch.full((), 0.5, dtype=self.dtype, device=x.device)
         n_rows, n_cols = x.shape[0], y.shape[0]
         row_tile = max(1, min(n_rows, row_block or _ROW_TILE))
@@ -131,14 +136,11 @@ class _Tiles:
         self.plan = [[] for _ in range(self.workers)]
         for r0 in range(0, n_rows, row_tile):
             r1 = min(r0 + row_tile, n_rows)
-            sorted_target, order = self.target[r0:r1].sort()
-            bounds = sorted_target.tolist()
             for index, c0 in enumerate(range(0, n_cols, col_tile)):
                 c1 = min(c0 + col_tile, n_cols)
-                lo, hi = bisect.bisect_left(bounds, c0), bisect.bisect_left(bounds, c1)
-                cells = order[lo:hi] * (c1 - c0) + (sorted_target[lo:hi] - c0) if hi > lo else None
                 worker = index * self.workers // n_col_tiles
-                self.plan[worker].append(_Tile(self, r0, r1, c0, c1, cells, self.spaces[worker], units_t))
+                self.plan[worker].append(_Tile(self, r0, r1, c0, c1, target[r0:r1], self.spaces[worker], units_t,
+                                               flag_columns))
 
     def run(self, fn) -> list:
         """fn(worker, tiles of that worker) on every worker (threads on CPU, intra-op threading off) -> results."""
@@ -159,36 +161,39 @@ class _Tiles:
         return self.pair_sqdist(rows, self.target)
 
     def pair_sqdist(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """(K,) float64 exact squared distances of the pairs (x_i, y_j), from the differences (no cancellation)."""
-        t = kern.exact_pairs(self.x.detach().double(), self.y, self.a, self.b, i, j, self.c)[0]
+        """(K,) float64 exact squared distances of the pairs (x_i, y_j), from the differences (no cancellation),
+        in chunks of `self.chunk` pairs (their (chunk, D) float64 temporaries stay tile-sized)."""
+        x64 = self.x.detach().double()
+        t = torch.cat([kern.exact_pairs(x64, self.y, self.a, self.b, i[part], j[part], self.c)[0]
+                       for part in _chunks(i.numel(), self.chunk)])
         return t.square() / self.c
 
     def arcosh(self, tile: "_Tile", w, s, known: bool = False):
         """w <- t = arcosh(1 + m) (= sqrt(c) d) and s <- sinh(t) for the tile. The target cells and the pairs to
         recompute exactly (found here; ``known``: tile.flagged from the forward) get the placeholder
         w = _PLACEHOLDER: a large t, which neither sets a row's shift nor adds a term (the caller zeroes them),
-        finite everywhere. Returns the found pairs as flat indices into the tile (or None)."""
+        finite everywhere. Returns the pairs as (flat indices into the tile, unique) (``kern.flag_pairs``)."""
         if known:
             torch.mm(tile.left, tile.right_t, out=w)
-            for fill in (tile.flagged, tile.cells):
-                if fill is not None:
-                    w.view(-1).index_fill_(0, fill, _PLACEHOLDER)
+            tile.fill_cells(w, _PLACEHOLDER)
+            w.view(-1).index_fill_(0, tile.flagged[0], _PLACEHOLDER)
+            w.clamp_min_(kern.W_FLOOR[w.dtype])
             torch.addcmul(self._minus_one, w, w, out=s).sqrt_()
             torch.log(w.add_(s), out=w)
             return tile.flagged
-        found = kern.arcosh_block(tile.left, tile.right_t.T, tile.c0, w, s, w, tile.row_limit, tile.nx, self.ny,
-                                  tile.alpha, self.beta, placeholder=_PLACEHOLDER, skip=tile.cells)
-        return None if found is None else found[0] * (tile.c1 - tile.c0) + found[1]
+        return kern.arcosh_block(tile.left, tile.right_t.T, w, s, w, tile.flag_rows, tile.flag_columns,
+                                 placeholder=_PLACEHOLDER, fill=lambda w_: tile.fill_cells(w_, _PLACEHOLDER))
 
     def logit2(self, t: torch.Tensor) -> torch.Tensor:
         """a2 = a log2(e) = -t^2 log2(e) / (c tau) of (R,) values t, rounded exactly as ``softmax_terms`` rounds it
-        in a tile (same op), so that the term that sets a row's shift gets 2^0 = 1 exactly, forward and backward."""
-        return torch.addcmul(self._zero, t, t, value=self.neg_inv_ctau)
+        in a tile (same ops), so that the term that sets a row's shift gets 2^0 = 1 exactly, forward and backward."""
+        return torch.addcmul(self._zero, torch.mul(t, self.neg_inv_ctau), t)
 
     def softmax_terms(self, q, t, shift2):
         """q <- exp(max(a - shift, floor)) = 2^max(a2 - shift2, floor log2(e)): t (R, C), shift2 (R, 1) per row,
         in base 2."""
-        torch.addcmul(shift2.neg(), t, t, value=self.neg_inv_ctau, out=q)
+        torch.mul(t, self.neg_inv_ctau, out=q)
+        torch.addcmul(shift2.neg(), q, t, out=q)
         return q.clamp_min_(self.floor2).exp2_()
 
     def kernel_terms(self, tile: "_Tile", h, e, need_rho: bool) -> None:
@@ -201,16 +206,17 @@ class _Tiles:
 
     def _kernel(self, h, e, need_rho: bool) -> None:
         """From h = g / (2 R) (any shape): e <- lambda K(g / sigma), and h <- rho if need_rho (see kernel_terms)."""
-        low = (self.log_lam + self.floor) * _LOG2E
+        low = self._low
+        k, neg_k2 = self._k_of[h.dtype]
         if self.kernel == "laplace":  # lambda exp(-g / sigma) = 2^(log2 lambda - k log2(e) h)
-            torch.add(self._log2_lam, h, alpha=-self.k * _LOG2E, out=e).clamp_min_(low).exp2_()
+            torch.addcmul(self._log2_lam, h, neg_k2, out=e).clamp_min_(low).exp2_()
             if need_rho:
-                h.mul_(self.k)
+                h.mul_(k)
         elif self.kernel == "gaussian":  # lambda exp(-r^2 / 2)
-            h.mul_(self.k).square_()
+            h.mul_(k).square_()
             torch.add(self._log2_lam, h, alpha=-0.5 * _LOG2E, out=e).clamp_min_(low).exp2_()
         else:  # inverse: lambda / (1 + r)
-            h.mul_(self.k)
+            h.mul_(k)
             torch.add(h, 1.0, out=e).reciprocal_()
             if need_rho:
                 h.mul_(e)
@@ -223,35 +229,53 @@ class _Tiles:
         z = d / -self.tau
         if not self.weighted:
             return d, z, None, None
-        diff = self.image_units.double().index_select(0, i) - self.entity_units.double().index_select(0, j)
-        h = (0.5 * diff.norm(dim=1)).clamp_(max=1.0).asin_()  # g / (2 R), as 2 R asin(|u - v| / 2)
+        u, v = self.image_units.double(), self.entity_units.double()
+        h = torch.cat([torch.linalg.vector_norm(u.index_select(0, i[part]) - v.index_select(0, j[part]), dim=1)
+                       for part in _chunks(i.numel(), self.chunk)])
+        h = (0.5 * h).clamp_(max=1.0).asin_()  # g / (2 R), as 2 R asin(|u - v| / 2)
         e = torch.empty_like(h)
         self._kernel(h, e, need_rho)
         return d, z + torch.log1p(e), e, (h if need_rho else None)
 
 
 class _Tile:
-    """One tile: rows r0..r1-1, columns c0..c1-1, the flat indices of its target cells (or None), views of the
-    operands' rows / columns and of the shared buffers; ``flagged`` is set by the forward."""
+    """One tile: rows r0..r1-1, columns c0..c1-1, its rows' target cells (a column (R, 1) and whether it lies in
+    the tile), views of the operands' rows / columns and of the shared buffers; ``flagged`` (the pairs recomputed
+    exactly: flat indices, unique) is set by the forward."""
 
-    __slots__ = ("r0", "r1", "c0", "c1", "cells", "left", "right_t", "nx", "alpha", "row_limit", "units",
-                 "units_t", "buffers", "flagged")
+    __slots__ = ("r0", "r1", "c0", "c1", "cell_col", "cell_in", "left", "right_t", "flag_rows", "flag_columns",
+                 "units", "units_t", "buffers", "flagged")
 
-    def __init__(self, tiles: _Tiles, r0: int, r1: int, c0: int, c1: int, cells, space, units_t):
-        self.r0, self.r1, self.c0, self.c1, self.cells, self.flagged = r0, r1, c0, c1, cells, None
+    def __init__(self, tiles: _Tiles, r0: int, r1: int, c0: int, c1: int, target, space, units_t, flag_columns):
+        self.r0, self.r1, self.c0, self.c1, self.flagged = r0, r1, c0, c1, None
+        local = (target - c0).unsqueeze(1)  # (R, 1); rows without a target (-1) have no cell anywhere
+        self.cell_in = (local >= 0) & (local < c1 - c0)
+        self.cell_col = local.clamp(0, c1 - c0 - 1)
         self.left, self.right_t = tiles.left[r0:r1], tiles.right_t[:, c0:c1]
-        self.nx, self.alpha, self.row_limit = tiles.nx[r0:r1], tiles.alpha[r0:r1], tiles.row_limit[r0:r1]
+        self.flag_rows, self.flag_columns = tiles.flag_rows[r0:r1], flag_columns[:, c0:c1]
         self.units = tiles.image_units[r0:r1] if units_t is not None else None
         self.units_t = units_t[:, c0:c1] if units_t is not None else None
         self.buffers = [kern.tile_view(buffer, r1 - r0, c1 - c0) for buffer in space]
 
+    def fill_cells(self, buffer: torch.Tensor, value: float) -> None:
+        """buffer (R, C) <- value at the rows' target cells inside the tile (a gather and a scatter of (R, 1))."""
+        kept = buffer.gather(1, self.cell_col)
+        buffer.scatter_(1, self.cell_col, torch.where(self.cell_in, value, kept))
+
+    def zero_pairs(self, buffer: torch.Tensor) -> None:
+        """buffer (R, C) <- 0 at the target cells and at the pairs recomputed exactly."""
+        self.fill_cells(buffer, 0.0)
+        buffer.view(-1).index_fill_(0, self.flagged[0], 0.0)
+
 
 def _segment_logsumexp(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Per row, log sum exp of the values (K,) float64 whose row is rows (K,) -> (n_rows,), -inf where none."""
+    """Per row, log sum exp of the values (K,) float64 (-inf: left out) whose row is rows (K,) -> (n_rows,), -inf
+    where none."""
     top = torch.full((n_rows,), -math.inf, dtype=values.dtype, device=values.device)
     top = top.scatter_reduce(0, rows, values, reduce="amax")
-    sums = torch.zeros_like(top).index_add_(0, rows, (values - top.index_select(0, rows)).exp())
-    return top + sums.log()
+    shift = torch.where(torch.isfinite(top), top, 0.0)
+    sums = torch.zeros_like(top).index_add_(0, rows, (values - shift.index_select(0, rows)).exp())
+    return shift + sums.log()
 
 
 class _BlockedLevelLoss(torch.autograd.Function):
@@ -260,8 +284,8 @@ class _BlockedLevelLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, tau, lam, sigma, target, image_units, entity_units, options):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tiles = _Tiles(x, y, target, image_units, entity_units, _number(tau), _number(lam), _number(sigma),
-                           options)
+            tiles = _Tiles(x, y, target, image_units, entity_units, _detached(tau), _detached(lam),
+                           _detached(sigma), options)
             d_pos = tiles.positive_sqdist()
             z_pos = d_pos / -tiles.tau
             m0 = (z_pos * _LOG2E).to(tiles.dtype)  # running shift (base 2): max of z_ip and every a_ij seen so far
@@ -269,31 +293,35 @@ class _BlockedLevelLoss(torch.autograd.Function):
             m = torch.stack([part[0] for part in parts]).amax(dim=0)  # every worker's shift, merged
             total = sum(part[1] * (part[0] - m).double().exp2() for part in parts)  # S_i, float64
             pairs = [pair for part in parts for pair in part[2]]
-            i, j = _exact_pairs_off_target(pairs, target)
+            i, j, keep = _exact_pairs_off_target(pairs, tiles.target)
+            z_exact = torch.where(keep, tiles.exact_terms(i, j, False)[1], -math.inf)
             lse_neg = torch.logaddexp(total.log() + m.double() * _LN2, _segment_logsumexp(
-                tiles.exact_terms(i, j, False)[1], i, x.shape[0]))  # log sum over every negative of W e^a
+                z_exact, i, x.shape[0]))  # log sum over every negative of W e^a
             delta = lse_neg - z_pos
-            loss = torch.nn.functional.softplus(delta).mean().to(tiles.dtype)
+            n_valid = tiles.valid.sum().clamp_min(1)
+            loss = (torch.where(tiles.valid, torch.nn.functional.softplus(delta), 0.0).sum() / n_valid)
+            loss = loss.to(tiles.dtype)
         ctx.tiles = tiles  # the operands and the tile plan with the forward's recomputed pairs
-        ctx.save_for_backward(tau, lam, sigma, m, lse_neg, delta, d_pos, i, j)
+        ctx.save_for_backward(tau, lam, sigma, m, lse_neg, delta, d_pos, i, j, keep, n_valid)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        tau, lam, sigma, m, lse_neg, delta, d_pos, fi, fj = ctx.saved_tensors
+        tau, lam, sigma, m, lse_neg, delta, d_pos, fi, fj, keep, n_valid = ctx.saved_tensors
         tiles = ctx.tiles
         x, y, target = tiles.x, tiles.y, tiles.target
         need_x, need_y, need_tau, need_lam, need_sigma = ctx.needs_input_grad[:5]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tau_f, lam_f, sigma_f = _number(tau), _number(lam), _number(sigma)
+            tau_f, lam_f, sigma_f = _detached(tau), _detached(lam), _detached(sigma)
             dtype, dim, n_rows = tiles.dtype, x.shape[1], x.shape[0]
-            g = grad_loss.double() / n_rows
+            g = torch.where(tiles.valid, grad_loss.double() / n_valid, 0.0)  # (B,) dL/dL_i: 0 without a target
             sig = torch.sigmoid(delta)  # 1 - softmax at the positive
             # softmax at a negative: sig_i W_ij exp(a_ij - lse_neg_i); in a tile q_ij = W_ij exp(max(a_ij - m_i,
             # floor)) is formed as in forward (the term that set m_i is exactly 1) and scaled by ratio_i
-            ratio = torch.where(torch.isfinite(lse_neg), sig * (m.double() * _LN2 - lse_neg).exp(), 0.0)
-            row = -g * ratio / tau_f  # dL/dd_ij = row_i q_ij
+            ratio = torch.where(torch.isfinite(lse_neg) & tiles.valid,
+                                g * sig * (m.double() * _LN2 - lse_neg).exp(), 0.0)  # (B,), g_i included
+            row = -ratio / tau_f  # dL/dd_ij = row_i q_ij
             shift = m.unsqueeze(1)
             # transposed accumulators (the fast layout of these products): v^T (D + 2, B), u^T (D + 2, N)
             u_t = torch.zeros(dim + 2, y.shape[0], dtype=dtype, device=x.device) if need_y else None
@@ -302,9 +330,9 @@ class _BlockedLevelLoss(torch.autograd.Function):
             parts = tiles.run(lambda worker, plan: _backward_tiles(tiles, plan, shift, need, left_t, u_t))
             v_t = sum(part[0] for part in parts) if need_x else None
             sums = {name: sum(part[1][name] for part in parts) for name in ("t2", "lam", "sigma")}
-            # the recomputed pairs: softmax sig_i W exp(a - lse_neg_i), exact
+            # the recomputed pairs: g_i times the softmax sig_i W exp(a - lse_neg_i), exact (0: not a pair)
             d_f, z_f, e_f, rho_f = tiles.exact_terms(fi, fj, need_sigma)
-            p_f = sig.index_select(0, fi) * (z_f - lse_neg.index_select(0, fi)).exp()
+            p_f = torch.where(keep, (g * sig).index_select(0, fi) * (z_f - lse_neg.index_select(0, fi)).exp(), 0.0)
             grad_x = grad_y = grad_tau = grad_lam = grad_sigma = None
             k_s = 2.0 / tiles.c
             if need_x:
@@ -313,20 +341,19 @@ class _BlockedLevelLoss(torch.autograd.Function):
                 grad_y = kern.columns_grad(y, tiles.ny, tiles.b, u_t.T.contiguous(), tiles.c, k_s, dtype)
             if need_x or need_y:
                 x64 = x.detach().double()
-                for i, j, p_ij in ((fi, fj, -g * p_f / tau_f),  # negatives: dL/dd = -G / tau, G the softmax
+                for i, j, p_ij in ((fi, fj, -p_f / tau_f),  # negatives: dL/dd = -g G / tau, G the softmax
                                    (torch.arange(n_rows, device=x.device), target, g * sig / tau_f)):  # positives
-                    for part in kern.pair_chunks(torch.arange(i.numel(), device=x.device), i):
-                        k = part[0]
+                    for k in _chunks(i.numel(), tiles.chunk):
                         kern.add_exact_pair_grads(grad_x, grad_y, x64, y, tiles.a, tiles.b, i[k], j[k], p_ij[k],
                                                   tiles.c, True)
             if need_tau:  # dz/dtau = d / tau^2
-                grad_tau = g / tau_f**2 * ((ratio * sums["t2"] / tiles.c - sig * d_pos).sum() + (p_f * d_f).sum())
+                grad_tau = ((ratio * sums["t2"] / tiles.c - g * sig * d_pos).sum() + (p_f * d_f).sum()) / tau_f**2
                 grad_tau = grad_tau.to(tau.dtype)
             if need_lam:  # dlog(W)/dlambda = lambda K / (lambda W)
-                grad_lam = g / lam_f * ((ratio * sums["lam"]).sum() + (p_f * e_f / (1.0 + e_f)).sum())
+                grad_lam = ((ratio * sums["lam"]).sum() + (p_f * e_f / (1.0 + e_f)).sum()) / lam_f
                 grad_lam = grad_lam.to(lam.dtype)
             if need_sigma:
-                grad_sigma = g / sigma_f * ((ratio * sums["sigma"]).sum() + (p_f * e_f * rho_f / (1.0 + e_f)).sum())
+                grad_sigma = ((ratio * sums["sigma"]).sum() + (p_f * e_f * rho_f / (1.0 + e_f)).sum()) / sigma_f
                 grad_sigma = grad_sigma.to(sigma.dtype)
         return grad_x, grad_y, grad_tau, grad_lam, grad_sigma, None, None, None, None
 
@@ -337,9 +364,9 @@ def _forward_tiles(tiles: _Tiles, plan: list, m: torch.Tensor):
     total = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
     pairs = []
     for tile in plan:
-        r0, r1, cells = tile.r0, tile.r1, tile.cells
+        r0, r1 = tile.r0, tile.r1
         t, s, q, *geo = tile.buffers
-        found = tile.flagged = tiles.arcosh(tile, t, s)
+        tile.flagged = tiles.arcosh(tile, t, s)
         m_old = m[r0:r1]
         m_new = torch.maximum(m_old, tiles.logit2(t.amin(dim=1)))  # a is largest where t is smallest
         total[r0:r1] *= (m_old - m_new).double().exp2_()
@@ -347,14 +374,12 @@ def _forward_tiles(tiles: _Tiles, plan: list, m: torch.Tensor):
         if tiles.weighted:
             tiles.kernel_terms(tile, *geo, need_rho=False)
             q.addcmul_(q, geo[1])  # W exp(a - m), W = 1 + lambda K
-        for fill in (cells, found):  # the positive is not in S; the recomputed pairs are added exactly later
-            if fill is not None:
-                q.view(-1).index_fill_(0, fill, 0.0)
+        tile.zero_pairs(q)  # the positive is not in S; the recomputed pairs are added exactly later
         total[r0:r1] += q.sum(dim=1).double()
         m[r0:r1] = m_new
-        if found is not None:
-            width = tile.c1 - tile.c0
-            pairs.append((torch.div(found, width, rounding_mode="floor") + r0, found % width + tile.c0))
+        flat, unique = tile.flagged
+        width = tile.c1 - tile.c0
+        pairs.append((torch.div(flat, width, rounding_mode="floor") + r0, flat % width + tile.c0, unique))
     return m, total, pairs
 
 
@@ -368,7 +393,7 @@ def _backward_tiles(tiles: _Tiles, plan: list, shift, need: tuple, left_t, u_t):
     sums = {name: torch.zeros(n_rows, dtype=torch.float64, device=shift.device) for name in ("t2", "lam", "sigma")}
     need_geo = tiles.weighted and (need_lam or need_sigma)
     for tile in plan:
-        r0, r1, c0, c1, cells, found = tile.r0, tile.r1, tile.c0, tile.c1, tile.cells, tile.flagged
+        r0, r1, c0, c1 = tile.r0, tile.r1, tile.c0, tile.c1
         t, s, p, *geo = tile.buffers
         tiles.arcosh(tile, t, s, known=True)
         tiles.softmax_terms(p, t, shift[r0:r1])
@@ -376,9 +401,7 @@ def _backward_tiles(tiles: _Tiles, plan: list, shift, need: tuple, left_t, u_t):
             h, e = geo
             tiles.kernel_terms(tile, h, e, need_rho=need_sigma)
             if need_geo:
-                for fill in (cells, found):
-                    if fill is not None:
-                        e.view(-1).index_fill_(0, fill, 0.0)
+                tile.zero_pairs(e)
                 e.mul_(p)  # lambda K exp(a - m)
                 if need_lam:
                     sums["lam"][r0:r1] += e.sum(dim=1).double()
@@ -387,9 +410,7 @@ def _backward_tiles(tiles: _Tiles, plan: list, shift, need: tuple, left_t, u_t):
                 p.add_(e)
             else:
                 p.addcmul_(p, e)
-        for fill in (cells, found):  # q over the negatives of the tile
-            if fill is not None:
-                p.view(-1).index_fill_(0, fill, 0.0)
+        tile.zero_pairs(p)  # q over the negatives of the tile
         p.mul_(t)
         if need_tau:
             sums["t2"][r0:r1] += torch.linalg.vecdot(p, t).double()
@@ -402,15 +423,19 @@ def _backward_tiles(tiles: _Tiles, plan: list, shift, need: tuple, left_t, u_t):
     return v_t, sums
 
 
-def _exact_pairs_off_target(pairs: list, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recomputed pairs of every tile as (i, j) (K,) global indices, without the rows' own targets."""
-    if not pairs:
-        empty = torch.empty(0, dtype=torch.int64, device=target.device)
-        return empty, empty
-    i, j = (torch.cat(parts) for parts in zip(*pairs))
-    keep = j != target.index_select(0, i)
-    return i[keep], j[keep]
+def _exact_pairs_off_target(pairs: list, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recomputed pairs of every tile as (i, j) (K,) global indices and keep (K,): a pair counts once (see
+    ``kern.flag_pairs``) and never at its row's own target."""
+    i, j, unique = (torch.cat(parts) for parts in zip(*pairs))
+    return i, j, unique & (j != target.index_select(0, i))
 
 
-def _number(value: torch.Tensor | None) -> float | None:
-    return None if value is None else float(value.detach())
+def _chunks(n: int, size: int):
+    """Slices of range(n) of at most `size` (shapes only: no host sync)."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _detached(value: torch.Tensor | None) -> torch.Tensor | None:
+    """A 0-dim parameter as the tiles use it: detached, still a tensor (reading it as a float would wait for the
+    device)."""
+    return None if value is None else value.detach()

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Subset
 from gazetteer.atomic import atomic_open, atomic_write_text
 from hierloc.data.pathstore import BLOCK_ROWS, PathArray
 from hierloc.data.tables import make_loader
-from hierloc.device import encoder_autocast, pin_memory_for, to_device
+from hierloc.device import encoder_autocast, pin_memory_for, shard_bounds, to_device
 from hierloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,6 @@ MANIFEST_NAME = "manifest.json"
 _SHARD_PATTERN = re.compile(r"^(features|valid|shard)-rank(\d{3})-of-(\d{3})\.(npy|json)$")
 # Temporary files of an interrupted write of a shard file (ours or gazetteer.atomic's naming).
 _SHARD_TMP_PATTERN = re.compile(r"^\.(features|valid|shard)-rank\d{3}-of-\d{3}\.(npy|json)\..*tmp")
-
-
-def shard_bounds(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) rows of `rank`: contiguous, sizes differ by at most one."""
-    return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
 
 
 def shard_names(rank: int, world_size: int) -> dict[str, str]:

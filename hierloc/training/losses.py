@@ -134,9 +134,10 @@ def geo_soft_cross_entropy(d: torch.Tensor, tau: torch.Tensor, geo_km: torch.Ten
     """
     valid = target >= 0
     with torch.no_grad():
-        kernel = torch.softmax(-geo_km[valid].float() / scale_km, dim=-1)
-    log_p = torch.log_softmax(-d[valid].float() / tau, dim=-1)
-    return -(kernel * log_p).sum(dim=-1).mean()
+        kernel = torch.softmax(-geo_km.float() / scale_km, dim=-1)
+    log_p = torch.log_softmax(-d.float() / tau, dim=-1)
+    per_row = -(kernel * log_p).sum(dim=-1)  # every row (a mask, not a data-dependent selection: no host sync)
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
 
 
 # loss.blocked=auto: the reference's (B, N) buffers of the largest level above this many bytes -> the blocked loss.
@@ -165,6 +166,24 @@ def use_blocked_loss(cfg: Config, level_sizes: Sequence[int], device: torch.devi
     blocked = need > BLOCKED_AUTO_BUDGET_BYTES
     return blocked, (f"loss.blocked=auto: the reference's buffers would take {need / 2**20:.0f} MB "
                      f"({'over' if blocked else 'within'} the {BLOCKED_AUTO_BUDGET_BYTES // 2**20} MB budget)")
+
+
+# The blocked loss's tile buffers (float32 (rows, columns) each; 5 with geo weights) and, on CUDA, its tiles: all
+# the batch's rows and as many of a level's entities as BLOCKED_AUTO_BUDGET_BYTES allows (one tile per level
+# whenever it fits: fewer, larger kernels). Elsewhere cache-sized tiles (hierloc.training.blocked_loss).
+BLOCKED_TILE_BUFFERS = 5
+
+
+def blocked_tiles(device: torch.device, batch: int, n_entities: int,
+                  budget_bytes: int = BLOCKED_AUTO_BUDGET_BYTES) -> tuple[int | None, int | None]:
+    """(rows, columns) per tile of the blocked loss for a level of n_entities and a batch of `batch` images:
+    on CUDA every row and min(n_entities, budget_bytes / (BLOCKED_TILE_BUFFERS x 4 x batch)) columns (at least
+    one), i.e. ceil(n_entities / columns) tiles; (None, None) elsewhere (the kernel's cache-sized default)."""
+    if device.type != "cuda":
+        return None, None
+    rows = max(1, batch)
+    columns = max(1, min(max(1, n_entities), budget_bytes // (BLOCKED_TILE_BUFFERS * 4 * rows)))
+    return rows, columns
 
 
 class GWHInfoNCE(nn.Module):
@@ -196,6 +215,7 @@ class GWHInfoNCE(nn.Module):
         self._register("log_tau", math.log(cfg.tau), cfg.learn_tau)
         self._register("log_lam", math.log(cfg.lam) if cfg.lam > 0 else 0.0, cfg.learn_weights)
         self._register("log_sigma", math.log(cfg.sigma_km), cfg.learn_weights)
+        self.block_columns: int | None = None  # forward_points: entity columns per tile (None: blocked_tiles)
 
     @property
     def has_blocked_kernel(self) -> bool:
@@ -264,6 +284,8 @@ class GWHInfoNCE(nn.Module):
         sqdists: Sequence[torch.Tensor],
         targets: torch.Tensor,
         geo_km: Sequence[torch.Tensor] | None = None,
+        *,
+        check_targets: bool = True,
     ) -> dict:
         """Loss over the levels.
 
@@ -272,21 +294,22 @@ class GWHInfoNCE(nn.Module):
             targets: (B, n_levels) long, the within-level index of each image's true entity, -1 to ignore.
             geo_km: n_levels tensors (B, N_l) of haversine km image GPS -> entity coordinate, or None (then
                 every weight is 1: plain InfoNCE).
+            check_targets: check that every target is -1 or a column of its level (ValueError otherwise); the
+                check reads the targets on the host, so a training step whose targets are in range by
+                construction passes False.
 
-        Returns a dict: "loss" (scalar, sum_l beta_l L_l), "level_losses" (n_levels,) (0 for a level without
-        any valid target), "level_counts" (n_levels,) valid images per level, and floats "tau", "lam",
-        "sigma_km" for logging.
+        Returns a dict of tensors, none read on the host (no device -> host sync): "loss" (scalar,
+        sum_l beta_l L_l), "level_losses" (n_levels,) (0 for a level without any valid target), "level_counts"
+        (n_levels,) valid images per level, and 0-dim detached "tau", "lam", "sigma_km" for logging.
         """
-        self._check_inputs(sqdists, targets, geo_km)
+        self._check_inputs(sqdists, targets, geo_km, check_targets)
         tau = self.temperature()
         use_weights = geo_km is not None and not self._plain
         level_losses, counts = [], []
         for level, d in enumerate(sqdists):
             target = targets[:, level]
-            valid = target >= 0
-            n_valid = int(valid.sum())
-            counts.append(n_valid)
-            if n_valid == 0:
+            counts.append((target >= 0).sum())
+            if d.shape[1] == 0:  # no entity at this level (so no target either)
                 level_losses.append(tau.new_zeros(()))
                 continue
             log_w = self.log_weights(geo_km[level], target) if use_weights else None
@@ -308,6 +331,7 @@ class GWHInfoNCE(nn.Module):
         entity_units: Sequence[torch.Tensor] | None = None,
         *,
         c: float = 1.0,
+        check_targets: bool = True,
     ) -> dict:
         """The same loss as ``forward`` (same dict), computed from the points on the Poincare ball without any
         (B, N_l) tensor: hierloc.training.blocked_loss (entity tiles folded into running log-sum-exp statistics,
@@ -320,38 +344,40 @@ class GWHInfoNCE(nn.Module):
                 entities' coordinates (``hierloc.geometry.geodesy.latlon_to_unit``), or None (plain InfoNCE). The
                 great-circle distance 2 R asin(|u - v| / 2) feeds the weights, as in the training step.
             c: the ball's curvature magnitude.
+            check_targets: as in ``forward``.
+
+        Tiles: ``blocked_tiles`` (all rows and as many entity columns as BLOCKED_AUTO_BUDGET_BYTES allows on
+        CUDA, cache-sized tiles elsewhere), or ``self.block_columns`` entity columns per tile when set.
         """
         if not self.has_blocked_kernel:
             raise ValueError("the blocked loss implements the paper's weighting without geo-soft targets")
-        self._check_points(points, entity_points, targets, image_units, entity_units)
+        self._check_points(points, entity_points, targets, image_units, entity_units, check_targets)
         tau = self.temperature()
         use_weights = image_units is not None and not self._plain
         lam, sigma = (self.lam(), self.sigma_km()) if use_weights else (None, None)
         level_losses, counts = [], []
         for level, y in enumerate(entity_points):
             target = targets[:, level]
-            counts.append(int((target >= 0).sum()))
-            if counts[-1] == 0:
-                level_losses.append(tau.new_zeros(()))
-                continue
+            counts.append((target >= 0).sum())
+            row_block, block = blocked_tiles(points.device, points.shape[0], y.shape[0])
             level_losses.append(blocked_level_loss(
                 points, y, target, tau, c=c, floor=EXP_FLOOR, image_units=image_units if use_weights else None,
                 entity_units=entity_units[level] if use_weights else None, lam=lam, sigma=sigma,
-                kernel=self.kernel).float())
+                kernel=self.kernel, block=self.block_columns or block, row_block=row_block).float())
         return self._summary(level_losses, counts, tau)
 
-    def _summary(self, level_losses: list[torch.Tensor], counts: list[int], tau: torch.Tensor) -> dict:
+    def _summary(self, level_losses: list[torch.Tensor], counts: list[torch.Tensor], tau: torch.Tensor) -> dict:
         level_losses = torch.stack(level_losses)
         return {
             "loss": (self.betas.to(level_losses.device) * level_losses).sum(),
             "level_losses": level_losses,
-            "level_counts": torch.tensor(counts),
-            "tau": float(tau.detach()),
-            "lam": float(self.lam().detach()),
-            "sigma_km": float(self.sigma_km().detach()),
+            "level_counts": torch.stack(counts),
+            "tau": tau.detach(),
+            "lam": self.lam().detach(),
+            "sigma_km": self.sigma_km().detach(),
         }
 
-    def _check_inputs(self, sqdists, targets, geo_km) -> None:
+    def _check_inputs(self, sqdists, targets, geo_km, check_targets: bool) -> None:
         if len(sqdists) != self.n_levels:
             raise ValueError(f"expected {self.n_levels} levels of distances, got {len(sqdists)}")
         self._check_targets(targets)
@@ -364,7 +390,8 @@ class GWHInfoNCE(nn.Module):
             if geo_km is not None and geo_km[level].shape != d.shape:
                 raise ValueError(f"level {level}: geo_km {tuple(geo_km[level].shape)} does not match the distances "
                                  f"{tuple(d.shape)}")
-            self._check_level_targets(targets, level, d.shape[1])
+            if check_targets:
+                self._check_level_targets(targets, level, d.shape[1])
 
     def _check_targets(self, targets) -> None:
         if targets.dim() != 2 or targets.shape[1] != self.n_levels or targets.dtype not in (torch.int64, torch.int32):
@@ -377,7 +404,7 @@ class GWHInfoNCE(nn.Module):
         if bool((target < -1).any()) or bool((target >= n_entities).any()):
             raise ValueError(f"level {level}: targets must be -1 or in [0, {n_entities})")
 
-    def _check_points(self, points, entity_points, targets, image_units, entity_units) -> None:
+    def _check_points(self, points, entity_points, targets, image_units, entity_units, check_targets: bool) -> None:
         if len(entity_points) != self.n_levels:
             raise ValueError(f"expected {self.n_levels} levels of entity points, got {len(entity_points)}")
         self._check_targets(targets)
@@ -394,7 +421,8 @@ class GWHInfoNCE(nn.Module):
             if image_units is not None and tuple(entity_units[level].shape) != (y.shape[0], 3):
                 raise ValueError(f"level {level}: entity_units must be ({y.shape[0]}, 3), got "
                                  f"{tuple(entity_units[level].shape)}")
-            self._check_level_targets(targets, level, y.shape[0])
+            if check_targets:
+                self._check_level_targets(targets, level, y.shape[0])
 
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, kernel={self.kernel!r}, learn_tau={self.learn_tau}, "

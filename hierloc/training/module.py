@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gazetteer.schema import N_LEVELS
-from hierloc.device import Runtime, all_reduce_sum, encoder_autocast
+from hierloc.device import Runtime, all_reduce_sum, encoder_autocast, shard_bounds
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model import concepts as concept_lib
 
@@ -48,6 +48,7 @@ class TrainModule(nn.Module):
         concept_output = model.concept_head(features) if model.concept_head is not None else None
         points = model.embed_features(features, entity_tangent, concept_output)
         entity_points = model.entity_points(entity_tangent)
+        # in range by construction (global ids of the model's own entity table, or -1): the loss need not read them
         local_targets = torch.full_like(targets, -1)
         with torch.no_grad():
             image_units = latlon_to_unit(lat_deg, lon_deg).float()
@@ -58,13 +59,13 @@ class TrainModule(nn.Module):
             levels = range(N_LEVELS)
             out = self.loss.forward_points(points, [entity_points[model.level_slice(level)] for level in levels],
                                            local_targets, image_units, [self._entity_units(level) for level in levels],
-                                           c=model.cfg.curvature)
+                                           c=model.cfg.curvature, check_targets=False)
         else:
             sqdists = model.level_sqdists(points, entity_points)
             with torch.no_grad():
                 # float32 units: immaterial for weights exp(-g / sigma), sigma >= 10 km (see great_circle_km)
                 geo_km = [great_circle_km(image_units, self._entity_units(level)) for level in range(N_LEVELS)]
-            out = self.loss(sqdists, local_targets, geo_km)
+            out = self.loss(sqdists, local_targets, geo_km, check_targets=False)
         if model.concept_head is not None and concepts is not None:
             out["concept_loss"] = concept_lib.concept_loss(concept_output[0], concepts)
             out["loss"] = out["loss"] + concept_weight * out["concept_loss"]
@@ -114,8 +115,7 @@ def entity_feature_means(features, targets: np.ndarray, n_entities: int, runtime
     every rank ends with the same means."""
     rows = None
     if runtime is not None and runtime.distributed:
-        n = len(features)
-        rows = (n * runtime.rank // runtime.world_size, n * (runtime.rank + 1) // runtime.world_size)
+        rows = shard_bounds(len(features), runtime.rank, runtime.world_size)
     sums, counts = entity_feature_sums(features, targets, n_entities, rows, chunk_rows)
     if runtime is not None:
         sums, counts = all_reduce_sum(runtime, sums), all_reduce_sum(runtime, counts)
@@ -133,18 +133,20 @@ def update_entity_features(model, features: torch.Tensor, targets: torch.Tensor,
     seen = model.entity_seen
     for level in range(N_LEVELS):
         ids = targets[:, level]
-        keep = ids >= 0                       # masks, not boolean indexing: no host sync on a GPU
-        safe_ids = ids.clamp_min(0)
-        rows = torch.where(keep.unsqueeze(1), features.to(buf.dtype), 0.0)
-        sums = torch.zeros_like(buf).index_add_(0, safe_ids, rows)
-        counts = torch.zeros(buf.shape[0], dtype=buf.dtype, device=buf.device).index_add_(0, safe_ids,
-                                                                                          keep.to(buf.dtype))
-        touched = counts > 0
-        means = sums / counts.clamp_min(1).unsqueeze(1)
-        # untouched rows: rate 0 leaves them exactly as they were
-        rate = torch.where(touched, torch.where(seen, momentum, 1.0), 0.0).to(buf.dtype)
-        buf += rate.unsqueeze(1) * (means - buf)
-        seen |= touched
+        keep = ids >= 0
+        # without a host sync (no boolean selection): rows without a target stand in for the first row with one
+        # and write its value again (rows of one entity write the same value: deterministic)
+        first = keep.to(torch.int8).argmax(dim=0, keepdim=True)  # (1,): a tensor index, never read
+        ids = torch.where(keep, ids, ids[first].clamp_min(0))
+        feats = torch.where(keep.unsqueeze(1), features.to(buf.dtype), 0.0)
+        sums = torch.zeros(buf.shape[0], buf.shape[1], device=buf.device).index_add_(0, ids, feats)
+        counts = torch.zeros(buf.shape[0], device=buf.device).index_add_(0, ids, keep.to(buf.dtype))
+        count, old = counts[ids], buf[ids]
+        touched = count > 0
+        means = sums[ids] / count.clamp_min(1).unsqueeze(1)
+        rate = torch.where(seen[ids], torch.full_like(count, momentum), torch.ones_like(count))
+        buf[ids] = torch.where(touched.unsqueeze(1), old + rate.unsqueeze(1) * (means - old), old)
+        seen[ids] = seen[ids] | touched
 
 
 def gather_ranks(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,13 @@ from hierloc.training.step import base_learning_rates, build_optimizers, plan_st
 log = logging.getLogger(__name__)
 
 
-# validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> metrics (see `train`)
-Validator = Callable[[str, Config, nn.Module, dict, nn.Module, Any, torch.device], dict]
+# validate(val_csv, cfg, model, loss_state, encoder, gazetteer, runtime, features) -> metrics on rank 0, {} on the
+# other ranks; every rank calls it (see `train`)
+Validator = Callable[[str, Config, nn.Module, dict, nn.Module, Any, Runtime, Any], dict]
 
-# calibrate(model_dir, val_csv, device) -> modeldir.Calibration, written into model_dir (see `train`)
-Calibrator = Callable[[str, str, torch.device], modeldir.Calibration]
+# calibrate(model_dir, val_csv, runtime, features) -> modeldir.Calibration, written into model_dir by rank 0; every
+# rank calls it (see `train`)
+Calibrator = Callable[[str, str, Runtime, Any], modeldir.Calibration]
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Run:
     validate: Validator | None = None
     calibrate: Calibrator | None = None
     writer: Any = None                        # TensorBoard SummaryWriter (rank 0)
+    val_features: Any = None                  # FeatureCache of --val-csv (a frozen backbone), else None
 
     def release(self) -> None:
         """Unlock --out (the loop's `finally`)."""
@@ -240,15 +243,8 @@ def cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, o
                             n_entities: int, extras: dict | None) -> tuple[Any, torch.Tensor]:
     """A frozen backbone: extract (or reuse) the feature cache -> (CachedFeatureDataset, each entity's mean
     feature (E, F), zeros with model.entity_image_features="none")."""
-    cache_dir = Path(inputs.cache_dir) if inputs.cache_dir else out / "feature_cache"
-    image_ds = tables.ImageDataset(data.table, encoder.preprocessor, train=False)
     encoder.to(runtime.device)    # once: the frozen encoder extracts (and validates) on the run's device
-    cache = feature_cache.extract_features(encoder, image_ds, cache_dir, amp=cfg.train.amp,
-                                           batch_size=cfg.train.batch_size,
-                                           num_workers=cfg.train.num_workers, rank=runtime.rank,
-                                           world_size=runtime.world_size, progress=inputs.progress)
-    if cache is None:
-        raise RuntimeError("feature extraction did not complete on every rank")
+    cache = extract_table_features(cfg, inputs, runtime, encoder, data.table, feature_cache_dir(inputs, out))
     # read in chunks from the memory-mapped cache, each rank its own rows, all-reduced (rows of unreadable images
     # are NaN and left out)
     ent_feats = entity_feature_means(cache, data.targets, n_entities, runtime)
@@ -257,6 +253,35 @@ def cached_feature_dataset(cfg: Config, inputs: TrainInputs, runtime: Runtime, o
     dataset = feature_cache.CachedFeatureDataset(cache, targets=data.targets, lat_deg=data.table.lat_deg,
                                                  lon_deg=data.table.lon_deg, extras=extras)
     return dataset, ent_feats
+
+
+def feature_cache_dir(inputs: TrainInputs, out: Path) -> Path:
+    """Where a frozen backbone's training features are cached: --cache-dir, else <out>/feature_cache."""
+    return Path(inputs.cache_dir) if inputs.cache_dir else out / "feature_cache"
+
+
+def extract_table_features(cfg: Config, inputs: TrainInputs, runtime: Runtime, encoder, table,
+                           cache_dir: Path) -> feature_cache.FeatureCache:
+    """The frozen encoder's features of every image of `table`, extracted once into cache_dir (each rank its
+    contiguous share; reused while the encoder and the images are the same) -> the complete cache."""
+    image_ds = tables.ImageDataset(table, encoder.preprocessor, train=False)
+    cache = feature_cache.extract_features(encoder, image_ds, cache_dir, amp=cfg.train.amp,
+                                           batch_size=cfg.train.batch_size,
+                                           num_workers=cfg.train.num_workers, rank=runtime.rank,
+                                           world_size=runtime.world_size, progress=inputs.progress)
+    if cache is None:
+        raise RuntimeError("feature extraction did not complete on every rank")
+    return cache
+
+
+def validation_features(cfg: Config, inputs: TrainInputs, runtime: Runtime, out: Path, encoder):
+    """A frozen backbone with --val-csv: the validation images' features, cached like the training ones in
+    <feature cache dir>/val (rows: the CSV read as validation reads it, bad rows skipped) -> the FeatureCache,
+    else None. Validation and calibration then run the model's head on them, never the backbone."""
+    if not (cfg.model.freeze_backbone and inputs.val_csv):
+        return None
+    table = tables.read_image_table(inputs.val_csv, on_bad="skip")
+    return extract_table_features(cfg, inputs, runtime, encoder, table, feature_cache_dir(inputs, out) / "val")
 
 
 def open_run_outputs(out: Path, cfg: Config, gaz: Gazetteer, runtime: Runtime):
@@ -298,6 +323,7 @@ def build_run(cfg: Config, inputs: TrainInputs, runtime: Runtime, validate: Vali
         run = Run(cfg, inputs, runtime, out, lock, data, encoder, dataset, cfg.model.freeze_backbone, module,
                   wrap_distributed(module, runtime), optimizers, base_lrs, steps_per_epoch, total_steps, step,
                   start_epoch, validate, calibrate)
+        run.val_features = validation_features(cfg, inputs, runtime, out, encoder)
         run.writer = open_run_outputs(out, cfg, data.gaz, runtime)
         return run
     except BaseException:

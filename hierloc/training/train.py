@@ -66,12 +66,15 @@ def train(cfg: Config, inputs: TrainInputs, validate: Validator | None = None,
           calibrate: Calibrator | None = None) -> TrainSummary:
     """Run a training job end to end and write the model directory. Returns a summary (rank 0's numbers).
 
-    validate: with `inputs.val_csv`, called after every epoch on rank 0 as
-    ``validate(val_csv, cfg, model, loss_state, encoder, gazetteer, device) -> {metric: value}`` (the CLI passes
+    validate: with `inputs.val_csv`, called after every epoch on every rank as
+    ``validate(val_csv, cfg, model, loss_state, encoder, gazetteer, runtime, features) -> {metric: value}``
+    (rank 0's; {} on the others): each rank scores its share of the rows, from `features` (the CSV's cached
+    features, a frozen backbone; else None: the images) (the CLI passes
     `hierloc.inference.predictor.HierLoc.validation_metrics`; training itself does not depend on inference).
-    calibrate: with `inputs.val_csv`, called once on rank 0 after the model directory is written, as
-    ``calibrate(model_dir, val_csv, device)``: fits the per-level temperatures of the reported probabilities and
-    writes calibration.json (the CLI passes `HierLoc.calibrate_model_dir`)."""
+    calibrate: with `inputs.val_csv`, called once on every rank after rank 0 has written the model directory, as
+    ``calibrate(model_dir, val_csv, runtime, features)``: fits the per-level temperatures of the reported
+    probabilities, each rank searching its share of the rows, and rank 0 writes calibration.json (the CLI passes
+    `HierLoc.calibrate_in_training`)."""
     runtime = init_runtime(inputs.device)
     if runtime.device.type == "cpu" and cfg.train.reuse_cpu_memory:
         reuse_freed_cpu_memory()
@@ -106,7 +109,8 @@ class _Loop:
     saved_step: int                           # the step of the newest checkpoint on disk (-1: none)
     started: float = 0.0                      # perf_counter() when the loop began
     images_seen: int = 0
-    last_loss: float = float("nan")
+    last_loss: float = float("nan")           # read from the device at logging steps and at the end
+    loss_tensor: object = None                # the newest step's loss, a detached device tensor (not read per step)
     validation: dict = field(default_factory=dict)
     stop_signal: int = 0                      # the signal that asked the run to stop (0: none)
 
@@ -179,12 +183,17 @@ def _train_batch(run: Run, loop: _Loop, batch: dict, progress) -> None:
                                0.1)
     loop.step += 1
     loop.images_seen += int(targets.shape[0]) * runtime.world_size
-    loop.last_loss = float(result["loss"].detach())
-    if run.writer is not None and (loop.step % cfg.train.log_every == 0 or loop.step == 1):
-        _log_scalars(run.writer, loop.step, result, run.optimizers, grad_norm)
+    # the step's values stay on the device; they are read (a host sync) only at logging steps, every
+    # train.log_every steps and the first, where TensorBoard gets them and the progress bar's loss is refreshed
+    loop.loss_tensor = result["loss"].detach()
+    if loop.step % cfg.train.log_every == 0 or loop.step == 1:
+        loop.last_loss = float(loop.loss_tensor)
+        if run.writer is not None:
+            _log_scalars(run.writer, loop.step, result, run.optimizers, grad_norm)
+        if progress is not None:
+            rate = loop.images_seen / max(1e-9, time.perf_counter() - loop.started)
+            progress.set_postfix(epoch=loop.epoch, loss=f"{loop.last_loss:.3f}", img_s=f"{rate:.0f}")
     if progress is not None:
-        rate = loop.images_seen / max(1e-9, time.perf_counter() - loop.started)
-        progress.set_postfix(epoch=loop.epoch, loss=f"{loop.last_loss:.3f}", img_s=f"{rate:.0f}")
         progress.update(1)
     if loop.step % (cfg.train.checkpoint_every or loop.steps_per_epoch) == 0 or loop.step == loop.total_steps:
         save_checkpoint(run.out, run.module, run.optimizers, loop.step,
@@ -194,11 +203,15 @@ def _train_batch(run: Run, loop: _Loop, batch: dict, progress) -> None:
 
 
 def _validate_epoch(run: Run, loop: _Loop) -> None:
-    """With --val-csv, rank 0 evaluates the model after the epoch (logged, and kept for the summary)."""
-    if not (run.inputs.val_csv and run.runtime.is_main):
+    """With --val-csv, every rank evaluates its share of the validation rows after the epoch; rank 0 gets the
+    metrics of all of them (logged, and kept for the summary)."""
+    if not run.inputs.val_csv:
         return
-    loop.validation = _validate(run.validate, run.module.model, run.module.loss, run.encoder, run.data.gaz,
-                                run.inputs, run.cfg, run.runtime)
+    metrics = _validate(run.validate, run.module.model, run.module.loss, run.encoder, run.data.gaz, run.inputs,
+                        run.cfg, run.runtime, run.val_features)
+    if not run.runtime.is_main:
+        return
+    loop.validation = metrics
     if run.writer is not None:
         for key, value in loop.validation.items():
             run.writer.add_scalar(f"val/{key}", value, loop.step)
@@ -236,6 +249,8 @@ def _finish(run: Run, loop: _Loop) -> TrainSummary:
     """Place the prototypes, write the model directory, fit its calibration (with --val-csv) and write
     train_summary.json (rank 0) -> the summary."""
     _place_prototypes(run)
+    if loop.loss_tensor is not None:
+        loop.last_loss = float(loop.loss_tensor)  # the last step's loss (train_summary.json's final_loss)
     seconds = time.perf_counter() - loop.started
     runtime, out, gaz = run.runtime, run.out, run.data.gaz
     divergence = rank_divergence(run.module, runtime)
@@ -245,7 +260,8 @@ def _finish(run: Run, loop: _Loop) -> TrainSummary:
             modeldir.save_model_dir(out, run.cfg, run.module.model, run.module.loss.state_dict(), run.encoder, gaz)
         if run.writer is not None:
             run.writer.close()
-        calibration = _calibrate(run)
+    barrier(runtime)
+    calibration = _calibrate(run)
     barrier(runtime)
     counts = [int(gaz.level_offsets[i + 1] - gaz.level_offsets[i]) for i in range(N_LEVELS)]
     summary = TrainSummary(out_dir=str(out), train_csv=str(Path(run.inputs.train_csv).resolve()), steps=loop.step,
@@ -262,11 +278,14 @@ def _finish(run: Run, loop: _Loop) -> TrainSummary:
 
 
 def _calibrate(run: Run) -> dict:
-    """With --val-csv and a `calibrate` function: fit and write the model directory's calibration.json -> its
-    fields ({} otherwise)."""
+    """With --val-csv and a `calibrate` function: every rank searches its share of the validation rows (from the
+    cached features with a frozen backbone), rank 0 writes the model directory's calibration.json -> its fields
+    on rank 0 ({} otherwise)."""
     if not (run.inputs.val_csv and run.calibrate is not None):
         return {}
-    fitted = run.calibrate(str(run.out), run.inputs.val_csv, run.runtime.device)
+    fitted = run.calibrate(str(run.out), run.inputs.val_csv, run.runtime, run.val_features)
+    if not run.runtime.is_main:
+        return {}
     log.info("calibration on %s: temperatures %s", run.inputs.val_csv,
              ", ".join(f"{t:.3g}" for t in fitted.temperatures))
     return asdict(fitted)
@@ -290,7 +309,7 @@ def _log_scalars(writer, step: int, result: dict, optimizers: dict, grad_norm) -
 
 
 def _validate(validate: Validator | None, model, loss_fn, encoder, gaz, inputs: TrainInputs, cfg: Config,
-              runtime: Runtime) -> dict:
+              runtime: Runtime, features) -> dict:
     if validate is None:
         raise ValueError("train(): a val_csv needs a `validate` function (e.g. HierLoc.validation_metrics)")
-    return validate(inputs.val_csv, cfg, model, loss_fn.state_dict(), encoder, gaz, runtime.device)
+    return validate(inputs.val_csv, cfg, model, loss_fn.state_dict(), encoder, gaz, runtime, features)

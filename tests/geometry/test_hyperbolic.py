@@ -326,6 +326,38 @@ def test_the_search_for_pairs_to_recompute_finds_exactly_the_entries_below_their
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
 
 
+@pytest.mark.parametrize("capacity", [1, 5, 40])
+def test_flag_pairs_lists_the_pairs_below_their_threshold_with_a_fixed_shape(capacity):
+    torch.manual_seed(capacity)
+    x, y = ball_points(4, 6, torch.float32, 1.0), ball_points(10, 6, torch.float32, 1.0)
+    y = torch.cat([y, x[:3] + 1e-4, x[:1] * (1 + 1e-6)])  # close pairs: (0, 10), (1, 11), (2, 12), (0, 13)
+    nx, ny, a, b, alpha, beta, left, right = kernels.poincare_operands(x, y, 1.0, torch.float32)
+    w = left @ right.T  # 1 + m
+    rows, columns = kernels.flag_operands(nx, ny, alpha, beta, torch.float32)
+    flat, unique = kernels.flag_pairs(w, rows, columns, torch.empty_like(w), capacity)
+    threshold = (kernels._CANCEL_REL[torch.float32] * alpha * beta.T * (nx + ny.T)).clamp_min(
+        kernels._SMALL_M[torch.float32])
+    expected = ((w.double() - 1.0) < threshold).view(-1).nonzero()[:, 0].tolist()
+    assert {10, 11 + 14, 12 + 28, 13} <= set(expected)
+    assert flat.shape == unique.shape == (capacity,)
+    listed = flat[unique].tolist()
+    assert listed == expected[:capacity]  # the first pairs found, each once
+    assert (flat[~unique] == flat[0]).all()  # the rest: copies of the first entry
+
+
+def test_pairs_beyond_the_capacity_keep_finite_values_and_gradients(monkeypatch):
+    # 5 close copies of every row but room for one pair per row: the rest keep their matrix-product value
+    x = ball_points(6, 16, torch.float32, 1.0)
+    y = with_close_pairs(x, ball_points(20, 16, torch.float32, 1.0))
+    monkeypatch.setattr(kernels, "FLAG_PAIRS_PER_ROW", 1)
+    xg = x.clone().requires_grad_()
+    d2 = hyperbolic.pairwise_sqdist(xg, y)
+    d2.sum().backward()
+    reference = reference_dist(x[:, None, :], y[None, :, :], 1.0).square()
+    assert torch.isfinite(d2).all() and torch.isfinite(xg.grad).all()
+    assert (d2.double() - reference).abs().max() < 1e-3  # absolute: close pairs lose their relative accuracy
+
+
 # ------------------------------------------------------------------------------------------------- gradients
 
 

@@ -268,7 +268,10 @@ def test_save_pretrained_refuses_to_replace_without_overwrite_or_a_non_model_dir
 
 def test_describe_names_the_model_directory_and_training_data(hierloc, tiny_model_dir, tiny_demo_dir):
     description = hierloc.describe()
-    assert description["model_dir"] == str(tiny_model_dir)
+    # names, not the paths of this machine (the description is what `hierloc serve` shows its clients)
+    assert description["model_dir"] == tiny_model_dir.name
+    assert str(tiny_model_dir.parent) not in json.dumps(description)
+    assert str(tiny_demo_dir) not in json.dumps(description)
     # the fixture's gazetteer was built from the training points, so only the image count is known
     n_train_rows = len((tiny_demo_dir / "train.csv").read_text().splitlines()) - 1
     assert description["training"]["n_images"] == n_train_rows

@@ -66,7 +66,7 @@ def test_health_names_the_model_the_gazetteer_and_the_version(client, model):
 
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["version"] == __version__
-    assert body["model"]["model_dir"] == model.source and body["model"]["training"]["n_images"] == 240
+    assert body["model"]["model_dir"] == Path(model.source).name and body["model"]["training"]["n_images"] == 240
     assert body["gazetteer"]["hash"] == model.gazetteer.content_hash
     assert sum(body["gazetteer"]["entities"].values()) == len(model.gazetteer.names)
     assert body["queue"] == {"pending": 0, "max_queue": Limits().max_queue, "max_batch": Limits().max_batch}
@@ -399,6 +399,21 @@ def test_a_request_that_waits_longer_than_the_timeout_is_504(model, tiny_model_d
         assert client.post("/predict", files=uploads(images[:1])).status_code == 200   # the worker lives on
 
 
+def test_once_the_server_is_stopping_health_and_new_requests_are_503_and_close_the_connection(model, tiny_model_dir,
+                                                                                               images):
+    app = create_app(model, tiny_model_dir)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/predict", files=uploads(images[:1])).status_code == 200
+        client.portal.call(app.state.begin_shutdown)     # what hierloc.serve.server calls on SIGTERM
+        health = client.get("/health")
+        refused = client.post("/predict", files=uploads(images[:1]))
+    assert health.status_code == 503 and health.json()["status"] == "shutting down"
+    assert health.headers["connection"] == "close"
+    assert_json_error(refused, 503, "shutting down")
+    assert refused.headers["connection"] == "close" and refused.headers["retry-after"] == "1"
+
+
 def test_an_internal_error_is_a_one_line_json_500_without_traceback(model, tiny_model_dir, images):
     app = create_app(model, tiny_model_dir)
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -414,7 +429,11 @@ def test_an_internal_error_is_a_one_line_json_500_without_traceback(model, tiny_
 # ----------------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("argv, message", [(["--max-upload-mb", "0"], "--max-upload-mb"),
                                            (["--max-queue", "0"], "--max-queue"), (["--timeout", "-1"], "--timeout"),
-                                           (["--port", "70000"], "--port"), (["--threads", "-1"], "--threads")])
+                                           (["--port", "70000"], "--port"), (["--threads", "-1"], "--threads"),
+                                           (["--stall-timeout", "0"], "--stall-timeout"),
+                                           (["--body-timeout", "-5"], "--body-timeout"),
+                                           (["--shutdown-timeout", "0"], "--shutdown-timeout"),
+                                           (["--max-connections", "0"], "--max-connections")])
 def test_serve_refuses_bad_limits_in_one_line(tiny_model_dir, capsys, argv, message):
     code = main(["serve", "--model", str(tiny_model_dir), *argv])
     err = capsys.readouterr().err
@@ -446,7 +465,7 @@ def test_the_command_serves_on_loopback_until_stopped(tiny_model_dir):
             except OSError:
                 assert time.monotonic() < deadline, "hierloc serve did not answer in 120 s"
                 time.sleep(0.2)
-        assert body["status"] == "ok" and body["model"]["model_dir"] == str(tiny_model_dir)
+        assert body["status"] == "ok" and body["model"]["model_dir"] == tiny_model_dir.name
         listening = [c for c in _listening_sockets(port)]
         assert listening and all(address.startswith("127.0.0.1") for address in listening)
     finally:
@@ -479,4 +498,4 @@ def test_without_the_server_packages_the_command_says_what_to_install(tiny_model
     monkeypatch.setitem(sys.modules, "uvicorn", None)       # as if uvicorn were not installed
     code = main(["serve", "--model", str(tiny_model_dir)])
     err = capsys.readouterr().err
-    assert code == 2 and "needs uvicorn" in err and "pip install" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "needs uvicorn" in err and "pip install" in err and len(err.strip().splitlines()) == 1, err

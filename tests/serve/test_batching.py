@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from hierloc.serve.batching import MicroBatcher, QueueFull
+from hierloc.serve.batching import MicroBatcher, QueueFull, ShuttingDown
 
 
 class Recorder:
@@ -133,3 +133,43 @@ def test_bad_bounds_and_submit_before_start_are_refused():
         MicroBatcher(Recorder(), max_queue=0)
     with pytest.raises(RuntimeError, match="start"):
         run(MicroBatcher(Recorder()).submit("k", [1]))
+
+
+def test_drain_answers_the_queue_within_its_grace_and_refuses_new_jobs():
+    async def scenario():
+        recorder = Recorder(hold=True)
+        batcher = MicroBatcher(recorder, max_queue=8, max_batch=1)
+        running, waiting = await behind_a_running_job(batcher, recorder, [("k", [1]), ("k", [2])])
+        drain = asyncio.create_task(batcher.drain(grace_s=5.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ShuttingDown):                 # closed: a new job is refused at once
+            await batcher.submit("k", [3])
+        recorder.gate.set()                              # the model moves on: the queue empties in the grace
+        failed = await drain
+        results = await asyncio.gather(running, *waiting)
+        await batcher.stop()
+        return failed, results
+
+    failed, results = run(scenario())
+    assert failed == 0 and results == [[("k", 0)], [("k", 10)], [("k", 20)]]
+
+
+def test_drain_fails_the_jobs_still_waiting_after_its_grace_and_the_running_one_completes():
+    async def scenario():
+        recorder = Recorder(hold=True)
+        batcher = MicroBatcher(recorder, max_queue=8, max_batch=1)
+        running, waiting = await behind_a_running_job(batcher, recorder, [("k", [1]), ("k", [2])])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        failed = await batcher.drain(grace_s=0.2)        # the model is still held: nothing leaves the queue
+        waited = loop.time() - start
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        recorder.gate.set()
+        result = await running
+        await batcher.stop()
+        return failed, waited, outcomes, result
+
+    failed, waited, outcomes, result = run(scenario())
+    assert failed == 2 and 0.2 <= waited < 1.0
+    assert all(isinstance(o, ShuttingDown) and "shutting down" in str(o) for o in outcomes)
+    assert result == [("k", 0)]

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from gazetteer.geo import EARTH_RADIUS_KM
 from hierloc.config import Config, LossConfig
 from hierloc.geometry import hyperbolic
+from hierloc.geometry import kernels as kern
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
 from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training import blocked_loss
@@ -358,3 +359,61 @@ def test_training_steps_match_the_reference_path():
     assert blocked_params.keys() == reference_params.keys()
     for name, value in blocked_params.items():
         torch.testing.assert_close(value, reference_params[name], rtol=1e-4, atol=2e-6, msg=name)
+
+
+# ------------------------------------------------------------- tilings without host syncs, against float64
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 16, None])
+def test_forward_points_float64_equals_the_composed_reference_for_every_tiling(block):
+    # float64 points: every tiling, every level (one empty, rows without a target, a point on an entity) must give
+    # the composed float64 loss sum_l beta_l L_l and its gradients to ~1e-12
+    points, entities, targets, image_units, entity_units = level_inputs()
+    points = points.detach().double().requires_grad_()
+    entities = [e.detach().double().requires_grad_() for e in entities]
+    with torch.no_grad():
+        points[0] = entities[3][5]
+    loss = GWHInfoNCE(LossConfig(tau=0.2, learn_weights=True, lam=1.5, sigma_km=900.0))
+    loss.block_columns = block
+    params = [points, *[e for e in entities if e.numel()], *loss.parameters()]
+    got = loss.forward_points(points, entities, targets, image_units.double(), [u.double() for u in entity_units])
+    got_grads = torch.autograd.grad(got["loss"], params)
+    tau, lam, sigma = loss.temperature(), loss.lam(), loss.sigma_km()
+    levels = [reference_level_loss(points, e, targets[:, level], tau, lam, sigma, "laplace", image_units,
+                                   entity_units[level]) if (targets[:, level] >= 0).any() else points.sum() * 0.0
+              for level, e in enumerate(entities)]
+    want = sum(beta * level for beta, level in zip(loss.betas.double(), levels))
+    want_grads = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got["level_losses"].double(), torch.stack(levels).float().double(), rtol=1e-6, atol=0)
+    assert got["level_counts"].tolist() == [12, 0, 10, 12] and got["level_losses"][1].item() == 0.0
+    n_points = 1 + sum(1 for e in entities if e.numel())
+    for index, (g_got, g_want) in enumerate(zip(got_grads, want_grads)):  # the loss's parameters are float32
+        assert rel_err(g_got, g_want) < (1e-9 if index < n_points else 1e-6), index
+
+
+def test_rows_without_a_target_get_no_gradient_and_leave_the_loss_alone():
+    x, y, target, units_i, units_e = make_case(seed=5)
+    logs, (tau, lam, sigma) = scalar_params()
+    full = blocked(x, y, target, tau, lam, sigma, "laplace", units_i, units_e, block=4)
+    grad_x, = torch.autograd.grad(full, [x])
+    rows = (target >= 0).nonzero()[:, 0]
+    kept = blocked(x[rows], y, target[rows], tau, lam, sigma, "laplace", units_i[rows], units_e, block=4)
+    torch.testing.assert_close(full, kept, rtol=1e-13, atol=0)
+    assert grad_x[target < 0].abs().max() == 0 and grad_x[target >= 0].abs().max() > 0
+
+
+def test_more_pairs_to_recompute_than_room_stay_finite_and_close(monkeypatch):
+    # every image on an entity and copies nearby: more pairs to recompute than a tile's capacity (1 per row here);
+    # those beyond it keep their matrix-product value (w clamped at 1), still finite and close in float32
+    x, y, target, units_i, units_e = make_case(batch=8, n=30, seed=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        y[:8] = x + 1e-4 * torch.randn(x.shape, generator=gen)
+        y[8:16] = x + 1e-3 * torch.randn(x.shape, generator=gen)
+    monkeypatch.setattr(kern, "FLAG_PAIRS_PER_ROW", 1)
+    logs, (tau, lam, sigma) = scalar_params()
+    got = blocked(x, y, target, tau.float(), lam.float(), sigma.float(), "laplace", units_i, units_e, block=30)
+    grads = torch.autograd.grad(got, [x, y])
+    want = reference_level_loss(x, y, target, tau, lam, sigma, "laplace", units_i, units_e)
+    assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in grads)
+    assert abs(float(got.detach()) - float(want.detach())) < 1e-5 * abs(float(want.detach()))

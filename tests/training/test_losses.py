@@ -223,7 +223,10 @@ def test_learnable_and_fixed_parameters():
     assert {"log_tau", "log_lam", "log_sigma", "betas"} <= {name for name, _ in fixed.named_buffers()}
     assert fixed.temperature().item() == pytest.approx(0.1)
     assert fixed.sigma_km().item() == pytest.approx(300.0)
-    assert isinstance(learn(*random_batch())["tau"], float)
+    out = learn(*random_batch())
+    for key in ("tau", "lam", "sigma_km"):  # detached 0-dim tensors: reading them is the caller's (host sync)
+        assert torch.is_tensor(out[key]) and out[key].dim() == 0 and not out[key].requires_grad
+    assert out["tau"].item() == pytest.approx(0.1) and out["sigma_km"].item() == pytest.approx(300.0)
 
 
 def test_lambda_and_sigma_gradients_push_towards_plain_infonce():
@@ -413,3 +416,34 @@ def test_the_blocked_kernel_refuses_the_losses_it_does_not_implement():
         with pytest.raises(ValueError, match="blocked loss"):
             loss.forward_points(points, [points], torch.tensor([[0], [1], [2]]))
     assert make_loss().has_blocked_kernel
+
+
+def test_blocked_tiles_on_cuda_take_every_row_and_as_many_entities_as_the_budget_allows():
+    from hierloc.training.losses import BLOCKED_AUTO_BUDGET_BYTES, BLOCKED_TILE_BUFFERS, blocked_tiles
+
+    cuda = torch.device("cuda")  # a device object only: no GPU needed
+    assert blocked_tiles(torch.device("cpu"), 256, 165_000) == (None, None)  # CPU: the kernel's cache-sized tiles
+    assert blocked_tiles(cuda, 128, 15_000) == (128, 15_000)  # fits: one tile for the whole level
+    rows, columns = blocked_tiles(cuda, 256, 165_000)  # the world gazetteer at B = 256: over the budget
+    assert rows == 256 and columns < 165_000 and -(-165_000 // columns) == 2
+    assert BLOCKED_TILE_BUFFERS * 4 * rows * columns <= BLOCKED_AUTO_BUDGET_BYTES
+    assert BLOCKED_TILE_BUFFERS * 4 * rows * (columns + 1) > BLOCKED_AUTO_BUDGET_BYTES  # as large as allowed
+    assert blocked_tiles(cuda, 64, 1_000, budget_bytes=1) == (64, 1)  # at least one column
+    assert blocked_tiles(cuda, 8, 0) == (8, 1)
+
+
+def test_forward_points_uses_the_cuda_tiles(monkeypatch):
+    # the loss asks blocked_tiles for its tiles with the points' device, batch and each level's size
+    from hierloc.training import losses
+
+    asked = []
+    monkeypatch.setattr(losses, "blocked_tiles", lambda device, batch, n: asked.append((device.type, batch, n))
+                        or (batch, 3))
+    loss = gwh()
+    points = hyperbolic.expmap0(torch.randn(6, 4) * 0.5)
+    entities = [hyperbolic.expmap0(torch.randn(n, 4) * 0.5) for n in (3, 5, 8, 13)]
+    targets = torch.stack([torch.randint(0, n, (6,)) for n in (3, 5, 8, 13)], dim=1)
+    out = loss.forward_points(points, entities, targets)
+    assert asked == [("cpu", 6, 3), ("cpu", 6, 5), ("cpu", 6, 8), ("cpu", 6, 13)]
+    reference = loss([hyperbolic.pairwise_sqdist(points, e) for e in entities], targets)
+    torch.testing.assert_close(out["level_losses"], reference["level_losses"], rtol=1e-5, atol=1e-7)
