@@ -245,7 +245,7 @@ def _timed(fn, device, repeats: int, warmup: int = 1) -> float:
 
 def _row(check: str, setting: str, result: str, note: str = "") -> dict:
     row = {"check": check, "setting": setting, "result": result, "note": note}
-    print(f"  {check}: {setting}: {result} {note}".rstrip(), flush=True)
+    print(f"  {check}: {setting}: {result} {note}".rstrip(), file=sys.stderr, flush=True)   # progress
     return row
 
 
