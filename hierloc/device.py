@@ -78,8 +78,12 @@ def init_runtime(device: str = "auto") -> Runtime:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT,
-                                             store=_attempt_store(rank, world_size), rank=rank, world_size=world_size)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:     # started by torchrun's agent: keys of this attempt
+            torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT,
+                                                 store=_attempt_store(rank, world_size), rank=rank,
+                                                 world_size=world_size)
+        else:
+            torch.distributed.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
         log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
     return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank,
                    restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -69,7 +68,6 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=200_000, help="members over all shards")
     parser.add_argument("--shards", type=int, default=4, help="number of zip shards")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from hierloc.data import zipindex
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,12 +9,15 @@ that need them, never at the top.
   TINY_MODEL_OVERRIDES (the same, trained for 6 steps, as the tiny_model_dir fixture trains it);
 - points: sphere_points (uniform on the sphere), random_directions and ball_points (in the Poincare ball);
 - image files: noise_image, write_gps_jpeg, make_truncated_jpeg, make_text_as_jpeg, make_bomb_png;
-- checks: assert_same_result (a fast search's result against the dense reference's, ties allowed).
+- checks: assert_same_result (a fast search's result against the dense reference's, ties allowed);
+- state: restored_log_levels (the project's logger levels put back after a block that changes them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import math
 import struct
 import zlib
@@ -148,3 +151,17 @@ def assert_same_result(fast, dense, atol=1e-5):
                 match = (dense.paths[row, start:stop] == fast.paths[row, k]).all(-1).nonzero()[0, 0] + start
                 torch.testing.assert_close(fast.level_probs[row, k], dense.level_probs[row, match], atol=atol, rtol=0)
             start = stop
+
+
+# ------------------------------------------------------------------------------------------------------ state
+@contextlib.contextmanager
+def restored_log_levels(names=("hierloc", "gazetteer")):
+    """Put the levels of the named loggers back after the block (e.g. a runtime of rank > 0 raises them)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+

@@ -24,6 +24,7 @@ from hierloc.inference.predictor import HierLoc
 from hierloc.training.features import extract_features
 
 TEMPERATURE_RTOL = 1e-3
+ECE_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,9 @@ class ThreadGroup:
         return results
 
 
-def assert_same_metrics(got: dict, expected: dict, rtol: float = 1e-6) -> None:
+def assert_same_metrics(got: dict, expected: dict, rtol: float = 1e-5) -> None:
+    """Equal up to float32 rounding: ranks embed in other batch shapes (and threads), which moves the last bits of
+    the points; binned statistics (ECE) move by ~1e-6 relative with them."""
     assert list(got) == list(expected)
     for key, value in expected.items():
         if isinstance(value, float) and math.isnan(value):
@@ -126,9 +129,12 @@ def test_calibration_split_across_ranks_equals_the_one_process_fit(model, table,
         monkeypatch, lambda runtime: sharded.calibrate_sharded(model, table, runtime, features=features))
     for got in results:   # every rank fits the same temperatures on all the rows
         assert got.n == expected.n and got.fitted_on == expected.fitted_on == "val.csv"
-        for name in ("temperatures", "ece_before", "ece_after", "flat_temperatures", "flat_ece_before",
-                     "flat_ece_after"):
+        for name in ("temperatures", "flat_temperatures"):
             np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=TEMPERATURE_RTOL,
+                                       err_msg=name)
+        # ECE is binned: a confidence that float32 rounding moves across a bin edge shifts it by ~1/n of a bin
+        for name in ("ece_before", "ece_after", "flat_ece_before", "flat_ece_after"):
+            np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=0, atol=ECE_ATOL,
                                        err_msg=name)
     assert results[0].temperatures != [1.0] * 4          # a fit happened (not the default)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from hierloc.model import backbones, encoders
 from hierloc.training import features
 from hierloc.errors import InputError
 from hierloc.data.images import load_image
+from tests.helpers import restored_log_levels
 
 N_IMAGES = 11
 BROKEN = 6  # row whose file is not an image
@@ -310,15 +312,36 @@ def test_a_frozen_encoder_extracts_on_the_runs_device(encoder, dataset, tmp_path
 def test_the_process_group_waits_longer_than_an_extraction(monkeypatch):
     """torchrun: the process group is created with PROCESS_GROUP_TIMEOUT (torch's default 10 minutes is shorter
     than a frozen backbone's extraction, after which the ranks meet at a barrier)."""
-    from datetime import timedelta
-
     from hierloc import device
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    with restored_log_levels():          # rank 1 quiets the project's loggers
+        runtime = device.init_runtime("cpu")
+    assert calls == [{"backend": "gloo", "timeout": device.PROCESS_GROUP_TIMEOUT}]
+    assert device.PROCESS_GROUP_TIMEOUT >= timedelta(hours=1) and runtime.rank == 1 and runtime.world_size == 2
+
+
+def test_a_torchrun_attempt_meets_under_keys_of_its_own(monkeypatch):
+    """After torchrun --max-restarts, the agent's store still holds the previous attempt's keys: the process
+    group of attempt k meets under the prefix hierloc/attempt-k."""
+    from hierloc import device
+
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30),
+                                        wait_for_workers=False)
+    calls = []
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port),
+                       "TORCHELASTIC_RESTART_COUNT": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
     runtime = device.init_runtime("cpu")
-    assert calls == [{"backend": "gloo", "timeout": device.PROCESS_GROUP_TIMEOUT}]
-    assert device.PROCESS_GROUP_TIMEOUT >= timedelta(hours=1) and runtime.rank == 1 and runtime.world_size == 2
+    [call] = calls
+    assert (call["rank"], call["world_size"], call["timeout"]) == (0, 2, device.PROCESS_GROUP_TIMEOUT)
+    call["store"].set("address", "rank 0's")
+    assert server.get("hierloc/attempt-3/address") == b"rank 0's"
+    assert runtime.restarts == 3

@@ -20,6 +20,7 @@ from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training.module import entity_feature_means, entity_feature_sums, update_entity_features
 from hierloc.training.resume import rank_rng_state, rng_state
 from hierloc.training.step import rank_seed, seed_everything, seed_rank
+from tests.helpers import restored_log_levels
 
 
 def test_rank_zero_keeps_the_seed_and_other_ranks_get_distinct_reproducible_ones():
@@ -58,8 +59,7 @@ def test_each_rank_restores_its_own_rng_state_and_falls_back_to_rank_zeros_with_
 
 def test_ranks_other_than_zero_log_warnings_only():
     loggers = [logging.getLogger(name) for name in ("hierloc", "gazetteer")]
-    before = [logger.level for logger in loggers]
-    try:
+    with restored_log_levels():
         for logger in loggers:
             logger.setLevel(logging.INFO)
         log_from_main_only(0)
@@ -68,9 +68,6 @@ def test_ranks_other_than_zero_log_warnings_only():
         assert [logger.getEffectiveLevel() for logger in loggers] == [logging.WARNING] * 2
         assert not logging.getLogger("hierloc.training.train").isEnabledFor(logging.INFO)
         assert logging.getLogger("hierloc.training.train").isEnabledFor(logging.WARNING)
-    finally:
-        for logger, level in zip(loggers, before):
-            logger.setLevel(level)
 
 
 def _features_and_targets(n: int = 103, dim: int = 5, n_entities: int = 12):
