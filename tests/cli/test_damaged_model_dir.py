@@ -129,3 +129,15 @@ def test_a_damaged_model_file_is_a_one_line_error_naming_it(name, damage, calibr
     assert str(model / name) in err or (str(model) in err and Path(name).name in err), context
     assert fragment in err, context
     assert captured.out == "", context                  # no answer at all
+
+
+def test_the_backbone_weights_carry_a_digest_of_their_tensors_and_keep_transformers_metadata(tiny_model_dir):
+    from safetensors import safe_open
+
+    path = tiny_model_dir / "backbone" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    assert metadata["format"] == "pt"                 # what transformers needs to read it
+    assert metadata[modeldir.CHECKSUM_KEY] == modeldir.tensors_digest(tensors)
+    modeldir.verify_tensors_file(path)                # the intact file passes
