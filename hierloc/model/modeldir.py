@@ -383,9 +383,11 @@ def _looks_like_hub_id(text: str) -> bool:
             and not any(ch.isspace() for ch in text))
 
 
-def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: bool = False) -> ModelDir:
+def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: bool = False,
+                   with_calibration: bool = True) -> ModelDir:
     """Load a model directory written by `hierloc train` or `write_model_dir` (or a hub id of one, see
-    `resolve_model_dir`). device: auto, cpu or cuda.
+    `resolve_model_dir`). device: auto, cpu or cuda. with_calibration=False: calibration.json is not read
+    (`hierloc calibrate`, which replaces it, even when it is damaged); ModelDir.calibration is then None.
 
     One-line InputError for: a file instead of a directory (pickles named as such), a missing directory or
     config.json, a newer format version, a gazetteer whose content hash differs from the one trained on, pickled,
@@ -422,7 +424,8 @@ def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: 
                              f"{CONFIG_NAME}); put back the concepts.json written with the model")
     model.to(dev).eval()
     loss_state = {k: v.to(dev) for k, v in loss_state.items()}
-    return ModelDir(cfg, model, loss_state, encoder, gaz, dev, str(root), _checked_calibration(root))
+    calibration = _checked_calibration(root) if with_calibration else None
+    return ModelDir(cfg, model, loss_state, encoder, gaz, dev, str(root), calibration)
 
 
 def _checked_calibration(root: Path) -> Calibration | None:

@@ -141,3 +141,15 @@ def test_the_backbone_weights_carry_a_digest_of_their_tensors_and_keep_transform
     assert metadata["format"] == "pt"                 # what transformers needs to read it
     assert metadata[modeldir.CHECKSUM_KEY] == modeldir.tensors_digest(tensors)
     modeldir.verify_tensors_file(path)                # the intact file passes
+
+
+def test_calibrate_replaces_a_damaged_calibration_file_as_its_message_says(tiny_model_dir, tiny_demo_dir, tmp_path,
+                                                                          capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / modeldir.CALIBRATION_NAME).write_text('{"temperatures": [1, -1, 1, 1]}')
+    code = main(["-q", "calibrate", "--model", str(model), "--csv", str(tiny_demo_dir / "test_nearby.csv"),
+                 "--workers", "0", "--no-progress", "--temperatures-only"])
+    assert code == 0, capsys.readouterr().err
+    fitted = modeldir.read_calibration(model)         # a valid file now, tied to these weights
+    assert all(t > 0 for t in fitted.temperatures) and fitted.weights_sha256 == modeldir.weights_digest(model)
