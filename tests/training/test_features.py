@@ -453,3 +453,41 @@ def test_two_concurrent_extractions_into_one_directory_leave_one_valid_cache(enc
     np.testing.assert_array_equal(reopened[np.arange(N_IMAGES)], single[np.arange(N_IMAGES)])
     assert np.array_equal(reopened.valid_mask, single.valid_mask)
     assert not list((tmp_path / "shared").glob(".*tmp*"))
+
+
+def _concurrent_worker(k, encoder_dir, image_paths, cache_dir, result_dir):
+    """One of two independent jobs (rank 0 of world size 1 each) extracting into the same directory at once."""
+    import time
+    from pathlib import Path
+
+    encoder = encoders.load_image_encoder(encoder_dir, frozen=True)
+    table = data.ImageTable.from_arrays(image_paths, np.zeros(len(image_paths)), np.zeros(len(image_paths)))
+    dataset = data.ImageDataset(table, encoder.preprocessor)
+    counter = ForwardCounter(encoder)
+    Path(result_dir, f"ready{k}").touch()
+    while not all(Path(result_dir, f"ready{j}").exists() for j in range(2)):   # start together
+        time.sleep(0.005)
+    cache = features.extract_features(encoder, dataset, cache_dir, amp=False, batch_size=2, progress=False)
+    np.save(f"{result_dir}/job{k}.npy", cache[np.arange(len(cache))])
+    Path(result_dir, f"images{k}").write_text(str(counter.images))
+
+
+@pytest.mark.integration
+def test_two_concurrent_processes_extracting_into_one_directory_leave_one_valid_cache(encoder_dir, dataset,
+                                                                                       tmp_path):
+    import torch.multiprocessing as mp
+
+    paths = [str(p) for p in dataset.table.paths]
+    mp.spawn(_concurrent_worker, args=(str(encoder_dir), paths, str(tmp_path / "cache"), str(tmp_path)), nprocs=2,
+             join=True)
+    images = [int((tmp_path / f"images{k}").read_text()) for k in range(2)]
+    assert sum(images) == N_IMAGES - 1 and 0 in images      # one job extracted, the other waited and reused
+    single_encoder = encoders.load_image_encoder(encoder_dir, frozen=True)
+    single_dataset = data.ImageDataset(dataset.table, single_encoder.preprocessor)
+    single = features.extract_features(single_encoder, single_dataset, tmp_path / "single", amp=False,
+                                       batch_size=4, progress=False)
+    reopened = features.FeatureCache.open(tmp_path / "cache")
+    assert reopened.identity == single.identity
+    for k in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"job{k}.npy"), single[np.arange(N_IMAGES)])
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
