@@ -142,8 +142,9 @@ class HierLoc:
         """`hierloc calibrate`: fit the model directory's calibration on labelled CSVs (`calibrate`) and write it
         to its calibration.json (atomically), tied to its weights. Returns the calibration. (`hierloc train
         --val-csv` fits the temperatures with `calibrate_in_training`, split across its ranks.)"""
-        parts = modeldir.load_model_dir(model_dir, device=str(device))   # an old calibration is not read:
-        model = cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer,  # it is replaced
+        parts = modeldir.load_model_dir(model_dir, device=str(device),   # an old calibration is not read
+                                        with_calibration=False)           # (it may be damaged): it is replaced
+        model = cls(parts.cfg, parts.model, parts.loss_state, parts.encoder, parts.gazetteer,
                     device=parts.device, source=parts.source)
         result = model.calibrate(csv_path, image_root=image_root, beam=beam, flat=flat, batch_size=batch_size,
                                  num_workers=num_workers, progress=progress, on_bad=on_bad, train_csv=train_csv,

@@ -69,10 +69,52 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     'name|dtype|shape' then the tensor's bytes (C order, native little-endian)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        _digest_update(digest, name, tensors[name])
     return digest.hexdigest()
+
+
+def _digest_update(digest, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def seal_tensors_file(path: str | Path) -> None:
+    """Rewrite a safetensors file written by another library (transformers' backbone) with its `tensors_digest`
+    added to the header metadata (the rest of the metadata kept), so that `verify_tensors_file` can check it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    metadata.pop(CHECKSUM_KEY, None)
+    save_tensors(path, tensors, metadata=metadata)
+
+
+def verify_tensors_file(path: str | Path) -> None:
+    """Check a safetensors file without keeping its tensors (one tensor in memory at a time): header and size
+    (truncation), and the `hierloc_sha256` of its header metadata when it has one; one-line InputError naming the
+    file otherwise."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if looks_pickled(handle.read(2)):
+            raise InputError(f"{path}: this looks like a pickle/torch.save file; hierloc only reads safetensors "
+                             "and never unpickles")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get(CHECKSUM_KEY)
+            digest = hashlib.sha256()
+            for name in sorted(handle.keys()) if expected is not None else ():
+                _digest_update(digest, name, handle.get_tensor(name))
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt or truncated file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: not a valid safetensors file (truncated or corrupt: {reason})") from None
+    if expected is not None and digest.hexdigest() != expected:
+        raise InputError(f"{path}: corrupt: its tensors no longer match the checksum written with them "
+                         f"(sha256 {digest.hexdigest()[:12]}..., expected {expected[:12]}...); restore the file "
+                         "from a good copy")
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -122,12 +164,16 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_json(path: str | Path, what: str) -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: {what} is not a file")
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: {what} cannot be read ({exc.strerror or exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -182,9 +228,10 @@ def _temperature_list(path: Path, data: dict, key: str, required: bool) -> list[
 
 def read_calibration(model_dir: str | Path) -> Calibration | None:
     """The model directory's calibration.json, checked (None when the directory has none). A malformed file is a
-    one-line InputError naming the file and the field."""
+    one-line InputError naming the file and the field; a calibration.json that is there but unreadable (even a
+    directory of that name) is an error too, never silently uncalibrated probabilities."""
     path = Path(model_dir) / CALIBRATION_NAME
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     data = read_json(path, "calibration")
     if not isinstance(data, dict):
@@ -261,6 +308,8 @@ def save_model_dir(out_dir: str | Path, cfg: Config, model, loss_state: dict[str
     state.update({f"{LOSS_PREFIX}{k}": v for k, v in loss_state.items()})
     save_tensors(out / WEIGHTS_NAME, state, metadata={"format": "hierloc"})
     encoder.save_pretrained(out / "backbone")
+    for weights in sorted((out / "backbone").glob("*.safetensors")):
+        seal_tensors_file(weights)   # a digest in its header: `load_model_dir` detects changed bytes
     if not (out / "gazetteer").is_dir():
         gaz.save(out / "gazetteer", overwrite=True)
     n_concepts = int(model.concept_head.n_concepts) if getattr(model, "concept_head", None) is not None else 0
@@ -334,9 +383,11 @@ def _looks_like_hub_id(text: str) -> bool:
             and not any(ch.isspace() for ch in text))
 
 
-def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: bool = False) -> ModelDir:
+def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: bool = False,
+                   with_calibration: bool = True) -> ModelDir:
     """Load a model directory written by `hierloc train` or `write_model_dir` (or a hub id of one, see
-    `resolve_model_dir`). device: auto, cpu or cuda.
+    `resolve_model_dir`). device: auto, cpu or cuda. with_calibration=False: calibration.json is not read
+    (`hierloc calibrate`, which replaces it, even when it is damaged); ModelDir.calibration is then None.
 
     One-line InputError for: a file instead of a directory (pickles named as such), a missing directory or
     config.json, a newer format version, a gazetteer whose content hash differs from the one trained on, pickled,
@@ -348,6 +399,8 @@ def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: 
     dev = resolve_device(device)
     gaz = _load_gazetteer(root, meta)
     state = load_tensors(root / WEIGHTS_NAME)
+    for weights in sorted((root / meta.get("backbone_dir", "backbone")).glob("*.safetensors")):
+        verify_tensors_file(weights)
     encoder = load_image_encoder(root / meta.get("backbone_dir", "backbone"), weights_origin=_weights_origin(cfg))
     model = HierLocModel(cfg.model, EntityTable.from_gazetteer(gaz), int(meta["feature_dim"]), encoder=None,
                          n_concepts=int(meta.get("n_concepts", 0)))
@@ -365,9 +418,14 @@ def load_model_dir(model_dir: str | Path, device: str = "auto", allow_download: 
         if not (root / VOCABULARY_FILE).is_file():
             raise InputError(f"{root}: the model has a concept head but {VOCABULARY_FILE} is missing")
         model.concept_vocabulary = ConceptVocabulary.load(root / VOCABULARY_FILE)
+        if len(model.concept_vocabulary) != model.concept_head.n_concepts:
+            raise InputError(f"{root / VOCABULARY_FILE}: {len(model.concept_vocabulary)} concepts, but the model's "
+                             f"concept head has {model.concept_head.n_concepts} outputs (n_concepts in "
+                             f"{CONFIG_NAME}); put back the concepts.json written with the model")
     model.to(dev).eval()
     loss_state = {k: v.to(dev) for k, v in loss_state.items()}
-    return ModelDir(cfg, model, loss_state, encoder, gaz, dev, str(root), _checked_calibration(root))
+    calibration = _checked_calibration(root) if with_calibration else None
+    return ModelDir(cfg, model, loss_state, encoder, gaz, dev, str(root), calibration)
 
 
 def _checked_calibration(root: Path) -> Calibration | None:
@@ -399,7 +457,23 @@ def _read_model_config(root: Path) -> dict:
                          f"supports ({MODEL_FORMAT_VERSION}); upgrade hierloc")
     if "config" not in meta or "feature_dim" not in meta:
         raise InputError(f"{root / CONFIG_NAME}: missing field 'config' or 'feature_dim'")
+    _check_config_fields(root / CONFIG_NAME, meta)
     return meta
+
+
+def _check_config_fields(path: Path, meta: dict) -> None:
+    """One-line InputError naming the field of config.json whose type is wrong."""
+    def count(value, minimum):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    checks = [("config", isinstance(meta["config"], dict), "a JSON object (the run config)"),
+              ("feature_dim", count(meta["feature_dim"], 1), "a positive integer"),
+              ("n_concepts", count(meta.get("n_concepts", 0), 0), "a non-negative integer")]
+    checks += [(key, isinstance(meta.get(key, ""), str), "a string")
+               for key in ("backbone_dir", "gazetteer_dir", "gazetteer_hash")]
+    for key, ok, expected in checks:
+        if not ok:
+            raise InputError(f"{path}: field '{key}': expected {expected}, got {json.dumps(meta.get(key))[:60]}")
 
 
 def _load_gazetteer(root: Path, meta: dict) -> Gazetteer:

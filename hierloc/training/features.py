@@ -13,19 +13,36 @@ fingerprint (backbone config + every weight), the preprocessing, the ordered ima
 whose manifest is missing, unreadable or has another identity is re-extracted (the reason is logged), while shards
 already written with the right identity are kept (an interrupted extraction resumes).
 
+Integrity: each shard's json records the CRC-32 of its features and valid files (`features_crc32`,
+`valid_crc32`). Opening a cache (`FeatureCache.open`, and `extract_features` before reusing one: both happen once
+per training run, never per batch) checks every file's .npy header, its size and its CRC-32. Reading a shard back
+costs about 1 s per GiB from the page cache (a 700000 x 768 float16 shard of 1 GiB: crc32 1.1-1.2 s, sha256 1.2-1.3 s
+on 2 shared cores), small next to the encoder pass it guards, so it is always done. A shard whose check fails (truncated, bytes changed, written without a checksum by
+an older hierloc, or half-written: temporary files and no shard json) is re-extracted by `extract_features` (the
+reason is logged) and refused by `FeatureCache.open` with a one-line InputError naming the file.
+
+Concurrent extractions into one directory (two jobs, two threads) take an exclusive `fcntl.flock` on
+`.lock-rank{r:03d}-of-{W:03d}` while they check and write a shard: the second waits, then finds the shard (and the
+cache) complete and reuses it. The lock is advisory and needs a file system where flock works (local disks; not
+every network file system).
+
 Image files changed in place under the same path are not detected (hashing millions of files would cost as much
 as extracting); delete the cache directory in that case.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -284,24 +301,51 @@ def extract_features(
                 "dtype": dtype.name}
 
     names = shard_names(rank, world_size)
-    if _shard_complete(cache_dir, names, expected_meta(rank)):
-        logger.info("feature cache %s: shard %s already extracted", cache_dir, names["features"])
-    else:
-        _extract_shard(encoder, dataset, cache_dir, names, expected_meta(rank), batch_size, num_workers, dtype,
-                       progress and rank == 0, autocast)
     manifest = (identity, components, n_rows, feature_dim, dtype, world_size)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    with _shard_lock(cache_dir, rank, world_size):
+        if not distributed:   # another job may have completed the cache while this one waited for the lock
+            cached = _up_to_date_cache(cache_dir, identity, n_rows, quiet=True)
+            if cached is not None:
+                return cached
+        if _shard_complete(cache_dir, names, expected_meta(rank)):
+            logger.info("feature cache %s: shard %s already extracted", cache_dir, names["features"])
+        else:
+            _extract_shard(encoder, dataset, cache_dir, names, expected_meta(rank), batch_size, num_workers, dtype,
+                           progress and rank == 0, autocast)
+        if not distributed:
+            return _publish(cache_dir, manifest, rank, [expected_meta(r) for r in range(world_size)])
     return _publish(cache_dir, manifest, rank, [expected_meta(r) for r in range(world_size)])
 
 
-def _up_to_date_cache(cache_dir: Path, identity: str, n_rows: int) -> FeatureCache | None:
-    """The cache in `cache_dir` if it is complete and has this identity; else None (saying why it is redone)."""
+@contextmanager
+def _shard_lock(cache_dir: Path, rank: int, world_size: int) -> Iterator[None]:
+    """Hold an exclusive flock on this rank's lock file in cache_dir (waits while another extraction holds it)."""
+    path = cache_dir / f".lock-rank{rank:03d}-of-{world_size:03d}"
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("feature cache %s: another extraction holds %s; waiting for it", cache_dir, path.name)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _up_to_date_cache(cache_dir: Path, identity: str, n_rows: int, quiet: bool = False) -> FeatureCache | None:
+    """The cache in `cache_dir` if it is complete, verified and has this identity; else None (saying why it is
+    redone, unless quiet)."""
     manifest, problem = _read_manifest(cache_dir)
-    if manifest is not None and manifest.get("identity") == identity and not _check_shards(cache_dir, manifest):
-        logger.info("feature cache %s is up to date (%d rows); skipping extraction", cache_dir, n_rows)
-        return FeatureCache(cache_dir, manifest)
     if manifest is not None:
         problem = ("it was made with another encoder, preprocessing or image list"
                    if manifest.get("identity") != identity else _check_shards(cache_dir, manifest))
+    if manifest is not None and not problem:
+        logger.info("feature cache %s is up to date (%d rows); skipping extraction", cache_dir, n_rows)
+        return FeatureCache(cache_dir, manifest)
+    if quiet:
+        return None
     logger.info("feature cache %s: extracting (%s); shards already made by this encoder on these images are "
                 "kept", cache_dir, problem)
     return None
@@ -377,7 +421,8 @@ def _extract_shard(encoder: Any, dataset: Any, cache_dir: Path, names: dict[str,
     _fsync_path(tmp_features)
     os.replace(tmp_features, features_path)
     _save_npy_atomic(cache_dir / names["valid"], valid)
-    shard_meta = dict(meta, n_failed=int(n_local - valid.sum()))
+    shard_meta = dict(meta, n_failed=int(n_local - valid.sum()), features_crc32=file_crc32(features_path),
+                      valid_crc32=file_crc32(cache_dir / names["valid"]))
     atomic_write_text(cache_dir / names["meta"], json.dumps(shard_meta, indent=2) + "\n")
     if n_failed:
         logger.warning("feature cache %s: %d images failed to load (NaN rows)", cache_dir, n_failed)
@@ -443,15 +488,18 @@ def _check_shards(cache_dir: Path, manifest: dict[str, Any]) -> str:
             if start != expected_start:
                 return f"shards do not tile the rows (gap at {expected_start})"
             meta = json.loads((cache_dir / shard["meta"]).read_text(encoding="utf-8"))
-            if meta.get("identity") != manifest["identity"]:
+            if not isinstance(meta, dict) or meta.get("identity") != manifest["identity"]:
                 return f"{shard['meta']} belongs to another extraction"
-            features = np.load(cache_dir / shard["features"], mmap_mode="r", allow_pickle=False)
+            features = _load_npy(cache_dir / shard["features"])
             if features.shape != (stop - start, int(manifest["feature_dim"])) or \
                     features.dtype != np.dtype(manifest["dtype"]):
                 return f"{shard['features']} has shape {features.shape} {features.dtype}"
-            valid = np.load(cache_dir / shard["valid"], mmap_mode="r", allow_pickle=False)
+            valid = _load_npy(cache_dir / shard["valid"])
             if valid.shape != (stop - start,):
                 return f"{shard['valid']} has shape {valid.shape}"
+            problem = _checksum_problem(cache_dir, meta, shard["features"], shard["valid"])
+            if problem:
+                return problem
             expected_start = stop
         if expected_start != int(manifest["n_rows"]):
             return f"shards cover {expected_start} of {manifest['n_rows']} rows"
@@ -461,19 +509,57 @@ def _check_shards(cache_dir: Path, manifest: dict[str, Any]) -> str:
 
 
 def _shard_complete(cache_dir: Path, names: dict[str, str], expected: dict[str, Any]) -> bool:
+    """Whether this shard's files exist with the expected metadata, shapes and checksums (the reason it is
+    not is logged when the shard json exists)."""
     try:
         meta = json.loads((cache_dir / names["meta"]).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if any(meta.get(key) != value for key, value in expected.items()):
+    if not isinstance(meta, dict) or any(meta.get(key) != value for key, value in expected.items()):
         return False
     try:
-        features = np.load(cache_dir / names["features"], mmap_mode="r", allow_pickle=False)
-        valid = np.load(cache_dir / names["valid"], mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+        features = _load_npy(cache_dir / names["features"])
+        valid = _load_npy(cache_dir / names["valid"])
+    except (OSError, ValueError) as error:
+        logger.info("feature cache %s: re-extracting shard %s (%s)", cache_dir, names["features"],
+                    " ".join(str(error).split()))
         return False
     n_local = expected["stop"] - expected["start"]
-    return features.shape == (n_local, expected["feature_dim"]) and valid.shape == (n_local,)
+    if features.shape != (n_local, expected["feature_dim"]) or valid.shape != (n_local,):
+        return False
+    problem = _checksum_problem(cache_dir, meta, names["features"], names["valid"])
+    if problem:
+        logger.info("feature cache %s: re-extracting shard %s (%s)", cache_dir, names["features"], problem)
+    return not problem
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A .npy file memory-mapped (header and size checked: a truncated file is a ValueError naming the file)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise ValueError(f"{path.name}: {' '.join(str(error).split())} (truncated or not a .npy file)") from None
+
+
+def _checksum_problem(cache_dir: Path, meta: dict[str, Any], features_name: str, valid_name: str) -> str:
+    """"" if both files match the CRC-32s recorded in their shard json, else what is wrong."""
+    for key, name in (("features_crc32", features_name), ("valid_crc32", valid_name)):
+        expected = meta.get(key)
+        if not isinstance(expected, int):
+            return f"{name}: no checksum recorded (written by an older hierloc)"
+        actual = file_crc32(cache_dir / name)
+        if actual != expected:
+            return f"{name}: content changed since it was written (crc32 {actual:08x}, expected {expected:08x})"
+    return ""
+
+
+def file_crc32(path: Path, chunk_bytes: int = 16 << 20) -> int:
+    """CRC-32 (zlib) of a file's bytes, read in 16 MiB chunks (about 1 GB/s from the page cache)."""
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -482,7 +568,7 @@ def _shard_complete(cache_dir: Path, names: dict[str, str], expected: dict[str, 
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def _fsync_path(path: Path) -> None:

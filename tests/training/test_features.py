@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import zlib
 from datetime import timedelta
 
 import numpy as np
@@ -345,3 +346,171 @@ def test_a_torchrun_attempt_meets_under_keys_of_its_own(monkeypatch):
     call["store"].set("address", "rank 0's")
     assert server.get("hierloc/attempt-3/address") == b"rank 0's"
     assert runtime.restarts == 3
+
+
+# ------------------------------------------------------------------------------------------ damaged caches
+SHARD_FEATURES = "features-rank000-of-001.npy"
+
+
+def _flip_a_feature_byte(cache_dir):
+    """One byte of row 2's feature data XOR-ed in place (same size, same header)."""
+    path = cache_dir / SHARD_FEATURES
+    offset = path.stat().st_size - 24 * 2 * (N_IMAGES - 2) + 3
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x10]))
+
+
+def _truncate_features(cache_dir):
+    path = cache_dir / SHARD_FEATURES
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _kill_mid_shard(cache_dir):
+    """What a kill during extraction leaves: a partial temporary features file, no shard json, no manifest."""
+    partial = (cache_dir / SHARD_FEATURES).read_bytes()[:200]
+    for name in (SHARD_FEATURES, "shard-rank000-of-001.json", "manifest.json"):
+        (cache_dir / name).unlink()
+    (cache_dir / f".{SHARD_FEATURES}.tmp-99999-1").write_bytes(partial)
+
+
+DAMAGES = {"truncated": (_truncate_features, SHARD_FEATURES),
+           "flipped-byte": (_flip_a_feature_byte, SHARD_FEATURES),
+           "killed-mid-shard": (_kill_mid_shard, "manifest.json")}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cache_is_refused_by_open_naming_the_file_and_re_extracted_by_extract(encoder, dataset, tmp_path,
+                                                                                        damage, caplog):
+    first = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
+    expected = first[np.arange(N_IMAGES)]
+    del first
+    make, named = DAMAGES[damage]
+    make(tmp_path)
+    with pytest.raises(InputError) as refused:
+        features.FeatureCache.open(tmp_path)
+    assert named in str(refused.value) and len(str(refused.value).splitlines()) == 1
+    counter = ForwardCounter(encoder)
+    try:
+        with caplog.at_level("INFO", logger="hierloc.training.features"):
+            cache = features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
+    finally:
+        counter.close()
+    assert counter.images == N_IMAGES - 1            # re-encoded, not reused
+    assert "extracting" in caplog.text and (damage == "killed-mid-shard" or named in caplog.text)
+    np.testing.assert_array_equal(cache[np.arange(N_IMAGES)], expected)
+    assert not list(tmp_path.glob(".*tmp*"))         # the interrupted extraction's temporary file is gone
+    assert features.FeatureCache.open(tmp_path).identity == cache.identity
+
+
+def test_shards_record_a_crc32_of_their_files(encoder, dataset, tmp_path):
+    features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
+
+    meta = json.loads((tmp_path / "shard-rank000-of-001.json").read_text())
+    assert meta["features_crc32"] == zlib.crc32((tmp_path / SHARD_FEATURES).read_bytes())
+    assert meta["valid_crc32"] == zlib.crc32((tmp_path / "valid-rank000-of-001.npy").read_bytes())
+
+
+def test_a_shard_without_a_checksum_is_re_extracted_not_trusted(encoder, dataset, tmp_path):
+    features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
+    meta_path = tmp_path / "shard-rank000-of-001.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["features_crc32"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="no checksum recorded"):
+        features.FeatureCache.open(tmp_path)
+    counter = ForwardCounter(encoder)
+    try:
+        features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
+    finally:
+        counter.close()
+    assert counter.images == N_IMAGES - 1
+    assert "features_crc32" in json.loads(meta_path.read_text())
+
+
+def test_a_cache_of_another_image_list_is_re_extracted_for_the_new_list(encoder, dataset, tmp_path, caplog):
+    features.extract_features(encoder, dataset, tmp_path, amp=False, batch_size=4, progress=False)
+    order = [3, 2, 1, 0, 4, 5, 7, 8, 9, 10]          # same images, another order, the broken one left out
+    table = data.ImageTable.from_arrays([dataset.table.paths[i] for i in order], np.zeros(len(order)),
+                                        np.zeros(len(order)))
+    other = data.ImageDataset(table, dataset.preprocessor, train=False)
+    with caplog.at_level("INFO", logger="hierloc.training.features"):
+        cache = features.extract_features(encoder, other, tmp_path, amp=False, batch_size=4, progress=False)
+    assert "another encoder, preprocessing or image list" in caplog.text
+    assert len(cache) == len(order) and cache.valid_mask.all()
+    for row, index in enumerate(order):
+        np.testing.assert_allclose(cache[row], _direct(encoder, dataset, index), rtol=2e-3, atol=2e-3)
+
+
+def test_two_concurrent_extractions_into_one_directory_leave_one_valid_cache(encoder, dataset, tmp_path):
+    import threading
+
+    single = features.extract_features(encoder, dataset, tmp_path / "single", amp=False, batch_size=4,
+                                       progress=False)
+    encoders_ = [copy.deepcopy(encoder) for _ in range(2)]
+    counters = [ForwardCounter(e) for e in encoders_]
+    start = threading.Barrier(2)
+    results, errors = [None, None], []
+
+    def run(k):
+        try:
+            start.wait()
+            results[k] = features.extract_features(encoders_[k], dataset, tmp_path / "shared", amp=False,
+                                                   batch_size=2, progress=False)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for counter in counters:
+        counter.close()
+    assert errors == [] and all(result is not None for result in results)
+    assert sum(counter.images for counter in counters) == N_IMAGES - 1   # one extracted, the other reused
+    reopened = features.FeatureCache.open(tmp_path / "shared")
+    assert reopened.identity == single.identity
+    np.testing.assert_array_equal(reopened[np.arange(N_IMAGES)], single[np.arange(N_IMAGES)])
+    assert np.array_equal(reopened.valid_mask, single.valid_mask)
+    assert not list((tmp_path / "shared").glob(".*tmp*"))
+
+
+def _concurrent_worker(k, encoder_dir, image_paths, cache_dir, result_dir):
+    """One of two independent jobs (rank 0 of world size 1 each) extracting into the same directory at once."""
+    import time
+    from pathlib import Path
+
+    encoder = encoders.load_image_encoder(encoder_dir, frozen=True)
+    table = data.ImageTable.from_arrays(image_paths, np.zeros(len(image_paths)), np.zeros(len(image_paths)))
+    dataset = data.ImageDataset(table, encoder.preprocessor)
+    counter = ForwardCounter(encoder)
+    Path(result_dir, f"ready{k}").touch()
+    while not all(Path(result_dir, f"ready{j}").exists() for j in range(2)):   # start together
+        time.sleep(0.005)
+    cache = features.extract_features(encoder, dataset, cache_dir, amp=False, batch_size=2, progress=False)
+    np.save(f"{result_dir}/job{k}.npy", cache[np.arange(len(cache))])
+    Path(result_dir, f"images{k}").write_text(str(counter.images))
+
+
+@pytest.mark.integration
+def test_two_concurrent_processes_extracting_into_one_directory_leave_one_valid_cache(encoder_dir, dataset,
+                                                                                       tmp_path):
+    import torch.multiprocessing as mp
+
+    paths = [str(p) for p in dataset.table.paths]
+    mp.spawn(_concurrent_worker, args=(str(encoder_dir), paths, str(tmp_path / "cache"), str(tmp_path)), nprocs=2,
+             join=True)
+    images = [int((tmp_path / f"images{k}").read_text()) for k in range(2)]
+    assert sum(images) == N_IMAGES - 1 and 0 in images      # one job extracted, the other waited and reused
+    single_encoder = encoders.load_image_encoder(encoder_dir, frozen=True)
+    single_dataset = data.ImageDataset(dataset.table, single_encoder.preprocessor)
+    single = features.extract_features(single_encoder, single_dataset, tmp_path / "single", amp=False,
+                                       batch_size=4, progress=False)
+    reopened = features.FeatureCache.open(tmp_path / "cache")
+    assert reopened.identity == single.identity
+    for k in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"job{k}.npy"), single[np.arange(N_IMAGES)])
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
