@@ -10,7 +10,9 @@ that need them, never at the top.
 - points: sphere_points (uniform on the sphere), random_directions and ball_points (in the Poincare ball);
 - image files: noise_image, write_gps_jpeg, make_truncated_jpeg, make_text_as_jpeg, make_bomb_png;
 - checks: assert_same_result (a fast search's result against the dense reference's, ties allowed);
-- state: restored_log_levels (the project's logger levels put back after a block that changes them).
+- state: restored_log_levels (the project's logger levels put back after a block that changes them);
+- training: tiny_cached_feature_module (a 61-entity model on cached features and a batch maker);
+- serving: wait_for_health (a `hierloc serve` subprocess's first /health answer).
 """
 
 from __future__ import annotations
@@ -164,4 +166,65 @@ def restored_log_levels(names=("hierloc", "gazetteer")):
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------------- training
+def tiny_cached_feature_module(blocked: bool):
+    """A 4-level model of 61 entities (3 / 6 / 12 / 40, random tree and coordinates) on 12-dim cached features,
+    dropout off, learned lambda and sigma, in a TrainModule with the reference or the blocked loss
+    -> (cfg, module, batch): batch() draws (features (16, 12), lat (16,), lon (16,), targets (16, 4)) at random
+    cities (3 rows without a city) from its own generator (seed 1)."""
+    import torch
+
+    from hierloc.config import Config
+    from hierloc.model.network import EntityTable, HierLocModel
+    from hierloc.training.losses import GWHInfoNCE
+    from hierloc.training.module import TrainModule
+
+    rng = np.random.default_rng(0)
+    offsets = np.array([0, 3, 9, 21, 61])
+    parents = np.concatenate([[-1] * 3, rng.integers(0, 3, 6), 3 + rng.integers(0, 6, 12), 9 + rng.integers(0, 12, 40)])
+    table = EntityTable(offsets, parents, rng.uniform(-60, 60, 61), rng.uniform(-180, 180, 61))
+    cfg = Config()
+    cfg.model.embed_dim, cfg.model.head_hidden, cfg.model.entity_hidden, cfg.model.dropout = 8, 32, 16, 0.0
+    cfg.loss.learn_weights = True
+    torch.manual_seed(0)
+    model = HierLocModel(cfg.model, table, feature_dim=12, entity_features=torch.randn(61, 12))
+    module = TrainModule(model, GWHInfoNCE(cfg.loss), blocked=blocked)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch():
+        city = torch.randint(21, 61, (16,), generator=gen)
+        path = [city]
+        for _level in range(3):
+            path.append(torch.as_tensor(parents)[path[-1]])
+        targets = torch.stack(path[::-1], dim=1)
+        targets[:3, 3] = -1
+        lat = torch.as_tensor(table.lat_deg, dtype=torch.float32)[city] + torch.randn(16, generator=gen)
+        lon = torch.as_tensor(table.lon_deg, dtype=torch.float32)[city] + torch.randn(16, generator=gen)
+        return torch.randn(16, 12, generator=gen), lat, lon, targets
+
+    return cfg, module, batch
+
+
+# ---------------------------------------------------------------------------------------------------- serving
+def wait_for_health(process, port: int, timeout_s: float = 120.0) -> dict:
+    """Poll GET /health of a `hierloc serve` subprocess on 127.0.0.1:port until it answers -> its JSON body;
+    fails if the process exits or nothing answers within timeout_s."""
+    import http.client
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            body = json.loads(conn.getresponse().read())
+            conn.close()
+            return body
+        except OSError:
+            assert time.monotonic() < deadline, f"hierloc serve did not answer in {timeout_s:.0f} s"
+            time.sleep(0.2)
 

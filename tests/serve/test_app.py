@@ -23,7 +23,8 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from hierloc.cli import build_parser, main  # noqa: E402
 from hierloc.serve.app import EXPLAIN_DEFAULTS, PREDICT_DEFAULTS, Limits, create_app  # noqa: E402
-from tests.helpers import REPO, make_bomb_png, make_text_as_jpeg, make_truncated_jpeg, write_gps_jpeg  # noqa: E402
+from tests.helpers import (REPO, make_bomb_png, make_text_as_jpeg, make_truncated_jpeg, wait_for_health,  # noqa: E402
+                           write_gps_jpeg)
 
 STATIC = REPO / "hierloc" / "serve" / "static"
 
@@ -442,7 +443,6 @@ def test_serve_refuses_bad_limits_in_one_line(tiny_model_dir, capsys, argv, mess
 
 def test_the_command_serves_on_loopback_until_stopped(tiny_model_dir):
     """`hierloc serve` as a user runs it: a process on 127.0.0.1 answering /health, stopped by a signal."""
-    import http.client
     import signal
     import socket
     import subprocess
@@ -454,17 +454,7 @@ def test_the_command_serves_on_loopback_until_stopped(tiny_model_dir):
     process = subprocess.Popen([sys.executable, "-m", "hierloc", "-q", "serve", "--model", str(tiny_model_dir),
                                 "--port", str(port), "--threads", "1"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                body = json.loads(conn.getresponse().read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "hierloc serve did not answer in 120 s"
-                time.sleep(0.2)
+        body = wait_for_health(process, port)
         assert body["status"] == "ok" and body["model"]["model_dir"] == tiny_model_dir.name
         listening = [c for c in _listening_sockets(port)]
         assert listening and all(address.startswith("127.0.0.1") for address in listening)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import json
 import os
 import signal
 import socket
@@ -20,6 +19,8 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.helpers import wait_for_health
 
 pytest.importorskip("uvicorn", reason="uvicorn is not installed")
 
@@ -82,18 +83,7 @@ def test_sigterm_answers_the_requests_in_flight_refuses_new_ones_and_exits_0(tin
                                stderr=subprocess.PIPE, text=True, env=env)
     stop = threading.Event()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                assert json.loads(conn.getresponse().read())["status"] == "ok"
-                conn.close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "hierloc serve did not answer in 120 s"
-                time.sleep(0.2)
+        assert wait_for_health(process, port)["status"] == "ok"
         logs = [[] for _ in range(N_CLIENTS)]
         bodies = [_multipart(f"img{k}.jpg", _jpeg(k)) for k in range(N_CLIENTS)]
         clients = [threading.Thread(target=_client, args=(port, *bodies[k], stop, logs[k]))

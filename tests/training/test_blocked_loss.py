@@ -17,15 +17,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gazetteer.geo import EARTH_RADIUS_KM
-from hierloc.config import Config, LossConfig
+from hierloc.config import LossConfig
 from hierloc.geometry import hyperbolic
 from hierloc.geometry import kernels as kern
 from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
-from hierloc.model.network import EntityTable, HierLocModel
 from hierloc.training import blocked_loss
 from hierloc.training.losses import EXP_FLOOR, GWHInfoNCE
-from hierloc.training.module import TrainModule
 from hierloc.training.step import build_optimizers
+from tests.helpers import tiny_cached_feature_module
 
 KERNEL_FUNCTIONS = {"laplace": lambda r: torch.exp(-r), "gaussian": lambda r: torch.exp(-0.5 * r * r),
                     "inverse": lambda r: 1.0 / (1.0 + r)}
@@ -312,30 +311,11 @@ def test_forward_points_rejects_bad_shapes():
 
 
 def _train(blocked: bool, steps: int = 3):
-    rng = np.random.default_rng(0)
-    offsets = np.array([0, 3, 9, 21, 61])
-    parents = np.concatenate([[-1] * 3, rng.integers(0, 3, 6), 3 + rng.integers(0, 6, 12), 9 + rng.integers(0, 12, 40)])
-    table = EntityTable(offsets, parents, rng.uniform(-60, 60, 61), rng.uniform(-180, 180, 61))
-    cfg = Config()
-    cfg.model.embed_dim, cfg.model.head_hidden, cfg.model.entity_hidden = 8, 32, 16
-    cfg.model.dropout = 0.0
-    torch.manual_seed(0)
-    model = HierLocModel(cfg.model, table, feature_dim=12, entity_features=torch.randn(61, 12))
-    cfg.loss.learn_weights = True
-    module = TrainModule(model, GWHInfoNCE(cfg.loss), blocked=blocked)
+    cfg, module, batch = tiny_cached_feature_module(blocked)
     optimizers = build_optimizers(module, cfg)
-    gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
-        city = torch.randint(21, 61, (16,), generator=gen)
-        path = [city]
-        for _level in range(3):
-            path.append(torch.as_tensor(parents)[path[-1]])
-        targets = torch.stack(path[::-1], dim=1)
-        targets[:3, 3] = -1
-        lat = torch.as_tensor(table.lat_deg, dtype=torch.float32)[city] + torch.randn(16, generator=gen)
-        lon = torch.as_tensor(table.lon_deg, dtype=torch.float32)[city] + torch.randn(16, generator=gen)
-        out = module(torch.randn(16, 12, generator=gen), lat, lon, targets, inputs_are_features=True)
+        out = module(*batch(), inputs_are_features=True)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         out["loss"].backward()

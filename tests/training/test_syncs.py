@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 
+from hierloc.config import LossConfig
+from hierloc.geometry import hyperbolic
+from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit
+from hierloc.training.losses import GWHInfoNCE
+from hierloc.training.module import update_entity_features
+from hierloc.training.step import base_learning_rates, build_optimizers, train_step
 from hierloc.training.syncs import count_host_syncs, syncs_per_step
+from tests.helpers import tiny_cached_feature_module
 
 
 def test_one_item_counts_one():
@@ -82,16 +91,6 @@ def test_syncs_per_step_counts_one_call_after_warm_up():
 
 # ------------------------------------------------------------------------------- the training loss and step
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from hierloc.config import Config, LossConfig  # noqa: E402
-from hierloc.geometry import hyperbolic  # noqa: E402
-from hierloc.geometry.geodesy import great_circle_km, latlon_to_unit  # noqa: E402
-from hierloc.model.network import EntityTable, HierLocModel  # noqa: E402
-from hierloc.training.losses import GWHInfoNCE  # noqa: E402
-from hierloc.training.module import TrainModule, update_entity_features  # noqa: E402
-from hierloc.training.step import base_learning_rates, build_optimizers, train_step  # noqa: E402
 
 
 def level_inputs(sizes=(3, 0, 17, 40), batch=12, dim=8, seed=10):
@@ -145,33 +144,11 @@ def test_checking_the_targets_is_what_reads_them():
     assert syncs.count > 0 and all("losses.py" in where for _, where in syncs.events)
 
 
-def tiny_module(blocked: bool, ema: bool = False):
-    """A 4-level model of 61 entities on cached features (as test_blocked_loss trains it), its optimisers and a
-    batch maker."""
-    rng = np.random.default_rng(0)
-    offsets = np.array([0, 3, 9, 21, 61])
-    parents = np.concatenate([[-1] * 3, rng.integers(0, 3, 6), 3 + rng.integers(0, 6, 12), 9 + rng.integers(0, 12, 40)])
-    table = EntityTable(offsets, parents, rng.uniform(-60, 60, 61), rng.uniform(-180, 180, 61))
-    cfg = Config()
-    cfg.model.embed_dim, cfg.model.head_hidden, cfg.model.entity_hidden, cfg.model.dropout = 8, 32, 16, 0.0
-    cfg.loss.learn_weights = True
-    torch.manual_seed(0)
-    model = HierLocModel(cfg.model, table, feature_dim=12, entity_features=torch.randn(61, 12))
-    module = TrainModule(model, GWHInfoNCE(cfg.loss), blocked=blocked)
+def tiny_module(blocked: bool):
+    """The helpers' tiny model on cached features, its optimisers and a batch maker; the blocked loss in many
+    tiles."""
+    cfg, module, batch = tiny_cached_feature_module(blocked)
     module.loss.block_columns = 5 if blocked else None  # many tiles
-    gen = torch.Generator().manual_seed(1)
-
-    def batch():
-        city = torch.randint(21, 61, (16,), generator=gen)
-        path = [city]
-        for _level in range(3):
-            path.append(torch.as_tensor(parents)[path[-1]])
-        targets = torch.stack(path[::-1], dim=1)
-        targets[:3, 3] = -1
-        lat = torch.as_tensor(table.lat_deg, dtype=torch.float32)[city] + torch.randn(16, generator=gen)
-        lon = torch.as_tensor(table.lon_deg, dtype=torch.float32)[city] + torch.randn(16, generator=gen)
-        return torch.randn(16, 12, generator=gen), lat, lon, targets
-
     return cfg, module, build_optimizers(module, cfg), batch
 
 
