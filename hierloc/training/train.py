@@ -205,17 +205,31 @@ def _train_batch(run: Run, loop: _Loop, batch: dict, progress) -> None:
 def _validate_epoch(run: Run, loop: _Loop) -> None:
     """With --val-csv, every rank evaluates its share of the validation rows after the epoch; rank 0 gets the
     metrics of all of them (logged, and kept for the summary)."""
+    if _validate_now(run, loop, "val"):
+        log.info("epoch %d validation: %s", loop.epoch, _format_metrics(loop.validation))
+
+
+def _validate_saved_model(run: Run, loop: _Loop) -> None:
+    """With --val-csv, after the prototypes moved entities: validate again, so that the summary's metrics are
+    those of the model directory as written (the last epoch's describe the model before the prototypes)."""
+    if _validate_now(run, loop, "val_saved"):
+        log.info("the saved model (prototypes placed) on the validation CSV: %s", _format_metrics(loop.validation))
+
+
+def _validate_now(run: Run, loop: _Loop, tag: str) -> bool:
+    """Validate on every rank; on rank 0 keep the metrics in loop.validation and TensorBoard (under `tag`) ->
+    whether this rank has the metrics (rank 0 with --val-csv)."""
     if not run.inputs.val_csv:
-        return
+        return False
     metrics = _validate(run.validate, run.module.model, run.module.loss, run.encoder, run.data.gaz, run.inputs,
                         run.cfg, run.runtime, run.val_features)
     if not run.runtime.is_main:
-        return
+        return False
     loop.validation = metrics
     if run.writer is not None:
         for key, value in loop.validation.items():
-            run.writer.add_scalar(f"val/{key}", value, loop.step)
-    log.info("epoch %d validation: %s", loop.epoch, _format_metrics(loop.validation))
+            run.writer.add_scalar(f"{tag}/{key}", value, loop.step)
+    return True
 
 
 def _stop_at_checkpoint(run: Run, loop: _Loop, progress) -> None:
@@ -231,24 +245,27 @@ def _stop_at_checkpoint(run: Run, loop: _Loop, progress) -> None:
     raise interrupted(loop.stop_signal, run.out, loop.step, loop.total_steps, run.runtime)
 
 
-def _place_prototypes(run: Run) -> None:
+def _place_prototypes(run: Run) -> bool:
     """train.prototype_levels: move those levels' entities to the mean tangent of their training images (one pass
-    over the training rows without augmentation; `hierloc.training.prototypes`)."""
+    over the training rows without augmentation; `hierloc.training.prototypes`) -> whether any level was placed."""
     cfg, data = run.cfg, run.data
     levels = parse_levels(cfg.train.prototype_levels)
     if not levels:
-        return
+        return False
     dataset = run.dataset if run.frozen else tables.ImageDataset(data.table, run.encoder.preprocessor,
                                                                  targets=data.targets, train=False)
     refresh_prototypes(run.module.model, dataset, levels, run.runtime, batch_size=cfg.train.batch_size,
                        num_workers=cfg.train.num_workers, inputs_are_features=run.frozen, amp=cfg.train.amp,
                        progress=run.inputs.progress and run.runtime.is_main)
+    return True
 
 
 def _finish(run: Run, loop: _Loop) -> TrainSummary:
     """Place the prototypes, write the model directory, fit its calibration (with --val-csv) and write
-    train_summary.json (rank 0) -> the summary."""
-    _place_prototypes(run)
+    train_summary.json (rank 0) -> the summary. With --val-csv and prototypes, the summary's validation is that of
+    the saved model."""
+    if _place_prototypes(run):
+        _validate_saved_model(run, loop)
     if loop.loss_tensor is not None:
         loop.last_loss = float(loop.loss_tensor)  # the last step's loss (train_summary.json's final_loss)
     seconds = time.perf_counter() - loop.started

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from hierloc.cli import main
+from hierloc.device import Runtime
+from hierloc.inference.predictor import HierLoc
 from hierloc.model import encoders, modeldir
 from hierloc.training.features import FeatureCache
 from tests.helpers import TINY_OVERRIDES
@@ -21,6 +25,12 @@ pytestmark = pytest.mark.integration   # trains
 def frozen_overrides(backbone: Path) -> list[str]:
     """A frozen local backbone (random weights: no download) and a tiny head."""
     return [f"model.backbone={backbone}", *TINY_OVERRIDES, "model.pretrained=false", "model.freeze_backbone=true"]
+
+
+def summary_of_last_epoch(caplog) -> dict:
+    """The metrics of the last "epoch N validation: k=v, ..." log line."""
+    line = [r.getMessage() for r in caplog.records if " validation: " in r.getMessage()][-1]
+    return {k: float(v) for k, v in (item.split("=") for item in line.split(" validation: ")[1].split(", "))}
 
 
 def test_frozen_run_encodes_validation_once_then_calibrates_evaluates_predicts_and_serves(
@@ -43,12 +53,22 @@ def test_frozen_run_encodes_validation_once_then_calibrates_evaluates_predicts_a
     assert summary["epochs"] == 2
     validated = [r.getMessage() for r in caplog.records if " validation: " in r.getMessage()]
     assert [m.split(" validation")[0] for m in validated] == ["epoch 1", "epoch 2"]
+    assert any(r.getMessage().startswith("the saved model (prototypes placed) on the validation CSV: ")
+               for r in caplog.records)
     # the backbone saw each training and each validation image exactly once: the extraction; the validation of
     # both epochs and the calibration ran on the cached features
     assert sum(encoded) == summary["n_train"] + 20
     val_cache = FeatureCache.open(out / "feature_cache" / "val")
     assert len(val_cache) == 20 and val_cache.n_failed == 0
     assert summary["validation"]["n"] == 20 and summary["validation"]["n_failed"] == 0
+    # the summary's metrics are those of the model directory as written (prototypes placed after the last epoch)
+    saved = HierLoc.from_pretrained(out, device="cpu", calibrated=False)
+    again = HierLoc.validation_metrics(str(val_csv), saved.cfg, saved.model, saved.loss_state, saved.encoder,
+                                       saved.gazetteer, Runtime(torch.device("cpu")), val_cache)
+    assert again.keys() == summary["validation"].keys()
+    assert [k for k, v in again.items() if not (v == summary["validation"][k] or (math.isnan(v) and
+                                                math.isnan(summary["validation"][k])))] == []
+    assert again["geoscore"] != summary_of_last_epoch(caplog)["geoscore"]    # the prototypes did move entities
     fitted = modeldir.read_calibration(out)
     assert fitted.fitted_on == "val.csv" and fitted.n == 20 and summary["calibration"]["temperatures"] == \
         fitted.temperatures
@@ -81,7 +101,6 @@ def test_frozen_run_encodes_validation_once_then_calibrates_evaluates_predicts_a
     pytest.importorskip("httpx", reason="httpx (Starlette's test client) is not installed")
     from starlette.testclient import TestClient
 
-    from hierloc.inference.predictor import HierLoc
     from hierloc.serve.app import create_app
 
     with TestClient(create_app(HierLoc.from_pretrained(out, device="cpu"), out),
