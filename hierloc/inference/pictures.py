@@ -21,11 +21,23 @@ SUPERSAMPLE = 2                 # pictures are drawn this many times larger, the
 Box = tuple  # (x0, y0, x1, y1)
 
 
+# TrueType fonts with the accented Latin letters of place names (Türkiye, Côte d'Ivoire, São Paulo), tried in
+# order; Pillow finds a bare file name in the system's font directories. Pillow's built-in font draws only ASCII
+# and a few symbols (an unknown letter becomes a box): it is the fallback when none is installed.
+PLACE_NAME_FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "Arial.ttf")
+
+
 @functools.lru_cache(maxsize=16)
 def default_font(size: int):
-    """Pillow's built-in font at `size` pixels (one object per size: measuring text reuses its glyph cache)."""
+    """A font at `size` pixels with the letters of place names: the first of PLACE_NAME_FONTS installed, else
+    Pillow's built-in font (one object per size: measuring text reuses its glyph cache)."""
     from PIL import ImageFont
 
+    for name in PLACE_NAME_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed bitmap font

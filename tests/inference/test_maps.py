@@ -153,3 +153,25 @@ def test_world_map_moves_its_edge_away_from_the_points():
     x, _ = seam.to_pixels(np.array([0.0, 0.0, 0.0]), np.array([178.4, 16.4, -171.8]), 360, 180)
     assert (x > 15).all() and (x < 345).all()
     assert map_layout.fit_region([-18.1, 48.2], [178.4, 16.4]) == map_layout.world_window([178.4, 16.4])
+
+
+def test_place_names_with_accents_are_drawn_not_replaced_by_a_box():
+    """Türkiye, Côte d'Ivoire, São Paulo: each accented letter has its own glyph (Pillow's built-in font, the
+    fallback, draws a missing-glyph box for all of them alike)."""
+    from PIL import Image, ImageDraw
+
+    from hierloc.inference.pictures import PLACE_NAME_FONTS, default_font
+
+    font = default_font(19)
+    if not isinstance(getattr(font, "path", None), str):     # the built-in font is loaded from bytes
+        pytest.skip("no TrueType font with place-name letters installed (the built-in fallback is in use)")
+    assert font.path.endswith(PLACE_NAME_FONTS)
+
+    def glyph(char: str) -> bytes:
+        image = Image.new("L", (40, 40))
+        ImageDraw.Draw(image).text((5, 5), char, fill=255, font=font)
+        return image.tobytes()
+
+    missing = glyph("\uffff")                      # a noncharacter: no font has it
+    assert all(glyph(char) != missing for char in "üôãéñç")
+    assert len({glyph(char) for char in "üôãéñç"}) == 6
