@@ -25,6 +25,9 @@ Box = tuple  # (x0, y0, x1, y1)
 # order; Pillow finds a bare file name in the system's font directories. Pillow's built-in font draws only ASCII
 # and a few symbols (an unknown letter becomes a box): it is the fallback when none is installed.
 PLACE_NAME_FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "Arial.ttf")
+# Those fonts run wider than the built-in one the layouts were made with: drawn at this share of the size, a line
+# holds about as many letters as before.
+PLACE_NAME_FONT_SCALE = 0.88
 
 
 @functools.lru_cache(maxsize=16)
@@ -35,7 +38,7 @@ def default_font(size: int):
 
     for name in PLACE_NAME_FONTS:
         try:
-            return ImageFont.truetype(name, size)
+            return ImageFont.truetype(name, max(1, round(size * PLACE_NAME_FONT_SCALE)))
         except OSError:
             continue
     try:
